@@ -1,0 +1,30 @@
+# The few commands people type. `make demo` runs the default recipe on the embedded model;
+# `make test` runs the suite. Both create .venv first (torch installed first, CPU wheel here).
+PY        ?= python3
+VENV      ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN       := $(VENV)/bin
+
+.PHONY: venv demo test lint clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[test]"
+	@$(BIN)/python -c "import torch, sys; print('torch', torch.__version__); \
+	  sys.exit(0 if '$(TORCH_SPEC)'.split('==')[-1] in torch.__version__ or '==' not in '$(TORCH_SPEC)' else 'torch version changed during install')"
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/posttrain run recipes/default.yaml --out runs/demo
+
+# pytest exits 5 when it selects no test (e.g. a -k typo); that is reported, not a CI failure.
+test: venv
+	@$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "WARNING: pytest selected no tests"; exit 0; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) runs
