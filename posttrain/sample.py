@@ -1,0 +1,142 @@
+"""Stage `sample`: K answers per problem from a model, one JSONL row per sample, resumable.
+
+    posttrain sample --model smollm2-135m --problems builtin:arith:8 --n 2 --out samples.jsonl
+
+Rerunning the same command after a crash (even `kill -9`) keeps every finished row, writes no
+duplicate (problem id, sample index) and completes the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .engines import ENGINES, Engine, SamplingParams, make_engine
+from .models import EMBEDDED
+from .reasoning import prompt_opens_think, split_reasoning
+from .records import JsonlAppender, Problem
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def prompt_messages(problem: Problem, system_prompt: str | None = None) -> list[dict]:
+    """The chat prompt for a problem; choices are listed when the question does not hold them."""
+    question = problem.question
+    if problem.choices and not all(c in question for c in problem.choices):
+        question += "\n\n" + "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(problem.choices))
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return messages + [{"role": "user", "content": question}]
+
+
+def sample_row(problem: Problem, index: int, messages: list[dict], completion, *,
+               think_open: bool, engine: Engine) -> dict:
+    split = split_reasoning(completion.text, think_open_in_prompt=think_open)
+    # A think block that never closed has no answer: it is reported as cut by the limit, so
+    # the grader calls it truncated instead of grading an answer that was never given.
+    finish = "length" if split.truncated else completion.finish_reason
+    return {
+        "problem": problem.to_dict(),
+        "sample_index": index,
+        "messages": messages,
+        "reasoning": split.reasoning,
+        "response": split.response,
+        "finish_reason": finish,
+        "num_tokens": completion.num_tokens,
+        "sum_logprob": completion.sum_logprob,
+        "mean_logprob": completion.mean_logprob,
+        "model": engine.model_id,
+        "engine": engine.name,
+    }
+
+
+def sample_problems(engine: Engine, problems: list[Problem], out: str | Path, params: SamplingParams,
+                    *, system_prompt: str | None = None, chunk_size: int = 8,
+                    progress: bool = True) -> dict:
+    """Sample `params.n` answers per problem into `out`, skipping samples already there."""
+    def key(row: dict):
+        return (str(row["problem"]["id"]), int(row["sample_index"]))
+
+    start = time.time()
+    tokens = 0
+    with JsonlAppender(out, key) as sink:
+        todo = [(p, [i for i in range(params.n) if not sink.done((p.id, i))]) for p in problems]
+        todo = [(p, missing) for p, missing in todo if missing]
+        total = sum(len(m) for _, m in todo)
+        bar = tqdm(total=total, desc="sample", unit="sample", disable=not progress)
+        # Problems with the same number of missing samples are generated together.
+        by_count: dict[int, list] = {}
+        for p, missing in todo:
+            by_count.setdefault(len(missing), []).append((p, missing))
+        for count, group in by_count.items():
+            per_chunk = max(1, chunk_size // count)
+            for c in range(0, len(group), per_chunk):
+                chunk = group[c:c + per_chunk]
+                prompts = [prompt_messages(p, system_prompt) for p, _ in chunk]
+                # A seed tied to the chunk's first problem, so a resumed run is reproducible.
+                seed = params.seed * 1_000_003 + _stable_hash(chunk[0][0].id)
+                results = engine.generate(
+                    prompts, SamplingParams(n=count, temperature=params.temperature,
+                                            top_p=params.top_p, seed=seed,
+                                            max_new_tokens=params.max_new_tokens))
+                for (p, missing), messages, completions in zip(chunk, prompts, results):
+                    think_open = prompt_opens_think(engine.render_prompt(messages))
+                    for index, completion in zip(missing, completions):
+                        sink.append(sample_row(p, index, messages, completion,
+                                               think_open=think_open, engine=engine))
+                        tokens += completion.num_tokens
+                bar.update(sum(len(m) for _, m in chunk))
+                elapsed = time.time() - start
+                bar.set_postfix(tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
+        bar.close()
+        n_rows = len(sink.rows)
+    elapsed = time.time() - start
+    return {"rows": n_rows, "new_samples": total, "new_tokens": tokens, "seconds": elapsed,
+            "tokens_per_second": tokens / elapsed if elapsed > 0 and tokens else 0.0}
+
+
+def _stable_hash(text: str) -> int:
+    import zlib
+
+    return zlib.crc32(text.encode("utf-8")) % 1_000_003
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=EMBEDDED,
+                        help=f"model folder, .gguf file or hub id (default: {EMBEDDED})")
+    parser.add_argument("--engine", default="hf", choices=ENGINES)
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow model code from the model folder (off by default)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_engine_arguments(parser)
+    parser.add_argument("--problems", required=True, help="problem source, e.g. builtin:arith:8")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N problems")
+    parser.add_argument("--n", type=int, default=4, help="samples per problem")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--system-prompt", default=None)
+    parser.add_argument("--out", required=True)
+
+
+def main(args) -> int:
+    from .tasks import load_problems
+
+    problems = load_problems(args.problems, limit=args.limit)
+    engine = make_engine(args.engine, args.model, dtype=args.dtype, batch_size=args.batch_size,
+                         trust_remote_code=args.trust_remote_code)
+    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p,
+                            max_new_tokens=args.max_new_tokens, seed=args.seed)
+    stats = sample_problems(engine, problems, args.out, params, system_prompt=args.system_prompt,
+                            chunk_size=args.batch_size)
+    print(f"{stats['rows']} samples in {args.out} ({stats['new_samples']} new); "
+          f"{stats['new_tokens']} tokens in {stats['seconds']:.1f} s = "
+          f"{stats['tokens_per_second']:.1f} tokens/s")
+    return 0
