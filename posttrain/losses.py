@@ -37,7 +37,8 @@ def metrics_to_floats(metrics: Metrics) -> dict[str, float]:
     return dict(zip(metrics.keys(), values))
 
 
-def token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def token_logps(logits: torch.Tensor, labels: torch.Tensor,
+                ignore_index: int = -100) -> torch.Tensor:
     """log softmax(logits)[label] per position, float32, (B, T); 0.0 where label == ignore_index.
 
     Memory-lean: gathers the label logit and subtracts a row-wise logsumexp, computed one
@@ -163,7 +164,7 @@ def dpo(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
         pushing the rejected response down can lower the loss only boundedly, which stops the
         rejected term from dominating. Computed in log space with logaddexp; then the sigmoid
         loss (with ls). lam = 1 is plain DPO; lam = 0 makes r = 0 (chosen term only).
-        Implemented from this definition; no reference implementation was consulted.
+        Implemented from this definition: only the paper's abstract could be read here.
     - nll_weight > 0 (RPO, Pang et al. 2024) adds nll_weight * mean(chosen_nll), where
         chosen_nll (B,) or () is the caller's NLL of the chosen response divided by its token
         count, as in RPO.
@@ -176,7 +177,8 @@ def dpo(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
     for every loss type), rewards/margins, rewards/accuracies (chosen > rejected, strict),
     logps/chosen, logps/rejected (means of summed log-probs), and nll when RPO is on.
     """
-    pc, pr, rc, rr = policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    pc, pr = policy_chosen_logps, policy_rejected_logps  # (B,)
+    rc, rr = ref_chosen_logps, ref_rejected_logps  # (B,)
     if pc.dim() != 1 or not (pc.shape == pr.shape == rc.shape == rr.shape):
         raise ValueError("dpo: expected four (B,) tensors of summed log-probs, got shapes "
                          f"{[tuple(t.shape) for t in (pc, pr, rc, rr)]}")
@@ -184,9 +186,12 @@ def dpo(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
         raise ValueError(f"dpo: loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
     if beta <= 0:
         raise ValueError(f"dpo: beta must be > 0, got {beta}")
-    if not 0.0 <= label_smoothing < (0.5 if loss_type == "robust" else 1.0):
-        raise ValueError(f"dpo: label_smoothing must be in [0, "
-                         f"{'0.5' if loss_type == 'robust' else '1'}) for {loss_type}, "
+    # ls is an assumed label-flip rate: above 0.5 the preference itself would be reversed, and
+    # robust's 1 / (1 - 2 ls) diverges at 0.5.
+    ls_ok = label_smoothing < 0.5 if loss_type == "robust" else label_smoothing <= 0.5
+    if not (0.0 <= label_smoothing and ls_ok):
+        raise ValueError(f"dpo: label_smoothing must be in "
+                         f"{'[0, 0.5)' if loss_type == 'robust' else '[0, 0.5]'} for {loss_type}, "
                          f"got {label_smoothing}")
     if loss_type == "ipo" and label_smoothing:
         raise ValueError("dpo: label_smoothing has no meaning for ipo; set it to 0")
@@ -205,10 +210,11 @@ def dpo(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
         if loss_type == "bdpo":
             if not 0.0 <= bdpo_lambda <= 1.0:
                 raise ValueError(f"dpo: bdpo_lambda must be in [0, 1], got {bdpo_lambda}")
-            # log(0) = -inf is fine here: logaddexp(x, -inf) = x with a finite gradient.
-            log_mix = torch.logaddexp(math.log(bdpo_lambda) + pr if bdpo_lambda > 0 else
-                                      torch.full_like(pr, -math.inf),
-                                      math.log1p(-bdpo_lambda) + rr.detach())  # (B,)
+            # A weight of 0 is a -inf log term: logaddexp(x, -inf) = x, with gradient 1 and 0.
+            no_term = torch.full_like(pr, -math.inf)
+            log_policy = pr + math.log(bdpo_lambda) if bdpo_lambda > 0 else no_term  # (B,)
+            log_ref = rr.detach() + math.log1p(-bdpo_lambda) if bdpo_lambda < 1 else no_term
+            log_mix = torch.logaddexp(log_policy, log_ref)  # (B,)
             bounded_rejected = log_mix - rr.detach()
         z = beta * (chosen_ratio - bounded_rejected)  # (B,)
         if loss_type == "robust":
