@@ -459,7 +459,8 @@ def test_k3_kl_zero_at_reference_positive_elsewhere_hand_worked():
                             kl_beta=0.1)
     assert_close(m["kl"], torch.tensor(0.543081), atol=1e-6, rtol=0)
     assert_close(loss, torch.tensor(0.0543081), atol=1e-7, rtol=0)
-    assert_close(grad_of(loss, logps), torch.tensor([[0.031606], [-0.085914]]), atol=1e-6, rtol=0)
+    assert_close(grad_of(loss, logps), torch.tensor([[0.031606], [-0.085914]]), atol=1e-6,
+                 rtol=0)
     _, m0 = L.policy_loss(logps, None, t(0.0, 0.0), torch.ones(2, 1), ref_logps=logps.detach())
     assert m0["kl"].item() == 0.0
     rand = rl_logps(1)
