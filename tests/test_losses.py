@@ -451,8 +451,9 @@ def test_sequence_ratio_value_and_gradient():
 
 def test_k3_kl_zero_at_reference_positive_elsewhere_hand_worked():
     """logp -1, ref -2: d = -1, k3 = e^-1 + 1 - 1 = .367879; logp -2, ref -1: d = 1,
-    k3 = e - 2 = .718282; mean .543081. On-policy with A = 0 the loss is kl_beta * that mean, and
-    the gradient kl_beta (1 - e^d) / 2: .1 (1 - .367879) / 2 = .031606, .1 (1 - e) / 2 = -.085914."""
+    k3 = e - 2 = .718282; mean .543081. On-policy with A = 0 the loss is kl_beta * that mean,
+    the gradient kl_beta (1 - e^d) / 2: .1 (1 - .367879) / 2 = .031606; .1 (1 - e) / 2 = -.085914.
+    """
     logps = torch.tensor([[-1.0], [-2.0]], requires_grad=True)
     ref = torch.tensor([[-2.0], [-1.0]])
     loss, m = L.policy_loss(logps, None, t(0.0, 0.0), torch.ones(2, 1), ref_logps=ref,
