@@ -1,0 +1,99 @@
+"""A scripted OpenAI-compatible chat-completions server on 127.0.0.1 for judge tests.
+
+Each request takes the next scripted reply: a string (200 with that message content), an
+(HTTP status, body) pair, or ("sleep", seconds, content) to answer late. After the script runs
+out, the last entry repeats. `die_after=k` shuts the server down for good after k requests.
+Every request is recorded (path, headers, JSON body) in `server.requests`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def chat_reply(content: str) -> dict:
+    return {"id": "fake", "object": "chat.completion", "model": "fake",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": content}}]}
+
+
+class FakeOpenAIServer:
+    def __init__(self, script: list, die_after: int | None = None):
+        self.script = list(script)
+        self.die_after = die_after
+        self.requests: list[dict] = []
+        self.dead = False
+        self._lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def do_GET(self):
+                self._send(200, {"object": "list", "data": [{"id": "fake"}]})
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length", 0))
+                raw = self.rfile.read(length)
+                if outer.dead:  # died: drop the connection unanswered, as a crashed server does
+                    self.close_connection = True
+                    return
+                with outer._lock:
+                    outer.requests.append({"path": self.path, "headers": dict(self.headers),
+                                           "body": json.loads(raw)})
+                    n = len(outer.requests)
+                    step = outer.script[min(n, len(outer.script)) - 1]
+                    dies = outer.die_after is not None and n >= outer.die_after
+                    outer.dead = outer.dead or dies  # before answering: no request slips in
+                if isinstance(step, str):
+                    self._send(200, chat_reply(step))
+                elif step[0] == "sleep":
+                    time.sleep(step[1])
+                    self._send(200, chat_reply(step[2]))
+                else:
+                    self._send(step[0], step[1])
+                if dies:
+                    # shutdown() waits for serve_forever, which runs this handler: use a thread.
+                    threading.Thread(target=outer.stop, daemon=True).start()
+
+            def _send(self, status, body):
+                data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout test)
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            block_on_close = False
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self._stopped = False
+
+    def start(self) -> "FakeOpenAIServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self) -> "FakeOpenAIServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
