@@ -57,9 +57,10 @@ def per_item_scores(rows: list[dict], name: str = "items") -> dict[str, list[flo
         key = (pid, row.get("sample_index"))
         where = row.get("_where", name)
         if key in seen:
-            what = "sample_index" if key[1] is not None else "problem_id (rows without sample_index)"
-            raise DataError(where, None, f"duplicate {what} {key[1] if key[1] is not None else pid!r}"
-                            f" for problem {pid!r} (first at {seen[key]})")
+            what = (f"sample_index {key[1]}" if key[1] is not None
+                    else "row (no sample_index)")
+            raise DataError(where, None, f"duplicate {what} for problem {pid!r} "
+                            f"(first at {seen[key]})")
         seen[key] = where
         scores.setdefault(pid, []).append(1.0 if row["verdict"] == "correct" else 0.0)
     return scores
@@ -115,7 +116,8 @@ def format_table(result: dict, name_a: str, name_b: str) -> str:
     width = max(len(name_a), len(name_b), 8)
     lines = [
         f"{'':<10} {name_a:>{width}} {name_b:>{width}}",
-        f"{'accuracy':<10} {100 * r['accuracy_a']:>{width}.1f}% {100 * r['accuracy_b']:>{width - 1}.1f}%",
+        f"{'accuracy':<10} {100 * r['accuracy_a']:>{width - 1}.1f}% "
+        f"{100 * r['accuracy_b']:>{width - 1}.1f}%",
         f"{'samples/k':<10} {r['k_a']:>{width}} {r['k_b']:>{width}}",
         "",
         f"items compared: {r['n']}"

@@ -34,7 +34,7 @@ def wald_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval: (p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n). n = 0: (0, 1)."""
+    """Wilson score interval (p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n); n=0: (0, 1)."""
     _check_counts(k, n)
     if n == 0:
         return 0.0, 1.0

@@ -1,4 +1,7 @@
-"""Offline refusal detector: a table of literal replies. Run: .venv/bin/python -m pytest tests/test_refusal.py -q"""
+"""Offline refusal detector: a table of literal replies.
+
+    .venv/bin/python -m pytest tests/test_refusal.py -q
+"""
 
 import pytest
 
