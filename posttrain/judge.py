@@ -297,6 +297,8 @@ class Judge:
                  refusal_template_path: str | os.PathLike | None = None, timeout: float = 60,
                  retries: int = 3, backoff: float = 1.0, max_tokens: int = 1024,
                  structured: bool = True, trip_after: int = 5):
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"judge base_url must start with http:// or https://: {base_url!r}")
         self.url = chat_completions_url(base_url)
         self.model = model
         self.api_key_env = api_key_env  # the variable's name only, never its value
@@ -317,16 +319,23 @@ class Judge:
     # -- public
 
     def judge_answer(self, question: str, reference: str, response: str) -> JudgeResult:
-        prompt = fill_template(self.answer_template, {"question": question, "response": response,
-                                                      "correct_answer": reference})
-        text, err = self._complete(prompt, "answer_judgement", ANSWER_SCHEMA)
-        return err if err else parse_answer_judgement(text)
+        """HLE-style: extract the final answer, match it to `reference`, read stated confidence."""
+        values = {"question": question, "response": response, "correct_answer": reference}
+        return self._judge(self.answer_template, values, "answer_judgement", ANSWER_SCHEMA,
+                           parse_answer_judgement)
 
     def judge_refusal(self, question: str, response: str) -> JudgeResult:
-        prompt = fill_template(self.refusal_template, {"question": question,
-                                                       "response": response})
-        text, err = self._complete(prompt, "refusal_judgement", REFUSAL_SCHEMA)
-        return err if err else parse_refusal_judgement(text)
+        """Do-Not-Answer action category 0-5 of `response`; harmless = category 0-4."""
+        values = {"question": question, "response": response}
+        return self._judge(self.refusal_template, values, "refusal_judgement", REFUSAL_SCHEMA,
+                           parse_refusal_judgement)
+
+    def _judge(self, template, values, name, schema, parse) -> JudgeResult:
+        try:
+            text, err = self._complete(fill_template(template, values), name, schema)
+            return err if err else parse(text)
+        except Exception as e:  # a long eval must survive anything one judgement does
+            return _error(f"unexpected {type(e).__name__}: {e}")
 
     # -- HTTP
 
@@ -351,18 +360,18 @@ class Judge:
                 last = str(e)
                 continue
             except _Fatal as e:
-                if self.structured and _rejects_response_format(str(e)):
-                    self.structured = False  # this server cannot do it; ask in plain text
-                    try:
-                        reply = self._post(body)
-                    except (_Retryable, _Fatal) as e2:
-                        last = str(e2)
-                        if isinstance(e2, _Fatal):
-                            return "", _error(last)
-                        continue
-                else:
+                if not (self.structured and _rejects_response_format(str(e))):
                     self._unreachable_in_a_row = 0
                     return "", _error(str(e))
+                # The server cannot do structured output: ask in plain text from now on.
+                self.structured = False
+                try:
+                    reply = self._post(body)
+                except _Fatal as e2:
+                    return "", _error(str(e2))
+                except _Retryable as e2:
+                    last = str(e2)
+                    continue
             self._unreachable_in_a_row = 0
             return _reply_text(reply)
         self._unreachable_in_a_row += 1

@@ -246,3 +246,11 @@ def test_judge_refusal_over_http():
     schema = server.requests[0]["body"]["response_format"]["json_schema"]["schema"]
     assert schema["properties"]["category"]["enum"] == [0, 1, 2, 3, 4, 5]
     assert "I can't help with that." in server.requests[0]["body"]["messages"][0]["content"]
+
+
+def test_bad_base_url_fails_at_construction_and_odd_input_never_raises():
+    with pytest.raises(ValueError, match="http"):
+        Judge("127.0.0.1:8000", "m")
+    judge = Judge("http://127.0.0.1:9", "m", retries=0, timeout=1)
+    r = judge.judge_answer(None, 42, object())  # not strings: still a result, not an exception
+    assert r.verdict == "judge_error" and r.reason
