@@ -5,6 +5,8 @@ Run: .venv/bin/python -m pytest tests/test_graders.py -q
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -165,6 +167,18 @@ def test_math_timeout_holds_off_the_main_thread():
         fast = pool.submit(grade_math, "\\boxed{0.25}", problem("\\frac{1}{4}", "math"), 30.0)
         assert slow.result(timeout=60).reason == "timeout"
         assert fast.result(timeout=60).verdict == "correct"
+
+
+def test_math_works_from_a_script_without_a_main_guard(tmp_path):
+    """Spawn-style multiprocessing would re-run this script in the worker and fail."""
+    script = tmp_path / "grade_it.py"
+    script.write_text("from posttrain.records import Problem\n"
+                      "from posttrain.verify import grade\n"
+                      "p = Problem('p', 'q', '0.5', 'math')\n"
+                      "print(grade('\\\\boxed{\\\\frac{1}{2}}', p).verdict)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120)
+    assert (done.returncode, done.stdout) == (0, "correct\n"), done.stderr
 
 
 # ---------------------------------------------------------------------------- dispatch and rows

@@ -10,17 +10,23 @@ and checks equivalence with sympy (so \\frac{1}{2} == 0.5 and 2\\sqrt{3} == \\sq
 
 Why a worker process: sympy can run for minutes or forever on a model's answer (try
 9^{9^{9}}), and math-verify's own time limit uses SIGALRM, which works only on the main thread
-of the main interpreter. Here parse and verify run in a long-lived worker process; the caller
-waits at most `timeout_s`, and on time-out kills the worker (a fresh one starts on the next
-call). A time-out is recorded as `incorrect` with reason "timeout". Workers are pooled, one per
-concurrent caller, so graders can be called from threads.
+of the main interpreter. Here parse and verify run in a long-lived worker process
+(math_worker.py); the caller waits at most `timeout_s`, and on time-out kills the worker (a
+fresh one starts on the next call). A time-out is recorded as `incorrect` with reason
+"timeout". Workers are pooled, one per concurrent caller, so graders can be called from
+threads. POSIX only (select on a pipe).
 """
 
 from __future__ import annotations
 
 import atexit
-import multiprocessing
+import json
+import os
+import select
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 from posttrain.records import Problem
 from posttrain.verify.extract import (boxed_contents, clean_answer, find_numbers, normalize_text,
@@ -68,87 +74,77 @@ def equivalent(reference: str, answer: str, timeout_s: float = DEFAULT_TIMEOUT_S
     return _WORKERS.run((reference, answer), timeout_s)
 
 
-# ---------------------------------------------------------------------------- in the worker
-
-
-def _as_latex(s: str) -> str:
-    # math-verify extracts from LaTeX inside math delimiters; bare "\frac12" or "x^2" needs them.
-    return s if ("$" in s or "\\(" in s or "\\[" in s) else f"${s}$"
-
-
-def _check_in_worker(reference: str, answer: str) -> tuple[bool, str | None]:
-    from math_verify import parse, verify
-
-    gold = parse(_as_latex(reference), parsing_timeout=None)
-    if not gold:
-        return False, "reference could not be parsed by math-verify"
-    pred = parse(_as_latex(answer), parsing_timeout=None)
-    if not pred:
-        return False, "answer could not be parsed by math-verify"
-    return bool(verify(gold, pred, timeout_seconds=None)), None
-
-
-def _serve(conn) -> None:
-    """Worker main loop: answer (reference, answer) jobs until the pipe closes."""
-    import logging
-
-    # Time-outs are ours (the parent kills us), so math-verify's warning about them is noise.
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-    import math_verify  # noqa: F401  (import before saying ready: startup is not graded time)
-
-    conn.send("ready")
-    while True:
-        try:
-            job = conn.recv()
-        except (EOFError, OSError):
-            return
-        try:
-            result = _check_in_worker(*job)
-        except Exception as e:  # a bug or odd input in sympy must not end the worker
-            result = (False, f"math-verify error: {type(e).__name__}: {e}"[:300])
-        conn.send(result)
-
-
-# ---------------------------------------------------------------------------- in the caller
+# ---------------------------------------------------------------------------- worker processes
 
 
 class _Worker:
-    def __init__(self, ctx):
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child,), daemon=True,
-                                name="posttrain-math-verify")
-        self.proc.start()
-        child.close()
-        if not self.conn.poll(WORKER_START_TIMEOUT_S) or self.conn.recv() != "ready":
-            self.kill()
-            raise RuntimeError(f"math-verify worker did not start in {WORKER_START_TIMEOUT_S} s")
+    """One `python -m posttrain.verify.math_worker` process, spoken to in JSON lines.
 
-    def run(self, job, timeout_s: float):
-        self.conn.send(job)
-        if not self.conn.poll(timeout_s):
+    A plain subprocess rather than multiprocessing: spawn-style multiprocessing re-imports the
+    caller's main script in the child, which breaks (or reruns) scripts without a main guard.
+    """
+
+    def __init__(self):
+        env = dict(os.environ)
+        package_root = str(Path(__file__).resolve().parents[2])  # so the child finds posttrain
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        self.proc = subprocess.Popen([sys.executable, "-m", "posttrain.verify.math_worker"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
+                                     env=env)
+        try:
+            ready = self._read_line(WORKER_START_TIMEOUT_S)
+        except (MathTimeout, EOFError):
+            ready = b""
+        if ready != b"ready\n":
+            self.kill()
+            raise RuntimeError(f"the math-verify worker did not start within "
+                               f"{WORKER_START_TIMEOUT_S:.0f} s; is math-verify installed?")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def run(self, job: tuple[str, str], timeout_s: float) -> tuple[bool, str | None]:
+        self.proc.stdin.write((json.dumps([*job, timeout_s]) + "\n").encode())
+        equal, reason = json.loads(self._read_line(timeout_s))
+        return bool(equal), reason
+
+    def _read_line(self, timeout_s: float) -> bytes:
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
+        if not ready:
             raise MathTimeout
-        return self.conn.recv()
+        line = self.proc.stdout.readline()  # unbuffered pipe: never more than this one line
+        if not line:
+            raise EOFError("the math-verify worker exited")
+        return line
 
     def kill(self) -> None:
-        if self.proc.is_alive():
+        if self.alive():
             self.proc.kill()
-        self.proc.join()
-        self.conn.close()
+        self.proc.wait()
+        self.proc.stdin.close()
+        self.proc.stdout.close()
+
+    def close(self) -> None:
+        self.proc.stdin.close()  # the worker sees end of input and exits
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        self.kill()
 
 
 class _WorkerPool:
     """Idle workers handed out one per call; a thread-safe pool that grows to the concurrency."""
 
     def __init__(self):
-        self._ctx = multiprocessing.get_context("spawn")  # fork is unsafe in threaded parents
         self._idle: list[_Worker] = []
         self._lock = threading.Lock()
 
     def run(self, job, timeout_s: float):
         with self._lock:
             worker = self._idle.pop() if self._idle else None
-        if worker is None or not worker.proc.is_alive():
-            worker = _Worker(self._ctx)
+        if worker is None or not worker.alive():
+            worker = _Worker()
         try:
             result = worker.run(job, timeout_s)
         except MathTimeout:
@@ -165,10 +161,7 @@ class _WorkerPool:
         with self._lock:
             idle, self._idle = self._idle, []
         for worker in idle:
-            worker.conn.close()  # the worker sees EOF and exits
-            worker.proc.join(timeout=5)
-            if worker.proc.is_alive():
-                worker.kill()
+            worker.close()
 
 
 _WORKERS = _WorkerPool()
