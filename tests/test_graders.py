@@ -63,6 +63,8 @@ CHOICE_CASES = [
     ("The answer is: I", "I", None, "correct", "I"),
     ("Answer: I", "A", CITIES, "no_answer", None),  # only A-D exist
     ("", "A", None, "no_answer", None),
+    # HLE's requested format: the confidence line after the answer is not an answer.
+    ("Explanation: only C fits.\nAnswer: C\nConfidence: 85%", "C", None, "correct", "C"),
 ]
 
 
@@ -107,6 +109,7 @@ EXACT_CASES = [
     ("Answer: 3/4", "0.75", "incorrect", "3/4"),  # fractions are the math grader's job
     ("I don't know.", "3", "no_answer", None),
     ("Answer: unknown", "42", "incorrect", "unknown"),
+    ("Explanation: 6 x 7.\nExact Answer: 42\nConfidence: 90%", "42", "correct", "42"),
 ]
 
 
