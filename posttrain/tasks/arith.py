@@ -1,0 +1,131 @@
+"""The built-in task: seeded two-operand integer arithmetic, train and test disjoint by fact.
+
+    posttrain problems "builtin:arith:300?split=test&difficulty=1&seed=0" --out test.jsonl
+
+A fact is the canonical form of a question: `3 + 5` and `5 + 3` are one fact (addition and
+multiplication are commutative), `8 - 3` is its own fact. Each fact belongs to exactly one split,
+decided by a hash of the fact alone (not of N, seed or difficulty), so no test fact can ever be
+trained on. Within a split, items are drawn one by one from a generator seeded by
+(split, difficulty, seed, ops); a longer N extends a shorter one (N=100 is the first 100 of N=300),
+and no fact repeats within one list.
+
+Operand ranges per difficulty d (subtraction puts the larger operand first: answers are >= 0):
+
+    d  add / sub operands     mul operands
+    0  0-9     and 0-9        0-9     x 0-9
+    1  10-99   and 10-99      2-9     x 10-99      (SmolLM2-135M: ~29 % greedy on test)
+    2  100-999 and 100-999    10-99   x 100-999
+    d  (d+1)-digit numbers    d-digit x (d+1)-digit
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+from ..records import Problem
+from .spec import Spec, SpecError
+
+OPS = ("add", "sub", "mul")
+SYMBOLS = {"add": "+", "sub": "-", "mul": "*"}
+TEST_PERCENT = 20  # share of all facts that belong to the test split
+QUESTION = "What is {a} {symbol} {b}? Give the final answer as a number."
+
+
+def digits(n: int) -> range:
+    """All n-digit non-negative integers (1 digit includes 0)."""
+    return range(0, 10) if n == 1 else range(10 ** (n - 1), 10 ** n)
+
+
+def operand_ranges(op: str, difficulty: int) -> tuple[range, range]:
+    if difficulty < 0:
+        raise ValueError(f"difficulty must be >= 0, got {difficulty}")
+    wide = digits(difficulty + 1)
+    if op != "mul":
+        return wide, wide
+    if difficulty == 1:
+        return range(2, 10), wide  # x0 and x1 would be free points
+    return digits(max(difficulty, 1)), wide
+
+
+def canonical_fact(op: str, a: int, b: int) -> tuple[str, int, int]:
+    """The fact a question asks: commutative operations sorted, subtraction kept in order."""
+    if op in ("add", "mul"):
+        a, b = min(a, b), max(a, b)
+    return (op, a, b)
+
+
+def split_of(fact: tuple[str, int, int]) -> str:
+    """'test' or 'train', from a hash of the fact only (stable across runs and machines)."""
+    digest = hashlib.sha256("{} {} {}".format(*fact).encode()).digest()
+    return "test" if int.from_bytes(digest[:8], "big") % 100 < TEST_PERCENT else "train"
+
+
+def answer_of(op: str, a: int, b: int) -> int:
+    return a + b if op == "add" else a - b if op == "sub" else a * b
+
+
+def generate(n: int, *, split: str = "train", difficulty: int = 1, seed: int = 0,
+             ops: tuple[str, ...] = OPS) -> list[Problem]:
+    """`n` distinct-fact questions of one split; raises ValueError if the split runs out."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be train or test, got {split!r}")
+    bad = [op for op in ops if op not in OPS]
+    if bad or not ops:
+        raise ValueError(f"ops must be a non-empty subset of {', '.join(OPS)}, got {ops}")
+    rng = random.Random(f"arith|{split}|{difficulty}|{seed}|{'+'.join(ops)}")
+    ranges = {op: operand_ranges(op, difficulty) for op in ops}
+    seen: set[tuple] = set()
+    problems: list[Problem] = []
+    tries, budget = 0, 100 * n + 10_000  # generous: a test draw is accepted 1 time in 5
+    while len(problems) < n:
+        tries += 1
+        if tries > budget:
+            raise ValueError(f"found only {len(problems)} distinct {split} facts at difficulty "
+                             f"{difficulty} with ops {'+'.join(ops)}; ask for fewer")
+        op = rng.choice(ops)
+        a, b = rng.choice(ranges[op][0]), rng.choice(ranges[op][1])
+        if op == "sub" and a < b:
+            a, b = b, a
+        elif op == "mul" and rng.random() < 0.5:
+            a, b = b, a  # show both orders of the 1-digit factor
+        fact = canonical_fact(op, a, b)
+        if fact in seen or split_of(fact) != split:
+            continue
+        seen.add(fact)
+        problems.append(Problem(
+            id=f"arith-{split}-{len(problems)}",
+            question=QUESTION.format(a=a, symbol=SYMBOLS[op], b=b),
+            answer=str(answer_of(op, a, b)), answer_type="exact", category=op,
+            source="builtin:arith", meta={"difficulty": difficulty, "op": op, "operands": [a, b]}))
+    return problems
+
+
+def fact_of(problem: Problem) -> tuple[str, int, int] | None:
+    """The canonical fact of a built-in arithmetic problem (None for any other problem)."""
+    meta = problem.meta or {}
+    if meta.get("op") in OPS and isinstance(meta.get("operands"), list) \
+            and len(meta["operands"]) == 2:
+        return canonical_fact(meta["op"], *meta["operands"])
+    return None
+
+
+def load(spec: Spec, limit: int | None) -> list[Problem]:
+    """`builtin:arith[:N]?split=train|test&difficulty=1&seed=0&ops=add+sub+mul` (N default 100)."""
+    spec.check_options({"split", "difficulty", "seed", "ops"})
+    name, _, count = spec.body.partition(":")
+    if name != "arith":
+        raise SpecError(spec.text, f"unknown builtin task {name!r}; builtin tasks: arith")
+    try:
+        n = int(count) if count else 100
+    except ValueError:
+        raise SpecError(spec.text, f"N={count!r}: expected an integer") from None
+    if limit is not None:
+        n = min(n, limit)
+    ops = tuple(spec.options.get("ops", "+".join(OPS)).split("+"))
+    try:
+        return generate(n, split=spec.options.get("split", "train"),
+                        difficulty=spec.int_option("difficulty", 1),
+                        seed=spec.int_option("seed", 0), ops=ops)
+    except ValueError as e:
+        raise SpecError(spec.text, str(e)) from None
