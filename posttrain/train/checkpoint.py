@@ -1,0 +1,134 @@
+"""Atomic training checkpoints: weights, optimizer, scheduler, RNG and position, and resume.
+
+    ls runs/dpo/checkpoints/          # step-00000050/ step-00000100/
+
+A checkpoint is written into `checkpoints/.tmp-step-N/` and renamed to `step-N/` only when
+complete, so a run killed at any moment leaves either the previous checkpoints or a complete
+new one, never a half-written one that resume would trust. The data position needs no saving
+beyond the step: the data order is a function of (seed, epoch) (see batches.py).
+
+Weights: a PEFT model saves its adapter (`adapter/`, standard PEFT format); full fine-tuning
+saves `model.safetensors`. Each process saves its own RNG state (`rng-RANK.pt`); with several
+machines the output folder must be on a shared file system.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+PREFIX = "step-"
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def checkpoint_dirs(out: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(out) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [d for d in root.iterdir()
+             if d.name.startswith(PREFIX) and (d / "state.json").exists()]
+    return sorted(found, key=lambda d: int(d.name[len(PREFIX):]))
+
+
+def latest_checkpoint(out: str | os.PathLike) -> Path | None:
+    dirs = checkpoint_dirs(out)
+    return dirs[-1] if dirs else None
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_weights(model, folder: Path) -> None:
+    if is_peft(model):
+        model.save_pretrained(folder / "adapter")
+    else:
+        from safetensors.torch import save_model
+
+        save_model(model, str(folder / "model.safetensors"))  # handles tied weights
+
+
+def load_weights(model, folder: Path) -> None:
+    if is_peft(model):
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        result = set_peft_model_state_dict(
+            model, load_file(str(folder / "adapter" / "adapter_model.safetensors")))
+        missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+        if missing:
+            raise RuntimeError(f"{folder}: adapter does not fit the model (missing {missing[:3]})")
+    else:
+        from safetensors.torch import load_model
+
+        load_model(model, str(folder / "model.safetensors"))
+
+
+def save_checkpoint(out: str | os.PathLike, step: int, model, optimizer, scheduler, state: dict,
+                    *, keep: int = 2, rank: int = 0, is_main: bool = True,
+                    barrier: Callable[[], None] = lambda: None) -> Path:
+    """Write checkpoint `step` atomically and keep only the newest `keep`; returns its folder.
+
+    `model` is the unwrapped model (not the DDP wrapper). Every process calls this (each saves
+    its RNG); `barrier` is the processes' barrier (accelerator.wait_for_everyone).
+    """
+    root = Path(out) / "checkpoints"
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".tmp-{PREFIX}{step:08d}"
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    torch.save(rng_state(), tmp / f"rng-{rank}.pt")
+    barrier()
+    if is_main:
+        save_weights(model, tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
+        if final.exists():  # the same step written again after a resume
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_checkpoint(folder: str | os.PathLike, model, optimizer, scheduler, *,
+                    rank: int = 0) -> dict:
+    """Restore weights, optimizer, scheduler and this process's RNG; returns state.json."""
+    folder = Path(folder)
+    load_weights(model, folder)
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    rng_file = folder / f"rng-{rank}.pt"
+    if not rng_file.exists():
+        raise RuntimeError(f"{folder}: no RNG state for process {rank}; resume with the same "
+                           "number of processes as the run that wrote it")
+    set_rng_state(torch.load(rng_file, weights_only=False))
+    return json.loads((folder / "state.json").read_text())
+
+
+def parameters_finite(model) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,171 @@
+"""Typed settings of `posttrain train` for the offline methods, with defaults that run on a CPU.
+
+    posttrain train --method dpo --data pairs.jsonl --out runs/dpo --set lr=5e-5 --set lora.r=8
+
+Precedence: dataclass defaults <- the method's preset (METHOD_PRESETS) <- `--config FILE.yaml`
+<- `--set key=value` <- the explicit flags `--model` and `--data`. The resolved config is saved as OUT/config.yaml.
+`LoraConfig` is shared with the online trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import ConfigError, load_config
+
+SFT_METHODS = ("sft", "dft", "chord-phi")
+PREFERENCE_METHODS = ("dpo", "ipo", "robust-dpo", "bdpo", "rpo")
+OFFLINE_METHODS = SFT_METHODS + PREFERENCE_METHODS
+
+# Settings a method implies; the user's YAML and --set still win.
+METHOD_PRESETS: dict[str, dict] = {
+    # rDPO needs an assumed label-flip rate; 0.1 is the paper's setting for noisy labels.
+    "robust-dpo": {"label_smoothing": 0.1},
+    # RPO (Pang et al. 2024): DPO + alpha * NLL of the chosen answer, alpha = 1 in the paper.
+    "rpo": {"nll_weight": 1.0},
+}
+
+LORA_INITS = ("default", "olora", "pissa")
+LENGTH_POLICIES = ("drop", "truncate_prompt", "truncate_completion")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True  # false: full fine-tuning (every parameter trains)
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r (Kalajdzievski 2023)
+    init: str = "default"  # default (B = 0) | olora | pissa
+    # A preset (all-linear: attention + dense MLP linears; attention; mlp), a regex matched
+    # against whole module names, or a list of module names. Routers and MoE experts are
+    # never targeted by the presets.
+    targets: str | list[str] = "all-linear"
+
+    def check(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"lora.r: {self.r}; expected >= 1")
+        if self.alpha <= 0:
+            raise ConfigError(f"lora.alpha: {self.alpha}; expected > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout: {self.dropout}; expected a value in [0, 1)")
+        if self.init not in LORA_INITS:
+            raise ConfigError(f"lora.init: {self.init!r}; expected {' | '.join(LORA_INITS)}")
+        if not self.targets:
+            raise ConfigError("lora.targets: empty; expected a preset, a regex or module names")
+
+
+@dataclass
+class TrainConfig:
+    method: str = "dpo"
+    model: str = "smollm2-135m"
+    data: str = ""  # pairs (DPO family) or demonstrations / scored samples (SFT family)
+    # auto: bf16 on GPUs and on CPUs with native bf16 (avx512_bf16 / amx), else fp32 (on an
+    # AVX2-only CPU bf16 matmuls measured ~3x slower than fp32).
+    dtype: str = "auto"
+    # how long
+    epochs: int = 1
+    max_steps: int = 0  # > 0: exactly this many optimizer steps (cycling epochs), else epochs
+    stop_after_steps: int = 0  # > 0: stop cleanly after this step (schedule unchanged); --resume
+    # batches: rows (pairs or demonstrations) per micro-batch and process
+    batch_size: int = 4
+    grad_accum: int = 1
+    group_by_length: bool = True  # batches of similar length: less padding
+    max_length: int = 1024  # prompt + completion tokens
+    length_policy: str = "drop"  # drop | truncate_prompt | truncate_completion (see data.py)
+    # optimiser (AdamW) and schedule
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    schedule: str = "cosine"  # cosine | linear | constant, after warmup
+    warmup_ratio: float = 0.1  # share of the optimizer steps spent warming up linearly
+    min_lr_ratio: float = 0.0  # where cosine / linear decay ends, relative to lr
+    max_grad_norm: float = 1.0  # 0: no clipping (the norm is still logged)
+    seed: int = 0
+    # losses (posttrain.losses)
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    bdpo_lambda: float = 0.5
+    nll_weight: float = 0.0  # RPO's alpha; the rpo preset sets 1.0
+    sft_aggregation: str = "token_mean"  # token_mean | sequence_mean | sum
+    # runtime
+    checkpoint_every: int = 50  # optimizer steps; the last step always writes one
+    keep_checkpoints: int = 2
+    ref_batch_size: int = 8  # pairs per no-grad forward of the reference pass
+    ref_cache: bool = True  # keep reference log-probs beside the data for the next run
+    gradient_checkpointing: bool = False  # slows small models on CPU; saves memory on GPUs
+    num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    @property
+    def preference(self) -> bool:
+        return self.method in PREFERENCE_METHODS
+
+    def check(self) -> None:
+        def bad(name, value, expected):
+            raise ConfigError(f"{name}: {value!r}; expected {expected}")
+
+        if self.method not in OFFLINE_METHODS:
+            bad("method", self.method, " | ".join(OFFLINE_METHODS))
+        if not self.data:
+            bad("data", self.data, "a JSONL file (--data)")
+        if self.dtype not in ("auto", "bf16", "fp32", "fp16"):
+            bad("dtype", self.dtype, "auto | bf16 | fp32 | fp16")
+        for name in ("batch_size", "grad_accum", "max_length", "ref_batch_size",
+                     "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                bad(name, getattr(self, name), ">= 1")
+        for name in ("epochs", "max_steps", "stop_after_steps", "checkpoint_every",
+                     "num_threads"):
+            if getattr(self, name) < 0:
+                bad(name, getattr(self, name), ">= 0")
+        if self.epochs == 0 and self.max_steps == 0:
+            bad("epochs", 0, ">= 1 (or max_steps > 0)")
+        if not self.lr > 0:  # inf passes: the non-finite guard stops that run
+            bad("lr", self.lr, "> 0")
+        if self.length_policy not in LENGTH_POLICIES:
+            bad("length_policy", self.length_policy, " | ".join(LENGTH_POLICIES))
+        if self.schedule not in SCHEDULES:
+            bad("schedule", self.schedule, " | ".join(SCHEDULES))
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            bad("warmup_ratio", self.warmup_ratio, "a value in [0, 1)")
+        if self.sft_aggregation not in ("token_mean", "sequence_mean", "sum"):
+            bad("sft_aggregation", self.sft_aggregation, "token_mean | sequence_mean | sum")
+        if self.beta <= 0:
+            bad("beta", self.beta, "> 0")
+        self.lora.check()
+
+
+def train_config(method: str, path: str | None = None, overrides: list[str] | None = None,
+                 **flags) -> TrainConfig:
+    """Defaults <- method preset <- YAML file <- --set <- `flags` (not None); validated."""
+    if method not in OFFLINE_METHODS:
+        raise ConfigError(f"method: {method!r}; expected one of {' | '.join(OFFLINE_METHODS)}")
+    cfg = load_config(TrainConfig, path, overrides,
+                      base={**METHOD_PRESETS.get(method, {}), "method": method})
+    if cfg.method != method:
+        raise ConfigError(f"method: the config says {cfg.method!r} but --method is {method!r}")
+    for name, value in flags.items():
+        if value is not None:
+            setattr(cfg, name, value)
+    cfg.check()
+    return cfg
+
+
+def resolve_dtype(dtype: str, device) -> str:
+    """'auto' -> bf16 on CUDA with bf16 support and on CPUs with native bf16, else fp32."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return "fp32"
+    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"

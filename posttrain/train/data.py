@@ -1,0 +1,238 @@
+"""Training rows -> token ids: chat-template rendering, prompt masking and the length policy.
+
+    python -c "from posttrain.train.data import load_examples; help(load_examples)"
+
+Accepted rows (one JSON object per line):
+- preference pairs (DPO family): `prompt` (chat messages, or a string = one user turn),
+  `chosen` and `rejected` (assistant messages, or a string), as written by `posttrain pairs`;
+- demonstrations (SFT family): `messages` ending with an assistant turn (only that last turn is
+  trained), or `prompt` + `completion`;
+- scored samples (rejection-sampling fine-tuning): rows of `posttrain verify` (`messages`,
+  `verdict`, `reasoning`, `response`); only `verdict == "correct"` rows are used.
+
+The prompt is rendered with the tokenizer's chat template and `add_generation_prompt=True`; the
+completion is what the template adds for the assistant turn(s) when the whole conversation is
+rendered (content plus the end-of-turn token, e.g. ChatML `...<|im_end|>`), so the model learns
+to stop. Trailing whitespace after the end-of-turn token is not trained (generation stops at
+the token). Prompt tokens get no loss.
+
+Length policy (`max_length` counts prompt + the longest completion of a row); nothing is cut
+silently, every outcome is counted in `DataReport`:
+- drop (default): rows that do not fit are left out;
+- truncate_prompt: the prompt loses tokens from its start (system prompt first), the
+  completions stay whole; rows whose completion alone does not fit are dropped;
+- truncate_completion: completions are cut at their end. This can cut the final answer and the
+  end-of-turn token out, so it is only done when asked for.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+from ..pairs import assistant_turn
+from ..records import DataError, iter_jsonl
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training row as token ids: a demonstration (1 completion) or a pair (2)."""
+
+    prompt: tuple[int, ...]
+    completions: tuple[tuple[int, ...], ...]  # (completion,) or (chosen, rejected)
+    line: int  # line in the data file, for messages about the row
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + max(len(c) for c in self.completions)
+
+
+@dataclass
+class DataReport:
+    path: str
+    kind: str = ""  # pairs | demonstrations | scored
+    rows: int = 0  # rows read
+    not_correct: int = 0  # scored rows left out because their verdict is not "correct"
+    kept: int = 0
+    dropped_too_long: int = 0
+    prompt_truncated: int = 0
+    completion_truncated: int = 0
+    retokenised: int = 0  # prompt + completion tokenised apart != together; joint ids used
+    max_length: int = 0
+    lengths: dict = field(default_factory=dict)  # min / mean / max tokens of kept rows
+
+    def summary(self) -> str:
+        parts = [f"{self.path}: {self.rows} {self.kind} rows"]
+        if self.kind == "scored":
+            parts.append(f"{self.not_correct} not correct (left out)")
+        parts.append(f"{self.kept} used")
+        if self.dropped_too_long:
+            parts.append(f"{self.dropped_too_long} dropped (longer than max_length "
+                         f"{self.max_length})")
+        if self.prompt_truncated:
+            parts.append(f"{self.prompt_truncated} with the prompt's start cut")
+        if self.completion_truncated:
+            parts.append(f"{self.completion_truncated} with the completion's END CUT "
+                         "(answer may be missing)")
+        if self.lengths:
+            parts.append("tokens min/mean/max {min}/{mean:.0f}/{max}".format(**self.lengths))
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+def _messages(value, path, line, name: str, default_role: str) -> list[dict]:
+    """A message list from a row field; a plain string is one message of `default_role`."""
+    if isinstance(value, str):
+        return [{"role": default_role, "content": value}]
+    if not isinstance(value, list) or not value:
+        raise DataError(path, line, "expected a non-empty list of chat messages or a string",
+                        field=name)
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
+                or not isinstance(m.get("content"), str):
+            raise DataError(path, line, f"message {i}: expected {{'role': str, 'content': str}}",
+                            field=name)
+    return value
+
+
+def _reply(value, path, line, name: str) -> list[dict]:
+    msgs = _messages(value, path, line, name, "assistant")
+    if msgs[-1]["role"] != "assistant":
+        raise DataError(path, line, "the last message must be the assistant's", field=name)
+    return msgs
+
+
+def read_rows(path: str | os.PathLike, preference: bool, report: DataReport
+              ) -> list[tuple[int, list[dict], list[list[dict]]]]:
+    """[(line, prompt messages, [reply messages, ...])]: 2 replies per pair, 1 otherwise."""
+    out = []
+    for line, row in iter_jsonl(path):
+        report.rows += 1
+        if preference:
+            if "chosen" not in row or "rejected" not in row:
+                raise DataError(path, line, "a preference method needs pair rows (prompt, "
+                                "chosen, rejected)", field="chosen" if "chosen" not in row
+                                else "rejected")
+            report.kind = "pairs"
+            prompt = _messages(row.get("prompt"), path, line, "prompt", "user")
+            out.append((line, prompt, [_reply(row["chosen"], path, line, "chosen"),
+                                       _reply(row["rejected"], path, line, "rejected")]))
+        elif "verdict" in row:
+            report.kind = "scored"
+            if row["verdict"] != "correct":
+                report.not_correct += 1
+                continue
+            prompt = _messages(row.get("messages"), path, line, "messages", "user")
+            if not isinstance(row.get("response"), str) and not isinstance(row.get("text"), str):
+                raise DataError(path, line, "missing (a scored row needs the sampled answer)",
+                                field="response")
+            out.append((line, prompt, [[{"role": "assistant", "content": assistant_turn(row)}]]))
+        elif "messages" in row:
+            report.kind = "demonstrations"
+            msgs = _reply(row["messages"], path, line, "messages")
+            if len(msgs) < 2:
+                raise DataError(path, line, "expected at least one prompt message before the "
+                                "assistant's", field="messages")
+            out.append((line, msgs[:-1], [msgs[-1:]]))
+        elif "prompt" in row and "completion" in row:
+            report.kind = "demonstrations"
+            out.append((line, _messages(row["prompt"], path, line, "prompt", "user"),
+                        [_reply(row["completion"], path, line, "completion")]))
+        elif "chosen" in row:
+            raise DataError(path, line, "this is a pair row; an SFT method needs demonstrations "
+                            "(messages, or prompt + completion) or scored samples",
+                            field="chosen")
+        else:
+            raise DataError(path, line, "missing: expected messages, prompt + completion, or a "
+                            "scored sample (messages + verdict)", field="messages")
+    return out
+
+
+# --------------------------------------------------------------------------- tokenising
+
+
+class TemplateMismatch(ValueError):
+    pass
+
+
+def tokenize_turn(tokenizer, prompt: list[dict], reply: list[dict]) -> tuple[list[int], list[int],
+                                                                            bool]:
+    """(prompt ids, completion ids, retokenised) for a prompt and the assistant reply.
+
+    The completion is the text the chat template appends to the generation prompt when it
+    renders the whole conversation, so the tokens are the ones the model sees at generation
+    time. `retokenised` is True when the two pieces tokenised apart differ from the whole text
+    tokenised at once (a token merging across the boundary); the joint ids are used then.
+    """
+    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True,
+                                                tokenize=False)
+    full_text = tokenizer.apply_chat_template(prompt + reply, tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise TemplateMismatch("the chat template renders the prompt differently inside the "
+                               "whole conversation, so the completion cannot be located")
+    completion_text = full_text[len(prompt_text):].rstrip()
+    p = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    c = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
+    joint = tokenizer(prompt_text + completion_text, add_special_tokens=False)["input_ids"]
+    if joint == p + c:
+        return p, c, False
+    if joint[:len(p)] != p:
+        raise TemplateMismatch("the prompt's tokens change when the completion follows it")
+    return p, joint[len(p):], True
+
+
+def fit_length(prompt: list[int], completions: list[list[int]], max_length: int, policy: str
+               ) -> tuple[list[int], list[list[int]], str] | None:
+    """Apply the length policy: (prompt, completions, outcome) or None when the row is dropped.
+
+    outcome: "fits" | "prompt_truncated" | "completion_truncated".
+    max_length 10, prompt 6, completions 5 and 3 (length 11): drop -> None;
+    truncate_prompt -> prompt's last 5 tokens; truncate_completion -> completions cut to 4 and 3.
+    """
+    longest = max(len(c) for c in completions)
+    if len(prompt) + longest <= max_length:
+        return prompt, completions, "fits"
+    if policy == "truncate_prompt" and longest < max_length:
+        return prompt[len(prompt) - (max_length - longest):], completions, "prompt_truncated"
+    if policy == "truncate_completion" and len(prompt) < max_length:
+        room = max_length - len(prompt)
+        return prompt, [c[:room] for c in completions], "completion_truncated"
+    return None
+
+
+def load_examples(path: str | os.PathLike, tokenizer, *, preference: bool, max_length: int,
+                  length_policy: str = "drop") -> tuple[list[Example], DataReport]:
+    """Read, render, tokenise and length-check a data file; DataError names file and line."""
+    report = DataReport(path=str(path), max_length=max_length)
+    examples = []
+    for line, prompt, replies in read_rows(path, preference, report):
+        try:
+            tokenized = [tokenize_turn(tokenizer, prompt, reply) for reply in replies]
+        except TemplateMismatch as e:
+            raise DataError(path, line, str(e)) from None
+        p = tokenized[0][0]
+        if any(t[0] != p for t in tokenized):
+            raise DataError(path, line, "chosen and rejected render different prompts")
+        report.retokenised += any(t[2] for t in tokenized)
+        fitted = fit_length(p, [t[1] for t in tokenized], max_length, length_policy)
+        if fitted is None:
+            report.dropped_too_long += 1
+            continue
+        p, completions, outcome = fitted
+        if outcome != "fits":
+            setattr(report, outcome, getattr(report, outcome) + 1)
+        examples.append(Example(tuple(p), tuple(tuple(c) for c in completions), line))
+    report.kept = len(examples)
+    if not examples:
+        why = (f"all {report.rows} rows are longer than max_length {max_length}"
+               if report.dropped_too_long else "no usable row")
+        raise DataError(path, None, why)
+    lengths = [e.length for e in examples]
+    report.lengths = {"min": min(lengths), "mean": sum(lengths) / len(lengths),
+                      "max": max(lengths)}
+    return examples, report

@@ -1,0 +1,376 @@
+"""Offline training on a fixed file: SFT, DFT, CHORD-phi on demonstrations; DPO family on pairs.
+
+    posttrain train --method dpo --data pairs.jsonl --out runs/dpo --set lr=5e-5
+    torchrun --nproc_per_node 2 -m posttrain.cli train --method sft --data demos.jsonl --out runs/sft
+
+The loop, top to bottom: read and tokenise the data; load the model; for the DPO family compute
+the reference log-probs once (no grad, before any adapter exists; cached beside the data); add
+LoRA (or train everything); then for each optimizer step take its global batch, run this
+process's micro-batches (one forward per micro-batch: chosen and rejected together), clip,
+check for NaN / inf, step, log, and checkpoint every `checkpoint_every` steps.
+
+How the loss is averaged, whatever the split into processes and accumulation steps: the loss
+is a mean over the *global* batch of the step, pairs for the DPO family and completion tokens
+for SFT's token_mean. Each micro-batch's loss is scaled by its share of the global batch
+(times the number of processes, because DDP averages gradients over processes), so the summed
+gradients equal those of the whole batch in one piece. Every process knows the whole global
+batch (the order is a function of seed and epoch), so the shares need no communication.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from .. import losses
+from ..config import ConfigError, load_yaml, save_config, to_dict
+from ..models import load_model, load_tokenizer, resolve_model
+from ..records import write_json
+from .batches import collate, epoch_batches, micro_batches
+from .checkpoint import latest_checkpoint, load_checkpoint, parameters_finite, save_checkpoint
+from .config import TrainConfig, resolve_dtype
+from .data import Example, load_examples
+from .logps import completion_logps, reference_logps, split_pairs
+from .lora import apply_lora, format_parameter_report, parameter_report
+from .metrics import MetricsLog, NonFiniteError, check_finite
+from .optim import make_optimizer, make_scheduler
+from .refcache import cache_key, cache_path, read_cache, write_cache
+
+SFT_LOSSES = {"sft": losses.sft, "dft": losses.dft, "chord-phi": losses.sft_phi}
+DPO_LOSS_TYPES = {"dpo": "sigmoid", "ipo": "ipo", "robust-dpo": "robust", "bdpo": "bdpo",
+                  "rpo": "sigmoid"}
+# Settings that may change between a run and its resume (they do not change the result).
+RESUME_MAY_CHANGE = {"stop_after_steps", "num_threads", "checkpoint_every", "keep_checkpoints",
+                     "ref_batch_size", "ref_cache"}
+
+
+# ------------------------------------------------------------------------ loss of a batch
+
+
+def global_units(examples: list[Example], cfg: TrainConfig) -> int:
+    """What the step's loss averages over: completion tokens (SFT token_mean) or rows."""
+    if not cfg.preference and cfg.sft_aggregation == "token_mean":
+        return sum(len(e.completions[0]) for e in examples)
+    return len(examples)
+
+
+def micro_batch_loss(model, examples: list[Example], ref: torch.Tensor | None, cfg: TrainConfig,
+                     *, pad_id: int, device, units: int, processes: int
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], float, int]:
+    """(loss scaled to its share of the global batch, metrics, share, tokens processed).
+
+    `units` is global_units() of the whole step; `ref` is (B, 2) reference log-probs.
+    """
+    batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
+    logps = completion_logps(model, batch)  # (R, K) float32
+    tokens = int(batch["attention_mask"].sum())
+    if cfg.preference:
+        policy_chosen, policy_rejected = split_pairs(logps.sum(-1))  # (B,), (B,)
+        chosen_len, rejected_len = split_pairs(batch["completion_lengths"])
+        ref = ref.to(device)
+        chosen_nll = -policy_chosen / chosen_len.clamp(min=1) if cfg.nll_weight else None
+        loss, metrics = losses.dpo(policy_chosen, policy_rejected, ref[:, 0], ref[:, 1], cfg.beta,
+                                   loss_type=DPO_LOSS_TYPES[cfg.method],
+                                   label_smoothing=cfg.label_smoothing,
+                                   chosen_lengths=chosen_len, rejected_lengths=rejected_len,
+                                   bdpo_lambda=cfg.bdpo_lambda, nll_weight=cfg.nll_weight,
+                                   chosen_nll=chosen_nll)
+        share = len(examples) / units
+        return loss * (share * processes), metrics, share, tokens
+    mask = batch["labels"] != -100  # (R, K)
+    fn = SFT_LOSSES[cfg.method]
+    if cfg.sft_aggregation == "token_mean":
+        loss, metrics = fn(logps, mask, aggregation="token_mean",
+                           num_items_in_batch=units / processes)
+        share = float(mask.sum()) / units
+    else:
+        loss, metrics = fn(logps, mask, aggregation=cfg.sft_aggregation)
+        share = len(examples) / units
+        loss = loss * (share * processes if cfg.sft_aggregation == "sequence_mean" else processes)
+    metrics.pop("tokens", None)  # a count, not a mean: reported as `tokens` by the loop
+    return loss, metrics, share, tokens
+
+
+def step_gradients(policy, examples: list[Example], batch: list[int], ref: torch.Tensor | None,
+                   cfg: TrainConfig, accelerator, *, lengths: list[int], pad_id: int
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """Backward over this process's micro-batches of one global batch; gradients accumulate.
+
+    Returns (this process's summed loss shares, summed metric shares, tokens it processed).
+    Summed over processes and divided by their number, the loss is the global batch's loss.
+    """
+    P = accelerator.num_processes
+    units = global_units([examples[i] for i in batch], cfg)
+    mine = micro_batches(batch, lengths, P, accelerator.process_index, cfg.grad_accum)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    metric_sums: dict[str, torch.Tensor] = {}
+    tokens = 0
+    for i, rows in enumerate(mine):
+        sync = i == len(mine) - 1  # DDP all-reduces gradients on the last backward only
+        with contextlib.nullcontext() if sync or P == 1 else accelerator.no_sync(policy):
+            loss, metrics, share, n_tokens = micro_batch_loss(
+                policy, [examples[j] for j in rows], ref[rows] if ref is not None else None, cfg,
+                pad_id=pad_id, device=accelerator.device, units=units, processes=P)
+            accelerator.backward(loss)
+        loss_sum += loss.detach().float()
+        tokens += n_tokens
+        for k, v in metrics.items():
+            metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().float() * share
+    return loss_sum, metric_sums, tokens
+
+
+# ---------------------------------------------------------------------------- reference
+
+
+def reference_table(model, examples: list[Example], cfg: TrainConfig, accelerator, *,
+                    pad_id: int, dtype: str, out: Path) -> torch.Tensor:
+    """(N, 2) reference log-probs, read from the cache beside the data or computed once.
+
+    Called before the adapter exists, so the model is exactly the reference (for PiSSA / OLoRA
+    too, whose initialisation changes the base weights). Each process computes every P-th pair
+    and the parts are gathered.
+    """
+    key = cache_key(resolve_model(cfg.model), dtype, examples)
+    path = cache_path(cfg.data, key, fallback_dir=out)
+    cached = read_cache(path, key, len(examples)) if cfg.ref_cache else None
+    if cached is not None:
+        _say(accelerator, f"reference log-probs: cached ({path})")
+        return cached
+    start = time.perf_counter()
+    P, rank = accelerator.num_processes, accelerator.process_index
+    mine = list(range(rank, len(examples), P))
+    part = reference_logps(model, [examples[i] for i in mine], batch_size=cfg.ref_batch_size,
+                           pad_id=pad_id, device=accelerator.device)
+    table = torch.zeros(len(examples), 2)
+    if P > 1:
+        from accelerate.utils import gather_object
+
+        for r, (idx, values) in enumerate(gather_object([(mine, part)])):
+            table[idx] = values
+    else:
+        table[mine] = part
+    if cfg.ref_cache and accelerator.is_main_process:
+        write_cache(path, key, table)
+    _say(accelerator, f"reference log-probs: {len(examples)} pairs in "
+                      f"{time.perf_counter() - start:.1f} s" +
+                      (f", cached in {path}" if cfg.ref_cache else ""))
+    return table
+
+
+# --------------------------------------------------------------------------------- loop
+
+
+def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None, tokenizer=None,
+          progress: bool = True) -> dict:
+    """Run (or resume) offline training into `out`; returns a summary dict.
+
+    Writes out/config.yaml, out/data_report.json, out/metrics.jsonl, out/checkpoints/, and at
+    the end out/adapter/ (LoRA, PEFT format) or out/model/ (full fine-tuning).
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    cfg.check()
+    out = Path(out)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    P, rank, main = accelerator.num_processes, accelerator.process_index, \
+        accelerator.is_main_process
+    device = accelerator.device
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    last = latest_checkpoint(out)
+    if last is not None and not resume:
+        raise ConfigError(f"{out} already holds checkpoints ({last.name}): pass --resume to "
+                          "continue that run, or choose another --out")
+    if resume and last is not None:
+        _check_resumable(cfg, out)
+
+    # data
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    tokenizer = tokenizer or load_tokenizer(cfg.model)
+    examples, report = load_examples(cfg.data, tokenizer, preference=cfg.preference,
+                                     max_length=cfg.max_length, length_policy=cfg.length_policy)
+    _say(accelerator, f"data: {report.summary()}")
+    lengths = [e.length for e in examples]
+    global_batch = cfg.batch_size * cfg.grad_accum * P
+    steps_per_epoch = len(epoch_batches(lengths, global_batch, cfg.seed, 0, cfg.group_by_length,
+                                        min_rows=P))
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{len(examples)} rows cannot give each of {P} processes one row")
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    stop = min(total, cfg.stop_after_steps) if cfg.stop_after_steps else total
+
+    # model, reference, adapter
+    dtype = resolve_dtype(cfg.dtype, device)
+    if model is None:
+        model = load_model(cfg.model, dtype=dtype)
+    model.to(device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+        else tokenizer.eos_token_id
+    ref = reference_table(model, examples, cfg, accelerator, pad_id=pad_id, dtype=dtype,
+                          out=out) if cfg.preference else None
+    model = apply_lora(model, cfg.lora)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    _say(accelerator, format_parameter_report(parameter_report(model)))
+    _say(accelerator, f"{cfg.method}: {cfg.model} in {dtype}; global batch {global_batch} = "
+                      f"{cfg.batch_size} rows x {cfg.grad_accum} accumulation x {P} process(es); "
+                      f"{total} steps ({steps_per_epoch} per epoch)")
+    init_adapter = out / "adapter-init"
+    if cfg.lora.enabled and cfg.lora.init != "default" and main and not init_adapter.exists():
+        # PiSSA / OLoRA move part of the base weights into the adapter; the initial adapter
+        # lets the final one be converted into a plain LoRA for the untouched base model.
+        _save_atomic(lambda d: model.save_pretrained(d), init_adapter)
+
+    optimizer = make_optimizer(model, cfg.lr, weight_decay=cfg.weight_decay,
+                               betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    scheduler = make_scheduler(optimizer, total_steps=total,
+                               warmup_steps=round(cfg.warmup_ratio * total),
+                               schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio)
+    start = 0
+    if resume and last is not None:
+        start = int(load_checkpoint(last, model, optimizer, scheduler, rank=rank)["step"])
+        _say(accelerator, f"resumed from {last} (step {start} of {total})")
+    if main:
+        save_config(cfg, out / "config.yaml")
+        write_json(out / "data_report.json", report.to_dict())
+    log = MetricsLog(out / "metrics.jsonl", resume_step=start, enabled=main)
+    policy = accelerator.prepare_model(model) if P > 1 else model
+    policy.train()
+
+    bar = tqdm(total=total, initial=start, desc=f"train {cfg.method}", unit="step",
+               disable=not (progress and main))
+    batches, batches_epoch = None, -1
+    row: dict = {}
+    for step in range(start, stop):
+        t0 = time.perf_counter()
+        epoch, position = divmod(step, steps_per_epoch)
+        if epoch != batches_epoch:
+            batches = epoch_batches(lengths, global_batch, cfg.seed, epoch, cfg.group_by_length,
+                                    min_rows=P)
+            batches_epoch = epoch
+        batch = batches[position]
+        loss_sum, metric_sums, tokens = step_gradients(policy, examples, batch, ref, cfg,
+                                                       accelerator, lengths=lengths,
+                                                       pad_id=pad_id)
+        grad_norm = _clip(model, cfg.max_grad_norm)
+        names = list(metric_sums)
+        summed = torch.stack([loss_sum, torch.tensor(float(tokens), device=device),
+                              *[metric_sums[k] for k in names]])
+        if P > 1:
+            summed = accelerator.reduce(summed, reduction="sum")
+        values = summed.tolist()
+        loss_value = values[0] / P  # every process holds loss shares scaled by P
+        check_finite(step + 1, loss_value, grad_norm, latest_checkpoint(out))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        seconds = time.perf_counter() - t0
+        row = {"step": step + 1, "epoch": epoch + (position + 1) / steps_per_epoch,
+               "loss": loss_value, **dict(zip(names, values[2:])),
+               "lr": _lr_used(scheduler, step), "grad_norm": grad_norm, "rows": len(batch),
+               "tokens": int(values[1]), "tokens_per_s": values[1] / seconds,
+               "seconds": seconds}
+        log.write(row)
+        bar.update(1)
+        bar.set_postfix(_postfix(row))
+        done = step + 1
+        if done == stop or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+            if not parameters_finite(model):
+                raise NonFiniteError(f"step {done}: the weights hold NaN or inf after the update "
+                                     f"(lr {cfg.lr}); not checkpointed. The last good checkpoint "
+                                     f"is {latest_checkpoint(out)}.")
+            save_checkpoint(out, done, accelerator.unwrap_model(policy), optimizer, scheduler,
+                            {"epoch": epoch, "position": position + 1, "total": total},
+                            keep=cfg.keep_checkpoints, rank=rank, is_main=main,
+                            barrier=accelerator.wait_for_everyone)
+    bar.close()
+
+    finished = stop == total
+    if finished and main:
+        _save_final(model, out, tokenizer, init_adapter if init_adapter.exists() else None)
+    accelerator.wait_for_everyone()
+    summary = {"out": str(out), "steps": stop, "total_steps": total, "finished": finished,
+               "data": report.to_dict(), "last": row}
+    if main:
+        where = out / ("adapter" if cfg.lora.enabled else "model")
+        _say(accelerator, f"{'finished' if finished else 'stopped'} at step {stop} of {total}" +
+             (f"; weights in {where}" if finished else "; continue with --resume"))
+    return summary
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _lr_used(scheduler, step: int) -> float:
+    """The lr the step that just ran used (the scheduler has already moved on)."""
+    base = scheduler.base_lrs[0]
+    return base * scheduler.lr_lambdas[0](step)
+
+
+def _clip(model, max_norm: float) -> float:
+    params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return float(norm)
+
+
+def _postfix(row: dict) -> dict:
+    shown = {"loss": f"{row['loss']:.4f}"}
+    if "rewards/margins" in row:
+        shown["margin"] = f"{row['rewards/margins']:.3f}"
+        shown["acc"] = f"{row['rewards/accuracies']:.2f}"
+    shown["tok/s"] = f"{row['tokens_per_s']:.0f}"
+    return shown
+
+
+def _say(accelerator, text: str) -> None:
+    if accelerator.is_main_process:
+        print(text, flush=True)
+
+
+def _check_resumable(cfg: TrainConfig, out: Path) -> None:
+    saved_path = out / "config.yaml"
+    if not saved_path.exists():
+        return
+    saved, now = load_yaml(saved_path), to_dict(cfg)
+    changed = sorted(k for k in set(saved) | set(now)
+                     if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k))
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise ConfigError(f"{out}: cannot resume with different settings ({details}); use the "
+                          "same config or another --out")
+
+
+def _save_atomic(write, target: Path) -> None:
+    import os
+    import shutil
+
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+def _save_final(model, out: Path, tokenizer, init_adapter: Path | None) -> None:
+    """out/adapter (PEFT; PiSSA/OLoRA converted to a plain LoRA) or out/model (full)."""
+    if hasattr(model, "peft_config"):
+        kwargs = {"path_initial_model_for_weight_conversion": str(init_adapter)} \
+            if init_adapter else {}
+        _save_atomic(lambda d: model.save_pretrained(d, **kwargs), out / "adapter")
+    else:
+        def write(d):
+            model.save_pretrained(d)
+            tokenizer.save_pretrained(d)
+        _save_atomic(write, out / "model")
