@@ -36,11 +36,13 @@ def export_merged(adapter: str | os.PathLike, out: str | os.PathLike, *, model: 
                   dtype: str = "fp32", trust_remote_code: bool = False) -> Path:
     """Merge `adapter` into `model` (default: the adapter's base) and save to `out`."""
     from .models import load_tokenizer, load_with_adapter
+    from .train.lora import peft_targets_as_named
 
     out = Path(out)
     name = model or base_model_of(adapter)
-    merged = load_with_adapter(name, adapter, dtype=dtype, merge=True,
-                               trust_remote_code=trust_remote_code)
+    with peft_targets_as_named():  # MoE adapters load onto the modules they were trained on
+        merged = load_with_adapter(name, adapter, dtype=dtype, merge=True,
+                                   trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

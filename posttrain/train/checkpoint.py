@@ -73,8 +73,11 @@ def load_weights(model, folder: Path) -> None:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        result = set_peft_model_state_dict(
-            model, load_file(str(folder / "adapter" / "adapter_model.safetensors")))
+        from .lora import peft_targets_as_named
+
+        with peft_targets_as_named():
+            result = set_peft_model_state_dict(
+                model, load_file(str(folder / "adapter" / "adapter_model.safetensors")))
         missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
         if missing:
             raise RuntimeError(f"{folder}: adapter does not fit the model (missing {missing[:3]})")

@@ -7,10 +7,18 @@ transformers 5 MoE models (Qwen3-MoE) the experts are fused 3-D parameters and t
 bare weight, and PEFT's "all-linear" then also reaches them through `target_parameters` without
 a word. Ours targets only `nn.Linear` modules named like attention projections or dense MLP
 projections, and never a module inside `experts` or a router.
+
+PEFT 0.21 on transformers 5 also rewrites the targets of Qwen2/3-MoE and Mixtral adapters from
+transformers-4 names: any target called gate_proj / up_proj / down_proj, including the dense
+MLP of a non-MoE layer or a shared expert, is moved onto the fused expert parameters, at
+creation and again at loading (measured: a reloaded adapter changed the logits by 0.5).
+Our targets are already transformers-5 module names, so `peft_targets_as_named()` switches
+that rewrite off; create and load adapters inside it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import torch
@@ -65,6 +73,22 @@ def target_modules(model: nn.Module, targets: str | list[str]) -> list[str]:
     return sorted(chosen)
 
 
+@contextlib.contextmanager
+def peft_targets_as_named():
+    """Within: PEFT uses LoRA target names as given (no transformers-4 -> 5 MoE remapping)."""
+    try:
+        import peft.utils.transformers_weight_conversion as conversion
+    except ImportError:  # an older PEFT without the rewrite
+        yield
+        return
+    original = conversion.convert_peft_config_for_transformers
+    conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        conversion.convert_peft_config_for_transformers = original
+
+
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     """The model with a LoRA adapter (a PeftModel), or the model itself for full fine-tuning.
 
@@ -84,7 +108,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
                               use_rslora=cfg.rslora, init_lora_weights=init,
                               target_modules=target_modules(model, cfg.targets),
                               task_type="CAUSAL_LM")
-    return get_peft_model(model, peft_cfg, autocast_adapter_dtype=True)
+    with peft_targets_as_named():
+        return get_peft_model(model, peft_cfg, autocast_adapter_dtype=True)
 
 
 def parameter_group(name: str) -> str:
