@@ -19,6 +19,8 @@ from .metrics import NonFiniteError
 # method -> module with `run(args) -> int`. A new loop is one line here, e.g.
 # RUNNERS.update(dict.fromkeys(("grpo", "dr-grpo", ...), "posttrain.train.online"))
 RUNNERS: dict[str, str] = dict.fromkeys(OFFLINE_METHODS, "posttrain.train.cli")
+RUNNERS.update(dict.fromkeys(("grpo", "dr-grpo", "dapo", "bnpo", "gspo", "chord"),
+                             "posttrain.train.online"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model folder, .gguf file or hub id (default: smollm2-135m)")
     parser.add_argument("--data", default=None,
                         help="JSONL: pairs (DPO family), demonstrations or scored samples (SFT)")
+    parser.add_argument("--problems", default=None,
+                        help="online methods: problem source, e.g. 'builtin:arith:512?split=train'")
     parser.add_argument("--out", required=True, help="run folder")
     parser.add_argument("--config", default=None, help="YAML file of config keys")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
