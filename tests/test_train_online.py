@@ -182,6 +182,32 @@ def test_micro_batches_sum_to_the_whole_batch_loss(aggregation):
     assert_close(sum(parts), whole)
 
 
+@pytest.mark.parametrize("aggregation", ["grpo", "dapo", "dr_grpo"])
+def test_policy_gradients_do_not_depend_on_the_micro_batch_size(tiny_model_dir, aggregation):
+    """policy_backward over 6 completions of different lengths: micro-batches of 2 (three
+    forwards, each padded differently) give the gradients of one batch of 6."""
+    from posttrain.train.config import LoraConfig
+    from posttrain.train.lora import apply_lora
+
+    model, _ = tiny(tiny_model_dir)
+    policy = apply_lora(model, LoraConfig(r=4, init="default"))
+    torch.manual_seed(0)
+    for name, p in policy.named_parameters():  # B = 0 at init would hide A's gradient
+        if "lora_B" in name:
+            p.data.normal_(0, 0.1)
+    rollouts = fake_rollouts([2, 5, 3, 1, 4, 2], [1.0, 0.0, 0.0, 1.0, 1.0, 0.0])
+    advantages = torch.tensor([1.0, -1.0, -0.5, 0.5, 1.0, -1.0])
+    cfg = O.OnlineConfig(aggregation=aggregation, max_new_tokens=5)
+    grads = []
+    for size in (6, 2):
+        policy.zero_grad()
+        O.policy_backward(policy, O.rollout_batches(rollouts, size, 0, False), advantages,
+                          None, None, cfg, mu=None)
+        grads.append([p.grad.clone() for p in policy.parameters() if p.requires_grad])
+    for whole, split in zip(*grads):
+        assert_close(split, whole, atol=1e-6, rtol=1e-4)
+
+
 # -------------------------------------------------------------------- dynamic sampling
 
 
@@ -351,6 +377,8 @@ def test_presets_and_bad_config():
         O.online_config("grpo", overrides=["num_generations=1"])
     with pytest.raises(O.ConfigError, match="chord.demos"):
         O.online_config("chord")
+    with pytest.raises(O.ConfigError, match="adapter disabled"):
+        O.online_config("grpo", overrides=["kl_beta=0.1", "lora.enabled=false"])
 
 
 @pytest.mark.slow

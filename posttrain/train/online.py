@@ -164,6 +164,9 @@ class OnlineConfig:
             bad("overlong_buffer", self.overlong_buffer, "a share of max_new_tokens in [0, 1]")
         if not self.lr > 0:
             bad("lr", self.lr, "> 0")
+        if self.kl_beta > 0 and not self.lora.enabled:
+            bad("kl_beta", self.kl_beta, "0 with lora.enabled false (the KL reference is the "
+                "model with its adapter disabled)")
         if self.method == "chord":
             c = self.chord
             if c.variant not in ("mu", "phi"):
