@@ -362,6 +362,13 @@ def rollout_batches(rollouts: list[Rollout], size: int, pad_id: int, mask_trunca
     return out
 
 
+def demonstration_batches(examples: list[Example], size: int, pad_id: int,
+                          device="cpu") -> list[dict]:
+    """Collated micro-batches of CHORD's demonstrations (prompt tokens carry no labels)."""
+    return [{k: v.to(device) for k, v in collate(examples[s:s + size], pad_id).items()}
+            for s in range(0, len(examples), size)]
+
+
 def logps_and_entropy(model, batch: dict[str, torch.Tensor]):
     """logps.completion_logps's forward, also returning the policy's entropy per completion
     token (no grad), which needs the logits that function does not return. (b, K) each."""
@@ -542,11 +549,8 @@ def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, mo
                          cfg.chord.mu_peak, cfg.chord.mu_valley) if chord else None
         demo_batches = []
         if chord:
-            n_demos = max(1, round(cfg.chord.ratio * cfg.problems_per_step))
-            chosen = demo_stream.take(n_demos)
-            demo_batches = [{k: v.to(device) for k, v in collate(chosen[s:s + cfg.micro_batch_size],
-                                                                 pad_id).items()}
-                            for s in range(0, len(chosen), cfg.micro_batch_size)]
+            chosen = demo_stream.take(max(1, round(cfg.chord.ratio * cfg.problems_per_step)))
+            demo_batches = demonstration_batches(chosen, cfg.micro_batch_size, pad_id, device)
         batches = rollout_batches(kept, cfg.micro_batch_size, pad_id, cfg.mask_truncated, device)
         advantages = group_advantages(torch.tensor([r.reward for r in kept]), G,
                                       cfg.advantage_scale) if kept else None
