@@ -138,7 +138,7 @@ def reference_table(model, examples: list[Example], cfg: TrainConfig, accelerato
     path = cache_path(cfg.data, key, fallback_dir=out)
     cached = read_cache(path, key, len(examples)) if cfg.ref_cache else None
     if cached is not None:
-        _say(accelerator, f"reference log-probs: cached ({path})")
+        _say(accelerator, f"reference log-probs: read from cache {path}")
         return cached
     start = time.perf_counter()
     P, rank = accelerator.num_processes, accelerator.process_index
@@ -155,9 +155,9 @@ def reference_table(model, examples: list[Example], cfg: TrainConfig, accelerato
         table[mine] = part
     if cfg.ref_cache and accelerator.is_main_process:
         write_cache(path, key, table)
-    _say(accelerator, f"reference log-probs: {len(examples)} pairs in "
+    _say(accelerator, f"reference log-probs: computed for {len(examples)} pairs in "
                       f"{time.perf_counter() - start:.1f} s" +
-                      (f", cached in {path}" if cfg.ref_cache else ""))
+                      (f"; saved to {path}" if cfg.ref_cache else ""))
     return table
 
 

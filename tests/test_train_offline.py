@@ -1,0 +1,268 @@
+"""The offline loop end to end on a tiny model: outputs, resume, NaN guard, reference cache, export.
+
+    .venv/bin/python -m pytest tests/test_train_offline.py -q      # -m slow: the embedded model
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import run_cli
+from safetensors.torch import load_file
+from torch.testing import assert_close
+
+from posttrain.config import ConfigError
+from posttrain.train.config import train_config
+from posttrain.train.metrics import NonFiniteError
+from posttrain.train.offline import train
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run ~5x faster on one thread than on two on the shared 2-core CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_data(folder, n=8):
+    """n arithmetic pairs and demonstrations with answers of different lengths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs, demos = [], []
+    for i in range(n):
+        a, b = 3 + i, 11 + 2 * i
+        prompt = [{"role": "system", "content": "Add."},
+                  {"role": "user", "content": f"What is {a} + {b}?"}]
+        good = f"{a} + {b} = {a + b}." + " Check: fine." * (i % 3)
+        bad = f"It is {a + b + 1}." + " Sure." * (i % 2)
+        pairs.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": good}],
+                      "rejected": [{"role": "assistant", "content": bad}],
+                      "problem_id": str(i)})
+        demos.append({"messages": prompt + [{"role": "assistant", "content": good}]})
+    for name, rows in (("pairs", pairs), ("demos", demos)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder / "pairs.jsonl", folder / "demos.jsonl"
+
+
+def cfg_for(method, model, data, *settings):
+    return train_config(method, None, ["dtype=fp32", "batch_size=2", "lora.r=4",
+                                       "lora.alpha=8", *settings], model=model, data=str(data))
+
+
+def metrics(out):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dpo_run_writes_config_metrics_checkpoints_and_adapter(tiny_model_dir, tmp_path):
+    pairs, _ = write_data(tmp_path / "data")
+    out = tmp_path / "run"
+    summary = train(cfg_for("dpo", tiny_model_dir, pairs, "checkpoint_every=2",
+                            "warmup_ratio=0.25", "lr=1e-3"), out, progress=False)
+    assert summary["finished"] and summary["total_steps"] == 4  # 8 pairs / batch 2
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    # Step 1: policy = reference (LoRA B = 0), so every pair's log-ratio is 0: loss = ln 2.
+    assert rows[0]["loss"] == pytest.approx(0.693147, abs=1e-5)
+    assert rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    for key in ("rewards/accuracies", "logps/chosen", "lr", "grad_norm", "tokens_per_s"):
+        assert key in rows[0]
+    # warmup 1 step (0.25 * 4), then cosine over steps 1..3, p = 0, 1/2, 1: 1, 0.5, 0
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3, 1e-3, 0.5e-3, 0.0])
+    assert rows[-1]["rewards/margins"] > 0  # it learned to prefer the chosen answers
+    saved = (out / "config.yaml").read_text()
+    assert "method: dpo" in saved and "lr: 0.001" in saved
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002",
+                                                                       "step-00000004"]
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["peft_type"] == "LORA"
+    assert len(adapter["target_modules"]) == 2 * 7
+    report = json.loads((out / "data_report.json").read_text())
+    assert (report["rows"], report["kept"], report["dropped_too_long"]) == (8, 8, 0)
+
+
+def test_resume_ends_bitwise_equal_to_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    """2 epochs of 4 steps, LoRA dropout on (so the RNG state matters): one run straight
+    through, one stopped after step 3 (with junk metrics of a step 4 the killed run logged
+    after its checkpoint), then resumed. Adapter tensors must be identical (torch.equal)."""
+    pairs, _ = write_data(tmp_path / "data")
+    settings = ["epochs=2", "lora.dropout=0.1", "lr=1e-3", "checkpoint_every=2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(cfg_for("dpo", tiny_model_dir, pairs, *settings), straight, progress=False)
+    train(cfg_for("dpo", tiny_model_dir, pairs, *settings, "stop_after_steps=3"), resumed,
+          progress=False)
+    assert not (resumed / "adapter").exists()
+    with open(resumed / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 4, "loss": 123.0}) + "\n{\"step\": 5, \"lo")
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        train(cfg_for("dpo", tiny_model_dir, pairs, *settings), resumed, progress=False)
+    with pytest.raises(ConfigError, match="lr: 0.001 -> 0.002"):
+        train(cfg_for("dpo", tiny_model_dir, pairs, *settings[:2], "lr=2e-3",
+                      "checkpoint_every=2"), resumed, resume=True, progress=False)
+    train(cfg_for("dpo", tiny_model_dir, pairs, *settings), resumed, resume=True,
+          progress=False)
+
+    a = load_file(straight / "adapter" / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = metrics(straight), metrics(resumed)
+    assert [r["step"] for r in rb] == list(range(1, 9))
+    assert [r["loss"] for r in ra] == [r["loss"] for r in rb]
+
+
+def test_lr_inf_stops_before_a_broken_checkpoint(tiny_model_dir, tmp_path):
+    _, demos = write_data(tmp_path / "data")
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteError, match="step 1: the weights hold NaN or inf"):
+        train(cfg_for("sft", tiny_model_dir, demos, "lr=.inf", "checkpoint_every=1"), out,
+              progress=False)
+    assert not (out / "checkpoints").exists() or not list((out / "checkpoints").glob("step-*"))
+    assert not (out / "adapter").exists()
+
+
+def test_nan_in_the_forward_pass_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir,
+                                                                          tmp_path):
+    from posttrain.models import load_model
+
+    _, demos = write_data(tmp_path / "data")
+    out = tmp_path / "run"
+    model = load_model(tiny_model_dir, dtype="fp32")
+    calls = []
+
+    def poison(module, args, output):  # the 3rd forward (step 3) produces NaN
+        calls.append(1)
+        return output * float("nan") if len(calls) == 3 else output
+
+    model.model.norm.register_forward_hook(poison)
+    with pytest.raises(NonFiniteError) as e:
+        train(cfg_for("sft", tiny_model_dir, demos, "checkpoint_every=1"), out, model=model,
+              progress=False)
+    assert "step 3: non-finite loss = nan and grad norm = nan" in str(e.value)
+    assert "step-00000002" in str(e.value)
+    last = out / "checkpoints" / "step-00000002"
+    assert all(torch.isfinite(t).all() for t in
+               load_file(last / "adapter" / "adapter_model.safetensors").values())
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+
+
+def test_reference_logps_are_cached_beside_the_data_and_never_stale(tiny_model_dir, tmp_path,
+                                                                    capsys):
+    pairs, _ = write_data(tmp_path / "data")
+    cfg = cfg_for("dpo", tiny_model_dir, pairs, "max_steps=1")
+    train(cfg, tmp_path / "a", progress=False)
+    caches = list(pairs.parent.glob("pairs.jsonl.ref-*.pt"))
+    assert len(caches) == 1
+    assert "reference log-probs: computed for 8 pairs" in capsys.readouterr().out
+    train(cfg, tmp_path / "b", progress=False)
+    assert "reference log-probs: read from cache" in capsys.readouterr().out
+    # Another max_length that cuts prompts changes the token ids, hence the key and the file.
+    train(cfg_for("dpo", tiny_model_dir, pairs, "max_steps=1", "max_length=30",
+                  "length_policy=truncate_prompt"), tmp_path / "c", progress=False)
+    assert "computed for" in capsys.readouterr().out
+    assert len(list(pairs.parent.glob("pairs.jsonl.ref-*.pt"))) == 2
+    # A cache file holding another key (e.g. copied over) is not trusted.
+    saved = torch.load(caches[0])
+    torch.save({"key": "other", "logps": saved["logps"]}, caches[0])
+    train(cfg, tmp_path / "d", progress=False)
+    assert "computed for" in capsys.readouterr().out
+
+
+def test_export_merges_into_a_folder_plain_transformers_loads(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.export import export_merged
+
+    pairs, _ = write_data(tmp_path / "data")
+    out = tmp_path / "run"
+    train(cfg_for("dpo", tiny_model_dir, pairs, "lr=1e-2", "max_steps=2"), out, progress=False)
+    merged = export_merged(out / "adapter", tmp_path / "merged")
+    ids = torch.randint(0, 1000, (2, 16))
+    plain = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    peft = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+        out / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        want, got, before = (m(input_ids=ids).logits for m in (peft, plain, base))
+    assert (want - before).abs().max() > 1e-4  # the adapter does change the model
+    assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (merged / "tokenizer.json").exists()
+
+
+def test_pissa_adapter_is_exported_as_a_plain_lora_for_the_original_base(tiny_model_dir,
+                                                                         tmp_path):
+    """PiSSA changes the base weights; the final adapter is converted so that the untouched
+    base + adapter equals the trained policy (residual base + trained PiSSA adapter)."""
+    from peft import PeftModel
+
+    from posttrain.models import load_model
+    from posttrain.train.checkpoint import load_weights
+    from posttrain.train.config import LoraConfig
+    from posttrain.train.lora import apply_lora
+
+    _, demos = write_data(tmp_path / "data")
+    out = tmp_path / "run"
+    train(cfg_for("sft", tiny_model_dir, demos, "lora.init=pissa", "lr=1e-2", "max_steps=2"),
+          out, progress=False)
+    policy = apply_lora(load_model(tiny_model_dir, dtype="fp32"),
+                        LoraConfig(r=4, alpha=8, init="pissa"))
+    load_weights(policy, out / "checkpoints" / "step-00000002")
+    exported = PeftModel.from_pretrained(load_model(tiny_model_dir, dtype="fp32"),
+                                         out / "adapter")
+    ids = torch.randint(0, 1000, (1, 12))
+    with torch.no_grad():
+        assert_close(exported(input_ids=ids).logits, policy(input_ids=ids).logits,
+                     rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["dft", "chord-phi", "ipo", "robust-dpo", "bdpo", "rpo"])
+def test_every_method_runs_a_step(tiny_model_dir, tmp_path, method):
+    pairs, demos = write_data(tmp_path / "data", n=2)
+    data = demos if method in ("dft", "chord-phi") else pairs
+    train(cfg_for(method, tiny_model_dir, data, "max_steps=1"), tmp_path / "run",
+          progress=False)
+    row = metrics(tmp_path / "run")[0]
+    assert row["loss"] == row["loss"]  # finite, logged
+    if method == "rpo":
+        assert "nll" in row  # the RPO term is on
+
+
+def test_cli_trains_and_refuses_to_overwrite(tiny_model_dir, tmp_path):
+    _, demos = write_data(tmp_path / "data", n=4)
+    out = tmp_path / "run"
+    args = ["train", "--method", "sft", "--model", tiny_model_dir, "--data", str(demos),
+            "--out", str(out), "--set", "dtype=fp32", "--set", "max_steps=2", "--no-progress"]
+    proc = run_cli(*args, env=ONE_THREAD)
+    assert "trainable parameters" in proc.stdout and "finished at step 2 of 2" in proc.stdout
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    again = run_cli(*args, check=False, env=ONE_THREAD)
+    assert again.returncode == 1 and "pass --resume" in again.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "x"}]}\n')
+    proc = run_cli("train", "--method", "sft", "--model", tiny_model_dir, "--data", str(bad),
+                   "--out", str(tmp_path / "x"), check=False, env=ONE_THREAD)
+    assert proc.returncode == 1
+    assert f"{bad}:1: field 'messages': the last message must be the assistant's" in proc.stderr
+
+
+@pytest.mark.slow
+def test_embedded_model_dpo_then_export_through_the_cli(tmp_path):
+    """The embedded SmolLM2-135M: a DPO step through the CLI, export, plain transformers."""
+    from transformers import AutoModelForCausalLM
+
+    pairs, _ = write_data(tmp_path / "data", n=2)
+    out = tmp_path / "run"
+    proc = run_cli("train", "--method", "dpo", "--data", str(pairs), "--out", str(out),
+                   "--set", "batch_size=2", "--no-progress")
+    assert "finished at step 1 of 1" in proc.stdout
+    rows = metrics(out)
+    assert rows[0]["loss"] == pytest.approx(0.6931, abs=2e-3)
+    run_cli("export", "--adapter", str(out / "adapter"), "--out", str(tmp_path / "merged"))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert model.config.model_type == "llama"
