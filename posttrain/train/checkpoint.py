@@ -135,3 +135,45 @@ def load_checkpoint(folder: str | os.PathLike, model, optimizer, scheduler, *,
 
 def parameters_finite(model) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
+
+
+def check_resumable(cfg, out: str | os.PathLike, may_change: set[str] = frozenset()) -> None:
+    """ConfigError when `cfg` differs from the run's saved OUT/config.yaml in a key that
+    changes the result (`may_change` lists the keys that do not)."""
+    from ..config import ConfigError, load_yaml, to_dict
+
+    saved_path = Path(out) / "config.yaml"
+    if not saved_path.exists():
+        return
+    saved, now = load_yaml(saved_path), to_dict(cfg)
+    changed = sorted(k for k in set(saved) | set(now)
+                     if k not in may_change and saved.get(k) != now.get(k))
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise ConfigError(f"{out}: cannot resume with different settings ({details}); use the "
+                          "same config or another --out")
+
+
+def save_atomic(write: Callable[[Path], None], target: Path) -> None:
+    """`write(folder)` into a temporary folder, then rename it to `target`."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+def save_final(model, out: str | os.PathLike, tokenizer, init_adapter: Path | None = None) -> None:
+    """OUT/adapter (PEFT format; PiSSA / OLoRA converted to a plain LoRA of the untouched base,
+    given the adapter saved at initialisation) or OUT/model (full fine-tuning, with tokenizer)."""
+    out = Path(out)
+    if is_peft(model):
+        kwargs = {"path_initial_model_for_weight_conversion": str(init_adapter)} \
+            if init_adapter else {}
+        save_atomic(lambda d: model.save_pretrained(d, **kwargs), out / "adapter")
+    else:
+        def write(d):
+            model.save_pretrained(d)
+            tokenizer.save_pretrained(d)
+        save_atomic(write, out / "model")

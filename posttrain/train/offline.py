@@ -27,17 +27,25 @@ from pathlib import Path
 import torch
 
 from .. import losses
-from ..config import ConfigError, load_yaml, save_config, to_dict
+from ..config import ConfigError, save_config
 from ..models import load_model, load_tokenizer, resolve_model
 from ..records import write_json
 from .batches import collate, epoch_batches, micro_batches
-from .checkpoint import latest_checkpoint, load_checkpoint, parameters_finite, save_checkpoint
+from .checkpoint import (
+    check_resumable,
+    latest_checkpoint,
+    load_checkpoint,
+    parameters_finite,
+    save_atomic,
+    save_checkpoint,
+    save_final,
+)
 from .config import TrainConfig, resolve_dtype
 from .data import Example, load_examples
 from .logps import completion_logps, reference_logps, split_pairs
 from .lora import apply_lora, format_parameter_report, parameter_report
 from .metrics import MetricsLog, NonFiniteError, check_finite
-from .optim import make_optimizer, make_scheduler
+from .optim import clip_gradients, lr_at, make_optimizer, make_scheduler
 from .refcache import cache_key, cache_path, read_cache, write_cache
 
 SFT_LOSSES = {"sft": losses.sft, "dft": losses.dft, "chord-phi": losses.sft_phi}
@@ -187,7 +195,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
         raise ConfigError(f"{out} already holds checkpoints ({last.name}): pass --resume to "
                           "continue that run, or choose another --out")
     if resume and last is not None:
-        _check_resumable(cfg, out)
+        check_resumable(cfg, out, RESUME_MAY_CHANGE)
 
     # data
     random.seed(cfg.seed)
@@ -227,7 +235,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
     if cfg.lora.enabled and cfg.lora.init != "default" and main and not init_adapter.exists():
         # PiSSA / OLoRA move part of the base weights into the adapter; the initial adapter
         # lets the final one be converted into a plain LoRA for the untouched base model.
-        _save_atomic(lambda d: model.save_pretrained(d), init_adapter)
+        save_atomic(lambda d: model.save_pretrained(d), init_adapter)
 
     optimizer = make_optimizer(model, cfg.lr, weight_decay=cfg.weight_decay,
                                betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
@@ -260,7 +268,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
         loss_sum, metric_sums, tokens = step_gradients(policy, examples, batch, ref, cfg,
                                                        accelerator, lengths=lengths,
                                                        pad_id=pad_id)
-        grad_norm = _clip(model, cfg.max_grad_norm)
+        grad_norm = clip_gradients(model, cfg.max_grad_norm)
         names = list(metric_sums)
         summed = torch.stack([loss_sum, torch.tensor(float(tokens), device=device),
                               *[metric_sums[k] for k in names]])
@@ -276,7 +284,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
         seconds = time.perf_counter() - t0
         row = {"step": step + 1, "epoch": epoch + (position + 1) / steps_per_epoch,
                "loss": loss_value, **dict(zip(names, values[2:])),
-               "lr": _lr_used(scheduler, step), "grad_norm": grad_norm, "rows": len(batch),
+               "lr": lr_at(scheduler, step), "grad_norm": grad_norm, "rows": len(batch),
                "tokens": int(values[1]), "tokens_per_s": values[1] / seconds,
                "seconds": seconds}
         log.write(row)
@@ -296,7 +304,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
 
     finished = stop == total
     if finished and main:
-        _save_final(model, out, tokenizer, init_adapter if init_adapter.exists() else None)
+        save_final(model, out, tokenizer, init_adapter if init_adapter.exists() else None)
     accelerator.wait_for_everyone()
     summary = {"out": str(out), "steps": stop, "total_steps": total, "finished": finished,
                "data": report.to_dict(), "last": row}
@@ -308,20 +316,6 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-def _lr_used(scheduler, step: int) -> float:
-    """The lr the step that just ran used (the scheduler has already moved on)."""
-    base = scheduler.base_lrs[0]
-    return base * scheduler.lr_lambdas[0](step)
-
-
-def _clip(model, max_norm: float) -> float:
-    params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
-    if not params:
-        return 0.0
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    return float(norm)
 
 
 def _postfix(row: dict) -> dict:
@@ -338,39 +332,6 @@ def _say(accelerator, text: str) -> None:
         print(text, flush=True)
 
 
-def _check_resumable(cfg: TrainConfig, out: Path) -> None:
-    saved_path = out / "config.yaml"
-    if not saved_path.exists():
-        return
-    saved, now = load_yaml(saved_path), to_dict(cfg)
-    changed = sorted(k for k in set(saved) | set(now)
-                     if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k))
-    if changed:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
-        raise ConfigError(f"{out}: cannot resume with different settings ({details}); use the "
-                          "same config or another --out")
-
-
-def _save_atomic(write, target: Path) -> None:
-    import os
-    import shutil
-
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
-
-
-def _save_final(model, out: Path, tokenizer, init_adapter: Path | None) -> None:
-    """out/adapter (PEFT; PiSSA/OLoRA converted to a plain LoRA) or out/model (full)."""
-    if hasattr(model, "peft_config"):
-        kwargs = {"path_initial_model_for_weight_conversion": str(init_adapter)} \
-            if init_adapter else {}
-        _save_atomic(lambda d: model.save_pretrained(d, **kwargs), out / "adapter")
-    else:
-        def write(d):
-            model.save_pretrained(d)
-            tokenizer.save_pretrained(d)
-        _save_atomic(write, out / "model")
+# Old private names, imported by online.py until it switches to the public ones.
+_check_resumable, _clip, _lr_used, _save_final = (check_resumable, clip_gradients, lr_at,
+                                                  save_final)

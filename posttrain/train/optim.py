@@ -54,3 +54,17 @@ def make_scheduler(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup
                    ) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, schedule, min_ratio))
+
+
+def lr_at(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> float:
+    """The lr optimizer step `step` (0-based) used, whatever the scheduler did since."""
+    return scheduler.base_lrs[0] * scheduler.lr_lambdas[0](step)
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip the trainable gradients to `max_norm` (0: no clipping); returns the norm before."""
+    params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return float(norm)
