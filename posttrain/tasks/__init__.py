@@ -54,7 +54,7 @@ def load_problems(spec: str, *, limit: int | None = None) -> list[Problem]:
 def load_with_report(spec: str, *, limit: int | None = None) -> tuple[list[Problem], LoadReport]:
     """`load_problems` plus what it skipped and, for a mixture, how many each source gave."""
     global LAST_REPORT
-    problems, report = _load(spec, limit, depth=0)
+    problems, report = _load(str(spec), limit, depth=0)  # str(): a Path to a .jsonl works too
     for reason, n in report.skipped.items():
         if n:
             log.warning("%s: skipped %d problem(s): %s", spec, n, reason)

@@ -9,13 +9,19 @@ trained on. Within a split, items are drawn one by one from a generator seeded b
 (split, difficulty, seed, ops); a longer N extends a shorter one (N=100 is the first 100 of N=300),
 and no fact repeats within one list.
 
-Operand ranges per difficulty d (subtraction puts the larger operand first: answers are >= 0):
+Operand ranges per difficulty (subtraction puts the larger operand first, so answers are >= 0;
+x0 and x1 are left out as free points). Accuracy: SmolLM2-135M-Instruct, greedy, 40 new tokens,
+the question as the only user message, last number in the reply compared with the answer:
 
-    d  add / sub operands     mul operands
-    0  0-9     and 0-9        0-9     x 0-9
-    1  10-99   and 10-99      2-9     x 10-99      (SmolLM2-135M: ~29 % greedy on test)
-    2  100-999 and 100-999    10-99   x 100-999
-    d  (d+1)-digit numbers    d-digit x (d+1)-digit
+    difficulty  add / sub operands   mul operands      facts   greedy accuracy on test
+    0           0-9                  2-9 x 2-9           146   73 % (55/75; ad hoc sample)
+    1 (default) 0-39                 2-9 x 2-49        ~2.0k   26.5 % (53/200; 95 % CI 21-33)
+    2           10-99                2-9 x 10-99       ~8.9k    8 % (8/100)
+    3           100-999              10-99 x 10-99
+    4           1000-9999            10-99 x 100-999
+
+About a fifth of the facts are test facts, so difficulty 0 only suits smoke tests. Operations are
+drawn uniformly; one whose unused facts run short in a split simply appears less often.
 """
 
 from __future__ import annotations
@@ -32,20 +38,24 @@ TEST_PERCENT = 20  # share of all facts that belong to the test split
 QUESTION = "What is {a} {symbol} {b}? Give the final answer as a number."
 
 
-def digits(n: int) -> range:
-    """All n-digit non-negative integers (1 digit includes 0)."""
-    return range(0, 10) if n == 1 else range(10 ** (n - 1), 10 ** n)
+_ONES = range(2, 10)
+RANGES = {  # difficulty -> {op: (range of one operand, range of the other)}
+    0: {"add": (range(0, 10),) * 2, "sub": (range(0, 10),) * 2, "mul": (_ONES, _ONES)},
+    1: {"add": (range(0, 40),) * 2, "sub": (range(0, 40),) * 2, "mul": (_ONES, range(2, 50))},
+    2: {"add": (range(10, 100),) * 2, "sub": (range(10, 100),) * 2,
+        "mul": (_ONES, range(10, 100))},
+    3: {"add": (range(100, 1000),) * 2, "sub": (range(100, 1000),) * 2,
+        "mul": (range(10, 100), range(10, 100))},
+    4: {"add": (range(1000, 10000),) * 2, "sub": (range(1000, 10000),) * 2,
+        "mul": (range(10, 100), range(100, 1000))},
+}
 
 
 def operand_ranges(op: str, difficulty: int) -> tuple[range, range]:
-    if difficulty < 0:
-        raise ValueError(f"difficulty must be >= 0, got {difficulty}")
-    wide = digits(difficulty + 1)
-    if op != "mul":
-        return wide, wide
-    if difficulty == 1:
-        return range(2, 10), wide  # x0 and x1 would be free points
-    return digits(max(difficulty, 1)), wide
+    if difficulty not in RANGES:
+        raise ValueError(f"difficulty must be one of {', '.join(map(str, RANGES))}, "
+                         f"got {difficulty}")
+    return RANGES[difficulty][op]
 
 
 def canonical_fact(op: str, a: int, b: int) -> tuple[str, int, int]:
