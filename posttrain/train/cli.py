@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 
 from .config import OFFLINE_METHODS
 from .metrics import NonFiniteError
@@ -55,5 +56,5 @@ def main(args) -> int:
     try:
         return int(module.run(args) or 0)
     except NonFiniteError as e:
-        print(f"posttrain train: stopped: {e}", flush=True)
+        print(f"posttrain train: stopped: {e}", file=sys.stderr, flush=True)
         return 1

@@ -220,8 +220,10 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
     model.to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
         else tokenizer.eos_token_id
+    t_ref = time.perf_counter()
     ref = reference_table(model, examples, cfg, accelerator, pad_id=pad_id, dtype=dtype,
                           out=out) if cfg.preference else None
+    reference_seconds = time.perf_counter() - t_ref
     model = apply_lora(model, cfg.lora)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -307,7 +309,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
         save_final(model, out, tokenizer, init_adapter if init_adapter.exists() else None)
     accelerator.wait_for_everyone()
     summary = {"out": str(out), "steps": stop, "total_steps": total, "finished": finished,
-               "data": report.to_dict(), "last": row}
+               "data": report.to_dict(), "last": row, "dtype": dtype,
+               "reference_seconds": reference_seconds}
     if main:
         where = out / ("adapter" if cfg.lora.enabled else "model")
         _say(accelerator, f"{'finished' if finished else 'stopped'} at step {stop} of {total}" +

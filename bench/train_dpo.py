@@ -1,0 +1,253 @@
+"""DPO training throughput and peak memory, side by side: posttrain vs TRL's DPOTrainer.
+
+    .venv/bin/python bench/train_dpo.py [--pairs 64] [--tokens 200] [--steps 16] [--dtype bf16]
+
+Same pairs, same model (the embedded SmolLM2-135M), same LoRA (r 16, alpha 32, the attention
+and MLP projections), same batch (4 pairs), same lr and beta. Each side runs in its own
+process (peak memory = that process's max RSS, model loading included), one after the other.
+TRL (the `bench` extra) runs with gradient checkpointing off (its default is on, which slows a
+small model on CPU) and its default reference handling: a no-grad reference forward with the
+adapter disabled inside every step. posttrain computes the reference log-probs once before
+training (and caches them beside the data); its step runs only the policy.
+
+Pairs are synthetic: arithmetic questions ("What is 37 + 45?") with worked-answer text made of
+arithmetic sentences, padded sentence by sentence to about `--tokens` tokens per sequence
+(prompt + answer, chat template included), lengths spread +-20 %; chosen ends with the right
+sum, rejected with a wrong one. Throughput = tokens of the pairs processed (both sequences of a
+pair, prompt included, no padding) / seconds of the measured steps; the first step of each
+side is a warm-up and is not measured. Results: printed, and saved to
+bench/results/train_dpo.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ---------------------------------------------------------------------------------- data
+
+
+def count(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def worked_answer(a: int, b: int, result: int, budget: int, tokenizer, rng) -> str:
+    """Arithmetic sentences until the answer would exceed `budget` tokens, then the result."""
+    text = f"We add {a} and {b}."
+    tail = f" So {a} + {b} = {result}."
+    while True:
+        x, y = rng.randint(1, 9), rng.randint(1, 9)
+        sentence = f" Check a part: {x} + {y} = {x + y}, and {x} * {y} = {x * y}."
+        if count(tokenizer, text + sentence + tail) > budget:
+            return text + tail
+        text += sentence
+
+
+def make_pairs(n: int, tokens: int, tokenizer, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        prompt = [{"role": "user", "content": f"What is {a} + {b}?"}]
+        budget = int(tokens * rng.uniform(0.8, 1.2)) - count(
+            tokenizer, tokenizer.apply_chat_template(prompt, add_generation_prompt=True,
+                                                     tokenize=False))
+        wrong = a + b + rng.choice([-10, -1, 1, 10])
+        rows.append({"prompt": prompt,
+                     "chosen": [{"role": "assistant",
+                                 "content": worked_answer(a, b, a + b, budget, tokenizer, rng)}],
+                     "rejected": [{"role": "assistant",
+                                   "content": worked_answer(a, b, wrong, budget, tokenizer, rng)}],
+                     "problem_id": str(i)})
+    return rows
+
+
+def pair_tokens(rows: list[dict], tokenizer) -> list[int]:
+    """Tokens of prompt+chosen plus prompt+rejected per pair (what a step processes)."""
+    out = []
+    for r in rows:
+        n = 0
+        for side in ("chosen", "rejected"):
+            n += count(tokenizer, tokenizer.apply_chat_template(r["prompt"] + r[side],
+                                                                tokenize=False))
+        out.append(n)
+    return out
+
+
+# ------------------------------------------------------------------------------- workers
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+
+
+def run_posttrain(args) -> dict:
+    from posttrain.train.config import train_config
+    from posttrain.train.offline import train
+
+    out = Path(args.workdir) / "posttrain-run"
+    cfg = train_config("dpo", None, [
+        f"dtype={args.dtype}", "batch_size=4", f"max_steps={args.steps}", "lr=5e-5",
+        "beta=0.1", "lora.r=16", "lora.alpha=32", "lora.targets=all-linear",
+        "checkpoint_every=0", "ref_cache=false", f"num_threads={args.threads}",
+        "warmup_ratio=0.0"], model="smollm2-135m", data=args.data)
+    summary = train(cfg, out, progress=False)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"step_seconds": [r["seconds"] for r in rows],
+            "reference_seconds": summary["reference_seconds"], "dtype": summary["dtype"],
+            "losses": [r["loss"] for r in rows]}
+
+
+def run_trl(args) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from posttrain.models import load_model, load_tokenizer
+    from posttrain.records import read_jsonl
+
+    torch.set_num_threads(args.threads)
+    tok = load_tokenizer("smollm2-135m")
+    model = load_model("smollm2-135m", dtype=args.dtype)
+    steps: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            steps.append(time.perf_counter() - self.t)
+
+    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in read_jsonl(args.data)]
+    config = DPOConfig(
+        output_dir=str(Path(args.workdir) / "trl-run"), per_device_train_batch_size=4,
+        gradient_accumulation_steps=1, max_steps=args.steps, learning_rate=5e-5, beta=0.1,
+        bf16=args.dtype == "bf16", gradient_checkpointing=False, logging_steps=1,
+        save_strategy="no", report_to=[], use_cpu=True, seed=0, warmup_steps=0,
+        max_length=1024, dataloader_num_workers=0)
+    trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                         processing_class=tok, callbacks=[Timer()],
+                         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                target_modules=TARGETS, task_type="CAUSAL_LM"))
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"step_seconds": steps, "losses": losses}
+
+
+def worker(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    result = run_posttrain(args) if args.worker == "posttrain" else run_trl(args)
+    result["peak_rss_mb"] = peak_rss_mb()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+def spawn(name: str, args, data: Path, workdir: Path) -> dict:
+    cmd = [sys.executable, __file__, "--worker", name, "--data", str(data), "--workdir",
+           str(workdir), "--steps", str(args.steps), "--dtype", args.dtype, "--threads",
+           str(args.threads)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    result = json.loads(line[len("RESULT "):])
+    result["wall_seconds"] = time.perf_counter() - start
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--pairs", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=200, help="tokens per sequence, about")
+    p.add_argument("--steps", type=int, default=16, help="optimizer steps per side (batch 4)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--out", default=str(RESULTS / "train_dpo.json"))
+    p.add_argument("--worker", choices=["posttrain", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    from posttrain.models import load_tokenizer
+    from posttrain.records import write_jsonl
+
+    tok = load_tokenizer("smollm2-135m")
+    rows = make_pairs(args.pairs, args.tokens, tok)
+    lengths = pair_tokens(rows, tok)
+    mean_pair = sum(lengths) / len(lengths)
+    args.steps = min(args.steps, args.pairs // 4)
+    load = os.getloadavg()
+    print(f"{args.pairs} pairs, {mean_pair / 2:.0f} tokens per sequence on average "
+          f"(min {min(lengths) / 2:.0f}, max {max(lengths) / 2:.0f}); {args.steps} steps of "
+          f"4 pairs, {args.dtype}, {args.threads} threads; load average {load[0]:.2f}",
+          flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "pairs.jsonl"
+        write_jsonl(data, rows)
+        results = {}
+        for name in ("posttrain", "trl"):
+            results[name] = spawn(name, args, data, Path(tmp))
+            print(f"  {name} done in {results[name]['wall_seconds']:.0f} s", flush=True)
+
+    def per_second(seconds: list[float]) -> float:
+        measured = seconds[1:] or seconds  # the first step warms up
+        return len(measured) * 4 * mean_pair / sum(measured)
+
+    ours, trl = results["posttrain"], results["trl"]
+    ours_tps, trl_tps = per_second(ours["step_seconds"]), per_second(trl["step_seconds"])
+    # One epoch over the whole file, the reference pass included (paid once per data file).
+    epoch_steps = args.pairs // 4
+    ours_step = sum(ours["step_seconds"][1:] or ours["step_seconds"]) / max(
+        len(ours["step_seconds"]) - 1, 1)
+    ours_epoch_tps = epoch_steps * 4 * mean_pair / (epoch_steps * ours_step +
+                                                    ours["reference_seconds"])
+    summary = {
+        "settings": {"pairs": args.pairs, "tokens_per_sequence": mean_pair / 2,
+                     "steps": args.steps, "batch": 4, "dtype": args.dtype,
+                     "threads": args.threads, "lora": "r16 alpha32 q,k,v,o,gate,up,down",
+                     "load_average_at_start": load, "trl_gradient_checkpointing": False},
+        "posttrain": {"tokens_per_s": ours_tps, "tokens_per_s_epoch_with_reference": ours_epoch_tps,
+                      **ours},
+        "trl": {"tokens_per_s": trl_tps, **trl},
+        "ratio": ours_tps / trl_tps,
+        "ratio_epoch_with_reference": ours_epoch_tps / trl_tps,
+        "memory_ratio": ours["peak_rss_mb"] / trl["peak_rss_mb"],
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"posttrain: {ours_tps:8.1f} tokens/s (step only); {ours_epoch_tps:.1f} tokens/s over "
+          f"one epoch with its one-time reference pass ({ours['reference_seconds']:.0f} s); "
+          f"peak RSS {ours['peak_rss_mb']:.0f} MB")
+    print(f"TRL:       {trl_tps:8.1f} tokens/s; peak RSS {trl['peak_rss_mb']:.0f} MB")
+    print(f"ratio posttrain / TRL: {summary['ratio']:.2f}x per step, "
+          f"{summary['ratio_epoch_with_reference']:.2f}x for one epoch including the reference "
+          f"pass; memory {summary['memory_ratio']:.2f}x")
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
