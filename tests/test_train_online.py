@@ -292,6 +292,16 @@ def test_loop_writes_metrics_and_moves_the_adapter(tiny_model_dir, tmp_path):
     assert (tmp_path / "config.yaml").exists()
 
 
+@pytest.mark.parametrize("method", ["dr-grpo", "dapo", "bnpo", "gspo"])
+def test_every_method_preset_trains(tiny_model_dir, tmp_path, method):
+    """One step of each preset with two updates per batch (old log-probs, clipping live)."""
+    model, tok = tiny(tiny_model_dir)
+    O.train_online(config(method, "max_steps=1", "updates_per_batch=2"), tmp_path, model=model,
+                   tokenizer=tok, problems=PROBLEMS, score=stub_score)
+    (row,) = rows(tmp_path / "metrics.jsonl")
+    assert row["updates"] == 2 and math.isfinite(row["loss"])
+
+
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_model_dir, tmp_path):
     """3 steps in one go == 2 steps, a new process, --resume, 1 more step (bit for bit: same
     problems, same sampling seeds, same optimizer state; two updates per batch exercise the

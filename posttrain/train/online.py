@@ -45,14 +45,14 @@ from ..records import Problem
 from ..sample import prompt_messages, sample_row
 from ..verify import verify_row
 from .batches import collate
-from .checkpoint import latest_checkpoint, load_checkpoint, parameters_finite, save_checkpoint
+from .checkpoint import (check_resumable, latest_checkpoint, load_checkpoint, parameters_finite,
+                         save_checkpoint, save_final)
 from .config import SCHEDULES, LoraConfig, resolve_dtype
 from .data import Example, load_examples
 from .logps import completion_logps
 from .lora import apply_lora, format_parameter_report, parameter_report
 from .metrics import MetricsLog, NonFiniteError, check_finite
-from .offline import _check_resumable, _clip, _lr_used, _save_final
-from .optim import make_optimizer, make_scheduler
+from .optim import clip_gradients, lr_at, make_optimizer, make_scheduler
 
 # Method name -> the settings it implies (under the user's YAML and --set overrides).
 METHODS: dict[str, dict] = {
@@ -69,6 +69,8 @@ METHODS: dict[str, dict] = {
     "gspo": {"ratio_level": "sequence", "clip_low": 3e-4, "clip_high": 4e-4, "kl_beta": 0.0},
     "chord": {"aggregation": "grpo", "advantage_scale": "group"},
 }
+# Settings that may change between a run and its resume (they do not change the result).
+RESUME_MAY_CHANGE = {"stop_after_steps", "num_threads", "checkpoint_every", "keep_checkpoints"}
 
 
 # ------------------------------------------------------------------------------- config
@@ -490,7 +492,7 @@ def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, mo
         raise ConfigError(f"{out} already holds checkpoints ({last.name}): pass --resume to "
                           "continue that run, or choose another --out")
     if resume and last is not None:
-        _check_resumable(cfg, out)
+        check_resumable(cfg, out, RESUME_MAY_CHANGE)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -566,7 +568,7 @@ def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, mo
             loss = metrics.get("loss/policy", 0.0) if not chord else \
                 float(chord_loss(torch.tensor(metrics.get("loss/policy", 0.0)),
                                  torch.tensor(metrics["loss/sft"]), mu))
-            grad_norm = _clip(policy, cfg.max_grad_norm)
+            grad_norm = clip_gradients(policy, cfg.max_grad_norm)
             check_finite(step + 1, loss, grad_norm, latest_checkpoint(out))
             optimizer.step()
             scheduler.step()
@@ -580,7 +582,7 @@ def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, mo
             row.update({k: v for k, v in metrics.items() if k.startswith("clip_ratio/")})
         row.setdefault("kl", None)  # computed only when kl_beta > 0
         t2 = time.perf_counter()
-        row.update({"mu": mu, "updates": updates, "lr": _lr_used(scheduler, step * U),
+        row.update({"mu": mu, "updates": updates, "lr": lr_at(scheduler, step * U),
                     "time/generate": info["time/generate"], "time/grade": info["time/grade"],
                     "time/train": t2 - t1,
                     "generation_share": info["time/generate"] / max(t2 - t0, 1e-9)})
@@ -601,7 +603,7 @@ def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, mo
     bar.close()
     finished = stop == cfg.max_steps
     if finished:
-        _save_final(policy, out, tokenizer, None)
+        save_final(policy, out, tokenizer)
     return {"out": str(out), "steps": stop, "total_steps": cfg.max_steps, "finished": finished,
             "last": row}
 
