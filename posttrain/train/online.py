@@ -69,6 +69,7 @@ METHODS: dict[str, dict] = {
     "gspo": {"ratio_level": "sequence", "clip_low": 3e-4, "clip_high": 4e-4, "kl_beta": 0.0},
     "chord": {"aggregation": "grpo", "advantage_scale": "group"},
 }
+
 # Settings that may change between a run and its resume (they do not change the result).
 RESUME_MAY_CHANGE = {"stop_after_steps", "num_threads", "checkpoint_every", "keep_checkpoints"}
 
