@@ -86,11 +86,39 @@ def _ensure_gguf_folder(gguf: Path, folder_name: str | None = None) -> Path:
     return target
 
 
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 matrix instructions (AVX512-BF16 or AMX).
+
+    Without them (e.g. AVX2-only AMD EPYC), bf16 is emulated and measured far slower than fp32
+    on SmolLM2-135M: decoding 2.6x, a LoRA forward + backward of 8 x 80 tokens 30x (94 s vs 3 s).
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str, device: str | torch.device | None = None) -> str:
+    """'auto' -> 'bf16' on CUDA with bf16 support and on CPUs with native bf16, else 'fp32'."""
+    if dtype != "auto":
+        return dtype
+    kind = getattr(device, "type", None) or str(device or "cpu").split(":")[0]
+    if kind == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if kind == "cpu":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    return "fp32"
+
+
+def parse_dtype(dtype: str | torch.dtype, device: str | torch.device | None = None) -> torch.dtype:
+    """A torch dtype from 'auto' | 'bf16' | 'fp32' | 'fp16' (or a torch dtype, returned as is)."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    dtype = resolve_dtype(dtype, device)
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        raise ValueError(f"dtype {dtype!r}: expected auto or one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -103,12 +131,13 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(name: str, *, dtype: str | torch.dtype = "bf16", trust_remote_code: bool = False,
+def load_model(name: str, *, dtype: str | torch.dtype = "auto", trust_remote_code: bool = False,
                device: str | torch.device | None = None):
-    """A causal LM in `dtype` (bf16 by default: about 2x faster than fp32 on CPU)."""
+    """A causal LM in `dtype` ('auto': bf16 where the hardware computes it natively, else fp32)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=parse_dtype(dtype),
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(name),
+                                                 dtype=parse_dtype(dtype, device),
                                                  trust_remote_code=trust_remote_code)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
@@ -118,7 +147,7 @@ def load_model(name: str, *, dtype: str | torch.dtype = "bf16", trust_remote_cod
 
 
 def load_with_adapter(name: str, adapter: str | os.PathLike | None, *,
-                      dtype: str | torch.dtype = "bf16", merge: bool = True,
+                      dtype: str | torch.dtype = "auto", merge: bool = True,
                       trust_remote_code: bool = False):
     """Base model plus an optional PEFT adapter.
 

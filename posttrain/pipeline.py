@@ -59,7 +59,7 @@ class EvalStage:
 @dataclass
 class Recipe:
     model: str = "smollm2-135m"
-    dtype: str = "bf16"
+    dtype: str = "auto"  # auto | bf16 | fp32 | fp16 (auto: models.resolve_dtype)
     seed: int = 0
     sample: SampleStage = field(default_factory=SampleStage)
     pairs: PairsStage = field(default_factory=PairsStage)

@@ -107,7 +107,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=EMBEDDED,
                         help=f"model folder, .gguf file or hub id (default: {EMBEDDED})")
     parser.add_argument("--engine", default="hf", choices=ENGINES)
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"],
+                        help="auto: bf16 where the hardware computes it natively, else fp32")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow model code from the model folder (off by default)")

@@ -11,7 +11,7 @@ from .base import Completion, Engine, Messages, SamplingParams
 ENGINES = ("hf",)
 
 
-def make_engine(kind: str, model: str, *, dtype: str = "bf16", batch_size: int = 8,
+def make_engine(kind: str, model: str, *, dtype: str = "auto", batch_size: int = 8,
                 trust_remote_code: bool = False, adapter=None, progress: bool = False) -> Engine:
     if kind == "hf":
         from .hf import HFEngine

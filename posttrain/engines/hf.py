@@ -29,7 +29,7 @@ class HFEngine:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
 
     @classmethod
-    def from_name(cls, name: str, *, dtype="bf16", batch_size: int = 8,
+    def from_name(cls, name: str, *, dtype="auto", batch_size: int = 8,
                   trust_remote_code: bool = False, adapter=None) -> "HFEngine":
         from ..models import load_tokenizer, load_with_adapter
 
