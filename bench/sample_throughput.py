@@ -1,6 +1,7 @@
 """Sampling throughput of the transformers engine on the embedded model.
 
-    .venv/bin/python bench/sample_throughput.py [--prompts 16] [--n 4] [--max-new-tokens 128]
+    .venv/bin/python bench/sample_throughput.py [--prompts 16] [--n 4] [--max-new-tokens 128] \
+        [--batch-size 8] [--dtype auto] [--out bench/results/sample_throughput.json]
 
 Prints tokens/s for sampling (temperature 1, batch of `--batch-size` sequences) and for greedy
 decoding, with the machine's load average, since a busy CPU lowers both.
@@ -35,7 +36,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--out", help="also write the result to this JSON file")
     args = ap.parse_args()
     engine = make_engine("hf", args.model, dtype=args.dtype, batch_size=args.batch_size)
     problems = load_problems(f"builtin:arith:{args.prompts}")
@@ -50,6 +52,9 @@ def main() -> None:
             n=1, temperature=0.0, max_new_tokens=args.max_new_tokens)),
     }
     print(json.dumps(result, indent=2))
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
