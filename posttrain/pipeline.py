@@ -148,6 +148,12 @@ def run_recipe(recipe: Recipe, out: str | Path) -> dict:
         "--scored", str(scored), "--out", str(f / "pairs.jsonl"), "--strategy", r.pairs.strategy,
         "--max-pairs-per-problem", str(r.pairs.max_pairs_per_problem), "--seed", str(r.seed)]))
     pairs = out / "pairs" / "pairs.jsonl"
+    made = json.loads((out / "pairs" / "pairs.stats.json").read_text())
+    if made["pairs"] == 0:
+        raise ConfigError(
+            f"{out / 'pairs'}: 0 pairs from {made['samples']} samples of {made['problems']} "
+            f"problems ({made['all_wrong']} all wrong, {made['all_right']} all right): raise "
+            "sample.n, sample more problems or pick an easier source, with a new --out folder")
 
     def do_train(folder):
         save_config({"seed": r.seed, **r.train.config}, folder / "recipe-train.yaml")
