@@ -39,6 +39,18 @@ def tiny_model_dir(tmp_path_factory, embedded_dir) -> str:
     return str(out)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run ~5x faster on one thread than on two on a shared 2-core CPU (OpenMP
+    threads of concurrent processes collapse). Use with pytestmark = usefixtures("one_thread")."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: int = 600):
     """Run `python -m posttrain.cli ARGS` in a subprocess; returns CompletedProcess."""
     proc = subprocess.run([sys.executable, "-m", "posttrain.cli", *args], capture_output=True,

@@ -7,7 +7,6 @@ import json
 
 import pytest
 
-from posttrain import compare
 from posttrain.compare import compare_items, load_items
 from posttrain.records import DataError
 

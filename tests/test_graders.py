@@ -15,7 +15,6 @@ import pytest
 from posttrain.records import DataError, Problem
 from posttrain.verify import Grade, grade, verify_row
 from posttrain.verify.choice import grade_choice
-from posttrain.verify.exact import grade_exact
 from posttrain.verify.math import grade_math
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from posttrain.cli import main as cli_main
 from posttrain.pairs import assistant_turn, build_pairs, pass_rate_histogram
-from posttrain.records import DataError, read_jsonl
+from posttrain.records import read_jsonl
 
 MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}]
 

@@ -13,13 +13,7 @@ from posttrain.train.config import LoraConfig
 from posttrain.train.lora import apply_lora, parameter_group, parameter_report, target_modules
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~5x faster on one thread than on two on the shared 2-core CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama():

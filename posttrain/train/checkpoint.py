@@ -154,6 +154,26 @@ def check_resumable(cfg, out: str | os.PathLike, may_change: set[str] = frozense
                           "same config or another --out")
 
 
+def start_run(cfg, out: str | os.PathLike, *, resume: bool,
+              may_change: set[str] = frozenset()) -> Path | None:
+    """What every trainer does before loading anything: set the thread count, refuse to write
+    over an earlier run unless resuming (and then only with result-equal settings), seed the
+    RNGs. Returns the latest checkpoint to resume from, or None."""
+    from ..config import ConfigError
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    last = latest_checkpoint(out)
+    if last is not None and not resume:
+        raise ConfigError(f"{out} already holds checkpoints ({last.name}): pass --resume to "
+                          "continue that run, or choose another --out")
+    if resume and last is not None:
+        check_resumable(cfg, out, may_change)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    return last
+
+
 def save_atomic(write: Callable[[Path], None], target: Path) -> None:
     """`write(folder)` into a temporary folder, then rename it to `target`."""
     tmp = target.with_name(f".{target.name}.tmp")

@@ -143,10 +143,17 @@ class TrainConfig:
 def train_config(method: str, path: str | None = None, overrides: list[str] | None = None,
                  **flags) -> TrainConfig:
     """Defaults <- method preset <- YAML file <- --set <- `flags` (not None); validated."""
-    if method not in OFFLINE_METHODS:
-        raise ConfigError(f"method: {method!r}; expected one of {' | '.join(OFFLINE_METHODS)}")
-    cfg = load_config(TrainConfig, path, overrides,
-                      base={**METHOD_PRESETS.get(method, {}), "method": method})
+    presets = {m: METHOD_PRESETS.get(m, {}) for m in OFFLINE_METHODS}
+    return method_config(TrainConfig, method, presets, path, overrides, flags)
+
+
+def method_config(cls, method: str, presets: dict[str, dict], path: str | None,
+                  overrides: list[str] | None, flags: dict):
+    """A `cls` config for `method` (one of `presets`): defaults <- the method's preset <- YAML
+    file <- --set overrides <- `flags` that are not None; then `check()`ed."""
+    if method not in presets:
+        raise ConfigError(f"method: {method!r}; expected one of {' | '.join(presets)}")
+    cfg = load_config(cls, path, overrides, base={**presets[method], "method": method})
     if cfg.method != method:
         raise ConfigError(f"method: the config says {cfg.method!r} but --method is {method!r}")
     for name, value in flags.items():

@@ -20,7 +20,6 @@ batch (the order is a function of seed and epoch), so the shares need no communi
 from __future__ import annotations
 
 import contextlib
-import random
 import time
 from pathlib import Path
 
@@ -32,13 +31,13 @@ from ..models import load_model, load_tokenizer, resolve_model
 from ..records import write_json
 from .batches import collate, epoch_batches, micro_batches
 from .checkpoint import (
-    check_resumable,
     latest_checkpoint,
     load_checkpoint,
     parameters_finite,
     save_atomic,
     save_checkpoint,
     save_final,
+    start_run,
 )
 from .config import TrainConfig, resolve_dtype
 from .data import Example, load_examples
@@ -188,18 +187,9 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
     P, rank, main = accelerator.num_processes, accelerator.process_index, \
         accelerator.is_main_process
     device = accelerator.device
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    last = latest_checkpoint(out)
-    if last is not None and not resume:
-        raise ConfigError(f"{out} already holds checkpoints ({last.name}): pass --resume to "
-                          "continue that run, or choose another --out")
-    if resume and last is not None:
-        check_resumable(cfg, out, RESUME_MAY_CHANGE)
+    last = start_run(cfg, out, resume=resume, may_change=RESUME_MAY_CHANGE)
 
     # data
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
     tokenizer = tokenizer or load_tokenizer(cfg.model)
     examples, report = load_examples(cfg.data, tokenizer, preference=cfg.preference,
                                      max_length=cfg.max_length, length_policy=cfg.length_policy)
@@ -334,7 +324,3 @@ def _say(accelerator, text: str) -> None:
     if accelerator.is_main_process:
         print(text, flush=True)
 
-
-# Old private names, imported by online.py until it switches to the public ones.
-_check_resumable, _clip, _lr_used, _save_final = (check_resumable, clip_gradients, lr_at,
-                                                  save_final)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, load_config, save_config
+from ..config import ConfigError, save_config
 from ..engines.base import Completion, SamplingParams
 from ..engines.hf import HFEngine
 from ..losses import (AGGREGATIONS, chord_loss, group_advantages, metrics_to_floats, mu_schedule,
@@ -45,9 +45,9 @@ from ..records import Problem
 from ..sample import prompt_messages, sample_row
 from ..verify import verify_row
 from .batches import collate
-from .checkpoint import (check_resumable, latest_checkpoint, load_checkpoint, parameters_finite,
-                         save_checkpoint, save_final)
-from .config import SCHEDULES, LoraConfig, resolve_dtype
+from .checkpoint import (latest_checkpoint, load_checkpoint, parameters_finite, save_checkpoint,
+                         save_final, start_run)
+from .config import SCHEDULES, LoraConfig, method_config, resolve_dtype
 from .data import Example, load_examples
 from .logps import completion_logps
 from .lora import apply_lora, format_parameter_report, parameter_report
@@ -186,16 +186,7 @@ class OnlineConfig:
 def online_config(method: str, path: str | None = None, overrides: list[str] | None = None,
                   **flags) -> OnlineConfig:
     """Defaults <- method preset <- YAML file <- --set <- `flags` (not None); validated."""
-    if method not in METHODS:
-        raise ConfigError(f"method: {method!r}; expected one of {' | '.join(METHODS)}")
-    cfg = load_config(OnlineConfig, path, overrides, base={**METHODS[method], "method": method})
-    if cfg.method != method:
-        raise ConfigError(f"method: the config says {cfg.method!r} but --method is {method!r}")
-    for name, value in flags.items():
-        if value is not None:
-            setattr(cfg, name, value)
-    cfg.check()
-    return cfg
+    return method_config(OnlineConfig, method, METHODS, path, overrides, flags)
 
 
 # ------------------------------------------------------------------------------ rewards
@@ -486,16 +477,7 @@ def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, mo
 
     cfg.check()
     out = Path(out)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    last = latest_checkpoint(out)
-    if last is not None and not resume:
-        raise ConfigError(f"{out} already holds checkpoints ({last.name}): pass --resume to "
-                          "continue that run, or choose another --out")
-    if resume and last is not None:
-        check_resumable(cfg, out, RESUME_MAY_CHANGE)
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    last = start_run(cfg, out, resume=resume, may_change=RESUME_MAY_CHANGE)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     tokenizer = tokenizer or load_tokenizer(cfg.model)
