@@ -44,5 +44,9 @@ test: venv vllm-venv
 	@$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "WARNING: pytest selected no tests"; exit 0; fi; exit $$rc
 
+lint: venv
+	$(BIN)/pip install -q ruff
+	$(BIN)/ruff check posttrain tests bench
+
 clean:
 	rm -rf $(VENV) runs
