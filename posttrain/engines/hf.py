@@ -1,9 +1,10 @@
 """The transformers engine: batched, left-padded generation with per-token log-probs.
 
 The default engine; it needs nothing beyond transformers and also serves online RL, where it
-samples from the live (LoRA-wrapped) policy. Each sequence stops at its end-of-sequence token;
-log-probs are of the sampled tokens under the model's raw distribution (temperature 1, no top-p),
-which is what confident-wrong pair selection and policy-gradient methods need.
+samples from the live (LoRA-wrapped) policy. Each sequence stops at its end-of-sequence token and
+leaves the batch there (engines/decode.py). Log-probs are of the sampled tokens under the model's
+raw distribution (temperature 1, no top-p), which is what confident-wrong pair selection and
+policy-gradient methods need.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .base import Completion, Messages, SamplingParams
+from .decode import decode
 
 
 class HFEngine:
@@ -62,36 +64,17 @@ class HFEngine:
         # The chat template already carries special tokens (e.g. <|im_start|>).
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(self.model.device) for k, v in enc.items()}
-        greedy = params.temperature <= 0
-        torch.manual_seed(seed)
-        gen = self.model.generate(
-            **enc,
-            do_sample=not greedy,
-            temperature=None if greedy else params.temperature,
-            top_p=None if greedy else params.top_p,
-            top_k=None,
-            max_new_tokens=params.max_new_tokens,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=sorted(self.eos_ids),
-            return_dict_in_generate=True,
-            output_logits=True,  # raw logits, before temperature / top-p
-        )
-        new = gen.sequences[:, enc["input_ids"].shape[1]:]  # (B, L)
-        logits = torch.stack(gen.logits, dim=1)  # (B, L, V)
-        logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        generator = torch.Generator(device=self.model.device).manual_seed(seed)
+        rows = decode(self.model, enc["input_ids"], enc["attention_mask"],
+                      max_new_tokens=params.max_new_tokens, eos_ids=self.eos_ids,
+                      temperature=params.temperature, top_p=params.top_p, generator=generator)
         completions = []
-        for row, row_logps in zip(new.tolist(), logps):
-            ids, finish = [], "length"
-            for t in row:
-                ids.append(t)
-                if t in self.eos_ids:
-                    finish = "stop"
-                    break
-            lp = row_logps[:len(ids)]
-            total = float(lp.sum()) if ids else 0.0
+        for row in rows:
+            ids = row.token_ids
+            total = float(sum(row.logprobs))
             completions.append(Completion(
                 text=tok.decode(ids, skip_special_tokens=True),
-                finish_reason=finish,
+                finish_reason=row.finish_reason,
                 token_ids=ids,
                 sum_logprob=total,
                 mean_logprob=total / len(ids) if ids else None,
