@@ -121,6 +121,7 @@ def run_recipe(recipe: Recipe, out: str | Path) -> dict:
     from .compare import compare_items
     from .engines import SamplingParams, make_engine
     from .evaluate import evaluate
+    from .models import resolve_dtype
     from .records import read_jsonl
     from .sample import sample_problems
     from .tasks import load_problems
@@ -131,16 +132,19 @@ def run_recipe(recipe: Recipe, out: str | Path) -> dict:
     save_config(recipe, out / "recipe.yaml")
     stage = StageRunner(out)
     r, s, e = recipe, recipe.sample, recipe.eval
+    # the resolved dtype goes into the stage settings, so a folder resumed on a machine where
+    # 'auto' means something else is refused instead of mixing fp32 and bf16 stages
+    dtype = resolve_dtype(r.dtype)
 
     def do_sample(folder):
-        engine = make_engine("hf", r.model, dtype=r.dtype, batch_size=s.batch_size)
+        engine = make_engine("hf", r.model, dtype=dtype, batch_size=s.batch_size)
         params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p,
                                 max_new_tokens=s.max_new_tokens, seed=r.seed)
         stats = sample_problems(engine, load_problems(s.problems), folder / "samples.jsonl",
                                 params, system_prompt=s.system_prompt, chunk_size=s.batch_size)
         print(f"  {stats['tokens_per_second']:.0f} tokens/s")
 
-    stage("sample", {"model": r.model, "dtype": r.dtype, "seed": r.seed, **asdict(s)}, do_sample)
+    stage("sample", {"model": r.model, "dtype": dtype, "seed": r.seed, **asdict(s)}, do_sample)
     samples = out / "sample" / "samples.jsonl"
     stage("verify", {}, lambda f: verify_file(samples, f / "scored.jsonl"))
     scored = out / "verify" / "scored.jsonl"
@@ -172,13 +176,13 @@ def run_recipe(recipe: Recipe, out: str | Path) -> dict:
 
     def do_eval(adapter_dir):
         def run(folder):
-            engine = make_engine("hf", r.model, dtype=r.dtype, batch_size=e.batch_size,
+            engine = make_engine("hf", r.model, dtype=dtype, batch_size=e.batch_size,
                                  adapter=adapter_dir)
             evaluate(engine, eval_problems, folder, params, protocol=e.protocol,
                      system_prompt=e.system_prompt)
         return run
 
-    eval_settings = {"model": r.model, "dtype": r.dtype, "seed": r.seed, **asdict(e)}
+    eval_settings = {"model": r.model, "dtype": dtype, "seed": r.seed, **asdict(e)}
     stage("eval-base", eval_settings, do_eval(None))
     stage("eval-trained", {**eval_settings, "train": asdict(r.train)}, do_eval(adapter))
 
