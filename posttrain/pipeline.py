@@ -122,6 +122,7 @@ def run_recipe(recipe: Recipe, out: str | Path) -> dict:
     from .engines import SamplingParams, make_engine
     from .evaluate import evaluate
     from .models import resolve_dtype
+    from .pairs import stats_path
     from .records import read_jsonl
     from .sample import sample_problems
     from .tasks import load_problems
@@ -152,7 +153,7 @@ def run_recipe(recipe: Recipe, out: str | Path) -> dict:
         "--scored", str(scored), "--out", str(f / "pairs.jsonl"), "--strategy", r.pairs.strategy,
         "--max-pairs-per-problem", str(r.pairs.max_pairs_per_problem), "--seed", str(r.seed)]))
     pairs = out / "pairs" / "pairs.jsonl"
-    made = json.loads((out / "pairs" / "pairs.stats.json").read_text())
+    made = json.loads(stats_path(pairs).read_text())
     if made["pairs"] == 0:
         raise ConfigError(
             f"{out / 'pairs'}: 0 pairs from {made['samples']} samples of {made['problems']} "

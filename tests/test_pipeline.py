@@ -10,6 +10,7 @@ import pytest
 
 from posttrain.config import ConfigError
 from posttrain.pipeline import STAGES, format_report, load_recipe, run_recipe
+from posttrain.records import read_jsonl
 
 TOY = """
 model: smollm2-135m
@@ -41,20 +42,16 @@ def toy_run(tmp_path_factory, embedded_dir):
     return recipe_path, out, report
 
 
-def _rows(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 @pytest.mark.slow
 def test_every_stage_leaves_its_folder_and_marker(toy_run):
     _, out, report = toy_run
     for name in STAGES:
         assert (out / name / "done.json").exists(), name
     assert (out / "train" / "adapter" / "adapter_config.json").exists()
-    pairs = _rows(out / "pairs" / "pairs.jsonl")
+    pairs = read_jsonl(out / "pairs" / "pairs.jsonl")
     assert len(pairs) >= 1
-    base_ids = [r["problem_id"] for r in _rows(out / "eval-base" / "items.jsonl")]
-    trained_ids = [r["problem_id"] for r in _rows(out / "eval-trained" / "items.jsonl")]
+    base_ids = [r["problem_id"] for r in read_jsonl(out / "eval-base" / "items.jsonl")]
+    trained_ids = [r["problem_id"] for r in read_jsonl(out / "eval-trained" / "items.jsonl")]
     assert sorted(base_ids) == sorted(trained_ids) and len(base_ids) == 10
     c = report["compare"]
     assert c["n"] == 10

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import ConfigError, load_config
-from ..models import resolve_dtype  # noqa: F401  (re-exported: the trainers import it from here)
 
 SFT_METHODS = ("sft", "dft", "chord-phi")
 PREFERENCE_METHODS = ("dpo", "ipo", "robust-dpo", "bdpo", "rpo")

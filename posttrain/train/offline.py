@@ -27,7 +27,7 @@ import torch
 
 from .. import losses
 from ..config import ConfigError, save_config
-from ..models import load_model, load_tokenizer, resolve_model
+from ..models import load_model, load_tokenizer, resolve_dtype, resolve_model
 from ..records import write_json
 from .batches import collate, epoch_batches, micro_batches
 from .checkpoint import (
@@ -39,7 +39,7 @@ from .checkpoint import (
     save_final,
     start_run,
 )
-from .config import TrainConfig, resolve_dtype
+from .config import TrainConfig
 from .data import Example, load_examples
 from .logps import completion_logps, reference_logps, split_pairs
 from .lora import apply_lora, format_parameter_report, parameter_report

@@ -39,7 +39,7 @@ from ..engines.base import Completion, SamplingParams
 from ..engines.hf import HFEngine
 from ..losses import (AGGREGATIONS, chord_loss, group_advantages, metrics_to_floats, mu_schedule,
                       policy_loss, sft, sft_phi, token_logps)
-from ..models import load_model, load_tokenizer
+from ..models import load_model, load_tokenizer, resolve_dtype
 from ..reasoning import prompt_opens_think
 from ..records import Problem
 from ..sample import prompt_messages, sample_row
@@ -47,7 +47,7 @@ from ..verify import verify_row
 from .batches import collate
 from .checkpoint import (latest_checkpoint, load_checkpoint, parameters_finite, save_checkpoint,
                          save_final, start_run)
-from .config import SCHEDULES, LoraConfig, method_config, resolve_dtype
+from .config import SCHEDULES, LoraConfig, method_config
 from .data import Example, load_examples
 from .logps import completion_logps
 from .lora import apply_lora, format_parameter_report, parameter_report
@@ -96,7 +96,7 @@ class OnlineConfig:
     model: str = "smollm2-135m"
     problems: str = "builtin:arith:512?split=train"
     limit: int = 0  # > 0: only the first N problems
-    dtype: str = "auto"  # auto | bf16 | fp32 | fp16 (auto: train/config.resolve_dtype)
+    dtype: str = "auto"  # auto | bf16 | fp32 | fp16 (auto: models.resolve_dtype)
     system_prompt: str | None = None
     # rollouts
     num_generations: int = 4  # G: completions per problem
