@@ -1,26 +1,38 @@
-"""Text generation behind one interface (`engines.base.Engine`).
+"""Text generation behind one interface (`engines.base.Engine`), chosen by `EngineConfig`.
 
-`hf` (transformers) is the default and needs nothing more; `vllm` and `openai` are the
-production paths for large models and plug in behind the same `generate` call.
+`hf` (transformers) is the default and needs nothing more; `vllm` (in-process vllm.LLM) and
+`openai` (any OpenAI-compatible server: vllm serve, SGLang, hosted APIs) are the production
+paths for large models and plug in behind the same `generate` call.
 """
 
 from __future__ import annotations
 
-from .base import Completion, Engine, Messages, SamplingParams
+from .base import AdapterEngine, Completion, Engine, Messages, SamplingParams
+from .config import ENGINES, EngineConfig
 
-ENGINES = ("hf",)
 
+def make_engine(config: EngineConfig | str, model: str, *, dtype: str = "auto",
+                adapter=None, trust_remote_code: bool = False, progress: bool = False,
+                batch_size: int | None = None) -> Engine:
+    """The engine `config` describes, serving `model` (plus `adapter`, a PEFT folder).
 
-def make_engine(kind: str, model: str, *, dtype: str = "auto", batch_size: int = 8,
-                trust_remote_code: bool = False, adapter=None, progress: bool = False) -> Engine:
-    if kind == "hf":
+    `config` may be a kind name ("hf") for the defaults of that kind; `batch_size`, when given,
+    overrides config.batch_size (the stages' own --batch-size).
+    """
+    if isinstance(config, str):
+        config = EngineConfig(kind=config)
+    if batch_size is not None:
+        config = EngineConfig(**{**config.__dict__, "batch_size": batch_size})
+    config.check()
+    if config.kind == "hf":
         from .hf import HFEngine
 
-        engine = HFEngine.from_name(model, dtype=dtype, batch_size=batch_size,
+        engine = HFEngine.from_name(model, dtype=dtype, batch_size=config.batch_size,
                                     trust_remote_code=trust_remote_code, adapter=adapter)
         engine.progress = progress
         return engine
-    raise ValueError(f"engine {kind!r}: expected one of {', '.join(ENGINES)}")
+    raise NotImplementedError(f"engine {config.kind!r} is not built yet")
 
 
-__all__ = ["Completion", "Engine", "Messages", "SamplingParams", "make_engine", "ENGINES"]
+__all__ = ["AdapterEngine", "Completion", "Engine", "EngineConfig", "Messages",
+           "SamplingParams", "make_engine", "ENGINES"]

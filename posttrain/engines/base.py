@@ -29,6 +29,12 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     sum_logprob: float | None = None  # sum of log p(token) at temperature 1
     mean_logprob: float | None = None
+    # log p(token) of each sampled token under the raw distribution (temperature 1, no top-p);
+    # None where the engine cannot give them (a server that returns no log-probs)
+    token_logprobs: list[float] | None = None
+    # a server's separate reasoning channel (OpenAI-style `reasoning_content`), when it splits
+    # the think block off itself; None when the reasoning, if any, is inside `text`
+    reasoning: str | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -43,4 +49,16 @@ class Engine(Protocol):
         """The exact text the model is conditioned on (chat template with generation prompt)."""
 
     def generate(self, prompts: list[Messages], params: SamplingParams) -> list[list[Completion]]:
-        """For each prompt, `params.n` completions, in order."""
+        """For each prompt, `params.n` completions, in order. The same prompts, params and seed
+        give the same completions (where the engine allows; see each engine's docstring)."""
+
+    def close(self) -> None:
+        """Free what the engine holds (GPU memory, worker processes, HTTP connections)."""
+
+
+class AdapterEngine(Engine, Protocol):
+    """An engine that holds its own copy of the weights and takes LoRA adapters from disk
+    (vllm, openai with runtime LoRA loading): how online RL syncs its rollout engine."""
+
+    def load_adapter(self, path: str, name: str) -> None:
+        """Serve the PEFT adapter folder `path` as `name`; later generate calls use it."""

@@ -41,6 +41,9 @@ class HFEngine:
         return cls(model, tok, model_id=name if adapter is None else f"{name}+{adapter}",
                    batch_size=batch_size)
 
+    def close(self) -> None:
+        self.model = None  # the weights go with the last reference
+
     def render_prompt(self, messages: Messages) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                   tokenize=False)
