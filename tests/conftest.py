@@ -59,3 +59,19 @@ def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: in
         raise AssertionError(f"posttrain {' '.join(args)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run only where CUDA exists; elsewhere they are skipped, and say why."""
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    except ImportError:
+        cuda = False
+    if cuda:
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is false here)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
