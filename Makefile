@@ -5,7 +5,7 @@ VENV      ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN       := $(VENV)/bin
 
-.PHONY: venv vllm-venv demo test lint clean
+.PHONY: venv vllm-venv browser demo test lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -36,11 +36,17 @@ $(VLLM_VENV)/.installed:
 
 vllm-venv: $(VLLM_VENV)/.installed
 
+# Debian's chromium for the report's browser test (Playwright drives it; nothing downloaded).
+browser:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+	  else echo "install Debian's chromium (sudo apt-get install chromium) for tests/test_report.py"; exit 1; fi; }
+
 demo: venv
 	$(BIN)/posttrain run recipes/default.yaml --out runs/demo
 
 # pytest exits 5 when it selects no test (e.g. a -k typo); that is reported, not a CI failure.
-test: venv vllm-venv
+test: venv vllm-venv browser
 	@$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "WARNING: pytest selected no tests"; exit 0; fi; exit $$rc
 
