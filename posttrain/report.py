@@ -220,6 +220,10 @@ def write_report(folder: str | Path, out: str | Path | None = None) -> Path:
     path = Path(out) if out else Path(folder) / "report.html"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render(data), encoding="utf-8")
+    # the curves also as a file of their own, for people who want the picture alone
+    curves = plots.training_curves({r.name: r.metrics for r in data["runs"] if r.metrics})
+    if curves:
+        (path.parent / "curves.png").write_bytes(curves)
     return path
 
 

@@ -136,6 +136,7 @@ def test_report_in_headless_chromium(run_folder, tmp_path):
                     "(apt-get install chromium)")
     playwright = pytest.importorskip("playwright.sync_api")
     page_path = write_report(run_folder)
+    assert (run_folder / "curves.png").read_bytes()[:4] == b"\x89PNG"
     shot = tmp_path / "report.png"
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[

@@ -98,6 +98,8 @@ class TrainConfig:
     ref_cache: bool = True  # keep reference log-probs beside the data for the next run
     gradient_checkpointing: bool = False  # slows small models on CPU; saves memory on GPUs
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    trackers: list[str] = field(default_factory=list)  # tensorboard | wandb (offline), besides
+    #                                                   metrics.jsonl (train/metrics.py)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     @property
@@ -136,6 +138,11 @@ class TrainConfig:
             bad("sft_aggregation", self.sft_aggregation, "token_mean | sequence_mean | sum")
         if self.beta <= 0:
             bad("beta", self.beta, "> 0")
+        from .metrics import TRACKERS
+
+        for name in self.trackers:
+            if name not in TRACKERS:
+                bad("trackers", name, " | ".join(TRACKERS))
         self.lora.check()
 
 
