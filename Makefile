@@ -3,15 +3,19 @@
 PY        ?= python3
 VENV      ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# The pinned environment (scripts/lock.py): requirements/cpu.txt here; on a GPU cluster
+# `make venv TORCH_SPEC="torch==2.14.0" LOCK=requirements/cuda.txt`.
+LOCK      ?= requirements/cpu.txt
 BIN       := $(VENV)/bin
 
-.PHONY: venv vllm-venv browser demo test lint clean
+.PHONY: venv vllm-venv browser demo test lint lock lock-check clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps -r $(LOCK)
+	$(BIN)/pip install -q --no-deps -e .
 	@$(BIN)/python -c "import torch, sys; print('torch', torch.__version__); \
 	  sys.exit(0 if '$(TORCH_SPEC)'.split('==')[-1] in torch.__version__ or '==' not in '$(TORCH_SPEC)' else 'torch version changed during install')"
 	touch $@
@@ -52,7 +56,17 @@ test: venv vllm-venv browser
 
 lint: venv
 	$(BIN)/pip install -q ruff
-	$(BIN)/ruff check posttrain tests bench
+	$(BIN)/ruff check posttrain tests bench scripts
+	$(BIN)/ruff format --check posttrain tests bench scripts
+
+# Re-resolve the lock files after changing pyproject.toml's dependencies (needs uv and PyPI).
+lock: venv
+	$(BIN)/pip install -q uv
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python scripts/lock.py write
+
+# CI: the lock files were made from this pyproject.toml and pin every requirement (offline).
+lock-check: venv
+	$(BIN)/python scripts/lock.py check
 
 clean:
 	rm -rf $(VENV) runs
