@@ -404,3 +404,33 @@ def test_cli_trains_the_router_through_lora_with_the_aux_loss_logged(moe_dir, tm
     weights = load_file(out / "adapter" / "adapter_model.safetensors")
     router_b = [v for k, v in weights.items() if "mlp.gate.lora_B" in k]
     assert router_b and router_b[0].abs().max() > 0  # B starts at 0: the router trained
+
+
+def test_grpo_loop_on_the_moe_logs_aux_and_routing(moe_dir, tmp_path):
+    """The online loop end to end on the tiny MoE: router LoRA trains, loss/aux and moe/ logged
+    every step, loss = policy loss + 0.001 * loss/aux."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from posttrain.records import Problem
+    from posttrain.train import online
+
+    def score(problem, index, messages, completion, **kwargs):
+        reward = float(completion.token_ids[0] % 2 == 0)
+        return {"verdict": "correct" if reward else "incorrect", "correct_reward": reward,
+                "format_ok": True, "overlong": 0.0, "reward": reward,
+                "truncated": completion.finish_reason == "length"}
+
+    problems = [Problem(id=str(i), question=f"What is {i} + 1?", answer=str(i + 1),
+                        answer_type="exact") for i in range(4)]
+    cfg = online.online_config("grpo", overrides=[
+        "max_steps=2", "num_generations=2", "problems_per_step=2", "max_new_tokens=3",
+        "lr=1e-2", "lora.r=4", "lora.targets=all-linear,all-router", "moe.stats_every=1",
+        "dtype=fp32"])
+    online.train_online(cfg, tmp_path, model=AutoModelForCausalLM.from_pretrained(moe_dir),
+                        tokenizer=AutoTokenizer.from_pretrained(moe_dir), problems=problems,
+                        score=score)
+    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(logged) == 2
+    for r in logged:
+        assert r["loss"] == pytest.approx(r["loss/policy"] + 0.001 * r["loss/aux"], rel=1e-5)
+        assert 0 <= r["moe/topk_changed"] <= 1 and r["moe/router_entropy"] > 0
