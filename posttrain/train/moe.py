@@ -20,7 +20,9 @@ forward (the sparse layers) and every token t with attention mask 1 (N = L * T_u
     P_e = sum_(l, t) p_lt[e] / N                (p_lt = softmax(logits_lt), sums to 1)
     aux = E * sum_e f_e * P_e
 Layers are pooled, not averaged as per-layer losses: f and P are means over (layer, token) rows.
+f counts every top-k slot (not divided by k); the mask weights both f and P and the divisor N.
 A perfectly balanced router gives aux = k; all tokens on the same k experts give up to E.
+Checked against transformers 5.19's function and the model's own `aux_loss` in tests/test_moe.py.
 """
 
 from __future__ import annotations
