@@ -40,7 +40,8 @@ class LoraConfig:
     init: str = "default"  # default (B = 0) | olora | pissa
     # A preset (all-linear: attention + dense MLP linears; attention; mlp), a regex matched
     # against whole module names, or a list of module names. Routers and MoE experts are
-    # never targeted by the presets.
+    # never targeted by the presets. "new-layers": the layers `posttrain expand` added (with
+    # enabled: false, full fine-tuning of those layers only, everything else frozen).
     targets: str | list[str] = "all-linear"
 
     def check(self) -> None:

@@ -31,6 +31,7 @@ from .config import LoraConfig
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
 MLP = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
 PRESETS = {"all-linear": ATTENTION + MLP, "attention": ATTENTION, "mlp": MLP}
+NEW_LAYERS = "new-layers"  # expand.py
 GROUPS = ("attention", "mlp", "router", "experts", "embeddings", "norms", "other")
 
 
@@ -49,10 +50,15 @@ def is_expert_or_router(name: str) -> bool:
 def target_modules(model: nn.Module, targets: str | list[str]) -> list[str]:
     """Full names of the nn.Linear modules a LoRA spec selects (sorted; error when none).
 
-    `targets`: a preset name (all-linear, attention, mlp); a list of names, each matching a
+    `targets`: a preset name (all-linear, attention, mlp; new-layers: all-linear inside the
+    layers an expanded model's posttrain_expand.json names); a list of names, each matching a
     module whose last name part equals it; or any other string, a regex that must match the
     whole module name (e.g. r"model\\.layers\\.[0-3]\\..*_proj").
     """
+    if targets == NEW_LAYERS:  # the all-linear modules of the layers `posttrain expand` added
+        from ..expand import in_new_layers
+
+        return sorted(in_new_layers(model, target_modules(model, "all-linear")))
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     if isinstance(targets, str) and targets in PRESETS:
         wanted = set(PRESETS[targets])
@@ -96,6 +102,11 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     steps of ~lr * 1 on bf16 weights would round away.
     """
     cfg.check()
+    if not cfg.enabled and cfg.targets == NEW_LAYERS:  # full fine-tuning of the new layers
+        from ..expand import select_new_layers_for_full_finetuning
+
+        select_new_layers_for_full_finetuning(model)
+        return model
     if not cfg.enabled:
         for p in model.parameters():
             p.requires_grad_(True)
