@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("posttrain.verify.stage", "grade sampled answers (correct / incorrect / ...)"),
     "pairs": ("posttrain.pairs", "build preference pairs from graded samples"),
     "train": ("posttrain.train.cli", "train with SFT, DFT, CHORD, DPO family or GRPO family"),
+    "expand": ("posttrain.expand", "depth up-scaling: insert identity-initialised layers"),
     "export": ("posttrain.export", "merge a LoRA adapter into a full model folder"),
     "eval": ("posttrain.evaluate", "evaluate a model (or base + adapter) on a problem set"),
     "compare": ("posttrain.compare", "paired comparison of two eval folders"),

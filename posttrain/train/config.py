@@ -41,7 +41,8 @@ class LoraConfig:
     # Target names, combinable with commas: all-linear (attention + dense MLP linears),
     # attention, mlp, all-router, experts, shared-expert (train/lora.py lora_targets); or a
     # regex matched against whole module names; or a list of module names. Routers and routed
-    # experts are adapted only when named (all-router, experts).
+    # experts are adapted only when named (all-router, experts). new-layers: the layers
+    # `posttrain expand` added (with enabled: false, full fine-tuning of those layers only).
     targets: str | list[str] = "all-linear"
 
     def check(self) -> None:

@@ -36,7 +36,8 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
 MLP = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
 PRESETS = {"all-linear": ATTENTION + MLP, "attention": ATTENTION, "mlp": MLP}
 MOE_TARGETS = ("all-router", "experts", "shared-expert")
-TARGET_NAMES = (*PRESETS, *MOE_TARGETS)
+NEW_LAYERS = "new-layers"  # the layers `posttrain expand` added (expand.py)
+TARGET_NAMES = (*PRESETS, *MOE_TARGETS, NEW_LAYERS)
 GROUPS = ("attention", "mlp", "router", "experts", "embeddings", "norms", "other")
 
 
@@ -100,7 +101,8 @@ def lora_targets(model: nn.Module, targets: str | list[str]) -> tuple[list[str],
     `targets`: target names, combinable with commas (`all-linear,all-router`): all-linear,
     attention, mlp (nn.Linear modules; never a router or routed expert), all-router (the
     routers' weights), experts (the routed experts' fused 3-D parameters), shared-expert (the
-    shared expert's linears); or a list of module names, each matching a module whose last name
+    shared expert's linears), new-layers (all-linear inside the layers `posttrain expand`
+    added); or a list of module names, each matching a module whose last name
     part equals it; or any other string, a regex that must match the whole module name (e.g.
     r"model\\.layers\\.[0-3]\\..*_proj"). Parameters are adapted through PEFT's
     `target_parameters` (a low-rank delta per expert for a 3-D parameter).
@@ -112,6 +114,10 @@ def lora_targets(model: nn.Module, targets: str | list[str]) -> tuple[list[str],
         for name in names:
             if name in PRESETS:
                 modules.update(_preset_modules(model, name))
+            elif name == NEW_LAYERS:  # all-linear inside the layers posttrain_expand.json names
+                from ..expand import in_new_layers
+
+                modules.update(in_new_layers(model, _preset_modules(model, "all-linear")))
             else:
                 found_modules, found_parameters = _moe_target(model, name)
                 modules.update(found_modules)
@@ -162,6 +168,11 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     steps of ~lr * 1 on bf16 weights would round away.
     """
     cfg.check()
+    if not cfg.enabled and cfg.targets == NEW_LAYERS:  # full fine-tuning of the new layers
+        from ..expand import select_new_layers_for_full_finetuning
+
+        select_new_layers_for_full_finetuning(model)
+        return model
     if not cfg.enabled:
         for p in model.parameters():
             p.requires_grad_(True)
