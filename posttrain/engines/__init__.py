@@ -8,16 +8,17 @@ paths for large models and plug in behind the same `generate` call.
 from __future__ import annotations
 
 from .base import AdapterEngine, Completion, Engine, Messages, SamplingParams
-from .config import ENGINES, EngineConfig
+from .config import ENGINES, EngineConfig, batch_size as batch_size_of
 
 
 def make_engine(config: EngineConfig | str, model: str, *, dtype: str = "auto",
                 adapter=None, trust_remote_code: bool = False, progress: bool = False,
-                batch_size: int | None = None) -> Engine:
+                batch_size: int | None = None, max_lora_rank: int | None = None) -> Engine:
     """The engine `config` describes, serving `model` (plus `adapter`, a PEFT folder).
 
     `config` may be a kind name ("hf") for the defaults of that kind; `batch_size`, when given,
-    overrides config.batch_size (the stages' own --batch-size).
+    overrides config.batch_size (the stages' own --batch-size). `max_lora_rank` (vllm) starts
+    the engine ready for adapters that `load_adapter` brings later (online RL).
     """
     if isinstance(config, str):
         config = EngineConfig(kind=config)
@@ -27,10 +28,17 @@ def make_engine(config: EngineConfig | str, model: str, *, dtype: str = "auto",
     if config.kind == "hf":
         from .hf import HFEngine
 
-        engine = HFEngine.from_name(model, dtype=dtype, batch_size=config.batch_size,
-                                    trust_remote_code=trust_remote_code, adapter=adapter)
+        engine = HFEngine.from_name(model, dtype=dtype, batch_size=batch_size_of(config),
+                                    trust_remote_code=trust_remote_code, adapter=adapter,
+                                    device=config.device,
+                                    chat_template_kwargs=config.chat_template_kwargs)
         engine.progress = progress
         return engine
+    if config.kind == "vllm":
+        from .vllm import VLLMEngine
+
+        return VLLMEngine(model, config, dtype=dtype, adapter=adapter, max_lora_rank=max_lora_rank,
+                          trust_remote_code=trust_remote_code, progress=progress)
     raise NotImplementedError(f"engine {config.kind!r} is not built yet")
 
 
