@@ -3,7 +3,8 @@
 Each POST takes the next scripted reply: a string (200 with that message content), an
 (HTTP status, body) or (HTTP status, body, headers) tuple, ("sleep", seconds, content) to answer
 late, or a function of the request body that returns one of these (or a reply dict). After the
-script runs out, the last entry repeats. `die_after=k` shuts the server down for good after k
+script runs out, the last entry repeats. POSTs to other paths than /chat/completions get 404
+and are not counted (a server without vLLM's /tokenize). `die_after=k` shuts the server down for good after k
 requests; `port=` reuses a port (a restarted server). GET /v1/models lists `models`. Every POST
 is recorded (path, headers with lower-case names, JSON body) in `server.requests`.
 """
@@ -63,9 +64,13 @@ class FakeOpenAIServer:
                 if outer.dead:  # died: drop the connection unanswered, as a crashed server does
                     self.close_connection = True
                     return
+                if not self.path.endswith("/chat/completions"):  # e.g. vLLM's /tokenize
+                    self._send(404, {"error": {"message": f"no route {self.path}"}})
+                    return
                 with outer._lock:
                     body = json.loads(raw)
-                    outer.requests.append({"path": self.path, "body": body, "headers": {
+                    outer.requests.append({"path": self.path, "body": body,
+                                           "t": time.monotonic(), "headers": {
                         k.lower(): v for k, v in self.headers.items()}})
                     n = len(outer.requests)
                     step = outer.script[min(n, len(outer.script)) - 1]
