@@ -77,7 +77,8 @@ def sample_problems(engine: Engine, problems: list[Problem], out: str | Path, pa
         for p, missing in todo:
             by_count.setdefault(len(missing), []).append((p, missing))
         for count, group in by_count.items():
-            per_chunk = max(1, chunk_size // count)
+            # a server engine asks for enough prompts per call to keep its requests in flight
+            per_chunk = max(1, chunk_size // count, getattr(engine, "prompts_per_call", 1))
             for c in range(0, len(group), per_chunk):
                 chunk = group[c:c + per_chunk]
                 prompts = [prompt_messages(p, system_prompt) for p, _ in chunk]

@@ -30,7 +30,7 @@ import itertools
 import logging
 import math
 import re
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -69,6 +69,9 @@ class OpenAIEngine:
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.send_seed = send_seed
         self.progress = False
+        # prompts a generate call should carry so that `concurrency` requests are in flight
+        # (sample_problems sizes its chunks by it)
+        self.prompts_per_call = concurrency
         self._n_ok = True  # False once a server refuses n > 1 or returns fewer choices
         self._refused: set[str] = set()  # OPTIONAL fields a server refused
         self._render_ok = True
@@ -96,8 +99,8 @@ class OpenAIEngine:
                 for j in range(params.n):
                     jobs.append((i, self._submit(messages, params, 1, params.seed + j)))
         bar = tqdm(total=len(jobs), desc="generate", disable=not self.progress, leave=False)
-        wait([f for _, f in jobs])  # every request ends (done or failed) before we look
-        bar.update(len(jobs))
+        for _ in as_completed([f for _, f in jobs]):  # every request ends, done or failed
+            bar.update(1)
         bar.close()
         results: list[list[Completion] | None] = [[] for _ in prompts]
         error = None
@@ -167,10 +170,12 @@ class OpenAIEngine:
     def _sample(self, turn: int, messages, params: SamplingParams, n: int,
                 seed: int) -> list[Completion]:
         """`n` completions of one prompt; fans out into single requests when `n` is refused."""
-        try:
-            got = self._request(turn, messages, params, n, seed)
-        except _NRefused:
-            got = []
+        got = []
+        if n == 1 or self._n_ok:  # (another request may have learnt meanwhile that n is refused)
+            try:
+                got = self._request(turn, messages, params, n, seed)
+            except _NRefused:
+                pass
         if len(got) < n:  # n refused, or fewer choices than asked: fetch the rest one by one
             if n > 1 and self._n_ok:
                 self._n_ok = False
@@ -215,7 +220,7 @@ class OpenAIEngine:
             body["seed"] = seed
         if self.chat_template_kwargs:
             body["chat_template_kwargs"] = self.chat_template_kwargs
-        for name in self._refused:
+        for name in frozenset(self._refused):  # a copy: worker threads may add to it
             body.pop(name, None)
         return body
 
