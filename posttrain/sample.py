@@ -3,7 +3,9 @@
     posttrain sample --model smollm2-135m --problems builtin:arith:8 --n 2 --out samples.jsonl
 
 Rerunning the same command after a crash (even `kill -9`) keeps every finished row, writes no
-duplicate (problem id, sample index) and completes the rest.
+duplicate (problem id, sample index) and completes the rest. A server engine whose server dies
+mid-run stops the stage with EngineUnavailable after the finished prompts' rows are written;
+the command then exits non-zero saying how many rows are done and that a rerun resumes.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, from_dict, load_yaml, merge, parse_overrides
 from .engines import ENGINES, Engine, EngineConfig, SamplingParams, make_engine
+from .engines.base import EngineUnavailable
 from .models import EMBEDDED
-from .reasoning import prompt_opens_think, split_reasoning
+from .reasoning import Split, prompt_opens_think, split_reasoning
 from .records import DataError, JsonlAppender, Problem, iter_jsonl
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -61,7 +64,10 @@ def check_same_source(path: Path, engine: Engine, params: SamplingParams) -> Non
 
 def sample_row(problem: Problem, index: int, messages: list[dict], completion, *,
                think_open: bool, engine: Engine, params: SamplingParams | None = None) -> dict:
-    split = split_reasoning(completion.text, think_open_in_prompt=think_open)
+    if completion.reasoning is not None:  # the server split the think block off itself
+        split = Split(completion.reasoning.strip(), completion.text.strip(), False)
+    else:
+        split = split_reasoning(completion.text, think_open_in_prompt=think_open)
     # A think block that never closed has no answer: it is reported as cut by the limit, so
     # the grader calls it truncated instead of grading an answer that was never given.
     finish = "length" if split.truncated else completion.finish_reason
@@ -101,28 +107,41 @@ def sample_problems(engine: Engine, problems: list[Problem], out: str | Path, pa
         for p, missing in todo:
             by_count.setdefault(len(missing), []).append((p, missing))
         for count, group in by_count.items():
-            per_chunk = max(1, chunk_size // count)
+            # a server engine asks for enough prompts per call to keep its requests in flight
+            per_chunk = max(1, chunk_size // count, getattr(engine, "prompts_per_call", 1))
             for c in range(0, len(group), per_chunk):
                 chunk = group[c:c + per_chunk]
                 prompts = [prompt_messages(p, system_prompt) for p, _ in chunk]
                 # A seed tied to the chunk's first problem, so a resumed run is reproducible.
                 seed = params.seed * 1_000_003 + _stable_hash(chunk[0][0].id)
-                results = engine.generate(
-                    prompts, SamplingParams(n=count, temperature=params.temperature,
-                                            top_p=params.top_p, seed=seed,
-                                            max_new_tokens=params.max_new_tokens))
-                for (p, missing), messages, completions in zip(chunk, prompts, results):
-                    think_open = prompt_opens_think(engine.render_prompt(messages))
+                chunk_params = SamplingParams(n=count, temperature=params.temperature,
+                                              top_p=params.top_p, seed=seed,
+                                              max_new_tokens=params.max_new_tokens)
+                results, stopped, opens = [None] * len(prompts), None, [False] * len(prompts)
+                try:
+                    opens = [prompt_opens_think(engine.render_prompt(m)) for m in prompts]
+                    results = engine.generate(prompts, chunk_params)
+                except EngineUnavailable as e:  # keep the prompts that did finish
+                    results, stopped = e.partial or results, e
+                for (p, missing), messages, think_open, completions in zip(chunk, prompts, opens,
+                                                                            results):
+                    if completions is None:
+                        continue
                     for index, completion in zip(missing, completions):
                         sink.append(sample_row(p, index, messages, completion,
                                                think_open=think_open, engine=engine,
                                                params=params))
                         tokens += completion.num_tokens
+                if stopped is not None:
+                    bar.close()
+                    raise EngineUnavailable(
+                        f"{stopped}\n{sink.count} samples are done in {out}; rerun the same "
+                        "command to resume (finished samples are kept, none is drawn twice)")
                 bar.update(sum(len(m) for _, m in chunk))
                 elapsed = time.time() - start
                 bar.set_postfix(tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
         bar.close()
-        n_rows = len(sink.rows)
+        n_rows = sink.count
     elapsed = time.time() - start
     return {"rows": n_rows, "new_samples": total, "new_tokens": tokens, "seconds": elapsed,
             "tokens_per_second": tokens / elapsed if elapsed > 0 and tokens else 0.0}

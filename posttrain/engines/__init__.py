@@ -7,7 +7,9 @@ paths for large models and plug in behind the same `generate` call.
 
 from __future__ import annotations
 
-from .base import AdapterEngine, Completion, Engine, Messages, SamplingParams
+from pathlib import Path
+
+from .base import AdapterEngine, Completion, Engine, EngineUnavailable, Messages, SamplingParams
 from .config import ENGINES, EngineConfig, batch_size as batch_size_of
 
 
@@ -39,8 +41,21 @@ def make_engine(config: EngineConfig | str, model: str, *, dtype: str = "auto",
 
         return VLLMEngine(model, config, dtype=dtype, adapter=adapter, max_lora_rank=max_lora_rank,
                           trust_remote_code=trust_remote_code, progress=progress)
+    if config.kind == "openai":
+        from .openai import OpenAIEngine
+
+        engine = OpenAIEngine(config.base_urls, model, served_model=config.served_model,
+                              api_key_env=config.api_key_env, concurrency=config.concurrency,
+                              timeout=config.timeout, max_retries=config.max_retries,
+                              chat_template_kwargs=config.chat_template_kwargs,
+                              send_seed=config.send_seed)
+        engine.progress = progress
+        if adapter is not None:  # a PEFT folder the servers can read, served under its name
+            engine.load_adapter(str(adapter), name=Path(adapter).name)
+            engine.model_id = f"{model}+{adapter}"
+        return engine
     raise NotImplementedError(f"engine {config.kind!r} is not built yet")
 
 
-__all__ = ["AdapterEngine", "Completion", "Engine", "EngineConfig", "Messages",
-           "SamplingParams", "make_engine", "ENGINES"]
+__all__ = ["AdapterEngine", "Completion", "Engine", "EngineConfig", "EngineUnavailable",
+           "Messages", "SamplingParams", "make_engine", "ENGINES"]

