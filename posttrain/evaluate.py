@@ -220,8 +220,7 @@ def main(args) -> int:
         judge = Judge(args.judge, args.judge_model, api_key_env=args.judge_key_env,
                       template_path=args.judge_template)
     engine = make_engine(engine_config(args), args.model, dtype=args.dtype,
-                         batch_size=args.batch_size, trust_remote_code=args.trust_remote_code,
-                         adapter=args.adapter)
+                         trust_remote_code=args.trust_remote_code, adapter=args.adapter)
     params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p,
                             max_new_tokens=args.max_new_tokens, seed=args.seed)
     try:

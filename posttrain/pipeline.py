@@ -29,7 +29,7 @@ class SampleStage:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 128
-    batch_size: int = 16
+    batch_size: int | None = None  # the engine's batch_size for this stage (None: the engine's)
     system_prompt: str | None = None
     engine: dict = field(default_factory=dict)  # keys over the recipe's engine:, this stage only
 
@@ -52,7 +52,7 @@ class EvalStage:
     n: int = 1
     temperature: float = 0.0
     max_new_tokens: int = 128
-    batch_size: int = 16
+    batch_size: int | None = None  # the engine's batch_size for this stage (None: the engine's)
     protocol: str = "auto"
     system_prompt: str | None = None
     engine: dict = field(default_factory=dict)  # keys over the recipe's engine:, this stage only
@@ -99,10 +99,16 @@ def stage_engine(recipe: Recipe, stage_name: str):
     from .engines import EngineConfig
     from .engines.config import KIND_OF
 
-    override = getattr(recipe, stage_name).engine
-    kind = override.get("kind", recipe.engine.get("kind", "hf"))
+    stage = getattr(recipe, stage_name)
+    kind = stage.engine.get("kind", recipe.engine.get("kind", "hf"))
     shared = {k: v for k, v in recipe.engine.items() if KIND_OF.get(k, kind) == kind}
-    config = from_dict(EngineConfig, merge(shared, override), f"{stage_name}.engine")
+    data = merge(shared, stage.engine)
+    if stage.batch_size is not None:
+        if data.get("batch_size", stage.batch_size) != stage.batch_size:
+            raise ConfigError(f"{stage_name}.batch_size ({stage.batch_size}) and the engine's "
+                              f"batch_size ({data['batch_size']}) are both set; keep one")
+        data["batch_size"] = stage.batch_size
+    config = from_dict(EngineConfig, data, f"{stage_name}.engine")
     config.check()
     return config
 
@@ -173,13 +179,13 @@ def run_recipe(recipe: Recipe, out: str | Path) -> dict:
     eval_dtype = resolve_dtype(r.dtype, resolve_device(eval_engine.device, say=False))
 
     def do_sample(folder):
-        engine = make_engine(sample_engine, r.model, dtype=dtype, batch_size=s.batch_size)
+        engine = make_engine(sample_engine, r.model, dtype=dtype)
         params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p,
                                 max_new_tokens=s.max_new_tokens, seed=r.seed)
         try:
             stats = sample_problems(engine, load_problems(s.problems), folder / "samples.jsonl",
                                     params, system_prompt=s.system_prompt,
-                                    chunk_size=s.batch_size)
+                                    chunk_size=getattr(engine, "batch_size", 8))
         finally:
             engine.close()
         print(f"  {stats['tokens_per_second']:.0f} tokens/s")
@@ -217,8 +223,7 @@ def run_recipe(recipe: Recipe, out: str | Path) -> dict:
 
     def do_eval(adapter_dir):
         def run(folder):
-            engine = make_engine(eval_engine, r.model, dtype=eval_dtype, batch_size=e.batch_size,
-                                 adapter=adapter_dir)
+            engine = make_engine(eval_engine, r.model, dtype=eval_dtype, adapter=adapter_dir)
             try:
                 evaluate(engine, eval_problems, folder, params, protocol=e.protocol,
                          system_prompt=e.system_prompt)

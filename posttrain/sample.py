@@ -176,13 +176,18 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 def engine_config(args) -> EngineConfig:
     """EngineConfig from --engine-config FILE, then --engine, --base-url, --engine-set (later
-    wins); an unknown key is an error naming it and listing the known ones."""
+    wins) and --batch-size; an unknown key is an error naming it and listing the known ones."""
     data = load_yaml(args.engine_config) if args.engine_config else {}
     if args.engine:
         data["kind"] = args.engine
     if args.base_url:
         data["base_urls"] = list(args.base_url)
     data = merge(data, parse_overrides(args.engine_set))
+    if args.batch_size is not None:
+        if data.get("batch_size", args.batch_size) != args.batch_size:
+            raise ConfigError(f"--batch-size {args.batch_size} and the engine's batch_size "
+                              f"{data['batch_size']} are both set; keep one")
+        data["batch_size"] = args.batch_size
     nested = [k for k, v in parse_overrides(args.engine_set).items()
               if isinstance(v, dict) and k != "chat_template_kwargs"]
     if nested:
@@ -212,7 +217,7 @@ def main(args) -> int:
 
     problems = load_problems(args.problems, limit=args.limit)
     engine = make_engine(engine_config(args), args.model, dtype=args.dtype,
-                         batch_size=args.batch_size, trust_remote_code=args.trust_remote_code)
+                         trust_remote_code=args.trust_remote_code)
     params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p,
                             max_new_tokens=args.max_new_tokens, seed=args.seed)
     try:

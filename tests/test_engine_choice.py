@@ -40,6 +40,9 @@ def test_engine_options_map_onto_engine_config(tmp_path):
                               "--base-url", "http://b:8000/v1"))
     assert cfg.base_urls == ["http://a:8000/v1", "http://b:8000/v1"]
     assert engine_config(parse()).kind == "hf"
+    assert engine_config(parse("--batch-size", "4")).batch_size == 4
+    with pytest.raises(ConfigError, match="--batch-size 4 and the engine's batch_size 2"):
+        engine_config(parse("--batch-size", "4", "--engine-set", "batch_size=2"))
 
 
 def test_unknown_or_misplaced_engine_options_are_errors_that_name_them():
@@ -68,6 +71,12 @@ def test_recipe_engine_block_is_shared_and_overridden_per_stage(tmp_path):
     assert (e.kind, e.batch_size, e.max_model_len) == ("hf", 4, None)
     assert e.chat_template_kwargs == {"enable_thinking": False}
     assert engine_settings(s)["kind"] == "vllm" and "gpu_memory_utilization" not in engine_settings(s)
+    path.write_text("sample: {batch_size: 8, engine: {batch_size: 4}}\n")
+    with pytest.raises(ConfigError, match=r"sample.batch_size \(8\) and the engine's batch_size "
+                                          r"\(4\) are both set"):
+        load_recipe(str(path))
+    path.write_text("eval: {batch_size: 8}\n")
+    assert stage_engine(load_recipe(str(path)), "eval").batch_size == 8
     path.write_text("engine: {kind: vllm, tensor_parallel: 2}\n")
     with pytest.raises(ConfigError, match=r"sample.engine: unknown key\(s\) tensor_parallel"):
         load_recipe(str(path))

@@ -21,10 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from vllm_server import vllm_python
+
 ROOT = Path(__file__).resolve().parents[1]
-VLLM_PYTHON = Path(os.environ.get("POSTTRAIN_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
-if not VLLM_PYTHON.exists():  # a worktree uses the main checkout's venv
-    VLLM_PYTHON = Path("/work/main/.venv-vllm/bin/python")
 THINK_OFF = "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
 # |log p_vllm - log p_hf| per token, both fp32, same prompt and tokens: measured 2.5e-5 at most
 # (the kernels differ, so not bit-equal); the bound leaves room for other CPUs' kernels
@@ -62,14 +61,29 @@ def adapter(tmp_path_factory, embedded_dir) -> str:
     return str(out)
 
 
+AGREEMENT = "builtin:arith:50?split=test"
+
+
+def agreement_problems():
+    from posttrain.tasks import load_problems
+
+    return load_problems(AGREEMENT)
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, thinking_model, adapter) -> dict:
-    if not VLLM_PYTHON.exists():
-        pytest.fail(f"{VLLM_PYTHON} is missing: run `make vllm-venv` first")
-    out = tmp_path_factory.mktemp("vllm") / "results.json"
+    from posttrain.sample import prompt_messages
+
+    python = vllm_python()
+    if not python.exists():
+        pytest.fail(f"{python} is missing: run `make vllm-venv` first")
+    folder = tmp_path_factory.mktemp("vllm")
+    out, questions = folder / "results.json", folder / "agreement.json"
+    questions.write_text(json.dumps([prompt_messages(p) for p in agreement_problems()]))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.run([str(VLLM_PYTHON), str(ROOT / "tests" / "vllm_engine_checks.py"),
-                           "--model", thinking_model, "--adapter", adapter, "--out", str(out)],
+    proc = subprocess.run([str(python), str(ROOT / "tests" / "vllm_engine_checks.py"),
+                           "--model", thinking_model, "--adapter", adapter, "--out", str(out),
+                           "--agreement", str(questions)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     if proc.returncode != 0:
         pytest.fail(f"vllm checks failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -162,3 +176,47 @@ def test_chat_template_kwargs_reach_the_prompt(results):
     assert results["render_no_thinking"].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert not results["prompts"][0].endswith("</think>\n\n")
     assert results["greedy_no_thinking"]["token_ids"] != results["greedy"][0][0]["token_ids"]
+
+
+@pytest.mark.server
+def test_three_engines_agree_on_greedy_answers(results, hf, vllm_server):
+    """50 builtin:arith test questions, greedy, 64 new tokens: hf (fp32), vllm in-process (fp32)
+    and openai against the session's vLLM server (which computes in bf16) extract the same
+    answer for at least 45 of 50 (the grader's extraction, cut answers included). Where two
+    engines produced the same tokens, their per-token log-probs agree: vllm vs hf (both fp32)
+    within LOGPROB_TOL; openai vs hf (bf16 vs fp32) within 0.1 on average and 0.5 at worst."""
+    from posttrain.engines import EngineConfig, SamplingParams, make_engine
+    from posttrain.sample import prompt_messages
+    from posttrain.verify import grade
+
+    problems = agreement_problems()
+    prompts = [prompt_messages(p) for p in problems]
+    greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=64)
+    hf.batch_size = 16
+    by_hf = [cs[0] for cs in hf.generate(prompts, greedy)]
+    server = make_engine(EngineConfig(kind="openai", base_urls=[vllm_server.base_url],
+                                      served_model=vllm_server.served, send_seed=False,
+                                      concurrency=8), "smollm2-135m")
+    by_openai = [cs[0] for cs in server.generate(prompts, greedy)]
+    server.close()
+    by_vllm = results["agreement"]
+    agree, same_tokens, vllm_worst, openai_means, openai_worst = 0, [0, 0], 0.0, [], 0.0
+    for p, h, v, o in zip(problems, by_hf, by_vllm, by_openai):
+        answers = {grade(text, p).extracted for text in (h.text, v["text"], o.text)}
+        agree += len(answers) == 1
+        if v["token_ids"] == h.token_ids:
+            same_tokens[0] += 1
+            vllm_worst = max(vllm_worst, max(abs(a - b) for a, b in
+                                             zip(v["token_logprobs"], h.token_logprobs)))
+        if o.token_ids == h.token_ids and o.token_logprobs is not None:
+            same_tokens[1] += 1
+            diffs = [abs(a - b) for a, b in zip(o.token_logprobs, h.token_logprobs)]
+            openai_means.append(sum(diffs) / len(diffs))
+            openai_worst = max(openai_worst, max(diffs))
+    print(f"same extracted answer from hf, vllm and openai: {agree} of {len(problems)}; "
+          f"same tokens as hf: vllm {same_tokens[0]}, openai {same_tokens[1]}; log-prob |diff| "
+          f"vllm max {vllm_worst:.1e}, openai mean {max(openai_means, default=0):.3f} "
+          f"(worst item) max {openai_worst:.3f}")
+    assert agree >= 45
+    assert same_tokens[0] >= 45 and vllm_worst < LOGPROB_TOL
+    assert same_tokens[1] >= 25 and max(openai_means) < 0.1 and openai_worst < 0.5

@@ -166,7 +166,8 @@ def _completion(c) -> Completion:
     total = float(sum(logps)) if len(logps) == len(ids) else None
     return Completion(
         text=c.text,
-        finish_reason=c.finish_reason or "stop",  # "stop" | "length" (vLLM's own names)
+        # anything but a normal stop (e.g. "abort") counts as cut off: graded truncated
+        finish_reason="stop" if c.finish_reason == "stop" else "length",
         token_ids=ids,
         sum_logprob=total,
         mean_logprob=total / len(ids) if ids and total is not None else None,
