@@ -191,3 +191,20 @@ def test_hf_engine_samples_on_cuda(tiny_model_dir, adapter_dir):
                           SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=0))
     assert len(out[0]) == 2 and all(c.num_tokens > 0 for c in out[0])
     assert all(len(c.token_logprobs) == c.num_tokens for c in out[0])
+
+
+def test_vllm_lora_rank_is_the_adapters_rounded_up_to_one_vllm_accepts(tmp_path):
+    """vLLM 0.32 takes max_lora_rank in {1, 8, 16, 32, 64, ...}: r 4 -> 8; r 16 with one module
+    at 40 (rank_pattern) -> 64; r 1024 -> error; a folder without adapter_config.json -> error."""
+    from posttrain.engines.vllm import lora_rank
+
+    def adapter(cfg: dict):
+        (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+        return tmp_path
+
+    assert lora_rank(adapter({"r": 4})) == 8
+    assert lora_rank(adapter({"r": 16, "rank_pattern": {"q_proj": 40}})) == 64
+    with pytest.raises(ConfigError, match="LoRA rank 1024 is above vLLM's largest"):
+        lora_rank(adapter({"r": 1024}))
+    with pytest.raises(ConfigError, match="adapter_config.json: not found"):
+        lora_rank(tmp_path / "nothing")

@@ -50,10 +50,14 @@ def lora_rank(adapter: str | os.PathLike) -> int:
                           "adapter_config.json")
     cfg = json.loads(path.read_text(encoding="utf-8"))
     r = max([int(cfg.get("r", 8)), *map(int, (cfg.get("rank_pattern") or {}).values())])
+    return allowed_rank(r, str(path))
+
+
+def allowed_rank(r: int, where: str = "max_lora_rank") -> int:
     for allowed in LORA_RANKS:
         if allowed >= r:
             return allowed
-    raise ConfigError(f"{path}: LoRA rank {r} is above vLLM's largest ({LORA_RANKS[-1]})")
+    raise ConfigError(f"{where}: LoRA rank {r} is above vLLM's largest ({LORA_RANKS[-1]})")
 
 
 class VLLMEngine:
@@ -81,7 +85,7 @@ class VLLMEngine:
 
         rank = lora_rank(adapter) if adapter is not None else None
         if max_lora_rank is not None:
-            rank = max(rank or 0, max_lora_rank)
+            rank = allowed_rank(max(rank or 0, max_lora_rank))
         self.max_lora_rank = rank
         resolved = resolve_dtype(dtype, "cpu" if on_cpu else "cuda")
         kwargs = dict(
