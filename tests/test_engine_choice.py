@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -208,3 +209,27 @@ def test_vllm_lora_rank_is_the_adapters_rounded_up_to_one_vllm_accepts(tmp_path)
         lora_rank(adapter({"r": 1024}))
     with pytest.raises(ConfigError, match="adapter_config.json: not found"):
         lora_rank(tmp_path / "nothing")
+
+
+def test_several_gpus_are_used_only_when_the_model_outgrows_one(monkeypatch, tiny_model_dir):
+    """CUDA cannot run here, so the GPU count and size are stand-ins; the weights' size is real:
+    the tiny Llama's safetensors (fp32) halved for bf16. One GPU -> cuda:0; two GPUs and weights
+    under 90 % of the first -> cuda:0; two GPUs of fewer bytes than that -> accelerate's auto."""
+    from types import SimpleNamespace
+
+    from posttrain import models
+
+    need = models.weights_bytes(tiny_model_dir, torch.bfloat16)
+    files = sum(f.stat().st_size for f in Path(tiny_model_dir).glob("*.safetensors"))
+    assert need == files // 2
+    gpu = {"total_memory": 10 * need}
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: SimpleNamespace(**gpu))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert models.device_map_for(tiny_model_dir, torch.bfloat16, "cuda") == "cuda:0"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert models.device_map_for(tiny_model_dir, torch.bfloat16, "cuda") == "cuda:0"
+    assert models.device_map_for(tiny_model_dir, torch.bfloat16, "cuda:1") == "cuda:1"
+    gpu["total_memory"] = need  # 90 % of it is less than the weights
+    assert models.device_map_for(tiny_model_dir, torch.bfloat16, "cuda") == "auto"
+    assert models.device_map_for(tiny_model_dir, torch.bfloat16, "cpu") is None
