@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from .config import ConfigError
+from .engines.base import EngineUnavailable
 from .records import DataError
 
 # verb -> (module, one-line help). A module defines add_arguments(parser) and main(args) -> int.
@@ -60,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ConfigError) as e:  # bad input: one clear line, no traceback
         print(f"posttrain {verb}: error: {e}", file=sys.stderr)
         return 1
+    except EngineUnavailable as e:  # a generation server died: what finished is on disk
+        print(f"posttrain {verb}: stopped: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"posttrain {verb}: interrupted; finished work is kept on disk", file=sys.stderr)
         return 130

@@ -11,7 +11,8 @@ error, by_category; for refusal sets the harmless rate too), and prints a table.
 Protocols: `hle` adds a system prompt asking for an explanation, a final answer and a
 confidence; `dna` grades refusal problems (LLM judge with `--judge`, else an approximate
 rule-based detector); `plain` sends the question as it is. `auto` picks `dna` when every problem
-is a refusal problem and `plain` otherwise. An adapter is merged in fp32 before generation.
+is a refusal problem and `plain` otherwise. An adapter is merged on the device (hf) or served
+as a LoRA request (vllm).
 A judge call that fails after retries is recorded as `judge_error`, counted as wrong, reported
 separately, and judged again when the same command runs again.
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 from .engines import SamplingParams, make_engine
 from .reasoning import extract_confidence
 from .records import Problem, iter_jsonl, write_json, write_jsonl
-from .sample import add_engine_arguments, sample_problems
+from .sample import add_engine_arguments, engine_config, sample_problems
 
 # Our own wording; `--system-prompt-file` replaces it (e.g. with a benchmark's official text).
 HLE_SYSTEM_PROMPT = (
@@ -181,7 +182,8 @@ def evaluate(engine, problems: list[Problem], out: str | os.PathLike, params: Sa
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
-    parser.add_argument("--adapter", default=None, help="LoRA adapter folder (merged in fp32)")
+    parser.add_argument("--adapter", default=None,
+                        help="LoRA adapter folder (hf: merged on the device; vllm: a LoRA request)")
     parser.add_argument("--problems", required=True)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--out", required=True)
@@ -217,11 +219,14 @@ def main(args) -> int:
             raise SystemExit("posttrain eval: --judge needs --judge-model")
         judge = Judge(args.judge, args.judge_model, api_key_env=args.judge_key_env,
                       template_path=args.judge_template)
-    engine = make_engine(args.engine, args.model, dtype=args.dtype, batch_size=args.batch_size,
+    engine = make_engine(engine_config(args), args.model, dtype=args.dtype,
                          trust_remote_code=args.trust_remote_code, adapter=args.adapter)
     params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p,
                             max_new_tokens=args.max_new_tokens, seed=args.seed)
-    summary = evaluate(engine, problems, args.out, params, protocol=args.protocol,
-                       system_prompt=system_prompt, judge=judge)
+    try:
+        summary = evaluate(engine, problems, args.out, params, protocol=args.protocol,
+                           system_prompt=system_prompt, judge=judge)
+    finally:
+        engine.close()
     print(format_summary(summary, title=f"{engine.model_id} on {args.problems}: "))
     return 0

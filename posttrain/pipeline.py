@@ -29,8 +29,9 @@ class SampleStage:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 128
-    batch_size: int = 16
+    batch_size: int | None = None  # the engine's batch_size for this stage (None: the engine's)
     system_prompt: str | None = None
+    engine: dict = field(default_factory=dict)  # keys over the recipe's engine:, this stage only
 
 
 @dataclass
@@ -51,9 +52,10 @@ class EvalStage:
     n: int = 1
     temperature: float = 0.0
     max_new_tokens: int = 128
-    batch_size: int = 16
+    batch_size: int | None = None  # the engine's batch_size for this stage (None: the engine's)
     protocol: str = "auto"
     system_prompt: str | None = None
+    engine: dict = field(default_factory=dict)  # keys over the recipe's engine:, this stage only
 
 
 @dataclass
@@ -61,6 +63,8 @@ class Recipe:
     model: str = "smollm2-135m"
     dtype: str = "auto"  # auto | bf16 | fp32 | fp16 (auto: models.resolve_dtype)
     seed: int = 0
+    # how sample and eval generate: EngineConfig keys, e.g. {kind: vllm, tensor_parallel_size: 2}
+    engine: dict = field(default_factory=dict)
     sample: SampleStage = field(default_factory=SampleStage)
     pairs: PairsStage = field(default_factory=PairsStage)
     train: TrainStage = field(default_factory=TrainStage)
@@ -76,7 +80,42 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
 
     for spec in (recipe.sample.problems, recipe.eval.problems):
         load_problems(spec, limit=1)
+    for name in ("sample", "eval"):
+        stage_engine(recipe, name)  # a bad engine key fails here, not after a stage
     return recipe
+
+
+# engine keys that say how to reach or drive an engine, not what it generates: a resumed run
+# may change them (servers moved, more concurrency) without being refused
+TRANSPORT_KEYS = ("base_urls", "api_key_env", "concurrency", "timeout", "max_retries",
+                  "gpu_memory_utilization")
+
+
+def stage_engine(recipe: Recipe, stage_name: str):
+    """The EngineConfig stage `stage_name` ("sample" | "eval") generates with: the recipe's
+    engine: block with the stage's engine: keys over it. A stage that switches kind keeps only
+    the shared keys of the recipe's block (not the other kind's own)."""
+    from .config import from_dict, merge
+    from .engines import EngineConfig
+    from .engines.config import KIND_OF
+
+    stage = getattr(recipe, stage_name)
+    kind = stage.engine.get("kind", recipe.engine.get("kind", "hf"))
+    shared = {k: v for k, v in recipe.engine.items() if KIND_OF.get(k, kind) == kind}
+    data = merge(shared, stage.engine)
+    if stage.batch_size is not None:
+        if data.get("batch_size", stage.batch_size) != stage.batch_size:
+            raise ConfigError(f"{stage_name}.batch_size ({stage.batch_size}) and the engine's "
+                              f"batch_size ({data['batch_size']}) are both set; keep one")
+        data["batch_size"] = stage.batch_size
+    config = from_dict(EngineConfig, data, f"{stage_name}.engine")
+    config.check()
+    return config
+
+
+def engine_settings(config) -> dict:
+    """What of an engine goes into a stage's settings (so a resumed run refuses another)."""
+    return {k: v for k, v in asdict(config).items() if k not in TRANSPORT_KEYS}
 
 
 class StageRunner:
@@ -121,7 +160,7 @@ def run_recipe(recipe: Recipe, out: str | Path) -> dict:
     from .compare import compare_items
     from .engines import SamplingParams, make_engine
     from .evaluate import evaluate
-    from .models import resolve_dtype
+    from .models import resolve_device, resolve_dtype
     from .pairs import stats_path
     from .records import read_jsonl
     from .sample import sample_problems
@@ -133,19 +172,26 @@ def run_recipe(recipe: Recipe, out: str | Path) -> dict:
     save_config(recipe, out / "recipe.yaml")
     stage = StageRunner(out)
     r, s, e = recipe, recipe.sample, recipe.eval
+    sample_engine, eval_engine = stage_engine(r, "sample"), stage_engine(r, "eval")
     # the resolved dtype goes into the stage settings, so a folder resumed on a machine where
     # 'auto' means something else is refused instead of mixing fp32 and bf16 stages
-    dtype = resolve_dtype(r.dtype)
+    dtype = resolve_dtype(r.dtype, resolve_device(sample_engine.device, say=False))
+    eval_dtype = resolve_dtype(r.dtype, resolve_device(eval_engine.device, say=False))
 
     def do_sample(folder):
-        engine = make_engine("hf", r.model, dtype=dtype, batch_size=s.batch_size)
+        engine = make_engine(sample_engine, r.model, dtype=dtype)
         params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p,
                                 max_new_tokens=s.max_new_tokens, seed=r.seed)
-        stats = sample_problems(engine, load_problems(s.problems), folder / "samples.jsonl",
-                                params, system_prompt=s.system_prompt, chunk_size=s.batch_size)
+        try:
+            stats = sample_problems(engine, load_problems(s.problems), folder / "samples.jsonl",
+                                    params, system_prompt=s.system_prompt,
+                                    chunk_size=getattr(engine, "batch_size", 8))
+        finally:
+            engine.close()
         print(f"  {stats['tokens_per_second']:.0f} tokens/s")
 
-    stage("sample", {"model": r.model, "dtype": dtype, "seed": r.seed, **asdict(s)}, do_sample)
+    stage("sample", {"model": r.model, "dtype": dtype, "seed": r.seed, **asdict(s),
+                     "engine": engine_settings(sample_engine)}, do_sample)
     samples = out / "sample" / "samples.jsonl"
     stage("verify", {}, lambda f: verify_file(samples, f / "scored.jsonl"))
     scored = out / "verify" / "scored.jsonl"
@@ -177,13 +223,16 @@ def run_recipe(recipe: Recipe, out: str | Path) -> dict:
 
     def do_eval(adapter_dir):
         def run(folder):
-            engine = make_engine("hf", r.model, dtype=dtype, batch_size=e.batch_size,
-                                 adapter=adapter_dir)
-            evaluate(engine, eval_problems, folder, params, protocol=e.protocol,
-                     system_prompt=e.system_prompt)
+            engine = make_engine(eval_engine, r.model, dtype=eval_dtype, adapter=adapter_dir)
+            try:
+                evaluate(engine, eval_problems, folder, params, protocol=e.protocol,
+                         system_prompt=e.system_prompt)
+            finally:
+                engine.close()
         return run
 
-    eval_settings = {"model": r.model, "dtype": dtype, "seed": r.seed, **asdict(e)}
+    eval_settings = {"model": r.model, "dtype": eval_dtype, "seed": r.seed, **asdict(e),
+                     "engine": engine_settings(eval_engine)}
     stage("eval-base", eval_settings, do_eval(None))
     stage("eval-trained", {**eval_settings, "train": asdict(r.train)}, do_eval(adapter))
 
