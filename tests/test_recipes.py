@@ -7,7 +7,7 @@ import pytest
 from posttrain.config import ConfigError
 from posttrain.pipeline import Recipe, load_recipe
 from posttrain.tasks import load_problems
-from posttrain.train.config import train_config
+from posttrain.train.stage import resolve_config
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 
@@ -21,20 +21,18 @@ def test_recipe_loads_and_validates(path, tmp_path):
     recipe = load_recipe(str(path))
     assert isinstance(recipe, Recipe)
     assert load_problems(recipe.sample.problems, limit=2)
-    assert load_problems(recipe.eval.problems, limit=2)
-    # The train section must be a valid TrainConfig for its method.
-    import yaml
-
-    cfg_file = tmp_path / "train.yaml"
-    cfg_file.write_text(yaml.safe_dump({"seed": recipe.seed, **recipe.train.config}))
-    cfg = train_config(recipe.train.method, str(cfg_file), data="pairs.jsonl", out=str(tmp_path))
+    for eval_set in recipe.eval:
+        assert load_problems(eval_set.problems, limit=2)
+    # The train section must be a valid config for its method.
+    cfg = resolve_config(recipe.train.method, {"seed": recipe.seed, **recipe.train.config},
+                         model=recipe.model, data="pairs.jsonl", problems=recipe.sample.problems)
     assert cfg.method == recipe.train.method
 
 
 def test_default_recipe_trains_and_evaluates_on_disjoint_splits():
     recipe = load_recipe(str(RECIPES[[p.name for p in RECIPES].index("default.yaml")]))
     train_q = {p.question for p in load_problems(recipe.sample.problems)}
-    test_q = {p.question for p in load_problems(recipe.eval.problems)}
+    test_q = {p.question for s in recipe.eval for p in load_problems(s.problems)}
     assert train_q and test_q and not train_q & test_q
 
 
