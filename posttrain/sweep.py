@@ -22,7 +22,9 @@ report.json, done.json or failed.json), DIR/locks, and DIR/results.{md,csv,json}
 claims a run with a lock that survives its death (posttrain/locks.py); shared stages are
 locked too, so no stage is computed twice. Every worker keeps going until every run of its
 shard is finished (also those another worker claimed, in case that worker dies), and the
-worker that sees all runs finished writes the table (sweeptable.py). Rerunning resumes.
+worker that sees all runs finished writes the table (sweeptable.py). Rerunning resumes. A run
+that fails on its own (bad data, no pairs, a trainer that stops) is recorded in
+runs/ID/failed.json and shown as failed; delete that file to try it again.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from pathlib import Path
 from .config import ConfigError, load_yaml, save_config
 from .locks import FileLock
 from .recipe import Recipe, merge_overrides, recipe_from_dict
-from .records import write_json
+from .records import DataError, write_json
 
 GRID_KEYS = ("recipe", "set", "axes", "runs")
 
@@ -140,7 +142,7 @@ def run_sweep(grid_path: str | Path, out: str | Path, *, shard: tuple[int, int] 
                 try:
                     run_recipe(r.recipe, folder, store=out / "stages", stale_after=stale_after,
                                progress=progress)
-                except (ConfigError, RuntimeError) as e:  # this run's own failure: record it
+                except (ConfigError, DataError, RuntimeError) as e:  # this run fails alone
                     write_json(folder / "failed.json", {"error": str(e),
                                                         "trace": traceback.format_exc()})
                     print(f"== run {r.id} failed: {e}", flush=True)
