@@ -54,7 +54,6 @@ def prepare_data(recipe: Recipe, stage: StageRunner, dtype: str, progress: bool 
     """Run the stages that make the training data; (path or problem source, its digest)."""
     from .pairs import PairsConfig, make_pairs
     from .records import write_jsonl
-    from .sample import sample_problems
     from .tasks import load_problems
     from .verify.stage import verify_file
 
@@ -72,19 +71,8 @@ def prepare_data(recipe: Recipe, stage: StageRunner, dtype: str, progress: bool 
                                     **asdict(r.demos)}, do_demos)
         return str(folder / "demos.jsonl"), d
 
-    def do_sample(folder):
-        from .engines import SamplingParams
-
-        engine = make_stage_engine(r, dtype, s.batch_size)
-        params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p,
-                                max_new_tokens=s.max_new_tokens, seed=r.seed)
-        stats = sample_problems(engine, load_problems(s.problems), folder / "samples.jsonl",
-                                params, system_prompt=s.system_prompt, chunk_size=s.batch_size,
-                                progress=progress)
-        print(f"  {stats['tokens_per_second']:.0f} tokens/s")
-
     folder, d = stage("sample", {"model": r.model, "dtype": dtype, "seed": r.seed, **asdict(s)},
-                      do_sample)
+                      lambda f: sample_stage(r, dtype, f, progress))
     folder, d = stage("verify", {"input": d}, lambda f: verify_file(
         folder / "samples.jsonl", f / "scored.jsonl", progress=progress))
     scored = folder / "scored.jsonl"
@@ -102,6 +90,23 @@ def prepare_data(recipe: Recipe, stage: StageRunner, dtype: str, progress: bool 
             f"problems ({made['all_wrong']} all wrong, {made['all_right']} all right): raise "
             "sample.n, sample more problems or pick an easier source, with a new --out folder")
     return str(folder / "pairs.jsonl"), d
+
+
+def sample_stage(recipe: Recipe, dtype: str, folder: Path, progress: bool = True) -> dict:
+    """Sample `recipe.sample.n` answers per training problem into FOLDER/samples.jsonl."""
+    from .engines import SamplingParams
+    from .sample import sample_problems
+    from .tasks import load_problems
+
+    s = recipe.sample
+    engine = make_stage_engine(recipe, dtype, s.batch_size)
+    params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p,
+                            max_new_tokens=s.max_new_tokens, seed=recipe.seed)
+    stats = sample_problems(engine, load_problems(s.problems), folder / "samples.jsonl", params,
+                            system_prompt=s.system_prompt, chunk_size=s.batch_size,
+                            progress=progress)
+    print(f"  {stats['tokens_per_second']:.0f} tokens/s")
+    return stats
 
 
 def eval_set_stage(recipe: Recipe, es: EvalSet, dtype: str, adapter, folder: Path,

@@ -41,7 +41,7 @@ SETS = {"arith": 10, "guard": 6}
 
 
 @pytest.fixture(scope="module")
-def toy_run(tmp_path_factory, embedded_dir):
+def toy_run(tmp_path_factory, embedded_dir, one_thread):
     folder = tmp_path_factory.mktemp("toy")
     recipe_path = folder / "toy.yaml"
     recipe_path.write_text(TOY)

@@ -167,3 +167,28 @@ def test_workers_share_a_sweep_and_finish_the_run_of_a_killed_one(tmp_path, tiny
     assert set(table["sets"][0]["runs"]) == {"g01", "g02", "59"}
     assert (out / "results.md").read_text().count("\n|") == 5
     assert (out / "results.csv").read_text().count("\n") == 5  # header, base, 3 runs
+
+
+def test_lock_taken_over_only_when_its_holder_is_gone(tmp_path):
+    """A lock held by a live process is respected; one whose pid is dead on this host, or whose
+    heartbeat is older than stale_after (a holder on another machine), is taken over."""
+    from posttrain.locks import HOST, FileLock
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path = tmp_path / "run.lock"
+    for holder, age, free in (({"pid": os.getppid(), "host": HOST}, 0, False),
+                              ({"pid": dead.pid, "host": HOST}, 0, True),
+                              ({"pid": 1, "host": "elsewhere"}, 0, False),
+                              ({"pid": 1, "host": "elsewhere"}, 600, True)):
+        path.write_text(json.dumps({**holder, "since": 0}))
+        os.utime(path, (time.time() - age, time.time() - age))
+        lock = FileLock(path, stale_after=60)
+        assert lock.try_acquire() == free, holder
+        if free:
+            assert json.loads(path.read_text())["pid"] == os.getpid()
+            lock.release()
+            assert not path.exists()
+    second = FileLock(path, stale_after=60)
+    assert second.try_acquire() and not FileLock(path, stale_after=60).try_acquire()
+    second.release()
