@@ -121,8 +121,7 @@ def run_sweep(grid_path: str | Path, out: str | Path, *, shard: tuple[int, int] 
     out.mkdir(parents=True, exist_ok=True)
     save_config({"grid": str(grid_path), "axes": keys,
                  "runs": [{"id": r.id, "settings": r.settings} for r in runs]}, out / "sweep.yaml")
-    index, count = shard
-    mine = [r for i, r in enumerate(runs) if i % count == index]
+    mine = shard_runs(runs, shard)
     while True:
         pending = [r for r in mine if run_state(out / "runs" / r.id) is None]
         if not pending:
@@ -191,6 +190,12 @@ def build_table(out: Path, keys: list[str], runs: list[SweepRun]) -> dict:
             sets.append(set_table(name, base, per_run))
     return {"axes": keys, "sets": sets,
             "runs": [{"id": r.id, "settings": r.settings, "status": status[r.id]} for r in runs]}
+
+
+def shard_runs(runs: list, shard: tuple[int, int]) -> list:
+    """Shard I of N: the runs at positions I, I + N, I + 2N, ... of the grid."""
+    index, count = shard
+    return [r for i, r in enumerate(runs) if i % count == index]
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -16,7 +16,7 @@ import yaml
 
 from conftest import REPO
 from posttrain.config import ConfigError
-from posttrain.sweep import load_grid, parse_shard
+from posttrain.sweep import load_grid, parse_shard, shard_runs
 from posttrain.sweeptable import holm, set_table, to_csv, to_markdown
 
 
@@ -90,6 +90,9 @@ def test_grid_product_and_named_runs(tmp_path):
     with pytest.raises(ConfigError, match="unknown key.*axis"):
         load_grid(grid)
     assert parse_shard("1/3") == (1, 3)
+    # 5 runs in 2 shards: positions 0, 2, 4 and 1, 3; together each run once
+    assert [r.id for r in shard_runs(runs, (0, 2))] == ["g01", "g03", "59"]
+    assert [r.id for r in shard_runs(runs, (1, 2))] == ["g02", "g04"]
     with pytest.raises(ConfigError):
         parse_shard("3/3")
 
