@@ -50,6 +50,7 @@ class SweepRun:
     id: str
     settings: dict  # dotted key -> value: what this run changes
     recipe: Recipe
+    values: dict | None = None  # every swept key -> this run's value (for the table)
 
 
 def nested(dotted: dict) -> dict:
@@ -98,8 +99,22 @@ def load_grid(path: str | Path) -> tuple[list[str], list[SweepRun]]:
     runs = []
     for rid, settings in specs:
         data = merge_overrides(base, nested(settings))
-        runs.append(SweepRun(rid, settings, recipe_from_dict(data, f"{path} run {rid}")))
+        recipe = recipe_from_dict(data, f"{path} run {rid}")
+        values = {k: settings[k] if k in settings else lookup(recipe, k) for k in keys}
+        runs.append(SweepRun(rid, settings, recipe, values))
     return keys, runs
+
+
+def lookup(recipe: Recipe, dotted: str):
+    """A recipe's value at a dotted key ('train.config.lora.r'); '-' where it has none."""
+    from dataclasses import asdict
+
+    node = asdict(recipe)
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return "-"
+        node = node[part]
+    return node
 
 
 def run_state(folder: Path) -> str | None:
@@ -189,7 +204,8 @@ def build_table(out: Path, keys: list[str], runs: list[SweepRun]) -> dict:
         if base is not None:
             sets.append(set_table(name, base, per_run))
     return {"axes": keys, "sets": sets,
-            "runs": [{"id": r.id, "settings": r.settings, "status": status[r.id]} for r in runs]}
+            "runs": [{"id": r.id, "settings": r.values or r.settings, "changed": r.settings,
+                      "status": status[r.id]} for r in runs]}
 
 
 def shard_runs(runs: list, shard: tuple[int, int]) -> list:

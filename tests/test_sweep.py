@@ -86,6 +86,10 @@ def test_grid_product_and_named_runs(tmp_path):
     assert runs[1].settings == {"train.config.lr": 1e-4, "train.config.beta": 0.3}
     assert runs[1].recipe.train.config["beta"] == 0.3 and runs[1].recipe.sample.n == 2
     assert runs[4].recipe.train.config["lora"] == {"r": 8, "alpha": 32}
+    # the table shows every swept key for every run, the base recipe's value where unchanged
+    assert runs[4].values == {"train.config.lr": 1e-4, "train.config.beta": 0.1,
+                              "train.config.lora.r": 8}
+    assert runs[0].values["train.config.lora.r"] == 16
     grid.write_text(yaml.safe_dump({"recipe": "base.yaml", "axis": {}}))
     with pytest.raises(ConfigError, match="unknown key.*axis"):
         load_grid(grid)
