@@ -159,8 +159,7 @@ def run_recipe(recipe: Recipe, out: str | Path, *, store: str | Path | None = No
     train_folder, train_digest = stage(
         "train", {"model": r.model, "seed": r.seed, "method": r.train.method,
                   "config": r.train.config, "data": data_digest},
-        lambda f: train_stage(r.train.method, {"seed": r.seed, **r.train.config}, f,
-                              model=r.model, nproc=r.train.nproc, progress=progress,
+        lambda f: train_stage(r.train, f, model=r.model, seed=r.seed, progress=progress,
                               data=None if kind == "problems" else data,
                               problems=data if kind == "problems" else None))
     adapter = train_folder / "adapter"

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from ..config import save_config
+from ..recipe import TrainStage
 from .config import OFFLINE_METHODS, METHOD_PRESETS, method_config
 from .config import TrainConfig
 
@@ -40,9 +41,11 @@ def resolve_config(method: str, settings: dict, *, model: str, data: str | None 
                          {"model": model, "problems": problems})
 
 
-def train_stage(method: str, settings: dict, out: str | Path, *, model: str,
-                data: str | None = None, problems: str | None = None, nproc: int = 1,
+def train_stage(stage: TrainStage, out: str | Path, *, model: str, seed: int = 0,
+                data: str | None = None, problems: str | None = None,
                 progress: bool = True) -> None:
+    """Train as a recipe's `train:` block says (method, config, nproc) into `out`."""
+    method, nproc, settings = stage.method, stage.nproc, {"seed": seed, **stage.config}
     out = Path(out)
     cfg = resolve_config(method, settings, model=model, data=data, problems=problems)
     resume = (out / "checkpoints").exists()
