@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("posttrain.compare", "paired comparison of two eval folders"),
     "run": ("posttrain.pipeline", "run a whole recipe: sample -> ... -> compare"),
     "report": ("posttrain.report", "one self-contained HTML page for a run or sweep folder"),
+    "sweep": ("posttrain.sweep", "run a grid of recipes sharing their stages; noise-aware table"),
 }
 
 

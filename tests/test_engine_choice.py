@@ -66,7 +66,7 @@ def test_recipe_engine_block_is_shared_and_overridden_per_stage(tmp_path):
                     "sample: {engine: {gpu_memory_utilization: 0.6}}\n"
                     "eval: {engine: {kind: hf, batch_size: 4}}\n")
     recipe = load_recipe(str(path))
-    s, e = stage_engine(recipe, "sample"), stage_engine(recipe, "eval")
+    s, e = stage_engine(recipe, recipe.sample), stage_engine(recipe, recipe.eval[0])
     assert (s.kind, s.max_model_len, s.gpu_memory_utilization) == ("vllm", 2048, 0.6)
     # eval switched kind: the vllm-only key is dropped, the shared ones stay
     assert (e.kind, e.batch_size, e.max_model_len) == ("hf", 4, None)
@@ -77,7 +77,8 @@ def test_recipe_engine_block_is_shared_and_overridden_per_stage(tmp_path):
                                           r"\(4\) are both set"):
         load_recipe(str(path))
     path.write_text("eval: {batch_size: 8}\n")
-    assert stage_engine(load_recipe(str(path)), "eval").batch_size == 8
+    recipe = load_recipe(str(path))
+    assert stage_engine(recipe, recipe.eval[0]).batch_size == 8
     path.write_text("engine: {kind: vllm, tensor_parallel: 2}\n")
     with pytest.raises(ConfigError, match=r"sample.engine: unknown key\(s\) tensor_parallel"):
         load_recipe(str(path))
