@@ -76,6 +76,16 @@ def test_every_stage_leaves_its_folder_and_marker(toy_run):
         assert row["guard"] == (name == "guard")
     assert report["compare"] == report["sets"][0]["compare"]  # first set at the top level
     assert json.loads((out / "report.json").read_text())["table"] == report["table"]
+    # the HTML report pairs the same sets and gets the same numbers as the run's own compare
+    from posttrain.report_data import load_folder
+
+    (run,) = load_folder(out)["runs"]
+    by_set = {c["set"]: c for c in run.comparisons}
+    for entry in report["sets"]:
+        got = by_set[entry["name"]]
+        assert got["difference"] == entry["compare"]["difference"]
+        assert got["p_value"] == entry["compare"]["p_value"]
+        assert got["guard"] == entry["guard"]
 
 
 @pytest.mark.slow

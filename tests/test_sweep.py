@@ -174,6 +174,16 @@ def test_workers_share_a_sweep_and_finish_the_run_of_a_killed_one(tmp_path, tiny
     assert set(table["sets"][0]["runs"]) == {"g01", "g02", "59"}
     assert (out / "results.md").read_text().count("\n|") == 5
     assert (out / "results.csv").read_text().count("\n") == 5  # header, base, 3 runs
+    # the report reads the real sweep folder: the results table, one section per run
+    from posttrain.report import render
+    from posttrain.report_data import load_folder
+
+    data = load_folder(out)
+    assert data["kind"] == "sweep" and [r.name for r in data["runs"]] == [
+        "runs/59", "runs/g01", "runs/g02"]
+    assert all(r.comparisons and r.comparisons[0]["set"] == "arith" for r in data["runs"])
+    page = render(data)
+    assert "arith vs best (Holm p)" in page and page.count("<h2>Run runs/") == 3
 
 
 def test_lock_taken_over_only_when_its_holder_is_gone(tmp_path):
