@@ -155,6 +155,16 @@ def test_single_eval_mapping_and_overrides_per_set(tmp_path):
         load_recipe(str(new), ["eval.arith.gaurd=true"])
 
 
+@pytest.mark.slow
+def test_another_engine_for_a_finished_stage_is_an_error(toy_run):
+    """The engine is part of the stage settings: resuming with another one is refused before
+    that engine is built (here vllm, which this venv does not even have)."""
+    recipe_path, out, _ = toy_run
+    changed = load_recipe(str(recipe_path), ["engine.kind=vllm"])
+    with pytest.raises(ConfigError, match="stage 'sample' finished earlier with other settings"):
+        run_recipe(changed, out)
+
+
 def test_zero_pairs_stop_the_run_with_a_hint(tmp_path, monkeypatch):
     """A pairs stage that made nothing stops the run before training, naming the counts."""
     from posttrain.pipeline import StageRunner
