@@ -241,7 +241,7 @@ def test_rng_state_loads_with_weights_only(tmp_path):
 def test_dcp_metadata_with_code_is_refused():
     """torch.distributed.checkpoint reads `.metadata` with pickle.load; our reader allows only
     the classes that file holds."""
-    from posttrain.train.distributed import _MetadataUnpickler
+    from posttrain.train.sharded_checkpoint import _MetadataUnpickler
 
     class Evil:
         def __reduce__(self):
@@ -255,3 +255,22 @@ def test_dcp_metadata_with_code_is_refused():
               bytes([len(name)]) + name + b"\x94\x93\x94.")  # STACK_GLOBAL, STOP
     with pytest.raises(pickle.UnpicklingError, match="os.system"):
         _MetadataUnpickler(io.BytesIO(dotted)).load()
+
+
+@pytest.mark.gpu
+@pytest.mark.distributed
+def test_fsdp2_lora_dpo_steps_on_one_gpu(tmp_path):
+    """bench/train_fsdp_gpu.py at a small size on one GPU: sharded with the bf16 / fp32-reduce
+    policy, step 1's DPO loss is ln 2 (LoRA B = 0: policy = reference; bf16 tolerance), and
+    tokens/s and MFU are measured (0 < MFU < 1)."""
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "train_fsdp_gpu.py"), "--layers", "2",
+         "--hidden", "256", "--vocab", "32000", "--pairs", "2", "--prompt", "32",
+         "--completion", "32", "--steps", "2", "--peak-tflops", "100", "--json", str(out)],
+        cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["sharded"] and result["mixed_precision"]
+    assert result["first_step_loss"] == pytest.approx(math.log(2), abs=1e-2)
+    assert result["tokens_per_s"] > 0 and 0 < result["mfu"] < 1

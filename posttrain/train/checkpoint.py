@@ -114,7 +114,7 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizer, schedul
     torch.save(rng_state(), tmp / f"rng-{rank}.pt")
     barrier()
     if sharded:
-        from .distributed import save_sharded
+        from .sharded_checkpoint import save_sharded
 
         save_sharded(model, optimizer, tmp / "sharded")
         barrier()
@@ -139,7 +139,7 @@ def load_checkpoint(folder: str | os.PathLike, model, optimizer, scheduler, *,
     A sharded checkpoint (`sharded/`) loads into the sharded model and its optimizer."""
     folder = Path(folder)
     if (folder / "sharded").is_dir():
-        from .distributed import load_sharded
+        from .sharded_checkpoint import load_sharded
 
         load_sharded(model, optimizer, folder / "sharded")
     else:

@@ -19,8 +19,8 @@ training loop reads the same on 1 process or on N.
 A loop uses one `Processes` object: `policy, optimizer = procs.prepare(model, make_optimizer)`
 (the optimizer is built after wrapping, over the wrapped parameters), `procs.no_sync` /
 `procs.backward` per micro-batch, `procs.clip(policy, max_norm)` (the total norm over all
-shards), `save_sharded` / `load_sharded` for checkpoints and `procs.full_state_dict(policy)`
-for the final weights. The names follow accelerate's Accelerator (num_processes,
+shards), `procs.full_state_dict(policy)` for the final weights (sharded checkpoints:
+sharded_checkpoint.py). The names follow accelerate's Accelerator (num_processes,
 process_index, is_main_process, device, reduce, wait_for_everyone), so helpers written for one
 take the other. `master_weights` keeps full fine-tuning's parameters in fp32 with bf16 compute.
 """
@@ -30,8 +30,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import pickle
-from pathlib import Path
 
 import torch
 
@@ -143,7 +141,8 @@ def local_storage(model: torch.nn.Module) -> dict[str, int]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        t = p.to_local() if hasattr(p, "to_local") else p
+        # an FSDP2 DTensor's local shard; a ZeRO-3 parameter's partition (`ds_tensor`)
+        t = p.to_local() if hasattr(p, "to_local") else getattr(p, "ds_tensor", p)
         numel += t.numel()
         nbytes += t.numel() * t.element_size()
     return {"numel": numel, "bytes": nbytes}
@@ -168,6 +167,9 @@ class Processes:
         # environment and picks the device; FSDP2 is applied by `shard`, not by its plugin
         # (which becomes DDP on CPU without a word).
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), **kwargs)
+        if strategy == "fsdp2" and "LOCAL_RANK" in os.environ and not dist.is_initialized():
+            # accelerate leaves a 1-process torchrun on one GPU without a process group
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         # FSDP2 shards whenever there is a process group (under torchrun, even of 1 process);
         # a plain `posttrain train` process holds the whole model.
         self.sharded = strategy == "fsdp2" and dist.is_available() and dist.is_initialized()
@@ -275,6 +277,13 @@ class Processes:
         flag = torch.tensor([1.0 if ok else 0.0], device=self.device)
         return bool(self.reduce(flag, "sum").item() == self.num_processes)
 
+    def storage_per_process(self, policy: torch.nn.Module) -> list[int]:
+        """Bytes of parameters each process stores ([rank 0, rank 1, ...]): its shards under
+        FSDP2, a whole replica under DDP."""
+        mine = torch.zeros(self.num_processes, dtype=torch.float64, device=self.device)
+        mine[self.process_index] = local_storage(self.unwrap(policy))["bytes"]
+        return [int(b) for b in self.reduce(mine).tolist()]
+
     def full_state_dict(self, policy: torch.nn.Module) -> dict[str, torch.Tensor] | None:
         """The trainable weights (LoRA) or all weights (full fine-tuning), whole, on rank 0's
         CPU; None on the other ranks and for unsharded strategies (the module holds them)."""
@@ -287,99 +296,12 @@ class Processes:
             get_model_state_dict,
         )
 
-        lora = _has_frozen(policy)
+        lora = has_frozen(policy)
         state = get_model_state_dict(policy, options=StateDictOptions(
             full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora))
         return state if self.is_main_process else None
 
 
-def _has_frozen(model: torch.nn.Module) -> bool:
+def has_frozen(model: torch.nn.Module) -> bool:
+    """A LoRA model (frozen base): its checkpoints and final weights hold the trainable part."""
     return any(not p.requires_grad for p in model.parameters())
-
-
-# ----------------------------------------------------------------- sharded checkpoints
-
-
-def save_sharded(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    """Every process writes its shards of the trainable weights and of the optimizer state
-    (torch.distributed.checkpoint); the frozen base is not saved (it is the model folder)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    options = StateDictOptions(ignore_frozen_params=_has_frozen(policy))
-    model_state, optim_state = get_state_dict(policy, optimizer, options=options)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder))
-
-
-def load_sharded(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    """Restore what `save_sharded` wrote into the (already wrapped) model and its optimizer."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_state_dict,
-        set_state_dict,
-    )
-
-    # strict=False: the frozen base is not in the checkpoint; the trainable keys are checked.
-    options = StateDictOptions(ignore_frozen_params=_has_frozen(policy), strict=False)
-    model_state, optim_state = get_state_dict(policy, optimizer, options=options)
-    state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, storage_reader=SafeReader(str(folder)))
-    result = set_state_dict(policy, optimizer, model_state_dict=state["model"],
-                            optim_state_dict=state["optim"], options=options)
-    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
-    missing = [k for k in result.missing_keys if k in trainable]
-    if missing or result.unexpected_keys:
-        raise RuntimeError(f"{folder}: checkpoint does not fit the model (missing {missing[:3]}, "
-                           f"unexpected {list(result.unexpected_keys)[:3]})")
-
-
-# DCP writes its `.metadata` with pickle and reads it back with pickle.load: a checkpoint from
-# elsewhere could run code. Its metadata needs only these globals, and classes (dataclasses,
-# enums) of torch.distributed.checkpoint itself; a dotted name (a path to any attribute, e.g.
-# `os.system` through a module that imports os) is never allowed.
-_METADATA_GLOBALS = {("torch", "Size"), ("collections", "OrderedDict"), ("builtins", "set"),
-                     ("builtins", "frozenset"), ("torch", "device"),
-                     ("torch.serialization", "_get_layout"),  # torch's own allow-list has it
-                     ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if "." not in name:
-            if (module, name) in _METADATA_GLOBALS:
-                return super().find_class(module, name)
-            found = super().find_class(module, name) if module.startswith(
-                ("torch.distributed.checkpoint.", "torch")) else None
-            if isinstance(found, torch.dtype) or (
-                    isinstance(found, type) and module.startswith("torch.distributed.checkpoint.")
-                    and found.__module__ == module):
-                return found
-        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which a "
-                                     "torch.distributed.checkpoint metadata file never holds")
-
-
-def _safe_reader_class():
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
-    class Reader(FileSystemReader):
-        """FileSystemReader whose metadata is unpickled with an allow-list (tensors are
-        already read with torch.load(weights_only=True))."""
-
-        def read_metadata(self, *args, **kwargs):
-            path = Path(self.path) / ".metadata"
-            if kwargs.get("rank") is not None:
-                path = Path(self.path) / f"__{kwargs['rank']}.metadata"
-            with open(path, "rb") as f:
-                metadata = _MetadataUnpickler(f).load()
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
-
-    return Reader
-
-
-def SafeReader(path: str | os.PathLike):  # noqa: N802 - a class made on first use
-    return _safe_reader_class()(path)

@@ -42,7 +42,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .data import Example, load_examples
-from .distributed import Processes, master_weights, zero3_config
+from .distributed import Processes, local_storage, master_weights, zero3_config
 from .logps import completion_logps, reference_logps, split_pairs
 from .lora import apply_lora, format_parameter_report, parameter_report
 from .metrics import MetricsLog, NonFiniteError, check_finite
@@ -236,10 +236,14 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
         save_atomic(lambda d: model.save_pretrained(d), init_adapter)
 
     # Wrap first, then the optimizer over the wrapped (for FSDP2: sharded) parameters.
+    whole = local_storage(model)["bytes"]
     policy, optimizer = accelerator.prepare(model, lambda m: make_optimizer(
         m, cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_eps))
     model = accelerator.unwrap(policy)  # the module holding the parameters (sharded or whole)
+    stored = accelerator.storage_per_process(policy)
+    _say(accelerator, f"{cfg.strategy}: each process stores {_mib(max(stored))} of the "
+                      f"{_mib(whole)} of parameters ({P} process(es))")
     scheduler = make_scheduler(optimizer, total_steps=total,
                                warmup_steps=round(cfg.warmup_ratio * total),
                                schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio)
@@ -250,6 +254,10 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
     if main:
         save_config(cfg, out / "config.yaml")
         write_json(out / "data_report.json", report.to_dict())
+        write_json(out / "processes.json", {"strategy": cfg.strategy, "processes": P,
+                                            "sharded": accelerator.sharded,
+                                            "parameter_bytes": whole,
+                                            "parameter_bytes_per_process": stored})
     log = MetricsLog(out / "metrics.jsonl", resume_step=start, enabled=main)
     policy.train()
 
@@ -328,6 +336,10 @@ def _postfix(row: dict) -> dict:
         shown["acc"] = f"{row['rewards/accuracies']:.2f}"
     shown["tok/s"] = f"{row['tokens_per_s']:.0f}"
     return shown
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"
 
 
 def _say(accelerator, text: str) -> None:
