@@ -52,6 +52,8 @@ def worker_out(tiny_model_dir, tmp_path_factory):
     """tests/train_fsdp_worker.py under torchrun, 2 processes: step 1 and per-rank storage."""
     folder = tmp_path_factory.mktemp("fsdp-worker")
     pairs, _ = write_data(folder / "data", n=4)
+    lines = pairs.read_text().splitlines(keepends=True)
+    (folder / "data" / "pairs3.jsonl").write_text("".join(lines[:3]))
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(REPO / "tests" / "train_fsdp_worker.py"), tiny_model_dir, str(pairs),
@@ -62,16 +64,20 @@ def worker_out(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.mark.distributed
-def test_fsdp2_step_one_loss_and_lora_gradients_equal_one_process(tiny_model_dir, worker_out):
+@pytest.mark.parametrize("pairs", [4, 3])
+def test_fsdp2_step_one_loss_and_lora_gradients_equal_one_process(tiny_model_dir, worker_out,
+                                                                  pairs):
     """2 processes x 2 accumulation steps x 1 pair, LoRA inside fully_shard-ed layers, against
     1 process x 4 pairs unwrapped: same DPO loss, same whole LoRA gradients (gathered from
-    the shards), same total gradient norm (computed from the shards by clip)."""
+    the shards), same total gradient norm (computed from the shards by clip). With 3 pairs
+    process 1 has one micro-batch to process 0's two, and must still take part in both
+    passes' collectives (else FSDP2 hangs) without adding to the gradient."""
     from accelerate import Accelerator
     from train_dist_worker import one_step
 
-    two = torch.load(worker_out / "out" / "step.pt")
-    loss, grads = one_step(cfg_for(tiny_model_dir, worker_out / "data" / "pairs.jsonl",
-                                   "batch_size=4"), Accelerator(cpu=True))
+    two = torch.load(worker_out / "out" / ("step.pt" if pairs == 4 else "step3.pt"))
+    data = worker_out / "data" / ("pairs.jsonl" if pairs == 4 else "pairs3.jsonl")
+    loss, grads = one_step(cfg_for(tiny_model_dir, data, "batch_size=4"), Accelerator(cpu=True))
     assert all(g.abs().sum() > 0 for g in grads.values())
     assert two["loss"] == pytest.approx(loss, rel=1e-5)
     assert_grads_close(two["grads"], grads)

@@ -3,7 +3,8 @@ process stores of a full fine-tune under FSDP2 and under DDP.
 
     torchrun --standalone --nproc_per_node 2 tests/train_fsdp_worker.py MODEL PAIRS OUT
 
-Writes OUT/step.pt (rank 0: {"loss", "grad_norm", "grads"}: the gathered whole gradients) and
+Writes OUT/step.pt (rank 0: {"loss", "grad_norm", "grads"}: the gathered whole gradients; and
+OUT/step3.pt for the 3 pairs of PAIRS' folder's pairs3.jsonl: a short, uneven global batch) and
 OUT/storage-RANK.json (this process's parameter / gradient / optimizer-state elements and bytes).
 """
 
@@ -89,6 +90,11 @@ def main() -> None:
     loss, norm, grads = fsdp2_step(cfg, procs)
     if procs.is_main_process:
         torch.save({"loss": loss, "grad_norm": norm, "grads": grads}, out / "step.pt")
+    # 3 pairs: process 0 gets 2 micro-batches, process 1 one (it repeats it with zero weight)
+    cfg.data = str(Path(data).with_name("pairs3.jsonl"))
+    loss, norm, grads = fsdp2_step(cfg, procs)
+    if procs.is_main_process:
+        torch.save({"loss": loss, "grad_norm": norm, "grads": grads}, out / "step3.pt")
 
     torch.manual_seed(0)
     ids = torch.randint(0, 1000, (2, 16))

@@ -115,6 +115,12 @@ def step_gradients(policy, examples: list[Example], batch: list[int], ref: torch
     P = accelerator.num_processes
     units = global_units([examples[i] for i in batch], cfg)
     mine = micro_batches(batch, lengths, P, accelerator.process_index, cfg.grad_accum)
+    real = len(mine)
+    if getattr(accelerator, "sharded", False):
+        # FSDP2's forward and backward are collectives: a process with fewer micro-batches
+        # (a short last batch) repeats its first one with zero weight, as often as the busiest.
+        most = max(len(micro_batches(batch, lengths, P, r, cfg.grad_accum)) for r in range(P))
+        mine = mine + [mine[0]] * (most - real)
     loss_sum = torch.zeros((), device=accelerator.device)
     metric_sums: dict[str, torch.Tensor] = {}
     tokens = 0
@@ -124,7 +130,9 @@ def step_gradients(policy, examples: list[Example], batch: list[int], ref: torch
             loss, metrics, share, n_tokens = micro_batch_loss(
                 policy, [examples[j] for j in rows], ref[rows] if ref is not None else None, cfg,
                 pad_id=pad_id, device=accelerator.device, units=units, processes=P)
-            accelerator.backward(loss)
+            accelerator.backward(loss if i < real else loss * 0.0)
+        if i >= real:
+            continue
         loss_sum += loss.detach().float()
         tokens += n_tokens
         for k, v in metrics.items():
