@@ -101,11 +101,25 @@ def test_fsdp2_full_finetune_stores_at_most_055_of_ddp_per_process(worker_out):
             assert r["fsdp2"][key] <= 0.55 * ddp[key], (key, r["fsdp2"], ddp)
 
 
+def running_in_group(pgid: int) -> list[int]:
+    """Processes of process group `pgid` that are not zombies (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":  # after "(comm)": state ppid pgrp
+            found.append(int(stat.parent.name))
+    return found
+
+
 @pytest.fixture(scope="module")
 def killed_and_straight(tiny_model_dir, tmp_path_factory):
     """Two `posttrain train --nproc 2 ... strategy=fsdp2` runs of 12 steps with LoRA dropout
-    (the RNG state matters): one straight through; one whose launcher and workers get SIGKILL
-    after step 3 (the newest checkpoint is step 2), then rerun with --resume."""
+    (the RNG state matters): one straight through; one whose torchrun launcher gets SIGKILL
+    after step 3 (the newest checkpoint is step 2), then rerun with --resume. The workers must
+    die with the launcher (distributed.die_with_launcher), not train on as orphans."""
     folder = tmp_path_factory.mktemp("fsdp-resume")
     pairs, _ = write_data(folder / "data", n=8)
     args = ["train", "--method", "dpo", "--model", tiny_model_dir, "--data", str(pairs),
@@ -116,8 +130,8 @@ def killed_and_straight(tiny_model_dir, tmp_path_factory):
     straight, resumed = folder / "straight", folder / "resumed"
     run_cli(*args, "--out", str(straight), env=ENV)
 
-    # The launcher execs torchrun in a session of its own: killing the process group is a
-    # machine going down (SIGKILL to every process, nothing flushed).
+    # `posttrain train --nproc` execs torchrun: this pid is the launcher; the workers are its
+    # children, in a session of their own so that the test can see them all go.
     killed = subprocess.Popen([sys.executable, "-m", "posttrain.cli", *args, "--out",
                                str(resumed)], cwd=REPO, env={**os.environ, **ENV},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -127,8 +141,11 @@ def killed_and_straight(tiny_model_dir, tmp_path_factory):
     while not (log.exists() and len(log.read_text().splitlines()) >= 3):
         assert killed.poll() is None and time.monotonic() < deadline, "the run ended early"
         time.sleep(0.005)
-    os.killpg(killed.pid, signal.SIGKILL)
+    os.kill(killed.pid, signal.SIGKILL)
     killed.wait()
+    while running_in_group(killed.pid):  # SIGKILL from their parent's death
+        assert time.monotonic() < deadline, "torchrun's workers outlived their launcher"
+        time.sleep(0.05)
     steps_before = len(log.read_text().splitlines())
     assert 3 <= steps_before < 12 and not (resumed / "adapter").exists()
     run_cli(*args, "--out", str(resumed), "--resume", env=ENV)

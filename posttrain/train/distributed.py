@@ -38,6 +38,24 @@ from ..config import ConfigError
 STRATEGIES = ("ddp", "fsdp2", "deepspeed")
 
 
+def die_with_launcher() -> None:
+    """Ask Linux to SIGKILL this torchrun worker when its launcher dies: torchrun killed with
+    SIGKILL otherwise leaves its workers training on (measured: 2 orphans went on from step 2 to
+    23), racing the `--resume` run that follows. No-op elsewhere than Linux."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    PR_SET_PDEATHSIG = 1
+    parent = os.getppid()
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        return
+    if os.getppid() != parent:  # the launcher died before the request was in place
+        os._exit(1)
+
+
 def check_strategy(strategy: str) -> None:
     """ConfigError for an unknown strategy, or deepspeed where there is no CUDA."""
     if strategy not in STRATEGIES:
@@ -166,6 +184,8 @@ class Processes:
         # accelerate starts the process group (gloo on CPU, nccl on CUDA) from torchrun's
         # environment and picks the device; FSDP2 is applied by `shard`, not by its plugin
         # (which becomes DDP on CPU without a word).
+        if "LOCAL_RANK" in os.environ:
+            die_with_launcher()
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), **kwargs)
         if strategy == "fsdp2" and "LOCAL_RANK" in os.environ and not dist.is_initialized():
             # accelerate leaves a 1-process torchrun on one GPU without a process group
