@@ -13,8 +13,8 @@ Make the pairs first as the recipe does, at the size you can afford, e.g.
 
 Four runs of `posttrain train` with the recipe's train.config (every process 1 thread):
 p1 (1 process, batch 4), p2 (`--nproc 2`, strategy=fsdp2, batch 2 per process = the same global
-batch of 4), p2-killed (as p2 with checkpoints every steps/4, SIGKILL to launcher and workers
-after step steps/2 + 1, then --resume; it must end bitwise equal to p2).
+batch of 4), p2-killed (as p2 with a checkpoint every steps/3, SIGKILL to the torchrun launcher
+one step after the first checkpoint, then --resume; it must end bitwise equal to p2).
 Writes the per-step losses, their largest difference, the adapters' largest difference, whether
 the resumed adapter is bitwise the straight one, each process's parameter bytes (processes.json),
 wall times, and the machine's load and CPU flags; a plot of the two loss curves beside the JSON.
@@ -38,8 +38,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
 def train(args: list[str], out: Path, *, kill_after: int = 0) -> float:
-    """Run `posttrain train ARGS --out OUT`; with kill_after, SIGKILL it (launcher and workers,
-    as a machine going down) once metrics.jsonl has that many steps. Returns wall seconds."""
+    """Run `posttrain train ARGS --out OUT`; with kill_after, SIGKILL the torchrun launcher (its
+    workers die with it) once metrics.jsonl has that many steps. Returns wall seconds."""
     command = [sys.executable, "-m", "posttrain.cli", "train", *args, "--out", str(out),
                "--no-progress"]
     start = time.perf_counter()
@@ -52,8 +52,9 @@ def train(args: list[str], out: Path, *, kill_after: int = 0) -> float:
                 if proc.poll() is not None:
                     raise SystemExit(f"{out}: ended before step {kill_after}; see {log.name}")
                 time.sleep(0.05)
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.kill(proc.pid, signal.SIGKILL)  # `--nproc` exec'd torchrun: the launcher
             proc.wait()
+            time.sleep(2)  # the workers' SIGKILL (distributed.die_with_launcher)
         elif proc.wait() != 0:
             raise SystemExit(f"{out}: posttrain train failed; see {log.name}")
     return time.perf_counter() - start
@@ -102,8 +103,9 @@ def main() -> None:
     load_start = os.getloadavg()
     seconds = {"p1": train(common, runs["p1"]), "p2": train(two, runs["p2"])}
     steps = len(losses(runs["p1"]))
-    kill_after = max(1, steps // 2 + 1)  # one step past a checkpoint at most steps // 2
-    two_ckpt = [*two, "--set", f"checkpoint_every={max(1, steps // 4)}"]
+    every = max(1, steps // 3)
+    kill_after = every + 1  # one step past the first checkpoint: resume redoes a step
+    two_ckpt = [*two, "--set", f"checkpoint_every={every}"]
     seconds["p2-killed"] = train(two_ckpt, runs["p2-killed"], kill_after=kill_after)
     steps_at_kill = len(losses(runs["p2-killed"]))
     # checkpoint_every does not change the result: p2 is the uninterrupted run to match
