@@ -132,8 +132,8 @@ def main() -> None:
         "parameter_bytes_per_process": processes["parameter_bytes_per_process"],
         "wall_seconds": seconds,
         "load_average_at_start": load_start, "load_average_at_end": os.getloadavg(),
-        "cpu_flags": sorted(f for f in open("/proc/cpuinfo").read().split()
-                            if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")),
+        "cpu_flags": sorted({f for f in open("/proc/cpuinfo").read().split()
+                             if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")}),
         "cpus": os.cpu_count(),
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
