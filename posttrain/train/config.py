@@ -38,9 +38,11 @@ class LoraConfig:
     dropout: float = 0.0
     rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r (Kalajdzievski 2023)
     init: str = "default"  # default (B = 0) | olora | pissa
-    # A preset (all-linear: attention + dense MLP linears; attention; mlp), a regex matched
-    # against whole module names, or a list of module names. Routers and MoE experts are
-    # never targeted by the presets.
+    # Target names, combinable with commas: all-linear (attention + dense MLP linears),
+    # attention, mlp, all-router, experts, shared-expert (train/lora.py lora_targets); or a
+    # regex matched against whole module names; or a list of module names. Routers and routed
+    # experts are adapted only when named (all-router, experts). new-layers: the layers
+    # `posttrain expand` added (with enabled: false, full fine-tuning of those layers only).
     targets: str | list[str] = "all-linear"
 
     def check(self) -> None:
@@ -54,6 +56,26 @@ class LoraConfig:
             raise ConfigError(f"lora.init: {self.init!r}; expected {' | '.join(LORA_INITS)}")
         if not self.targets:
             raise ConfigError("lora.targets: empty; expected a preset, a regex or module names")
+
+
+@dataclass
+class MoeConfig:
+    """Routing statistics of mixture-of-experts models (posttrain/train/moe.py); ignored on a
+    dense model. Shared with the online trainer."""
+
+    stats_every: int = 10  # optimizer steps between `moe/...` metrics (and the last); 0: off
+    probe_size: int = 4  # training prompts in the fixed probe batch, chosen once by the seed
+
+    def check(self) -> None:
+        for name in ("stats_every", "probe_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"moe.{name}: {getattr(self, name)}; expected >= 0")
+
+
+def check_aux_coef(value: float | None) -> None:
+    if value is not None and not value >= 0:
+        raise ConfigError(f"router_aux_loss_coef: {value!r}; expected >= 0 (or unset: the "
+                          "model config's own value)")
 
 
 @dataclass
@@ -102,7 +124,13 @@ class TrainConfig:
     # each), fsdp2 (torch fully_shard: 1/N of weights, gradients, optimizer state each),
     # deepspeed (ZeRO-3 through accelerate; CUDA only)
     strategy: str = "ddp"
+    trackers: list[str] = field(default_factory=list)  # tensorboard | wandb (offline), besides
+    #                                                   metrics.jsonl (train/metrics.py)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # MoE models: coef x load-balancing loss added to the method's loss (logged as loss/aux);
+    # unset: the model config's router_aux_loss_coef (Qwen3-MoE 0.001); 0: off.
+    router_aux_loss_coef: float | None = None
+    moe: MoeConfig = field(default_factory=MoeConfig)
 
     @property
     def preference(self) -> bool:
@@ -140,6 +168,11 @@ class TrainConfig:
             bad("sft_aggregation", self.sft_aggregation, "token_mean | sequence_mean | sum")
         if self.beta <= 0:
             bad("beta", self.beta, "> 0")
+        from .metrics import TRACKERS
+
+        for name in self.trackers:
+            if name not in TRACKERS:
+                bad("trackers", name, " | ".join(TRACKERS))
         from .distributed import STRATEGIES
 
         if self.strategy not in STRATEGIES:
@@ -150,6 +183,8 @@ class TrainConfig:
             bad("lora.init", self.lora.init, "default with strategy=fsdp2 (pissa / olora: "
                 "use strategy=ddp)")
         self.lora.check()
+        self.moe.check()
+        check_aux_coef(self.router_aux_loss_coef)
 
 
 def train_config(method: str, path: str | None = None, overrides: list[str] | None = None,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -46,6 +47,7 @@ from .distributed import Processes, local_storage, master_weights, zero3_config
 from .logps import completion_logps, reference_logps, split_pairs
 from .lora import apply_lora, format_parameter_report, parameter_report
 from .metrics import MetricsLog, NonFiniteError, check_finite
+from .moe import MoeRun
 from .optim import lr_at, make_optimizer, make_scheduler
 from .refcache import cache_key, cache_path, read_cache, write_cache
 
@@ -54,6 +56,7 @@ DPO_LOSS_TYPES = {"dpo": "sigmoid", "ipo": "ipo", "robust-dpo": "robust", "bdpo"
                   "rpo": "sigmoid"}
 # Settings that may change between a run and its resume (they do not change the result).
 RESUME_MAY_CHANGE = {"stop_after_steps", "num_threads", "checkpoint_every", "keep_checkpoints",
+                     "trackers",
                      "ref_batch_size", "ref_cache"}
 
 
@@ -105,12 +108,13 @@ def micro_batch_loss(model, examples: list[Example], ref: torch.Tensor | None, c
 
 
 def step_gradients(policy, examples: list[Example], batch: list[int], ref: torch.Tensor | None,
-                   cfg: TrainConfig, accelerator, *, lengths: list[int], pad_id: int
-                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+                   cfg: TrainConfig, accelerator, *, lengths: list[int], pad_id: int,
+                   moe: MoeRun = MoeRun()) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
     """Backward over this process's micro-batches of one global batch; gradients accumulate.
 
     Returns (this process's summed loss shares, summed metric shares, tokens it processed).
     Summed over processes and divided by their number, the loss is the global batch's loss.
+    On an MoE model `moe` adds coef x the balance loss of each micro-batch, with its share.
     """
     P = accelerator.num_processes
     units = global_units([examples[i] for i in batch], cfg)
@@ -127,9 +131,11 @@ def step_gradients(policy, examples: list[Example], batch: list[int], ref: torch
     for i, rows in enumerate(mine):
         sync = i == len(mine) - 1  # DDP all-reduces gradients on the last backward only
         with contextlib.nullcontext() if sync or P == 1 else accelerator.no_sync(policy):
-            loss, metrics, share, n_tokens = micro_batch_loss(
-                policy, [examples[j] for j in rows], ref[rows] if ref is not None else None, cfg,
-                pad_id=pad_id, device=accelerator.device, units=units, processes=P)
+            with moe.record(policy) as routing:
+                loss, metrics, share, n_tokens = micro_batch_loss(
+                    policy, [examples[j] for j in rows], ref[rows] if ref is not None else None,
+                    cfg, pad_id=pad_id, device=accelerator.device, units=units, processes=P)
+            loss = moe.add_aux(loss, metrics, routing, share * P)
             accelerator.backward(loss if i < real else loss * 0.0)
         if i >= real:
             continue
@@ -228,6 +234,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
     ref = reference_table(model, examples, cfg, accelerator, pad_id=pad_id, dtype=dtype,
                           out=out) if cfg.preference else None
     reference_seconds = time.perf_counter() - t_ref
+    moe = MoeRun.setup(model, cfg.router_aux_loss_coef, cfg.moe, examples, lambda e: e.prompt,
+                       seed=cfg.seed, pad_id=pad_id)
     model = apply_lora(model, cfg.lora)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -266,7 +274,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
                                             "sharded": accelerator.sharded,
                                             "parameter_bytes": whole,
                                             "parameter_bytes_per_process": stored})
-    log = MetricsLog(out / "metrics.jsonl", resume_step=start, enabled=main)
+    log = MetricsLog(out / "metrics.jsonl", resume_step=start, enabled=main,
+                     trackers=cfg.trackers, config=asdict(cfg))
     policy.train()
 
     bar = tqdm(total=total, initial=start, desc=f"train {cfg.method}", unit="step",
@@ -283,7 +292,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
         batch = batches[position]
         loss_sum, metric_sums, tokens = step_gradients(policy, examples, batch, ref, cfg,
                                                        accelerator, lengths=lengths,
-                                                       pad_id=pad_id)
+                                                       pad_id=pad_id, moe=moe)
         grad_norm = accelerator.clip(policy, cfg.max_grad_norm)  # over all shards
         names = list(metric_sums)
         summed = torch.stack([loss_sum, torch.tensor(float(tokens), device=device),
@@ -301,6 +310,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
                "lr": lr_at(scheduler, step), "grad_norm": grad_norm, "rows": len(batch),
                "tokens": int(values[1]), "tokens_per_s": values[1] / seconds,
                "seconds": seconds}
+        row.update(moe.stats(policy, step + 1, last=step + 1 == stop))
         log.write(row)
         bar.update(1)
         bar.set_postfix(_postfix(row))
@@ -316,6 +326,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
                             barrier=accelerator.wait_for_everyone,
                             sharded=accelerator.sharded)
     bar.close()
+    log.close()
 
     finished = stop == total
     # sharded: every process takes part in gathering the whole weights onto rank 0

@@ -47,11 +47,12 @@ from ..verify import verify_row
 from .batches import collate
 from .checkpoint import (latest_checkpoint, load_checkpoint, parameters_finite, save_checkpoint,
                          save_final, start_run)
-from .config import SCHEDULES, LoraConfig, method_config
+from .config import SCHEDULES, LoraConfig, MoeConfig, check_aux_coef, method_config
 from .data import Example, load_examples
 from .logps import completion_logps
 from .lora import apply_lora, format_parameter_report, parameter_report
 from .metrics import MetricsLog, NonFiniteError, check_finite
+from .moe import MoeRun, probe_prompt
 from .optim import clip_gradients, lr_at, make_optimizer, make_scheduler
 
 # Method name -> the settings it implies (under the user's YAML and --set overrides).
@@ -136,6 +137,8 @@ class OnlineConfig:
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     lora: LoraConfig = field(default_factory=LoraConfig)
     chord: ChordConfig = field(default_factory=ChordConfig)
+    router_aux_loss_coef: float | None = None  # MoE only; as in TrainConfig (train/moe.py)
+    moe: MoeConfig = field(default_factory=MoeConfig)
 
     def check(self) -> None:
         def bad(name, value, expected):
@@ -181,6 +184,8 @@ class OnlineConfig:
             if c.ratio <= 0:
                 bad("chord.ratio", c.ratio, "> 0")
         self.lora.check()
+        self.moe.check()
+        check_aux_coef(self.router_aux_loss_coef)
 
 
 def online_config(method: str, path: str | None = None, overrides: list[str] | None = None,
@@ -409,7 +414,8 @@ def frozen_logps(model, batches: list[tuple[dict, slice]], *, reference: bool) -
 
 
 def policy_backward(model, batches, advantages: torch.Tensor, old: list | None, ref: list | None,
-                    cfg: OnlineConfig, *, mu: float | None) -> dict[str, float]:
+                    cfg: OnlineConfig, *, mu: float | None, moe: MoeRun = MoeRun()
+                    ) -> dict[str, float]:
     """Backward over the rollout micro-batches; returns the policy loss and token-mean metrics.
 
     For CHORD each micro-batch's loss goes through losses.chord_loss with a zero SFT part,
@@ -422,7 +428,8 @@ def policy_backward(model, batches, advantages: torch.Tensor, old: list | None, 
     tokens = 0.0
     for i, (batch, rows) in enumerate(batches):
         mask = batch["labels"] != -100  # (b, K)
-        logps, entropy = logps_and_entropy(model, batch)  # (b, K) each
+        with moe.record(model) as routing:
+            logps, entropy = logps_and_entropy(model, batch)  # (b, K) each
         loss, metrics = policy_loss(
             logps, None if old is None else old[i], advantages[rows].to(logps.device), mask,
             clip_low=cfg.clip_low, clip_high=cfg.clip_high, ratio_level=cfg.ratio_level,
@@ -431,7 +438,9 @@ def policy_backward(model, batches, advantages: torch.Tensor, old: list | None, 
             num_items_in_batch=max(total_tokens, 1.0) if cfg.aggregation == "dapo" else None)
         loss = loss * micro_batch_weight(cfg.aggregation, rows.stop - rows.start, total_rows,
                                          len(batches))
-        (loss if mu is None else chord_loss(loss, torch.zeros_like(loss), mu)).backward()
+        # MoE: + coef x balance loss, token-weighted like the logged metrics
+        total = moe.add_aux(loss, metrics, routing, float(mask.sum()) / max(total_tokens, 1.0))
+        (total if mu is None else chord_loss(total, torch.zeros_like(loss), mu)).backward()
         values = metrics_to_floats(metrics)
         n = float(mask.sum())
         values["entropy"] = float(entropy[mask].mean()) if n else 0.0
@@ -442,7 +451,8 @@ def policy_backward(model, batches, advantages: torch.Tensor, old: list | None, 
     return {k: v if k == "loss/policy" else v / max(tokens, 1.0) for k, v in sums.items()}
 
 
-def sft_backward(model, batches: list[dict], cfg: OnlineConfig, mu: float) -> dict[str, float]:
+def sft_backward(model, batches: list[dict], cfg: OnlineConfig, mu: float,
+                 moe: MoeRun = MoeRun()) -> dict[str, float]:
     """CHORD's SFT part: mu * (plain or phi-weighted) NLL, a token mean over every
     demonstration token of the step; backward per micro-batch."""
     loss_fn = sft_phi if cfg.chord.variant == "phi" else sft
@@ -450,10 +460,11 @@ def sft_backward(model, batches: list[dict], cfg: OnlineConfig, mu: float) -> di
     sums: dict[str, float] = {"loss/sft": 0.0}
     for batch in batches:
         mask = batch["labels"] != -100  # (b, K)
-        loss, metrics = loss_fn(completion_logps(model, batch), mask,
-                                num_items_in_batch=max(total, 1.0))
-        chord_loss(torch.zeros_like(loss), loss, mu).backward()
+        with moe.record(model) as routing:
+            logps = completion_logps(model, batch)
+        loss, metrics = loss_fn(logps, mask, num_items_in_batch=max(total, 1.0))
         share = float(mask.sum()) / max(total, 1.0)
+        chord_loss(torch.zeros_like(loss), moe.add_aux(loss, metrics, routing, share), mu).backward()
         for k, v in metrics_to_floats(metrics).items():
             if k != "tokens":
                 sums[f"sft/{k}"] = sums.get(f"sft/{k}", 0.0) + v * share
@@ -497,6 +508,9 @@ def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, mo
     if model is None:
         model = load_model(cfg.model, dtype=dtype)
     model.to(device)
+    moe = MoeRun.setup(model, cfg.router_aux_loss_coef, cfg.moe, problems,
+                       lambda p: probe_prompt(tokenizer, p, cfg.system_prompt), seed=cfg.seed,
+                       pad_id=pad_id)
     policy = apply_lora(model, cfg.lora)
     policy.eval()  # dropout off for the whole run (module docstring); gradients still flow
     if progress:
@@ -544,13 +558,14 @@ def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, mo
         ref = frozen_logps(policy, batches, reference=True) if kept and cfg.kl_beta > 0 else None
         updates = 0
         for update in range(U if (kept or chord) else 0):
-            metrics = policy_backward(policy, batches, advantages, old, ref, cfg, mu=mu) \
-                if kept else {}
+            metrics = policy_backward(policy, batches, advantages, old, ref, cfg, mu=mu,
+                                      moe=moe) if kept else {}
             if chord:
-                metrics.update(sft_backward(policy, demo_batches, cfg, mu))
+                metrics.update(sft_backward(policy, demo_batches, cfg, mu, moe=moe))
             loss = metrics.get("loss/policy", 0.0) if not chord else \
                 float(chord_loss(torch.tensor(metrics.get("loss/policy", 0.0)),
                                  torch.tensor(metrics["loss/sft"]), mu))
+            loss += moe.aux_term(metrics, mu)
             grad_norm = clip_gradients(policy, cfg.max_grad_norm)
             check_finite(step + 1, loss, grad_norm, latest_checkpoint(out))
             optimizer.step()
@@ -564,6 +579,7 @@ def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, mo
             # ... clipping of the last: it only happens once the policy has moved.
             row.update({k: v for k, v in metrics.items() if k.startswith("clip_ratio/")})
         row.setdefault("kl", None)  # computed only when kl_beta > 0
+        row.update(moe.stats(policy, step + 1, last=step + 1 == stop))
         t2 = time.perf_counter()
         row.update({"mu": mu, "updates": updates, "lr": lr_at(scheduler, step * U),
                     "time/generate": info["time/generate"], "time/grade": info["time/grade"],
