@@ -225,7 +225,8 @@ def grade_samples(samples_path: Path, items_path: Path, judge=None,
                     for f in futures:
                         f.cancel()
                     raise
-        done = {key(it): it for it in sink.rows}
+    # the appender keeps keys only; the items (what this function returns) are read back once
+    done = {key(it): it for _, it in iter_jsonl(items_path, allow_empty=True)}
     items = [done[(str(row["problem"]["id"]), row["sample_index"])] for row in rows]
     write_jsonl(items_path, items)
     return items
