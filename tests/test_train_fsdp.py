@@ -251,6 +251,12 @@ def test_rng_state_loads_with_weights_only(tmp_path):
     set_rng_state(torch.load(tmp_path / "rng-0.pt", weights_only=True))
     got = (random.random(), torch.rand(3))
     assert got[0] == want[0] and torch.equal(got[1], want[1])
+    # a file of the earlier form ({"python": random.getstate(), ...}) still loads and applies
+    random.seed(3)
+    torch.manual_seed(3)
+    torch.save({"python": random.getstate(), "torch": torch.get_rng_state()}, tmp_path / "old.pt")
+    set_rng_state(torch.load(tmp_path / "old.pt", weights_only=True))
+    assert random.random() == want[0]
 
     class Evil:
         def __reduce__(self):

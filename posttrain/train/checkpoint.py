@@ -60,8 +60,12 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate((state["python_version"], tuple(state["python_words"].tolist()),
-                     state["python_gauss"]))
+    if "python" in state:  # written before the tensor form: (version, tuple of ints, gauss)
+        version, words, gauss = state["python"]
+        random.setstate((version, tuple(words), gauss))
+    else:
+        random.setstate((state["python_version"], tuple(state["python_words"].tolist()),
+                         state["python_gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
