@@ -8,8 +8,12 @@ new one, never a half-written one that resume would trust. The data position nee
 beyond the step: the data order is a function of (seed, epoch) (see batches.py).
 
 Weights: a PEFT model saves its adapter (`adapter/`, standard PEFT format); full fine-tuning
-saves `model.safetensors`. Each process saves its own RNG state (`rng-RANK.pt`); with several
-machines the output folder must be on a shared file system.
+saves `model.safetensors`. A sharded run (strategy=fsdp2) saves `sharded/` instead: every
+process writes its shards of the trainable weights and the optimizer state with
+torch.distributed.checkpoint (distributed.save_sharded). Each process saves its own RNG state
+(`rng-RANK.pt`, plain lists and tensors: it loads with torch.load(weights_only=True), so a
+checkpoint folder from elsewhere cannot run code); with several machines the output folder
+must be on a shared file system.
 """
 
 from __future__ import annotations
@@ -46,14 +50,22 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors and plain numbers (weights_only-loadable)."""
+    version, words, gauss = random.getstate()  # (int, 625 ints < 2**32, float | None)
+    state = {"python_version": version, "python_words": torch.tensor(words, dtype=torch.int64),
+             "python_gauss": gauss, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
+    if "python" in state:  # written before the tensor form: (version, tuple of ints, gauss)
+        version, words, gauss = state["python"]
+        random.setstate((version, tuple(words), gauss))
+    else:
+        random.setstate((state["python_version"], tuple(state["python_words"].tolist()),
+                         state["python_gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -89,11 +101,12 @@ def load_weights(model, folder: Path) -> None:
 
 def save_checkpoint(out: str | os.PathLike, step: int, model, optimizer, scheduler, state: dict,
                     *, keep: int = 2, rank: int = 0, is_main: bool = True,
-                    barrier: Callable[[], None] = lambda: None) -> Path:
+                    barrier: Callable[[], None] = lambda: None, sharded: bool = False) -> Path:
     """Write checkpoint `step` atomically and keep only the newest `keep`; returns its folder.
 
-    `model` is the unwrapped model (not the DDP wrapper). Every process calls this (each saves
-    its RNG); `barrier` is the processes' barrier (accelerator.wait_for_everyone).
+    `model` is the unwrapped model (not the DDP wrapper), or with `sharded` the FSDP2-sharded
+    one. Every process calls this (each saves its RNG, and its shards); `barrier` is the
+    processes' barrier (accelerator.wait_for_everyone).
     """
     root = Path(out) / "checkpoints"
     final = root / f"{PREFIX}{step:08d}"
@@ -104,9 +117,15 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizer, schedul
     barrier()
     torch.save(rng_state(), tmp / f"rng-{rank}.pt")
     barrier()
+    if sharded:
+        from .sharded_checkpoint import save_sharded
+
+        save_sharded(model, optimizer, tmp / "sharded")
+        barrier()
     if is_main:
-        save_weights(model, tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if not sharded:
+            save_weights(model, tmp)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
         if final.exists():  # the same step written again after a resume
@@ -120,16 +139,22 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizer, schedul
 
 def load_checkpoint(folder: str | os.PathLike, model, optimizer, scheduler, *,
                     rank: int = 0) -> dict:
-    """Restore weights, optimizer, scheduler and this process's RNG; returns state.json."""
+    """Restore weights, optimizer, scheduler and this process's RNG; returns state.json.
+    A sharded checkpoint (`sharded/`) loads into the sharded model and its optimizer."""
     folder = Path(folder)
-    load_weights(model, folder)
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    if (folder / "sharded").is_dir():
+        from .sharded_checkpoint import load_sharded
+
+        load_sharded(model, optimizer, folder / "sharded")
+    else:
+        load_weights(model, folder)
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     rng_file = folder / f"rng-{rank}.pt"
     if not rng_file.exists():
         raise RuntimeError(f"{folder}: no RNG state for process {rank}; resume with the same "
                            "number of processes as the run that wrote it")
-    set_rng_state(torch.load(rng_file, weights_only=False))
+    set_rng_state(torch.load(rng_file, weights_only=True))
     return json.loads((folder / "state.json").read_text())
 
 
@@ -184,16 +209,20 @@ def save_atomic(write: Callable[[Path], None], target: Path) -> None:
     os.replace(tmp, target)
 
 
-def save_final(model, out: str | os.PathLike, tokenizer, init_adapter: Path | None = None) -> None:
+def save_final(model, out: str | os.PathLike, tokenizer, init_adapter: Path | None = None,
+               state_dict: dict | None = None) -> None:
     """OUT/adapter (PEFT format; PiSSA / OLoRA converted to a plain LoRA of the untouched base,
-    given the adapter saved at initialisation) or OUT/model (full fine-tuning, with tokenizer)."""
+    given the adapter saved at initialisation) or OUT/model (full fine-tuning, with tokenizer).
+    `state_dict`: the whole weights gathered from a sharded model (distributed.Processes.
+    full_state_dict), written instead of the module's own (which are shards)."""
     out = Path(out)
+    kwargs = {} if state_dict is None else {"state_dict": state_dict}
     if is_peft(model):
-        kwargs = {"path_initial_model_for_weight_conversion": str(init_adapter)} \
-            if init_adapter else {}
+        if init_adapter:
+            kwargs["path_initial_model_for_weight_conversion"] = str(init_adapter)
         save_atomic(lambda d: model.save_pretrained(d, **kwargs), out / "adapter")
     else:
         def write(d):
-            model.save_pretrained(d)
+            model.save_pretrained(d, **kwargs)
             tokenizer.save_pretrained(d)
         save_atomic(write, out / "model")

@@ -2,6 +2,8 @@
 
     posttrain train --method dpo --model smollm2-135m --data pairs.jsonl --out runs/dpo \
         [--config train.yaml] [--set lr=5e-5 --set lora.r=8] [--resume]
+    posttrain train --nproc 2 --method dpo ... --set strategy=fsdp2   # = torchrun --standalone
+    torchrun --nproc_per_node 8 -m posttrain.cli train --method dpo ... --set strategy=fsdp2
 
 Offline methods (a fixed file): sft, dft, chord-phi (demonstrations or scored samples) and
 dpo, ipo, robust-dpo, bdpo, rpo (pairs), in posttrain/train/offline.py. Config keys: see
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .config import OFFLINE_METHODS
@@ -39,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest checkpoint in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--nproc", type=int, default=None, metavar="N",
+                        help="start N processes on this machine (execs torchrun --standalone); "
+                             "pair with --set strategy=fsdp2 or ddp")
 
 
 def run(args) -> int:
@@ -51,7 +57,35 @@ def run(args) -> int:
     return 0
 
 
+def torchrun_command(args) -> list[str]:
+    """`python -m torch.distributed.run --standalone --nproc_per_node N -m posttrain.cli train`
+    with the same arguments, less --nproc."""
+    argv = ["train", "--method", args.method, "--out", args.out]
+    for flag in ("model", "data", "problems", "config"):
+        if getattr(args, flag) is not None:
+            argv += [f"--{flag}", getattr(args, flag)]
+    for item in args.set:
+        argv += ["--set", item]
+    argv += ["--resume"] * args.resume + ["--no-progress"] * args.no_progress
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc_per_node", str(args.nproc), "-m", "posttrain.cli", *argv]
+
+
 def main(args) -> int:
+    if args.nproc is not None:
+        from ..config import ConfigError
+
+        if args.nproc < 1:
+            raise ConfigError(f"--nproc: {args.nproc}; expected >= 1")
+        if "LOCAL_RANK" in os.environ:  # already one of torchrun's processes
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            if world != args.nproc:
+                raise ConfigError(f"--nproc {args.nproc} inside torchrun with {world} processes; "
+                                  "drop --nproc when launching with torchrun")
+        else:
+            command = torchrun_command(args)
+            sys.stdout.flush()
+            os.execv(command[0], command)  # this process becomes the torchrun launcher
     module = importlib.import_module(RUNNERS[args.method])
     try:
         return int(module.run(args) or 0)

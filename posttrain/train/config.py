@@ -120,6 +120,10 @@ class TrainConfig:
     ref_cache: bool = True  # keep reference log-probs beside the data for the next run
     gradient_checkpointing: bool = False  # slows small models on CPU; saves memory on GPUs
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    # how the model is spread over torchrun's processes (train/distributed.py): ddp (a replica
+    # each), fsdp2 (torch fully_shard: 1/N of weights, gradients, optimizer state each),
+    # deepspeed (ZeRO-3 through accelerate; CUDA only)
+    strategy: str = "ddp"
     trackers: list[str] = field(default_factory=list)  # tensorboard | wandb (offline), besides
     #                                                   metrics.jsonl (train/metrics.py)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -169,6 +173,15 @@ class TrainConfig:
         for name in self.trackers:
             if name not in TRACKERS:
                 bad("trackers", name, " | ".join(TRACKERS))
+        from .distributed import STRATEGIES
+
+        if self.strategy not in STRATEGIES:
+            bad("strategy", self.strategy, " | ".join(STRATEGIES))
+        if self.strategy == "fsdp2" and self.lora.enabled and self.lora.init != "default":
+            # Converting PiSSA / OLoRA into a plain LoRA loads the initial adapter into the
+            # whole (unsharded) model; not done for sharded runs.
+            bad("lora.init", self.lora.init, "default with strategy=fsdp2 (pissa / olora: "
+                "use strategy=ddp)")
         self.lora.check()
         self.moe.check()
         check_aux_coef(self.router_aux_loss_coef)

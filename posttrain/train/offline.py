@@ -2,17 +2,19 @@
 
     posttrain train --method dpo --data pairs.jsonl --out runs/dpo --set lr=5e-5
     torchrun --nproc_per_node 2 -m posttrain.cli train --method sft --data demos.jsonl --out runs/sft
+    posttrain train --nproc 2 --method dpo ... --set strategy=fsdp2     # sharded (FSDP2)
 
 The loop, top to bottom: read and tokenise the data; load the model; for the DPO family compute
 the reference log-probs once (no grad, before any adapter exists; cached beside the data); add
-LoRA (or train everything); then for each optimizer step take its global batch, run this
+LoRA (or train everything); wrap it for the processes (distributed.py: ddp | fsdp2 | deepspeed)
+and build the optimizer over the wrapped parameters; then for each optimizer step take its global batch, run this
 process's micro-batches (one forward per micro-batch: chosen and rejected together), clip,
 check for NaN / inf, step, log, and checkpoint every `checkpoint_every` steps.
 
 How the loss is averaged, whatever the split into processes and accumulation steps: the loss
 is a mean over the *global* batch of the step, pairs for the DPO family and completion tokens
 for SFT's token_mean. Each micro-batch's loss is scaled by its share of the global batch
-(times the number of processes, because DDP averages gradients over processes), so the summed
+(times the number of processes, because DDP and FSDP2 average gradients over processes), so the summed
 gradients equal those of the whole batch in one piece. Every process knows the whole global
 batch (the order is a function of seed and epoch), so the shares need no communication.
 """
@@ -34,7 +36,6 @@ from .batches import collate, epoch_batches, micro_batches
 from .checkpoint import (
     latest_checkpoint,
     load_checkpoint,
-    parameters_finite,
     save_atomic,
     save_checkpoint,
     save_final,
@@ -42,11 +43,12 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .data import Example, load_examples
+from .distributed import Processes, local_storage, master_weights, zero3_config
 from .logps import completion_logps, reference_logps, split_pairs
 from .lora import apply_lora, format_parameter_report, parameter_report
 from .metrics import MetricsLog, NonFiniteError, check_finite
 from .moe import MoeRun
-from .optim import clip_gradients, lr_at, make_optimizer, make_scheduler
+from .optim import lr_at, make_optimizer, make_scheduler
 from .refcache import cache_key, cache_path, read_cache, write_cache
 
 SFT_LOSSES = {"sft": losses.sft, "dft": losses.dft, "chord-phi": losses.sft_phi}
@@ -117,6 +119,12 @@ def step_gradients(policy, examples: list[Example], batch: list[int], ref: torch
     P = accelerator.num_processes
     units = global_units([examples[i] for i in batch], cfg)
     mine = micro_batches(batch, lengths, P, accelerator.process_index, cfg.grad_accum)
+    real = len(mine)
+    if getattr(accelerator, "sharded", False):
+        # FSDP2's forward and backward are collectives: a process with fewer micro-batches
+        # (a short last batch) repeats its first one with zero weight, as often as the busiest.
+        most = max(len(micro_batches(batch, lengths, P, r, cfg.grad_accum)) for r in range(P))
+        mine = mine + [mine[0]] * (most - real)
     loss_sum = torch.zeros((), device=accelerator.device)
     metric_sums: dict[str, torch.Tensor] = {}
     tokens = 0
@@ -128,7 +136,9 @@ def step_gradients(policy, examples: list[Example], batch: list[int], ref: torch
                     policy, [examples[j] for j in rows], ref[rows] if ref is not None else None,
                     cfg, pad_id=pad_id, device=accelerator.device, units=units, processes=P)
             loss = moe.add_aux(loss, metrics, routing, share * P)
-            accelerator.backward(loss)
+            accelerator.backward(loss if i < real else loss * 0.0)
+        if i >= real:
+            continue
         loss_sum += loss.detach().float()
         tokens += n_tokens
         for k, v in metrics.items():
@@ -184,12 +194,13 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
     Writes out/config.yaml, out/data_report.json, out/metrics.jsonl, out/checkpoints/, and at
     the end out/adapter/ (LoRA, PEFT format) or out/model/ (full fine-tuning).
     """
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     cfg.check()
     out = Path(out)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # `accelerator`: this run's processes and how the model is spread over them
+    # (distributed.Processes; the names follow accelerate's Accelerator, which it holds).
+    accelerator = Processes(cfg.strategy, deepspeed_config=zero3_config(cfg))
     P, rank, main = accelerator.num_processes, accelerator.process_index, \
         accelerator.is_main_process
     device = accelerator.device
@@ -211,8 +222,11 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
 
     # model, reference, adapter
     dtype = resolve_dtype(cfg.dtype, device)
+    # full fine-tuning in bf16: fp32 master weights, bf16 compute (distributed.precision)
+    load_dtype, autocast = accelerator.precision(dtype, full_finetune=not cfg.lora.enabled)
     if model is None:
-        model = load_model(cfg.model, dtype=dtype)
+        model = load_model(cfg.model, dtype=load_dtype)
+    model = master_weights(model, autocast, device.type)
     model.to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
         else tokenizer.eos_token_id
@@ -237,8 +251,15 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
         # lets the final one be converted into a plain LoRA for the untouched base model.
         save_atomic(lambda d: model.save_pretrained(d), init_adapter)
 
-    optimizer = make_optimizer(model, cfg.lr, weight_decay=cfg.weight_decay,
-                               betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    # Wrap first, then the optimizer over the wrapped (for FSDP2: sharded) parameters.
+    whole = local_storage(model)["bytes"]
+    policy, optimizer = accelerator.prepare(model, lambda m: make_optimizer(
+        m, cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_eps))
+    model = accelerator.unwrap(policy)  # the module holding the parameters (sharded or whole)
+    stored = accelerator.storage_per_process(policy)
+    _say(accelerator, f"{cfg.strategy}: each process stores {_mib(max(stored))} of the "
+                      f"{_mib(whole)} of parameters ({P} process(es))")
     scheduler = make_scheduler(optimizer, total_steps=total,
                                warmup_steps=round(cfg.warmup_ratio * total),
                                schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio)
@@ -249,9 +270,12 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
     if main:
         save_config(cfg, out / "config.yaml")
         write_json(out / "data_report.json", report.to_dict())
+        write_json(out / "processes.json", {"strategy": cfg.strategy, "processes": P,
+                                            "sharded": accelerator.sharded,
+                                            "parameter_bytes": whole,
+                                            "parameter_bytes_per_process": stored})
     log = MetricsLog(out / "metrics.jsonl", resume_step=start, enabled=main,
                      trackers=cfg.trackers, config=asdict(cfg))
-    policy = accelerator.prepare_model(model) if P > 1 else model
     policy.train()
 
     bar = tqdm(total=total, initial=start, desc=f"train {cfg.method}", unit="step",
@@ -269,13 +293,11 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
         loss_sum, metric_sums, tokens = step_gradients(policy, examples, batch, ref, cfg,
                                                        accelerator, lengths=lengths,
                                                        pad_id=pad_id, moe=moe)
-        grad_norm = clip_gradients(model, cfg.max_grad_norm)
+        grad_norm = accelerator.clip(policy, cfg.max_grad_norm)  # over all shards
         names = list(metric_sums)
         summed = torch.stack([loss_sum, torch.tensor(float(tokens), device=device),
                               *[metric_sums[k] for k in names]])
-        if P > 1:
-            summed = accelerator.reduce(summed, reduction="sum")
-        values = summed.tolist()
+        values = accelerator.reduce(summed, reduction="sum").tolist()
         loss_value = values[0] / P  # every process holds loss shares scaled by P
         check_finite(step + 1, loss_value, grad_norm, latest_checkpoint(out))
         optimizer.step()
@@ -294,20 +316,24 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
         bar.set_postfix(_postfix(row))
         done = step + 1
         if done == stop or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
-            if not parameters_finite(model):
+            if not accelerator.all_finite(policy):
                 raise NonFiniteError(f"step {done}: the weights hold NaN or inf after the update "
                                      f"(lr {cfg.lr}); not checkpointed. The last good checkpoint "
                                      f"is {latest_checkpoint(out)}.")
-            save_checkpoint(out, done, accelerator.unwrap_model(policy), optimizer, scheduler,
+            save_checkpoint(out, done, model, optimizer, scheduler,
                             {"epoch": epoch, "position": position + 1, "total": total},
                             keep=cfg.keep_checkpoints, rank=rank, is_main=main,
-                            barrier=accelerator.wait_for_everyone)
+                            barrier=accelerator.wait_for_everyone,
+                            sharded=accelerator.sharded)
     bar.close()
     log.close()
 
     finished = stop == total
+    # sharded: every process takes part in gathering the whole weights onto rank 0
+    whole = accelerator.full_state_dict(policy) if finished else None
     if finished and main:
-        save_final(model, out, tokenizer, init_adapter if init_adapter.exists() else None)
+        save_final(model, out, tokenizer, init_adapter if init_adapter.exists() else None,
+                   state_dict=whole)
     accelerator.wait_for_everyone()
     summary = {"out": str(out), "steps": stop, "total_steps": total, "finished": finished,
                "data": report.to_dict(), "last": row, "dtype": dtype,
@@ -329,6 +355,10 @@ def _postfix(row: dict) -> dict:
         shown["acc"] = f"{row['rewards/accuracies']:.2f}"
     shown["tok/s"] = f"{row['tokens_per_s']:.0f}"
     return shown
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"
 
 
 def _say(accelerator, text: str) -> None:

@@ -62,9 +62,16 @@ def lr_at(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> float:
 
 
 def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
-    """Clip the trainable gradients to `max_norm` (0: no clipping); returns the norm before."""
+    """Clip the trainable gradients to `max_norm` (0: no clipping); returns the norm before.
+
+    Sharded (FSDP2) gradients are DTensors: clip_grad_norm_ reduces the shards' norms over the
+    mesh into the whole gradient's norm (a replicated DTensor) and scales every shard by the
+    same factor. Plain tensors (1 process, or DDP after its all-reduce) are whole already.
+    """
     params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
     if not params:
         return 0.0
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
     return float(norm)
