@@ -163,7 +163,8 @@ def detect_format(path: str) -> str:
     kind = row.get("answer_type")
     if kind in HLE_TYPES and {"id", "question", "answer"} <= set(row):
         return "hle"
-    if kind in ANSWER_TYPES:
+    if kind in ANSWER_TYPES or (kind is not None and "question" in row):
+        # a native row with a bad answer_type: the native reader names the field and the types
         return "native"
     answer = row.get("answer")
     if kind is None and "question" in row and isinstance(answer, str) and "####" in answer:
