@@ -252,8 +252,16 @@ def test_new_layers_needs_the_expansion_metadata(tiny_model_dir):
 
 
 def test_expand_in_memory_reports_how_each_layer_was_made(tiny_moe_dir):
+    """In memory (no reload from disk, which renumbers layers by itself): the KV cache slots
+    (layer_idx) must be renumbered, or greedy decoding with the cache goes wrong."""
     model = fp32(tiny_moe_dir)
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(6))
+    greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = model.generate(ids, **greedy)
     meta = expand_model(model, "opt-deus", 2, "interleave")
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, **greedy), want)
     # L 3, N 2: floor(3k/3 + 0.5) - 1 = 0, 1: new layers at 1 (from 0, 1) and 3 (from 1, 2)
     assert meta["new_layers"] == [1, 3]
     assert [n["fused_from"] for n in meta["new"]] == [[0, 1], [1, 2]]
