@@ -49,6 +49,30 @@ def tiny_moe_dir(tmp_path_factory, tiny_model_dir):
     return str(out)
 
 
+@pytest.fixture(scope="module")
+def tiny_moe2_dir(tmp_path_factory, tiny_model_dir):
+    """Qwen2-MoE, 4 layers, decoder_sparse_step 2 (layers 1 and 3 sparse): a shared expert with
+    its gate, q/k/v biases (made random: they start at 0)."""
+    from transformers import AutoTokenizer, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, decoder_sparse_step=2))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    out = tmp_path_factory.mktemp("tiny-moe2")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return str(out)
+
+
+FIXTURES = {"dense": "tiny_model_dir", "moe": "tiny_moe_dir", "moe2": "tiny_moe2_dir"}
+
+
 def fp32(folder):
     return load_model(folder, dtype="fp32").eval()
 
@@ -102,6 +126,9 @@ def permute_layer(layer, config, gen):
         permute_experts(layer.mlp, experts, [torch.randperm(inter, generator=gen)
                                              for _ in range(n_e)])
         maps["experts"] = experts.tolist()
+        if getattr(layer.mlp, "shared_expert", None) is not None:
+            shared = layer.mlp.shared_expert
+            permute_mlp(shared, torch.randperm(shared.gate_proj.out_features, generator=gen))
     else:
         perm = torch.randperm(layer.mlp.gate_proj.out_features, generator=gen)
         permute_mlp(layer.mlp, perm)
@@ -121,12 +148,12 @@ def test_consistent_permutation_of_a_layer_leaves_the_model_unchanged(which, tin
     assert_close(after, before, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("which,layer", [("dense", 0), ("dense", 1), ("moe", 2)])
+@pytest.mark.parametrize("which,layer", [("dense", 0), ("dense", 1), ("moe", 2), ("moe2", 1)])
 def test_alignment_recovers_a_permutation_and_self_fusion_gives_the_layer_back(
-        which, layer, tiny_model_dir, tiny_moe_dir):
+        which, layer, request):
     """B = layer, A = B with permuted heads / neurons / experts: OT maps A back onto B exactly,
     so fusing A with B averages B with itself and returns B (o_proj, down_proj included)."""
-    model = fp32(tiny_model_dir if which == "dense" else tiny_moe_dir)
+    model = fp32(request.getfixturevalue(FIXTURES[which]))
     b = model.model.layers[layer]
     a = copy.deepcopy(b)
     moved = permute_layer(a, model.config, torch.Generator().manual_seed(3))
@@ -137,7 +164,7 @@ def test_alignment_recovers_a_permutation_and_self_fusion_gives_the_layer_back(
     assert torch.equal(torch.as_tensor(moved["q_heads"])[q], torch.arange(n_q))
     assert torch.equal(torch.as_tensor(moved["kv_heads"])[kv], torch.arange(n_kv))
     fused, maps = fuse_layers(a, b, model.config)
-    if which == "moe":
+    if which != "dense":
         assert torch.equal(torch.as_tensor(moved["experts"])[torch.as_tensor(maps["experts"])],
                            torch.arange(8))
     for (name, got), want in zip(fused.named_parameters(), b.parameters()):
@@ -165,15 +192,16 @@ def test_fusion_averages_two_different_layers_in_bs_order(tiny_moe_dir):
 
 CASES = [("dense", "llama-pro", "interleave"), ("dense", "opt-deus", "top"),
          ("moe", "llama-pro", "top"), ("moe", "opt-deus", "interleave"),
-         ("moe", "opt-deus", "top")]
+         ("moe", "opt-deus", "top"), ("moe2", "llama-pro", "interleave"),
+         ("moe2", "opt-deus", "top")]
 
 
 @pytest.fixture(scope="module")
-def expanded(tmp_path_factory, tiny_model_dir, tiny_moe_dir):
+def expanded(tmp_path_factory, request):
     """{case: (base folder, expanded folder)} written by expand() and reloaded from disk."""
     root, made = tmp_path_factory.mktemp("expanded"), {}
     for which, method, placement in CASES:
-        base = tiny_model_dir if which == "dense" else tiny_moe_dir
+        base = request.getfixturevalue(FIXTURES[which])
         out = root / f"{which}-{method}-{placement}"
         expand(base, method, 1 if (which, method) == ("dense", "opt-deus") else 2, out,
                placement=placement)
@@ -189,10 +217,15 @@ def test_expanded_model_computes_what_the_base_computed(case, expanded):
     n = base.config.num_hidden_layers + len(meta["new_layers"])
     assert big.config.num_hidden_layers == len(big.model.layers) == n == meta["layers"]
     assert [layer.self_attn.layer_idx for layer in big.model.layers] == list(range(n))
-    if case[0] == "moe":  # dense layer 0 stays dense, and nothing else is
+    if case[0] != "dense":  # every layer keeps its kind: moe layer 0 dense; moe2 0 and 2
         kinds = ["experts" in dict(layer.mlp.named_children()) for layer in big.model.layers]
-        assert big.config.mlp_only_layers == [i for i, k in enumerate(kinds) if not k] and \
-            kinds.count(False) == 1
+        base_kinds = ["experts" in dict(layer.mlp.named_children())
+                      for layer in base.model.layers]
+        assert big.config.mlp_only_layers == [i for i, k in enumerate(kinds) if not k]
+        origin = [i for i in range(n) if i not in meta["new_layers"]]
+        assert [kinds[i] for i in origin] == base_kinds
+        if case == ("moe2", "llama-pro", "interleave"):  # copies of sparse 1 and 3 after them
+            assert kinds == [False, True, True, False, True, True]
     ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert torch.equal(big(input_ids=ids).logits, base(input_ids=ids).logits)
@@ -252,8 +285,16 @@ def test_new_layers_needs_the_expansion_metadata(tiny_model_dir):
 
 
 def test_expand_in_memory_reports_how_each_layer_was_made(tiny_moe_dir):
+    """In memory (no reload from disk, which renumbers layers by itself): the KV cache slots
+    (layer_idx) must be renumbered, or greedy decoding with the cache goes wrong."""
     model = fp32(tiny_moe_dir)
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(6))
+    greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = model.generate(ids, **greedy)
     meta = expand_model(model, "opt-deus", 2, "interleave")
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, **greedy), want)
     # L 3, N 2: floor(3k/3 + 0.5) - 1 = 0, 1: new layers at 1 (from 0, 1) and 3 (from 1, 2)
     assert meta["new_layers"] == [1, 3]
     assert [n["fused_from"] for n in meta["new"]] == [[0, 1], [1, 2]]
