@@ -334,6 +334,12 @@ def test_cli_expand_train_new_layers_eval_export(tiny_model_dir, tmp_path, capsy
     assert main(["export", "--adapter", str(run / "adapter"),
                  "--out", str(tmp_path / "merged")]) == 0
     assert fp32(str(tmp_path / "merged")).config.num_hidden_layers == 3
+    # full fine-tuning of the new layers: the saved model still says which layers are new
+    assert main(["train", "--method", "dpo", "--model", str(big), "--data", str(pairs),
+                 "--out", str(tmp_path / "full"), "--set", "dtype=fp32", "--set", "max_steps=1",
+                 "--set", "batch_size=2", "--set", "lora.enabled=false",
+                 "--set", "lora.targets=new-layers", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "full" / "model" / "posttrain_expand.json").read_text()) == meta
     assert main(["train", "--method", "dpo", "--model", tiny_model_dir, "--data", str(pairs),
                  "--out", str(tmp_path / "bad"), "--set", "lora.targets=new-layers"]) == 1
     assert "posttrain_expand.json: not found" in capsys.readouterr().err

@@ -225,4 +225,8 @@ def save_final(model, out: str | os.PathLike, tokenizer, init_adapter: Path | No
         def write(d):
             model.save_pretrained(d, **kwargs)
             tokenizer.save_pretrained(d)
+            # an expanded model keeps saying which layers are new (lora.targets: new-layers)
+            expand_meta = Path(getattr(model, "name_or_path", "") or ".") / "posttrain_expand.json"
+            if expand_meta.is_file():
+                shutil.copy2(expand_meta, Path(d) / expand_meta.name)
         save_atomic(write, out / "model")
