@@ -106,7 +106,8 @@ def test_demonstration_formats_agree(tmp_path, tok):
                                             {"prompt": msgs[:1], "completion": msgs[1:]}])
     (a, b), report = load_examples(path, tok, preference=False, max_length=512)
     assert report.kind == "demonstrations"
-    assert (a.prompt, a.completions) == (b.prompt, b.completions)
+    assert a.prompt.tolist() == b.prompt.tolist()
+    assert [c.tolist() for c in a.completions] == [c.tolist() for c in b.completions]
 
 
 @pytest.mark.parametrize("row, preference, message", [

@@ -80,24 +80,25 @@ def test_dpo_run_writes_config_metrics_checkpoints_and_adapter(tiny_model_dir, t
 
 
 def test_resume_ends_bitwise_equal_to_an_uninterrupted_run(tiny_model_dir, tmp_path):
-    """2 epochs of 4 steps, LoRA dropout on (so the RNG state matters): one run straight
-    through, one stopped after step 3 (with junk metrics of a step 4 the killed run logged
-    after its checkpoint), then resumed. Adapter tensors must be identical (torch.equal)."""
-    pairs, _ = write_data(tmp_path / "data")
+    """2 epochs of 4 steps of SFT, LoRA dropout on (so the RNG state matters; the DPO family
+    runs without dropout): one run straight through, one stopped after step 3 (with junk
+    metrics of a step 4 the killed run logged after its checkpoint), then resumed. Adapter
+    tensors must be identical (torch.equal)."""
+    _, demos = write_data(tmp_path / "data")
     settings = ["epochs=2", "lora.dropout=0.1", "lr=1e-3", "checkpoint_every=2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(cfg_for("dpo", tiny_model_dir, pairs, *settings), straight, progress=False)
-    train(cfg_for("dpo", tiny_model_dir, pairs, *settings, "stop_after_steps=3"), resumed,
+    train(cfg_for("sft", tiny_model_dir, demos, *settings), straight, progress=False)
+    train(cfg_for("sft", tiny_model_dir, demos, *settings, "stop_after_steps=3"), resumed,
           progress=False)
     assert not (resumed / "adapter").exists()
     with open(resumed / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 4, "loss": 123.0}) + "\n{\"step\": 5, \"lo")
     with pytest.raises(ConfigError, match="already holds checkpoints"):
-        train(cfg_for("dpo", tiny_model_dir, pairs, *settings), resumed, progress=False)
+        train(cfg_for("sft", tiny_model_dir, demos, *settings), resumed, progress=False)
     with pytest.raises(ConfigError, match="lr: 0.001 -> 0.002"):
-        train(cfg_for("dpo", tiny_model_dir, pairs, *settings[:2], "lr=2e-3",
+        train(cfg_for("sft", tiny_model_dir, demos, *settings[:2], "lr=2e-3",
                       "checkpoint_every=2"), resumed, resume=True, progress=False)
-    train(cfg_for("dpo", tiny_model_dir, pairs, *settings), resumed, resume=True,
+    train(cfg_for("sft", tiny_model_dir, demos, *settings), resumed, resume=True,
           progress=False)
 
     a = load_file(straight / "adapter" / "adapter_model.safetensors")
