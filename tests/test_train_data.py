@@ -209,6 +209,8 @@ def test_config_presets_overrides_and_flags(tmp_path):
     (["lora.init=magic"], "lora.init"),
     (["batch_size=0"], "batch_size"),
     (["method=sft"], "--method is 'dpo'"),
+    (["lora.dropout=0.1"], "lora.dropout: 0.1; expected 0 for dpo"),
+    (["tokenize_workers=0"], "tokenize_workers"),
 ])
 def test_config_errors_are_clear(overrides, message):
     with pytest.raises(ConfigError, match=message):
