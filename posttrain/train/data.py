@@ -40,7 +40,7 @@ import numpy as np
 from ..pairs import assistant_turn
 from ..records import DataError, iter_jsonl
 
-CHUNK_ROWS = 256  # rows rendered and tokenised per batched tokenizer call
+CHUNK_ROWS = 64  # rows rendered and tokenised per batched tokenizer call
 
 
 @dataclass(frozen=True, eq=False)
@@ -236,7 +236,8 @@ def tokenize_rows(tokenizer, rows: list[tuple[int, list[dict], list[list[dict]]]
             continue
         spans.append((line, None, len(texts), len(completions)))
         texts += [prompt_text, *completions, *(prompt_text + c for c in completions)]
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+                    return_token_type_ids=False)["input_ids"] if texts else []
     for line, error, start, n in spans:
         if error is not None:
             out.append((line, error))
