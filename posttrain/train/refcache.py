@@ -21,8 +21,10 @@ the whole key.
 Known limit in bf16: a sequence's log-prob depends slightly on the shape of the batch it was
 computed in (bf16 rounding after GEMMs blocked by shape), and the reference pass batches rows
 differently from training, so at step 1 policy and reference differ by that noise (measured on
-SmolLM2, CPU bf16: step-1 DPO loss 0.6872 instead of ln 2 = 0.6931). In fp32 they agree to
-~1e-6 (the tests check ln 2 exactly to 1e-5).
+SmolLM2, CPU bf16, 4 pairs of ~186-token sequences: step-1 DPO loss 0.6872 in one run and
+0.7195 in another (bench/train_dpo.py) instead of ln 2 = 0.6931; bf16 logits round by ~0.05
+at a magnitude of 20, summed over ~170 tokens). In fp32 they agree to ~1e-6 (the tests check
+ln 2 exactly to 1e-5).
 """
 
 from __future__ import annotations
