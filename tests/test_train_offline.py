@@ -354,3 +354,32 @@ def test_embedded_model_dpo_then_export_through_the_cli(tmp_path):
     run_cli("export", "--adapter", str(out / "adapter"), "--out", str(tmp_path / "merged"))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert model.config.model_type == "llama"
+
+
+def test_hub_model_fingerprint_is_its_blob_hashes(tmp_path, monkeypatch):
+    """A hub id resolves to its cached snapshot, whose weight files are links to blobs named by
+    their content hash: the names are the fingerprint (another blob: another key); an id that
+    is not in the cache has no fingerprint, so its reference log-probs are not cached."""
+    import huggingface_hub.constants
+
+    from posttrain.train.refcache import cache_key, model_fingerprint
+
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snapshot, blobs = repo / "snapshots" / "rev1", repo / "blobs"
+    for d in (repo / "refs", snapshot, blobs):
+        d.mkdir(parents=True)
+    (repo / "refs" / "main").write_text("rev1")
+    for name in ("sha-one", "sha-two"):
+        (blobs / name).write_bytes(b"weights " + name.encode())
+    (snapshot / "model.safetensors").symlink_to("../../blobs/sha-one")
+    (snapshot / "config.json").write_text('{"model_type": "llama"}')
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    first = model_fingerprint("org/tiny")
+    assert first["files"]["model.safetensors"] == "blob:sha-one"
+    key = cache_key("org/tiny", "bf16", [])
+    (snapshot / "model.safetensors").unlink()
+    (snapshot / "model.safetensors").symlink_to("../../blobs/sha-two")
+    assert cache_key("org/tiny", "bf16", []) != key
+    assert cache_key("org/tiny", "fp32", []) != cache_key("org/tiny", "bf16", [])
+    assert model_fingerprint("org/absent") is None and cache_key("org/absent", "bf16", []) is None
