@@ -2,9 +2,10 @@
 
     .venv/bin/python bench/tokenize_pairs.py [--pairs 100000] [--workers 2] [--before 99fc929]
 
-Synthetic pairs with realistic lengths for reasoning data: a system prompt and a question
-(about 60-250 tokens with the chat template), chosen and rejected answers of about 150-700
-tokens each, drawn from a word list; the embedded model's tokenizer (SmolLM2, ChatML).
+Synthetic pairs with realistic lengths for reasoning data: a system prompt of 10-40 words and
+a question of 30-200, chosen and rejected answers of 150-700 words each, drawn from a word
+list with numbers (about 1.5 tokens a word: 1518 tokens a pair on average, prompt counted
+once); the embedded model's tokenizer (SmolLM2, ChatML).
 Each variant runs in its own process:
 - before: data.py as of commit `--before` (the prompt rendered and tokenised once for the
   chosen and again for the rejected answer, 3 tokenizer calls per answer, ids kept as tuples
@@ -48,7 +49,7 @@ def text(rng: random.Random, words: int) -> str:
 
 
 def write_pairs(path: Path, n: int, seed: int = 0) -> None:
-    """n pairs; words ~ tokens here (short words, numbers of 1-3 digits)."""
+    """n pairs of random words and numbers (SmolLM2 splits numbers into digits)."""
     rng = random.Random(seed)
     with open(path, "w") as f:
         for i in range(n):
