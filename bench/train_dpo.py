@@ -1,6 +1,12 @@
 """DPO training throughput and peak memory, side by side: posttrain vs TRL's DPOTrainer.
 
     .venv/bin/python bench/train_dpo.py [--pairs 64] [--tokens 200] [--steps 16] [--dtype bf16]
+        [--trl-python /work/venvs/trl/bin/python] [--sides posttrain,posttrain-gc,trl]
+
+TRL runs in its own venv (`--trl-python`: python3 -m venv; pip install torch==2.13.0; pip
+install -e '.[bench]'), never in the project's. Sides: posttrain, posttrain-gc (posttrain with
+gradient checkpointing), trl (TRL with gradient checkpointing off), trl-gc (TRL's default,
+gradient checkpointing on).
 
 Same pairs, same model (the embedded SmolLM2-135M), same LoRA (r 16, alpha 32, the attention
 and MLP projections), same batch (4 pairs), same lr and beta. Each side runs in its own
@@ -34,6 +40,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
+SIDES = ("posttrain", "posttrain-gc", "trl", "trl-gc")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -98,12 +105,13 @@ def run_posttrain(args) -> dict:
     from posttrain.train.config import train_config
     from posttrain.train.offline import train
 
-    out = Path(args.workdir) / "posttrain-run"
+    out = Path(args.workdir) / f"{args.worker}-run"
     cfg = train_config("dpo", None, [
         f"dtype={args.dtype}", "batch_size=4", f"max_steps={args.steps}", "lr=5e-5",
         "beta=0.1", "lora.r=16", "lora.alpha=32", "lora.targets=all-linear",
         "checkpoint_every=0", "ref_cache=false", f"num_threads={args.threads}",
-        "warmup_ratio=0.0"], model="smollm2-135m", data=args.data)
+        "warmup_ratio=0.0", f"gradient_checkpointing={args.worker == 'posttrain-gc'}"],
+        model="smollm2-135m", data=args.data)
     summary = train(cfg, out, progress=False)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return {"step_seconds": [r["seconds"] for r in rows],
@@ -137,7 +145,8 @@ def run_trl(args) -> dict:
     config = DPOConfig(
         output_dir=str(Path(args.workdir) / "trl-run"), per_device_train_batch_size=4,
         gradient_accumulation_steps=1, max_steps=args.steps, learning_rate=5e-5, beta=0.1,
-        bf16=args.dtype == "bf16", gradient_checkpointing=False, logging_steps=1,
+        bf16=args.dtype == "bf16", gradient_checkpointing=args.worker == "trl-gc",
+        logging_steps=1,
         save_strategy="no", report_to=[], use_cpu=True, seed=0, warmup_steps=0,
         max_length=1024, dataloader_num_workers=0)
     trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
@@ -153,7 +162,7 @@ def worker(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    result = run_posttrain(args) if args.worker == "posttrain" else run_trl(args)
+    result = run_posttrain(args) if args.worker.startswith("posttrain") else run_trl(args)
     result["peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -162,7 +171,8 @@ def worker(args) -> None:
 
 
 def spawn(name: str, args, data: Path, workdir: Path) -> dict:
-    cmd = [sys.executable, __file__, "--worker", name, "--data", str(data), "--workdir",
+    python = args.trl_python if name.startswith("trl") else sys.executable
+    cmd = [python, __file__, "--worker", name, "--data", str(data), "--workdir",
            str(workdir), "--steps", str(args.steps), "--dtype", args.dtype, "--threads",
            str(args.threads)]
     start = time.perf_counter()
@@ -184,7 +194,9 @@ def main() -> None:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", default=str(RESULTS / "train_dpo.json"))
-    p.add_argument("--worker", choices=["posttrain", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--trl-python", default="/work/venvs/trl/bin/python")
+    p.add_argument("--sides", default="posttrain,posttrain-gc,trl")
+    p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -205,47 +217,57 @@ def main() -> None:
           f"(min {min(lengths) / 2:.0f}, max {max(lengths) / 2:.0f}); {args.steps} steps of "
           f"4 pairs, {args.dtype}, {args.threads} threads; load average {load[0]:.2f}",
           flush=True)
+    sides = args.sides.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "pairs.jsonl"
         write_jsonl(data, rows)
         results = {}
-        for name in ("posttrain", "trl"):
+        for name in sides:  # one after the other, back to back
             results[name] = spawn(name, args, data, Path(tmp))
-            print(f"  {name} done in {results[name]['wall_seconds']:.0f} s", flush=True)
+            print(f"  {name} done in {results[name]['wall_seconds']:.0f} s; load average "
+                  f"{os.getloadavg()[0]:.2f}", flush=True)
 
     def per_second(seconds: list[float]) -> float:
         measured = seconds[1:] or seconds  # the first step warms up
         return len(measured) * 4 * mean_pair / sum(measured)
 
-    ours, trl = results["posttrain"], results["trl"]
-    ours_tps, trl_tps = per_second(ours["step_seconds"]), per_second(trl["step_seconds"])
-    # One epoch over the whole file, the reference pass included (paid once per data file).
     epoch_steps = args.pairs // 4
-    ours_step = sum(ours["step_seconds"][1:] or ours["step_seconds"]) / max(
-        len(ours["step_seconds"]) - 1, 1)
-    ours_epoch_tps = epoch_steps * 4 * mean_pair / (epoch_steps * ours_step +
-                                                    ours["reference_seconds"])
+    for name, r in results.items():
+        r["tokens_per_s"] = per_second(r["step_seconds"])
+        if "reference_seconds" in r:
+            # One epoch over the whole file, the reference pass included (paid once per file).
+            r["tokens_per_s_epoch_with_reference"] = epoch_steps * 4 * mean_pair / (
+                epoch_steps * 4 * mean_pair / r["tokens_per_s"] + r["reference_seconds"])
+    with open("/proc/cpuinfo") as f:
+        flags = sorted({w for line in f if line.startswith("flags") for w in line.split()
+                        if w.startswith(("avx512", "amx"))})
     summary = {
         "settings": {"pairs": args.pairs, "tokens_per_sequence": mean_pair / 2,
                      "steps": args.steps, "batch": 4, "dtype": args.dtype,
                      "threads": args.threads, "lora": "r16 alpha32 q,k,v,o,gate,up,down",
-                     "load_average_at_start": load, "trl_gradient_checkpointing": False},
-        "posttrain": {"tokens_per_s": ours_tps, "tokens_per_s_epoch_with_reference": ours_epoch_tps,
-                      **ours},
-        "trl": {"tokens_per_s": trl_tps, **trl},
-        "ratio": ours_tps / trl_tps,
-        "ratio_epoch_with_reference": ours_epoch_tps / trl_tps,
-        "memory_ratio": ours["peak_rss_mb"] / trl["peak_rss_mb"],
-    }
+                     "cpu_flags": flags, "cpus": os.cpu_count(),
+                     "load_average_at_start": load, "load_average_at_end": os.getloadavg()},
+        **results, "ratios": {}}
+    for ours in [n for n in sides if n.startswith("posttrain")]:
+        for theirs in [n for n in sides if n.startswith("trl")]:
+            a, b = results[ours], results[theirs]
+            summary["ratios"][f"{ours}/{theirs}"] = {
+                "tokens_per_s": a["tokens_per_s"] / b["tokens_per_s"],
+                "tokens_per_s_epoch_with_reference":
+                    a["tokens_per_s_epoch_with_reference"] / b["tokens_per_s"],
+                "peak_rss": a["peak_rss_mb"] / b["peak_rss_mb"]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"posttrain: {ours_tps:8.1f} tokens/s (step only); {ours_epoch_tps:.1f} tokens/s over "
-          f"one epoch with its one-time reference pass ({ours['reference_seconds']:.0f} s); "
-          f"peak RSS {ours['peak_rss_mb']:.0f} MB")
-    print(f"TRL:       {trl_tps:8.1f} tokens/s; peak RSS {trl['peak_rss_mb']:.0f} MB")
-    print(f"ratio posttrain / TRL: {summary['ratio']:.2f}x per step, "
-          f"{summary['ratio_epoch_with_reference']:.2f}x for one epoch including the reference "
-          f"pass; memory {summary['memory_ratio']:.2f}x")
+    for name, r in results.items():
+        extra = (f"; {r['tokens_per_s_epoch_with_reference']:.1f} over one epoch with its "
+                 f"reference pass ({r['reference_seconds']:.0f} s)"
+                 if "reference_seconds" in r else "")
+        print(f"{name:13s} {r['tokens_per_s']:8.1f} tokens/s{extra}; peak RSS "
+              f"{r['peak_rss_mb']:.0f} MB")
+    for pair, r in summary["ratios"].items():
+        print(f"{pair}: {r['tokens_per_s']:.2f}x tokens/s per step, "
+              f"{r['tokens_per_s_epoch_with_reference']:.2f}x over an epoch with the reference "
+              f"pass; peak RSS {r['peak_rss']:.2f}x")
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
 
 

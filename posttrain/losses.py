@@ -26,6 +26,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .logprobs import chunked_token_logps
+
 Metrics = dict[str, torch.Tensor]  # name -> 0-dim detached tensor
 
 
@@ -41,18 +43,11 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor,
                 ignore_index: int = -100) -> torch.Tensor:
     """log softmax(logits)[label] per position, float32, (B, T); 0.0 where label == ignore_index.
 
-    Memory-lean: gathers the label logit and subtracts a row-wise logsumexp, computed one
-    sequence at a time in float32, so the only (T, V) float32 temporary is one row's, never a
-    full (B, T, V) log-softmax (which for bf16 logits would also double the memory).
+    Memory-lean (posttrain.logprobs): computed over chunks of positions, each upcast to
+    float32 only while it is processed; backward keeps the logits as they are plus one float32
+    logsumexp per position, never a float32 (B, T, V) copy.
     """
-    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(f"token_logps: expected logits (B, T, V) and labels (B, T), got "
-                         f"{tuple(logits.shape)} and {tuple(labels.shape)}")
-    ignored = labels == ignore_index  # (B, T)
-    safe = labels.masked_fill(ignored, 0)  # gather needs a valid index everywhere
-    label_logits = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1).float()  # (B, T)
-    lse = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])  # (B, T)
-    return (label_logits - lse).masked_fill(ignored, 0.0)
+    return chunked_token_logps(logits, labels, ignore_index)
 
 
 # ------------------------------------------------------------------------------ helpers

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,7 +107,8 @@ def test_demonstration_formats_agree(tmp_path, tok):
                                             {"prompt": msgs[:1], "completion": msgs[1:]}])
     (a, b), report = load_examples(path, tok, preference=False, max_length=512)
     assert report.kind == "demonstrations"
-    assert (a.prompt, a.completions) == (b.prompt, b.completions)
+    assert a.prompt.tolist() == b.prompt.tolist()
+    assert [c.tolist() for c in a.completions] == [c.tolist() for c in b.completions]
 
 
 @pytest.mark.parametrize("row, preference, message", [
@@ -125,6 +127,58 @@ def test_bad_rows_name_file_line_and_field(tmp_path, tok, row, preference, messa
     with pytest.raises(DataError, match=message) as e:
         load_examples(path, tok, preference=preference, max_length=512)
     assert f"{path}:2:" in str(e.value)
+
+
+class CountingTokenizer:
+    """The tokenizer, counting chat-template renderings and tokenizer calls."""
+
+    def __init__(self, tok):
+        self.tok, self.renders, self.calls = tok, 0, 0
+
+    def apply_chat_template(self, *args, **kwargs):
+        self.renders += 1
+        return self.tok.apply_chat_template(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.tok(*args, **kwargs)
+
+
+def many_pairs(n):
+    return [pair(q=f"What is {i} + {2 * i}?", good=f"{i} + {2 * i} = {3 * i}" + " ok" * (i % 4),
+                 bad=f"{3 * i + 1}" + " hm" * (i % 3)) for i in range(n)]
+
+
+def test_pairs_tokenise_the_prompt_once_in_batched_calls_into_int32_arrays(tmp_path, tok):
+    """70 pairs: the prompt is rendered once per pair (3 renderings a pair: the prompt, and the
+    whole conversation with each answer; it was 4), one tokenizer call per chunk of 64 rows
+    (2 calls), and the ids equal those of tokenising each answer on its own (tokenize_turn)."""
+    rows = many_pairs(70)
+    path = write(tmp_path / "pairs.jsonl", rows)
+    counting = CountingTokenizer(tok)
+    examples, report = load_examples(path, counting, preference=True, max_length=512)
+    assert (counting.renders, counting.calls) == (3 * 70, 2)
+    assert report.kept == 70 and report.retokenised == 0
+    for e, row in zip(examples, rows):
+        assert e.prompt.dtype == np.int32 and all(c.dtype == np.int32 for c in e.completions)
+        for k, side in enumerate(("chosen", "rejected")):
+            p, c, _ = tokenize_turn(tok, row["prompt"], row[side])
+            assert e.prompt.tolist() == p and e.completions[k].tolist() == c
+
+
+def test_tokenize_workers_give_the_same_examples_and_errors(tmp_path, tok):
+    """2 worker processes: identical examples and report; a bad row still names its line."""
+    path = write(tmp_path / "pairs.jsonl", many_pairs(150))
+    one, report_one = load_examples(path, tok, preference=True, max_length=40,
+                                    length_policy="truncate_prompt")
+    two, report_two = load_examples(path, tok, preference=True, max_length=40,
+                                    length_policy="truncate_prompt", workers=2)
+    assert report_one.to_dict() == report_two.to_dict() and report_one.prompt_truncated > 0
+    assert [(e.line, e.prompt.tolist(), [c.tolist() for c in e.completions]) for e in one] == \
+        [(e.line, e.prompt.tolist(), [c.tolist() for c in e.completions]) for e in two]
+    bad = write(tmp_path / "bad.jsonl", many_pairs(100) + [{"prompt": "q", "chosen": "a"}])
+    with pytest.raises(DataError, match=f"{bad}:101: field 'rejected'"):
+        load_examples(bad, tok, preference=True, max_length=512, workers=2)
 
 
 # ------------------------------------------------------------------------------ batching
@@ -208,6 +262,8 @@ def test_config_presets_overrides_and_flags(tmp_path):
     (["lora.init=magic"], "lora.init"),
     (["batch_size=0"], "batch_size"),
     (["method=sft"], "--method is 'dpo'"),
+    (["lora.dropout=0.1"], "lora.dropout: 0.1; expected 0 for dpo"),
+    (["tokenize_workers=0"], "tokenize_workers"),
 ])
 def test_config_errors_are_clear(overrides, message):
     with pytest.raises(ConfigError, match=message):

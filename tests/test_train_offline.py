@@ -80,24 +80,25 @@ def test_dpo_run_writes_config_metrics_checkpoints_and_adapter(tiny_model_dir, t
 
 
 def test_resume_ends_bitwise_equal_to_an_uninterrupted_run(tiny_model_dir, tmp_path):
-    """2 epochs of 4 steps, LoRA dropout on (so the RNG state matters): one run straight
-    through, one stopped after step 3 (with junk metrics of a step 4 the killed run logged
-    after its checkpoint), then resumed. Adapter tensors must be identical (torch.equal)."""
-    pairs, _ = write_data(tmp_path / "data")
+    """2 epochs of 4 steps of SFT, LoRA dropout on (so the RNG state matters; the DPO family
+    runs without dropout): one run straight through, one stopped after step 3 (with junk
+    metrics of a step 4 the killed run logged after its checkpoint), then resumed. Adapter
+    tensors must be identical (torch.equal)."""
+    _, demos = write_data(tmp_path / "data")
     settings = ["epochs=2", "lora.dropout=0.1", "lr=1e-3", "checkpoint_every=2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(cfg_for("dpo", tiny_model_dir, pairs, *settings), straight, progress=False)
-    train(cfg_for("dpo", tiny_model_dir, pairs, *settings, "stop_after_steps=3"), resumed,
+    train(cfg_for("sft", tiny_model_dir, demos, *settings), straight, progress=False)
+    train(cfg_for("sft", tiny_model_dir, demos, *settings, "stop_after_steps=3"), resumed,
           progress=False)
     assert not (resumed / "adapter").exists()
     with open(resumed / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 4, "loss": 123.0}) + "\n{\"step\": 5, \"lo")
     with pytest.raises(ConfigError, match="already holds checkpoints"):
-        train(cfg_for("dpo", tiny_model_dir, pairs, *settings), resumed, progress=False)
+        train(cfg_for("sft", tiny_model_dir, demos, *settings), resumed, progress=False)
     with pytest.raises(ConfigError, match="lr: 0.001 -> 0.002"):
-        train(cfg_for("dpo", tiny_model_dir, pairs, *settings[:2], "lr=2e-3",
+        train(cfg_for("sft", tiny_model_dir, demos, *settings[:2], "lr=2e-3",
                       "checkpoint_every=2"), resumed, resume=True, progress=False)
-    train(cfg_for("dpo", tiny_model_dir, pairs, *settings), resumed, resume=True,
+    train(cfg_for("sft", tiny_model_dir, demos, *settings), resumed, resume=True,
           progress=False)
 
     a = load_file(straight / "adapter" / "adapter_model.safetensors")
@@ -215,16 +216,109 @@ def test_pissa_adapter_is_exported_as_a_plain_lora_for_the_original_base(tiny_mo
                      rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["dft", "chord-phi", "ipo", "robust-dpo", "bdpo", "rpo"])
+@pytest.mark.parametrize("method", ["dft", "chord-phi"])
 def test_every_method_runs_a_step(tiny_model_dir, tmp_path, method):
-    pairs, demos = write_data(tmp_path / "data", n=2)
-    data = demos if method in ("dft", "chord-phi") else pairs
-    train(cfg_for(method, tiny_model_dir, data, "max_steps=1"), tmp_path / "run",
+    _, demos = write_data(tmp_path / "data", n=2)
+    train(cfg_for(method, tiny_model_dir, demos, "max_steps=1"), tmp_path / "run",
           progress=False)
     row = metrics(tmp_path / "run")[0]
     assert row["loss"] == row["loss"]  # finite, logged
-    if method == "rpo":
-        assert "nll" in row  # the RPO term is on
+
+
+def test_dpo_family_first_step_losses_worked_by_hand(tiny_model_dir, tmp_path):
+    """Step 1 of each preference method, before any update (LoRA B = 0: policy = reference).
+    2 pairs, batch 2, beta 0.1, fp32.
+    ipo at zero log-ratios: (0 - 1 / (2 beta))^2 = 5^2 = 25.
+    At zero log-ratios dpo, robust-dpo ([(1 - ls) ln 2 - ls ln 2] / (1 - 2 ls)) and bdpo
+    (log(lam + 1 - lam) = 0) are all ln 2, so the cached reference is then shifted: ref chosen
+    - 1, ref rejected + 1, giving every pair c = +1, r = -1, h = 2 at step 1:
+      dpo:        softplus(-beta h) = softplus(-0.2) = 0.598139;
+      robust-dpo: ls 0.1 (preset): [0.9 softplus(-0.2) - 0.1 softplus(0.2)] / 0.8
+                  = softplus(-0.2) - 0.025 = 0.573139 (softplus(0.2) = softplus(-0.2) + 0.2);
+      bdpo:       lam 0.5: r' = log(0.5 e^-1 + 0.5) = -0.379885,
+                  softplus(-0.1 (1 + 0.379885)) = 0.626531;
+      rpo:        nll_weight 1 (preset): 0.598139 + mean over pairs of chosen NLL / chosen
+                  tokens, the NLL computed here from the base model."""
+    from posttrain.models import load_model, load_tokenizer
+    from posttrain.train.batches import collate
+    from posttrain.train.data import load_examples
+    from posttrain.train.logps import completion_logps
+
+    pairs, _ = write_data(tmp_path / "data", n=2)
+
+    def first_loss(method):
+        out = tmp_path / method
+        train(cfg_for(method, tiny_model_dir, pairs, "max_steps=1"), out, progress=False)
+        return metrics(out)[0]["loss"]
+
+    assert first_loss("ipo") == pytest.approx(25.0, abs=1e-4)
+    (cache,) = pairs.parent.glob("pairs.jsonl.ref-*.pt")
+    saved = torch.load(cache)
+    shifted = saved["logps"] + torch.tensor([-1.0, 1.0])  # (N, 2): chosen - 1, rejected + 1
+    torch.save({"key": saved["key"], "logps": shifted}, cache)
+
+    tok = load_tokenizer(tiny_model_dir)
+    examples, _ = load_examples(pairs, tok, preference=True, max_length=1024)
+    model = load_model(tiny_model_dir, dtype="fp32").eval()
+    with torch.no_grad():
+        nll = [-completion_logps(model, collate([e], tok.pad_token_id))[0].sum().item()
+               / len(e.completions[0]) for e in examples]
+    want = {"dpo": 0.598139, "robust-dpo": 0.573139, "bdpo": 0.626531,
+            "rpo": 0.598139 + sum(nll) / len(nll)}
+    got = {method: first_loss(method) for method in want}
+    assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_dpo_policy_runs_without_dropout_like_its_reference(tiny_model_dir, tmp_path):
+    """A model with attention dropout 0.5: the reference pass runs without dropout, so the
+    policy must too, and the step-1 loss is ln 2 to 1e-5 (it was 0.696977 when the policy ran in
+    train mode)."""
+    from transformers import AutoModelForCausalLM
+
+    pairs, _ = write_data(tmp_path / "data", n=4)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
+                                                 attention_dropout=0.5)
+    train(cfg_for("dpo", tiny_model_dir, pairs, "max_steps=1"), tmp_path / "run", model=model,
+          progress=False)
+    assert metrics(tmp_path / "run")[0]["loss"] == pytest.approx(0.693147, abs=1e-5)
+
+
+def test_reference_cache_misses_when_the_weights_or_config_change(tiny_model_dir, tmp_path,
+                                                                  capsys):
+    """A weight rewritten in place with the file's size and mtime put back (the old key, name
+    + size + whole-second mtime, matched it) is a miss; so is a config change."""
+    import os
+    import shutil
+
+    from safetensors.torch import save_file
+
+    pairs, _ = write_data(tmp_path / "data", n=2)
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    cfg = cfg_for("dpo", str(folder), pairs, "max_steps=1")
+    train(cfg, tmp_path / "a", progress=False)
+    assert "computed for 2 pairs" in capsys.readouterr().out
+    train(cfg, tmp_path / "b", progress=False)
+    assert "read from cache" in capsys.readouterr().out
+
+    weights = folder / "model.safetensors"
+    before = weights.stat()
+    tensors = load_file(weights)
+    name = next(k for k in tensors if k.endswith("norm.weight"))
+    tensors[name] = tensors[name] * 2
+    save_file(tensors, weights, metadata={"format": "pt"})
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert weights.stat().st_size == before.st_size
+    train(cfg, tmp_path / "c", progress=False)
+    assert "computed for 2 pairs" in capsys.readouterr().out
+
+    config = json.loads((folder / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-3
+    (folder / "config.json").write_text(json.dumps(config))
+    train(cfg, tmp_path / "d", progress=False)
+    assert "computed for 2 pairs" in capsys.readouterr().out
+    assert len(list(pairs.parent.glob("pairs.jsonl.ref-*.pt"))) == 3
 
 
 def test_cli_trains_and_refuses_to_overwrite(tiny_model_dir, tmp_path):
@@ -260,3 +354,32 @@ def test_embedded_model_dpo_then_export_through_the_cli(tmp_path):
     run_cli("export", "--adapter", str(out / "adapter"), "--out", str(tmp_path / "merged"))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert model.config.model_type == "llama"
+
+
+def test_hub_model_fingerprint_is_its_blob_hashes(tmp_path, monkeypatch):
+    """A hub id resolves to its cached snapshot, whose weight files are links to blobs named by
+    their content hash: the names are the fingerprint (another blob: another key); an id that
+    is not in the cache has no fingerprint, so its reference log-probs are not cached."""
+    import huggingface_hub.constants
+
+    from posttrain.train.refcache import cache_key, model_fingerprint
+
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snapshot, blobs = repo / "snapshots" / "rev1", repo / "blobs"
+    for d in (repo / "refs", snapshot, blobs):
+        d.mkdir(parents=True)
+    (repo / "refs" / "main").write_text("rev1")
+    for name in ("sha-one", "sha-two"):
+        (blobs / name).write_bytes(b"weights " + name.encode())
+    (snapshot / "model.safetensors").symlink_to("../../blobs/sha-one")
+    (snapshot / "config.json").write_text('{"model_type": "llama"}')
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    first = model_fingerprint("org/tiny")
+    assert first["files"]["model.safetensors"] == "blob:sha-one"
+    key = cache_key("org/tiny", "bf16", [])
+    (snapshot / "model.safetensors").unlink()
+    (snapshot / "model.safetensors").symlink_to("../../blobs/sha-two")
+    assert cache_key("org/tiny", "bf16", []) != key
+    assert cache_key("org/tiny", "fp32", []) != cache_key("org/tiny", "bf16", [])
+    assert model_fingerprint("org/absent") is None and cache_key("org/absent", "bf16", []) is None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import torch
 
 from .data import Example
@@ -87,16 +88,18 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     T = max(len(p) + len(c) for p, c in seqs)
     K = max(len(c) for _, c in seqs)
     R = len(seqs)
-    input_ids = torch.full((R, T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((R, T), dtype=torch.long)
-    labels = torch.full((R, K), -100, dtype=torch.long)
+    input_ids = np.full((R, T), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((R, T), dtype=np.int64)
+    labels = np.full((R, K), -100, dtype=np.int64)
     for i, (p, c) in enumerate(seqs):
-        n = len(p) + len(c)
-        input_ids[i, T - n:] = torch.tensor(p + c, dtype=torch.long)
+        n, m = len(p) + len(c), len(c)
+        input_ids[i, T - n:T - m] = p
+        input_ids[i, T - m:] = c
         attention_mask[i, T - n:] = 1
-        if c:
-            labels[i, K - len(c):] = torch.tensor(c, dtype=torch.long)
+        labels[i, K - m:] = c
+    attention_mask = torch.from_numpy(attention_mask)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (R, T)
     lengths = torch.tensor([len(c) for _, c in seqs], dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "position_ids": position_ids, "labels": labels, "completion_lengths": lengths}
+    return {"input_ids": torch.from_numpy(input_ids), "attention_mask": attention_mask,
+            "position_ids": position_ids, "labels": torch.from_numpy(labels),
+            "completion_lengths": lengths}

@@ -96,6 +96,7 @@ class TrainConfig:
     group_by_length: bool = True  # batches of similar length: less padding
     max_length: int = 1024  # prompt + completion tokens
     length_policy: str = "drop"  # drop | truncate_prompt | truncate_completion (see data.py)
+    tokenize_workers: int = 1  # processes tokenising the data file (chunks of rows, in order)
     # optimiser (AdamW) and schedule
     lr: float = 5e-5
     weight_decay: float = 0.0
@@ -147,7 +148,7 @@ class TrainConfig:
         if self.dtype not in ("auto", "bf16", "fp32", "fp16"):
             bad("dtype", self.dtype, "auto | bf16 | fp32 | fp16")
         for name in ("batch_size", "grad_accum", "max_length", "ref_batch_size",
-                     "keep_checkpoints"):
+                     "keep_checkpoints", "tokenize_workers"):
             if getattr(self, name) < 1:
                 bad(name, getattr(self, name), ">= 1")
         for name in ("epochs", "max_steps", "stop_after_steps", "checkpoint_every",
@@ -185,6 +186,11 @@ class TrainConfig:
         self.lora.check()
         self.moe.check()
         check_aux_coef(self.router_aux_loss_coef)
+        if self.preference and self.lora.dropout:
+            # The reference log-probs come from a pass without dropout; a policy with dropout
+            # would differ from it by noise alone (train/modes.py), so it runs without too.
+            bad("lora.dropout", self.lora.dropout, f"0 for {self.method}: the DPO family runs "
+                "the policy without dropout, as its reference pass")
 
 
 def train_config(method: str, path: str | None = None, overrides: list[str] | None = None,

@@ -27,24 +27,45 @@ silently, every outcome is counted in `DataReport`:
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterator
+
+import multiprocessing
 import os
 from dataclasses import asdict, dataclass, field
+from itertools import islice
+
+import numpy as np
 
 from ..pairs import assistant_turn
 from ..records import DataError, iter_jsonl
 
+CHUNK_ROWS = 64  # rows rendered and tokenised per batched tokenizer call
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, eq=False)
 class Example:
-    """One training row as token ids: a demonstration (1 completion) or a pair (2)."""
+    """One training row as token ids: a demonstration (1 completion) or a pair (2).
 
-    prompt: tuple[int, ...]
-    completions: tuple[tuple[int, ...], ...]  # (completion,) or (chosen, rejected)
+    Ids are int32 numpy arrays (4 bytes a token; a Python list of ints costs about 36); any
+    sequence of ints given to the constructor is converted.
+    """
+
+    prompt: np.ndarray  # (P,) int32
+    completions: tuple[np.ndarray, ...]  # (completion,) or (chosen, rejected), each (C,) int32
     line: int  # line in the data file, for messages about the row
+
+    def __post_init__(self):
+        object.__setattr__(self, "prompt", _ids(self.prompt))
+        object.__setattr__(self, "completions", tuple(_ids(c) for c in self.completions))
 
     @property
     def length(self) -> int:
         return len(self.prompt) + max(len(c) for c in self.completions)
+
+
+def _ids(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.int32).reshape(-1)
 
 
 @dataclass
@@ -108,9 +129,8 @@ def _reply(value, path, line, name: str) -> list[dict]:
 
 
 def read_rows(path: str | os.PathLike, preference: bool, report: DataReport
-              ) -> list[tuple[int, list[dict], list[list[dict]]]]:
-    """[(line, prompt messages, [reply messages, ...])]: 2 replies per pair, 1 otherwise."""
-    out = []
+              ) -> Iterator[tuple[int, list[dict], list[list[dict]]]]:
+    """Yield (line, prompt messages, [reply messages, ...]): 2 replies per pair, 1 otherwise."""
     for line, row in iter_jsonl(path):
         report.rows += 1
         if preference:
@@ -120,8 +140,8 @@ def read_rows(path: str | os.PathLike, preference: bool, report: DataReport
                                 else "rejected")
             report.kind = "pairs"
             prompt = _messages(row.get("prompt"), path, line, "prompt", "user")
-            out.append((line, prompt, [_reply(row["chosen"], path, line, "chosen"),
-                                       _reply(row["rejected"], path, line, "rejected")]))
+            yield line, prompt, [_reply(row["chosen"], path, line, "chosen"),
+                                 _reply(row["rejected"], path, line, "rejected")]
         elif "verdict" in row:
             report.kind = "scored"
             if row["verdict"] != "correct":
@@ -131,18 +151,18 @@ def read_rows(path: str | os.PathLike, preference: bool, report: DataReport
             if not isinstance(row.get("response"), str) and not isinstance(row.get("text"), str):
                 raise DataError(path, line, "missing (a scored row needs the sampled answer)",
                                 field="response")
-            out.append((line, prompt, [[{"role": "assistant", "content": assistant_turn(row)}]]))
+            yield line, prompt, [[{"role": "assistant", "content": assistant_turn(row)}]]
         elif "messages" in row:
             report.kind = "demonstrations"
             msgs = _reply(row["messages"], path, line, "messages")
             if len(msgs) < 2:
                 raise DataError(path, line, "expected at least one prompt message before the "
                                 "assistant's", field="messages")
-            out.append((line, msgs[:-1], [msgs[-1:]]))
+            yield line, msgs[:-1], [msgs[-1:]]
         elif "prompt" in row and "completion" in row:
             report.kind = "demonstrations"
-            out.append((line, _messages(row["prompt"], path, line, "prompt", "user"),
-                        [_reply(row["completion"], path, line, "completion")]))
+            yield (line, _messages(row["prompt"], path, line, "prompt", "user"),
+                   [_reply(row["completion"], path, line, "completion")])
         elif "chosen" in row:
             raise DataError(path, line, "this is a pair row; an SFT method needs demonstrations "
                             "(messages, or prompt + completion) or scored samples",
@@ -150,7 +170,6 @@ def read_rows(path: str | os.PathLike, preference: bool, report: DataReport
         else:
             raise DataError(path, line, "missing: expected messages, prompt + completion, or a "
                             "scored sample (messages + verdict)", field="messages")
-    return out
 
 
 # --------------------------------------------------------------------------- tokenising
@@ -160,30 +179,112 @@ class TemplateMismatch(ValueError):
     pass
 
 
-def tokenize_turn(tokenizer, prompt: list[dict], reply: list[dict]) -> tuple[list[int], list[int],
-                                                                            bool]:
-    """(prompt ids, completion ids, retokenised) for a prompt and the assistant reply.
+def render(tokenizer, prompt: list[dict], replies: list[list[dict]]) -> tuple[str, list[str]]:
+    """(prompt text, [completion text, ...]): the prompt rendered once for all its replies.
 
-    The completion is the text the chat template appends to the generation prompt when it
+    A completion is the text the chat template appends to the generation prompt when it
     renders the whole conversation, so the tokens are the ones the model sees at generation
-    time. `retokenised` is True when the two pieces tokenised apart differ from the whole text
-    tokenised at once (a token merging across the boundary); the joint ids are used then.
+    time; trailing whitespace after the end-of-turn token is left out.
     """
     prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True,
                                                 tokenize=False)
-    full_text = tokenizer.apply_chat_template(prompt + reply, tokenize=False)
-    if not full_text.startswith(prompt_text):
-        raise TemplateMismatch("the chat template renders the prompt differently inside the "
-                               "whole conversation, so the completion cannot be located")
-    completion_text = full_text[len(prompt_text):].rstrip()
-    p = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    c = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
-    joint = tokenizer(prompt_text + completion_text, add_special_tokens=False)["input_ids"]
+    completions = []
+    for reply in replies:
+        full_text = tokenizer.apply_chat_template(prompt + reply, tokenize=False)
+        if not full_text.startswith(prompt_text):
+            raise TemplateMismatch("the chat template renders the prompt differently inside the "
+                                   "whole conversation, so the completion cannot be located")
+        completions.append(full_text[len(prompt_text):].rstrip())
+    return prompt_text, completions
+
+
+def split_joint(p: list[int], c: list[int], joint: list[int]) -> tuple[list[int], bool]:
+    """(completion ids, retokenised) from the prompt's, the completion's and the joint ids.
+
+    `retokenised` is True when the two pieces tokenised apart differ from the whole text
+    tokenised at once (a token merging across the boundary); the joint ids are used then.
+    """
     if joint == p + c:
-        return p, c, False
+        return c, False
     if joint[:len(p)] != p:
         raise TemplateMismatch("the prompt's tokens change when the completion follows it")
-    return p, joint[len(p):], True
+    return joint[len(p):], True
+
+
+def tokenize_turn(tokenizer, prompt: list[dict], reply: list[dict]) -> tuple[list[int], list[int],
+                                                                            bool]:
+    """(prompt ids, completion ids, retokenised) for a prompt and one assistant reply."""
+    prompt_text, (completion_text,) = render(tokenizer, prompt, [reply])
+    p, c, joint = tokenizer([prompt_text, completion_text, prompt_text + completion_text],
+                            add_special_tokens=False)["input_ids"]
+    c, retokenised = split_joint(p, c, joint)
+    return p, c, retokenised
+
+
+def tokenize_rows(tokenizer, rows: list[tuple[int, list[dict], list[list[dict]]]]) -> list:
+    """[(line, prompt ids, [completion ids], retokenised) or (line, error message)] per row.
+
+    One batched tokenizer call for the chunk: per row the prompt, each completion, and each
+    prompt + completion (to find tokens merging across the boundary).
+    """
+    texts, spans, out = [], [], []
+    for line, prompt, replies in rows:
+        try:
+            prompt_text, completions = render(tokenizer, prompt, replies)
+        except TemplateMismatch as e:
+            spans.append((line, str(e), 0, 0))
+            continue
+        spans.append((line, None, len(texts), len(completions)))
+        texts += [prompt_text, *completions, *(prompt_text + c for c in completions)]
+    ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+                    return_token_type_ids=False)["input_ids"] if texts else []
+    for line, error, start, n in spans:
+        if error is not None:
+            out.append((line, error))
+            continue
+        p = ids[start]
+        try:
+            split = [split_joint(p, ids[start + 1 + k], ids[start + 1 + n + k]) for k in range(n)]
+        except TemplateMismatch as e:
+            out.append((line, str(e)))
+            continue
+        out.append((line, _ids(p), [_ids(c) for c, _ in split], any(r for _, r in split)))
+    return out
+
+
+_WORKER_TOKENIZER = None
+
+
+def _init_worker(tokenizer) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = tokenizer
+
+
+def _tokenize_in_worker(rows):
+    return tokenize_rows(_WORKER_TOKENIZER, rows)
+
+
+def _chunks(rows: Iterator, size: int) -> Iterator[list]:
+    while chunk := list(islice(rows, size)):
+        yield chunk
+
+
+def tokenized_rows(tokenizer, rows: Iterator, workers: int = 1) -> Iterator:
+    """tokenize_rows over chunks of CHUNK_ROWS rows, in order; `workers` > 1 forks processes."""
+    if workers <= 1:
+        for chunk in _chunks(rows, CHUNK_ROWS):
+            yield from tokenize_rows(tokenizer, chunk)
+        return
+    # Rows are read (and checked) here, in order; at most 2 chunks per worker are in flight.
+    ctx = multiprocessing.get_context("fork")  # the tokenizer is inherited, not pickled
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
+        pending = deque()
+        for chunk in _chunks(rows, CHUNK_ROWS):
+            pending.append(pool.apply_async(_tokenize_in_worker, (chunk,)))
+            if len(pending) >= 2 * workers:
+                yield from pending.popleft().get()
+        while pending:
+            yield from pending.popleft().get()
 
 
 def fit_length(prompt: list[int], completions: list[list[int]], max_length: int, policy: str
@@ -206,33 +307,37 @@ def fit_length(prompt: list[int], completions: list[list[int]], max_length: int,
 
 
 def load_examples(path: str | os.PathLike, tokenizer, *, preference: bool, max_length: int,
-                  length_policy: str = "drop") -> tuple[list[Example], DataReport]:
-    """Read, render, tokenise and length-check a data file; DataError names file and line."""
+                  length_policy: str = "drop", workers: int = 1
+                  ) -> tuple[list[Example], DataReport]:
+    """Read, render, tokenise and length-check a data file; DataError names file and line.
+
+    Rows stream through in chunks (one batched tokenizer call each), so memory holds the
+    examples' int32 ids and one chunk of text; `workers` > 1 tokenises chunks in that many
+    forked processes.
+    """
     report = DataReport(path=str(path), max_length=max_length)
     examples = []
-    for line, prompt, replies in read_rows(path, preference, report):
-        try:
-            tokenized = [tokenize_turn(tokenizer, prompt, reply) for reply in replies]
-        except TemplateMismatch as e:
-            raise DataError(path, line, str(e)) from None
-        p = tokenized[0][0]
-        if any(t[0] != p for t in tokenized):
-            raise DataError(path, line, "chosen and rejected render different prompts")
-        report.retokenised += any(t[2] for t in tokenized)
-        fitted = fit_length(p, [t[1] for t in tokenized], max_length, length_policy)
+    rows = read_rows(path, preference, report)
+    for result in tokenized_rows(tokenizer, rows, workers):
+        if len(result) == 2:
+            line, error = result
+            raise DataError(path, line, error)
+        line, p, completions, retokenised = result
+        report.retokenised += retokenised
+        fitted = fit_length(p, completions, max_length, length_policy)
         if fitted is None:
             report.dropped_too_long += 1
             continue
         p, completions, outcome = fitted
         if outcome != "fits":
             setattr(report, outcome, getattr(report, outcome) + 1)
-        examples.append(Example(tuple(p), tuple(tuple(c) for c in completions), line))
+        examples.append(Example(p, tuple(completions), line))
     report.kept = len(examples)
     if not examples:
         why = (f"all {report.rows} rows are longer than max_length {max_length}"
                if report.dropped_too_long else "no usable row")
         raise DataError(path, None, why)
-    lengths = [e.length for e in examples]
-    report.lengths = {"min": min(lengths), "mean": sum(lengths) / len(lengths),
-                      "max": max(lengths)}
+    lengths = np.array([e.length for e in examples])
+    report.lengths = {"min": int(lengths.min()), "mean": float(lengths.mean()),
+                      "max": int(lengths.max())}
     return examples, report

@@ -2,25 +2,70 @@
 
     python -c "from posttrain.train.logps import completion_logps; help(completion_logps)"
 
-Only the last K + 1 positions get logits (`logits_to_keep`): with left padding every completion
-ends at the last position, so the language-model head and the log-softmax never run over prompt
-tokens, which on a 49k-token vocabulary is a large share of the compute and memory.
+Only the last K + 1 positions reach the language-model head (`logits_to_keep`): with left
+padding every completion ends at the last position, so the head and the log-softmax never run
+over prompt tokens. For the decoder families in FUSED_HEAD_MODELS (whose forward returns the
+head's output unchanged) the head itself is fused with the log-softmax for the duration of the
+call (posttrain.logprobs.linear_token_logps): no (R, K, V) logits tensor exists at all, only
+one chunk of positions at a time, and only completion tokens are projected. The head runs
+inside the model's own forward, so DDP / FSDP hooks see an ordinary forward pass. Other models
+(Gemma's soft-capping, Granite's and Cohere's logit scaling, LoRA on the head) get their logits
+and a chunked log-softmax.
 """
 
 from __future__ import annotations
 
-import torch
+import contextlib
 
+import torch
+from torch import nn
+
+from ..logprobs import linear_token_logps
 from ..losses import token_logps
+
+# model_type values whose causal-LM forward is `logits = lm_head(hidden[:, keep])`, nothing more.
+FUSED_HEAD_MODELS = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3",
+                               "qwen3_moe", "olmo", "olmo2", "phi3", "deepseek_v3"})
+
+
+def _inner(model):
+    """The causal LM under DDP (`.module`); PEFT and FSDP2 models forward the attributes."""
+    return getattr(model, "module", model)
+
+
+def fused_head(model) -> nn.Linear | None:
+    """The output head when the fused log-softmax is exact for this model, else None."""
+    inner = _inner(model)
+    config = getattr(inner, "config", None)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if type(head) is not nn.Linear or getattr(config, "model_type", None) not in FUSED_HEAD_MODELS:
+        return None
+    return head
+
+
+@contextlib.contextmanager
+def _head_returns_logps(head: nn.Linear, targets: torch.Tensor):
+    """While inside, `head(hidden)` returns log p(targets) (R, K+1) instead of the logits."""
+    head.forward = lambda hidden: linear_token_logps(hidden, head.weight, targets, head.bias)
+    try:
+        yield
+    finally:
+        del head.forward  # the class's forward again
 
 
 def completion_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(R, K) float32 log p(token) on completion tokens, 0.0 elsewhere (see batches.collate)."""
     labels = batch["labels"]  # (R, K)
     K = labels.shape[1]
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], logits_to_keep=K + 1, use_cache=False)
-    logits = out.logits[:, :-1]  # (R, K, V): position t predicts token t + 1
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  position_ids=batch["position_ids"], logits_to_keep=K + 1, use_cache=False)
+    head = fused_head(model)
+    if head is not None:
+        # Position t predicts token t + 1; the last kept position predicts nothing.
+        targets = nn.functional.pad(labels, (0, 1), value=-100)  # (R, K + 1)
+        with _head_returns_logps(head, targets):
+            return model(**inputs).logits[:, :-1]  # (R, K)
+    logits = model(**inputs).logits[:, :-1]  # (R, K, V): position t predicts token t + 1
     return token_logps(logits, labels)  # (R, K)
 
 

@@ -48,6 +48,7 @@ from .logps import completion_logps, reference_logps, split_pairs
 from .lora import apply_lora, format_parameter_report, parameter_report
 from .metrics import MetricsLog, NonFiniteError, check_finite
 from .moe import MoeRun
+from .modes import enable_gradient_checkpointing, train_mode
 from .optim import lr_at, make_optimizer, make_scheduler
 from .refcache import cache_key, cache_path, read_cache, write_cache
 
@@ -56,8 +57,7 @@ DPO_LOSS_TYPES = {"dpo": "sigmoid", "ipo": "ipo", "robust-dpo": "robust", "bdpo"
                   "rpo": "sigmoid"}
 # Settings that may change between a run and its resume (they do not change the result).
 RESUME_MAY_CHANGE = {"stop_after_steps", "num_threads", "checkpoint_every", "keep_checkpoints",
-                     "trackers",
-                     "ref_batch_size", "ref_cache"}
+                     "trackers", "ref_batch_size", "ref_cache", "tokenize_workers"}
 
 
 # ------------------------------------------------------------------------ loss of a batch
@@ -157,9 +157,14 @@ def reference_table(model, examples: list[Example], cfg: TrainConfig, accelerato
     too, whose initialisation changes the base weights). Each process computes every P-th pair
     and the parts are gathered.
     """
-    key = cache_key(resolve_model(cfg.model), dtype, examples)
-    path = cache_path(cfg.data, key, fallback_dir=out)
-    cached = read_cache(path, key, len(examples)) if cfg.ref_cache else None
+    key = cache_key(resolve_model(cfg.model), dtype, examples, accelerator.device.type) \
+        if cfg.ref_cache else None
+    if cfg.ref_cache and key is None:
+        _say(accelerator, f"reference log-probs: not cached ({cfg.model}: no local weight "
+                          "files to fingerprint)")
+    use_cache = key is not None
+    path = cache_path(cfg.data, key, fallback_dir=out) if use_cache else None
+    cached = read_cache(path, key, len(examples)) if use_cache else None
     if cached is not None:
         _say(accelerator, f"reference log-probs: read from cache {path}")
         return cached
@@ -176,11 +181,11 @@ def reference_table(model, examples: list[Example], cfg: TrainConfig, accelerato
             table[idx] = values
     else:
         table[mine] = part
-    if cfg.ref_cache and accelerator.is_main_process:
+    if use_cache and accelerator.is_main_process:
         write_cache(path, key, table)
     _say(accelerator, f"reference log-probs: computed for {len(examples)} pairs in "
                       f"{time.perf_counter() - start:.1f} s" +
-                      (f"; saved to {path}" if cfg.ref_cache else ""))
+                      (f"; saved to {path}" if use_cache else ""))
     return table
 
 
@@ -209,7 +214,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
     # data
     tokenizer = tokenizer or load_tokenizer(cfg.model)
     examples, report = load_examples(cfg.data, tokenizer, preference=cfg.preference,
-                                     max_length=cfg.max_length, length_policy=cfg.length_policy)
+                                     max_length=cfg.max_length, length_policy=cfg.length_policy,
+                                     workers=cfg.tokenize_workers)
     _say(accelerator, f"data: {report.summary()}")
     lengths = [e.length for e in examples]
     global_batch = cfg.batch_size * cfg.grad_accum * P
@@ -238,9 +244,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
                        seed=cfg.seed, pad_id=pad_id)
     model = apply_lora(model, cfg.lora)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
+        enable_gradient_checkpointing(model)
     _say(accelerator, format_parameter_report(parameter_report(model)))
     _say(accelerator, f"{cfg.method}: {cfg.model} in {dtype}; global batch {global_batch} = "
                       f"{cfg.batch_size} rows x {cfg.grad_accum} accumulation x {P} process(es); "
@@ -276,7 +280,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
                                             "parameter_bytes_per_process": stored})
     log = MetricsLog(out / "metrics.jsonl", resume_step=start, enabled=main,
                      trackers=cfg.trackers, config=asdict(cfg))
-    policy.train()
+    # The DPO family runs the policy without dropout, as the reference pass did.
+    train_mode(policy, dropout=not cfg.preference)
 
     bar = tqdm(total=total, initial=start, desc=f"train {cfg.method}", unit="step",
                disable=not (progress and main))

@@ -4,16 +4,27 @@
 
 DPO needs log pi_ref(chosen) and log pi_ref(rejected) for every pair. They depend only on the
 base model and the exact token ids, so they are computed once (no grad, no adapter) and reused
-by every run on the same file: a sweep over lr or beta pays for them once. The key hashes the
-model (its id, dtype and, for a local folder, its weight files' sizes and times) and every token
-id of every pair (which covers the data, the chat template, max_length and the length policy),
-so a stale cache is never read: any change gives another file name.
+by every run on the same file: a sweep over lr or beta pays for them once. The key hashes every
+token id of every pair (which covers the data, the chat template, max_length and the length
+policy), the dtype, the device type, the transformers and torch versions, and the model:
+- every .json file of its folder (config, tokenizer, index) by content (SHA-256);
+- every weight file (.safetensors, .bin, .pt, .gguf) by identity, without reading it:
+  a file in the Hugging Face hub cache is a link to a blob named by its content hash, which is
+  used as is; any other file by (size, mtime_ns, ctime_ns, inode). Writing a file's bytes
+  always sets its ctime, which, unlike mtime, user space cannot set back, so a rewritten
+  weight file never matches (a copied folder, a `touch` or a chmod only cost a recompute);
+- a hub id is resolved to its local snapshot folder; a model that cannot be identified this
+  way is not cached at all (said in the log).
+So a stale cache is never read: any change gives another file name, and the file also holds
+the whole key.
 
 Known limit in bf16: a sequence's log-prob depends slightly on the shape of the batch it was
 computed in (bf16 rounding after GEMMs blocked by shape), and the reference pass batches rows
 differently from training, so at step 1 policy and reference differ by that noise (measured on
-SmolLM2, CPU bf16: step-1 DPO loss 0.6872 instead of ln 2 = 0.6931). In fp32 they agree to
-~1e-6 (the tests check ln 2 exactly to 1e-5).
+SmolLM2, CPU bf16, 4 pairs of ~186-token sequences: step-1 DPO loss 0.6872 in one run and
+0.7195 in another (bench/train_dpo.py) instead of ln 2 = 0.6931; bf16 logits round by ~0.05
+at a magnitude of 20, summed over ~170 tokens). In fp32 they agree to ~1e-6 (the tests check
+ln 2 exactly to 1e-5).
 """
 
 from __future__ import annotations
@@ -22,34 +33,68 @@ import hashlib
 import json
 import os
 import pickle
-from array import array
 from pathlib import Path
 
+import numpy as np
 import torch
 
-VERSION = 1
+VERSION = 2
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
-def model_fingerprint(model_path: str) -> dict:
-    """Identity of a model for cache keys: a local folder's weight files, or the hub id."""
+def _model_folder(model_path: str) -> Path | None:
+    """The local folder (or single file) holding the model, or None when there is none."""
     path = Path(model_path)
-    files = {}
-    if path.is_dir():
-        for f in sorted(path.iterdir()):
-            if f.suffix in (".safetensors", ".bin", ".json") and f.is_file():
-                st = f.stat()
-                files[f.name] = [st.st_size, int(st.st_mtime)]
-    return {"model": str(model_path), "files": files}
+    if path.exists():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_path, local_files_only=True))
+    except Exception:  # not a hub id, or not downloaded: nothing to fingerprint
+        return None
 
 
-def cache_key(model_path: str, dtype: str, examples) -> str:
+def _weight_identity(f: Path) -> list | str:
+    target = Path(os.path.realpath(f))
+    if f.is_symlink() and target.parent.name == "blobs":
+        return f"blob:{target.name}"  # the hub cache names blobs by their content hash
+    st = target.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def model_fingerprint(model_path: str) -> dict | None:
+    """Identity of a model's weights and configuration for cache keys; None if unknown."""
+    import transformers
+
+    folder = _model_folder(model_path)
+    if folder is None:
+        return None
+    files: dict = {}
+    for f in sorted(folder.iterdir()) if folder.is_dir() else [folder]:
+        if f.suffix == ".json" and f.is_file():
+            files[f.name] = hashlib.sha256(f.read_bytes()).hexdigest()
+        elif f.suffix in WEIGHT_SUFFIXES and f.is_file():
+            files[f.name] = _weight_identity(f)
+    if not any(Path(name).suffix in WEIGHT_SUFFIXES for name in files):
+        return None
+    return {"model": str(model_path), "files": files, "transformers": transformers.__version__,
+            "torch": torch.__version__}
+
+
+def cache_key(model_path: str, dtype: str, examples, device_type: str = "cpu") -> str | None:
+    """SHA-256 over the model's fingerprint, dtype, device type and every token id; None when
+    the model cannot be fingerprinted (then nothing is cached)."""
+    fingerprint = model_fingerprint(model_path)
+    if fingerprint is None:
+        return None
     h = hashlib.sha256()
-    h.update(json.dumps({"version": VERSION, "dtype": dtype, **model_fingerprint(model_path)},
-                        sort_keys=True).encode())
+    h.update(json.dumps({"version": VERSION, "dtype": dtype, "device": device_type,
+                         **fingerprint}, sort_keys=True).encode())
     for e in examples:
         for ids in (e.prompt, *e.completions):
             h.update(len(ids).to_bytes(4, "little"))
-            h.update(array("q", ids).tobytes())
+            h.update(np.asarray(ids, dtype="<i4").tobytes())
     return h.hexdigest()
 
 
