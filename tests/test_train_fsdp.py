@@ -116,13 +116,13 @@ def running_in_group(pgid: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def killed_and_straight(tiny_model_dir, tmp_path_factory):
-    """Two `posttrain train --nproc 2 ... strategy=fsdp2` runs of 12 steps with LoRA dropout
-    (the RNG state matters): one straight through; one whose torchrun launcher gets SIGKILL
+    """Two `posttrain train --nproc 2 ... strategy=fsdp2` SFT runs of 12 steps with LoRA
+    dropout (the RNG state matters; the DPO family runs without dropout): one straight through; one whose torchrun launcher gets SIGKILL
     after step 3 (the newest checkpoint is step 2), then rerun with --resume. The workers must
     die with the launcher (distributed.die_with_launcher), not train on as orphans."""
     folder = tmp_path_factory.mktemp("fsdp-resume")
-    pairs, _ = write_data(folder / "data", n=8)
-    args = ["train", "--method", "dpo", "--model", tiny_model_dir, "--data", str(pairs),
+    _, demos = write_data(folder / "data", n=8)
+    args = ["train", "--method", "sft", "--model", tiny_model_dir, "--data", str(demos),
             "--nproc", "2", "--no-progress"]
     for item in ("dtype=fp32", "lora.r=4", "lora.alpha=8", "lora.dropout=0.1", "lr=1e-3",
                  "batch_size=2", "max_steps=12", "checkpoint_every=2", "strategy=fsdp2"):
