@@ -18,6 +18,10 @@ from posttrain.engines.base import Completion
 from posttrain.losses import policy_loss
 from posttrain.records import Problem
 from posttrain.train import online as O
+from posttrain.train import online_config as OC
+from posttrain.train import policy_update as PU
+from posttrain.train import problem_stream as PS
+from posttrain.train import rollouts as R
 
 
 
@@ -52,7 +56,7 @@ def stub_score(problem, index, messages, completion, *, think_open, engine, cfg)
 
 
 def config(method="grpo", *overrides):
-    return O.online_config(method, overrides=[
+    return OC.online_config(method, overrides=[
         "max_steps=2", "num_generations=3", "problems_per_step=2", "max_new_tokens=4",
         "lr=1e-2", "lora.r=4", "micro_batch_size=4", "checkpoint_every=1", *overrides])
 
@@ -70,17 +74,17 @@ def adapter_weights(model) -> dict[str, torch.Tensor]:
 
 def test_overlong_penalty_is_dapos_soft_ramp():
     """L = 100, buffer 20 %: free up to 80 tokens, then (n - 80) / 20, 1 at the limit."""
-    assert O.overlong_penalty(50, 100, 0.2) == 0.0
-    assert O.overlong_penalty(80, 100, 0.2) == 0.0
-    assert O.overlong_penalty(90, 100, 0.2) == pytest.approx(0.5)
-    assert O.overlong_penalty(100, 100, 0.2) == pytest.approx(1.0)
-    assert O.overlong_penalty(95, 100, 0.2, factor=0.5) == pytest.approx(0.375)  # 0.75 * 0.5
-    assert O.overlong_penalty(100, 100, 0.0) == 0.0  # buffer 0: off
+    assert R.overlong_penalty(50, 100, 0.2) == 0.0
+    assert R.overlong_penalty(80, 100, 0.2) == 0.0
+    assert R.overlong_penalty(90, 100, 0.2) == pytest.approx(0.5)
+    assert R.overlong_penalty(100, 100, 0.2) == pytest.approx(1.0)
+    assert R.overlong_penalty(95, 100, 0.2, factor=0.5) == pytest.approx(0.375)  # 0.75 * 0.5
+    assert R.overlong_penalty(100, 100, 0.0) == 0.0  # buffer 0: off
 
 
 def test_zero_variance_groups():
     rewards = torch.tensor([1.0, 1, 1, 0, 1, 0, 0, 0, 0])  # groups of 3
-    assert O.zero_variance_groups(rewards, 3).tolist() == [True, False, True]
+    assert R.zero_variance_groups(rewards, 3).tolist() == [True, False, True]
 
 
 def test_score_completion_uses_the_project_graders_and_adds_reward_terms():
@@ -88,16 +92,16 @@ def test_score_completion_uses_the_project_graders_and_adds_reward_terms():
     max_new_tokens 10 and buffer 0.5 is cut (truncated: grader reward 0, no format) and pays
     the full overlong penalty 1.0."""
     problem = Problem(id="a", question="What is 3 + 1?", answer="4", answer_type="exact")
-    cfg = O.OnlineConfig(format_reward=0.5, overlong_buffer=0.5, max_new_tokens=10)
+    cfg = OC.OnlineConfig(format_reward=0.5, overlong_buffer=0.5, max_new_tokens=10)
 
     class Engine:
         name, model_id = "hf", "m"
 
-    ok = O.score_completion(problem, 0, [], Completion("The answer is 4.", "stop", [1, 2, 3]),
+    ok = R.score_completion(problem, 0, [], Completion("The answer is 4.", "stop", [1, 2, 3]),
                             think_open=False, engine=Engine(), cfg=cfg)
     assert ok == {"verdict": "correct", "correct_reward": 1.0, "format_ok": True,
                   "overlong": 0.0, "reward": 1.5, "truncated": False}
-    cut = O.score_completion(problem, 1, [], Completion("The answer is 4", "length",
+    cut = R.score_completion(problem, 1, [], Completion("The answer is 4", "length",
                                                         list(range(10))),
                              think_open=False, engine=Engine(), cfg=cfg)
     assert cut["verdict"] == "truncated" and cut["truncated"] and not cut["format_ok"]
@@ -108,11 +112,11 @@ def test_score_completion_uses_the_project_graders_and_adds_reward_terms():
 
 
 def test_stream_is_a_permutation_per_pass_and_resumes_exactly():
-    full = O.ShuffledStream(list(range(5)), seed=3)
+    full = PS.ShuffledStream(list(range(5)), seed=3)
     first_pass, second_pass = full.take(5), full.take(5)
     assert sorted(first_pass) == sorted(second_pass) == list(range(5))
     assert first_pass != second_pass  # a new shuffle each pass (seed 3)
-    resumed = O.ShuffledStream(list(range(5)), seed=3, drawn=3)
+    resumed = PS.ShuffledStream(list(range(5)), seed=3, drawn=3)
     assert resumed.take(7) == (first_pass + second_pass)[3:]
 
 
@@ -124,12 +128,12 @@ def test_collated_logps_and_entropy_match_an_unpadded_forward(tiny_model_dir):
     log-probs and entropies equal those of the same sequence run alone."""
     model, _ = tiny(tiny_model_dir)
     prompts, completions = [[1, 2, 3, 4, 5], [7, 8]], [[9, 10], [11, 12, 13, 14]]
-    rollouts = [O.Rollout(PROBLEMS[0], p, Completion("x", "stop", c), "correct", 1.0, True, 0.0,
+    rollouts = [R.Rollout(PROBLEMS[0], p, Completion("x", "stop", c), "correct", 1.0, True, 0.0,
                           1.0, False) for p, c in zip(prompts, completions)]
-    ((batch, rows),) = O.rollout_batches(rollouts, 8, pad_id=0, mask_truncated=False)
+    ((batch, rows),) = R.rollout_batches(rollouts, 8, pad_id=0, mask_truncated=False)
     assert rows == slice(0, 2)
     assert batch["labels"].tolist() == [[-100, -100, 9, 10], [11, 12, 13, 14]]
-    logps, entropy = O.logps_and_entropy(model, batch)
+    logps, entropy = PU.sampled_logps(model, batch, 1.0)[::2]
     for i, (p, c) in enumerate(zip(prompts, completions)):
         logits = model(torch.tensor([p + c])).logits[0, len(p) - 1:-1]  # (len(c), V)
         want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c)[:, None])[:, 0]
@@ -140,7 +144,7 @@ def test_collated_logps_and_entropy_match_an_unpadded_forward(tiny_model_dir):
 
 def fake_rollouts(lengths, rewards, truncated=None, prompt_len=3):
     truncated = truncated or [False] * len(lengths)
-    return [O.Rollout(problem=PROBLEMS[0], prompt_ids=list(range(1, prompt_len + 1)),
+    return [R.Rollout(problem=PROBLEMS[0], prompt_ids=list(range(1, prompt_len + 1)),
                       completion=Completion("x", "length" if t else "stop",
                                             list(range(20, 20 + n))),
                       verdict="correct" if r else "incorrect", correct_reward=r, format_ok=True,
@@ -150,13 +154,13 @@ def fake_rollouts(lengths, rewards, truncated=None, prompt_len=3):
 
 def test_truncated_completions_get_no_loss_when_masked():
     rollouts = fake_rollouts([2, 3, 2], [1.0, 0.0, 0.0], truncated=[False, True, False])
-    ((masked, _),) = O.rollout_batches(rollouts, 8, pad_id=0, mask_truncated=True)
+    ((masked, _),) = R.rollout_batches(rollouts, 8, pad_id=0, mask_truncated=True)
     assert (masked["labels"] != -100).long().tolist() == [[0, 1, 1], [0, 0, 0], [0, 1, 1]]
-    ((kept, _),) = O.rollout_batches(rollouts, 8, pad_id=0, mask_truncated=False)
+    ((kept, _),) = R.rollout_batches(rollouts, 8, pad_id=0, mask_truncated=False)
     assert (kept["labels"] != -100).long().tolist() == [[0, 1, 1], [1, 1, 1], [0, 1, 1]]
 
 
-@pytest.mark.parametrize("aggregation", ["grpo", "bnpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("aggregation", ["grpo", "token_mean", "dapo", "dr_grpo"])
 def test_micro_batches_sum_to_the_whole_batch_loss(aggregation):
     """Summing micro-batch losses times micro_batch_weight gives the loss of the whole batch
     (bnpo: per-micro-batch token normalisation by definition, so equal micro-batches are used
@@ -172,8 +176,8 @@ def test_micro_batches_sum_to_the_whole_batch_loss(aggregation):
         loss, _ = policy_loss(logps[rows], None, adv[rows], mask[rows],
                               num_items_in_batch=total_tokens if aggregation == "dapo" else None,
                               **kw)
-        parts.append(loss * O.micro_batch_weight(aggregation, 2, 4, 2))
-    if aggregation == "bnpo":
+        parts.append(loss * PU.micro_batch_weight(aggregation, 2, 4, 2))
+    if aggregation == "token_mean":
         halves = [policy_loss(logps[r], None, adv[r], mask[r], **kw)[0]
                   for r in (slice(0, 2), slice(2, 4))]
         whole = (halves[0] + halves[1]) / 2
@@ -197,12 +201,14 @@ def test_policy_gradients_do_not_depend_on_the_micro_batch_size(tiny_model_dir, 
             p.data.normal_(0, 0.1)
     rollouts = fake_rollouts([2, 5, 3, 1, 4, 2], [1.0, 0.0, 0.0, 1.0, 1.0, 0.0])
     advantages = torch.tensor([1.0, -1.0, -0.5, 0.5, 1.0, -1.0])
-    cfg = O.OnlineConfig(aggregation=aggregation, max_new_tokens=5)
+    cfg = OC.OnlineConfig(aggregation=aggregation, max_new_tokens=5)
     grads = []
     for size in (6, 2):
         policy.zero_grad()
-        O.policy_backward(policy, O.rollout_batches(rollouts, size, 0, False), advantages,
-                          None, None, cfg, mu=None)
+        batches = R.rollout_batches(rollouts, size, 0, False)
+        PU.policy_backward(policy, batches, advantages, None, None, cfg, mu=None,
+                           total_rows=6, total_tokens=float(sum(
+                               int((b["labels"] != -100).sum()) for b, _ in batches)))
         grads.append([p.grad.clone() for p in policy.parameters() if p.requires_grad])
     for whole, split in zip(*grads):
         assert_close(split, whole, atol=1e-6, rtol=1e-4)
@@ -237,22 +243,22 @@ class CharTokenizer:
 def test_dynamic_sampling_drops_all_equal_groups_and_draws_again():
     """Round 1: groups (even, even) -> all reward 1, dropped; (even, odd) kept. Round 2 draws
     the one missing problem: (odd, even) kept. 3 groups seen, 1 of them with zero variance."""
-    cfg = O.OnlineConfig(num_generations=2, problems_per_step=2, dynamic_sampling=True)
+    cfg = OC.OnlineConfig(num_generations=2, problems_per_step=2, dynamic_sampling=True)
     engine = ScriptedEngine([[[2, 4], [2, 3]], [[3, 6]]])
-    kept, everything, info = O.collect_rollouts(engine, CharTokenizer(),
-                                                  O.ShuffledStream(PROBLEMS, 0), cfg, 0,
+    kept, everything, info = R.collect_rollouts(engine, CharTokenizer(),
+                                                  PS.ShuffledStream(PROBLEMS, 0), cfg, 0,
                                                   score=stub_score)
     assert engine.calls == [2, 1] and info["sampling_rounds"] == 2
     assert [r.reward for r in kept] == [1.0, 0.0, 0.0, 1.0]
     assert len(everything) == 6
-    assert O.rollout_stats(everything, 2)["zero_variance_groups"] == pytest.approx(1 / 3)
+    assert R.rollout_stats(everything, 2)["zero_variance_groups"] == pytest.approx(1 / 3)
 
 
 def test_without_dynamic_sampling_every_group_is_kept():
-    cfg = O.OnlineConfig(num_generations=2, problems_per_step=2)
+    cfg = OC.OnlineConfig(num_generations=2, problems_per_step=2)
     engine = ScriptedEngine([[[2, 4], [2, 3]]])
-    kept, everything, info = O.collect_rollouts(engine, CharTokenizer(),
-                                                  O.ShuffledStream(PROBLEMS, 0), cfg, 0,
+    kept, everything, info = R.collect_rollouts(engine, CharTokenizer(),
+                                                  PS.ShuffledStream(PROBLEMS, 0), cfg, 0,
                                                   score=stub_score)
     assert info["sampling_rounds"] == 1 and len(kept) == len(everything) == 4
 
@@ -292,7 +298,7 @@ def test_loop_writes_metrics_and_moves_the_adapter(tiny_model_dir, tmp_path):
     assert (tmp_path / "config.yaml").exists()
 
 
-@pytest.mark.parametrize("method", ["dr-grpo", "dapo", "bnpo", "gspo"])
+@pytest.mark.parametrize("method", ["dr-grpo", "dapo", "grpo-token-mean", "gspo", "cispo"])
 def test_every_method_preset_trains(tiny_model_dir, tmp_path, method):
     """One step of each preset with two updates per batch (old log-probs, clipping live)."""
     model, tok = tiny(tiny_model_dir)
@@ -377,18 +383,18 @@ def test_chord_mixes_demonstrations_with_mu_from_the_schedule(tiny_model_dir, tm
 
 
 def test_presets_and_bad_config():
-    dapo = O.online_config("dapo")
+    dapo = OC.online_config("dapo")
     assert (dapo.aggregation, dapo.clip_high, dapo.dynamic_sampling) == ("dapo", 0.28, True)
-    gspo = O.online_config("gspo")
+    gspo = OC.online_config("gspo")
     assert (gspo.ratio_level, gspo.clip_low, gspo.clip_high) == ("sequence", 3e-4, 4e-4)
-    assert O.online_config("dr-grpo").advantage_scale == "none"
-    assert O.online_config("grpo", overrides=["clip_high=0.3"]).clip_high == 0.3
+    assert OC.online_config("dr-grpo").advantage_scale == "none"
+    assert OC.online_config("grpo", overrides=["clip_high=0.3"]).clip_high == 0.3
     with pytest.raises(O.ConfigError, match="num_generations"):
-        O.online_config("grpo", overrides=["num_generations=1"])
+        OC.online_config("grpo", overrides=["num_generations=1"])
     with pytest.raises(O.ConfigError, match="chord.demos"):
-        O.online_config("chord")
+        OC.online_config("chord")
     with pytest.raises(O.ConfigError, match="adapter disabled"):
-        O.online_config("grpo", overrides=["kl_beta=0.1", "lora.enabled=false"])
+        OC.online_config("grpo", overrides=["kl_beta=0.1", "lora.enabled=false"])
 
 
 @pytest.mark.slow

@@ -81,5 +81,6 @@ class HFEngine:
                 token_ids=ids,
                 sum_logprob=total,
                 mean_logprob=total / len(ids) if ids else None,
+                token_logprobs=list(row.logprobs),
             ))
         return completions
