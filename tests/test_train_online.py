@@ -15,7 +15,7 @@ import torch
 from torch.testing import assert_close
 
 from posttrain.engines.base import Completion
-from posttrain.losses import policy_loss
+from posttrain.losses import group_advantages, policy_loss
 from posttrain.records import Problem
 from posttrain.train import online as O
 from posttrain.train import online_config as OC
@@ -411,3 +411,242 @@ def test_cli_grpo_two_steps_on_the_embedded_model(tmp_path):
     assert all(METRIC_FIELDS <= set(r) for r in got)
     assert (out / "adapter" / "adapter_config.json").exists()
     assert "finished at step 2 of 2" in proc.stdout
+
+
+# ------------------------------------------------------------------ presets, by their definition
+
+# One group of G = 2, rewards [1, 0]; sequence 1 has 2 tokens (ratios 1.25 and 1), sequence 2
+# one token (ratio .7); max_new_tokens 4. Group advantages: mean .5, unbiased std sqrt(.5):
+# A = +-.5 / (.707107 + 1e-4) = +-a; without std (Dr. GRPO) +-.5.
+PRESET_LOGPS = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]])
+PRESET_OLD = PRESET_LOGPS - torch.log(torch.tensor([[1.25, 1.0], [0.7, 1.0]]))
+PRESET_MASK = torch.tensor([[1, 1], [1, 0]])
+A = 0.5 / (math.sqrt(0.5) + 1e-4)
+
+
+@pytest.mark.parametrize("method, want", [
+    # grpo, clip .2: seq 1 tokens -1.2a (r 1.25 clipped), -a; seq 2 (A < 0, r .7 below .8):
+    # -min(.7 * -a, .8 * -a) = .8a. Mean of token means: ((-2.2a / 2) + .8a) / 2 = -.15a.
+    ("grpo", -0.15 * A),
+    # dr-grpo: A = +-.5 (no std); token sum / (B * L) = (-.6 - .5 + .4) / (2 * 4) = -.0875.
+    ("dr-grpo", -0.0875),
+    # dapo: clip-higher .28 leaves r 1.25 unclipped: (-1.25a - a + .8a) / 3 tokens = -1.45a / 3.
+    ("dapo", -1.45 * A / 3),
+    # grpo-token-mean: grpo's per-token losses over the 3 tokens: (-1.2a - a + .8a) / 3.
+    ("grpo-token-mean", -1.4 * A / 3),
+    # gspo: sequence ratios sqrt(1.25) = 1.118 (clipped to 1.0004) and .7 (clipped to .9997 for
+    # A < 0: -min(.7 * -a, .9997 * -a) = .9997a): (-1.0004a + .9997a) / 2 = -.00035a.
+    ("gspo", -0.00035 * A),
+    # cispo: -sg(clip(r, 0, 1.28)) A logp per token, tokens over the step:
+    # -(1.25a * -1 + 1 * a * -2 + .7 * -a * -.5) / 3 = (3.25a - .35a) / 3 = 2.9a / 3.
+    ("cispo", 2.9 * A / 3),
+])
+def test_each_preset_changes_the_loss_as_its_definition_says(method, want):
+    cfg = OC.online_config(method, overrides=["max_new_tokens=4"])
+    adv = group_advantages(torch.tensor([1.0, 0.0]), 2, cfg.advantage_scale)
+    loss, _ = PU.step_loss(cfg, PRESET_LOGPS, PRESET_OLD, adv, PRESET_MASK,
+                           total_tokens=float(PRESET_MASK.sum()))
+    assert_close(loss, torch.tensor(want, dtype=torch.float32), atol=1e-6, rtol=1e-5)
+
+
+def test_bnpo_was_renamed_with_a_clear_error():
+    with pytest.raises(O.ConfigError, match="renamed.*grpo-token-mean.*not the BNPO"):
+        OC.online_config("bnpo")
+    with pytest.raises(O.ConfigError, match="renamed"):
+        OC.online_config("grpo", overrides=["aggregation=bnpo"])
+
+
+# --------------------------------------------------------------------------- defects
+
+
+def test_dynamic_sampling_filters_on_accuracy_not_on_the_shaped_reward():
+    """Group 1: both wrong, rewards differ only by the format bonus (0 and .5): DAPO drops it
+    (all wrong), though its total rewards differ. Group 2: one right, one wrong: kept."""
+    cfg = OC.OnlineConfig(num_generations=2, problems_per_step=2, dynamic_sampling=True,
+                          max_sampling_rounds=1)
+
+    def score(problem, index, messages, completion, **kwargs):
+        right = completion.token_ids[0] == 2
+        fmt = 0.5 * (completion.token_ids[0] == 5)
+        return {"verdict": "correct" if right else "incorrect", "correct_reward": float(right),
+                "format_ok": bool(fmt), "overlong": 0.0, "reward": float(right) + fmt,
+                "truncated": False}
+
+    engine = ScriptedEngine([[[3, 5], [2, 3]]])
+    kept, everything, _ = R.collect_rollouts(engine, CharTokenizer(),
+                                             PS.ShuffledStream(PROBLEMS, 0), cfg, 0, score=score)
+    assert [r.reward for r in everything] == [0.0, 0.5, 1.0, 0.0]
+    assert [r.reward for r in kept] == [1.0, 0.0]
+
+
+def test_stream_shuffles_once_per_pass(monkeypatch):
+    """Drawing 2,000 items one at a time from 1,000 shuffles twice (one per pass), not 2,000
+    times (the old take reshuffled all N items for every item drawn)."""
+    import random
+
+    calls = []
+    original = random.Random.shuffle
+    monkeypatch.setattr(random.Random, "shuffle",
+                        lambda self, x: (calls.append(1), original(self, x))[1])
+    stream = PS.ShuffledStream(list(range(1000)), seed=1)
+    drawn = [stream.take(1)[0] for _ in range(2000)]
+    assert len(calls) == 2
+    assert sorted(drawn[:1000]) == list(range(1000)) == sorted(drawn[1000:])
+
+
+def test_temperature_scales_the_trained_distribution_and_log_probs_agree(tiny_model_dir):
+    """Sample at T = 0.7 from the tiny model (live hf engine), then the trainer's forward:
+    its log-probs are log softmax(logits / 0.7) of the sampled tokens (the distribution sampled
+    from; before, raw logits were used); its raw log-probs equal the engine's
+    Completion.token_logprobs (the engines' convention) up to cached-decoding numerics; and
+    the old-policy pass gives a ratio of exactly 1 on the first update."""
+    from posttrain.engines.base import SamplingParams
+    from posttrain.engines.hf import HFEngine
+
+    model, tok = tiny(tiny_model_dir)
+    model.eval()
+    T = 0.7
+    engine = HFEngine(model, tok, batch_size=4)
+    prompts = [[{"role": "user", "content": "What is 2 + 2?"}]]
+    (group,) = engine.generate(prompts, SamplingParams(n=3, temperature=T, max_new_tokens=5,
+                                                       seed=1))
+    prompt_ids = tok(engine.render_prompt(prompts[0]), add_special_tokens=False)["input_ids"]
+    rollouts = [R.Rollout(PROBLEMS[0], prompt_ids, c, "correct", 1.0, True, 0.0, 1.0, False)
+                for c in group]
+    ((batch, rows),) = R.rollout_batches(rollouts, 8, pad_id=tok.pad_token_id,
+                                         mask_truncated=False)
+    mask = batch["labels"] != -100
+    logps, raw, _ = PU.sampled_logps(model, batch, T, raw=True)
+    assert_close(raw[mask], batch["rollout_logps"][mask], atol=1e-4, rtol=0)
+    for i, c in enumerate(group):
+        ids = torch.tensor([prompt_ids + c.token_ids])
+        logits = model(ids).logits[0, len(prompt_ids) - 1:-1]  # (n, V)
+        want = torch.log_softmax(logits / T, -1).gather(-1, torch.tensor(c.token_ids)[:, None])
+        assert_close(logps[i][mask[i]], want[:, 0], atol=1e-5, rtol=0)
+        assert not torch.allclose(logps[i][mask[i]], raw[i][mask[i]], atol=1e-3)
+    cfg = OC.OnlineConfig(temperature=T, max_new_tokens=5, updates_per_batch=2)
+    old = PU.frozen_logps(model, [(batch, rows)], T, reference=False)
+    sums, _ = PU.policy_backward(model, [(batch, rows)], torch.tensor([1.0, -1.0, 0.0]), old,
+                                 None, cfg, mu=None, total_rows=3, total_tokens=float(mask.sum()))
+    assert sums["ratio/mean"] / sums["tokens"] == 1.0
+    assert sums["mismatch/abs_logp_max"] < 1e-4
+
+
+def test_pissa_online_refuses_the_kl_and_saves_a_converted_adapter(tiny_model_dir, tmp_path):
+    """lora.init pissa: kl_beta > 0 is refused (the adapter-disabled model is the residual
+    base); the final adapter is converted, so base + adapter reproduces the trained policy."""
+    from peft import PeftModel
+
+    with pytest.raises(O.ConfigError, match="residual base"):
+        OC.online_config("grpo", overrides=["lora.init=pissa", "kl_beta=0.1"])
+    model, tok = tiny(tiny_model_dir)
+    cfg = config("grpo", "max_steps=1", "lora.init=pissa")
+    O.train_online(cfg, tmp_path, model=model, tokenizer=tok, problems=PROBLEMS, score=stub_score)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        trained = model(ids).logits
+        fresh, _ = tiny(tiny_model_dir)
+        reloaded = PeftModel.from_pretrained(fresh, str(tmp_path / "adapter"))(ids).logits
+    assert_close(reloaded, trained, atol=1e-4, rtol=1e-4)
+
+
+def test_cli_refuses_flags_a_method_does_not_use(tmp_path, capsys):
+    from posttrain.cli import main
+
+    assert main(["train", "--method", "grpo", "--data", "pairs.jsonl", "--out",
+                 str(tmp_path / "a")]) == 1
+    assert "--data is not used by the online method 'grpo'" in capsys.readouterr().err
+    assert main(["train", "--method", "dpo", "--data", "pairs.jsonl", "--problems",
+                 "builtin:arith:8", "--out", str(tmp_path / "b")]) == 1
+    assert "--problems is not used by the offline method 'dpo'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- adapter sync, processes
+
+
+def skipping_engine(base, tok, skip_load: int | None):
+    """A detached hf engine (own weights, adapter loaded from disk at each sync) that skips
+    load number `skip_load` (1: the initial adapter; 2: the one after step 1)."""
+    from posttrain.train.rollout_engine import DetachedHFEngine
+
+    class Engine(DetachedHFEngine):
+        loads = 0
+
+        def load_adapter(self, path, name):
+            Engine.loads += 1
+            if Engine.loads != skip_load:
+                super().load_adapter(path, name)
+
+    return Engine(base, tok, batch_size=8)
+
+
+def test_adapter_sync_keeps_the_engine_on_the_policy_and_a_missed_sync_stops_the_run(
+        tiny_model_dir, tmp_path):
+    """Detached engine, adapter saved and loaded after every update: the engine's log-probs
+    match the trainer's (mismatch/kl 0 in fp32; max |d| ~1e-6), so a threshold of 1e-4 passes.
+    Skip the load after step 1 and step 2 samples the old policy: measured k3 KL 8.6e-3 and
+    max |d| .31 at lr 1e-2 on this model, so the run stops with RolloutSyncError at step 2,
+    before its update."""
+    import copy
+
+    from posttrain.train.rollout_engine import RolloutSyncError
+
+    cfg = config("grpo", "rollout.sync=adapter", "rollout.max_mismatch_kl=1e-4")
+    model, tok = tiny(tiny_model_dir)
+    engine = skipping_engine(copy.deepcopy(model), tok, None)
+    O.train_online(cfg, tmp_path / "ok", model=model, tokenizer=tok, problems=PROBLEMS,
+                   score=stub_score, engine=engine)
+    got = rows(tmp_path / "ok" / "metrics.jsonl")
+    assert [r["step"] for r in got] == [1, 2]
+    assert all(r["mismatch/kl"] < 1e-6 and r["mismatch/abs_logp_max"] < 1e-4 for r in got)
+    assert engine.adapter_name == "policy-step-2"
+    assert len(list((tmp_path / "ok" / "rollout-adapter").iterdir())) == 1  # old ones removed
+
+    model, tok = tiny(tiny_model_dir)
+    engine = skipping_engine(copy.deepcopy(model), tok, 2)
+    with pytest.raises(RolloutSyncError, match=r"step 2: the rollout engine \(hf\) is not "
+                                               r"sampling the current policy"):
+        O.train_online(cfg, tmp_path / "stale", model=model, tokenizer=tok, problems=PROBLEMS,
+                       score=stub_score, engine=engine)
+    assert [r["step"] for r in rows(tmp_path / "stale" / "metrics.jsonl")] == [1]
+
+
+def test_adapter_sync_builds_its_own_detached_engine(tiny_model_dir, tmp_path):
+    """rollout.sync adapter without an engine passed: the loop copies the base weights into a
+    DetachedHFEngine itself; engines that are not built yet are refused by name."""
+    model, tok = tiny(tiny_model_dir)
+    O.train_online(config("grpo", "max_steps=1", "rollout.sync=adapter"), tmp_path, model=model,
+                   tokenizer=tok, problems=PROBLEMS, score=stub_score)
+    (row,) = rows(tmp_path / "metrics.jsonl")
+    assert row["mismatch/kl"] < 1e-6 and row["time/sync"] > 0
+    with pytest.raises(O.ConfigError, match="only the hf engine can sample"):
+        OC.online_config("grpo", overrides=["rollout.engine.kind=vllm"])
+
+
+@pytest.mark.distributed
+def test_two_processes_match_one_at_step_one(tiny_model_dir, tmp_path):
+    """torchrun, 2 processes (gloo), each one of the 2 problems (3 completions, one
+    micro-batch of 2 and one of 1) vs 1 process holding both (micro-batches 2, 2, 2): the same
+    completions (seeds count completions over processes), the same logged loss, the same
+    gradients after DDP's average."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from online_dist_worker import first_step
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(REPO / "tests" / "online_dist_worker.py"), tiny_model_dir, str(tmp_path / "p2")],
+        check=False, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    two = torch.load(tmp_path / "p2" / "grads.pt")
+    loss, grads = first_step(tiny_model_dir, tmp_path / "p1")
+    assert two["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-7)
+    assert set(two["grads"]) == set(grads) and any(g.abs().sum() > 0 for g in grads.values())
+    for name, g in grads.items():
+        assert_close(two["grads"][name.replace("module.", "")], g, rtol=1e-4, atol=1e-7)

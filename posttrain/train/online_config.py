@@ -35,7 +35,9 @@ METHODS: dict[str, dict] = {
     "gspo": {"ratio_level": "sequence", "clip_low": 3e-4, "clip_high": 4e-4, "kl_beta": 0.0},
     # CISPO (MiniMax-M1, Chen et al. 2025): sg(clip(r, 1 - low, 1 + high)) A log p on every
     # token; the paper sets no lower bound (low 1.0 -> 0) and tunes only the upper one.
-    "cispo": {"loss": "cispo", "clip_low": 1.0, "clip_high": 0.28, "kl_beta": 0.0},
+    # Token-level aggregation over the step, as the paper's normalisation by all tokens.
+    "cispo": {"loss": "cispo", "clip_low": 1.0, "clip_high": 0.28, "kl_beta": 0.0,
+              "aggregation": "dapo"},
     "chord": {"aggregation": "grpo", "advantage_scale": "group"},
 }
 RENAMED = {"bnpo": "grpo-token-mean (aggregation token_mean): it averages the loss over the "

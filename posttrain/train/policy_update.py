@@ -79,6 +79,23 @@ def frozen_logps(model, batches: list[tuple[dict, slice]], temperature: float, *
     return [one(b) for b, _ in batches]
 
 
+def step_loss(cfg, logps, old_logps, advantages, mask, *, ref=None, is_weights=None,
+              total_tokens: float | None = None):
+    """The loss `cfg` names over one micro-batch: losses.policy_loss (PPO clip; GSPO with
+    ratio_level sequence) or offpolicy.cispo_loss, with the method's clip range, aggregation,
+    KL and rollout-correction weights. `total_tokens`: the step's token count (dapo)."""
+    kwargs = dict(clip_low=cfg.clip_low, aggregation=cfg.aggregation, ref_logps=ref,
+                  kl_beta=cfg.kl_beta, max_completion_length=cfg.max_new_tokens,
+                  is_weights=is_weights,
+                  num_items_in_batch=max(total_tokens or 0.0, 1.0)
+                  if cfg.aggregation == "dapo" and total_tokens is not None else None)
+    if cfg.loss == "cispo":
+        high = cfg.clip_high if cfg.clip_high is not None else cfg.clip_low
+        return cispo_loss(logps, old_logps, advantages, mask, clip_high=high, **kwargs)
+    return policy_loss(logps, old_logps, advantages, mask, clip_high=cfg.clip_high,
+                       ratio_level=cfg.ratio_level, **kwargs)
+
+
 def policy_backward(model, batches, advantages: torch.Tensor, old: list | None, ref: list | None,
                     cfg, *, mu: float | None, total_rows: int, total_tokens: float,
                     processes: int = 1, weights: list | None = None, no_sync=None
@@ -112,20 +129,10 @@ def policy_backward(model, batches, advantages: torch.Tensor, old: list | None, 
                                            low=r.mis_low, high=r.mis_high)
                     values.update(metrics_to_floats(m))
             weights.append(w)
-        kwargs = dict(clip_low=cfg.clip_low, aggregation=cfg.aggregation,
-                      ref_logps=None if ref is None else ref[i], kl_beta=cfg.kl_beta,
-                      max_completion_length=cfg.max_new_tokens, is_weights=weights[i],
-                      num_items_in_batch=max(total_tokens, 1.0)
-                      if cfg.aggregation == "dapo" else None)
-        adv = advantages[rows].to(logps.device)
-        prev = None if old is None else old[i]
-        if cfg.loss == "cispo":
-            loss, metrics = cispo_loss(logps, prev, adv, mask,
-                                       clip_high=cfg.clip_high if cfg.clip_high is not None
-                                       else cfg.clip_low, **kwargs)
-        else:
-            loss, metrics = policy_loss(logps, prev, adv, mask, clip_high=cfg.clip_high,
-                                        ratio_level=cfg.ratio_level, **kwargs)
+        loss, metrics = step_loss(cfg, logps, None if old is None else old[i],
+                                  advantages[rows].to(logps.device), mask,
+                                  ref=None if ref is None else ref[i], is_weights=weights[i],
+                                  total_tokens=total_tokens)
         loss = loss * micro_batch_weight(cfg.aggregation, rows.stop - rows.start, total_rows,
                                          len(batches), processes)
         last = i == len(batches) - 1
