@@ -2,7 +2,11 @@
 
     posttrain run recipes/default.yaml --out runs/demo
 
-sample -> verify -> pairs -> train -> eval (base and trained, same items) -> compare. A stage
+sample -> verify -> pairs -> train -> eval (base and trained, same items) -> compare. With an
+online method (grpo, dapo, ..., train/online_config.py) the trainer samples its own rollouts of
+`train.problems`: sample, verify and pairs do not run (CHORD keeps sample and verify: its
+demonstrations are the correct sampled answers unless train.config.chord.demos names a file),
+and a section the method does not use is an error rather than silently ignored. A stage
 that finished writes `STAGE/done.json` (its settings and wall time) and is skipped next time,
 so a killed run resumes where it stopped; the stages themselves resume inside (sampling keeps
 finished rows, training continues from its last checkpoint). Running the same folder with
@@ -42,7 +46,9 @@ class PairsStage:
 @dataclass
 class TrainStage:
     method: str = "dpo"
-    config: dict = field(default_factory=dict)  # TrainConfig keys, e.g. {lr: 5e-5, beta: 0.1}
+    # online methods only: the problems the trainer samples its rollouts of
+    problems: str = ""
+    config: dict = field(default_factory=dict)  # TrainConfig / OnlineConfig keys, e.g. {lr: 5e-5}
 
 
 @dataclass
@@ -70,11 +76,43 @@ class Recipe:
 STAGES = ("sample", "verify", "pairs", "train", "eval-base", "eval-trained", "compare")
 
 
+def is_online(method: str) -> bool:
+    from .train.online_config import METHODS, RENAMED
+
+    return method in METHODS or method in RENAMED
+
+
+def uses_samples(recipe: Recipe) -> bool:
+    """Whether the sample and verify stages feed the training (offline methods; CHORD without
+    its own demonstrations file)."""
+    t = recipe.train
+    if not is_online(t.method):
+        return True
+    return t.method == "chord" and not (t.config.get("chord") or {}).get("demos")
+
+
 def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
     recipe = load_config(Recipe, path, overrides)
     from .tasks import load_problems  # validate sources early: a typo should not cost a stage
 
-    for spec in (recipe.sample.problems, recipe.eval.problems):
+    t = recipe.train
+    if is_online(t.method):
+        if not t.problems:
+            raise ConfigError(f"{path}: train.problems is empty; the online method "
+                              f"{t.method!r} samples its own completions of these problems, "
+                              "e.g. builtin:arith:512?split=train")
+        if not uses_samples(recipe) and recipe.sample != SampleStage():
+            raise ConfigError(f"{path}: sample: is not used by the online method {t.method!r} "
+                              "(it samples train.problems itself); remove the section")
+        if recipe.pairs != PairsStage():
+            raise ConfigError(f"{path}: pairs: is not used by the online method {t.method!r}; "
+                              "remove the section")
+        load_problems(t.problems, limit=1)
+    elif t.problems:
+        raise ConfigError(f"{path}: train.problems is not used by the offline method "
+                          f"{t.method!r} (it trains on the pairs or samples of the recipe)")
+    specs = [recipe.eval.problems] + ([recipe.sample.problems] if uses_samples(recipe) else [])
+    for spec in specs:
         load_problems(spec, limit=1)
     return recipe
 
@@ -145,24 +183,33 @@ def run_recipe(recipe: Recipe, out: str | Path) -> dict:
                                 params, system_prompt=s.system_prompt, chunk_size=s.batch_size)
         print(f"  {stats['tokens_per_second']:.0f} tokens/s")
 
-    stage("sample", {"model": r.model, "dtype": dtype, "seed": r.seed, **asdict(s)}, do_sample)
-    samples = out / "sample" / "samples.jsonl"
-    stage("verify", {}, lambda f: verify_file(samples, f / "scored.jsonl"))
+    online, samples = is_online(r.train.method), uses_samples(recipe)
+    if samples:
+        stage("sample", {"model": r.model, "dtype": dtype, "seed": r.seed, **asdict(s)},
+              do_sample)
+        samples_file = out / "sample" / "samples.jsonl"
+        stage("verify", {}, lambda f: verify_file(samples_file, f / "scored.jsonl"))
     scored = out / "verify" / "scored.jsonl"
-    stage("pairs", {**asdict(r.pairs), "seed": r.seed}, lambda f: _verb("pairs", [
-        "--scored", str(scored), "--out", str(f / "pairs.jsonl"), "--strategy", r.pairs.strategy,
-        "--max-pairs-per-problem", str(r.pairs.max_pairs_per_problem), "--seed", str(r.seed)]))
     pairs = out / "pairs" / "pairs.jsonl"
-    made = json.loads(stats_path(pairs).read_text())
-    if made["pairs"] == 0:
-        raise ConfigError(
-            f"{out / 'pairs'}: 0 pairs from {made['samples']} samples of {made['problems']} "
-            f"problems ({made['all_wrong']} all wrong, {made['all_right']} all right): raise "
-            "sample.n, sample more problems or pick an easier source, with a new --out folder")
+    if not online:
+        stage("pairs", {**asdict(r.pairs), "seed": r.seed}, lambda f: _verb("pairs", [
+            "--scored", str(scored), "--out", str(f / "pairs.jsonl"), "--strategy",
+            r.pairs.strategy, "--max-pairs-per-problem", str(r.pairs.max_pairs_per_problem),
+            "--seed", str(r.seed)]))
+        made = json.loads(stats_path(pairs).read_text())
+        if made["pairs"] == 0:
+            raise ConfigError(
+                f"{out / 'pairs'}: 0 pairs from {made['samples']} samples of {made['problems']} "
+                f"problems ({made['all_wrong']} all wrong, {made['all_right']} all right): raise "
+                "sample.n, sample more problems or pick an easier source, with a new --out folder")
 
     def do_train(folder):
-        save_config({"seed": r.seed, **r.train.config}, folder / "recipe-train.yaml")
-        argv = ["--method", r.train.method, "--model", r.model, "--data", str(pairs),
+        config = {"seed": r.seed, **r.train.config}
+        if online and samples:  # CHORD: the correct sampled answers are its demonstrations
+            config["chord"] = {**(config.get("chord") or {}), "demos": str(scored)}
+        save_config(config, folder / "recipe-train.yaml")
+        data = ["--problems", r.train.problems] if online else ["--data", str(pairs)]
+        argv = ["--method", r.train.method, "--model", r.model, *data,
                 "--out", str(folder), "--config", str(folder / "recipe-train.yaml")]
         if (folder / "checkpoints").exists():
             argv.append("--resume")

@@ -650,3 +650,31 @@ def test_two_processes_match_one_at_step_one(tiny_model_dir, tmp_path):
     assert set(two["grads"]) == set(grads) and any(g.abs().sum() > 0 for g in grads.values())
     for name, g in grads.items():
         assert_close(two["grads"][name.replace("module.", "")], g, rtol=1e-4, atol=1e-7)
+
+
+def test_run_with_an_online_method_trains_on_the_recipes_problems(tiny_model_dir, tmp_path):
+    """`posttrain run` with grpo: no sample / verify / pairs stages; the train stage samples
+    train.problems (its config.yaml names them), then base and trained are evaluated."""
+    from posttrain.pipeline import load_recipe, run_recipe
+
+    recipe = tmp_path / "grpo.yaml"
+    recipe.write_text(f"""
+model: {tiny_model_dir}
+dtype: fp32
+train:
+  method: grpo
+  problems: builtin:arith:6?split=train
+  config: {{max_steps: 1, num_generations: 2, problems_per_step: 2, max_new_tokens: 3,
+           lora: {{r: 4}}, num_threads: 1}}
+eval:
+  problems: builtin:arith:4?split=test
+  max_new_tokens: 3
+""")
+    report = run_recipe(load_recipe(str(recipe)), tmp_path / "run")
+    made = sorted(p.name for p in (tmp_path / "run").iterdir() if p.is_dir())
+    assert made == ["compare", "eval-base", "eval-trained", "train"]
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "run" / "train" / "config.yaml").read_text())
+    assert saved["problems"] == "builtin:arith:6?split=train" and saved["method"] == "grpo"
+    assert report["compare"]["n"] == 4
