@@ -621,6 +621,29 @@ def test_adapter_sync_builds_its_own_detached_engine(tiny_model_dir, tmp_path):
     assert row["mismatch/kl"] < 1e-6 and row["time/sync"] > 0
     with pytest.raises(O.ConfigError, match="only the hf engine can sample"):
         OC.online_config("grpo", overrides=["rollout.engine.kind=vllm"])
+    from posttrain.train.rollout_engine import make_rollout_engine
+
+    vllm = OC.online_config("grpo", overrides=["rollout.engine.kind=vllm", "rollout.sync=adapter"])
+    with pytest.raises(O.ConfigError, match="'vllm'.*not built"):
+        make_rollout_engine(vllm, None, tok)
+
+
+def test_an_engine_without_log_probs_cannot_pass_the_sync_check(tiny_model_dir, tmp_path):
+    """Completions without token_logprobs (a server that returns none): the check cannot run,
+    so the run stops instead of training unchecked; max_mismatch_kl 0 lets it train."""
+    from posttrain.train.rollout_engine import RolloutSyncError
+
+    model, tok = tiny(tiny_model_dir)
+    script = [[[2, 3, 5], [4, 7, 9]]] * 2
+    with pytest.raises(RolloutSyncError, match="no per-token log-probs"):
+        O.train_online(config("grpo", "max_steps=1"), tmp_path / "a", model=model,
+                       tokenizer=tok, problems=PROBLEMS, score=stub_score,
+                       engine=ScriptedEngine(script))
+    model, tok = tiny(tiny_model_dir)
+    O.train_online(config("grpo", "max_steps=1", "rollout.max_mismatch_kl=0"), tmp_path / "b",
+                   model=model, tokenizer=tok, problems=PROBLEMS, score=stub_score,
+                   engine=ScriptedEngine(script))
+    assert "mismatch/kl" not in rows(tmp_path / "b" / "metrics.jsonl")[0]
 
 
 @pytest.mark.distributed

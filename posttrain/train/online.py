@@ -183,7 +183,7 @@ def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, mo
                 metrics = _token_means(accelerator, sums)
             if update == 0:
                 check_sync({"step": step + 1, **metrics}, cfg.rollout.max_mismatch_kl,
-                           cfg.rollout.engine.kind)
+                           cfg.rollout.engine.kind, sampled=bool(kept))
             if chord:
                 metrics.update(sft_backward(trained, demo_batches, cfg, mu))
             loss = metrics.get("loss/policy", 0.0) if not chord else \

@@ -68,12 +68,20 @@ def make_rollout_engine(cfg, policy, tokenizer, *, base_model=None):
         device = next(policy.parameters()).device
         return DetachedHFEngine(base_model.to(device), tokenizer, model_id=cfg.model,
                                 batch_size=cfg.generation_batch_size)
-    # vllm / openai: their engines are built on their own branches (engines/vllm.py,
-    # engines/openai.py); until they are merged, say so instead of sampling something else.
-    raise NotImplementedError(
-        f"rollout.engine.kind {r.engine.kind!r}: the {r.engine.kind} engine is not built in this "
-        "version of posttrain (engines/__init__.py make_engine has only 'hf'); use "
-        "rollout.engine.kind hf with rollout.sync adapter or live")
+    # vllm / openai: whatever engines.make_engine builds for that kind, if it can take
+    # adapters from disk (AdapterEngine); a kind not built yet is refused by name.
+    from ..config import ConfigError
+    from ..engines import make_engine
+
+    try:
+        engine = make_engine(r.engine, cfg.model, dtype=cfg.dtype)
+    except NotImplementedError as e:
+        raise ConfigError(f"rollout.engine.kind {r.engine.kind!r}: {e} in this version of "
+                          "posttrain; use rollout.engine.kind hf (sync live or adapter)") from None
+    if not callable(getattr(engine, "load_adapter", None)):
+        raise ConfigError(f"rollout.engine.kind {r.engine.kind!r}: its engine cannot load LoRA "
+                          "adapters (no load_adapter), so it cannot follow the policy")
+    return engine
 
 
 def detached_base(model):
@@ -112,7 +120,7 @@ class AdapterSync:
         self.syncs += 1
 
 
-def check_sync(row: dict, threshold: float, engine_name: str) -> None:
+def check_sync(row: dict, threshold: float, engine_name: str, *, sampled: bool = True) -> None:
     """Stop when the rollout engine's log-probs of the sampled tokens are too far from the
     trainer's (row holds the step's mismatch/* metrics). A missing sync shows as a KL of the
     size of one update; numerics (cached decoding vs a full forward, bf16) stay far below.
@@ -121,6 +129,11 @@ def check_sync(row: dict, threshold: float, engine_name: str) -> None:
     see bench/results/rollout_mismatch.json for the figures behind the 0.02 default.
     """
     kl = row.get("mismatch/kl")
+    if threshold > 0 and sampled and kl is None:
+        raise RolloutSyncError(
+            f"step {row['step']}: the rollout engine ({engine_name}) returned no per-token "
+            "log-probs, so it cannot be checked to sample the current policy; set "
+            "rollout.max_mismatch_kl 0 to train unchecked")
     if threshold > 0 and kl is not None and kl > threshold:
         raise RolloutSyncError(
             f"step {row['step']}: the rollout engine ({engine_name}) is not sampling the current "
