@@ -701,3 +701,23 @@ eval:
     saved = yaml.safe_load((tmp_path / "run" / "train" / "config.yaml").read_text())
     assert saved["problems"] == "builtin:arith:6?split=train" and saved["method"] == "grpo"
     assert report["compare"]["n"] == 4
+
+
+def test_gradient_checkpointing_recomputes_and_gives_the_same_update(tiny_model_dir, tmp_path):
+    """gradient_checkpointing on: the first layer's MLP runs again during backward (it was
+    a silent no-op while the policy stayed in eval mode), and the trained adapter equals the
+    one trained without it."""
+    results = []
+    for on in (False, True):
+        model, tok = tiny(tiny_model_dir)
+        calls, mlp = [], model.model.layers[0].mlp
+        real = mlp.forward
+        mlp.forward = lambda *a, real=real, calls=calls, **k: (calls.append(1), real(*a, **k))[1]
+        O.train_online(config("grpo", "max_steps=1", f"gradient_checkpointing={str(on).lower()}"),
+                       tmp_path / str(on), model=model, tokenizer=tok, problems=PROBLEMS,
+                       score=stub_score)
+        results.append((len(calls), adapter_weights(model)))
+    (plain_calls, plain), (ckpt_calls, ckpt) = results
+    assert ckpt_calls > plain_calls
+    for k in plain:
+        assert_close(ckpt[k], plain[k], rtol=1e-5, atol=1e-7)

@@ -99,9 +99,12 @@ def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, mo
     base_copy = detached_base(model) if detached else None  # the engine's own weights
     policy = apply_lora(model, cfg.lora)
     if cfg.gradient_checkpointing:
+        # transformers checkpoints only in train mode: dropout is zeroed instead of using eval
+        # mode for the updates, and the model is back in eval mode for sampling (KV cache).
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(policy, "enable_input_require_grads"):
             policy.enable_input_require_grads()
+        disable_dropout(policy)
     policy.eval()  # dropout off for the whole run (module docstring); gradients still flow
     if progress:
         _say(main, format_parameter_report(parameter_report(policy)))
@@ -173,6 +176,7 @@ def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, mo
         ref = frozen_logps(policy, batches, cfg.temperature, reference=True) \
             if kept and cfg.kl_beta > 0 else None
         updates, weights = 0, None
+        policy.train(cfg.gradient_checkpointing)  # dropout is off either way
         for update in range(U if (kept or chord) else 0):
             metrics: dict = {}
             if kept:
@@ -201,6 +205,7 @@ def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, mo
                 row.update(metrics)
             # ... clipping of the last: it only happens once the policy has moved.
             row.update({k: v for k, v in metrics.items() if k.startswith("clip_ratio/")})
+        policy.eval()
         t2 = time.perf_counter()
         if sync:
             sync(policy, step + 1)  # the next step samples the updated policy
@@ -272,6 +277,18 @@ def _token_means(accelerator, sums: dict[str, float]) -> dict[str, float]:
     if any(k.startswith("mismatch/") for k in names):
         out["mismatch/abs_logp_max"] = float(peak)
     return out
+
+
+def disable_dropout(model) -> None:
+    """Dropout probability 0 in every nn.Dropout and every `*dropout` float of the config (the
+    attention dropout of transformers models is read from there)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for key, value in (vars(config).items() if config is not None else ()):
+        if key.endswith("dropout") and isinstance(value, float):
+            setattr(config, key, 0.0)
 
 
 def _say(main: bool, text: str) -> None:
