@@ -3,15 +3,19 @@
 PY        ?= python3
 VENV      ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# The pinned environment (scripts/lock.py): requirements/cpu.txt here; on a GPU cluster
+# `make venv TORCH_SPEC="torch==2.14.0" LOCK=requirements/cuda.txt`.
+LOCK      ?= requirements/cpu.txt
 BIN       := $(VENV)/bin
 
-.PHONY: venv vllm-venv demo test lint clean
+.PHONY: venv vllm-venv browser demo test lint lock lock-check clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps -r $(LOCK)
+	$(BIN)/pip install -q --no-deps -e .
 	@$(BIN)/python -c "import torch, sys; print('torch', torch.__version__); \
 	  sys.exit(0 if '$(TORCH_SPEC)'.split('==')[-1] in torch.__version__ or '==' not in '$(TORCH_SPEC)' else 'torch version changed during install')"
 	touch $@
@@ -36,17 +40,33 @@ $(VLLM_VENV)/.installed:
 
 vllm-venv: $(VLLM_VENV)/.installed
 
+# Debian's chromium for the report's browser test (Playwright drives it; nothing downloaded).
+browser:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+	  else echo "install Debian's chromium (sudo apt-get install chromium) for tests/test_report.py"; exit 1; fi; }
+
 demo: venv
 	$(BIN)/posttrain run recipes/default.yaml --out runs/demo
 
 # pytest exits 5 when it selects no test (e.g. a -k typo); that is reported, not a CI failure.
-test: venv vllm-venv
+test: venv vllm-venv browser
 	@$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "WARNING: pytest selected no tests"; exit 0; fi; exit $$rc
 
 lint: venv
 	$(BIN)/pip install -q ruff
-	$(BIN)/ruff check posttrain tests bench
+	$(BIN)/ruff check posttrain tests bench scripts
+	$(BIN)/ruff format --check posttrain tests bench scripts
+
+# Re-resolve the lock files after changing pyproject.toml's dependencies (needs uv and PyPI).
+lock: venv
+	$(BIN)/pip install -q uv
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python scripts/lock.py write
+
+# CI: the lock files were made from this pyproject.toml and pin every requirement (offline).
+lock-check: venv
+	$(BIN)/python scripts/lock.py check
 
 clean:
 	rm -rf $(VENV) runs

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("posttrain.evaluate", "evaluate a model (or base + adapter) on a problem set"),
     "compare": ("posttrain.compare", "paired comparison of two eval folders"),
     "run": ("posttrain.pipeline", "run a whole recipe: sample -> ... -> compare"),
+    "report": ("posttrain.report", "one self-contained HTML page for a run or sweep folder"),
 }
 
 

@@ -92,6 +92,8 @@ class BaseTrainConfig:
     keep_checkpoints: int = 2
     gradient_checkpointing: bool = False  # slows small models on CPU; saves memory on GPUs
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    trackers: list[str] = field(default_factory=list)  # tensorboard | wandb (offline), besides
+    #                                                   metrics.jsonl (train/metrics.py)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     @staticmethod
@@ -130,6 +132,11 @@ class BaseTrainConfig:
         if self.max_grad_norm < 0:
             bad("max_grad_norm", self.max_grad_norm, ">= 0 (0: no clipping)")
         self.check_counts()
+        from .metrics import TRACKERS
+
+        for name in self.trackers:
+            if name not in TRACKERS:
+                bad("trackers", name, " | ".join(TRACKERS))
         self.lora.check()
 
     @property

