@@ -18,6 +18,7 @@ the figures in the docstring of `check_sync`).
 from __future__ import annotations
 
 import copy
+import inspect
 import shutil
 from pathlib import Path
 
@@ -73,8 +74,12 @@ def make_rollout_engine(cfg, policy, tokenizer, *, base_model=None):
     from ..config import ConfigError
     from ..engines import make_engine
 
+    kwargs = {}
+    if "max_lora_rank" in inspect.signature(make_engine).parameters:
+        # vLLM reserves LoRA memory at start-up; a converted PiSSA / OLoRA adapter has rank 2r
+        kwargs["max_lora_rank"] = cfg.lora.r * (1 if cfg.lora.init == "default" else 2)
     try:
-        engine = make_engine(r.engine, cfg.model, dtype=cfg.dtype)
+        engine = make_engine(r.engine, cfg.model, dtype=cfg.dtype, **kwargs)
     except NotImplementedError as e:
         raise ConfigError(f"rollout.engine.kind {r.engine.kind!r}: {e} in this version of "
                           "posttrain; use rollout.engine.kind hf (sync live or adapter)") from None
