@@ -534,14 +534,18 @@ def test_temperature_scales_the_trained_distribution_and_log_probs_agree(tiny_mo
 
 def test_pissa_online_refuses_the_kl_and_saves_a_converted_adapter(tiny_model_dir, tmp_path):
     """lora.init pissa: kl_beta > 0 is refused (the adapter-disabled model is the residual
-    base); the final adapter is converted, so base + adapter reproduces the trained policy."""
+    base); the final adapter is converted, so base + adapter reproduces the trained policy;
+    so is each synced one: a detached engine on the untouched base samples the policy (the
+    sync check passes at 1e-4 on both steps)."""
     from peft import PeftModel
 
     with pytest.raises(O.ConfigError, match="residual base"):
         OC.online_config("grpo", overrides=["lora.init=pissa", "kl_beta=0.1"])
     model, tok = tiny(tiny_model_dir)
-    cfg = config("grpo", "max_steps=1", "lora.init=pissa")
+    cfg = config("grpo", "lora.init=pissa", "rollout.sync=adapter",
+                 "rollout.max_mismatch_kl=1e-4")
     O.train_online(cfg, tmp_path, model=model, tokenizer=tok, problems=PROBLEMS, score=stub_score)
+    assert [r["mismatch/kl"] < 1e-4 for r in rows(tmp_path / "metrics.jsonl")] == [True, True]
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         trained = model(ids).logits
