@@ -48,9 +48,12 @@ from .online_config import RESUME_MAY_CHANGE, OnlineConfig, online_config
 from .optim import clip_gradients, lr_at, make_optimizer, make_scheduler
 from .policy_update import frozen_logps, policy_backward, sft_backward
 from .problem_stream import ShuffledStream
-from .rollout_engine import AdapterSync, check_sync, detached_base, make_rollout_engine
+from .rollout_engine import (AdapterSync, check_sync, detached_base, make_rollout_engine,
+                             mismatch_threshold)
 from .rollouts import (collect_rollouts, demonstration_batches, rollout_batches, rollout_stats,
                        score_completion)
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 __all__ = ["ConfigError", "NonFiniteError", "OnlineConfig", "online_config", "train_online"]
 
@@ -145,6 +148,8 @@ def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, mo
     if sync:
         sync(policy, start)  # the engine samples the first step with the policy as it is now
     G, U = cfg.num_generations, cfg.updates_per_batch
+    # the dtype the model really has (a model passed in may differ from cfg.dtype)
+    max_kl = mismatch_threshold(cfg.rollout.max_mismatch_kl, DTYPE_NAMES.get(model.dtype, "bf16"))
     stop = min(cfg.max_steps, cfg.stop_after_steps) if cfg.stop_after_steps else cfg.max_steps
 
     bar = tqdm(total=cfg.max_steps, initial=start, desc=f"train {cfg.method}", unit="step",
@@ -188,8 +193,8 @@ def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, mo
                     weights=weights, no_sync=no_sync)
                 metrics = _token_means(accelerator, sums)
             if update == 0:
-                check_sync({"step": step + 1, **metrics}, cfg.rollout.max_mismatch_kl,
-                           cfg.rollout.engine.kind, sampled=bool(kept))
+                check_sync({"step": step + 1, **metrics}, max_kl, cfg.rollout.engine.kind,
+                           sampled=bool(kept))
             if chord:
                 metrics.update(sft_backward(trained, demo_batches, cfg, mu))
             loss = metrics.get("loss/policy", 0.0) if not chord else \

@@ -72,8 +72,9 @@ class RolloutConfig:
     sync: str = "live"
     # Stop when the k3 KL between the engine's and the trainer's log-probs of the sampled tokens
     # exceeds this right after a sync: the engine is then not sampling the current policy.
-    # Measured on the embedded model (see rollout_engine.py); 0: never stop.
-    max_mismatch_kl: float = 0.02
+    # None: by dtype, from measurements on the embedded model (rollout_engine.py): 1e-5 in
+    # fp32, 1e-2 in bf16 / fp16. 0: never stop.
+    max_mismatch_kl: float | None = None
     # Correction of the remaining mismatch, weight w = pi_trainer / pi_rollout per token or
     # sequence: none | tis (weight min(w, tis_cap)) | mis (tokens / sequences with w outside
     # [mis_low, mis_high] get no loss)
@@ -181,7 +182,7 @@ class OnlineConfig(BaseTrainConfig):
                 "(only the hf engine can sample the training model itself)")
         if r.sync == "adapter" and not self.lora.enabled:
             bad("rollout.sync", r.sync, "live with lora.enabled false (only adapters are synced)")
-        if r.max_mismatch_kl < 0:
+        if r.max_mismatch_kl is not None and r.max_mismatch_kl < 0:
             bad("rollout.max_mismatch_kl", r.max_mismatch_kl, ">= 0 (0: never stop)")
         if r.correction not in ("none", "tis", "mis"):
             bad("rollout.correction", r.correction, "none | tis | mis")

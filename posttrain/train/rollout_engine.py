@@ -11,8 +11,14 @@ no full-weight copy. `DetachedHFEngine` is the reference behaviour, testable on 
 The sync check: the trainer recomputes the log-probs of the sampled tokens anyway; every step
 logs the mismatch with the engine's (offpolicy.mismatch_metrics) and stops with
 `RolloutSyncError` when mismatch/kl exceeds `rollout.max_mismatch_kl` right after a sync.
-Default 0.02, from measurements on the embedded model (SmolLM2-135M, bf16 on this CPU; see
-the figures in the docstring of `check_sync`).
+Defaults by dtype (`mismatch_threshold`), from bench/rollout_mismatch.py on the embedded model
+(SmolLM2-135M, GRPO, 16 completions of <= 48 tokens per step, T 1, lr 5e-5; figures in
+bench/results/rollout_mismatch.json):
+    fp32  in sync 2.3e-9 .. 3.0e-9 (max |d| 3.7e-5); one update stale 2.4e-4 (max |d| 0.39)
+    bf16  in sync 1.4e-3 .. 1.8e-3 (max |d| 0.37);   one update stale 1.7e-3 (not separable)
+fp32: 1e-5 catches a single missed sync. bf16: the cached-decoding vs full-forward rounding
+alone is 1.7e-3, so 1e-2 catches an engine that drifted by many updates or serves other
+weights, not one missed sync; set a lower value or train in fp32 to check more tightly.
 """
 
 from __future__ import annotations
@@ -125,13 +131,19 @@ class AdapterSync:
         self.syncs += 1
 
 
+MISMATCH_KL_BY_DTYPE = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 1e-2}
+
+
+def mismatch_threshold(setting: float | None, dtype: str) -> float:
+    """rollout.max_mismatch_kl, or the default of the resolved dtype when it is unset."""
+    return MISMATCH_KL_BY_DTYPE[dtype] if setting is None else setting
+
+
 def check_sync(row: dict, threshold: float, engine_name: str, *, sampled: bool = True) -> None:
     """Stop when the rollout engine's log-probs of the sampled tokens are too far from the
     trainer's (row holds the step's mismatch/* metrics). A missing sync shows as a KL of the
-    size of one update; numerics (cached decoding vs a full forward, bf16) stay far below.
-
-    Measured (bench/rollout_mismatch.py, SmolLM2-135M, 64 completions of <= 48 tokens, T 1):
-    see bench/results/rollout_mismatch.json for the figures behind the 0.02 default.
+    size of one update in fp32; in bf16 the numerics alone are about that large (module
+    docstring), so there only a larger drift is caught.
     """
     kl = row.get("mismatch/kl")
     if threshold > 0 and sampled and kl is None:
