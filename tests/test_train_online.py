@@ -449,6 +449,19 @@ def test_each_preset_changes_the_loss_as_its_definition_says(method, want):
     assert_close(loss, torch.tensor(want, dtype=torch.float32), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("setting, name", [
+    ("chord.mu_peak=0.5", "chord"), ("max_sampling_rounds=5", "max_sampling_rounds"),
+    ("overlong_penalty=0.5", "overlong_penalty"), ("rollout.tis_cap=3", "rollout.tis_cap"),
+    ("rollout.mis_high=3", "rollout.mis_low/mis_high"),
+    ("rollout.correction_level=sequence", "rollout.correction_level")])
+def test_a_setting_the_method_does_not_read_is_an_error(setting, name):
+    with pytest.raises(O.ConfigError, match=f"{name}: set, but not used"):
+        OC.online_config("grpo", overrides=[setting])
+    OC.online_config("dapo", overrides=["max_sampling_rounds=5", "overlong_penalty=0.5"])
+    OC.online_config("grpo", overrides=["rollout.correction=tis", "rollout.tis_cap=3",
+                                        "rollout.correction_level=sequence"])
+
+
 def test_bnpo_was_renamed_with_a_clear_error():
     with pytest.raises(O.ConfigError, match="renamed.*grpo-token-mean.*not the BNPO"):
         OC.online_config("bnpo")

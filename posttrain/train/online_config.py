@@ -161,6 +161,7 @@ class OnlineConfig(BaseTrainConfig):
             bad("kl_beta", self.kl_beta, f"0 with lora.init {self.lora.init}: with the adapter "
                 "disabled that model is the residual base, not the model trained from")
         self._check_rollout()
+        self._check_unused()
         if self.method == "chord":
             c = self.chord
             if c.variant not in ("mu", "phi"):
@@ -171,6 +172,28 @@ class OnlineConfig(BaseTrainConfig):
                 bad("chord.mu_peak/mu_valley", (c.mu_peak, c.mu_valley), "values in [0, 1]")
             if c.ratio <= 0:
                 bad("chord.ratio", c.ratio, "> 0")
+
+    def _check_unused(self) -> None:
+        """A setting that the chosen options never read is an error, not silently ignored."""
+        default, r, d = OnlineConfig(), self.rollout, RolloutConfig()
+        unused = {
+            "chord": self.method != "chord" and self.chord != ChordConfig(),
+            "max_sampling_rounds": not self.dynamic_sampling
+            and self.max_sampling_rounds != default.max_sampling_rounds,
+            "overlong_penalty": self.overlong_buffer == 0
+            and self.overlong_penalty != default.overlong_penalty,
+            "rollout.tis_cap": r.correction != "tis" and r.tis_cap != d.tis_cap,
+            "rollout.mis_low/mis_high": r.correction != "mis"
+            and (r.mis_low, r.mis_high) != (d.mis_low, d.mis_high),
+            "rollout.correction_level": r.correction == "none"
+            and r.correction_level != d.correction_level,
+        }
+        for name, is_unused in unused.items():
+            if is_unused:
+                raise ConfigError(f"{name}: set, but not used with method {self.method!r} and "
+                                  f"these settings (chord needs method chord; "
+                                  f"max_sampling_rounds dynamic_sampling; overlong_penalty "
+                                  f"overlong_buffer > 0; the rollout.* knobs their correction)")
 
     def _check_rollout(self) -> None:
         bad, r = self.bad, self.rollout
