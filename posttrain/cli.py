@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from .config import ConfigError
+from .engines.base import EngineUnavailable
 from .records import DataError
 
 # verb -> (module, one-line help). A module defines add_arguments(parser) and main(args) -> int.
@@ -20,11 +21,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("posttrain.verify.stage", "grade sampled answers (correct / incorrect / ...)"),
     "pairs": ("posttrain.pairs", "build preference pairs from graded samples"),
     "train": ("posttrain.train.cli", "train with SFT, DFT, CHORD, DPO family or GRPO family"),
+    "expand": ("posttrain.expand", "depth up-scaling: insert identity-initialised layers"),
     "export": ("posttrain.export", "merge a LoRA adapter into a full model folder"),
     "eval": ("posttrain.evaluate", "evaluate a model (or base + adapter) on a problem set"),
     "compare": ("posttrain.compare", "paired comparison of two eval folders"),
     "run": ("posttrain.pipeline", "run a whole recipe: sample -> ... -> compare"),
     "report": ("posttrain.report", "one self-contained HTML page for a run or sweep folder"),
+    "sweep": ("posttrain.sweep", "run a grid of recipes sharing their stages; noise-aware table"),
 }
 
 
@@ -59,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ConfigError) as e:  # bad input: one clear line, no traceback
         print(f"posttrain {verb}: error: {e}", file=sys.stderr)
         return 1
+    except EngineUnavailable as e:  # a generation server died: what finished is on disk
+        print(f"posttrain {verb}: stopped: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"posttrain {verb}: interrupted; finished work is kept on disk", file=sys.stderr)
         return 130

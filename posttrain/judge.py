@@ -4,13 +4,15 @@
     r = judge.judge_answer(question, reference, response)   # HLE-style: correct yes/no
     r = judge.judge_refusal(question, response)             # Do-Not-Answer action category
 
-Standard library only (urllib). The API key is read from the environment variable named by
-`api_key_env` (default POSTTRAIN_JUDGE_API_KEY) at each request and sent as a Bearer token; it
-is never stored on the object, logged or written. No key: no Authorization header (local vLLM).
+HTTP goes through the client the openai engine uses too (engines/client.py, on the official
+`openai` package). The API key is read from the environment variable named by `api_key_env`
+(default POSTTRAIN_JUDGE_API_KEY) at each request and sent as a Bearer token; it is never
+stored on the object, logged or written. No key: no Authorization header (local vLLM).
 
-Failures never raise: connection errors, timeouts, 429 and 5xx are retried with exponential
-backoff; after the last retry, or on another 4xx or an unparsable reply, the result has
-verdict "judge_error" and a `reason`, so an eval run keeps every result it already has.
+Failures never raise: connection errors, timeouts, 429 and 5xx are retried with the client's
+exponential backoff (Retry-After honoured); after the last retry, or on another 4xx or an
+unparsable reply, the result has verdict "judge_error" and a `reason`, so an eval run keeps
+every result it already has.
 After `trip_after` calls in a row end unreachable, later calls make a single attempt without
 backoff (a dead server costs one failed connection per item, not minutes); one success resets.
 
@@ -23,16 +25,14 @@ tests/test_judge_vllm.py (a real vLLM server).
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
-import socket
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from .engines.base import EngineUnavailable
+from .engines.client import BadReply, ServerClient, ServerRejected, chat_completions_url
 
 # ---------------------------------------------------------------------------- prompts (ours)
 
@@ -273,33 +273,15 @@ def parse_refusal_judgement(text: str) -> JudgeResult:
 # ---------------------------------------------------------------------------- client
 
 
-def chat_completions_url(base_url: str) -> str:
-    """http://host:port -> .../v1/chat/completions; a base already ending in /v1 keeps it."""
-    base = base_url.rstrip("/")
-    if base.endswith("/chat/completions"):
-        return base
-    if not base.endswith("/v1"):
-        base += "/v1"
-    return base + "/chat/completions"
-
-
-class _Retryable(Exception):
-    pass
-
-
-class _Fatal(Exception):
-    pass
-
-
 class Judge:
     def __init__(self, base_url: str, model: str, api_key_env: str = "POSTTRAIN_JUDGE_API_KEY",
                  template_path: str | os.PathLike | None = None,
                  refusal_template_path: str | os.PathLike | None = None, timeout: float = 60,
-                 retries: int = 3, backoff: float = 1.0, max_tokens: int = 1024,
-                 structured: bool = True, trip_after: int = 5):
-        if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"judge base_url must start with http:// or https://: {base_url!r}")
-        self.url = chat_completions_url(base_url)
+                 retries: int = 3, max_tokens: int = 1024, structured: bool = True,
+                 trip_after: int = 5):
+        self.url = chat_completions_url(base_url)  # ValueError unless http(s)://
+        self.client = ServerClient(base_url, api_key_env=api_key_env, timeout=timeout,
+                                   max_retries=retries)
         self.model = model
         self.api_key_env = api_key_env  # the variable's name only, never its value
         self.answer_template = (load_template(template_path, ANSWER_FIELDS,
@@ -307,7 +289,7 @@ class Judge:
                                 else ANSWER_PROMPT)
         self.refusal_template = (load_template(refusal_template_path, REFUSAL_FIELDS, ("response",))
                                  if refusal_template_path else REFUSAL_PROMPT)
-        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.timeout, self.retries = timeout, retries
         self.max_tokens = max_tokens
         self.structured = structured  # set False once the server rejects response_format
         self.trip_after = trip_after
@@ -344,72 +326,39 @@ class Judge:
         body = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
                 "temperature": 0.0, "max_tokens": self.max_tokens}
         tripped = self._unreachable_in_a_row >= self.trip_after
-        attempts = 1 if tripped else 1 + self.retries
-        last = ""
-        for attempt in range(attempts):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            request = dict(body)
-            if self.structured:
-                request["response_format"] = {
-                    "type": "json_schema",
-                    "json_schema": {"name": name, "schema": schema, "strict": True}}
+        retries = 0 if tripped else self.retries
+        request = dict(body)
+        if self.structured:
+            request["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": name, "schema": schema, "strict": True}}
+        try:
             try:
-                reply = self._post(request)
-            except _Retryable as e:
-                last = str(e)
-                continue
-            except _Fatal as e:
-                if not (self.structured and _rejects_response_format(str(e))):
-                    self._unreachable_in_a_row = 0
-                    return "", _error(str(e))
+                reply = self.client.post("/chat/completions", request, max_retries=retries)
+            except ServerRejected as e:
+                if not (self.structured and _rejects_response_format(e)):
+                    raise
                 # The server cannot do structured output: ask in plain text from now on.
                 self.structured = False
-                try:
-                    reply = self._post(body)
-                except _Fatal as e2:
-                    return "", _error(str(e2))
-                except _Retryable as e2:
-                    last = str(e2)
-                    continue
+                reply = self.client.post("/chat/completions", body, max_retries=retries)
+        except EngineUnavailable as e:
+            self._unreachable_in_a_row += 1
+            note = " (judge unreachable on earlier calls: single attempt)" if tripped else ""
+            return "", _error(f"judge failed after {1 + retries} attempt(s){note}: {e}")
+        except ServerRejected as e:
             self._unreachable_in_a_row = 0
-            return _reply_text(reply)
-        self._unreachable_in_a_row += 1
-        note = " (judge unreachable on earlier calls: single attempt)" if tripped else ""
-        return "", _error(f"judge failed after {attempts} attempt(s){note}: {last}")
-
-    def _post(self, payload: dict) -> dict:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        key = os.environ.get(self.api_key_env)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        req = urllib.request.Request(self.url, data=json.dumps(payload).encode("utf-8"),
-                                     headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as e:
-            detail = _snippet(e.read())
-            if e.code == 429 or e.code >= 500:
-                raise _Retryable(f"HTTP {e.code}: {detail}") from None
-            raise _Fatal(f"HTTP {e.code}: {detail}") from None
-        except (urllib.error.URLError, http.client.HTTPException, ConnectionError,
-                socket.timeout, TimeoutError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            raise _Retryable(f"{type(e).__name__}: {reason}") from None
-        try:
-            reply = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise _Retryable(f"server sent non-JSON: {_snippet(raw)}") from None
-        if not isinstance(reply, dict):
-            raise _Retryable(f"server sent JSON that is not an object: {_snippet(raw)}")
-        return reply
+            return "", _error(f"HTTP {e.status}: {e.message}")
+        except BadReply as e:
+            self._unreachable_in_a_row = 0
+            return "", _error(str(e))
+        self._unreachable_in_a_row = 0
+        return _reply_text(reply)
 
 
-def _rejects_response_format(message: str) -> bool:
-    m = message.lower()
-    return m.startswith(("http 400", "http 422")) and ("response_format" in m or "json_schema" in m
-                                                       or "structured" in m or "guided" in m)
+def _rejects_response_format(e: ServerRejected) -> bool:
+    m = e.message.lower()
+    return e.status in (400, 422) and ("response_format" in m or "json_schema" in m
+                                       or "structured" in m or "guided" in m)
 
 
 def _reply_text(reply: dict) -> tuple[str, JudgeResult | None]:

@@ -32,6 +32,7 @@ import math
 import os
 import random
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from posttrain.records import VERDICTS, DataError, iter_jsonl, require, write_json, write_jsonl
@@ -228,15 +229,38 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def main(args) -> int:
+@dataclass
+class PairsConfig:
+    """The pairs stage's settings; `make_pairs` runs it (the CLI and `run` both call it)."""
+
+    scored: str
+    out: str
+    strategy: str = "random"
+    max_pairs_per_problem: int = 1
+    seed: int = 0
+    allow_truncated_rejected: bool = False
+    allow_no_answer_rejected: bool = False
+
+
+def make_pairs(cfg: PairsConfig) -> dict:
+    """Read `cfg.scored`, write the pairs to `cfg.out` and their stats beside it; the stats."""
     pairs, stats = build_pairs(
-        read_scored(args.scored), args.strategy, args.max_pairs_per_problem, args.seed,
+        read_scored(cfg.scored), cfg.strategy, cfg.max_pairs_per_problem, cfg.seed,
+        allow_truncated_rejected=cfg.allow_truncated_rejected,
+        allow_no_answer_rejected=cfg.allow_no_answer_rejected)
+    write_jsonl(cfg.out, pairs)
+    stats = {**stats, "scored": str(cfg.scored)}
+    write_json(stats_path(cfg.out), stats)
+    return stats
+
+
+def main(args) -> int:
+    stats = make_pairs(PairsConfig(
+        scored=args.scored, out=args.out, strategy=args.strategy,
+        max_pairs_per_problem=args.max_pairs_per_problem, seed=args.seed,
         allow_truncated_rejected=args.allow_truncated_rejected,
-        allow_no_answer_rejected=args.allow_no_answer_rejected)
-    write_jsonl(args.out, pairs)
-    write_json(stats_path(args.out), {**stats, "scored": str(args.scored)})
+        allow_no_answer_rejected=args.allow_no_answer_rejected))
     print(format_stats(stats))
-    if not pairs:
+    if not stats["pairs"]:
         print("warning: no pairs: no problem has both a correct and a rejectable sample")
     return 0
-

@@ -1,279 +1,230 @@
 """Stage `run`: one recipe, the whole loop, one output folder with a subfolder per stage.
 
-    posttrain run recipes/default.yaml --out runs/demo
+    posttrain run recipes/default.yaml --out runs/demo [--fail-on-regression]
 
-sample -> verify -> pairs -> train -> eval (base and trained, same items) -> compare. With an
-online method (grpo, dapo, ..., train/online_config.py) the trainer samples its own rollouts of
-`train.problems`: sample, verify and pairs do not run (CHORD keeps sample and verify: its
-demonstrations are the correct sampled answers unless train.config.chord.demos names a file),
-and a section the method does not use is an error rather than silently ignored. A stage
-that finished writes `STAGE/done.json` (its settings and wall time) and is skipped next time,
-so a killed run resumes where it stopped; the stages themselves resume inside (sampling keeps
-finished rows, training continues from its last checkpoint). Running the same folder with
-changed settings for a finished stage is an error rather than a silent mix of two recipes.
+sample -> verify -> pairs -> train -> for each eval set: eval base and trained on the same items
+-> compare. (`train.data: demonstrations` replaces the first three by `demos`; online methods
+train on the sample problems.) Folders: OUT/sample, verify, pairs (or demos), train, and
+OUT/eval/SET/{base,trained,compare} per evaluation set; OUT/report.json holds the table.
+A stage that finished writes `done.json` (its settings and wall time) and is skipped next time,
+so a killed run resumes where it stopped; the stages themselves resume inside. Running the same
+folder with changed settings for a finished stage is an error rather than a silent mix of two
+recipes. Every stage is a function call (no argv); `posttrain sweep` composes the same calls.
+Exit code 3 with --fail-on-regression: a guard set dropped significantly (runtable.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-from .config import ConfigError, load_config, save_config
+from .config import ConfigError, save_config
+from .recipe import (  # noqa: F401  (Recipe, EvalSet, load_recipe re-exported for callers)
+    EvalSet,
+    Recipe,
+    SampleStage,
+    engine_settings,
+    load_recipe,
+    stage_engine,
+)
 from .records import write_json
+from .stages import StageRunner
+
+STAGES = ("sample", "verify", "pairs", "train")  # then eval/SET/{base,trained,compare}
+REGRESSION_EXIT = 3
 
 
-@dataclass
-class SampleStage:
-    problems: str = "builtin:arith:200?split=train"
-    n: int = 4
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 128
-    batch_size: int = 16
-    system_prompt: str | None = None
+def make_stage_engine(recipe: Recipe, stage: SampleStage | EvalSet, adapter=None):
+    """Every engine `run` and `sweep` use is built here: the recipe's engine: block with the
+    stage's keys over it (recipe.stage_engine), in the dtype stage_dtype resolves."""
+    from .engines import make_engine
+
+    return make_engine(stage_engine(recipe, stage), recipe.model,
+                       dtype=stage_dtype(recipe, stage), adapter=adapter)
 
 
-@dataclass
-class PairsStage:
-    strategy: str = "confident-wrong"
-    max_pairs_per_problem: int = 1
+def stage_dtype(recipe: Recipe, stage: SampleStage | EvalSet) -> str:
+    """The resolved dtype of a stage, on the device its engine runs on. It goes into the stage
+    settings, so a folder resumed on a machine where 'auto' means something else is refused
+    instead of mixing fp32 and bf16 stages."""
+    from .models import resolve_device, resolve_dtype
+
+    return resolve_dtype(recipe.dtype,
+                         resolve_device(stage_engine(recipe, stage).device, say=False))
 
 
-@dataclass
-class TrainStage:
-    method: str = "dpo"
-    # online methods only: the problems the trainer samples its rollouts of
-    problems: str = ""
-    config: dict = field(default_factory=dict)  # TrainConfig / OnlineConfig keys, e.g. {lr: 5e-5}
+def train_data_kind(recipe: Recipe) -> str:
+    from .train.config import OFFLINE_METHODS, PREFERENCE_METHODS
+
+    kind = recipe.train.data
+    if recipe.train.method not in OFFLINE_METHODS:
+        if kind not in ("auto", "demonstrations"):
+            raise ConfigError(f"train.data: {kind!r}; online method {recipe.train.method!r} "
+                              "trains on the sample problems (auto) or demonstrations (chord)")
+        return "problems" if kind == "auto" else kind
+    if kind == "auto":
+        return "pairs" if recipe.train.method in PREFERENCE_METHODS else "scored"
+    return kind
 
 
-@dataclass
-class EvalStage:
-    problems: str = "builtin:arith:300?split=test"
-    n: int = 1
-    temperature: float = 0.0
-    max_new_tokens: int = 128
-    batch_size: int = 16
-    protocol: str = "auto"
-    system_prompt: str | None = None
-
-
-@dataclass
-class Recipe:
-    model: str = "smollm2-135m"
-    dtype: str = "auto"  # auto | bf16 | fp32 | fp16 (auto: models.resolve_dtype)
-    seed: int = 0
-    sample: SampleStage = field(default_factory=SampleStage)
-    pairs: PairsStage = field(default_factory=PairsStage)
-    train: TrainStage = field(default_factory=TrainStage)
-    eval: EvalStage = field(default_factory=EvalStage)
-
-
-STAGES = ("sample", "verify", "pairs", "train", "eval-base", "eval-trained", "compare")
-
-
-def is_online(method: str) -> bool:
-    from .train.online_config import METHODS, RENAMED
-
-    return method in METHODS or method in RENAMED
-
-
-def uses_samples(recipe: Recipe) -> bool:
-    """Whether the sample and verify stages feed the training (offline methods; CHORD without
-    its own demonstrations file)."""
-    t = recipe.train
-    if not is_online(t.method):
-        return True
-    return t.method == "chord" and not (t.config.get("chord") or {}).get("demos")
-
-
-def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
-    recipe = load_config(Recipe, path, overrides)
-    from .tasks import load_problems  # validate sources early: a typo should not cost a stage
-
-    t = recipe.train
-    if is_online(t.method):
-        if not t.problems:
-            raise ConfigError(f"{path}: train.problems is empty; the online method "
-                              f"{t.method!r} samples its own completions of these problems, "
-                              "e.g. builtin:arith:512?split=train")
-        if not uses_samples(recipe) and recipe.sample != SampleStage():
-            raise ConfigError(f"{path}: sample: is not used by the online method {t.method!r} "
-                              "(it samples train.problems itself); remove the section")
-        if recipe.pairs != PairsStage():
-            raise ConfigError(f"{path}: pairs: is not used by the online method {t.method!r}; "
-                              "remove the section")
-        load_problems(t.problems, limit=1)
-    elif t.problems:
-        raise ConfigError(f"{path}: train.problems is not used by the offline method "
-                          f"{t.method!r} (it trains on the pairs or samples of the recipe)")
-    specs = [recipe.eval.problems] + ([recipe.sample.problems] if uses_samples(recipe) else [])
-    for spec in specs:
-        load_problems(spec, limit=1)
-    return recipe
-
-
-class StageRunner:
-    """Runs a stage unless its `done.json` says it finished with the same settings."""
-
-    def __init__(self, out: Path):
-        self.out = out
-        self.times: dict[str, tuple[float, bool]] = {}  # stage -> (seconds, skipped)
-
-    def __call__(self, name: str, settings: dict, fn) -> Path:
-        folder = self.out / name
-        marker = folder / "done.json"
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-        if marker.exists():
-            done = json.loads(marker.read_text())
-            if done["settings_hash"] != digest:
-                raise ConfigError(
-                    f"{marker}: stage '{name}' finished earlier with other settings; "
-                    f"use a new --out folder or delete {folder}")
-            self.times[name] = (done["seconds"], True)
-            print(f"[{name}] done earlier ({done['seconds']:.0f} s): skipped")
-            return folder
-        folder.mkdir(parents=True, exist_ok=True)
-        print(f"[{name}] running ...", flush=True)
-        start = time.time()
-        fn(folder)
-        seconds = time.time() - start
-        write_json(marker, {"settings": settings, "settings_hash": digest, "seconds": seconds})
-        self.times[name] = (seconds, False)
-        return folder
-
-
-def _verb(verb: str, argv: list[str]) -> None:
-    from .cli import main as cli_main
-
-    rc = cli_main([verb, *argv])
-    if rc != 0:
-        raise RuntimeError(f"stage '{verb}' failed with exit code {rc}")
-
-
-def run_recipe(recipe: Recipe, out: str | Path) -> dict:
-    from .compare import compare_items
-    from .engines import SamplingParams, make_engine
-    from .evaluate import evaluate
-    from .models import resolve_dtype
-    from .pairs import stats_path
-    from .records import read_jsonl
-    from .sample import sample_problems
+def prepare_data(recipe: Recipe, stage: StageRunner, progress: bool = True):
+    """Run the stages that make the training data; (path or problem source, its digest)."""
+    from .pairs import PairsConfig, make_pairs
+    from .records import write_jsonl
     from .tasks import load_problems
     from .verify.stage import verify_file
+
+    r, s, kind = recipe, recipe.sample, train_data_kind(recipe)
+    if kind == "problems":
+        return s.problems, "problems:" + s.problems
+    if kind == "demonstrations":
+        from .demos import demonstration_rows
+
+        def do_demos(folder):
+            write_jsonl(folder / "demos.jsonl", demonstration_rows(
+                load_problems(s.problems), r.demos.style, s.system_prompt))
+
+        folder, d = stage("demos", {"problems": s.problems, "system_prompt": s.system_prompt,
+                                    **asdict(r.demos)}, do_demos)
+        return str(folder / "demos.jsonl"), d
+
+    folder, d = stage("sample", {"model": r.model, "dtype": stage_dtype(r, s), "seed": r.seed,
+                                 **asdict(s), "engine": engine_settings(stage_engine(r, s))},
+                      lambda f: sample_stage(r, f, progress))
+    folder, d = stage("verify", {"input": d}, lambda f: verify_file(
+        folder / "samples.jsonl", f / "scored.jsonl", progress=progress))
+    scored = folder / "scored.jsonl"
+    if kind == "scored":
+        return str(scored), d
+    folder, d = stage("pairs", {**asdict(r.pairs), "seed": r.seed, "input": d},
+                      lambda f: make_pairs(PairsConfig(
+                          scored=str(scored), out=str(f / "pairs.jsonl"),
+                          strategy=r.pairs.strategy,
+                          max_pairs_per_problem=r.pairs.max_pairs_per_problem, seed=r.seed)))
+    made = json.loads((folder / "pairs.stats.json").read_text())
+    if made["pairs"] == 0:
+        raise ConfigError(
+            f"{folder}: 0 pairs from {made['samples']} samples of {made['problems']} "
+            f"problems ({made['all_wrong']} all wrong, {made['all_right']} all right): raise "
+            "sample.n, sample more problems or pick an easier source, with a new --out folder")
+    return str(folder / "pairs.jsonl"), d
+
+
+def sample_stage(recipe: Recipe, folder: Path, progress: bool = True) -> dict:
+    """Sample `recipe.sample.n` answers per training problem into FOLDER/samples.jsonl."""
+    from .engines import SamplingParams
+    from .sample import sample_problems
+    from .tasks import load_problems
+
+    s = recipe.sample
+    engine = make_stage_engine(recipe, s)
+    params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p,
+                            max_new_tokens=s.max_new_tokens, seed=recipe.seed)
+    try:
+        stats = sample_problems(engine, load_problems(s.problems), folder / "samples.jsonl",
+                                params, system_prompt=s.system_prompt,
+                                chunk_size=getattr(engine, "batch_size", 8), progress=progress)
+    finally:
+        engine.close()
+    print(f"  {stats['tokens_per_second']:.0f} tokens/s")
+    return stats
+
+
+def eval_set_stage(recipe: Recipe, es: EvalSet, adapter, folder: Path,
+                   progress: bool = True) -> dict:
+    """Evaluate the model (plus `adapter`) on one evaluation set into `folder`."""
+    from .engines import SamplingParams
+    from .evaluate import evaluate
+    from .tasks import load_problems
+
+    judge = None
+    if es.judge is not None:
+        from .judge import Judge
+
+        judge = Judge(es.judge.url, es.judge.model, api_key_env=es.judge.key_env,
+                      template_path=es.judge.template)
+    engine = make_stage_engine(recipe, es, adapter=adapter)
+    params = SamplingParams(n=es.n, temperature=es.temperature,
+                            max_new_tokens=es.max_new_tokens, seed=recipe.seed)
+    try:
+        return evaluate(engine, load_problems(es.problems), folder, params,
+                        protocol=es.protocol, system_prompt=es.system_prompt, judge=judge,
+                        judge_concurrency=es.judge.concurrency if es.judge else 1,
+                        progress=progress)
+    finally:
+        engine.close()
+
+
+def eval_settings(recipe: Recipe, es: EvalSet) -> dict:
+    """What determines an evaluation's output (not the set's name or guard flag); the engine
+    as resolved, less the keys that only say how to reach it."""
+    settings = {k: v for k, v in asdict(es).items() if k not in ("name", "guard", "engine")}
+    return {"model": recipe.model, "dtype": stage_dtype(recipe, es), "seed": recipe.seed,
+            **settings, "engine": engine_settings(stage_engine(recipe, es))}
+
+
+def run_recipe(recipe: Recipe, out: str | Path, *, store: str | Path | None = None,
+               stale_after: float = 120.0, progress: bool = True) -> dict:
+    """Run every stage of `recipe` into `out` (shared stages under `store`); the report."""
+    from .compare import compare_items
+    from .records import read_jsonl
+    from .runtable import format_run_table, set_row
+    from .train.stage import train_stage
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(recipe, out / "recipe.yaml")
-    stage = StageRunner(out)
-    r, s, e = recipe, recipe.sample, recipe.eval
-    # the resolved dtype goes into the stage settings, so a folder resumed on a machine where
-    # 'auto' means something else is refused instead of mixing fp32 and bf16 stages
-    dtype = resolve_dtype(r.dtype)
+    stage = StageRunner(out, store, stale_after=stale_after)
+    r = recipe
+    data, data_digest = prepare_data(r, stage, progress)
+    kind = train_data_kind(r)
+    train_folder, train_digest = stage(
+        "train", {"model": r.model, "seed": r.seed, "method": r.train.method,
+                  "config": r.train.config, "data": data_digest},
+        lambda f: train_stage(r.train, f, model=r.model, seed=r.seed, progress=progress,
+                              data=None if kind == "problems" else data,
+                              problems=data if kind == "problems" else None))
+    adapter = train_folder / "adapter"
 
-    def do_sample(folder):
-        engine = make_engine("hf", r.model, dtype=dtype, batch_size=s.batch_size)
-        params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p,
-                                max_new_tokens=s.max_new_tokens, seed=r.seed)
-        stats = sample_problems(engine, load_problems(s.problems), folder / "samples.jsonl",
-                                params, system_prompt=s.system_prompt, chunk_size=s.batch_size)
-        print(f"  {stats['tokens_per_second']:.0f} tokens/s")
-
-    online, samples = is_online(r.train.method), uses_samples(recipe)
-    if samples:
-        stage("sample", {"model": r.model, "dtype": dtype, "seed": r.seed, **asdict(s)},
-              do_sample)
-        samples_file = out / "sample" / "samples.jsonl"
-        stage("verify", {}, lambda f: verify_file(samples_file, f / "scored.jsonl"))
-    scored = out / "verify" / "scored.jsonl"
-    pairs = out / "pairs" / "pairs.jsonl"
-    if not online:
-        stage("pairs", {**asdict(r.pairs), "seed": r.seed}, lambda f: _verb("pairs", [
-            "--scored", str(scored), "--out", str(f / "pairs.jsonl"), "--strategy",
-            r.pairs.strategy, "--max-pairs-per-problem", str(r.pairs.max_pairs_per_problem),
-            "--seed", str(r.seed)]))
-        made = json.loads(stats_path(pairs).read_text())
-        if made["pairs"] == 0:
-            raise ConfigError(
-                f"{out / 'pairs'}: 0 pairs from {made['samples']} samples of {made['problems']} "
-                f"problems ({made['all_wrong']} all wrong, {made['all_right']} all right): raise "
-                "sample.n, sample more problems or pick an easier source, with a new --out folder")
-
-    def do_train(folder):
-        config = {"seed": r.seed, **r.train.config}
-        if online and samples:  # CHORD: the correct sampled answers are its demonstrations
-            config["chord"] = {**(config.get("chord") or {}), "demos": str(scored)}
-        save_config(config, folder / "recipe-train.yaml")
-        data = ["--problems", r.train.problems] if online else ["--data", str(pairs)]
-        argv = ["--method", r.train.method, "--model", r.model, *data,
-                "--out", str(folder), "--config", str(folder / "recipe-train.yaml")]
-        if (folder / "checkpoints").exists():
-            argv.append("--resume")
-        _verb("train", argv)
-
-    stage("train", {"model": r.model, "seed": r.seed, **asdict(r.train)}, do_train)
-    adapter = out / "train" / "adapter"
-
-    eval_problems = load_problems(e.problems)
-    params = SamplingParams(n=e.n, temperature=e.temperature, max_new_tokens=e.max_new_tokens,
-                            seed=r.seed)
-
-    def do_eval(adapter_dir):
-        def run(folder):
-            engine = make_engine("hf", r.model, dtype=dtype, batch_size=e.batch_size,
-                                 adapter=adapter_dir)
-            evaluate(engine, eval_problems, folder, params, protocol=e.protocol,
-                     system_prompt=e.system_prompt)
-        return run
-
-    eval_settings = {"model": r.model, "dtype": dtype, "seed": r.seed, **asdict(e)}
-    stage("eval-base", eval_settings, do_eval(None))
-    stage("eval-trained", {**eval_settings, "train": asdict(r.train)}, do_eval(adapter))
-
-    def do_compare(folder):
-        result = compare_items(read_jsonl(out / "eval-base" / "items.jsonl"),
-                               read_jsonl(out / "eval-trained" / "items.jsonl"))
-        write_json(folder / "compare.json", result)
-
-    stage("compare", {}, do_compare)
-    result = json.loads((out / "compare" / "compare.json").read_text())
-    base = json.loads((out / "eval-base" / "summary.json").read_text())
-    trained = json.loads((out / "eval-trained" / "summary.json").read_text())
-    report = {"base": base, "trained": trained, "compare": result,
+    sets = []
+    for es in r.eval:
+        settings = eval_settings(r, es)
+        base, d_base = stage(f"eval/{es.name}/base", settings, lambda f, es=es: eval_set_stage(
+            r, es, None, f, progress))
+        trained, d_trained = stage(
+            f"eval/{es.name}/trained", {**settings, "adapter": train_digest},
+            lambda f, es=es: eval_set_stage(r, es, adapter, f, progress))
+        cmp_folder, _ = stage(f"eval/{es.name}/compare", {"base": d_base, "trained": d_trained},
+                              lambda f, b=base, t=trained: write_json(
+                                  f / "compare.json", compare_items(read_jsonl(b / "items.jsonl"),
+                                                                    read_jsonl(t / "items.jsonl"))))
+        b_sum = json.loads((base / "summary.json").read_text())
+        t_sum = json.loads((trained / "summary.json").read_text())
+        c = json.loads((cmp_folder / "compare.json").read_text())
+        sets.append({"name": es.name, "guard": es.guard, "problems": es.problems,
+                     "base": b_sum, "trained": t_sum, "compare": c,
+                     "row": set_row(es.name, es.guard, b_sum, t_sum, c)})
+    rows = [s["row"] for s in sets]
+    report = {"sets": sets, "table": rows, "regression": any(x["regression"] for x in rows),
+              # the first set at the top level, as reports before several sets had it
+              "base": sets[0]["base"], "trained": sets[0]["trained"],
+              "compare": sets[0]["compare"],
               "seconds": {k: v[0] for k, v in stage.times.items()}}
     write_json(out / "report.json", report)
-    print(format_report(report, stage.times))
+    print("\n" + format_run_table(rows))
+    print(format_times(stage.times))
     return report
 
 
-def format_report(report: dict, times: dict[str, tuple[float, bool]]) -> str:
-    def score(s):
-        lo, hi = s["interval_95"]
-        return f"{100 * s['accuracy']:5.1f}%  [{100 * lo:5.1f}, {100 * hi:5.1f}]"
-
-    c = report["compare"]
-    lo, hi = c["interval_95"]
-    a_only, b_only = c["discordant"]
-    lines = [
-        "",
-        f"{'':<9}{'accuracy':>8}  95% interval      n",
-        f"{'base':<9}{score(report['base'])}  {report['base']['n']}",
-        f"{'trained':<9}{score(report['trained'])}  {report['trained']['n']}",
-        f"difference {100 * c['difference']:+.1f} points, 95% paired-bootstrap interval "
-        f"[{100 * lo:+.1f}, {100 * hi:+.1f}], McNemar exact p = {c['p_value']:.2g} "
-        f"(base-only {a_only}, trained-only {b_only})",
-        "",
-        "wall time per stage:",
-    ]
-    for name in STAGES:
-        if name in times:
-            seconds, skipped = times[name]
-            lines.append(f"  {name:<13} {seconds:7.1f} s{'  (skipped: done earlier)' if skipped else ''}")
-    lines.append(f"  {'total':<13} {sum(t for t, _ in times.values()):7.1f} s")
+def format_times(times: dict[str, tuple[float, bool]]) -> str:
+    lines = ["", "wall time per stage:"]
+    width = max([len(n) for n in times] + [5])
+    for name, (seconds, skipped) in times.items():
+        lines.append(f"  {name:<{width}} {seconds:7.1f} s"
+                     f"{'  (skipped: done earlier)' if skipped else ''}")
+    lines.append(f"  {'total':<{width}} {sum(t for t, _ in times.values()):7.1f} s")
     return "\n".join(lines)
 
 
@@ -282,10 +233,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output folder (default: runs/RECIPE_NAME)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key, e.g. --set train.config.lr=1e-5")
+    parser.add_argument("--fail-on-regression", action="store_true",
+                        help=f"exit {REGRESSION_EXIT} when a guard set drops significantly")
 
 
 def main(args) -> int:
     recipe = load_recipe(args.recipe, args.set)
     out = args.out or str(Path("runs") / Path(args.recipe).stem)
-    run_recipe(recipe, out)
+    report = run_recipe(recipe, out)
+    if args.fail_on_regression and report["regression"]:
+        return REGRESSION_EXIT
     return 0

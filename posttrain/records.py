@@ -114,9 +114,11 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 class JsonlAppender:
     """Append rows to a JSONL file that may already hold finished rows of an earlier run.
 
-    On open it drops a torn last line (a crash mid-write), loads the keys of finished rows, and
-    then `append` writes each new row as one flushed line. `key(row)` identifies a unit of work,
-    e.g. (problem id, sample index); `done(k)` tells the caller what to skip.
+    On open it drops a torn last line (a crash mid-write), reads the file once, line by line,
+    keeping only the keys of finished rows (never the rows: a file of millions of long samples
+    must not be held in memory), and then `append` writes each new row as one flushed line.
+    `key(row)` identifies a unit of work, e.g. (problem id, sample index); `done(k)` tells the
+    caller what to skip and `count` how many distinct keys are in the file.
     """
 
     def __init__(self, path: str | os.PathLike, key: Callable[[dict], Hashable]):
@@ -124,22 +126,36 @@ class JsonlAppender:
         self.key = key
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.keys: set = set()
-        self.rows: list[dict] = []
         if self.path.exists():
             self._repair_tail()
             for _, row in iter_jsonl(self.path, allow_empty=True):
-                k = key(row)
-                if k not in self.keys:
-                    self.keys.add(k)
-                    self.rows.append(row)
+                self.keys.add(key(row))
         self._f = open(self.path, "a", encoding="utf-8")
 
-    def _repair_tail(self) -> None:
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            cut = data.rfind(b"\n") + 1  # keep complete lines only
-            with open(self.path, "r+b") as f:
-                f.truncate(cut)
+    @property
+    def count(self) -> int:
+        return len(self.keys)
+
+    def _repair_tail(self, block: int = 1 << 16) -> None:
+        """Cut the file after its last newline, reading backwards from the end a block at a
+        time (a torn line is at most one row; the rest of the file is never read here)."""
+        with open(self.path, "r+b") as f:
+            end = f.seek(0, os.SEEK_END)
+            if end == 0:
+                return
+            f.seek(end - 1)
+            if f.read(1) == b"\n":
+                return
+            pos = end
+            while pos > 0:
+                step = min(block, pos)
+                pos -= step
+                f.seek(pos)
+                cut = f.read(step).rfind(b"\n")
+                if cut >= 0:
+                    f.truncate(pos + cut + 1)
+                    return
+            f.truncate(0)  # not one complete line
 
     def done(self, k: Hashable) -> bool:
         return k in self.keys
@@ -151,7 +167,6 @@ class JsonlAppender:
         self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
         self._f.flush()
         self.keys.add(k)
-        self.rows.append(row)
 
     def close(self) -> None:
         if not self._f.closed:

@@ -168,8 +168,21 @@ def run_section(run: RunData, heading: str = "h2") -> str:
 
 
 def sweep_table(results) -> str:
-    """Shows `results.json` of `posttrain sweep`: its `rows` (list of flat dicts) as a table,
-    with a row marked when its `best` or `regression` field is true."""
+    """Shows `results.json` of `posttrain sweep` as its Markdown table reads (sweeptable), a
+    row marked when one of its sets is a regression or the best; other tables (a list of flat
+    dicts, or {"rows": [...]}) column by column."""
+    if isinstance(results, dict) and "sets" in results and "runs" in results:
+        from .sweeptable import flat_rows
+
+        head, rows = flat_rows(results)
+        notes = [" ".join(row[i] for i, h in enumerate(head) if h.endswith(" note"))
+                 for row in rows]
+        classes = ["regression" if "REGRESSION" in n else "best" if "best" in n.split()
+                   and "noise" not in n else "" for n in notes]
+        return (table(head, rows, row_classes=classes)
+                + '<p class="note">Scores in %, 95% intervals; differences in points with exact '
+                "McNemar p-values on the same items; 'vs best' p-values Holm-corrected across "
+                "runs. Runs 'within noise of best' are not distinguishable from the best.</p>")
     rows = results.get("rows") if isinstance(results, dict) else results
     if not rows:
         return ""

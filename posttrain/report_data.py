@@ -3,11 +3,11 @@
     from posttrain.report_data import load_folder
     data = load_folder("runs/demo")       # {"kind": "run", "runs": [RunData], ...}
 
-A *run folder* is what `posttrain run` writes: `recipe.yaml`, a training folder with
-`metrics.jsonl`, and evaluation folders (`eval-base*`, `eval-trained*`, each with
-`summary.json` and `items.jsonl`). Base and trained evaluations of the same set are paired by
-the folder-name suffix after `eval-base` / `eval-trained` and compared on the same items here
-(posttrain.compare), so the report never shows a difference without its paired test.
+A *run folder* is what `posttrain run` writes: `recipe.yaml`, `report.json`, a training folder
+with `metrics.jsonl`, and per evaluation set `eval/SET/base` and `eval/SET/trained` (each with
+`summary.json` and `items.jsonl`; older runs: `eval-base`, `eval-trained`). Base and trained
+evaluations of one set are compared on the same items here (posttrain.compare), so the report
+never shows a difference without its paired test; a set's guard flag comes from report.json.
 A *sweep folder* holds run folders below it (any depth up to 3) and, when `posttrain sweep`
 wrote it, a `results.json` table that the report shows as it is.
 """
@@ -52,7 +52,11 @@ def _read_metrics(path: Path) -> list[dict]:
 
 
 def _eval_set(name: str) -> tuple[str, str] | None:
-    """eval-base-hle -> ("base", "hle"); eval-trained -> ("trained", ""); other -> None."""
+    """eval/hle/base -> ("base", "hle"); eval-base-hle -> ("base", "hle"); eval-trained ->
+    ("trained", ""); other -> None."""
+    parts = name.split("/")
+    if len(parts) == 3 and parts[0] == "eval" and parts[2] in ("base", "trained"):
+        return parts[2], parts[1]
     for role, prefix in (("base", BASE), ("trained", TRAINED)):
         if name == prefix or name.startswith(prefix + "-"):
             return role, name[len(prefix) + 1:]
@@ -60,7 +64,7 @@ def _eval_set(name: str) -> tuple[str, str] | None:
 
 
 def is_run_folder(folder: Path) -> bool:
-    return (folder / "recipe.yaml").exists() or any(
+    return (folder / "recipe.yaml").exists() or (folder / "eval").is_dir() or any(
         (folder / name / "summary.json").exists() for name in (BASE, TRAINED)) or (
         folder / "train" / "metrics.jsonl").exists()
 
@@ -79,14 +83,20 @@ def load_run(folder: str | Path, name: str | None = None) -> RunData:
                 run.extra_text[f"{config.parent.name}/config.yaml (resolved training config)"] = \
                     config.read_text(encoding="utf-8")
             break
-    for summary in sorted(folder.glob("*/summary.json")):
+    for summary in sorted(folder.glob("*/summary.json")) + sorted(
+            folder.glob("eval/*/*/summary.json")):
         items_folder = summary.parent
         try:
             items = load_items(items_folder)
         except DataError:
             items = []
-        run.evals.append(EvalData(items_folder.name, items_folder,
+        run.evals.append(EvalData(str(items_folder.relative_to(folder)), items_folder,
                                   json.loads(summary.read_text(encoding="utf-8")), items))
+    report = folder / "report.json"
+    guards = {}
+    if report.exists():
+        sets = json.loads(report.read_text(encoding="utf-8")).get("sets", [])
+        guards = {s.get("name"): bool(s.get("guard")) for s in sets if isinstance(s, dict)}
     by_set: dict[str, dict[str, EvalData]] = {}
     for ev in run.evals:
         parsed = _eval_set(ev.name)
@@ -96,7 +106,7 @@ def load_run(folder: str | Path, name: str | None = None) -> RunData:
         if "base" in pair and "trained" in pair and pair["base"].items and pair["trained"].items:
             result = compare_items(pair["base"].items, pair["trained"].items, intersect=True)
             summary = pair["base"].summary
-            guard = bool(summary.get("guard")) or bool(pair["trained"].summary.get("guard"))
+            guard = guards.get(set_name, False) or bool(summary.get("guard"))
             result.update(set=set_name or "default", metric=summary.get("metric", "accuracy"),
                           guard=guard,
                           regression=guard and result["difference"] < 0

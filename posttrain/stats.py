@@ -106,7 +106,7 @@ def avg_at_k(per_item_scores: list[list[float]], z: float = 1.96) -> dict:
 
 def calibration_summary(confidences: list[float | None], correct: list[bool],
                         bin_size: int = 100, missing_confidence: float | None = 100.0,
-                        drop_last_bin: bool = False) -> dict:
+                        drop_last_bin: bool = False, tie_order: str = "stable") -> dict:
     """HLE's RMS calibration error, in percent, with the bins it used.
 
     Method (HLE): sort items by stated confidence; cut them into consecutive bins of `bin_size`
@@ -128,6 +128,15 @@ def calibration_summary(confidences: list[float | None], correct: list[bool],
     divides by all N; with N < 2·bin_size that script returns 0 (and with N < bin_size it fails).
     We include every bin by default; the option exists to match numbers computed with it.
 
+    Ties in stated confidence (common: models state round numbers) decide which items cross a
+    bin edge, so their order moves the result. `tie_order="stable"` (default) keeps the input
+    order: the same on every machine. `tie_order="hle"` orders them as HLE's script does: it
+    sorts the confidences divided by 100 (float64) with numpy's default `np.argsort`, which is
+    not stable (introsort, and on CPUs with AVX-512 numpy 2 dispatches it to a SIMD sort), so
+    the only faithful equivalent is that very call on the same float64 values. The tie order is
+    then as machine-dependent as HLE's own numbers. `hle_compatible_calibration` sets both this
+    and `drop_last_bin`.
+
     Returns {calibration_error (None when no item is usable), n, n_missing_confidence, n_bins,
     bin_size, bins: [{n, mean_confidence, accuracy}], missing_confidence, drop_last_bin}.
     """
@@ -148,11 +157,12 @@ def calibration_summary(confidences: list[float | None], correct: list[bool],
         right.append(1.0 if ok else 0.0)
     out = {"calibration_error": None, "n": len(conf), "n_missing_confidence": n_missing,
            "n_bins": 0, "bin_size": bin_size, "bins": [],
-           "missing_confidence": missing_confidence, "drop_last_bin": drop_last_bin}
+           "missing_confidence": missing_confidence, "drop_last_bin": drop_last_bin,
+           "tie_order": tie_order}
     n = len(conf)
     if n == 0:
         return out
-    order = np.argsort(np.array(conf), kind="stable")
+    order = confidence_order(conf, tie_order)
     c = np.array(conf)[order] / 100.0  # (N,) as fractions
     r = np.array(right)[order]  # (N,)
     n_bins = max(1, n // bin_size)
@@ -168,6 +178,25 @@ def calibration_summary(confidences: list[float | None], correct: list[bool],
     out["n_bins"] = n_bins
     out["calibration_error"] = 100.0 * math.sqrt(total)
     return out
+
+
+TIE_ORDERS = ("stable", "hle")
+
+
+def confidence_order(confidences: list[float], tie_order: str = "stable") -> np.ndarray:
+    """Indices that sort `confidences` (percent) ascending; ties as `tie_order` says (above)."""
+    values = np.asarray(confidences, dtype=np.float64)  # (N,)
+    if tie_order == "hle":
+        return np.argsort(values / 100)  # numpy's default kind on HLE's float64 fractions
+    return np.argsort(values, kind="stable")
+
+
+def hle_compatible_calibration(confidences: list[float | None], correct: list[bool],
+                               bin_size: int = 100) -> dict:
+    """`calibration_summary` as HLE's published script computes it: missing counts as 100,
+    numpy's default (unstable) sort order for ties, the last bin dropped."""
+    return calibration_summary(confidences, correct, bin_size, missing_confidence=100.0,
+                               drop_last_bin=True, tie_order="hle")
 
 
 def calibration_error(confidences: list[float | None], correct: list[bool], bin_size: int = 100,

@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny random Llama with the embedded model's tokenizer (fast tests), and the
-embedded model's cached folder (slow tests)."""
+"""Shared fixtures: a tiny random Llama with the embedded model's tokenizer (fast tests), the
+embedded model's cached folder (slow tests), and one real vLLM server of it for the whole session
+(server tests; tests/vllm_server.py)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,23 @@ def tiny_model_dir(tmp_path_factory, embedded_dir) -> str:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(embedded_dir, tmp_path_factory):
+    """A real vLLM OpenAI-compatible server of the embedded model, served as "smol" with runtime
+    LoRA loading, started on first use and shared by every test of the session (start-up is
+    60-230 s on this CPU, paid once). Yields a tests/vllm_server.VLLMServer (.base_url)."""
+    from vllm_server import start_server
+
+    log = tmp_path_factory.mktemp("vllm") / "server.log"
+    try:
+        server = start_server(embedded_dir, log)
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    print(f"\nvLLM server ready after {server.startup_s:.0f} s at {server.base_url}")
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")

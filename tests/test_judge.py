@@ -24,10 +24,11 @@ YES = json.dumps({"extracted_final_answer": "42", "reasoning": "same number", "c
                   "confidence": 90})
 NO = json.dumps({"extracted_final_answer": "41", "reasoning": "differs", "correct": "no",
                  "confidence": None})
+FAST = {"retry-after-ms": "10"}  # the client honours it: retries 10 ms apart, not 0.5 s
 
 
 def fast_judge(server, **kw) -> Judge:
-    kw = {"timeout": 5, "retries": 2, "backoff": 0.01, **kw}
+    kw = {"timeout": 5, "retries": 2, **kw}
     return Judge(server.base_url, model="judge-model", **kw)
 
 
@@ -124,7 +125,7 @@ def test_judge_answer_structured_request_and_key(monkeypatch):
         "correct", True, "42", 90.0)
     req = server.requests[0]
     assert req["path"] == "/v1/chat/completions"
-    assert req["headers"]["Authorization"] == "Bearer sk-test-secret-123"
+    assert req["headers"]["authorization"] == "Bearer sk-test-secret-123"
     body = req["body"]
     assert body["model"] == "judge-model" and body["temperature"] == 0.0
     assert body["response_format"]["type"] == "json_schema"
@@ -141,9 +142,9 @@ def test_judge_answer_structured_request_and_key(monkeypatch):
 def test_no_key_sends_no_authorization(monkeypatch):
     monkeypatch.delenv("POSTTRAIN_JUDGE_API_KEY", raising=False)
     with FakeOpenAIServer([NO]) as server:
-        r = Judge(server.base_url + "/v1", "m", backoff=0.01).judge_answer("q", "42", "41")
+        r = Judge(server.base_url + "/v1", "m").judge_answer("q", "42", "41")
     assert r.verdict == "incorrect" and r.correct is False
-    assert "Authorization" not in server.requests[0]["headers"]
+    assert "authorization" not in server.requests[0]["headers"]  # names recorded lower-case
     assert server.requests[0]["path"] == "/v1/chat/completions"
 
 
@@ -172,14 +173,14 @@ def test_server_without_structured_output_falls_back_to_text():
 
 @pytest.mark.server
 def test_5xx_then_success():
-    with FakeOpenAIServer([(503, "busy"), (502, "bad gateway"), YES]) as server:
+    with FakeOpenAIServer([(503, "busy", FAST), (502, "bad gateway", FAST), YES]) as server:
         r = fast_judge(server, retries=3).judge_answer("q", "42", "42")
     assert r.verdict == "correct" and len(server.requests) == 3
 
 
 @pytest.mark.server
 def test_persistent_5xx_and_4xx_give_judge_error():
-    with FakeOpenAIServer([(500, "boom")]) as server:
+    with FakeOpenAIServer([(500, "boom", FAST)]) as server:
         r = fast_judge(server, retries=2).judge_answer("q", "42", "42")
     assert r.verdict == "judge_error" and "3 attempt(s)" in r.reason and "HTTP 500" in r.reason
     assert len(server.requests) == 3  # 1 + 2 retries
@@ -229,7 +230,7 @@ def test_server_dies_mid_run_keeps_earlier_results():
 def test_connection_refused_is_judge_error():
     with FakeOpenAIServer([YES]) as server:
         url = server.base_url
-    r = Judge(url, "m", retries=1, backoff=0.01, timeout=2).judge_refusal("q", "r")
+    r = Judge(url, "m", retries=1, timeout=2).judge_refusal("q", "r")
     assert r.verdict == "judge_error" and "2 attempt(s)" in r.reason
 
 

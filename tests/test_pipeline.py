@@ -1,6 +1,7 @@
 """`posttrain run` end to end on the embedded model at toy size: every stage writes its folder and
-done.json, the report pairs base and trained on the same items, and a rerun skips finished stages
-instead of redoing (or silently mixing) them."""
+done.json, the report pairs base and trained on the same items for each evaluation set, a rerun
+skips finished stages instead of redoing (or silently mixing) them, and a significant drop on a
+guard set is a regression (exit 3 with --fail-on-regression)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 import pytest
 
 from posttrain.config import ConfigError
-from posttrain.pipeline import STAGES, format_report, load_recipe, run_recipe
+from posttrain.pipeline import REGRESSION_EXIT, STAGES, format_times, load_recipe, run_recipe
 from posttrain.records import read_jsonl
 
 TOY = """
@@ -26,14 +27,21 @@ train:
   method: dpo
   config: {dtype: fp32, lr: 1.0e-4, max_steps: 2, batch_size: 2, lora: {r: 4, alpha: 8}}
 eval:
-  problems: builtin:arith:10?split=test&difficulty=1
-  max_new_tokens: 24
-  batch_size: 16
+  - name: arith
+    problems: builtin:arith:10?split=test&difficulty=1
+    max_new_tokens: 24
+    batch_size: 16
+  - name: guard
+    problems: builtin:arith:6?split=test&difficulty=2
+    max_new_tokens: 24
+    batch_size: 16
+    guard: true
 """
+SETS = {"arith": 10, "guard": 6}
 
 
 @pytest.fixture(scope="module")
-def toy_run(tmp_path_factory, embedded_dir):
+def toy_run(tmp_path_factory, embedded_dir, one_thread):
     folder = tmp_path_factory.mktemp("toy")
     recipe_path = folder / "toy.yaml"
     recipe_path.write_text(TOY)
@@ -50,39 +58,109 @@ def test_every_stage_leaves_its_folder_and_marker(toy_run):
     assert (out / "train" / "adapter" / "adapter_config.json").exists()
     pairs = read_jsonl(out / "pairs" / "pairs.jsonl")
     assert len(pairs) >= 1
-    base_ids = [r["problem_id"] for r in read_jsonl(out / "eval-base" / "items.jsonl")]
-    trained_ids = [r["problem_id"] for r in read_jsonl(out / "eval-trained" / "items.jsonl")]
-    assert sorted(base_ids) == sorted(trained_ids) and len(base_ids) == 10
-    c = report["compare"]
-    assert c["n"] == 10
-    a_only, b_only = c["discordant"]
-    # the difference is the discordant balance over the shared items
-    assert c["difference"] == pytest.approx((b_only - a_only) / 10)
-    assert report["base"]["n"] == report["trained"]["n"] == 10
-    assert json.loads((out / "report.json").read_text())["compare"] == c
+    assert [s["name"] for s in report["sets"]] == list(SETS)
+    for entry in report["sets"]:
+        name, n = entry["name"], SETS[entry["name"]]
+        for part in ("base", "trained", "compare"):
+            assert (out / "eval" / name / part / "done.json").exists(), (name, part)
+        base_ids = [r["problem_id"] for r in read_jsonl(out / "eval" / name / "base" / "items.jsonl")]
+        trained_ids = [r["problem_id"]
+                       for r in read_jsonl(out / "eval" / name / "trained" / "items.jsonl")]
+        assert sorted(base_ids) == sorted(trained_ids) and len(base_ids) == n
+        c = entry["compare"]
+        a_only, b_only = c["discordant"]
+        # the difference is the discordant balance over the shared items
+        assert c["n"] == n and c["difference"] == pytest.approx((b_only - a_only) / n)
+        row = entry["row"]
+        assert row["difference"] == c["difference"] and row["p_value"] == c["p_value"]
+        assert row["guard"] == (name == "guard")
+    assert report["compare"] == report["sets"][0]["compare"]  # first set at the top level
+    assert json.loads((out / "report.json").read_text())["table"] == report["table"]
+    # the HTML report pairs the same sets and gets the same numbers as the run's own compare
+    from posttrain.report_data import load_folder
+
+    (run,) = load_folder(out)["runs"]
+    by_set = {c["set"]: c for c in run.comparisons}
+    for entry in report["sets"]:
+        got = by_set[entry["name"]]
+        assert got["difference"] == entry["compare"]["difference"]
+        assert got["p_value"] == entry["compare"]["p_value"]
+        assert got["guard"] == entry["guard"]
 
 
 @pytest.mark.slow
 def test_rerun_skips_finished_stages_and_redoes_only_a_missing_one(toy_run, capsys):
     recipe_path, out, report = toy_run
     samples = (out / "sample" / "samples.jsonl").read_bytes()
-    (out / "eval-trained" / "done.json").unlink()
+    (out / "eval" / "arith" / "trained" / "done.json").unlink()
     again = run_recipe(load_recipe(str(recipe_path)), out)
     printed = capsys.readouterr().out
-    for name in STAGES:
-        if name != "eval-trained":
-            assert f"[{name}] done earlier" in printed, name
-    assert "[eval-trained] running" in printed
+    for name in STAGES + ("eval/arith/base", "eval/guard/trained", "eval/arith/compare"):
+        assert f"[{name}] done earlier" in printed, name
+    assert "[eval/arith/trained] running" in printed
     assert (out / "sample" / "samples.jsonl").read_bytes() == samples
     # greedy decoding of the same merged adapter gives the same verdicts again
     assert again["compare"]["discordant"] == report["compare"]["discordant"]
-    assert "(skipped: done earlier)" in format_report(again, {"sample": (1.0, True)})
+    assert "(skipped: done earlier)" in format_times({"sample": (1.0, True)})
 
 
 @pytest.mark.slow
 def test_changed_settings_for_a_finished_stage_are_an_error(toy_run):
     recipe_path, out, _ = toy_run
     changed = load_recipe(str(recipe_path), ["sample.max_new_tokens=32"])
+    with pytest.raises(ConfigError, match="stage 'sample' finished earlier with other settings"):
+        run_recipe(changed, out)
+
+
+@pytest.mark.slow
+def test_a_significant_drop_on_a_guard_set_is_a_regression(toy_run, capsys):
+    """Rewrite the guard set's verdicts: base right on all 6 items, trained wrong on all 6.
+    McNemar: 6 discordant items all one way, p = 2 / 2^6 = 0.03125 < 0.05, difference -1:
+    a REGRESSION; `run --fail-on-regression` exits 3; without the flag it exits 0."""
+    from posttrain.cli import main as cli_main
+    from posttrain.records import write_jsonl
+
+    recipe_path, out, _ = toy_run
+    for part, verdict in (("base", "correct"), ("trained", "incorrect")):
+        path = out / "eval" / "guard" / part / "items.jsonl"
+        write_jsonl(path, [{**row, "verdict": verdict} for row in read_jsonl(path)])
+    (out / "eval" / "guard" / "compare" / "done.json").unlink()
+    report = run_recipe(load_recipe(str(recipe_path)), out)
+    guard = report["sets"][1]["row"]
+    assert guard["difference"] == -1.0 and guard["p_value"] == pytest.approx(0.03125)
+    assert guard["regression"] and report["regression"]
+    assert not report["sets"][0]["row"]["regression"]  # not a guard set
+    assert "REGRESSION" in capsys.readouterr().out
+    args = ["run", str(recipe_path), "--out", str(out)]
+    assert cli_main(args + ["--fail-on-regression"]) == REGRESSION_EXIT
+    assert cli_main(args) == 0
+
+
+def test_single_eval_mapping_and_overrides_per_set(tmp_path):
+    """The older `eval:` mapping is one set named 'eval'; `eval.KEY=V` reaches every set and
+    `eval.NAME.KEY=V` one set."""
+    old = tmp_path / "old.yaml"
+    old.write_text(TOY.split("eval:")[0] + "eval:\n  problems: builtin:arith:4?split=test\n")
+    recipe = load_recipe(str(old), ["eval.n=2", "eval.temperature=0.7"])
+    assert [(s.name, s.n, s.temperature) for s in recipe.eval] == [("eval", 2, 0.7)]
+    new = tmp_path / "new.yaml"
+    new.write_text(TOY)
+    recipe = load_recipe(str(new), ["eval.max_new_tokens=8", "eval.guard.n=3",
+                                    "eval.guard.temperature=1.0"])
+    assert [(s.name, s.max_new_tokens, s.n, s.guard) for s in recipe.eval] == [
+        ("arith", 8, 1, False), ("guard", 8, 3, True)]
+    with pytest.raises(ConfigError, match="n > 1 needs temperature > 0"):
+        load_recipe(str(new), ["eval.arith.n=2"])
+    with pytest.raises(ConfigError, match="unknown key.*gaurd"):
+        load_recipe(str(new), ["eval.arith.gaurd=true"])
+
+
+@pytest.mark.slow
+def test_another_engine_for_a_finished_stage_is_an_error(toy_run):
+    """The engine is part of the stage settings: resuming with another one is refused before
+    that engine is built (here vllm, which this venv does not even have)."""
+    recipe_path, out, _ = toy_run
+    changed = load_recipe(str(recipe_path), ["engine.kind=vllm"])
     with pytest.raises(ConfigError, match="stage 'sample' finished earlier with other settings"):
         run_recipe(changed, out)
 
@@ -101,7 +179,7 @@ def test_zero_pairs_stop_the_run_with_a_hint(tmp_path, monkeypatch):
         ran.append(name)
         if name == "train":
             raise AssertionError("training started without pairs")
-        return self.out / name
+        return self.out / name, "digest"
 
     monkeypatch.setattr(StageRunner, "__call__", pretend_done_until_train)
     recipe_path = tmp_path / "toy.yaml"

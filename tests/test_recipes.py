@@ -1,14 +1,14 @@
-"""Every recipe shipped in recipes/ loads, validates, and names methods and sources that exist."""
+"""Every recipe shipped in recipes/ loads, validates, and names methods and sources that exist;
+sweep grid files (recipes/sweep-*.yaml) validate every run's recipe the same way."""
 
 from pathlib import Path
 
 import pytest
 
 from posttrain.config import ConfigError
-from posttrain.pipeline import Recipe, is_online, load_recipe, uses_samples
+from posttrain.pipeline import Recipe, load_recipe
 from posttrain.tasks import load_problems
-from posttrain.train.config import train_config
-from posttrain.train.online_config import online_config
+from posttrain.train.stage import resolve_config
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 
@@ -17,63 +17,57 @@ def test_there_are_recipes():
     assert any(p.name == "default.yaml" for p in RECIPES)
 
 
+def _recipes(path):
+    from posttrain.config import load_yaml
+
+    if {"axes", "runs"} & set(load_yaml(path)):
+        from posttrain.sweep import load_grid
+
+        _, runs = load_grid(path)
+        return [load_recipe(None, data=_as_dict(r.recipe)) for r in runs]
+    return [load_recipe(str(path))]
+
+
+def _as_dict(recipe):
+    from dataclasses import asdict
+
+    return asdict(recipe)
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_loads_and_validates(path, tmp_path):
-    recipe = load_recipe(str(path))
-    assert isinstance(recipe, Recipe)
-    if uses_samples(recipe):
-        assert load_problems(recipe.sample.problems, limit=2)
-    assert load_problems(recipe.eval.problems, limit=2)
-    # The train section must be a valid TrainConfig / OnlineConfig for its method.
-    import yaml
+    for recipe in _recipes(path):
+        _check(recipe)
 
-    cfg_file = tmp_path / "train.yaml"
-    config = {"seed": recipe.seed, **recipe.train.config}
-    if is_online(recipe.train.method):
-        assert load_problems(recipe.train.problems, limit=2)
-        if recipe.train.method == "chord":  # the pipeline passes the scored samples
-            config["chord"] = {**config.get("chord", {}), "demos": "scored.jsonl"}
-        cfg_file.write_text(yaml.safe_dump(config))
-        cfg = online_config(recipe.train.method, str(cfg_file), problems=recipe.train.problems)
-    else:
-        cfg_file.write_text(yaml.safe_dump(config))
-        cfg = train_config(recipe.train.method, str(cfg_file), data="pairs.jsonl")
+
+def _check(recipe):
+    assert isinstance(recipe, Recipe)
+    assert load_problems(recipe.sample.problems, limit=2)
+    for eval_set in recipe.eval:
+        assert load_problems(eval_set.problems, limit=2)
+    # The train section must be a valid config for its method.
+    cfg = resolve_config(recipe.train.method, {"seed": recipe.seed, **recipe.train.config},
+                         model=recipe.model, data="pairs.jsonl", problems=recipe.sample.problems)
     assert cfg.method == recipe.train.method
 
 
-def test_online_recipes_ship_and_train_and_eval_splits_are_disjoint():
-    names = {p.name for p in RECIPES}
-    assert {"grpo.yaml", "chord.yaml"} <= names
-    for name in ("grpo.yaml", "chord.yaml"):
-        recipe = load_recipe(str(RECIPES[[p.name for p in RECIPES].index(name)]))
-        train_q = {p.question for p in load_problems(recipe.train.problems)}
-        test_q = {p.question for p in load_problems(recipe.eval.problems)}
-        assert train_q and test_q and not train_q & test_q
+def test_sweep_grids_have_the_runs_they_promise():
+    from posttrain.sweep import load_grid
 
-
-def test_a_recipe_section_the_method_does_not_use_is_an_error(tmp_path):
-    """grpo samples train.problems itself: no train.problems, or a sample / pairs section, is
-    an error; an offline method with train.problems too."""
-    cases = {
-        "model: smollm2-135m\ntrain: {method: grpo}\n": "train.problems is empty",
-        "train: {method: grpo, problems: 'builtin:arith:8'}\nsample: {n: 8}\n":
-            "sample: is not used by the online method 'grpo'",
-        "train: {method: dapo, problems: 'builtin:arith:8'}\npairs: {max_pairs_per_problem: 3}\n":
-            "pairs: is not used",
-        "train: {method: dpo, problems: 'builtin:arith:8'}\n":
-            "train.problems is not used by the offline method 'dpo'",
-    }
-    for i, (text, message) in enumerate(cases.items()):
-        path = tmp_path / f"r{i}.yaml"
-        path.write_text(text)
-        with pytest.raises(ConfigError, match=message):
-            load_recipe(str(path))
+    keys, runs = load_grid(RECIPES[[p.name for p in RECIPES].index("sweep-dpo.yaml")])
+    assert keys == ["train.config.lr", "train.config.beta"] and len(runs) == 4
+    assert {(r.recipe.train.config["lr"], r.recipe.train.config["beta"]) for r in runs} == {
+        (1e-4, 0.1), (1e-4, 0.3), (5e-5, 0.1), (5e-5, 0.3)}
+    _, runs = load_grid(RECIPES[[p.name for p in RECIPES].index("sweep-methods.yaml")])
+    assert {r.id: r.recipe.train.method for r in runs} == {
+        "sft-foreign": "sft", "dft-foreign": "dft", "dpo-self": "dpo", "grpo": "grpo"}
+    assert all(r.recipe.train.data == "demonstrations" for r in runs if "foreign" in r.id)
 
 
 def test_default_recipe_trains_and_evaluates_on_disjoint_splits():
     recipe = load_recipe(str(RECIPES[[p.name for p in RECIPES].index("default.yaml")]))
     train_q = {p.question for p in load_problems(recipe.sample.problems)}
-    test_q = {p.question for p in load_problems(recipe.eval.problems)}
+    test_q = {p.question for s in recipe.eval for p in load_problems(s.problems)}
     assert train_q and test_q and not train_q & test_q
 
 

@@ -71,3 +71,21 @@ def test_appender_resumes_and_cuts_torn_line(tmp_path):
         assert sink.done(1) and sink.done(2) and not sink.done(3)
         sink.append({"k": 3})
     assert [json.loads(line)["k"] for line in path.read_text().splitlines()] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("block", [4, 7, 1 << 16])
+def test_appender_cuts_a_torn_tail_longer_than_its_read_block(tmp_path, block):
+    """The tail is found by reading backwards `block` bytes at a time: a 40-byte torn line is
+    cut with blocks of 4 or 7 bytes as with 64 KiB; a file that is one torn line becomes empty.
+    Only keys are kept (`count` is 2 for rows 1, 2), never the rows."""
+    path = tmp_path / "out.jsonl"
+    path.write_text('{"k": 1}\n{"k": 2}\n{"k": 3, "text": "' + "x" * 30)
+    sink = JsonlAppender.__new__(JsonlAppender)
+    sink.path = path
+    sink._repair_tail(block=block)
+    assert path.read_text() == '{"k": 1}\n{"k": 2}\n'
+    with JsonlAppender(path, key=lambda r: r["k"]) as sink:
+        assert sink.count == 2 and not hasattr(sink, "rows")
+    path.write_text('{"k": 1, "te')
+    sink._repair_tail(block=block)
+    assert path.read_bytes() == b""

@@ -51,15 +51,17 @@ def run_folder(tmp_path) -> Path:
     run.mkdir()
     (run / "recipe.yaml").write_text("model: smollm2-135m\nseed: 0\n# <script>alert(1)</script>\n")
     c, w = "correct", "incorrect"
-    write_eval(run / "eval-base", [c] * 6 + [w] * 4, confidences=[90, 80, None, 70, 60, 50,
-                                                                   40, 95, 30, 20])
-    write_eval(run / "eval-trained", [c] * 5 + [w] + [c] * 3 + [w])
+    write_eval(run / "eval/arith/base", [c] * 6 + [w] * 4,
+               confidences=[90, 80, None, 70, 60, 50, 40, 95, 30, 20])
+    write_eval(run / "eval/arith/trained", [c] * 5 + [w] + [c] * 3 + [w])
     dna_extra = {i: {"dna_category": i % 6} for i in range(12)}
+    # the guard flag comes from report.json (older run folders: eval-base-SET, flag in summary)
     write_eval(run / "eval-base-dna", [c] * 12, category="risk-A", answer_type="refusal",
                guard=True, metric="refusal rate (rule-based)", extra=dna_extra)
     write_eval(run / "eval-trained-dna", [c] * 2 + [w] * 10, category="risk-A",
                answer_type="refusal", guard=True, metric="refusal rate (rule-based)",
                extra=dna_extra)
+    (run / "report.json").write_text(json.dumps({"sets": [{"name": "arith", "guard": False}]}))
     (run / "train").mkdir()
     (run / "train" / "metrics.jsonl").write_text("".join(
         json.dumps({"step": s, "loss": 0.69 - 0.05 * s, "rewards/chosen": 0.01 * s,
@@ -74,7 +76,7 @@ def test_comparisons_are_the_paired_tests(run_folder):
     assert data["kind"] == "run"
     (run,) = data["runs"]
     by_set = {c["set"]: c for c in run.comparisons}
-    arith, dna = by_set["default"], by_set["dna"]
+    arith, dna = by_set["arith"], by_set["dna"]
     assert arith["difference"] == pytest.approx(0.2)
     assert arith["discordant"] == [1, 3]
     assert arith["p_value"] == pytest.approx(0.625)

@@ -15,7 +15,8 @@ import pytest
 from conftest import REPO, run_cli
 
 SAMPLE_FIELDS = {"problem", "sample_index", "messages", "reasoning", "response", "finish_reason",
-                 "num_tokens", "sum_logprob", "mean_logprob", "model", "engine"}
+                 "num_tokens", "sum_logprob", "mean_logprob", "model", "engine",
+                 "sampling"}
 
 
 def rows(path):

@@ -196,3 +196,42 @@ def test_paired_bootstrap_accepts_per_item_means():
     """Per-item means (k=2 samples): d = [0.5, 0.5, 0.5] -> exactly 0.5 everywhere."""
     diff, lo, hi = paired_bootstrap([0.0, 0.5, 0.0], [0.5, 1.0, 0.5], n_boot=500)
     assert math.isclose(diff, 0.5) and math.isclose(lo, 0.5) and math.isclose(hi, 0.5)
+
+
+def _hle_script_calibration(confidence_pct, correct, beta):
+    """Reference, written from HLE's published calibration steps (run_judge_results.py): the
+    confidences / 100 as float64, np.argsort with numpy's default kind, bins of `beta` with the
+    remainder merged into the last, the loop stopping before the last bin; RMS over the rest."""
+    conf = np.asarray(confidence_pct, dtype=np.float64) / 100
+    right = np.asarray(correct, dtype=bool)
+    order = np.argsort(conf)
+    conf, right = conf[order], right[order]
+    n = len(conf)
+    starts = list(range(0, (n // beta) * beta, beta))
+    ends = starts[1:] + [n]
+    total = 0.0
+    for lo, hi in list(zip(starts, ends))[:-1]:
+        total += (hi - lo) / n * (conf[lo:hi].mean() - right[lo:hi].mean()) ** 2
+    return 100 * np.sqrt(total)
+
+
+def test_hle_compatible_calibration_orders_ties_as_hle_does():
+    """Integer confidences tie a lot; which tied items cross a bin edge moves the figure.
+    The HLE-compatible mode must equal HLE's own computation on 300 items with 3 distinct
+    confidences (ties straddle every bin edge), and missing confidences count as 100."""
+    from posttrain.stats import hle_compatible_calibration
+
+    rng = np.random.default_rng(3)
+    conf = [int(c) for c in rng.choice([30, 60, 90], size=300)]
+    right = [bool(x) for x in rng.random(300) < 0.5]
+    ours = hle_compatible_calibration(conf, right, bin_size=50)["calibration_error"]
+    assert ours == pytest.approx(_hle_script_calibration(conf, right, 50), abs=1e-9)
+    stable = calibration_summary(conf, right, bin_size=50, drop_last_bin=True)["calibration_error"]
+    if not np.array_equal(np.argsort(np.array(conf) / 100),
+                          np.argsort(np.array(conf) / 100, kind="stable")):
+        # numpy's default sort did reorder ties here, and that moves the figure
+        assert abs(ours - stable) > 1e-6
+    with_missing = [None if i % 7 == 0 else c for i, c in enumerate(conf)]
+    as_100 = [100 if c is None else c for c in with_missing]
+    assert hle_compatible_calibration(with_missing, right, 50)["calibration_error"] == \
+        pytest.approx(_hle_script_calibration(as_100, right, 50), abs=1e-9)

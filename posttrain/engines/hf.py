@@ -20,10 +20,11 @@ class HFEngine:
     name = "hf"
 
     def __init__(self, model, tokenizer, model_id: str = "model", batch_size: int = 8,
-                 progress: bool = False):
+                 progress: bool = False, chat_template_kwargs: dict | None = None):
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.batch_size = batch_size
         self.progress = progress
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         eos = model.generation_config.eos_token_id if model.generation_config else None
@@ -32,21 +33,26 @@ class HFEngine:
 
     @classmethod
     def from_name(cls, name: str, *, dtype="auto", batch_size: int = 8,
-                  trust_remote_code: bool = False, adapter=None) -> "HFEngine":
-        from ..models import load_tokenizer, load_with_adapter
+                  trust_remote_code: bool = False, adapter=None, device: str = "auto",
+                  chat_template_kwargs: dict | None = None) -> "HFEngine":
+        """`device` auto: CUDA when present (several GPUs when the model outgrows one), else the
+        CPU, said on stderr; `dtype` auto is resolved for that device; an adapter is merged there."""
+        from ..models import load_tokenizer, load_with_adapter, resolve_device
 
-        model = load_with_adapter(name, adapter, dtype=dtype, trust_remote_code=trust_remote_code)
+        device = resolve_device(device)
+        model = load_with_adapter(name, adapter, dtype=dtype, trust_remote_code=trust_remote_code,
+                                  device=device)
         model.eval()
         tok = load_tokenizer(name, trust_remote_code=trust_remote_code)
         return cls(model, tok, model_id=name if adapter is None else f"{name}+{adapter}",
-                   batch_size=batch_size)
+                   batch_size=batch_size, chat_template_kwargs=chat_template_kwargs)
 
     def close(self) -> None:
         self.model = None  # the weights go with the last reference
 
     def render_prompt(self, messages: Messages) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                  tokenize=False)
+                                                  tokenize=False, **self.chat_template_kwargs)
 
     def generate(self, prompts: list[Messages], params: SamplingParams) -> list[list[Completion]]:
         texts = [self.render_prompt(m) for m in prompts]

@@ -17,7 +17,9 @@ escaping; `?` always starts the options, so paths must not contain it):
                               name); answer_type may instead be a type name (exact, choice,
                               math, refusal), which wins over a field of that name; ids default
                               to FILESTEM-LINE
-    PATH.jsonl  (or native:PATH)  native Problem records (posttrain.records.read_problems)
+    native:PATH.jsonl         native Problem records (posttrain.records.read_problems)
+    PATH.jsonl | PATH.csv     a plain path: the format is told from the fields (HLE, native,
+                              GSM8K, Do-Not-Answer CSV); otherwise the error names the prefixes
     hf:NAME?split=train&config=C&data_files=F&...mapping as jsonl...
                               a `datasets` dataset: hub name, save_to_disk folder, or a builder
                               such as json with data_files (needs the extra posttrain[hf])
@@ -79,6 +81,10 @@ def _load(text: str, limit: int | None, depth: int) -> tuple[list[Problem], Load
 
 def _dispatch(spec: Spec, limit: int | None, report: LoadReport, depth: int) -> list[Problem]:
     skipped = report.skipped
+    if spec.kind == "auto":
+        from .formats import detect_format
+
+        spec = Spec(spec.text, detect_format(spec.body), spec.body, spec.options)
     if spec.kind == "builtin":
         from .arith import load
 

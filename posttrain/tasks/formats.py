@@ -143,6 +143,35 @@ def load_dna(spec: Spec, skipped: dict) -> list[Problem]:
     return problems
 
 
+def detect_format(path: str) -> str:
+    """The kind of a file given as a plain path, told by its fields (first row / CSV header):
+    HLE (id, question, answer, answer_type exactMatch|multipleChoice), native problems
+    (answer_type one of ours), GSM8K (question, answer with '#### N'), Do-Not-Answer CSV (its
+    columns). Anything else is an error that names the prefixes to use."""
+    hint = ("name the format with a prefix: hle:PATH, gsm8k:PATH, dna:PATH.csv, native:PATH, "
+            "or jsonl:PATH?question=F&answer=F&answer_type=TYPE to map other fields")
+    if not Path(path).exists():
+        raise DataError(path, None, "file not found")
+    if path.endswith(".csv"):
+        head = Path(path).read_bytes()[:65536].decode("utf-8-sig", "replace").splitlines()
+        header = next(csv.reader(head[:1]), []) if head else []
+        if all(c in [h.strip() for h in header] for c in DNA_COLUMNS):
+            return "dna"
+        raise DataError(path, 1, f"a CSV without Do-Not-Answer's columns ({', '.join(DNA_COLUMNS)}"
+                        f"); the header has {', '.join(header) or 'nothing'}; {hint}")
+    line, row = next(iter_jsonl(path))
+    kind = row.get("answer_type")
+    if kind in HLE_TYPES and {"id", "question", "answer"} <= set(row):
+        return "hle"
+    if kind in ANSWER_TYPES:
+        return "native"
+    answer = row.get("answer")
+    if kind is None and "question" in row and isinstance(answer, str) and "####" in answer:
+        return "gsm8k"
+    raise DataError(path, line, f"cannot tell the format from the fields ({', '.join(row)}); "
+                    + hint)
+
+
 def field_mapping(spec: Spec) -> dict[str, str]:
     """Problem field -> source field; each defaults to the same name. `answer_type` may instead
     name a type literally (exact, choice, math, refusal): a literal wins over a field name."""

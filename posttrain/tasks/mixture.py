@@ -36,7 +36,7 @@ from ..records import DataError, Problem
 from .spec import Spec, SpecError, parse_options, parse_spec
 
 _PART = re.compile(r"^(?P<source>.+)@(?P<weight>[^@?]+)(?:\?(?P<options>.*))?$")
-_FILE_KINDS = ("hle", "gsm8k", "dna", "jsonl", "native", "hf", "mix")
+_FILE_KINDS = ("hle", "gsm8k", "dna", "jsonl", "native", "auto", "hf", "mix")
 MAX_DEPTH = 4
 
 

@@ -75,7 +75,8 @@ def parse_options(spec: str, query: str) -> dict:
 
 
 def parse_spec(text: str) -> Spec:
-    """Split a source string into kind, body and options; a bare `*.jsonl` path is `native`."""
+    """Split a source string into kind, body and options; a bare `*.jsonl` or `*.csv` path is
+    `auto`: its format is told from its fields when it is loaded (formats.detect_format)."""
     text = text.strip()
     if not text:
         raise SpecError(text, "empty source")
@@ -86,11 +87,11 @@ def parse_spec(text: str) -> Spec:
     head, _, query = text.partition("?")
     kind, colon, body = head.partition(":")
     if not (colon and kind in KINDS):
-        if head.endswith(".jsonl"):
-            kind, body = "native", head
+        if head.endswith((".jsonl", ".csv")):
+            kind, body = "auto", head
         else:
             raise SpecError(text, "expected KIND:... with KIND one of "
-                            f"{', '.join(KINDS[:-1])}, or a path ending in .jsonl")
+                            f"{', '.join(KINDS[:-1])}, or a path ending in .jsonl or .csv")
     if not body:
         raise SpecError(text, f"nothing after '{kind}:'")
     return Spec(text, kind, body, parse_options(text, query))

@@ -40,9 +40,11 @@ class LoraConfig:
     dropout: float = 0.0
     rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r (Kalajdzievski 2023)
     init: str = "default"  # default (B = 0) | olora | pissa
-    # A preset (all-linear: attention + dense MLP linears; attention; mlp), a regex matched
-    # against whole module names, or a list of module names. Routers and MoE experts are
-    # never targeted by the presets.
+    # Target names, combinable with commas: all-linear (attention + dense MLP linears),
+    # attention, mlp, all-router, experts, shared-expert (train/lora.py lora_targets); or a
+    # regex matched against whole module names; or a list of module names. Routers and routed
+    # experts are adapted only when named (all-router, experts). new-layers: the layers
+    # `posttrain expand` added (with enabled: false, full fine-tuning of those layers only).
     targets: str | list[str] = "all-linear"
 
     def check(self) -> None:
@@ -64,9 +66,29 @@ NOT_NEGATIVE = ("max_steps", "stop_after_steps", "checkpoint_every", "num_thread
 
 
 @dataclass
+class MoeConfig:
+    """Routing statistics of mixture-of-experts models (posttrain/train/moe.py); ignored on a
+    dense model. Shared with the online trainer."""
+
+    stats_every: int = 10  # optimizer steps between `moe/...` metrics (and the last); 0: off
+    probe_size: int = 4  # training prompts in the fixed probe batch, chosen once by the seed
+
+    def check(self) -> None:
+        for name in ("stats_every", "probe_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"moe.{name}: {getattr(self, name)}; expected >= 0")
+
+
+def check_aux_coef(value: float | None) -> None:
+    if value is not None and not value >= 0:
+        raise ConfigError(f"router_aux_loss_coef: {value!r}; expected >= 0 (or unset: the "
+                          "model config's own value)")
+
+
+@dataclass
 class BaseTrainConfig:
     """What every trainer (offline and online) shares: model, precision, AdamW and its schedule,
-    how long, checkpoints, runtime. Each trainer adds its own fields and method checks."""
+    how long, checkpoints, runtime, MoE settings. Each trainer adds its own fields and checks."""
 
     method: str = ""
     model: str = "smollm2-135m"
@@ -95,6 +117,10 @@ class BaseTrainConfig:
     trackers: list[str] = field(default_factory=list)  # tensorboard | wandb (offline), besides
     #                                                   metrics.jsonl (train/metrics.py)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # MoE models: coef x load-balancing loss added to the method's loss (logged as loss/aux);
+    # unset: the model config's router_aux_loss_coef (Qwen3-MoE 0.001); 0: off.
+    router_aux_loss_coef: float | None = None
+    moe: MoeConfig = field(default_factory=MoeConfig)
 
     @staticmethod
     def bad(name, value, expected):
@@ -138,6 +164,8 @@ class BaseTrainConfig:
             if name not in TRACKERS:
                 bad("trackers", name, " | ".join(TRACKERS))
         self.lora.check()
+        self.moe.check()
+        check_aux_coef(self.router_aux_loss_coef)
 
     @property
     def adam_betas(self) -> tuple[float, float]:

@@ -1,12 +1,16 @@
 """LoRA through PEFT with explicit target presets, full fine-tuning, and a trainable-parameter report.
 
-    python -c "from posttrain.train.lora import target_modules; help(target_modules)"
+    python -c "from posttrain.train.lora import lora_targets; help(lora_targets)"
 
-Presets resolve to an explicit list of module names, never PEFT's "all-linear" string: on
-transformers 5 MoE models (Qwen3-MoE) the experts are fused 3-D parameters and the router holds a
-bare weight, and PEFT's "all-linear" then also reaches them through `target_parameters` without
-a word. Ours targets only `nn.Linear` modules named like attention projections or dense MLP
-projections, and never a module inside `experts` or a router.
+Target names resolve to explicit module and parameter names, never PEFT's "all-linear" string:
+on transformers 5 MoE models (Qwen3-MoE) the experts are fused 3-D parameters and the router
+holds a bare weight, and PEFT's "all-linear" then also reaches them through `target_parameters`
+without a word. Our `all-linear` targets only `nn.Linear` modules named like attention
+projections or dense MLP projections (a shared expert is a dense MLP), never a module inside
+`experts` or a router. Routers (`all-router`) and routed experts (`experts`) are adapted only
+when named, through PEFT's `target_parameters`: a rank-r delta B A on the router weight, and on
+each 3-D expert parameter one rank-r delta per expert, applied to the weight in the forward
+(measured in tests/test_moe.py against the merged weights).
 
 PEFT 0.21 on transformers 5 also rewrites the targets of Qwen2/3-MoE and Mixtral adapters from
 transformers-4 names: any target called gate_proj / up_proj / down_proj, including the dense
@@ -31,6 +35,9 @@ from .config import LoraConfig
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
 MLP = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
 PRESETS = {"all-linear": ATTENTION + MLP, "attention": ATTENTION, "mlp": MLP}
+MOE_TARGETS = ("all-router", "experts", "shared-expert")
+NEW_LAYERS = "new-layers"  # the layers `posttrain expand` added (expand.py)
+TARGET_NAMES = (*PRESETS, *MOE_TARGETS, NEW_LAYERS)
 GROUPS = ("attention", "mlp", "router", "experts", "embeddings", "norms", "other")
 
 
@@ -46,31 +53,96 @@ def is_expert_or_router(name: str) -> bool:
     return any(parts[i] == "mlp" and parts[i + 1] == "gate" for i in range(len(parts) - 1))
 
 
-def target_modules(model: nn.Module, targets: str | list[str]) -> list[str]:
-    """Full names of the nn.Linear modules a LoRA spec selects (sorted; error when none).
+def _preset_modules(model: nn.Module, preset: str) -> list[str]:
+    """The nn.Linear modules of a module preset (all-linear, attention, mlp)."""
+    wanted = set(PRESETS[preset])
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+            and _parts(n)[-1] in wanted and not is_expert_or_router(n)]
 
-    `targets`: a preset name (all-linear, attention, mlp); a list of names, each matching a
-    module whose last name part equals it; or any other string, a regex that must match the
-    whole module name (e.g. r"model\\.layers\\.[0-3]\\..*_proj").
+
+def _moe_target(model: nn.Module, name: str) -> tuple[list[str], list[str]]:
+    """(modules, parameters) of all-router | experts | shared-expert; ConfigError when the
+    model has none of what the name asks for."""
+    from . import moe
+
+    kind = type(moe.transformers_model(model)).__name__
+    if name == "shared-expert":
+        found = moe.shared_expert_linears(model)
+        if not found:
+            raise ConfigError(f"lora.targets: 'shared-expert': {kind} has no shared expert "
+                              "(Qwen2-MoE and DeepSeek-MoE have one; Qwen3-MoE and Mixtral do not)")
+        return found, []
+    found = moe.router_weights(model) if name == "all-router" else moe.expert_parameters(model)
+    if not found:
+        what = "router" if name == "all-router" else "routed experts with fused 3-D weights"
+        raise ConfigError(f"lora.targets: {name!r}: {kind} has no {what} (not a mixture of "
+                          "experts, or a layout posttrain does not know)")
+    return [], found
+
+
+def split_targets(targets: str | list[str]) -> list[str] | None:
+    """The target names of a spec when it is made of TARGET_NAMES (a name, a comma-separated
+    mix, or a list of them); None when it is a regex or module names. A mix that holds an
+    unknown name is an error listing the known ones."""
+    parts = [t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets)]
+    known = [t for t in parts if t in TARGET_NAMES]
+    if not known:
+        return None
+    unknown = [t for t in parts if t not in TARGET_NAMES]
+    if unknown:
+        raise ConfigError(f"lora.targets: {', '.join(map(repr, unknown))} in {targets!r} is not a "
+                          f"target name; known: {', '.join(TARGET_NAMES)}")
+    return list(dict.fromkeys(known))
+
+
+def lora_targets(model: nn.Module, targets: str | list[str]) -> tuple[list[str], list[str]]:
+    """(nn.Linear module names, parameter names) a LoRA spec selects, each sorted.
+
+    `targets`: target names, combinable with commas (`all-linear,all-router`): all-linear,
+    attention, mlp (nn.Linear modules; never a router or routed expert), all-router (the
+    routers' weights), experts (the routed experts' fused 3-D parameters), shared-expert (the
+    shared expert's linears), new-layers (all-linear inside the layers `posttrain expand`
+    added); or a list of module names, each matching a module whose last name
+    part equals it; or any other string, a regex that must match the whole module name (e.g.
+    r"model\\.layers\\.[0-3]\\..*_proj"). Parameters are adapted through PEFT's
+    `target_parameters` (a low-rank delta per expert for a 3-D parameter).
     """
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    if isinstance(targets, str) and targets in PRESETS:
-        wanted = set(PRESETS[targets])
-        chosen = [n for n in linears if _parts(n)[-1] in wanted and not is_expert_or_router(n)]
+    names = split_targets(targets)
+    modules: set[str] = set()
+    parameters: set[str] = set()
+    if names is not None:
+        for name in names:
+            if name in PRESETS:
+                modules.update(_preset_modules(model, name))
+            elif name == NEW_LAYERS:  # all-linear inside the layers posttrain_expand.json names
+                from ..expand import in_new_layers
+
+                modules.update(in_new_layers(model, _preset_modules(model, "all-linear")))
+            else:
+                found_modules, found_parameters = _moe_target(model, name)
+                modules.update(found_modules)
+                parameters.update(found_parameters)
     elif isinstance(targets, (list, tuple)):
         wanted = set(targets)
-        chosen = [n for n in linears if _parts(n)[-1] in wanted or n in wanted]
+        modules.update(n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+                       and (_parts(n)[-1] in wanted or n in wanted))
     else:
         try:
             pattern = re.compile(targets)
         except re.error as e:
-            raise ConfigError(f"lora.targets: {targets!r} is neither a preset "
-                              f"({', '.join(PRESETS)}) nor a valid regex: {e}") from None
-        chosen = [n for n in linears if pattern.fullmatch(n)]
-    if not chosen:
+            raise ConfigError(f"lora.targets: {targets!r} is neither a target name "
+                              f"({', '.join(TARGET_NAMES)}) nor a valid regex: {e}") from None
+        modules.update(n for n, m in model.named_modules()
+                       if isinstance(m, nn.Linear) and pattern.fullmatch(n))
+    if not modules and not parameters:
         raise ConfigError(f"lora.targets: {targets!r} selects no nn.Linear module of "
                           f"{type(model).__name__}")
-    return sorted(chosen)
+    return sorted(modules), sorted(parameters)
+
+
+def target_modules(model: nn.Module, targets: str | list[str]) -> list[str]:
+    """The nn.Linear module names of lora_targets (sorted)."""
+    return lora_targets(model, targets)[0]
 
 
 @contextlib.contextmanager
@@ -96,6 +168,11 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     steps of ~lr * 1 on bf16 weights would round away.
     """
     cfg.check()
+    if not cfg.enabled and cfg.targets == NEW_LAYERS:  # full fine-tuning of the new layers
+        from ..expand import select_new_layers_for_full_finetuning
+
+        select_new_layers_for_full_finetuning(model)
+        return model
     if not cfg.enabled:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -104,10 +181,15 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     from peft import get_peft_model
 
     init = True if cfg.init == "default" else cfg.init
+    modules, parameters = lora_targets(model, cfg.targets)
+    if parameters and (cfg.dropout or cfg.init != "default"):
+        raise ConfigError(f"lora.targets: {cfg.targets!r} adapts router / expert parameters, "
+                          "which PEFT supports only with lora.dropout 0 and lora.init default "
+                          f"(got dropout {cfg.dropout}, init {cfg.init!r})")
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                               use_rslora=cfg.rslora, init_lora_weights=init,
-                              target_modules=target_modules(model, cfg.targets),
-                              task_type="CAUSAL_LM")
+                              target_modules=modules or None,
+                              target_parameters=parameters or None, task_type="CAUSAL_LM")
     with peft_targets_as_named():
         return get_peft_model(model, peft_cfg, autocast_adapter_dtype=True)
 

@@ -45,6 +45,7 @@ from .data import Example, load_examples
 from .logps import completion_logps, reference_logps, split_pairs
 from .lora import apply_lora, format_parameter_report, parameter_report
 from .metrics import MetricsLog, NonFiniteError, check_finite
+from .moe import MoeRun
 from .optim import clip_gradients, lr_at, make_optimizer, make_scheduler
 from .refcache import cache_key, cache_path, read_cache, write_cache
 
@@ -105,12 +106,13 @@ def micro_batch_loss(model, examples: list[Example], ref: torch.Tensor | None, c
 
 
 def step_gradients(policy, examples: list[Example], batch: list[int], ref: torch.Tensor | None,
-                   cfg: TrainConfig, accelerator, *, lengths: list[int], pad_id: int
-                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+                   cfg: TrainConfig, accelerator, *, lengths: list[int], pad_id: int,
+                   moe: MoeRun = MoeRun()) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
     """Backward over this process's micro-batches of one global batch; gradients accumulate.
 
     Returns (this process's summed loss shares, summed metric shares, tokens it processed).
     Summed over processes and divided by their number, the loss is the global batch's loss.
+    On an MoE model `moe` adds coef x the balance loss of each micro-batch, with its share.
     """
     P = accelerator.num_processes
     units = global_units([examples[i] for i in batch], cfg)
@@ -121,9 +123,11 @@ def step_gradients(policy, examples: list[Example], batch: list[int], ref: torch
     for i, rows in enumerate(mine):
         sync = i == len(mine) - 1  # DDP all-reduces gradients on the last backward only
         with contextlib.nullcontext() if sync or P == 1 else accelerator.no_sync(policy):
-            loss, metrics, share, n_tokens = micro_batch_loss(
-                policy, [examples[j] for j in rows], ref[rows] if ref is not None else None, cfg,
-                pad_id=pad_id, device=accelerator.device, units=units, processes=P)
+            with moe.record(policy) as routing:
+                loss, metrics, share, n_tokens = micro_batch_loss(
+                    policy, [examples[j] for j in rows], ref[rows] if ref is not None else None,
+                    cfg, pad_id=pad_id, device=accelerator.device, units=units, processes=P)
+            loss = moe.add_aux(loss, metrics, routing, share * P)
             accelerator.backward(loss)
         loss_sum += loss.detach().float()
         tokens += n_tokens
@@ -216,6 +220,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
     ref = reference_table(model, examples, cfg, accelerator, pad_id=pad_id, dtype=dtype,
                           out=out) if cfg.preference else None
     reference_seconds = time.perf_counter() - t_ref
+    moe = MoeRun.setup(model, cfg.router_aux_loss_coef, cfg.moe, examples, lambda e: e.prompt,
+                       seed=cfg.seed, pad_id=pad_id)
     model = apply_lora(model, cfg.lora)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -262,7 +268,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
         batch = batches[position]
         loss_sum, metric_sums, tokens = step_gradients(policy, examples, batch, ref, cfg,
                                                        accelerator, lengths=lengths,
-                                                       pad_id=pad_id)
+                                                       pad_id=pad_id, moe=moe)
         grad_norm = clip_gradients(model, cfg.max_grad_norm)
         names = list(metric_sums)
         summed = torch.stack([loss_sum, torch.tensor(float(tokens), device=device),
@@ -282,6 +288,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
                "lr": lr_at(scheduler, step), "grad_norm": grad_norm, "rows": len(batch),
                "tokens": int(values[1]), "tokens_per_s": values[1] / seconds,
                "seconds": seconds}
+        row.update(moe.stats(policy, step + 1, last=step + 1 == stop))
         log.write(row)
         bar.update(1)
         bar.set_postfix(_postfix(row))

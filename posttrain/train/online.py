@@ -44,7 +44,8 @@ from .checkpoint import (latest_checkpoint, load_checkpoint, parameters_finite, 
 from .data import load_examples
 from .lora import apply_lora, format_parameter_report, parameter_report
 from .metrics import MetricsLog, NonFiniteError, check_finite
-from .online_config import RESUME_MAY_CHANGE, OnlineConfig, online_config
+from .moe import MoeRun, probe_prompt
+from .online_config import METHODS, RESUME_MAY_CHANGE, OnlineConfig, online_config
 from .optim import clip_gradients, lr_at, make_optimizer, make_scheduler
 from .policy_update import frozen_logps, policy_backward, sft_backward
 from .problem_stream import ShuffledStream
@@ -55,7 +56,8 @@ from .rollouts import (collect_rollouts, demonstration_batches, rollout_batches,
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
-__all__ = ["ConfigError", "NonFiniteError", "OnlineConfig", "online_config", "train_online"]
+__all__ = ["ConfigError", "METHODS", "NonFiniteError", "OnlineConfig", "online_config",
+           "train_online"]
 
 
 def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, model=None,
@@ -98,6 +100,9 @@ def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, mo
     if model is None:
         model = load_model(cfg.model, dtype=dtype)
     model.to(device)
+    moe = MoeRun.setup(model, cfg.router_aux_loss_coef, cfg.moe, problems,
+                       lambda p: probe_prompt(tokenizer, p, cfg.system_prompt), seed=cfg.seed,
+                       pad_id=pad_id)
     detached = cfg.rollout.sync == "adapter" and engine is None and \
         cfg.rollout.engine.kind == "hf"
     base_copy = detached_base(model) if detached else None  # the engine's own weights
@@ -190,16 +195,17 @@ def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, mo
                 sums, weights = policy_backward(
                     trained, batches, advantages, old, ref, cfg, mu=mu,
                     total_rows=len(kept_rewards), total_tokens=tokens, processes=P,
-                    weights=weights, no_sync=no_sync)
+                    weights=weights, no_sync=no_sync, moe=moe)
                 metrics = _token_means(accelerator, sums)
             if update == 0:
                 check_sync({"step": step + 1, **metrics}, max_kl, cfg.rollout.engine.kind,
                            sampled=bool(kept))
             if chord:
-                metrics.update(sft_backward(trained, demo_batches, cfg, mu))
+                metrics.update(sft_backward(trained, demo_batches, cfg, mu, moe=moe))
             loss = metrics.get("loss/policy", 0.0) if not chord else \
                 float(chord_loss(torch.tensor(metrics.get("loss/policy", 0.0)),
                                  torch.tensor(metrics["loss/sft"]), mu))
+            loss += moe.aux_term(metrics, mu)
             grad_norm = clip_gradients(policy, cfg.max_grad_norm)
             check_finite(step + 1, loss, grad_norm, latest_checkpoint(out))
             optimizer.step()
@@ -217,6 +223,7 @@ def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, mo
         if sync:
             sync(policy, step + 1)  # the next step samples the updated policy
         row.setdefault("kl", None)  # computed only when kl_beta > 0
+        row.update(moe.stats(policy, step + 1, last=step + 1 == stop))
         row.update({"mu": mu, "updates": updates, "lr": lr_at(scheduler, step * U),
                     "time/generate": info["time/generate"], "time/grade": info["time/grade"],
                     "time/train": t2 - t1, "time/sync": time.perf_counter() - t2,

@@ -22,6 +22,7 @@ import torch
 from ..losses import chord_loss, metrics_to_floats, policy_loss, sft, sft_phi, token_logps
 from ..offpolicy import cispo_loss, mismatch_metrics, rollout_weights
 from .logps import completion_logps
+from .moe import MoeRun
 
 
 def sampled_logps(model, batch: dict[str, torch.Tensor], temperature: float, *,
@@ -98,15 +99,16 @@ def step_loss(cfg, logps, old_logps, advantages, mask, *, ref=None, is_weights=N
 
 def policy_backward(model, batches, advantages: torch.Tensor, old: list | None, ref: list | None,
                     cfg, *, mu: float | None, total_rows: int, total_tokens: float,
-                    processes: int = 1, weights: list | None = None, no_sync=None
-                    ) -> tuple[dict[str, float], list | None]:
+                    processes: int = 1, weights: list | None = None, no_sync=None,
+                    moe: MoeRun = MoeRun()) -> tuple[dict[str, float], list | None]:
     """Backward over this process's rollout micro-batches; gradients accumulate.
 
     `advantages` are this process's rows; `total_rows` / `total_tokens` count the whole step
     over all processes. `weights`: rollout-correction weights from the first update (None on
     it: they are computed here from the engine's log-probs, with the mismatch metrics, and
     returned for the later updates). `no_sync`: a context that skips DDP's all-reduce, used
-    on every micro-batch but the last. For CHORD each loss is scaled by (1 - mu).
+    on every micro-batch but the last. For CHORD each loss is scaled by (1 - mu). On an MoE
+    model `moe` adds coef x the balance loss, token-weighted like the logged metrics.
     Returns (token-weighted sums of the metrics, with "tokens"; the correction weights).
     """
     r = cfg.rollout
@@ -116,8 +118,9 @@ def policy_backward(model, batches, advantages: torch.Tensor, old: list | None, 
     for i, (batch, rows) in enumerate(batches):
         mask = batch["labels"] != -100  # (b, K)
         engine_logps = batch.get("rollout_logps")  # (b, K) raw, or None
-        logps, raw, entropy = sampled_logps(model, batch, cfg.temperature,
-                                            raw=first and engine_logps is not None)
+        with moe.record(model) as routing:
+            logps, raw, entropy = sampled_logps(model, batch, cfg.temperature,
+                                                raw=first and engine_logps is not None)
         values: dict[str, float] = {}
         if first:
             w = None
@@ -135,11 +138,12 @@ def policy_backward(model, batches, advantages: torch.Tensor, old: list | None, 
                                   total_tokens=total_tokens)
         loss = loss * micro_batch_weight(cfg.aggregation, rows.stop - rows.start, total_rows,
                                          len(batches), processes)
+        n = float(mask.sum())
+        total = moe.add_aux(loss, metrics, routing, n / max(total_tokens, 1.0) * processes)
         last = i == len(batches) - 1
         with contextlib.nullcontext() if last or no_sync is None else no_sync():
-            (loss if mu is None else chord_loss(loss, torch.zeros_like(loss), mu)).backward()
+            (total if mu is None else chord_loss(total, torch.zeros_like(loss), mu)).backward()
         values.update(metrics_to_floats(metrics))
-        n = float(mask.sum())
         values["entropy"] = float(entropy[mask].mean()) if n else 0.0
         for k, v in values.items():  # token-weighted: the step's values are token means
             if k == "mismatch/abs_logp_max":
@@ -151,7 +155,8 @@ def policy_backward(model, batches, advantages: torch.Tensor, old: list | None, 
     return sums, weights
 
 
-def sft_backward(model, batches: list[dict], cfg, mu: float) -> dict[str, float]:
+def sft_backward(model, batches: list[dict], cfg, mu: float,
+                 moe: MoeRun = MoeRun()) -> dict[str, float]:
     """CHORD's SFT part: mu * (plain or phi-weighted) NLL, a token mean over every
     demonstration token of the step; backward per micro-batch. The demonstrations are
     trained at the raw distribution (T = 1), as SFT is."""
@@ -160,10 +165,12 @@ def sft_backward(model, batches: list[dict], cfg, mu: float) -> dict[str, float]
     sums: dict[str, float] = {"loss/sft": 0.0}
     for batch in batches:
         mask = batch["labels"] != -100  # (b, K)
-        loss, metrics = loss_fn(completion_logps(model, batch), mask,
-                                num_items_in_batch=max(total, 1.0))
-        chord_loss(torch.zeros_like(loss), loss, mu).backward()
+        with moe.record(model) as routing:
+            logps = completion_logps(model, batch)
+        loss, metrics = loss_fn(logps, mask, num_items_in_batch=max(total, 1.0))
         share = float(mask.sum()) / max(total, 1.0)
+        chord_loss(torch.zeros_like(loss), moe.add_aux(loss, metrics, routing, share),
+                   mu).backward()
         for k, v in metrics_to_floats(metrics).items():
             if k != "tokens":
                 sums[f"sft/{k}"] = sums.get(f"sft/{k}", 0.0) + v * share

