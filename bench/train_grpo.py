@@ -1,6 +1,7 @@
 """Seconds per GRPO step and the share spent generating: posttrain vs TRL's GRPOTrainer.
 
-    .venv/bin/python bench/train_grpo.py [--steps 6] [--which both|posttrain|trl]
+    .venv/bin/python bench/train_grpo.py [--steps 6] [--which all|posttrain|posttrain-adapter|trl]
+    /work/venvs/trl-online/bin/python bench/train_grpo.py --which trl   # TRL in its own venv
 
 Same settings on both sides: the embedded model (SmolLM2-135M-Instruct) in fp32, LoRA r 16 /
 alpha 32 on the same attention and MLP linears, builtin:arith train problems, G = 4 completions
@@ -12,6 +13,11 @@ Batch semantics differ: posttrain counts problems per step (4 problems x G 4), T
 completions per device batch. TRL gets per_device_train_batch_size = 16 completions, i.e. the
 same 16 completions (4 prompts x 4) per optimizer step, generated in one call, trained in one
 forward / backward (posttrain: micro_batch_size 16, generation_batch_size 16).
+
+posttrain runs two ways: `posttrain` samples with the hf engine on the training model itself
+(rollout.sync live) and `posttrain-adapter` with a detached hf engine holding its own copy of
+the weights, which loads the saved LoRA adapter after every update (rollout.sync adapter, the
+path vLLM and servers take); both report the sync check's mismatch figures and time/sync.
 
 Timing: posttrain's step = time/generate + time/grade + time/train from metrics.jsonl; TRL's
 step = wall time between the trainer's step callbacks, and its generation time = time inside
@@ -37,10 +43,10 @@ G, PROBLEMS_PER_STEP, MAX_NEW, LR, R, ALPHA = 4, 4, 32, 5e-5, 16, 32
 PROBLEMS = "builtin:arith:200?split=train"
 
 
-def bench_posttrain(steps: int, model_name: str) -> dict:
+def bench_posttrain(steps: int, model_name: str, sync: str = "live") -> dict:
     from posttrain.train.online import online_config, train_online
 
-    cfg = online_config("grpo", overrides=[
+    cfg = online_config("grpo", overrides=[f"rollout.sync={sync}",
         f"num_generations={G}", f"problems_per_step={PROBLEMS_PER_STEP}",
         f"max_new_tokens={MAX_NEW}", "temperature=1.0", f"lr={LR}", f"lora.r={R}",
         f"lora.alpha={ALPHA}", "dtype=fp32", f"max_steps={steps}", "checkpoint_every=0",
@@ -50,9 +56,15 @@ def bench_posttrain(steps: int, model_name: str) -> dict:
         train_online(cfg, out)
         rows = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
     rows = rows[1:]  # warm-up
-    step = [r["time/generate"] + r["time/grade"] + r["time/train"] for r in rows]
+    step = [r["time/generate"] + r["time/grade"] + r["time/train"] + r.get("time/sync", 0.0)
+            for r in rows]
     gen = [r["time/generate"] for r in rows]
-    return summarise(step, gen, [r["completion_length/mean"] for r in rows])
+    out = summarise(step, gen, [r["completion_length/mean"] for r in rows])
+    out["train_seconds_per_step"] = statistics.mean(r["time/train"] for r in rows)
+    out["sync_seconds_per_step"] = statistics.mean(r.get("time/sync", 0.0) for r in rows)
+    for key in ("mismatch/kl", "mismatch/abs_logp_max", "mismatch/ratio_outside"):
+        out[key] = max(r[key] for r in rows)
+    return out
 
 
 def bench_trl(steps: int, model_name: str) -> dict:
@@ -140,13 +152,21 @@ def summarise(step: list[float], gen: list[float], lengths: list[float]) -> dict
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--which", default="both", choices=["both", "posttrain", "trl"])
+    ap.add_argument("--which", default="all",
+                    choices=["all", "posttrain", "posttrain-adapter", "trl"])
     ap.add_argument("--model", default="smollm2-135m",
                     help="another model folder, e.g. a tiny one for a smoke run")
     ap.add_argument("--results", default=str(RESULTS / "train_grpo.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    import trl
+    try:
+        import trl
+
+        trl_version = trl.__version__
+    except ImportError:  # TRL lives in its own venv (never in the project's)
+        trl_version = None
+        if args.which == "trl":
+            raise
 
     path = Path(args.results)
     result = json.loads(path.read_text()) if path.exists() else {}
@@ -154,9 +174,12 @@ def main() -> None:
                           PROBLEMS_PER_STEP, "completions_per_step": G * PROBLEMS_PER_STEP,
                           "max_new_tokens": MAX_NEW, "lora": f"r{R} alpha{ALPHA} all-linear",
                           "lr": LR, "threads": 1, "torch": torch.__version__,
-                          "trl": trl.__version__}
-    for name, fn in (("posttrain", bench_posttrain), ("trl", bench_trl)):
-        if args.which in ("both", name):
+                          "trl": trl_version}
+    runs = (("posttrain", lambda s, m: bench_posttrain(s, m, "live")),
+            ("posttrain-adapter", lambda s, m: bench_posttrain(s, m, "adapter")),
+            ("trl", bench_trl))
+    for name, fn in runs:
+        if args.which == name or (args.which == "all" and (name != "trl" or trl_version)):
             load = os.getloadavg()[0]
             result[name] = {**fn(args.steps, args.model), "load_average_before": load,
                             "load_average_after": os.getloadavg()[0]}

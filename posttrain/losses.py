@@ -11,7 +11,7 @@ Conventions (shapes in comments: B sequences, T tokens, V vocabulary):
 - DPO takes per-sequence SUMMED log-probs, (B,), and averages over pairs.
 - metrics are `dict[str, 0-dim detached tensor]`: no host sync per step on a GPU; call
   `metrics_to_floats` once per logging step (one sync for the whole dict).
-- Gradient accumulation: "token_mean", "grpo", "bnpo", "dr_grpo" and DPO are micro-batch means
+- Gradient accumulation: "token_mean", "grpo", "dr_grpo" and DPO are micro-batch means
   (the trainer divides by the number of equal micro-batches); pass `num_items_in_batch` (the
   token count of the whole generation batch, divided by the number of DDP processes because DDP
   averages gradients) to get a loss that sums exactly over micro-batches.
@@ -239,7 +239,33 @@ def dpo(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
 
 # ---------------------------------------------------------------------- online RL (GRPO)
 
-AGGREGATIONS = ("grpo", "bnpo", "dapo", "dr_grpo")
+AGGREGATIONS = ("grpo", "token_mean", "dapo", "dr_grpo")
+# |log ratio| cap: one token whose log-prob drifted far (or -inf in a bf16 forward) would make
+# exp() overflow to inf and stop the run; e^20 = 4.9e8 is far past any clip range.
+MAX_LOG_RATIO = 20.0
+
+
+def aggregate_tokens(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str, *,
+                     max_completion_length: int | None = None,
+                     num_items_in_batch: float | None = None) -> torch.Tensor:
+    """A per-token loss (B, T) -> scalar, the online aggregations (mask already applied):
+      grpo:       mean over sequences of each sequence's token mean (Shao et al. 2024);
+      token_mean: sum / number of tokens in this micro-batch (TRL calls it "bnpo");
+      dapo:       sum / tokens in the whole generation batch (`num_items_in_batch`; without it
+                  the local count, i.e. token_mean); token_mean also honours num_items_in_batch;
+      dr_grpo:    sum / (B * max_completion_length) (Liu et al. 2025; default T).
+    Lengths 3 and 1, per-token losses [1, 1, 1] and [2]: grpo (1 + 2) / 2 = 1.5;
+    token_mean 5 / 4 = 1.25; dr_grpo with L 4: 5 / 8 = 0.625.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    if aggregation == "grpo":
+        return (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    if aggregation in ("token_mean", "dapo"):
+        denom = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1)
+        return per_token.sum() / denom
+    length = per_token.shape[1] if max_completion_length is None else max_completion_length
+    return per_token.sum() / (per_token.shape[0] * length)
 
 
 def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, advantages: torch.Tensor,
@@ -247,24 +273,22 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, advantages:
                 ratio_level: str = "token", aggregation: str = "grpo",
                 ref_logps: torch.Tensor | None = None, kl_beta: float = 0.0,
                 max_completion_length: int | None = None,
-                num_items_in_batch: float | None = None) -> tuple[torch.Tensor, Metrics]:
+                num_items_in_batch: float | None = None,
+                is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
     """PPO-clipped policy-gradient loss with GRPO / DAPO / Dr. GRPO / GSPO options.
 
-    Per token: -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A) + kl_beta * k3, where
-    r = exp(logps - old_logps) and clip_high defaults to clip_low (DAPO's clip-higher sets it
-    larger). `old_logps=None` means on-policy (old = logps.detach(), so r = 1 with gradient).
+    Per token: -w min(r A, clip(r, 1 - clip_low, 1 + clip_high) A) + kl_beta * k3, where
+    r = exp(logps - old_logps), clip_high defaults to clip_low (DAPO's clip-higher sets it
+    larger) and w is an optional detached rollout-correction weight (offpolicy.py; 1 without).
+    `old_logps=None` means on-policy (old = logps.detach(), so r = 1 with gradient).
+    Log-ratios are clamped to +-MAX_LOG_RATIO so one drifting token cannot give inf.
     ratio_level "sequence" (GSPO, Zheng et al. 2025): every token of sequence i uses
     s_i = exp(masked mean of (logps - old_logps)); it is built as
     exp(logp_t - sg(logp_t) + sg(log s_i)), whose value is s_i and whose gradient reaches each
     token directly (GSPO-token form; with one advantage per sequence it equals GSPO's gradient
     after the token mean). GSPO uses far smaller clip ranges (~3e-4 / 4e-4): the caller sets them.
     k3 KL (Schulman): exp(ref - logp) - (ref - logp) - 1 >= 0 per token, needs ref_logps.
-    Aggregation of the per-token loss L (B, T):
-      grpo:    mean over sequences of each sequence's token mean (Shao et al. 2024);
-      bnpo:    sum L / number of tokens in this micro-batch;
-      dapo:    sum L / tokens in the whole generation batch (`num_items_in_batch`; without it
-               the local count, i.e. the same as bnpo); bnpo also honours num_items_in_batch;
-      dr_grpo: sum L / (B * max_completion_length) (Liu et al. 2025; default T).
+    Aggregation of the per-token loss: see aggregate_tokens.
     Metrics (token means over the mask): clip_ratio/low (r < 1 - clip_low and A < 0: the low
     clip is active), clip_ratio/high (r > 1 + clip_high and A > 0), clip_ratio/region (either),
     ratio/mean, and kl when ref_logps is given.
@@ -283,7 +307,7 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, advantages:
     clip_high = clip_low if clip_high is None else clip_high
     logps = logps.masked_fill(~m, 0.0)  # (B, T)
     old = logps.detach() if old_logps is None else old_logps.detach().masked_fill(~m, 0.0)
-    log_ratio = logps - old  # (B, T), 0 on padding
+    log_ratio = (logps - old).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)  # (B, T), 0 on padding
     if ratio_level == "sequence":
         seq_log_ratio = log_ratio.sum(-1) / m.sum(-1).clamp(min=1)  # (B,)
         log_ratio = logps - logps.detach() + seq_log_ratio.detach().unsqueeze(-1)  # (B, T)
@@ -291,25 +315,20 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, advantages:
     adv = advantages.detach().to(ratio.dtype).unsqueeze(-1)  # (B, 1)
     clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
     per_token = -torch.minimum(ratio * adv, clipped * adv)  # (B, T)
+    if is_weights is not None:
+        per_token = per_token * is_weights.detach().masked_fill(~m, 0.0)
 
     metrics: Metrics = {}
     if ref_logps is not None:
-        d = ref_logps.detach().masked_fill(~m, 0.0) - logps  # (B, T)
+        d = (ref_logps.detach().masked_fill(~m, 0.0) - logps).clamp(-MAX_LOG_RATIO,
+                                                                     MAX_LOG_RATIO)  # (B, T)
         kl = torch.exp(d) - d - 1  # (B, T)
         if kl_beta:
             per_token = per_token + kl_beta * kl
         metrics["kl"] = _masked_mean(kl, m)
     per_token = torch.where(m, per_token, 0.0)
-
-    tokens = m.sum()
-    if aggregation == "grpo":
-        loss = (per_token.sum(-1) / m.sum(-1).clamp(min=1)).mean()
-    elif aggregation in ("bnpo", "dapo"):
-        denom = num_items_in_batch if num_items_in_batch is not None else tokens.clamp(min=1)
-        loss = per_token.sum() / denom
-    else:  # dr_grpo
-        length = logps.shape[1] if max_completion_length is None else max_completion_length
-        loss = per_token.sum() / (logps.shape[0] * length)
+    loss = aggregate_tokens(per_token, m, aggregation, max_completion_length=max_completion_length,
+                            num_items_in_batch=num_items_in_batch)
 
     low = (ratio < 1 - clip_low) & (adv < 0)  # (B, T)
     high = (ratio > 1 + clip_high) & (adv > 0)  # (B, T)

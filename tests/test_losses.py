@@ -350,8 +350,8 @@ def test_grpo_on_policy_loss_is_zero_and_gradient_is_minus_a_over_length_over_b(
     assert all(v.dim() == 0 and not v.requires_grad for v in m.values())
 
 
-@pytest.mark.parametrize("aggregation", ["bnpo", "dapo"])
-def test_bnpo_dapo_on_policy_value(aggregation):
+@pytest.mark.parametrize("aggregation", ["token_mean", "dapo"])
+def test_token_mean_dapo_on_policy_value(aggregation):
     """-sum(|o_i| A_i) / sum |o_i| = -(3 - 1 + 1 - 1) / 8 = -0.25."""
     logps = rl_logps()
     loss, _ = L.policy_loss(logps, None, ADV, RL_MASK, aggregation=aggregation)
@@ -478,7 +478,7 @@ def _off_policy_batch():
     return logps, old, ref
 
 
-@pytest.mark.parametrize("aggregation", ["bnpo", "dapo"])
+@pytest.mark.parametrize("aggregation", ["token_mean", "dapo"])
 @pytest.mark.parametrize("splits", [[2, 2], [1, 3]])
 def test_micro_batch_losses_with_num_items_sum_to_the_full_batch(aggregation, splits):
     """With num_items_in_batch = 8 (all tokens), each micro-batch contributes its token sum / 8,
@@ -509,7 +509,7 @@ def test_dr_grpo_equal_micro_batches_average_to_the_full_batch():
     assert_close((parts[0] + parts[1]) / 2, full)
 
 
-@pytest.mark.parametrize("aggregation", ["grpo", "bnpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("aggregation", ["grpo", "token_mean", "dapo", "dr_grpo"])
 @pytest.mark.parametrize("ratio_level", ["token", "sequence"])
 def test_policy_loss_ignores_extra_padding(aggregation, ratio_level):
     """Three more padded columns holding garbage (and dr_grpo's length fixed at 4) change

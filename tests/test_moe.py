@@ -309,7 +309,8 @@ def test_aux_coef_defaults_to_the_model_config_and_is_refused_on_a_dense_model()
 def test_online_policy_loss_gets_the_aux_term_too():
     """GRPO family: the same hook in policy_backward; the logged aux is the model's aux_loss
     of the one micro-batch, and the loss it backpropagates differs by coef * aux."""
-    from posttrain.train.online import OnlineConfig, policy_backward
+    from posttrain.train.online import OnlineConfig
+    from posttrain.train.policy_update import policy_backward
 
     batch = moe_batch(2)
     advantages = torch.tensor([1.0, -1.0])
@@ -318,8 +319,11 @@ def test_online_policy_loss_gets_the_aux_term_too():
         model = apply_lora(tiny_moe(), LoraConfig(r=4, alpha=8, targets="all-router"))
         randomise_adapter(model, 0.05)
         run = moe.MoeRun.setup(model, coef, MoeConfig(stats_every=0), [], None, seed=0, pad_id=0)
-        metrics = policy_backward(model, [(batch, slice(0, 2))], advantages, None, None,
-                                  OnlineConfig(), mu=None, moe=run)
+        tokens = float((batch["labels"] != -100).sum())
+        sums, _ = policy_backward(model, [(batch, slice(0, 2))], advantages, None, None,
+                                  OnlineConfig(), mu=None, total_rows=2, total_tokens=tokens,
+                                  moe=run)
+        metrics = {k: v / sums["tokens"] for k, v in sums.items()}  # token-weighted sums
         grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
         out[coef] = (metrics, grad, run.aux_term(metrics))
     with torch.no_grad():  # the adapter model of the last run (no optimizer step was taken)

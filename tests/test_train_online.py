@@ -15,9 +15,13 @@ import torch
 from torch.testing import assert_close
 
 from posttrain.engines.base import Completion
-from posttrain.losses import policy_loss
+from posttrain.losses import group_advantages, policy_loss
 from posttrain.records import Problem
 from posttrain.train import online as O
+from posttrain.train import online_config as OC
+from posttrain.train import policy_update as PU
+from posttrain.train import problem_stream as PS
+from posttrain.train import rollouts as R
 
 
 
@@ -52,7 +56,7 @@ def stub_score(problem, index, messages, completion, *, think_open, engine, cfg)
 
 
 def config(method="grpo", *overrides):
-    return O.online_config(method, overrides=[
+    return OC.online_config(method, overrides=[
         "max_steps=2", "num_generations=3", "problems_per_step=2", "max_new_tokens=4",
         "lr=1e-2", "lora.r=4", "micro_batch_size=4", "checkpoint_every=1", *overrides])
 
@@ -70,17 +74,17 @@ def adapter_weights(model) -> dict[str, torch.Tensor]:
 
 def test_overlong_penalty_is_dapos_soft_ramp():
     """L = 100, buffer 20 %: free up to 80 tokens, then (n - 80) / 20, 1 at the limit."""
-    assert O.overlong_penalty(50, 100, 0.2) == 0.0
-    assert O.overlong_penalty(80, 100, 0.2) == 0.0
-    assert O.overlong_penalty(90, 100, 0.2) == pytest.approx(0.5)
-    assert O.overlong_penalty(100, 100, 0.2) == pytest.approx(1.0)
-    assert O.overlong_penalty(95, 100, 0.2, factor=0.5) == pytest.approx(0.375)  # 0.75 * 0.5
-    assert O.overlong_penalty(100, 100, 0.0) == 0.0  # buffer 0: off
+    assert R.overlong_penalty(50, 100, 0.2) == 0.0
+    assert R.overlong_penalty(80, 100, 0.2) == 0.0
+    assert R.overlong_penalty(90, 100, 0.2) == pytest.approx(0.5)
+    assert R.overlong_penalty(100, 100, 0.2) == pytest.approx(1.0)
+    assert R.overlong_penalty(95, 100, 0.2, factor=0.5) == pytest.approx(0.375)  # 0.75 * 0.5
+    assert R.overlong_penalty(100, 100, 0.0) == 0.0  # buffer 0: off
 
 
 def test_zero_variance_groups():
     rewards = torch.tensor([1.0, 1, 1, 0, 1, 0, 0, 0, 0])  # groups of 3
-    assert O.zero_variance_groups(rewards, 3).tolist() == [True, False, True]
+    assert R.zero_variance_groups(rewards, 3).tolist() == [True, False, True]
 
 
 def test_score_completion_uses_the_project_graders_and_adds_reward_terms():
@@ -88,16 +92,16 @@ def test_score_completion_uses_the_project_graders_and_adds_reward_terms():
     max_new_tokens 10 and buffer 0.5 is cut (truncated: grader reward 0, no format) and pays
     the full overlong penalty 1.0."""
     problem = Problem(id="a", question="What is 3 + 1?", answer="4", answer_type="exact")
-    cfg = O.OnlineConfig(format_reward=0.5, overlong_buffer=0.5, max_new_tokens=10)
+    cfg = OC.OnlineConfig(format_reward=0.5, overlong_buffer=0.5, max_new_tokens=10)
 
     class Engine:
         name, model_id = "hf", "m"
 
-    ok = O.score_completion(problem, 0, [], Completion("The answer is 4.", "stop", [1, 2, 3]),
+    ok = R.score_completion(problem, 0, [], Completion("The answer is 4.", "stop", [1, 2, 3]),
                             think_open=False, engine=Engine(), cfg=cfg)
     assert ok == {"verdict": "correct", "correct_reward": 1.0, "format_ok": True,
                   "overlong": 0.0, "reward": 1.5, "truncated": False}
-    cut = O.score_completion(problem, 1, [], Completion("The answer is 4", "length",
+    cut = R.score_completion(problem, 1, [], Completion("The answer is 4", "length",
                                                         list(range(10))),
                              think_open=False, engine=Engine(), cfg=cfg)
     assert cut["verdict"] == "truncated" and cut["truncated"] and not cut["format_ok"]
@@ -108,11 +112,11 @@ def test_score_completion_uses_the_project_graders_and_adds_reward_terms():
 
 
 def test_stream_is_a_permutation_per_pass_and_resumes_exactly():
-    full = O.ShuffledStream(list(range(5)), seed=3)
+    full = PS.ShuffledStream(list(range(5)), seed=3)
     first_pass, second_pass = full.take(5), full.take(5)
     assert sorted(first_pass) == sorted(second_pass) == list(range(5))
     assert first_pass != second_pass  # a new shuffle each pass (seed 3)
-    resumed = O.ShuffledStream(list(range(5)), seed=3, drawn=3)
+    resumed = PS.ShuffledStream(list(range(5)), seed=3, drawn=3)
     assert resumed.take(7) == (first_pass + second_pass)[3:]
 
 
@@ -124,12 +128,12 @@ def test_collated_logps_and_entropy_match_an_unpadded_forward(tiny_model_dir):
     log-probs and entropies equal those of the same sequence run alone."""
     model, _ = tiny(tiny_model_dir)
     prompts, completions = [[1, 2, 3, 4, 5], [7, 8]], [[9, 10], [11, 12, 13, 14]]
-    rollouts = [O.Rollout(PROBLEMS[0], p, Completion("x", "stop", c), "correct", 1.0, True, 0.0,
+    rollouts = [R.Rollout(PROBLEMS[0], p, Completion("x", "stop", c), "correct", 1.0, True, 0.0,
                           1.0, False) for p, c in zip(prompts, completions)]
-    ((batch, rows),) = O.rollout_batches(rollouts, 8, pad_id=0, mask_truncated=False)
+    ((batch, rows),) = R.rollout_batches(rollouts, 8, pad_id=0, mask_truncated=False)
     assert rows == slice(0, 2)
     assert batch["labels"].tolist() == [[-100, -100, 9, 10], [11, 12, 13, 14]]
-    logps, entropy = O.logps_and_entropy(model, batch)
+    logps, entropy = PU.sampled_logps(model, batch, 1.0)[::2]
     for i, (p, c) in enumerate(zip(prompts, completions)):
         logits = model(torch.tensor([p + c])).logits[0, len(p) - 1:-1]  # (len(c), V)
         want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c)[:, None])[:, 0]
@@ -140,7 +144,7 @@ def test_collated_logps_and_entropy_match_an_unpadded_forward(tiny_model_dir):
 
 def fake_rollouts(lengths, rewards, truncated=None, prompt_len=3):
     truncated = truncated or [False] * len(lengths)
-    return [O.Rollout(problem=PROBLEMS[0], prompt_ids=list(range(1, prompt_len + 1)),
+    return [R.Rollout(problem=PROBLEMS[0], prompt_ids=list(range(1, prompt_len + 1)),
                       completion=Completion("x", "length" if t else "stop",
                                             list(range(20, 20 + n))),
                       verdict="correct" if r else "incorrect", correct_reward=r, format_ok=True,
@@ -150,13 +154,13 @@ def fake_rollouts(lengths, rewards, truncated=None, prompt_len=3):
 
 def test_truncated_completions_get_no_loss_when_masked():
     rollouts = fake_rollouts([2, 3, 2], [1.0, 0.0, 0.0], truncated=[False, True, False])
-    ((masked, _),) = O.rollout_batches(rollouts, 8, pad_id=0, mask_truncated=True)
+    ((masked, _),) = R.rollout_batches(rollouts, 8, pad_id=0, mask_truncated=True)
     assert (masked["labels"] != -100).long().tolist() == [[0, 1, 1], [0, 0, 0], [0, 1, 1]]
-    ((kept, _),) = O.rollout_batches(rollouts, 8, pad_id=0, mask_truncated=False)
+    ((kept, _),) = R.rollout_batches(rollouts, 8, pad_id=0, mask_truncated=False)
     assert (kept["labels"] != -100).long().tolist() == [[0, 1, 1], [1, 1, 1], [0, 1, 1]]
 
 
-@pytest.mark.parametrize("aggregation", ["grpo", "bnpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("aggregation", ["grpo", "token_mean", "dapo", "dr_grpo"])
 def test_micro_batches_sum_to_the_whole_batch_loss(aggregation):
     """Summing micro-batch losses times micro_batch_weight gives the loss of the whole batch
     (bnpo: per-micro-batch token normalisation by definition, so equal micro-batches are used
@@ -172,8 +176,8 @@ def test_micro_batches_sum_to_the_whole_batch_loss(aggregation):
         loss, _ = policy_loss(logps[rows], None, adv[rows], mask[rows],
                               num_items_in_batch=total_tokens if aggregation == "dapo" else None,
                               **kw)
-        parts.append(loss * O.micro_batch_weight(aggregation, 2, 4, 2))
-    if aggregation == "bnpo":
+        parts.append(loss * PU.micro_batch_weight(aggregation, 2, 4, 2))
+    if aggregation == "token_mean":
         halves = [policy_loss(logps[r], None, adv[r], mask[r], **kw)[0]
                   for r in (slice(0, 2), slice(2, 4))]
         whole = (halves[0] + halves[1]) / 2
@@ -197,12 +201,14 @@ def test_policy_gradients_do_not_depend_on_the_micro_batch_size(tiny_model_dir, 
             p.data.normal_(0, 0.1)
     rollouts = fake_rollouts([2, 5, 3, 1, 4, 2], [1.0, 0.0, 0.0, 1.0, 1.0, 0.0])
     advantages = torch.tensor([1.0, -1.0, -0.5, 0.5, 1.0, -1.0])
-    cfg = O.OnlineConfig(aggregation=aggregation, max_new_tokens=5)
+    cfg = OC.OnlineConfig(aggregation=aggregation, max_new_tokens=5)
     grads = []
     for size in (6, 2):
         policy.zero_grad()
-        O.policy_backward(policy, O.rollout_batches(rollouts, size, 0, False), advantages,
-                          None, None, cfg, mu=None)
+        batches = R.rollout_batches(rollouts, size, 0, False)
+        PU.policy_backward(policy, batches, advantages, None, None, cfg, mu=None,
+                           total_rows=6, total_tokens=float(sum(
+                               int((b["labels"] != -100).sum()) for b, _ in batches)))
         grads.append([p.grad.clone() for p in policy.parameters() if p.requires_grad])
     for whole, split in zip(*grads):
         assert_close(split, whole, atol=1e-6, rtol=1e-4)
@@ -237,22 +243,22 @@ class CharTokenizer:
 def test_dynamic_sampling_drops_all_equal_groups_and_draws_again():
     """Round 1: groups (even, even) -> all reward 1, dropped; (even, odd) kept. Round 2 draws
     the one missing problem: (odd, even) kept. 3 groups seen, 1 of them with zero variance."""
-    cfg = O.OnlineConfig(num_generations=2, problems_per_step=2, dynamic_sampling=True)
+    cfg = OC.OnlineConfig(num_generations=2, problems_per_step=2, dynamic_sampling=True)
     engine = ScriptedEngine([[[2, 4], [2, 3]], [[3, 6]]])
-    kept, everything, info = O.collect_rollouts(engine, CharTokenizer(),
-                                                  O.ShuffledStream(PROBLEMS, 0), cfg, 0,
+    kept, everything, info = R.collect_rollouts(engine, CharTokenizer(),
+                                                  PS.ShuffledStream(PROBLEMS, 0), cfg, 0,
                                                   score=stub_score)
     assert engine.calls == [2, 1] and info["sampling_rounds"] == 2
     assert [r.reward for r in kept] == [1.0, 0.0, 0.0, 1.0]
     assert len(everything) == 6
-    assert O.rollout_stats(everything, 2)["zero_variance_groups"] == pytest.approx(1 / 3)
+    assert R.rollout_stats(everything, 2)["zero_variance_groups"] == pytest.approx(1 / 3)
 
 
 def test_without_dynamic_sampling_every_group_is_kept():
-    cfg = O.OnlineConfig(num_generations=2, problems_per_step=2)
+    cfg = OC.OnlineConfig(num_generations=2, problems_per_step=2)
     engine = ScriptedEngine([[[2, 4], [2, 3]]])
-    kept, everything, info = O.collect_rollouts(engine, CharTokenizer(),
-                                                  O.ShuffledStream(PROBLEMS, 0), cfg, 0,
+    kept, everything, info = R.collect_rollouts(engine, CharTokenizer(),
+                                                  PS.ShuffledStream(PROBLEMS, 0), cfg, 0,
                                                   score=stub_score)
     assert info["sampling_rounds"] == 1 and len(kept) == len(everything) == 4
 
@@ -292,7 +298,7 @@ def test_loop_writes_metrics_and_moves_the_adapter(tiny_model_dir, tmp_path):
     assert (tmp_path / "config.yaml").exists()
 
 
-@pytest.mark.parametrize("method", ["dr-grpo", "dapo", "bnpo", "gspo"])
+@pytest.mark.parametrize("method", ["dr-grpo", "dapo", "grpo-token-mean", "gspo", "cispo"])
 def test_every_method_preset_trains(tiny_model_dir, tmp_path, method):
     """One step of each preset with two updates per batch (old log-probs, clipping live)."""
     model, tok = tiny(tiny_model_dir)
@@ -377,18 +383,18 @@ def test_chord_mixes_demonstrations_with_mu_from_the_schedule(tiny_model_dir, tm
 
 
 def test_presets_and_bad_config():
-    dapo = O.online_config("dapo")
+    dapo = OC.online_config("dapo")
     assert (dapo.aggregation, dapo.clip_high, dapo.dynamic_sampling) == ("dapo", 0.28, True)
-    gspo = O.online_config("gspo")
+    gspo = OC.online_config("gspo")
     assert (gspo.ratio_level, gspo.clip_low, gspo.clip_high) == ("sequence", 3e-4, 4e-4)
-    assert O.online_config("dr-grpo").advantage_scale == "none"
-    assert O.online_config("grpo", overrides=["clip_high=0.3"]).clip_high == 0.3
+    assert OC.online_config("dr-grpo").advantage_scale == "none"
+    assert OC.online_config("grpo", overrides=["clip_high=0.3"]).clip_high == 0.3
     with pytest.raises(O.ConfigError, match="num_generations"):
-        O.online_config("grpo", overrides=["num_generations=1"])
+        OC.online_config("grpo", overrides=["num_generations=1"])
     with pytest.raises(O.ConfigError, match="chord.demos"):
-        O.online_config("chord")
+        OC.online_config("chord")
     with pytest.raises(O.ConfigError, match="adapter disabled"):
-        O.online_config("grpo", overrides=["kl_beta=0.1", "lora.enabled=false"])
+        OC.online_config("grpo", overrides=["kl_beta=0.1", "lora.enabled=false"])
 
 
 @pytest.mark.slow
@@ -405,3 +411,349 @@ def test_cli_grpo_two_steps_on_the_embedded_model(tmp_path):
     assert all(METRIC_FIELDS <= set(r) for r in got)
     assert (out / "adapter" / "adapter_config.json").exists()
     assert "finished at step 2 of 2" in proc.stdout
+
+
+# ------------------------------------------------------------------ presets, by their definition
+
+# One group of G = 2, rewards [1, 0]; sequence 1 has 2 tokens (ratios 1.25 and 1), sequence 2
+# one token (ratio .7); max_new_tokens 4. Group advantages: mean .5, unbiased std sqrt(.5):
+# A = +-.5 / (.707107 + 1e-4) = +-a; without std (Dr. GRPO) +-.5.
+PRESET_LOGPS = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]])
+PRESET_OLD = PRESET_LOGPS - torch.log(torch.tensor([[1.25, 1.0], [0.7, 1.0]]))
+PRESET_MASK = torch.tensor([[1, 1], [1, 0]])
+A = 0.5 / (math.sqrt(0.5) + 1e-4)
+
+
+@pytest.mark.parametrize("method, want", [
+    # grpo, clip .2: seq 1 tokens -1.2a (r 1.25 clipped), -a; seq 2 (A < 0, r .7 below .8):
+    # -min(.7 * -a, .8 * -a) = .8a. Mean of token means: ((-2.2a / 2) + .8a) / 2 = -.15a.
+    ("grpo", -0.15 * A),
+    # dr-grpo: A = +-.5 (no std); token sum / (B * L) = (-.6 - .5 + .4) / (2 * 4) = -.0875.
+    ("dr-grpo", -0.0875),
+    # dapo: clip-higher .28 leaves r 1.25 unclipped: (-1.25a - a + .8a) / 3 tokens = -1.45a / 3.
+    ("dapo", -1.45 * A / 3),
+    # grpo-token-mean: grpo's per-token losses over the 3 tokens: (-1.2a - a + .8a) / 3.
+    ("grpo-token-mean", -1.4 * A / 3),
+    # gspo: sequence ratios sqrt(1.25) = 1.118 (clipped to 1.0004) and .7 (clipped to .9997 for
+    # A < 0: -min(.7 * -a, .9997 * -a) = .9997a): (-1.0004a + .9997a) / 2 = -.00035a.
+    ("gspo", -0.00035 * A),
+    # cispo: -sg(clip(r, 0, 1.28)) A logp per token, tokens over the step:
+    # -(1.25a * -1 + 1 * a * -2 + .7 * -a * -.5) / 3 = (3.25a - .35a) / 3 = 2.9a / 3.
+    ("cispo", 2.9 * A / 3),
+])
+def test_each_preset_changes_the_loss_as_its_definition_says(method, want):
+    cfg = OC.online_config(method, overrides=["max_new_tokens=4"])
+    adv = group_advantages(torch.tensor([1.0, 0.0]), 2, cfg.advantage_scale)
+    loss, _ = PU.step_loss(cfg, PRESET_LOGPS, PRESET_OLD, adv, PRESET_MASK,
+                           total_tokens=float(PRESET_MASK.sum()))
+    assert_close(loss, torch.tensor(want, dtype=torch.float32), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("setting, name", [
+    ("chord.mu_peak=0.5", "chord"), ("max_sampling_rounds=5", "max_sampling_rounds"),
+    ("overlong_penalty=0.5", "overlong_penalty"), ("rollout.tis_cap=3", "rollout.tis_cap"),
+    ("rollout.mis_high=3", "rollout.mis_low/mis_high"),
+    ("rollout.correction_level=sequence", "rollout.correction_level")])
+def test_a_setting_the_method_does_not_read_is_an_error(setting, name):
+    with pytest.raises(O.ConfigError, match=f"{name}: set, but not used"):
+        OC.online_config("grpo", overrides=[setting])
+    OC.online_config("dapo", overrides=["max_sampling_rounds=5", "overlong_penalty=0.5"])
+    OC.online_config("grpo", overrides=["rollout.correction=tis", "rollout.tis_cap=3",
+                                        "rollout.correction_level=sequence"])
+
+
+def test_bnpo_was_renamed_with_a_clear_error():
+    with pytest.raises(O.ConfigError, match="renamed.*grpo-token-mean.*not the BNPO"):
+        OC.online_config("bnpo")
+    with pytest.raises(O.ConfigError, match="renamed"):
+        OC.online_config("grpo", overrides=["aggregation=bnpo"])
+
+
+# --------------------------------------------------------------------------- defects
+
+
+def test_dynamic_sampling_filters_on_accuracy_not_on_the_shaped_reward():
+    """Group 1: both wrong, rewards differ only by the format bonus (0 and .5): DAPO drops it
+    (all wrong), though its total rewards differ. Group 2: one right, one wrong: kept."""
+    cfg = OC.OnlineConfig(num_generations=2, problems_per_step=2, dynamic_sampling=True,
+                          max_sampling_rounds=1)
+
+    def score(problem, index, messages, completion, **kwargs):
+        right = completion.token_ids[0] == 2
+        fmt = 0.5 * (completion.token_ids[0] == 5)
+        return {"verdict": "correct" if right else "incorrect", "correct_reward": float(right),
+                "format_ok": bool(fmt), "overlong": 0.0, "reward": float(right) + fmt,
+                "truncated": False}
+
+    engine = ScriptedEngine([[[3, 5], [2, 3]]])
+    kept, everything, _ = R.collect_rollouts(engine, CharTokenizer(),
+                                             PS.ShuffledStream(PROBLEMS, 0), cfg, 0, score=score)
+    assert [r.reward for r in everything] == [0.0, 0.5, 1.0, 0.0]
+    assert [r.reward for r in kept] == [1.0, 0.0]
+
+
+def test_stream_shuffles_once_per_pass(monkeypatch):
+    """Drawing 2,000 items one at a time from 1,000 shuffles twice (one per pass), not 2,000
+    times (the old take reshuffled all N items for every item drawn)."""
+    import random
+
+    calls = []
+    original = random.Random.shuffle
+    monkeypatch.setattr(random.Random, "shuffle",
+                        lambda self, x: (calls.append(1), original(self, x))[1])
+    stream = PS.ShuffledStream(list(range(1000)), seed=1)
+    drawn = [stream.take(1)[0] for _ in range(2000)]
+    assert len(calls) == 2
+    assert sorted(drawn[:1000]) == list(range(1000)) == sorted(drawn[1000:])
+
+
+def test_temperature_scales_the_trained_distribution_and_log_probs_agree(tiny_model_dir):
+    """Sample at T = 0.7 from the tiny model (live hf engine), then the trainer's forward:
+    its log-probs are log softmax(logits / 0.7) of the sampled tokens (the distribution sampled
+    from; before, raw logits were used); its raw log-probs equal the engine's
+    Completion.token_logprobs (the engines' convention) up to cached-decoding numerics; and
+    the old-policy pass gives a ratio of exactly 1 on the first update."""
+    from posttrain.engines.base import SamplingParams
+    from posttrain.engines.hf import HFEngine
+
+    model, tok = tiny(tiny_model_dir)
+    model.eval()
+    T = 0.7
+    engine = HFEngine(model, tok, batch_size=4)
+    prompts = [[{"role": "user", "content": "What is 2 + 2?"}]]
+    (group,) = engine.generate(prompts, SamplingParams(n=3, temperature=T, max_new_tokens=5,
+                                                       seed=1))
+    prompt_ids = tok(engine.render_prompt(prompts[0]), add_special_tokens=False)["input_ids"]
+    rollouts = [R.Rollout(PROBLEMS[0], prompt_ids, c, "correct", 1.0, True, 0.0, 1.0, False)
+                for c in group]
+    ((batch, rows),) = R.rollout_batches(rollouts, 8, pad_id=tok.pad_token_id,
+                                         mask_truncated=False)
+    mask = batch["labels"] != -100
+    logps, raw, _ = PU.sampled_logps(model, batch, T, raw=True)
+    assert_close(raw[mask], batch["rollout_logps"][mask], atol=1e-4, rtol=0)
+    for i, c in enumerate(group):
+        ids = torch.tensor([prompt_ids + c.token_ids])
+        logits = model(ids).logits[0, len(prompt_ids) - 1:-1]  # (n, V)
+        want = torch.log_softmax(logits / T, -1).gather(-1, torch.tensor(c.token_ids)[:, None])
+        assert_close(logps[i][mask[i]], want[:, 0], atol=1e-5, rtol=0)
+        assert not torch.allclose(logps[i][mask[i]], raw[i][mask[i]], atol=1e-3)
+    cfg = OC.OnlineConfig(temperature=T, max_new_tokens=5, updates_per_batch=2)
+    old = PU.frozen_logps(model, [(batch, rows)], T, reference=False)
+    sums, _ = PU.policy_backward(model, [(batch, rows)], torch.tensor([1.0, -1.0, 0.0]), old,
+                                 None, cfg, mu=None, total_rows=3, total_tokens=float(mask.sum()))
+    assert sums["ratio/mean"] / sums["tokens"] == 1.0
+    assert sums["mismatch/abs_logp_max"] < 1e-4
+
+
+def test_pissa_online_refuses_the_kl_and_saves_a_converted_adapter(tiny_model_dir, tmp_path):
+    """lora.init pissa: kl_beta > 0 is refused (the adapter-disabled model is the residual
+    base); the final adapter is converted, so base + adapter reproduces the trained policy;
+    so is each synced one: a detached engine on the untouched base samples the policy (the
+    sync check passes at 1e-4 on both steps)."""
+    from peft import PeftModel
+
+    with pytest.raises(O.ConfigError, match="residual base"):
+        OC.online_config("grpo", overrides=["lora.init=pissa", "kl_beta=0.1"])
+    model, tok = tiny(tiny_model_dir)
+    cfg = config("grpo", "lora.init=pissa", "rollout.sync=adapter",
+                 "rollout.max_mismatch_kl=1e-4")
+    O.train_online(cfg, tmp_path, model=model, tokenizer=tok, problems=PROBLEMS, score=stub_score)
+    assert [r["mismatch/kl"] < 1e-4 for r in rows(tmp_path / "metrics.jsonl")] == [True, True]
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        trained = model(ids).logits
+        fresh, _ = tiny(tiny_model_dir)
+        reloaded = PeftModel.from_pretrained(fresh, str(tmp_path / "adapter"))(ids).logits
+    assert_close(reloaded, trained, atol=1e-4, rtol=1e-4)
+
+
+def test_cli_refuses_flags_a_method_does_not_use(tmp_path, capsys):
+    from posttrain.cli import main
+
+    assert main(["train", "--method", "grpo", "--data", "pairs.jsonl", "--out",
+                 str(tmp_path / "a")]) == 1
+    assert "--data is not used by the online method 'grpo'" in capsys.readouterr().err
+    assert main(["train", "--method", "dpo", "--data", "pairs.jsonl", "--problems",
+                 "builtin:arith:8", "--out", str(tmp_path / "b")]) == 1
+    assert "--problems is not used by the offline method 'dpo'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- adapter sync, processes
+
+
+def skipping_engine(base, tok, skip_load: int | None):
+    """A detached hf engine (own weights, adapter loaded from disk at each sync) that skips
+    load number `skip_load` (1: the initial adapter; 2: the one after step 1)."""
+    from posttrain.train.rollout_engine import DetachedHFEngine
+
+    class Engine(DetachedHFEngine):
+        loads = 0
+
+        def load_adapter(self, path, name):
+            Engine.loads += 1
+            if Engine.loads != skip_load:
+                super().load_adapter(path, name)
+
+    return Engine(base, tok, batch_size=8)
+
+
+def test_adapter_sync_keeps_the_engine_on_the_policy_and_a_missed_sync_stops_the_run(
+        tiny_model_dir, tmp_path):
+    """Detached engine, adapter saved and loaded after every update: the engine's log-probs
+    match the trainer's (mismatch/kl 0 in fp32; max |d| ~1e-6), so the fp32 default 1e-5 passes.
+    Skip the load after step 1 and step 2 samples the old policy: measured k3 KL 8.6e-3 and
+    max |d| .31 at lr 1e-2 on this model, so the run stops with RolloutSyncError at step 2,
+    before its update."""
+    import copy
+
+    from posttrain.train.rollout_engine import RolloutSyncError
+
+    from posttrain.train.rollout_engine import mismatch_threshold
+
+    cfg = config("grpo", "rollout.sync=adapter")  # the default threshold: 1e-5 in fp32
+    assert cfg.rollout.max_mismatch_kl is None and mismatch_threshold(None, "fp32") == 1e-5
+    assert mismatch_threshold(None, "bf16") == 1e-2 and mismatch_threshold(0.5, "fp32") == 0.5
+    model, tok = tiny(tiny_model_dir)
+    engine = skipping_engine(copy.deepcopy(model), tok, None)
+    O.train_online(cfg, tmp_path / "ok", model=model, tokenizer=tok, problems=PROBLEMS,
+                   score=stub_score, engine=engine)
+    got = rows(tmp_path / "ok" / "metrics.jsonl")
+    assert [r["step"] for r in got] == [1, 2]
+    assert all(r["mismatch/kl"] < 1e-6 and r["mismatch/abs_logp_max"] < 1e-4 for r in got)
+    assert engine.adapter_name == "policy-step-2"
+    assert len(list((tmp_path / "ok" / "rollout-adapter").iterdir())) == 1  # old ones removed
+
+    model, tok = tiny(tiny_model_dir)
+    engine = skipping_engine(copy.deepcopy(model), tok, 2)
+    with pytest.raises(RolloutSyncError, match=r"step 2: the rollout engine \(hf\) is not "
+                                               r"sampling the current policy"):
+        O.train_online(cfg, tmp_path / "stale", model=model, tokenizer=tok, problems=PROBLEMS,
+                       score=stub_score, engine=engine)
+    assert [r["step"] for r in rows(tmp_path / "stale" / "metrics.jsonl")] == [1]
+
+
+def test_adapter_sync_builds_its_own_detached_engine(tiny_model_dir, tmp_path):
+    """rollout.sync adapter without an engine passed: the loop copies the base weights into a
+    DetachedHFEngine itself. vllm / openai go through engines.make_engine (with max_lora_rank
+    = lora.r) and must be able to load adapters."""
+    model, tok = tiny(tiny_model_dir)
+    O.train_online(config("grpo", "max_steps=1", "rollout.sync=adapter"), tmp_path, model=model,
+                   tokenizer=tok, problems=PROBLEMS, score=stub_score)
+    (row,) = rows(tmp_path / "metrics.jsonl")
+    assert row["mismatch/kl"] < 1e-6 and row["time/sync"] > 0
+    with pytest.raises(O.ConfigError, match="only the hf engine can sample"):
+        OC.online_config("grpo", overrides=["rollout.engine.kind=vllm"])
+    import posttrain.engines as engines
+    from posttrain.train.rollout_engine import make_rollout_engine
+
+    asked = {}
+
+    def fake_make_engine(config, model, *, dtype="auto", max_lora_rank=None):
+        asked.update(kind=config.kind, max_lora_rank=max_lora_rank)
+        return object()  # an engine without load_adapter
+
+    vllm = OC.online_config("grpo", overrides=["rollout.engine.kind=vllm", "rollout.sync=adapter",
+                                               "lora.r=8"])
+    original = engines.make_engine
+    engines.make_engine = fake_make_engine
+    try:
+        with pytest.raises(O.ConfigError, match="'vllm'.*cannot load LoRA adapters"):
+            make_rollout_engine(vllm, None, tok)
+    finally:
+        engines.make_engine = original
+    assert asked == {"kind": "vllm", "max_lora_rank": 8}
+
+
+def test_an_engine_without_log_probs_cannot_pass_the_sync_check(tiny_model_dir, tmp_path):
+    """Completions without token_logprobs (a server that returns none): the check cannot run,
+    so the run stops instead of training unchecked; max_mismatch_kl 0 lets it train."""
+    from posttrain.train.rollout_engine import RolloutSyncError
+
+    model, tok = tiny(tiny_model_dir)
+    script = [[[2, 3, 5], [4, 7, 9]]] * 2
+    with pytest.raises(RolloutSyncError, match="no per-token log-probs"):
+        O.train_online(config("grpo", "max_steps=1"), tmp_path / "a", model=model,
+                       tokenizer=tok, problems=PROBLEMS, score=stub_score,
+                       engine=ScriptedEngine(script))
+    model, tok = tiny(tiny_model_dir)
+    O.train_online(config("grpo", "max_steps=1", "rollout.max_mismatch_kl=0"), tmp_path / "b",
+                   model=model, tokenizer=tok, problems=PROBLEMS, score=stub_score,
+                   engine=ScriptedEngine(script))
+    assert "mismatch/kl" not in rows(tmp_path / "b" / "metrics.jsonl")[0]
+
+
+@pytest.mark.distributed
+def test_two_processes_match_one_at_step_one(tiny_model_dir, tmp_path):
+    """torchrun, 2 processes (gloo), each one of the 2 problems (3 completions, one
+    micro-batch of 2 and one of 1) vs 1 process holding both (micro-batches 2, 2, 2): the same
+    completions (seeds count completions over processes), the same logged loss, the same
+    gradients after DDP's average."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from online_dist_worker import first_step
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(REPO / "tests" / "online_dist_worker.py"), tiny_model_dir, str(tmp_path / "p2")],
+        check=False, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    two = torch.load(tmp_path / "p2" / "grads.pt")
+    loss, grads = first_step(tiny_model_dir, tmp_path / "p1")
+    assert two["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-7)
+    assert set(two["grads"]) == set(grads) and any(g.abs().sum() > 0 for g in grads.values())
+    for name, g in grads.items():
+        assert_close(two["grads"][name.replace("module.", "")], g, rtol=1e-4, atol=1e-7)
+
+
+def test_run_with_an_online_method_trains_on_the_recipes_problems(tiny_model_dir, tmp_path):
+    """`posttrain run` with grpo: no sample / verify / pairs stages; the train stage samples
+    the recipe's problems (its config.yaml names them), then base and trained are evaluated."""
+    from posttrain.pipeline import load_recipe, run_recipe
+
+    recipe = tmp_path / "grpo.yaml"
+    recipe.write_text(f"""
+model: {tiny_model_dir}
+dtype: fp32
+sample:
+  problems: builtin:arith:6?split=train
+train:
+  method: grpo
+  config: {{max_steps: 1, num_generations: 2, problems_per_step: 2, max_new_tokens: 3,
+           lora: {{r: 4}}, num_threads: 1}}
+eval:
+  problems: builtin:arith:4?split=test
+  max_new_tokens: 3
+""")
+    run_recipe(load_recipe(str(recipe)), tmp_path / "run", progress=False)
+    made = sorted(p.name for p in (tmp_path / "run").iterdir() if p.is_dir())
+    assert "train" in made and not {"sample", "verify", "pairs"} & set(made)
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "run" / "train" / "config.yaml").read_text())
+    assert saved["problems"] == "builtin:arith:6?split=train" and saved["method"] == "grpo"
+
+
+def test_gradient_checkpointing_recomputes_and_gives_the_same_update(tiny_model_dir, tmp_path):
+    """gradient_checkpointing on: the first layer's MLP runs again during backward (it was
+    a silent no-op while the policy stayed in eval mode), and the trained adapter equals the
+    one trained without it."""
+    results = []
+    for on in (False, True):
+        model, tok = tiny(tiny_model_dir)
+        calls, mlp = [], model.model.layers[0].mlp
+        real = mlp.forward
+        mlp.forward = lambda *a, real=real, calls=calls, **k: (calls.append(1), real(*a, **k))[1]
+        O.train_online(config("grpo", "max_steps=1", f"gradient_checkpointing={str(on).lower()}"),
+                       tmp_path / str(on), model=model, tokenizer=tok, problems=PROBLEMS,
+                       score=stub_score)
+        results.append((len(calls), adapter_weights(model)))
+    (plain_calls, plain), (ckpt_calls, ckpt) = results
+    assert ckpt_calls > plain_calls
+    for k in plain:
+        assert_close(ckpt[k], plain[k], rtol=1e-5, atol=1e-7)

@@ -6,8 +6,10 @@
     torchrun --nproc_per_node 8 -m posttrain.cli train --method dpo ... --set strategy=fsdp2
 
 Offline methods (a fixed file): sft, dft, chord-phi (demonstrations or scored samples) and
-dpo, ipo, robust-dpo, bdpo, rpo (pairs), in posttrain/train/offline.py. Config keys: see
-posttrain/train/config.py (TrainConfig, LoraConfig).
+dpo, ipo, robust-dpo, bdpo, rpo (pairs), in posttrain/train/offline.py. Online methods
+(rollouts of --problems each step): grpo, dr-grpo, dapo, grpo-token-mean, gspo, cispo, chord, in
+posttrain/train/online.py. Config keys: posttrain/train/config.py (BaseTrainConfig,
+TrainConfig, LoraConfig) and posttrain/train/online_config.py (OnlineConfig).
 """
 
 from __future__ import annotations
@@ -17,14 +19,16 @@ import importlib
 import os
 import sys
 
+from ..config import ConfigError
 from .config import OFFLINE_METHODS
 from .metrics import NonFiniteError
 
 # method -> module with `run(args) -> int`. A new loop is one line here, e.g.
 # RUNNERS.update(dict.fromkeys(("grpo", "dr-grpo", ...), "posttrain.train.online"))
 RUNNERS: dict[str, str] = dict.fromkeys(OFFLINE_METHODS, "posttrain.train.cli")
-RUNNERS.update(dict.fromkeys(("grpo", "dr-grpo", "dapo", "bnpo", "gspo", "chord"),
-                             "posttrain.train.online"))
+# "bnpo" stays routed so that its rename is explained (online_config raises).
+RUNNERS.update(dict.fromkeys(("grpo", "dr-grpo", "dapo", "grpo-token-mean", "gspo", "cispo",
+                              "chord", "bnpo"), "posttrain.train.online"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +56,9 @@ def run(args) -> int:
     from .config import train_config
     from .offline import train
 
+    if args.problems:
+        raise ConfigError(f"--problems is not used by the offline method {args.method!r}: it "
+                          "trains on the file given with --data")
     cfg = train_config(args.method, args.config, args.set, model=args.model, data=args.data)
     train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     return 0

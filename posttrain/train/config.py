@@ -3,8 +3,10 @@
     posttrain train --method dpo --data pairs.jsonl --out runs/dpo --set lr=5e-5 --set lora.r=8
 
 Precedence: dataclass defaults <- the method's preset (METHOD_PRESETS) <- `--config FILE.yaml`
-<- `--set key=value` <- the explicit flags `--model` and `--data`. The resolved config is saved as OUT/config.yaml.
-`LoraConfig` is shared with the online trainer.
+<- `--set key=value` <- the explicit flags `--model` and `--data`. The resolved config is saved
+as OUT/config.yaml. `BaseTrainConfig` (model, dtype, AdamW, schedule, checkpoints, LoRA) is
+shared with the online trainer (train/online_config.py), which extends it as this file's
+`TrainConfig` does.
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ class LoraConfig:
             raise ConfigError("lora.targets: empty; expected a preset, a regex or module names")
 
 
+# Checks shared by every trainer: (field names, condition, what was expected).
+AT_LEAST_ONE = ("keep_checkpoints",)
+NOT_NEGATIVE = ("max_steps", "stop_after_steps", "checkpoint_every", "num_threads")
+
+
 @dataclass
 class MoeConfig:
     """Routing statistics of mixture-of-experts models (posttrain/train/moe.py); ignored on a
@@ -79,24 +86,15 @@ def check_aux_coef(value: float | None) -> None:
 
 
 @dataclass
-class TrainConfig:
-    method: str = "dpo"
+class BaseTrainConfig:
+    """What every trainer (offline and online) shares: model, precision, AdamW and its schedule,
+    how long, checkpoints, runtime, MoE settings. Each trainer adds its own fields and checks."""
+
+    method: str = ""
     model: str = "smollm2-135m"
-    data: str = ""  # pairs (DPO family) or demonstrations / scored samples (SFT family)
     # auto: bf16 on GPUs and on CPUs with native bf16 (avx512_bf16 / amx), else fp32 (on an
     # AVX2-only CPU a bf16 LoRA forward + backward measured 30x slower than fp32).
     dtype: str = "auto"
-    # how long
-    epochs: int = 1
-    max_steps: int = 0  # > 0: exactly this many optimizer steps (cycling epochs), else epochs
-    stop_after_steps: int = 0  # > 0: stop cleanly after this step (schedule unchanged); --resume
-    # batches: rows (pairs or demonstrations) per micro-batch and process
-    batch_size: int = 4
-    grad_accum: int = 1
-    group_by_length: bool = True  # batches of similar length: less padding
-    max_length: int = 1024  # prompt + completion tokens
-    length_policy: str = "drop"  # drop | truncate_prompt | truncate_completion (see data.py)
-    tokenize_workers: int = 1  # processes tokenising the data file (chunks of rows, in order)
     # optimiser (AdamW) and schedule
     lr: float = 5e-5
     weight_decay: float = 0.0
@@ -107,18 +105,13 @@ class TrainConfig:
     warmup_ratio: float = 0.1  # share of the optimizer steps spent warming up linearly
     min_lr_ratio: float = 0.0  # where cosine / linear decay ends, relative to lr
     max_grad_norm: float = 1.0  # 0: no clipping (the norm is still logged)
+    # how long
+    max_steps: int = 0
+    stop_after_steps: int = 0  # > 0: stop cleanly after this step (schedule unchanged); --resume
     seed: int = 0
-    # losses (posttrain.losses)
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    bdpo_lambda: float = 0.5
-    nll_weight: float = 0.0  # RPO's alpha; the rpo preset sets 1.0
-    sft_aggregation: str = "token_mean"  # token_mean | sequence_mean | sum
     # runtime
-    checkpoint_every: int = 50  # optimizer steps; the last step always writes one
+    checkpoint_every: int = 50  # steps; the last step always writes one
     keep_checkpoints: int = 2
-    ref_batch_size: int = 8  # pairs per no-grad forward of the reference pass
-    ref_cache: bool = True  # keep reference log-probs beside the data for the next run
     gradient_checkpointing: bool = False  # slows small models on CPU; saves memory on GPUs
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     # how the model is spread over torchrun's processes (train/distributed.py): ddp (a replica
@@ -133,42 +126,42 @@ class TrainConfig:
     router_aux_loss_coef: float | None = None
     moe: MoeConfig = field(default_factory=MoeConfig)
 
-    @property
-    def preference(self) -> bool:
-        return self.method in PREFERENCE_METHODS
+    @staticmethod
+    def bad(name, value, expected):
+        raise ConfigError(f"{name}: {value!r}; expected {expected}")
+
+    def check_counts(self, at_least_one: tuple[str, ...] = (),
+                     not_negative: tuple[str, ...] = ()) -> None:
+        for name in AT_LEAST_ONE + at_least_one:
+            if getattr(self, name) < 1:
+                self.bad(name, getattr(self, name), ">= 1")
+        for name in NOT_NEGATIVE + not_negative:
+            if getattr(self, name) < 0:
+                self.bad(name, getattr(self, name), ">= 0")
 
     def check(self) -> None:
-        def bad(name, value, expected):
-            raise ConfigError(f"{name}: {value!r}; expected {expected}")
-
-        if self.method not in OFFLINE_METHODS:
-            bad("method", self.method, " | ".join(OFFLINE_METHODS))
-        if not self.data:
-            bad("data", self.data, "a JSONL file (--data)")
+        """The shared fields; subclasses call this and then check their own."""
+        bad = self.bad
         if self.dtype not in ("auto", "bf16", "fp32", "fp16"):
             bad("dtype", self.dtype, "auto | bf16 | fp32 | fp16")
-        for name in ("batch_size", "grad_accum", "max_length", "ref_batch_size",
-                     "keep_checkpoints", "tokenize_workers"):
-            if getattr(self, name) < 1:
-                bad(name, getattr(self, name), ">= 1")
-        for name in ("epochs", "max_steps", "stop_after_steps", "checkpoint_every",
-                     "num_threads"):
-            if getattr(self, name) < 0:
-                bad(name, getattr(self, name), ">= 0")
-        if self.epochs == 0 and self.max_steps == 0:
-            bad("epochs", 0, ">= 1 (or max_steps > 0)")
         if not self.lr > 0:  # inf passes: the non-finite guard stops that run
             bad("lr", self.lr, "> 0")
-        if self.length_policy not in LENGTH_POLICIES:
-            bad("length_policy", self.length_policy, " | ".join(LENGTH_POLICIES))
+        if self.weight_decay < 0:
+            bad("weight_decay", self.weight_decay, ">= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                bad(name, getattr(self, name), "a value in [0, 1)")
+        if not self.adam_eps > 0:
+            bad("adam_eps", self.adam_eps, "> 0")
         if self.schedule not in SCHEDULES:
             bad("schedule", self.schedule, " | ".join(SCHEDULES))
         if not 0.0 <= self.warmup_ratio < 1.0:
             bad("warmup_ratio", self.warmup_ratio, "a value in [0, 1)")
-        if self.sft_aggregation not in ("token_mean", "sequence_mean", "sum"):
-            bad("sft_aggregation", self.sft_aggregation, "token_mean | sequence_mean | sum")
-        if self.beta <= 0:
-            bad("beta", self.beta, "> 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            bad("min_lr_ratio", self.min_lr_ratio, "a value in [0, 1]")
+        if self.max_grad_norm < 0:
+            bad("max_grad_norm", self.max_grad_norm, ">= 0 (0: no clipping)")
+        self.check_counts()
         from .metrics import TRACKERS
 
         for name in self.trackers:
@@ -186,6 +179,56 @@ class TrainConfig:
         self.lora.check()
         self.moe.check()
         check_aux_coef(self.router_aux_loss_coef)
+
+    @property
+    def adam_betas(self) -> tuple[float, float]:
+        return self.adam_beta1, self.adam_beta2
+
+
+@dataclass
+class TrainConfig(BaseTrainConfig):
+    method: str = "dpo"
+    data: str = ""  # pairs (DPO family) or demonstrations / scored samples (SFT family)
+    epochs: int = 1
+    # > 0: exactly this many optimizer steps (cycling epochs), else epochs
+    max_steps: int = 0
+    # batches: rows (pairs or demonstrations) per micro-batch and process
+    batch_size: int = 4
+    grad_accum: int = 1
+    group_by_length: bool = True  # batches of similar length: less padding
+    max_length: int = 1024  # prompt + completion tokens
+    length_policy: str = "drop"  # drop | truncate_prompt | truncate_completion (see data.py)
+    tokenize_workers: int = 1  # processes tokenising the data file (chunks of rows, in order)
+    # losses (posttrain.losses)
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    bdpo_lambda: float = 0.5
+    nll_weight: float = 0.0  # RPO's alpha; the rpo preset sets 1.0
+    sft_aggregation: str = "token_mean"  # token_mean | sequence_mean | sum
+    ref_batch_size: int = 8  # pairs per no-grad forward of the reference pass
+    ref_cache: bool = True  # keep reference log-probs beside the data for the next run
+
+    @property
+    def preference(self) -> bool:
+        return self.method in PREFERENCE_METHODS
+
+    def check(self) -> None:
+        bad = self.bad
+        if self.method not in OFFLINE_METHODS:
+            bad("method", self.method, " | ".join(OFFLINE_METHODS))
+        if not self.data:
+            bad("data", self.data, "a JSONL file (--data)")
+        super().check()
+        self.check_counts(("batch_size", "grad_accum", "max_length", "ref_batch_size",
+                           "tokenize_workers"), ("epochs",))
+        if self.epochs == 0 and self.max_steps == 0:
+            bad("epochs", 0, ">= 1 (or max_steps > 0)")
+        if self.length_policy not in LENGTH_POLICIES:
+            bad("length_policy", self.length_policy, " | ".join(LENGTH_POLICIES))
+        if self.sft_aggregation not in ("token_mean", "sequence_mean", "sum"):
+            bad("sft_aggregation", self.sft_aggregation, "token_mean | sequence_mean | sum")
+        if self.beta <= 0:
+            bad("beta", self.beta, "> 0")
         if self.preference and self.lora.dropout:
             # The reference log-probs come from a pass without dropout; a policy with dropout
             # would differ from it by noise alone (train/modes.py), so it runs without too.

@@ -1,0 +1,160 @@
+"""The online trainer's rollout engine, how it gets the current policy, and the check that it did.
+
+    posttrain train --method grpo --out runs/g --set rollout.sync=adapter   # detached hf engine
+
+`rollout.sync: live` (hf only): the engine samples the training model itself; nothing to copy.
+`rollout.sync: adapter`: the engine holds its own weights (`AdapterEngine`: vLLM in-process, an
+OpenAI-compatible server with runtime LoRA loading, or `DetachedHFEngine` here). After each
+update the trainer saves the LoRA adapter and the engine loads it under a new name: no merge,
+no full-weight copy. `DetachedHFEngine` is the reference behaviour, testable on a CPU.
+
+The sync check: the trainer recomputes the log-probs of the sampled tokens anyway; every step
+logs the mismatch with the engine's (offpolicy.mismatch_metrics) and stops with
+`RolloutSyncError` when mismatch/kl exceeds `rollout.max_mismatch_kl` right after a sync.
+Defaults by dtype (`mismatch_threshold`), from bench/rollout_mismatch.py on the embedded model
+(SmolLM2-135M, GRPO, 16 completions of <= 48 tokens per step, T 1, lr 5e-5; figures in
+bench/results/rollout_mismatch.json):
+    fp32  in sync 2.3e-9 .. 3.0e-9 (max |d| 3.7e-5); one update stale 2.4e-4 (max |d| 0.39)
+    bf16  in sync 1.4e-3 .. 1.8e-3 (max |d| 0.37);   one update stale 1.7e-3 (not separable)
+fp32: 1e-5 catches a single missed sync. bf16: the cached-decoding vs full-forward rounding
+alone is 1.7e-3, so 1e-2 catches an engine that drifted by many updates or serves other
+weights, not one missed sync; set a lower value or train in fp32 to check more tightly.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import shutil
+from pathlib import Path
+
+from ..engines.hf import HFEngine
+from .checkpoint import save_atomic
+from .lora import peft_targets_as_named
+
+
+class RolloutSyncError(RuntimeError):
+    """The rollout engine is not sampling the current policy."""
+
+
+class DetachedHFEngine(HFEngine):
+    """The transformers engine on its own copy of the base weights, taking the policy's LoRA
+    adapter from disk at each sync (`AdapterEngine.load_adapter`), as vLLM and servers do."""
+
+    def __init__(self, base_model, tokenizer, model_id: str = "model", batch_size: int = 8):
+        super().__init__(base_model, tokenizer, model_id=model_id, batch_size=batch_size)
+        self.adapter_name: str | None = None
+        self.model.eval()
+
+    def load_adapter(self, path: str, name: str) -> None:
+        from peft import PeftModel
+
+        with peft_targets_as_named():
+            if self.adapter_name is None:
+                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+            else:
+                self.model.load_adapter(path, adapter_name=name)
+                self.model.set_adapter(name)
+                self.model.delete_adapter(self.adapter_name)
+        self.model.eval()
+        self.adapter_name = name
+
+
+def make_rollout_engine(cfg, policy, tokenizer, *, base_model=None):
+    """The engine `cfg.rollout` names. `base_model`: an untouched copy of the base weights for
+    the detached hf engine (tests pass one; else the model is loaded again from cfg.model)."""
+    r = cfg.rollout
+    if r.sync == "live":
+        return HFEngine(policy, tokenizer, model_id=cfg.model,
+                        batch_size=cfg.generation_batch_size)
+    if r.engine.kind == "hf":
+        if base_model is None:
+            from ..models import load_model, resolve_dtype
+
+            base_model = load_model(cfg.model, dtype=resolve_dtype(cfg.dtype))
+        device = next(policy.parameters()).device
+        return DetachedHFEngine(base_model.to(device), tokenizer, model_id=cfg.model,
+                                batch_size=cfg.generation_batch_size)
+    # vllm / openai: whatever engines.make_engine builds for that kind, if it can take
+    # adapters from disk (AdapterEngine); a kind not built yet is refused by name.
+    from ..config import ConfigError
+    from ..engines import make_engine
+
+    kwargs = {}
+    if "max_lora_rank" in inspect.signature(make_engine).parameters:
+        # vLLM reserves LoRA memory at start-up; a converted PiSSA / OLoRA adapter has rank 2r
+        kwargs["max_lora_rank"] = cfg.lora.r * (1 if cfg.lora.init == "default" else 2)
+    try:
+        engine = make_engine(r.engine, cfg.model, dtype=cfg.dtype, **kwargs)
+    except NotImplementedError as e:
+        raise ConfigError(f"rollout.engine.kind {r.engine.kind!r}: {e} in this version of "
+                          "posttrain; use rollout.engine.kind hf (sync live or adapter)") from None
+    if not callable(getattr(engine, "load_adapter", None)):
+        raise ConfigError(f"rollout.engine.kind {r.engine.kind!r}: its engine cannot load LoRA "
+                          "adapters (no load_adapter), so it cannot follow the policy")
+    return engine
+
+
+def detached_base(model):
+    """A deep copy of `model` before LoRA is applied (for tests and small models)."""
+    return copy.deepcopy(model)
+
+
+class AdapterSync:
+    """Saves the policy's adapter after each update and has the engine load it (adapter sync).
+
+    Folders OUT/rollout-adapter/step-N; the previous one is removed once the engine holds the
+    new one. PiSSA / OLoRA adapters are converted to a plain LoRA of the untouched base (the
+    engine's weights) with the adapter saved at initialisation, as the final adapter is.
+    """
+
+    def __init__(self, engine, out: Path, init_adapter: Path | None = None,
+                 is_main: bool = True, barrier=lambda: None):
+        self.engine, self.root, self.init_adapter = engine, Path(out) / "rollout-adapter", \
+            init_adapter
+        self.is_main, self.barrier = is_main, barrier
+        self.previous: Path | None = None
+        self.syncs = 0
+
+    def __call__(self, policy, step: int) -> None:
+        path = self.root / f"step-{step:08d}"
+        if self.is_main:
+            kwargs = {"path_initial_model_for_weight_conversion": str(self.init_adapter)} \
+                if self.init_adapter else {}
+            save_atomic(lambda d: policy.save_pretrained(d, **kwargs), path)
+        self.barrier()
+        self.engine.load_adapter(str(path), f"policy-step-{step}")
+        self.barrier()
+        if self.is_main and self.previous is not None and self.previous != path:
+            shutil.rmtree(self.previous, ignore_errors=True)
+        self.previous = path
+        self.syncs += 1
+
+
+MISMATCH_KL_BY_DTYPE = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 1e-2}
+
+
+def mismatch_threshold(setting: float | None, dtype: str) -> float:
+    """rollout.max_mismatch_kl, or the default of the resolved dtype when it is unset."""
+    return MISMATCH_KL_BY_DTYPE[dtype] if setting is None else setting
+
+
+def check_sync(row: dict, threshold: float, engine_name: str, *, sampled: bool = True) -> None:
+    """Stop when the rollout engine's log-probs of the sampled tokens are too far from the
+    trainer's (row holds the step's mismatch/* metrics). A missing sync shows as a KL of the
+    size of one update in fp32; in bf16 the numerics alone are about that large (module
+    docstring), so there only a larger drift is caught.
+    """
+    kl = row.get("mismatch/kl")
+    if threshold > 0 and sampled and kl is None:
+        raise RolloutSyncError(
+            f"step {row['step']}: the rollout engine ({engine_name}) returned no per-token "
+            "log-probs, so it cannot be checked to sample the current policy; set "
+            "rollout.max_mismatch_kl 0 to train unchecked")
+    if threshold > 0 and kl is not None and kl > threshold:
+        raise RolloutSyncError(
+            f"step {row['step']}: the rollout engine ({engine_name}) is not sampling the current "
+            f"policy: mismatch/kl {kl:.3g} > rollout.max_mismatch_kl {threshold:g} "
+            f"(max |log-prob difference| {row.get('mismatch/abs_logp_max', float('nan')):.3g}, "
+            f"{100 * row.get('mismatch/ratio_outside', 0.0):.1f} % of tokens with a ratio "
+            "outside [0.5, 2]); the adapter sync failed or the engine serves other weights")

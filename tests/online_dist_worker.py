@@ -1,0 +1,76 @@
+"""The online trainer's first step under torchrun, for the 1-vs-2-process test.
+
+    torchrun --standalone --nproc_per_node 2 tests/online_dist_worker.py TINY_MODEL_DIR OUT
+
+Each process trains one GRPO step of the tiny model on its share of the step's problems (a
+group never split), with seeded sampling whose seeds count completions over all processes,
+so 1 and 2 processes sample the same completions. The gradients the optimizer is about to
+use (after DDP's average) are caught at clip_gradients; process 0 saves OUT/grads.pt with
+them and the logged loss. The single-process side calls `first_step` in the test.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from posttrain.records import Problem
+
+PROBLEMS = [Problem(id=str(i), question=f"What is {i} + 1?", answer=str(i + 1),
+                    answer_type="exact") for i in range(6)]
+
+
+def parity_score(problem, index, messages, completion, *, think_open, engine, cfg):
+    """Reward 1 when the first sampled token id is even (groups get both rewards)."""
+    reward = float(completion.token_ids[0] % 2 == 0)
+    return {"verdict": "correct" if reward else "incorrect", "correct_reward": reward,
+            "format_ok": True, "overlong": 0.0, "reward": reward, "truncated": False}
+
+
+def first_step(model_dir: str, out: Path) -> tuple[float, dict[str, torch.Tensor]]:
+    """(logged loss, {parameter: gradient}) of step 1: 2 problems x G 3, one problem per
+    generate batch (generation_batch_size = G), micro-batches of 2 completions."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from posttrain.train import online as O
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    cfg = O.online_config("grpo", overrides=[
+        "max_steps=1", "num_generations=3", "problems_per_step=2", "max_new_tokens=4",
+        "generation_batch_size=3", "micro_batch_size=2", "lr=1e-2", "lora.r=4",
+        "checkpoint_every=0", "dtype=fp32", "temperature=1.0"])
+    caught: dict[str, torch.Tensor] = {}
+    real = O.clip_gradients
+
+    def catch(model_, max_norm):
+        for name, p in model_.named_parameters():
+            if p.grad is not None:
+                caught[name] = p.grad.detach().clone()
+        return real(model_, max_norm)
+
+    O.clip_gradients = catch
+    try:
+        O.train_online(cfg, out, model=model, tokenizer=tok, problems=PROBLEMS,
+                       score=parity_score)
+    finally:
+        O.clip_gradients = real
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] \
+        if (out / "metrics.jsonl").exists() else [{}]
+    return rows[0].get("loss"), caught
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    model_dir, out = sys.argv[1], Path(sys.argv[2])
+    loss, grads = first_step(model_dir, out / "run")
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        torch.save({"loss": loss, "grads": grads}, out / "grads.pt")
+
+
+if __name__ == "__main__":
+    main()
