@@ -60,7 +60,6 @@ test: venv vllm-venv browser
 lint: venv
 	$(BIN)/pip install -q ruff
 	$(BIN)/ruff check posttrain tests bench scripts
-	$(BIN)/ruff format --check posttrain tests bench scripts
 
 # Re-resolve the lock files after changing pyproject.toml's dependencies (needs uv and PyPI).
 lock: venv

@@ -39,9 +39,8 @@ def metrics_to_floats(metrics: Metrics) -> dict[str, float]:
     return dict(zip(metrics.keys(), values))
 
 
-def token_logps(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
-) -> torch.Tensor:
+def token_logps(logits: torch.Tensor, labels: torch.Tensor,
+                ignore_index: int = -100) -> torch.Tensor:
     """log softmax(logits)[label] per position, float32, (B, T); 0.0 where label == ignore_index.
 
     Memory-lean (posttrain.logprobs): computed over chunks of positions, each upcast to
@@ -56,10 +55,8 @@ def token_logps(
 
 def _check_tokens(name: str, logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if logps.dim() != 2 or mask.shape != logps.shape:
-        raise ValueError(
-            f"{name}: expected logps and mask of one shape (B, T), got "
-            f"{tuple(logps.shape)} and {tuple(mask.shape)}"
-        )
+        raise ValueError(f"{name}: expected logps and mask of one shape (B, T), got "
+                         f"{tuple(logps.shape)} and {tuple(mask.shape)}")
     return mask.bool()
 
 
@@ -69,9 +66,8 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, x, 0.0).sum() / mask.sum().clamp(min=1)
 
 
-def _aggregate_sft(
-    per_token: torch.Tensor, mask: torch.Tensor, aggregation: str, num_items_in_batch: float | None
-) -> torch.Tensor:
+def _aggregate_sft(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str,
+                   num_items_in_batch: float | None) -> torch.Tensor:
     per_token = torch.where(mask, per_token, 0.0)  # (B, T)
     if aggregation == "token_mean":
         denom = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1)
@@ -86,38 +82,23 @@ def _aggregate_sft(
     raise ValueError(f"aggregation must be token_mean, sequence_mean or sum, got {aggregation!r}")
 
 
-def _weighted_nll(
-    name: str,
-    logps: torch.Tensor,
-    mask: torch.Tensor,
-    weight_fn,
-    aggregation: str,
-    num_items_in_batch: float | None,
-) -> tuple[torch.Tensor, Metrics]:
+def _weighted_nll(name: str, logps: torch.Tensor, mask: torch.Tensor, weight_fn, aggregation: str,
+                  num_items_in_batch: float | None) -> tuple[torch.Tensor, Metrics]:
     m = _check_tokens(name, logps, mask)
     logps = logps.masked_fill(~m, 0.0)  # (B, T); padding can hold anything, even -inf
     p = logps.detach().exp()  # (B, T) token probability, never differentiated
     weight = weight_fn(p)  # (B, T) detached per-token weight; 1 for plain SFT
     loss = _aggregate_sft(-weight * logps, m, aggregation, num_items_in_batch)
-    metrics = {
-        "nll": _masked_mean(-logps, m),
-        "token_prob": _masked_mean(p, m),
-        "weight": _masked_mean(weight, m),
-        "tokens": m.sum().float(),
-    }
+    metrics = {"nll": _masked_mean(-logps, m), "token_prob": _masked_mean(p, m),
+               "weight": _masked_mean(weight, m), "tokens": m.sum().float()}
     return loss, metrics
 
 
 # ------------------------------------------------------------------- demonstrations (SFT)
 
 
-def sft(
-    logps: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    aggregation: str = "token_mean",
-    num_items_in_batch: float | None = None,
-) -> tuple[torch.Tensor, Metrics]:
+def sft(logps: torch.Tensor, mask: torch.Tensor, *, aggregation: str = "token_mean",
+        num_items_in_batch: float | None = None) -> tuple[torch.Tensor, Metrics]:
     """Negative log-likelihood: per token -logp.
 
     aggregation: "token_mean" (sum over tokens / number of tokens; `num_items_in_batch`, if given,
@@ -128,13 +109,8 @@ def sft(
     return _weighted_nll("sft", logps, mask, torch.ones_like, aggregation, num_items_in_batch)
 
 
-def dft(
-    logps: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    aggregation: str = "token_mean",
-    num_items_in_batch: float | None = None,
-) -> tuple[torch.Tensor, Metrics]:
+def dft(logps: torch.Tensor, mask: torch.Tensor, *, aggregation: str = "token_mean",
+        num_items_in_batch: float | None = None) -> tuple[torch.Tensor, Metrics]:
     """Dynamic Fine-Tuning (Wu et al. 2025): per token -sg(p) * logp, p = exp(logp).
 
     The weight is detached, so the gradient is -p (SFT's -1 rescaled by the token's own
@@ -144,22 +120,16 @@ def dft(
     return _weighted_nll("dft", logps, mask, lambda p: p, aggregation, num_items_in_batch)
 
 
-def sft_phi(
-    logps: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    aggregation: str = "token_mean",
-    num_items_in_batch: float | None = None,
-) -> tuple[torch.Tensor, Metrics]:
+def sft_phi(logps: torch.Tensor, mask: torch.Tensor, *, aggregation: str = "token_mean",
+            num_items_in_batch: float | None = None) -> tuple[torch.Tensor, Metrics]:
     """CHORD's phi-weighted SFT term (Zhang et al. 2025): per token -sg(p(1-p)) * logp.
 
     p(1-p) down-weights both tokens the policy already predicts (p ~ 1) and tokens far from it
     (p ~ 0), which limits how far off-policy demonstrations pull. The value -p(1-p) log p peaks
     near p = 0.236. Example: logps [[ln .5]] -> 0.25 * 0.6931 = 0.1733.
     """
-    return _weighted_nll(
-        "sft_phi", logps, mask, lambda p: p * (1 - p), aggregation, num_items_in_batch
-    )
+    return _weighted_nll("sft_phi", logps, mask, lambda p: p * (1 - p), aggregation,
+                         num_items_in_batch)
 
 
 # ---------------------------------------------------------------------- preferences (DPO)
@@ -167,21 +137,12 @@ def sft_phi(
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "robust", "bdpo")
 
 
-def dpo(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    beta: float,
-    *,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-    chosen_lengths: torch.Tensor | None = None,
-    rejected_lengths: torch.Tensor | None = None,
-    bdpo_lambda: float = 0.5,
-    nll_weight: float = 0.0,
-    chosen_nll: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, Metrics]:
+def dpo(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+        ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float, *,
+        loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+        chosen_lengths: torch.Tensor | None = None, rejected_lengths: torch.Tensor | None = None,
+        bdpo_lambda: float = 0.5, nll_weight: float = 0.0,
+        chosen_nll: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
     """DPO and variants over per-sequence summed log-probs, each (B,); loss = mean over pairs.
 
     With chosen ratio c = pc - rc, rejected ratio r = pr - rr, h = c - r, ls = label_smoothing:
@@ -214,10 +175,8 @@ def dpo(
     pc, pr = policy_chosen_logps, policy_rejected_logps  # (B,)
     rc, rr = ref_chosen_logps, ref_rejected_logps  # (B,)
     if pc.dim() != 1 or not (pc.shape == pr.shape == rc.shape == rr.shape):
-        raise ValueError(
-            "dpo: expected four (B,) tensors of summed log-probs, got shapes "
-            f"{[tuple(t.shape) for t in (pc, pr, rc, rr)]}"
-        )
+        raise ValueError("dpo: expected four (B,) tensors of summed log-probs, got shapes "
+                         f"{[tuple(t.shape) for t in (pc, pr, rc, rr)]}")
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"dpo: loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
     if beta <= 0:
@@ -226,11 +185,9 @@ def dpo(
     # robust's 1 / (1 - 2 ls) diverges at 0.5.
     ls_ok = label_smoothing < 0.5 if loss_type == "robust" else label_smoothing <= 0.5
     if not (0.0 <= label_smoothing and ls_ok):
-        raise ValueError(
-            f"dpo: label_smoothing must be in "
-            f"{'[0, 0.5)' if loss_type == 'robust' else '[0, 0.5]'} for {loss_type}, "
-            f"got {label_smoothing}"
-        )
+        raise ValueError(f"dpo: label_smoothing must be in "
+                         f"{'[0, 0.5)' if loss_type == 'robust' else '[0, 0.5]'} for {loss_type}, "
+                         f"got {label_smoothing}")
     if loss_type == "ipo" and label_smoothing:
         raise ValueError("dpo: label_smoothing has no meaning for ipo; set it to 0")
     chosen_ratio = pc - rc.detach()  # (B,)
@@ -240,9 +197,8 @@ def dpo(
     if loss_type == "ipo":
         if chosen_lengths is None or rejected_lengths is None:
             raise ValueError("dpo: loss_type 'ipo' needs chosen_lengths and rejected_lengths")
-        h = chosen_ratio / chosen_lengths.to(pc.dtype).clamp(
-            min=1
-        ) - rejected_ratio / rejected_lengths.to(pc.dtype).clamp(min=1)
+        h = (chosen_ratio / chosen_lengths.to(pc.dtype).clamp(min=1)
+             - rejected_ratio / rejected_lengths.to(pc.dtype).clamp(min=1))
         losses = (h - 1 / (2 * beta)) ** 2
     else:
         bounded_rejected = rejected_ratio
@@ -289,14 +245,9 @@ AGGREGATIONS = ("grpo", "token_mean", "dapo", "dr_grpo")
 MAX_LOG_RATIO = 20.0
 
 
-def aggregate_tokens(
-    per_token: torch.Tensor,
-    mask: torch.Tensor,
-    aggregation: str,
-    *,
-    max_completion_length: int | None = None,
-    num_items_in_batch: float | None = None,
-) -> torch.Tensor:
+def aggregate_tokens(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str, *,
+                     max_completion_length: int | None = None,
+                     num_items_in_batch: float | None = None) -> torch.Tensor:
     """A per-token loss (B, T) -> scalar, the online aggregations (mask already applied):
       grpo:       mean over sequences of each sequence's token mean (Shao et al. 2024);
       token_mean: sum / number of tokens in this micro-batch (TRL calls it "bnpo");
@@ -317,22 +268,13 @@ def aggregate_tokens(
     return per_token.sum() / (per_token.shape[0] * length)
 
 
-def policy_loss(
-    logps: torch.Tensor,
-    old_logps: torch.Tensor | None,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    clip_low: float = 0.2,
-    clip_high: float | None = None,
-    ratio_level: str = "token",
-    aggregation: str = "grpo",
-    ref_logps: torch.Tensor | None = None,
-    kl_beta: float = 0.0,
-    max_completion_length: int | None = None,
-    num_items_in_batch: float | None = None,
-    is_weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, Metrics]:
+def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, advantages: torch.Tensor,
+                mask: torch.Tensor, *, clip_low: float = 0.2, clip_high: float | None = None,
+                ratio_level: str = "token", aggregation: str = "grpo",
+                ref_logps: torch.Tensor | None = None, kl_beta: float = 0.0,
+                max_completion_length: int | None = None,
+                num_items_in_batch: float | None = None,
+                is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
     """PPO-clipped policy-gradient loss with GRPO / DAPO / Dr. GRPO / GSPO options.
 
     Per token: -w min(r A, clip(r, 1 - clip_low, 1 + clip_high) A) + kl_beta * k3, where
@@ -353,14 +295,11 @@ def policy_loss(
     """
     m = _check_tokens("policy_loss", logps, mask)
     if advantages.shape != logps.shape[:1]:
-        raise ValueError(
-            f"policy_loss: advantages must be (B,) = {tuple(logps.shape[:1])}, "
-            f"got {tuple(advantages.shape)}"
-        )
+        raise ValueError(f"policy_loss: advantages must be (B,) = {tuple(logps.shape[:1])}, "
+                         f"got {tuple(advantages.shape)}")
     if aggregation not in AGGREGATIONS:
-        raise ValueError(
-            f"policy_loss: aggregation must be one of {AGGREGATIONS}, got {aggregation!r}"
-        )
+        raise ValueError(f"policy_loss: aggregation must be one of {AGGREGATIONS}, "
+                         f"got {aggregation!r}")
     if ratio_level not in ("token", "sequence"):
         raise ValueError(f"policy_loss: ratio_level must be token or sequence, got {ratio_level!r}")
     if kl_beta and ref_logps is None:
@@ -381,38 +320,29 @@ def policy_loss(
 
     metrics: Metrics = {}
     if ref_logps is not None:
-        d = (ref_logps.detach().masked_fill(~m, 0.0) - logps).clamp(
-            -MAX_LOG_RATIO, MAX_LOG_RATIO
-        )  # (B, T)
+        d = (ref_logps.detach().masked_fill(~m, 0.0) - logps).clamp(-MAX_LOG_RATIO,
+                                                                     MAX_LOG_RATIO)  # (B, T)
         kl = torch.exp(d) - d - 1  # (B, T)
         if kl_beta:
             per_token = per_token + kl_beta * kl
         metrics["kl"] = _masked_mean(kl, m)
     per_token = torch.where(m, per_token, 0.0)
-    loss = aggregate_tokens(
-        per_token,
-        m,
-        aggregation,
-        max_completion_length=max_completion_length,
-        num_items_in_batch=num_items_in_batch,
-    )
+    loss = aggregate_tokens(per_token, m, aggregation, max_completion_length=max_completion_length,
+                            num_items_in_batch=num_items_in_batch)
 
     low = (ratio < 1 - clip_low) & (adv < 0)  # (B, T)
     high = (ratio > 1 + clip_high) & (adv > 0)  # (B, T)
-    metrics.update(
-        {
-            "clip_ratio/low": _masked_mean(low.float(), m),
-            "clip_ratio/high": _masked_mean(high.float(), m),
-            "clip_ratio/region": _masked_mean((low | high).float(), m),
-            "ratio/mean": _masked_mean(ratio, m),
-        }
-    )
+    metrics.update({
+        "clip_ratio/low": _masked_mean(low.float(), m),
+        "clip_ratio/high": _masked_mean(high.float(), m),
+        "clip_ratio/region": _masked_mean((low | high).float(), m),
+        "ratio/mean": _masked_mean(ratio, m),
+    })
     return loss, metrics
 
 
-def group_advantages(
-    rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
-) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group",
+                     eps: float = 1e-4) -> torch.Tensor:
     """Advantages (N,) for rewards (N,) laid out group by group (group_size per prompt).
 
     A = r - group mean, divided by (std + eps) where std is the group's ("group", GRPO), the whole
@@ -421,10 +351,8 @@ def group_advantages(
     amplified by 1/eps).
     """
     if rewards.dim() != 1 or group_size < 2 or rewards.numel() % group_size:
-        raise ValueError(
-            f"group_advantages: need rewards (N,) with N a multiple of group_size "
-            f">= 2, got shape {tuple(rewards.shape)} and group_size {group_size}"
-        )
+        raise ValueError(f"group_advantages: need rewards (N,) with N a multiple of group_size "
+                         f">= 2, got shape {tuple(rewards.shape)} and group_size {group_size}")
     if scale not in ("group", "batch", "none"):
         raise ValueError(f"group_advantages: scale must be group, batch or none, got {scale!r}")
     grouped = rewards.float().view(-1, group_size)  # (G, K)
@@ -433,16 +361,15 @@ def group_advantages(
         centred = centred / (grouped.std(-1, keepdim=True) + eps)
     elif scale == "batch":
         centred = centred / (rewards.float().std() + eps)
-    flat = grouped.amax(-1, keepdim=True) == grouped.amin(-1, keepdim=True)  # (G, 1)
+    flat = (grouped.amax(-1, keepdim=True) == grouped.amin(-1, keepdim=True))  # (G, 1)
     return centred.masked_fill(flat, 0.0).reshape(-1)
 
 
 # ----------------------------------------------------------------------------- CHORD
 
 
-def mu_schedule(
-    step: int, warmup_steps: int, decay_steps: int, peak: float, valley: float
-) -> float:
+def mu_schedule(step: int, warmup_steps: int, decay_steps: int, peak: float,
+                valley: float) -> float:
     """CHORD's SFT weight mu: linear 0 -> peak over warmup, cosine peak -> valley over decay.
 
     warmup 0, decay 200, peak 0.9, valley 0.05: steps 0/50/100/150/200 ->
@@ -456,9 +383,8 @@ def mu_schedule(
     return valley
 
 
-def chord_loss(
-    policy_loss_value: torch.Tensor, sft_loss_value: torch.Tensor, mu: float
-) -> torch.Tensor:
+def chord_loss(policy_loss_value: torch.Tensor, sft_loss_value: torch.Tensor,
+               mu: float) -> torch.Tensor:
     """CHORD (Zhang et al. 2025): (1 - mu) * policy loss + mu * SFT loss (a scalar, not a pair:
     both parts already came with their own metrics)."""
     if not 0.0 <= mu <= 1.0:

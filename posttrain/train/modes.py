@@ -33,15 +33,12 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     more forward pass of compute. Works on a plain transformers model or a PEFT model.
     """
     if not hasattr(model, "gradient_checkpointing_enable"):
-        raise ValueError(
-            f"{type(model).__name__} has no gradient_checkpointing_enable(); "
-            "gradient_checkpointing needs a transformers model"
-        )
+        raise ValueError(f"{type(model).__name__} has no gradient_checkpointing_enable(); "
+                         "gradient_checkpointing needs a transformers model")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not _checkpointing_layers(model):
-        raise ValueError(
-            f"{type(model).__name__}: no decoder layer supports gradient checkpointing"
-        )
+        raise ValueError(f"{type(model).__name__}: no decoder layer supports gradient "
+                         "checkpointing")
 
 
 def train_mode(model: nn.Module, *, dropout: bool) -> None:
