@@ -161,7 +161,8 @@ def eval_settings(recipe: Recipe, es: EvalSet) -> dict:
     """What determines an evaluation's output (not the set's name or guard flag); the engine
     as resolved, less the keys that only say how to reach it."""
     settings = {k: v for k, v in asdict(es).items() if k not in ("name", "guard", "engine")}
-    return {"model": recipe.model, "dtype": stage_dtype(recipe, es), "seed": recipe.seed,
+    seed = {"seed": recipe.seed} if es.temperature > 0 else {}  # greedy: the seed changes nothing
+    return {"model": recipe.model, "dtype": stage_dtype(recipe, es), **seed,
             **settings, "engine": engine_settings(stage_engine(recipe, es))}
 
 

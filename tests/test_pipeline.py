@@ -187,3 +187,20 @@ def test_zero_pairs_stop_the_run_with_a_hint(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="0 pairs from 8 samples of 2 problems"):
         run_recipe(load_recipe(str(recipe_path)), out)
     assert ran == ["sample", "verify", "pairs"]
+
+
+def test_greedy_evaluation_is_shared_across_seeds_sampled_one_is_not(tmp_path):
+    """A greedy eval does not depend on the seed, so a sweep over seeds evaluates the base once;
+    an eval that samples (temperature > 0) is keyed by the seed."""
+    from posttrain.pipeline import eval_settings
+    from posttrain.recipe import recipe_from_dict
+
+    def settings(seed, temperature):
+        r = recipe_from_dict({"seed": seed, "eval": {"problems": "builtin:arith:4",
+                                                     "temperature": temperature,
+                                                     "n": 2 if temperature else 1}})
+        return eval_settings(r, r.eval[0])
+
+    assert settings(0, 0.0) == settings(1, 0.0)
+    assert settings(0, 0.7) != settings(1, 0.7)
+    assert settings(0, 0.7)["seed"] == 0
