@@ -167,8 +167,9 @@ def eval_settings(recipe: Recipe, es: EvalSet) -> dict:
 
 
 def run_recipe(recipe: Recipe, out: str | Path, *, store: str | Path | None = None,
-               stale_after: float = 120.0, progress: bool = True) -> dict:
-    """Run every stage of `recipe` into `out` (shared stages under `store`); the report."""
+               stale_after: float = 120.0, progress: bool = True, wait: bool = True) -> dict:
+    """Run every stage of `recipe` into `out` (shared stages under `store`); the report.
+    With wait=False a stage another worker is computing raises stages.StageBusy."""
     from .compare import compare_items
     from .records import read_jsonl
     from .runtable import format_run_table, set_row
@@ -177,7 +178,7 @@ def run_recipe(recipe: Recipe, out: str | Path, *, store: str | Path | None = No
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(recipe, out / "recipe.yaml")
-    stage = StageRunner(out, store, stale_after=stale_after)
+    stage = StageRunner(out, store, stale_after=stale_after, wait=wait)
     r = recipe
     data, data_digest = prepare_data(r, stage, progress)
     kind = train_data_kind(r)

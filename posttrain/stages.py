@@ -8,8 +8,9 @@ run folder (`posttrain run`) the stage lives at OUT/NAME and other settings for 
 are an error. With a `store` (`posttrain sweep`) it lives at STORE/NAME-DIGEST, shared by every
 run whose settings lead to it, and OUT/NAME is a relative symlink to it. Either way a stage is
 computed under a lock (posttrain/locks.py): a second worker that needs the same stage waits for
-it instead of computing it twice, and takes it over when the first worker was killed (the
-stages resume inside: sampling keeps finished rows, training its checkpoints).
+it instead of computing it twice (or, with `wait=False`, raises StageBusy so a sweep worker can
+take another run meanwhile), and takes it over when the first worker was killed (the stages
+resume inside: sampling keeps finished rows, training its checkpoints).
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from .locks import FileLock, wait_for
 from .records import write_json
 
 
+class StageBusy(Exception):
+    """A stage this run needs is being computed by another live worker."""
+
+
 def digest_of(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -33,9 +38,9 @@ class StageRunner:
     """`runner(name, settings, fn)` -> (folder, digest); fn(folder) runs when not done yet."""
 
     def __init__(self, out: Path, store: Path | None = None, stale_after: float = 120.0,
-                 poll: float = 2.0):
+                 poll: float = 2.0, wait: bool = True):
         self.out, self.store = Path(out), (Path(store) if store else None)
-        self.stale_after, self.poll = stale_after, poll
+        self.stale_after, self.poll, self.wait = stale_after, poll, wait
         self.times: dict[str, tuple[float, bool]] = {}  # stage -> (seconds, skipped)
 
     def folder(self, name: str, digest: str) -> Path:
@@ -63,7 +68,7 @@ class StageRunner:
 
         folder.mkdir(parents=True, exist_ok=True)
         lock = FileLock(folder.with_name(folder.name + ".lock"), self.stale_after)
-        if not wait_for(done, lock, self.poll):
+        if not self._acquire(done, lock, name):
             print(f"[{name}] done earlier ({self.times[name][0]:.0f} s): skipped", flush=True)
             return folder, digest
         try:
@@ -77,6 +82,19 @@ class StageRunner:
             lock.release()
         self.times[name] = (seconds, False)
         return folder, digest
+
+    def _acquire(self, done, lock: FileLock, name: str) -> bool:
+        """True when we hold the stage's lock and must compute it; False when it is done."""
+        if self.wait:
+            return wait_for(done, lock, self.poll)
+        if done():
+            return False
+        if not lock.try_acquire():
+            raise StageBusy(f"stage '{name}' is being computed by another worker")
+        if done():  # finished by the other holder just before it let go
+            lock.release()
+            return False
+        return True
 
     def _link(self, name: str, folder: Path) -> None:
         link = self.out / name

@@ -41,6 +41,7 @@ from .config import ConfigError, load_yaml, save_config
 from .locks import FileLock
 from .recipe import Recipe, merge_overrides, recipe_from_dict
 from .records import DataError, write_json
+from .stages import StageBusy
 
 GRID_KEYS = ("recipe", "set", "axes", "runs")
 
@@ -129,8 +130,6 @@ def run_sweep(grid_path: str | Path, out: str | Path, *, shard: tuple[int, int] 
               stale_after: float = 120.0, poll: float = 5.0, progress: bool = True) -> dict | None:
     """Work through this shard's runs; returns the table once every run of the grid is finished
     (None when other shards still have work)."""
-    from .pipeline import run_recipe
-
     out = Path(out)
     keys, runs = load_grid(grid_path)
     out.mkdir(parents=True, exist_ok=True)
@@ -147,22 +146,7 @@ def run_sweep(grid_path: str | Path, out: str | Path, *, shard: tuple[int, int] 
             if not lock.try_acquire():
                 continue
             try:
-                folder = out / "runs" / r.id
-                if run_state(folder) is not None:
-                    continue
-                worked = True
-                print(f"== run {r.id}: {r.settings}", flush=True)
-                start = time.time()
-                try:
-                    run_recipe(r.recipe, folder, store=out / "stages", stale_after=stale_after,
-                               progress=progress)
-                except (ConfigError, DataError, RuntimeError) as e:  # this run fails alone
-                    write_json(folder / "failed.json", {"error": str(e),
-                                                        "trace": traceback.format_exc()})
-                    print(f"== run {r.id} failed: {e}", flush=True)
-                    continue
-                write_json(folder / "done.json", {"id": r.id, "settings": r.settings,
-                                                  "seconds": time.time() - start})
+                worked |= work_on(r, out / "runs" / r.id, out / "stages", stale_after, progress)
             finally:
                 lock.release()
         if not worked:
@@ -177,6 +161,30 @@ def run_sweep(grid_path: str | Path, out: str | Path, *, shard: tuple[int, int] 
     print("\n" + to_text(table))
     print(f"\nwritten: {out / 'results.md'}, results.csv, results.json")
     return table
+
+
+def work_on(r: SweepRun, folder: Path, store: Path, stale_after: float, progress: bool) -> bool:
+    """Run `r` (its run lock held); True once it is done or failed, False when it was set aside
+    because another worker is computing a stage it needs (this worker takes another run)."""
+    from .pipeline import run_recipe
+
+    if run_state(folder) is not None:
+        return True
+    print(f"== run {r.id}: {r.settings}", flush=True)
+    start = time.time()
+    try:
+        run_recipe(r.recipe, folder, store=store, stale_after=stale_after, progress=progress,
+                   wait=False)
+    except StageBusy as e:
+        print(f"== run {r.id} set aside: {e}", flush=True)
+        return False
+    except (ConfigError, DataError, RuntimeError) as e:  # this run fails alone
+        write_json(folder / "failed.json", {"error": str(e), "trace": traceback.format_exc()})
+        print(f"== run {r.id} failed: {e}", flush=True)
+        return True
+    write_json(folder / "done.json", {"id": r.id, "settings": r.settings,
+                                      "seconds": time.time() - start})
+    return True
 
 
 def build_table(out: Path, keys: list[str], runs: list[SweepRun]) -> dict:
