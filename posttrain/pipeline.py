@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from .config import ConfigError, save_config
+from .config import ConfigError, merge, save_config
 from .recipe import (  # noqa: F401  (Recipe, EvalSet, load_recipe re-exported for callers)
     EvalSet,
     Recipe,
@@ -60,10 +60,16 @@ def train_data_kind(recipe: Recipe) -> str:
 
     kind = recipe.train.data
     if recipe.train.method not in OFFLINE_METHODS:
-        if kind not in ("auto", "demonstrations"):
+        if kind == "demonstrations" and recipe.train.method == "chord":
+            if (recipe.train.config.get("chord") or {}).get("demos"):
+                raise ConfigError("train.config.chord.demos and train.data: demonstrations "
+                                  "both name chord's demonstrations: keep one")
+            return kind  # rollouts on the sample problems, the SFT term on these
+        if kind != "auto":
             raise ConfigError(f"train.data: {kind!r}; online method {recipe.train.method!r} "
-                              "trains on the sample problems (auto) or demonstrations (chord)")
-        return "problems" if kind == "auto" else kind
+                              "trains on the sample problems (auto), and chord also on "
+                              "demonstrations (train.data: demonstrations)")
+        return "problems"
     if kind == "auto":
         return "pairs" if recipe.train.method in PREFERENCE_METHODS else "scored"
     return kind
@@ -181,13 +187,17 @@ def run_recipe(recipe: Recipe, out: str | Path, *, store: str | Path | None = No
     stage = StageRunner(out, store, stale_after=stale_after, wait=wait)
     r = recipe
     data, data_digest = prepare_data(r, stage, progress)
-    kind = train_data_kind(r)
+    kind, train, problems = train_data_kind(r), r.train, None
+    if kind == "problems":
+        data, problems = None, data
+    elif r.train.method == "chord":  # online: rollouts of the problems, SFT on the demos
+        train = replace(train, config=merge(train.config, {"chord": {"demos": data}}))
+        data, problems = None, r.sample.problems
     train_folder, train_digest = stage(
         "train", {"model": r.model, "seed": r.seed, "method": r.train.method,
                   "config": r.train.config, "data": data_digest},
-        lambda f: train_stage(r.train, f, model=r.model, seed=r.seed, progress=progress,
-                              data=None if kind == "problems" else data,
-                              problems=data if kind == "problems" else None))
+        lambda f: train_stage(train, f, model=r.model, seed=r.seed, progress=progress,
+                              data=data, problems=problems))
     adapter = train_folder / "adapter"
 
     sets = []

@@ -204,3 +204,33 @@ def test_greedy_evaluation_is_shared_across_seeds_sampled_one_is_not(tmp_path):
     assert settings(0, 0.0) == settings(1, 0.0)
     assert settings(0, 0.7) != settings(1, 0.7)
     assert settings(0, 0.7)["seed"] == 0
+
+
+@pytest.mark.slow
+def test_chord_in_a_run_gets_problems_and_the_demos_stage(tmp_path, tiny_model_dir, one_thread):
+    """`train.method: chord` with `train.data: demonstrations`: the demos stage writes the
+    demonstrations, the trainer samples rollouts of sample.problems and adds the SFT term on
+    those demonstrations (loss/sft logged); naming the demos twice is refused."""
+    from posttrain.recipe import recipe_from_dict
+
+    recipe = {
+        "model": tiny_model_dir, "dtype": "fp32", "seed": 0,
+        "sample": {"problems": "builtin:arith:4?split=train"},
+        "demos": {"style": "terse"},
+        "train": {"method": "chord", "data": "demonstrations",
+                  "config": {"dtype": "fp32", "max_steps": 1, "num_generations": 2,
+                             "problems_per_step": 2, "max_new_tokens": 4, "num_threads": 1,
+                             "lora": {"r": 2, "alpha": 4}}},
+        "eval": [{"name": "arith", "problems": "builtin:arith:2?split=test",
+                  "max_new_tokens": 4, "batch_size": 2}],
+    }
+    run_recipe(recipe_from_dict(recipe), tmp_path / "run", progress=False)
+    train = tmp_path / "run" / "train"
+    config = (train / "config.yaml").read_text()
+    assert str(tmp_path / "run" / "demos" / "demos.jsonl") in config
+    assert "builtin:arith:4?split=train" in config
+    row = read_jsonl(train / "metrics.jsonl")[-1]
+    assert row["loss/sft"] > 0 and 0 < row["mu"] <= 1
+    recipe["train"]["config"]["chord"] = {"demos": "x.jsonl"}
+    with pytest.raises(ConfigError, match="both name chord's demonstrations"):
+        run_recipe(recipe_from_dict(recipe), tmp_path / "run2", progress=False)
