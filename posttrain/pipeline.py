@@ -155,18 +155,30 @@ def eval_set_stage(recipe: Recipe, es: EvalSet, adapter, folder: Path,
     params = SamplingParams(n=es.n, temperature=es.temperature,
                             max_new_tokens=es.max_new_tokens, seed=recipe.seed)
     try:
-        return evaluate(engine, load_problems(es.problems), folder, params,
-                        protocol=es.protocol, system_prompt=es.system_prompt, judge=judge,
-                        judge_concurrency=es.judge.concurrency if es.judge else 1,
-                        progress=progress)
+        summary = evaluate(engine, load_problems(es.problems), folder, params,
+                           protocol=es.protocol, system_prompt=es.system_prompt, judge=judge,
+                           judge_concurrency=es.judge.concurrency if es.judge else 1,
+                           progress=progress)
     finally:
         engine.close()
+    failed = summary.get("counts", {}).get("judge_error", 0)
+    if failed:  # a score with failed judgements counted wrong is not a result: stop, unfinished
+        from .engines.base import EngineUnavailable
+
+        raise EngineUnavailable(
+            f"eval set {es.name!r}: {failed} of {summary['n']} judgements failed after retries "
+            f"({folder / 'items.jsonl'}); run the same command again: graded items are kept "
+            "and only the failed ones are judged again")
+    return summary
 
 
 def eval_settings(recipe: Recipe, es: EvalSet) -> dict:
     """What determines an evaluation's output (not the set's name or guard flag); the engine
     as resolved, less the keys that only say how to reach it."""
     settings = {k: v for k, v in asdict(es).items() if k not in ("name", "guard", "engine")}
+    if settings["judge"] is not None:  # which judge model and prompt, not how to reach it
+        settings["judge"] = {k: v for k, v in settings["judge"].items()
+                             if k not in ("url", "key_env", "concurrency")}
     seed = {"seed": recipe.seed} if es.temperature > 0 else {}  # greedy: the seed changes nothing
     return {"model": recipe.model, "dtype": stage_dtype(recipe, es), **seed,
             **settings, "engine": engine_settings(stage_engine(recipe, es))}

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError, load_yaml, save_config
+from .engines.base import EngineUnavailable
 from .locks import FileLock
 from .recipe import Recipe, merge_overrides, recipe_from_dict
 from .records import DataError, write_json
@@ -178,6 +179,8 @@ def work_on(r: SweepRun, folder: Path, store: Path, stale_after: float, progress
     except StageBusy as e:
         print(f"== run {r.id} set aside: {e}", flush=True)
         return False
+    except EngineUnavailable:  # a server is down (or a judge failing): every run would fail
+        raise  # alike, so the worker stops; rerunning resumes
     except (ConfigError, DataError, RuntimeError) as e:  # this run fails alone
         write_json(folder / "failed.json", {"error": str(e), "trace": traceback.format_exc()})
         print(f"== run {r.id} failed: {e}", flush=True)
