@@ -75,6 +75,17 @@ def train_data_kind(recipe: Recipe) -> str:
     return kind
 
 
+def train_inputs(recipe: Recipe, data: str):
+    """(train block, data file, problem source) for the trainer, given prepare_data's output."""
+    kind, train = train_data_kind(recipe), recipe.train
+    if kind == "problems":
+        return train, None, data
+    if train.method == "chord":  # online: rollouts of the sample problems, SFT on the demos
+        return (replace(train, config=merge(train.config, {"chord": {"demos": data}})), None,
+                recipe.sample.problems)
+    return train, data, None
+
+
 def prepare_data(recipe: Recipe, stage: StageRunner, progress: bool = True):
     """Run the stages that make the training data; (path or problem source, its digest)."""
     from .pairs import PairsConfig, make_pairs
@@ -199,12 +210,7 @@ def run_recipe(recipe: Recipe, out: str | Path, *, store: str | Path | None = No
     stage = StageRunner(out, store, stale_after=stale_after, wait=wait)
     r = recipe
     data, data_digest = prepare_data(r, stage, progress)
-    kind, train, problems = train_data_kind(r), r.train, None
-    if kind == "problems":
-        data, problems = None, data
-    elif r.train.method == "chord":  # online: rollouts of the problems, SFT on the demos
-        train = replace(train, config=merge(train.config, {"chord": {"demos": data}}))
-        data, problems = None, r.sample.problems
+    train, data, problems = train_inputs(r, data)
     train_folder, train_digest = stage(
         "train", {"model": r.model, "seed": r.seed, "method": r.train.method,
                   "config": r.train.config, "data": data_digest},

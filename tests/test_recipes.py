@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from posttrain.config import ConfigError
-from posttrain.pipeline import Recipe, load_recipe
+from posttrain.pipeline import Recipe, load_recipe, train_inputs
 from posttrain.tasks import load_problems
 from posttrain.train.stage import resolve_config
 
@@ -46,8 +46,9 @@ def _check(recipe):
     for eval_set in recipe.eval:
         assert load_problems(eval_set.problems, limit=2)
     # The train section must be a valid config for its method.
-    cfg = resolve_config(recipe.train.method, {"seed": recipe.seed, **recipe.train.config},
-                         model=recipe.model, data="pairs.jsonl", problems=recipe.sample.problems)
+    train, data, problems = train_inputs(recipe, "data.jsonl")  # as `run` gives them
+    cfg = resolve_config(train.method, {"seed": recipe.seed, **train.config},
+                         model=recipe.model, data=data, problems=problems)
     assert cfg.method == recipe.train.method
 
 
@@ -60,7 +61,8 @@ def test_sweep_grids_have_the_runs_they_promise():
         (1e-4, 0.1), (1e-4, 0.3), (5e-5, 0.1), (5e-5, 0.3)}
     _, runs = load_grid(RECIPES[[p.name for p in RECIPES].index("sweep-methods.yaml")])
     assert {r.id: r.recipe.train.method for r in runs} == {
-        "sft-foreign": "sft", "dft-foreign": "dft", "dpo-self": "dpo", "grpo": "grpo"}
+        "sft-foreign": "sft", "dft-foreign": "dft", "dpo-self": "dpo", "grpo": "grpo",
+        "chord": "chord"}
     assert all(r.recipe.train.data == "demonstrations" for r in runs if "foreign" in r.id)
 
 
