@@ -25,6 +25,7 @@ from .recipe import (  # noqa: F401  (Recipe, EvalSet, load_recipe re-exported f
     EvalSet,
     Recipe,
     SampleStage,
+    TrainStage,
     engine_settings,
     load_recipe,
     stage_engine,
@@ -75,9 +76,14 @@ def train_data_kind(recipe: Recipe) -> str:
     return kind
 
 
+def train_block(recipe: Recipe) -> TrainStage:
+    """The recipe's `train:` block, its config taking the recipe's dtype unless it names one."""
+    return replace(recipe.train, config={"dtype": recipe.dtype, **recipe.train.config})
+
+
 def train_inputs(recipe: Recipe, data: str):
     """(train block, data file, problem source) for the trainer, given prepare_data's output."""
-    kind, train = train_data_kind(recipe), recipe.train
+    kind, train = train_data_kind(recipe), train_block(recipe)
     if kind == "problems":
         return train, None, data
     if train.method == "chord":  # online: rollouts of the sample problems, SFT on the demos
@@ -213,7 +219,7 @@ def run_recipe(recipe: Recipe, out: str | Path, *, store: str | Path | None = No
     train, data, problems = train_inputs(r, data)
     train_folder, train_digest = stage(
         "train", {"model": r.model, "seed": r.seed, "method": r.train.method,
-                  "config": r.train.config, "data": data_digest},
+                  "config": train_block(r).config, "data": data_digest},
         lambda f: train_stage(train, f, model=r.model, seed=r.seed, progress=progress,
                               data=data, problems=problems))
     adapter = train_folder / "adapter"

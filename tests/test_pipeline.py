@@ -275,3 +275,14 @@ def test_failed_judgements_stop_the_run_unfinished_and_a_rerun_judges_only_them(
         assert len(judge.requests) == 4
     assert [r["verdict"] for r in read_jsonl(base / "items.jsonl")] == ["correct"] * 2
     assert report["sets"][0]["base"]["counts"]["judge_error"] == 0
+
+
+def test_the_recipe_dtype_reaches_training_unless_the_train_block_names_one():
+    """`dtype: fp32` at the top of a recipe (or `--set dtype=fp32`) makes sampling, training and
+    evaluation fp32; a `train.config.dtype` of its own wins for training."""
+    from posttrain.pipeline import train_block
+    from posttrain.recipe import recipe_from_dict
+
+    assert train_block(recipe_from_dict({"dtype": "fp32"})).config["dtype"] == "fp32"
+    own = recipe_from_dict({"dtype": "fp32", "train": {"config": {"dtype": "bf16"}}})
+    assert train_block(own).config["dtype"] == "bf16" and own.train.config == {"dtype": "bf16"}
