@@ -77,8 +77,14 @@ def train_data_kind(recipe: Recipe) -> str:
 
 
 def train_block(recipe: Recipe) -> TrainStage:
-    """The recipe's `train:` block, its config taking the recipe's dtype unless it names one."""
-    return replace(recipe.train, config={"dtype": recipe.dtype, **recipe.train.config})
+    """The recipe's `train:` block, its config taking the recipe's dtype unless it names one,
+    'auto' resolved for this machine's training device (as stage_dtype, and for the same reason:
+    a shared sweep store must not mix bf16 and fp32 adapters under one digest)."""
+    from .models import resolve_device, resolve_dtype
+
+    dtype = recipe.train.config.get("dtype", recipe.dtype)
+    return replace(recipe.train, config={
+        **recipe.train.config, "dtype": resolve_dtype(dtype, resolve_device("auto", say=False))})
 
 
 def train_inputs(recipe: Recipe, data: str):
