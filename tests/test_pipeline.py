@@ -286,6 +286,7 @@ def test_the_recipe_dtype_reaches_training_unless_the_train_block_names_one():
     assert train_block(recipe_from_dict({"dtype": "fp32"})).config["dtype"] == "fp32"
     own = recipe_from_dict({"dtype": "fp32", "train": {"config": {"dtype": "bf16"}}})
     assert train_block(own).config["dtype"] == "bf16" and own.train.config == {"dtype": "bf16"}
-    from posttrain.models import resolve_dtype
+    from posttrain.models import resolve_device, resolve_dtype
 
-    assert train_block(recipe_from_dict({})).config["dtype"] == resolve_dtype("auto", "cpu")
+    assert train_block(recipe_from_dict({})).config["dtype"] == resolve_dtype(
+        "auto", resolve_device("auto", say=False))
