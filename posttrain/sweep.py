@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import time
 import traceback
 from dataclasses import dataclass
@@ -203,17 +204,20 @@ def build_table(out: Path, keys: list[str], runs: list[SweepRun]) -> dict:
     sets = []
     names = [s.name for s in runs[0].recipe.eval]
     for name in names:
-        per_run, base = {}, None
+        per_run, base, bases = {}, None, {}
         for rid, rep in reports.items():
             entry = next((s for s in rep["sets"] if s["name"] == name), None)
             if entry is None:
                 continue
             base = base or entry["base"]
-            per_run[rid] = {"summary": entry["trained"], "compare": entry["compare"],
+            link = out / "runs" / rid / "eval" / name / "base"  # -> stages/eval-NAME-base-DIGEST
+            key = Path(os.readlink(link)).name if link.is_symlink() else "base"
+            bases.setdefault(key, entry["base"])
+            per_run[rid] = {"summary": entry["trained"], "compare": entry["compare"], "base": key,
                             "guard": entry["guard"], "items": read_jsonl(
                                 out / "runs" / rid / "eval" / name / "trained" / "items.jsonl")}
         if base is not None:
-            sets.append(set_table(name, base, per_run))
+            sets.append(set_table(name, base, per_run, bases))
     return {"axes": keys, "sets": sets,
             "runs": [{"id": r.id, "settings": r.values or r.settings, "changed": r.settings,
                       "status": status[r.id]} for r in runs]}

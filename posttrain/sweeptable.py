@@ -36,11 +36,18 @@ def holm(p_values: list[float]) -> list[float]:
     return adjusted
 
 
-def set_table(name: str, base_summary: dict, runs: dict[str, dict]) -> dict:
-    """One evaluation set. `runs`: run id -> {summary, compare (vs base), items (trained)}."""
+def set_table(name: str, base_summary: dict, runs: dict[str, dict],
+              bases: dict[str, dict] | None = None) -> dict:
+    """One evaluation set. `runs`: run id -> {summary, compare (vs its base), items (trained),
+    and `base`: the key of its base in `bases` when runs have different bases (a dtype or
+    model axis)}. `bases`: key -> base summary; by default the one `base_summary`."""
     from .compare import compare_items
 
-    out = {"set": name, "base": _score(base_summary), "runs": {}}
+    bases = bases or {"base": base_summary}
+    out = {"set": name, "base": _score(base_summary), "runs": {},
+           "bases": {key: {**_score(b), "runs": sorted(rid for rid, r in runs.items()
+                                                       if r.get("base", "base") == key)}
+                     for key, b in bases.items()}}
     if not runs:
         return out
     scores = {rid: score(r["summary"])[0] for rid, r in runs.items()}
@@ -88,9 +95,7 @@ def flat_rows(table: dict) -> tuple[list[str], list[list[str]]]:
     for s in sets:
         n = s["set"]
         head += [f"{n} % [95% CI]", f"{n} vs base (p)", f"{n} vs best (Holm p)", f"{n} note"]
-    rows = [["base", *["-"] * len(axes)]
-            + sum([[with_ci(s["base"]["score"], s["base"]["interval_95"]), "", "", ""]
-                   for s in sets], [])]
+    rows = base_rows(table)
     for run in table["runs"]:
         row = [run["id"], *[_fmt(run["settings"].get(a)) for a in axes]]
         for s in sets:
@@ -104,6 +109,24 @@ def flat_rows(table: dict) -> tuple[list[str], list[list[str]]]:
                     f"{100 * r['diff_base']:+.1f} ({r['p_base']:.2g})", vs_best, note(r)]
         rows.append(row)
     return head, rows
+
+
+def base_rows(table: dict) -> list[list[str]]:
+    """One row per distinct base evaluation (one, unless an axis such as dtype or model changes
+    the base), its axis columns the values every run measured against it shares."""
+    axes, sets = table["axes"], table["sets"]
+    settings = {run["id"]: run["settings"] for run in table["runs"]}
+    keys = list(dict.fromkeys(k for s in sets for k in s.get("bases", {"base": None})))
+    rows = []
+    for key in keys:
+        entries = [s.get("bases", {"base": s["base"]}).get(key) for s in sets]
+        users = sorted({rid for e in entries if e for rid in e.get("runs", [])})
+        shared = [{_fmt(settings[rid].get(a)) for rid in users if rid in settings} for a in axes]
+        row = ["base", *[next(iter(v)) if len(keys) > 1 and len(v) == 1 else "-" for v in shared]]
+        for e in entries:
+            row += [with_ci(e["score"], e["interval_95"]) if e else "", "", "", ""]
+        rows.append(row)
+    return rows
 
 
 def _fmt(value) -> str:

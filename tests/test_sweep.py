@@ -73,6 +73,33 @@ def test_table_marks_runs_within_noise_of_best():
     assert to_csv(table).splitlines()[0].startswith("run,train.config.lr,arith % [95% CI]")
 
 
+def test_one_base_row_per_distinct_base():
+    """A dtype axis: runs a (bf16) and b (fp32) are each compared with their own base, bf16
+    base right on 5 of 10 items, fp32 base on 3. a right on 8: +30 points vs its base; b right
+    on 6: +30 points vs its base too. The table has two base rows, each naming its dtype.
+    Wald intervals, 1.96 sqrt(p (1 - p) / 10): 50 +- 31.0, 30 +- 28.4, 80 +- 24.8 (capped at
+    100), 60 +- 30.4."""
+    from posttrain.compare import compare_items
+    from posttrain.sweeptable import flat_rows
+
+    runs = {"a": {"summary": _summary(8), "items": _items(range(8)), "base": "b16",
+                  "compare": compare_items(_items(range(5)), _items(range(8)))},
+            "b": {"summary": _summary(6), "items": _items(range(6)), "base": "f32",
+                  "compare": compare_items(_items(range(3)), _items(range(6)))}}
+    t = set_table("arith", _summary(5), runs, {"b16": _summary(5), "f32": _summary(3)})
+    assert t["runs"]["a"]["diff_base"] == pytest.approx(0.3)
+    assert t["runs"]["b"]["diff_base"] == pytest.approx(0.3)
+    assert t["bases"]["f32"]["runs"] == ["b"] and t["bases"]["f32"]["score"] == 0.3
+    table = {"axes": ["dtype"], "sets": [t],
+             "runs": [{"id": "a", "settings": {"dtype": "bf16"}, "status": "done"},
+                      {"id": "b", "settings": {"dtype": "fp32"}, "status": "done"}]}
+    head, rows = flat_rows(table)
+    assert [r[:3] for r in rows] == [["base", "bf16", "50.0 [19.0, 81.0]"],
+                                     ["base", "fp32", "30.0 [1.6, 58.4]"],
+                                     ["a", "bf16", "80.0 [55.2, 100.0]"],
+                                     ["b", "fp32", "60.0 [29.6, 90.4]"]]
+
+
 def test_grid_product_and_named_runs(tmp_path):
     (tmp_path / "base.yaml").write_text((REPO / "recipes" / "default.yaml").read_text())
     grid = tmp_path / "grid.yaml"
