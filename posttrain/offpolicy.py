@@ -4,7 +4,7 @@
 
 A rollout engine (vLLM, a server, a detached copy) never computes exactly the trainer's
 log-probabilities: kernels, precision and batching differ, and a broken weight sync makes it
-sample an old policy. Three pure functions, in the conventions of posttrain/losses.py:
+sample an old policy. Three pure functions, in the conventions of posttrain/losses/:
 - `mismatch_metrics`: how far the engine's log-probs of the sampled tokens are from the
   trainer's (the sync check of the online loop uses mismatch/kl).
 - `rollout_weights`: truncated (TIS) or masked (MIS) importance sampling weights
