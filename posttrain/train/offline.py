@@ -17,22 +17,22 @@ for SFT's token_mean. Each micro-batch's loss is scaled by its share of the glob
 (times the number of processes, because DDP and FSDP2 average gradients over processes), so the summed
 gradients equal those of the whole batch in one piece. Every process knows the whole global
 batch (the order is a function of seed and epoch), so the shares need no communication.
+
+One step's gradients: train/offline_step.py; the reference log-probs: train/reference.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from .. import losses
 from ..config import ConfigError, save_config
-from ..models import load_model, load_tokenizer, resolve_dtype, resolve_model
+from ..models import load_model, load_tokenizer, resolve_dtype
 from ..records import write_json
-from .batches import collate, epoch_batches, micro_batches
+from .batches import epoch_batches
 from .checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -42,151 +42,23 @@ from .checkpoint import (
     start_run,
 )
 from .config import TrainConfig
-from .data import Example, load_examples
+from .data import load_examples
 from .distributed import Processes, local_storage, master_weights, zero3_config
-from .logps import completion_logps, reference_logps, split_pairs
 from .lora import apply_lora, format_parameter_report, parameter_report
 from .metrics import MetricsLog, NonFiniteError, check_finite
 from .moe import MoeRun
 from .modes import enable_gradient_checkpointing, train_mode
 from .optim import lr_at, make_optimizer, make_scheduler
-from .refcache import cache_key, cache_path, read_cache, write_cache
+from .offline_step import DPO_LOSS_TYPES as DPO_LOSS_TYPES  # re-exported
+from .offline_step import SFT_LOSSES as SFT_LOSSES  # re-exported
+from .offline_step import global_units as global_units  # re-exported
+from .offline_step import micro_batch_loss as micro_batch_loss  # re-exported
+from .offline_step import step_gradients
+from .reference import reference_table
 
-SFT_LOSSES = {"sft": losses.sft, "dft": losses.dft, "chord-phi": losses.sft_phi}
-DPO_LOSS_TYPES = {"dpo": "sigmoid", "ipo": "ipo", "robust-dpo": "robust", "bdpo": "bdpo",
-                  "rpo": "sigmoid"}
 # Settings that may change between a run and its resume (they do not change the result).
 RESUME_MAY_CHANGE = {"stop_after_steps", "num_threads", "checkpoint_every", "keep_checkpoints",
                      "trackers", "ref_batch_size", "ref_cache", "tokenize_workers"}
-
-
-# ------------------------------------------------------------------------ loss of a batch
-
-
-def global_units(examples: list[Example], cfg: TrainConfig) -> int:
-    """What the step's loss averages over: completion tokens (SFT token_mean) or rows."""
-    if not cfg.preference and cfg.sft_aggregation == "token_mean":
-        return sum(len(e.completions[0]) for e in examples)
-    return len(examples)
-
-
-def micro_batch_loss(model, examples: list[Example], ref: torch.Tensor | None, cfg: TrainConfig,
-                     *, pad_id: int, device, units: int, processes: int
-                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], float, int]:
-    """(loss scaled to its share of the global batch, metrics, share, tokens processed).
-
-    `units` is global_units() of the whole step; `ref` is (B, 2) reference log-probs.
-    """
-    batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
-    logps = completion_logps(model, batch)  # (R, K) float32
-    tokens = int(batch["attention_mask"].sum())
-    if cfg.preference:
-        policy_chosen, policy_rejected = split_pairs(logps.sum(-1))  # (B,), (B,)
-        chosen_len, rejected_len = split_pairs(batch["completion_lengths"])
-        ref = ref.to(device)
-        chosen_nll = -policy_chosen / chosen_len.clamp(min=1) if cfg.nll_weight else None
-        loss, metrics = losses.dpo(policy_chosen, policy_rejected, ref[:, 0], ref[:, 1], cfg.beta,
-                                   loss_type=DPO_LOSS_TYPES[cfg.method],
-                                   label_smoothing=cfg.label_smoothing,
-                                   chosen_lengths=chosen_len, rejected_lengths=rejected_len,
-                                   bdpo_lambda=cfg.bdpo_lambda, nll_weight=cfg.nll_weight,
-                                   chosen_nll=chosen_nll)
-        share = len(examples) / units
-        return loss * (share * processes), metrics, share, tokens
-    mask = batch["labels"] != -100  # (R, K)
-    fn = SFT_LOSSES[cfg.method]
-    if cfg.sft_aggregation == "token_mean":
-        loss, metrics = fn(logps, mask, aggregation="token_mean",
-                           num_items_in_batch=units / processes)
-        share = float(mask.sum()) / units
-    else:
-        loss, metrics = fn(logps, mask, aggregation=cfg.sft_aggregation)
-        share = len(examples) / units
-        loss = loss * (share * processes if cfg.sft_aggregation == "sequence_mean" else processes)
-    metrics.pop("tokens", None)  # a count, not a mean: reported as `tokens` by the loop
-    return loss, metrics, share, tokens
-
-
-def step_gradients(policy, examples: list[Example], batch: list[int], ref: torch.Tensor | None,
-                   cfg: TrainConfig, accelerator, *, lengths: list[int], pad_id: int,
-                   moe: MoeRun = MoeRun()) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-    """Backward over this process's micro-batches of one global batch; gradients accumulate.
-
-    Returns (this process's summed loss shares, summed metric shares, tokens it processed).
-    Summed over processes and divided by their number, the loss is the global batch's loss.
-    On an MoE model `moe` adds coef x the balance loss of each micro-batch, with its share.
-    """
-    P = accelerator.num_processes
-    units = global_units([examples[i] for i in batch], cfg)
-    mine = micro_batches(batch, lengths, P, accelerator.process_index, cfg.grad_accum)
-    real = len(mine)
-    if getattr(accelerator, "sharded", False):
-        # FSDP2's forward and backward are collectives: a process with fewer micro-batches
-        # (a short last batch) repeats its first one with zero weight, as often as the busiest.
-        most = max(len(micro_batches(batch, lengths, P, r, cfg.grad_accum)) for r in range(P))
-        mine = mine + [mine[0]] * (most - real)
-    loss_sum = torch.zeros((), device=accelerator.device)
-    metric_sums: dict[str, torch.Tensor] = {}
-    tokens = 0
-    for i, rows in enumerate(mine):
-        sync = i == len(mine) - 1  # DDP all-reduces gradients on the last backward only
-        with contextlib.nullcontext() if sync or P == 1 else accelerator.no_sync(policy):
-            with moe.record(policy) as routing:
-                loss, metrics, share, n_tokens = micro_batch_loss(
-                    policy, [examples[j] for j in rows], ref[rows] if ref is not None else None,
-                    cfg, pad_id=pad_id, device=accelerator.device, units=units, processes=P)
-            loss = moe.add_aux(loss, metrics, routing, share * P)
-            accelerator.backward(loss if i < real else loss * 0.0)
-        if i >= real:
-            continue
-        loss_sum += loss.detach().float()
-        tokens += n_tokens
-        for k, v in metrics.items():
-            metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().float() * share
-    return loss_sum, metric_sums, tokens
-
-
-# ---------------------------------------------------------------------------- reference
-
-
-def reference_table(model, examples: list[Example], cfg: TrainConfig, accelerator, *,
-                    pad_id: int, dtype: str, out: Path) -> torch.Tensor:
-    """(N, 2) reference log-probs, read from the cache beside the data or computed once.
-
-    Called before the adapter exists, so the model is exactly the reference (for PiSSA / OLoRA
-    too, whose initialisation changes the base weights). Each process computes every P-th pair
-    and the parts are gathered.
-    """
-    key = cache_key(resolve_model(cfg.model), dtype, examples, accelerator.device.type) \
-        if cfg.ref_cache else None
-    if cfg.ref_cache and key is None:
-        _say(accelerator, f"reference log-probs: not cached ({cfg.model}: no local weight "
-                          "files to fingerprint)")
-    use_cache = key is not None
-    path = cache_path(cfg.data, key, fallback_dir=out) if use_cache else None
-    cached = read_cache(path, key, len(examples)) if use_cache else None
-    if cached is not None:
-        _say(accelerator, f"reference log-probs: read from cache {path}")
-        return cached
-    start = time.perf_counter()
-    P, rank = accelerator.num_processes, accelerator.process_index
-    mine = list(range(rank, len(examples), P))
-    part = reference_logps(model, [examples[i] for i in mine], batch_size=cfg.ref_batch_size,
-                           pad_id=pad_id, device=accelerator.device)
-    table = torch.zeros(len(examples), 2)
-    if P > 1:
-        from accelerate.utils import gather_object
-
-        for r, (idx, values) in enumerate(gather_object([(mine, part)])):
-            table[idx] = values
-    else:
-        table[mine] = part
-    if use_cache and accelerator.is_main_process:
-        write_cache(path, key, table)
-    _say(accelerator, f"reference log-probs: computed for {len(examples)} pairs in "
-                      f"{time.perf_counter() - start:.1f} s" +
-                      (f"; saved to {path}" if use_cache else ""))
-    return table
 
 
 # --------------------------------------------------------------------------------- loop
@@ -369,4 +241,3 @@ def _mib(nbytes: int) -> str:
 def _say(accelerator, text: str) -> None:
     if accelerator.is_main_process:
         print(text, flush=True)
-
