@@ -18,17 +18,18 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 
 from ..config import ConfigError
 from .config import OFFLINE_METHODS
 from .metrics import NonFiniteError
 
-# method -> module with `run(args) -> int`. A new loop is one line here, e.g.
-# RUNNERS.update(dict.fromkeys(("grpo", "dr-grpo", ...), "posttrain.train.online"))
-RUNNERS: dict[str, str] = dict.fromkeys(OFFLINE_METHODS, "posttrain.train.cli")
+# method -> "module:function" with `function(args) -> int`. A new loop is one line here, e.g.
+# RUNNERS.update(dict.fromkeys(("grpo", "dr-grpo", ...), "posttrain.train.cli:run_online"))
+RUNNERS: dict[str, str] = dict.fromkeys(OFFLINE_METHODS, "posttrain.train.cli:run")
 # "bnpo" stays routed so that its rename is explained (online_config raises).
 RUNNERS.update(dict.fromkeys(("grpo", "dr-grpo", "dapo", "grpo-token-mean", "gspo", "cispo",
-                              "chord", "bnpo"), "posttrain.train.online"))
+                              "chord", "bnpo"), "posttrain.train.cli:run_online"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +65,26 @@ def run(args) -> int:
     return 0
 
 
+def run_online(args) -> int:
+    """The online methods: grpo, dr-grpo, dapo, grpo-token-mean, gspo, cispo, chord."""
+    from .online import train_online
+    from .online_config import online_config
+
+    if getattr(args, "data", None):
+        raise ConfigError(f"--data is not used by the online method {args.method!r}: it samples "
+                          "its own completions of --problems (CHORD's demonstrations: "
+                          "--set chord.demos=FILE)")
+    cfg = online_config(args.method, args.config, args.set, model=args.model,
+                        problems=getattr(args, "problems", None))
+    summary = train_online(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    last = summary["last"]
+    if last:
+        print(f"{'finished' if summary['finished'] else 'stopped'} at step {summary['steps']} of "
+              f"{summary['total_steps']}; last reward {last['reward/mean']:.3f}; "
+              f"metrics in {Path(args.out) / 'metrics.jsonl'}", flush=True)
+    return 0
+
+
 def torchrun_command(args) -> list[str]:
     """`python -m torch.distributed.run --standalone --nproc_per_node N -m posttrain.cli train`
     with the same arguments, less --nproc."""
@@ -93,9 +114,9 @@ def main(args) -> int:
             command = torchrun_command(args)
             sys.stdout.flush()
             os.execv(command[0], command)  # this process becomes the torchrun launcher
-    module = importlib.import_module(RUNNERS[args.method])
+    module, _, function = RUNNERS[args.method].partition(":")
     try:
-        return int(module.run(args) or 0)
+        return int(getattr(importlib.import_module(module), function)(args) or 0)
     except NonFiniteError as e:
         print(f"posttrain train: stopped: {e}", file=sys.stderr, flush=True)
         return 1

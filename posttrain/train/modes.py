@@ -13,6 +13,9 @@ looks at, so checkpointing still works.
 `enable_gradient_checkpointing(model)` is the one switch both trainers call (the online one
 through the shared config base): non-reentrant torch.utils.checkpoint per decoder layer, which
 needs no `requires_grad` trick on the inputs and works with frozen base weights under LoRA.
+
+`disable_dropout(model)` sets every dropout probability to 0 (the online loop, which runs its
+updates in train mode when checkpointing).
 """
 
 from __future__ import annotations
@@ -49,3 +52,15 @@ def train_mode(model: nn.Module, *, dropout: bool) -> None:
     model.eval()
     for layer in _checkpointing_layers(model):
         layer.training = True  # only the flag: its children (attention, MLP) stay in eval
+
+
+def disable_dropout(model) -> None:
+    """Dropout probability 0 in every nn.Dropout and every `*dropout` float of the config (the
+    attention dropout of transformers models is read from there)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for key, value in (vars(config).items() if config is not None else ()):
+        if key.endswith("dropout") and isinstance(value, float):
+            setattr(config, key, 0.0)

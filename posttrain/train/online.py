@@ -8,7 +8,7 @@ The loop, top to bottom, per step: draw `problems_per_step` problems (each proce
 a group is never split), sample G completions of each through the rollout engine
 (train/rollout_engine.py) and grade them (train/rollouts.py), gather the rewards of every
 process and turn them into group-normalised advantages, then take `updates_per_batch`
-optimizer steps on the batch (train/policy_update.py; losses in posttrain/losses.py and
+optimizer steps on the batch (train/policy_update.py; losses in posttrain/losses/ and
 posttrain/offpolicy.py). The first update's forward also checks that the engine sampled the
 current policy (mismatch/* metrics; RolloutSyncError past rollout.max_mismatch_kl) and gives
 the rollout-correction weights. After the update a detached engine gets the new adapter.
@@ -44,8 +44,10 @@ from .checkpoint import (latest_checkpoint, load_checkpoint, parameters_finite, 
 from .data import load_examples
 from .lora import apply_lora, format_parameter_report, parameter_report
 from .metrics import MetricsLog, NonFiniteError, check_finite
+from .modes import disable_dropout
 from .moe import MoeRun, probe_prompt
 from .online_config import METHODS, RESUME_MAY_CHANGE, OnlineConfig, online_config
+from .online_reduce import gather_rollouts, sum_over_processes, token_means
 from .optim import clip_gradients, lr_at, make_optimizer, make_scheduler
 from .policy_update import frozen_logps, policy_backward, sft_backward
 from .problem_stream import ShuffledStream
@@ -165,7 +167,8 @@ def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, mo
         kept, everything, info = collect_rollouts(engine, tokenizer, stream, cfg, step, score,
                                                   rank=rank, processes=P)
         t1 = time.perf_counter()
-        every_rank, kept_rewards = _gather(accelerator, everything, [r.reward for r in kept])
+        every_rank, kept_rewards = gather_rollouts(accelerator, everything,
+                                                   [r.reward for r in kept])
         row = {"step": step + 1, **rollout_stats(every_rank, G),
                "groups_kept": len(kept_rewards) // G,
                **{k: v for k, v in info.items() if not k.startswith("time/")}}
@@ -180,8 +183,8 @@ def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, mo
         if kept:  # computed over every process's groups; this process keeps its rows
             everyone = group_advantages(torch.tensor(kept_rewards), G, cfg.advantage_scale)
             advantages = everyone[rank * len(kept):(rank + 1) * len(kept)]
-        tokens = _sum(accelerator, float(sum(int((b["labels"] != -100).sum())
-                                             for b, _ in batches)))
+        tokens = sum_over_processes(accelerator, float(sum(int((b["labels"] != -100).sum())
+                                                           for b, _ in batches)))
         # Old log-probs matter only once the policy has moved within the batch.
         old = frozen_logps(policy, batches, cfg.temperature, reference=False) \
             if kept and U > 1 else None
@@ -196,7 +199,7 @@ def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, mo
                     trained, batches, advantages, old, ref, cfg, mu=mu,
                     total_rows=len(kept_rewards), total_tokens=tokens, processes=P,
                     weights=weights, no_sync=no_sync, moe=moe)
-                metrics = _token_means(accelerator, sums)
+                metrics = token_means(accelerator, sums)
             if update == 0:
                 check_sync({"step": step + 1, **metrics}, max_kl, cfg.rollout.engine.kind,
                            sampled=bool(kept))
@@ -254,75 +257,6 @@ def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, mo
             "last": row}
 
 
-# ------------------------------------------------------------------ across processes
-
-
-def _gather(accelerator, everything: list, kept_rewards: list[float]) -> tuple[list, list]:
-    """Every process's rollouts and kept rewards, in rank order (itself alone: unchanged)."""
-    if accelerator.num_processes == 1:
-        return everything, kept_rewards
-    from accelerate.utils import gather_object
-
-    parts = gather_object([(everything, kept_rewards)])
-    return [r for e, _ in parts for r in e], [x for _, k in parts for x in k]
-
-
-def _sum(accelerator, value: float) -> float:
-    if accelerator.num_processes == 1:
-        return value
-    return float(accelerator.reduce(torch.tensor(value, device=accelerator.device), "sum"))
-
-
-def _token_means(accelerator, sums: dict[str, float]) -> dict[str, float]:
-    """policy_backward's token-weighted sums over every process -> token means; the loss is
-    the sum of its scaled parts over processes / P, mismatch/abs_logp_max the maximum."""
-    names = sorted(k for k in sums if k not in ("tokens", "mismatch/abs_logp_max"))
-    P = accelerator.num_processes
-    values = torch.tensor([sums["tokens"], *[sums[k] for k in names]], dtype=torch.float64)
-    peak = torch.tensor(sums["mismatch/abs_logp_max"], dtype=torch.float64)
-    if P > 1:
-        import torch.distributed as dist
-
-        values, peak = values.to(accelerator.device), peak.to(accelerator.device)
-        dist.all_reduce(values)
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    tokens, *rest = values.tolist()
-    out = {k: v / max(tokens, 1.0) for k, v in zip(names, rest)}
-    out["loss/policy"] = dict(zip(names, rest))["loss/policy"] / P
-    if any(k.startswith("mismatch/") for k in names):
-        out["mismatch/abs_logp_max"] = float(peak)
-    return out
-
-
-def disable_dropout(model) -> None:
-    """Dropout probability 0 in every nn.Dropout and every `*dropout` float of the config (the
-    attention dropout of transformers models is read from there)."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    config = getattr(model, "config", None)
-    for key, value in (vars(config).items() if config is not None else ()):
-        if key.endswith("dropout") and isinstance(value, float):
-            setattr(config, key, 0.0)
-
-
 def _say(main: bool, text: str) -> None:
     if main:
         print(text, flush=True)
-
-
-def run(args) -> int:
-    """`posttrain train --method grpo|dr-grpo|dapo|grpo-token-mean|gspo|cispo|chord`."""
-    if getattr(args, "data", None):
-        raise ConfigError(f"--data is not used by the online method {args.method!r}: it samples "
-                          "its own completions of --problems (CHORD's demonstrations: "
-                          "--set chord.demos=FILE)")
-    cfg = online_config(args.method, args.config, args.set, model=args.model,
-                        problems=getattr(args, "problems", None))
-    summary = train_online(cfg, args.out, resume=args.resume, progress=not args.no_progress)
-    last = summary["last"]
-    if last:
-        print(f"{'finished' if summary['finished'] else 'stopped'} at step {summary['steps']} of "
-              f"{summary['total_steps']}; last reward {last['reward/mean']:.3f}; "
-              f"metrics in {Path(args.out) / 'metrics.jsonl'}", flush=True)
-    return 0
