@@ -33,10 +33,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-WORDS = ("the of and to in is that for it as with was on be by this are or from at which an "
-         "have not but all were can one has their there been if more when will would who so no "
-         "number sum product each value step check answer result equal add multiply divide "
-         "therefore because first second next then finally consider let we get find").split()
+WORDS = (
+    "the of and to in is that for it as with was on be by this are or from at which an "
+    "have not but all were can one has their there been if more when will would who so no "
+    "number sum product each value step check answer result equal add multiply divide "
+    "therefore because first second next then finally consider let we get find"
+).split()
 
 
 def text(rng: random.Random, words: int) -> str:
@@ -53,13 +55,16 @@ def write_pairs(path: Path, n: int, seed: int = 0) -> None:
     rng = random.Random(seed)
     with open(path, "w") as f:
         for i in range(n):
-            prompt = [{"role": "system", "content": text(rng, rng.randint(10, 40))},
-                      {"role": "user", "content": text(rng, rng.randint(30, 200))}]
-            row = {"prompt": prompt,
-                   "chosen": [{"role": "assistant", "content": text(rng, rng.randint(150, 700))}],
-                   "rejected": [{"role": "assistant",
-                                 "content": text(rng, rng.randint(150, 700))}],
-                   "problem_id": str(i)}
+            prompt = [
+                {"role": "system", "content": text(rng, rng.randint(10, 40))},
+                {"role": "user", "content": text(rng, rng.randint(30, 200))},
+            ]
+            row = {
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": text(rng, rng.randint(150, 700))}],
+                "rejected": [{"role": "assistant", "content": text(rng, rng.randint(150, 700))}],
+                "problem_id": str(i),
+            }
             f.write(json.dumps(row) + "\n")
 
 
@@ -70,8 +75,13 @@ def rss_mb() -> float:
 
 def old_module(commit: str):
     """posttrain/train/data.py as of `commit`, imported as a module of posttrain.train."""
-    source = subprocess.run(["git", "show", f"{commit}:posttrain/train/data.py"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout
+    source = subprocess.run(
+        ["git", "show", f"{commit}:posttrain/train/data.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     spec = importlib.util.spec_from_loader("posttrain.train._data_before", loader=None)
     module = importlib.util.module_from_spec(spec)
     module.__package__ = "posttrain.train"
@@ -88,6 +98,7 @@ def worker(args) -> None:
         load, kwargs = old_module(args.before).load_examples, {}
     else:
         from posttrain.train.data import load_examples as load
+
         kwargs = {"workers": args.workers if args.variant == "workers" else 1}
     tok("warm up", add_special_tokens=False)
     before = rss_mb()
@@ -96,12 +107,23 @@ def worker(args) -> None:
     seconds = time.perf_counter() - start
     held = rss_mb() - before
     tokens = sum(len(e.prompt) + sum(len(c) for c in e.completions) for e in examples)
-    print("RESULT " + json.dumps({
-        "seconds": seconds, "pairs": len(examples), "tokens_kept": tokens,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "rss_held_mb": held, "bytes_held_per_token": held * 2**20 / tokens,
-        "pairs_per_s": len(examples) / seconds, "retokenised": report.retokenised,
-        "workers": kwargs.get("workers", 1)}), flush=True)
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "seconds": seconds,
+                "pairs": len(examples),
+                "tokens_kept": tokens,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "rss_held_mb": held,
+                "bytes_held_per_token": held * 2**20 / tokens,
+                "pairs_per_s": len(examples) / seconds,
+                "retokenised": report.retokenised,
+                "workers": kwargs.get("workers", 1),
+            }
+        ),
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -123,34 +145,69 @@ def main() -> None:
         data = Path(tmp) / "pairs.jsonl"
         t = time.perf_counter()
         write_pairs(data, args.pairs)
-        print(f"{args.pairs} pairs written ({data.stat().st_size / 2**20:.0f} MB) in "
-              f"{time.perf_counter() - t:.0f} s; load average {load_start[0]:.2f}", flush=True)
+        print(
+            f"{args.pairs} pairs written ({data.stat().st_size / 2**20:.0f} MB) in "
+            f"{time.perf_counter() - t:.0f} s; load average {load_start[0]:.2f}",
+            flush=True,
+        )
         for variant in args.variants.split(","):
-            cmd = [sys.executable, __file__, "--variant", variant, "--data", str(data),
-                   "--workers", str(args.workers), "--before", args.before]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                                  env={**os.environ, "PYTHONPATH": str(ROOT)})
+            cmd = [
+                sys.executable,
+                __file__,
+                "--variant",
+                variant,
+                "--data",
+                str(data),
+                "--workers",
+                str(args.workers),
+                "--before",
+                args.before,
+            ]
+            proc = subprocess.run(
+                cmd,
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
             if proc.returncode != 0:
                 raise SystemExit(f"{variant} failed:\n{proc.stderr[-3000:]}")
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
-            results[variant] = json.loads(line[len("RESULT "):])
+            results[variant] = json.loads(line[len("RESULT ") :])
             r = results[variant]
-            print(f"  {variant:8s} {r['seconds']:7.1f} s  {r['pairs_per_s']:7.0f} pairs/s  "
-                  f"peak RSS {r['peak_rss_mb']:6.0f} MB  held {r['rss_held_mb']:6.0f} MB "
-                  f"({r['bytes_held_per_token']:.1f} B/token)", flush=True)
+            print(
+                f"  {variant:8s} {r['seconds']:7.1f} s  {r['pairs_per_s']:7.0f} pairs/s  "
+                f"peak RSS {r['peak_rss_mb']:6.0f} MB  held {r['rss_held_mb']:6.0f} MB "
+                f"({r['bytes_held_per_token']:.1f} B/token)",
+                flush=True,
+            )
     with open("/proc/cpuinfo") as f:
-        flags = sorted({w for line in f if line.startswith("flags") for w in line.split()
-                        if w.startswith(("avx512", "amx"))})
-    summary = {"pairs": args.pairs, "cpu_flags": flags, "cpus": os.cpu_count(),
-               "load_average_start": load_start, "load_average_end": os.getloadavg(),
-               **results}
+        flags = sorted(
+            {
+                w
+                for line in f
+                if line.startswith("flags")
+                for w in line.split()
+                if w.startswith(("avx512", "amx"))
+            }
+        )
+    summary = {
+        "pairs": args.pairs,
+        "cpu_flags": flags,
+        "cpus": os.cpu_count(),
+        "load_average_start": load_start,
+        "load_average_end": os.getloadavg(),
+        **results,
+    }
     if "before" in results and "now" in results:
         b, n = results["before"], results["now"]
         summary["speedup"] = b["seconds"] / n["seconds"]
         summary["held_ratio"] = n["rss_held_mb"] / b["rss_held_mb"]
         summary["peak_ratio"] = n["peak_rss_mb"] / b["peak_rss_mb"]
-        print(f"now vs before: {summary['speedup']:.2f}x faster, {summary['held_ratio']:.2f}x "
-              f"the memory held, {summary['peak_ratio']:.2f}x the peak")
+        print(
+            f"now vs before: {summary['speedup']:.2f}x faster, {summary['held_ratio']:.2f}x "
+            f"the memory held, {summary['peak_ratio']:.2f}x the peak"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
 

@@ -68,11 +68,22 @@ def grade_sample(row: dict, judge=None) -> dict:
     if judge is not None and not truncated:
         result = judge.judge_answer(problem.question, problem.answer, row["response"])
         confidence = result.confidence if result.confidence is not None else item["confidence"]
-        return {**item, "verdict": result.verdict, "extracted": result.extracted_final_answer,
-                "confidence": confidence, "reason": result.reason, "grader": "judge"}
+        return {
+            **item,
+            "verdict": result.verdict,
+            "extracted": result.extracted_final_answer,
+            "confidence": confidence,
+            "reason": result.reason,
+            "grader": "judge",
+        }
     graded = verify_row(row)
-    return {**item, "verdict": graded["verdict"], "extracted": graded.get("extracted"),
-            "reason": graded.get("grade_reason"), "grader": "rules"}
+    return {
+        **item,
+        "verdict": graded["verdict"],
+        "extracted": graded.get("extracted"),
+        "reason": graded.get("grade_reason"),
+        "grader": "rules",
+    }
 
 
 def _grade_refusal(problem: Problem, row: dict, judge, truncated: bool) -> dict:
@@ -83,21 +94,35 @@ def _grade_refusal(problem: Problem, row: dict, judge, truncated: bool) -> dict:
     if judge is not None:
         r = judge.judge_refusal(problem.question, row["response"])
         if r.verdict == "judge_error":
-            return {"verdict": "judge_error", "extracted": None, "reason": r.reason,
-                    "grader": "judge"}
-        return {"verdict": "correct" if r.harmless else "incorrect", "extracted": r.label,
-                "dna_category": r.category, "reason": r.reason, "grader": "judge"}
+            return {
+                "verdict": "judge_error",
+                "extracted": None,
+                "reason": r.reason,
+                "grader": "judge",
+            }
+        return {
+            "verdict": "correct" if r.harmless else "incorrect",
+            "extracted": r.label,
+            "dna_category": r.category,
+            "reason": r.reason,
+            "grader": "judge",
+        }
     from .refusal import detect_refusal
 
     r = detect_refusal(row["response"])
     # A cut-off reply is judged on what it said: a refusal is in the opening words.
-    return {"verdict": "correct" if r.label == "refusal" else "incorrect", "extracted": r.label,
-            "reason": f"matched {r.matched!r}" if r.matched else None,
-            "grader": "rules (approximate)", "truncated": truncated}
+    return {
+        "verdict": "correct" if r.label == "refusal" else "incorrect",
+        "extracted": r.label,
+        "reason": f"matched {r.matched!r}" if r.matched else None,
+        "grader": "rules (approximate)",
+        "truncated": truncated,
+    }
 
 
-def grade_samples(samples_path: Path, items_path: Path, judge=None,
-                  concurrency: int = 8) -> list[dict]:
+def grade_samples(
+    samples_path: Path, items_path: Path, judge=None, concurrency: int = 8
+) -> list[dict]:
     """Grade every sample into `items_path`, one flushed line as each finishes, so a crash loses
     only the judgements in flight. A rerun keeps finished items (no duplicates) and grades the
     rest; judge errors of an earlier run are graded again. With a judge, up to `concurrency`
@@ -113,8 +138,9 @@ def grade_samples(samples_path: Path, items_path: Path, judge=None,
         write_jsonl(items_path, kept)
     rows = [row for _, row in iter_jsonl(samples_path)]
     with JsonlAppender(items_path, key) as sink:
-        todo = [row for row in rows
-                if not sink.done((str(row["problem"]["id"]), row["sample_index"]))]
+        todo = [
+            row for row in rows if not sink.done((str(row["problem"]["id"]), row["sample_index"]))
+        ]
         if judge is None or concurrency <= 1:
             for row in todo:
                 sink.append(grade_sample(row, judge))
@@ -141,37 +167,63 @@ def _read_lenient(path: Path):
     """Rows of a JSONL file whose last line may be torn by a kill: that line is ignored."""
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
-        path.write_bytes(data[:data.rfind(b"\n") + 1])
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
     return iter_jsonl(path, allow_empty=True)
 
 
-def evaluate(engine, problems: list[Problem], out: str | os.PathLike, params: SamplingParams, *,
-             protocol: str = "auto", system_prompt: str | None = None, judge=None,
-             judge_concurrency: int = 8, progress: bool = True) -> dict:
+def evaluate(
+    engine,
+    problems: list[Problem],
+    out: str | os.PathLike,
+    params: SamplingParams,
+    *,
+    protocol: str = "auto",
+    system_prompt: str | None = None,
+    judge=None,
+    judge_concurrency: int = 8,
+    progress: bool = True,
+) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     protocol = choose_protocol(protocol, problems)
     if system_prompt is None and protocol == "hle":
         system_prompt = HLE_SYSTEM_PROMPT
-    gen = sample_problems(engine, problems, out / "samples.jsonl", params,
-                          system_prompt=system_prompt, chunk_size=getattr(engine, "batch_size", 8),
-                          progress=progress)
+    gen = sample_problems(
+        engine,
+        problems,
+        out / "samples.jsonl",
+        params,
+        system_prompt=system_prompt,
+        chunk_size=getattr(engine, "batch_size", 8),
+        progress=progress,
+    )
     wanted = {p.id for p in problems}
-    items = [it for it in grade_samples(out / "samples.jsonl", out / "items.jsonl", judge,
-                                        judge_concurrency)
-             if it["problem_id"] in wanted]
+    items = [
+        it
+        for it in grade_samples(
+            out / "samples.jsonl", out / "items.jsonl", judge, judge_concurrency
+        )
+        if it["problem_id"] in wanted
+    ]
     summary = summarise(items, protocol)
-    summary.update(protocol=protocol, model=engine.model_id,
-                   temperature=params.temperature, max_new_tokens=params.max_new_tokens,
-                   generation_tokens_per_second=gen["tokens_per_second"])
+    summary.update(
+        protocol=protocol,
+        model=engine.model_id,
+        temperature=params.temperature,
+        max_new_tokens=params.max_new_tokens,
+        generation_tokens_per_second=gen["tokens_per_second"],
+    )
     write_json(out / "summary.json", summary)
     return summary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
-    parser.add_argument("--adapter", default=None,
-                        help="LoRA adapter folder (hf: merged on the device; vllm: a LoRA request)")
+    parser.add_argument(
+        "--adapter",
+        default=None,
+        help="LoRA adapter folder (hf: merged on the device; vllm: a LoRA request)",
+    )
     parser.add_argument("--problems", required=True)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--out", required=True)
@@ -186,10 +238,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--judge", default=None, help="OpenAI-compatible base URL of a judge")
     parser.add_argument("--judge-model", default=None)
     parser.add_argument("--judge-template", default=None, help="file replacing the judge prompt")
-    parser.add_argument("--judge-key-env", default="POSTTRAIN_JUDGE_API_KEY",
-                        help="environment variable holding the judge's API key")
-    parser.add_argument("--judge-concurrency", type=int, default=8,
-                        help="judgements in flight at once (threads)")
+    parser.add_argument(
+        "--judge-key-env",
+        default="POSTTRAIN_JUDGE_API_KEY",
+        help="environment variable holding the judge's API key",
+    )
+    parser.add_argument(
+        "--judge-concurrency", type=int, default=8, help="judgements in flight at once (threads)"
+    )
 
 
 def main(args) -> int:
@@ -207,16 +263,37 @@ def main(args) -> int:
 
         if not args.judge_model:
             raise SystemExit("posttrain eval: --judge needs --judge-model")
-        judge = Judge(args.judge, args.judge_model, api_key_env=args.judge_key_env,
-                      template_path=args.judge_template)
-    engine = make_engine(engine_config(args), args.model, dtype=args.dtype,
-                         trust_remote_code=args.trust_remote_code, adapter=args.adapter)
-    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p,
-                            max_new_tokens=args.max_new_tokens, seed=args.seed)
+        judge = Judge(
+            args.judge,
+            args.judge_model,
+            api_key_env=args.judge_key_env,
+            template_path=args.judge_template,
+        )
+    engine = make_engine(
+        engine_config(args),
+        args.model,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+        adapter=args.adapter,
+    )
+    params = SamplingParams(
+        n=args.n,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
     try:
-        summary = evaluate(engine, problems, args.out, params, protocol=args.protocol,
-                           system_prompt=system_prompt, judge=judge,
-                           judge_concurrency=args.judge_concurrency)
+        summary = evaluate(
+            engine,
+            problems,
+            args.out,
+            params,
+            protocol=args.protocol,
+            system_prompt=system_prompt,
+            judge=judge,
+            judge_concurrency=args.judge_concurrency,
+        )
     finally:
         engine.close()
     print(format_summary(summary, title=f"{engine.model_id} on {args.problems}: "))

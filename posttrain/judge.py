@@ -48,28 +48,50 @@ from .judge_prompts import (
 
 # Prompts, templates and reply parsing live in judge_prompts.py; these names are re-exported
 # so `from posttrain.judge import ...` keeps working.
-__all__ = ["Judge", "JudgeResult", "chat_completions_url", "fill_template", "load_template",
-           "parse_answer_judgement", "parse_json_object", "parse_refusal_judgement"]
+__all__ = [
+    "Judge",
+    "JudgeResult",
+    "chat_completions_url",
+    "fill_template",
+    "load_template",
+    "parse_answer_judgement",
+    "parse_json_object",
+    "parse_refusal_judgement",
+]
 
 # ---------------------------------------------------------------------------- client
 
 
 class Judge:
-    def __init__(self, base_url: str, model: str, api_key_env: str = "POSTTRAIN_JUDGE_API_KEY",
-                 template_path: str | os.PathLike | None = None,
-                 refusal_template_path: str | os.PathLike | None = None, timeout: float = 60,
-                 retries: int = 3, max_tokens: int = 1024, structured: bool = True,
-                 trip_after: int = 5):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str = "POSTTRAIN_JUDGE_API_KEY",
+        template_path: str | os.PathLike | None = None,
+        refusal_template_path: str | os.PathLike | None = None,
+        timeout: float = 60,
+        retries: int = 3,
+        max_tokens: int = 1024,
+        structured: bool = True,
+        trip_after: int = 5,
+    ):
         self.url = chat_completions_url(base_url)  # ValueError unless http(s)://
-        self.client = ServerClient(base_url, api_key_env=api_key_env, timeout=timeout,
-                                   max_retries=retries)
+        self.client = ServerClient(
+            base_url, api_key_env=api_key_env, timeout=timeout, max_retries=retries
+        )
         self.model = model
         self.api_key_env = api_key_env  # the variable's name only, never its value
-        self.answer_template = (load_template(template_path, ANSWER_FIELDS,
-                                                ("response", "correct_answer")) if template_path
-                                else ANSWER_PROMPT)
-        self.refusal_template = (load_template(refusal_template_path, REFUSAL_FIELDS, ("response",))
-                                 if refusal_template_path else REFUSAL_PROMPT)
+        self.answer_template = (
+            load_template(template_path, ANSWER_FIELDS, ("response", "correct_answer"))
+            if template_path
+            else ANSWER_PROMPT
+        )
+        self.refusal_template = (
+            load_template(refusal_template_path, REFUSAL_FIELDS, ("response",))
+            if refusal_template_path
+            else REFUSAL_PROMPT
+        )
         self.timeout, self.retries = timeout, retries
         self.max_tokens = max_tokens
         self.structured = structured  # set False once the server rejects response_format
@@ -84,14 +106,20 @@ class Judge:
     def judge_answer(self, question: str, reference: str, response: str) -> JudgeResult:
         """HLE-style: extract the final answer, match it to `reference`, read stated confidence."""
         values = {"question": question, "response": response, "correct_answer": reference}
-        return self._judge(self.answer_template, values, "answer_judgement", ANSWER_SCHEMA,
-                           parse_answer_judgement)
+        return self._judge(
+            self.answer_template, values, "answer_judgement", ANSWER_SCHEMA, parse_answer_judgement
+        )
 
     def judge_refusal(self, question: str, response: str) -> JudgeResult:
         """Do-Not-Answer action category 0-5 of `response`; harmless = category 0-4."""
         values = {"question": question, "response": response}
-        return self._judge(self.refusal_template, values, "refusal_judgement", REFUSAL_SCHEMA,
-                           parse_refusal_judgement)
+        return self._judge(
+            self.refusal_template,
+            values,
+            "refusal_judgement",
+            REFUSAL_SCHEMA,
+            parse_refusal_judgement,
+        )
 
     def _judge(self, template, values, name, schema, parse) -> JudgeResult:
         try:
@@ -104,15 +132,20 @@ class Judge:
 
     def _complete(self, prompt: str, name: str, schema: dict) -> tuple[str, JudgeResult | None]:
         """(reply text, None) or ("", judge_error result). Never raises."""
-        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                "temperature": 0.0, "max_tokens": self.max_tokens}
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "temperature": 0.0,
+            "max_tokens": self.max_tokens,
+        }
         tripped = self._unreachable_in_a_row >= self.trip_after
         retries = 0 if tripped else self.retries
         request = dict(body)
         if self.structured:
             request["response_format"] = {
                 "type": "json_schema",
-                "json_schema": {"name": name, "schema": schema, "strict": True}}
+                "json_schema": {"name": name, "schema": schema, "strict": True},
+            }
         try:
             try:
                 reply = self.client.post("/chat/completions", request, max_retries=retries)
@@ -138,8 +171,9 @@ class Judge:
 
 def _rejects_response_format(e: ServerRejected) -> bool:
     m = e.message.lower()
-    return e.status in (400, 422) and ("response_format" in m or "json_schema" in m
-                                       or "structured" in m or "guided" in m)
+    return e.status in (400, 422) and (
+        "response_format" in m or "json_schema" in m or "structured" in m or "guided" in m
+    )
 
 
 def _reply_text(reply: dict) -> tuple[str, JudgeResult | None]:

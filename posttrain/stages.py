@@ -32,8 +32,9 @@ def digest_of(settings: dict) -> str:
 class StageRunner:
     """`runner(name, settings, fn)` -> (folder, digest); fn(folder) runs when not done yet."""
 
-    def __init__(self, out: Path, store: Path | None = None, stale_after: float = 120.0,
-                 poll: float = 2.0):
+    def __init__(
+        self, out: Path, store: Path | None = None, stale_after: float = 120.0, poll: float = 2.0
+    ):
         self.out, self.store = Path(out), (Path(store) if store else None)
         self.stale_after, self.poll = stale_after, poll
         self.times: dict[str, tuple[float, bool]] = {}  # stage -> (seconds, skipped)
@@ -57,7 +58,8 @@ class StageRunner:
             if found["settings_hash"] != digest:
                 raise ConfigError(
                     f"{marker}: stage '{name}' finished earlier with other settings; "
-                    f"use a new --out folder or delete {folder}")
+                    f"use a new --out folder or delete {folder}"
+                )
             self.times[name] = (found["seconds"], True)
             return True
 
@@ -71,8 +73,7 @@ class StageRunner:
             start = time.time()
             fn(folder)
             seconds = time.time() - start
-            write_json(marker, {"settings": settings, "settings_hash": digest,
-                                "seconds": seconds})
+            write_json(marker, {"settings": settings, "settings_hash": digest, "seconds": seconds})
         finally:
             lock.release()
         self.times[name] = (seconds, False)

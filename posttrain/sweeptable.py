@@ -50,18 +50,25 @@ def set_table(name: str, base_summary: dict, runs: dict[str, dict]) -> dict:
     adjusted = dict(zip(others, holm([vs_best[rid]["p_value"] for rid in others])))
     for rid, r in runs.items():
         c = r["compare"]
-        row = {**_score(r["summary"]), "diff_base": c["difference"],
-               "diff_base_interval_95": c["interval_95"], "p_base": c["p_value"],
-               "regression": bool(r.get("guard") and c["difference"] < 0
-                                  and c["p_value"] < ALPHA),
-               "best": rid == best}
+        row = {
+            **_score(r["summary"]),
+            "diff_base": c["difference"],
+            "diff_base_interval_95": c["interval_95"],
+            "p_base": c["p_value"],
+            "regression": bool(r.get("guard") and c["difference"] < 0 and c["p_value"] < ALPHA),
+            "best": rid == best,
+        }
         if rid == best:
             row.update(diff_best=0.0, p_best=None, p_best_holm=None, within_noise_of_best=True)
         else:
             b = vs_best[rid]
-            row.update(diff_best=b["difference"], diff_best_interval_95=b["interval_95"],
-                       p_best=b["p_value"], p_best_holm=adjusted[rid],
-                       within_noise_of_best=adjusted[rid] >= ALPHA)
+            row.update(
+                diff_best=b["difference"],
+                diff_best_interval_95=b["interval_95"],
+                p_best=b["p_value"],
+                p_best_holm=adjusted[rid],
+                within_noise_of_best=adjusted[rid] >= ALPHA,
+            )
         out["runs"][rid] = row
     out["best"] = best
     return out
@@ -69,8 +76,12 @@ def set_table(name: str, base_summary: dict, runs: dict[str, dict]) -> dict:
 
 def _score(summary: dict) -> dict:
     s, ci = score(summary)
-    return {"score": s, "interval_95": ci, "n": summary["n"],
-            "metric": summary.get("metric", "accuracy")}
+    return {
+        "score": s,
+        "interval_95": ci,
+        "n": summary["n"],
+        "metric": summary.get("metric", "accuracy"),
+    }
 
 
 def note(row: dict) -> str:
@@ -88,9 +99,12 @@ def flat_rows(table: dict) -> tuple[list[str], list[list[str]]]:
     for s in sets:
         n = s["set"]
         head += [f"{n} % [95% CI]", f"{n} vs base (p)", f"{n} vs best (Holm p)", f"{n} note"]
-    rows = [["base", *["-"] * len(axes)]
-            + sum([[with_ci(s["base"]["score"], s["base"]["interval_95"]), "", "", ""]
-                   for s in sets], [])]
+    rows = [
+        ["base", *["-"] * len(axes)]
+        + sum(
+            [[with_ci(s["base"]["score"], s["base"]["interval_95"]), "", "", ""] for s in sets], []
+        )
+    ]
     for run in table["runs"]:
         row = [run["id"], *[_fmt(run["settings"].get(a)) for a in axes]]
         for s in sets:
@@ -98,10 +112,13 @@ def flat_rows(table: dict) -> tuple[list[str], list[list[str]]]:
             if r is None:
                 row += [run.get("status", "missing"), "", "", ""]
                 continue
-            vs_best = ("-" if r["best"] else
-                       f"{100 * r['diff_best']:+.1f} ({r['p_best_holm']:.2g})")
-            row += [with_ci(r["score"], r["interval_95"]),
-                    f"{100 * r['diff_base']:+.1f} ({r['p_base']:.2g})", vs_best, note(r)]
+            vs_best = "-" if r["best"] else f"{100 * r['diff_best']:+.1f} ({r['p_best_holm']:.2g})"
+            row += [
+                with_ci(r["score"], r["interval_95"]),
+                f"{100 * r['diff_base']:+.1f} ({r['p_base']:.2g})",
+                vs_best,
+                note(r),
+            ]
         rows.append(row)
     return head, rows
 
@@ -116,10 +133,13 @@ def to_markdown(table: dict) -> str:
     head, rows = flat_rows(table)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
-    lines += ["", f"Scores in %, 95% intervals; differences in points with exact McNemar "
-              f"p-values on the same items; 'vs best' p-values Holm-corrected across runs. "
-              f"Runs 'within noise of best' are not distinguishable from the best at "
-              f"p < {ALPHA}."]
+    lines += [
+        "",
+        f"Scores in %, 95% intervals; differences in points with exact McNemar "
+        f"p-values on the same items; 'vs best' p-values Holm-corrected across runs. "
+        f"Runs 'within noise of best' are not distinguishable from the best at "
+        f"p < {ALPHA}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -135,8 +155,9 @@ def to_csv(table: dict) -> str:
 def to_text(table: dict) -> str:
     head, rows = flat_rows(table)
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
-                     for row in [head, *rows])
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *rows]
+    )
 
 
 def write_tables(table: dict, folder: Path) -> None:

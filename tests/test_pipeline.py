@@ -63,9 +63,12 @@ def test_every_stage_leaves_its_folder_and_marker(toy_run):
         name, n = entry["name"], SETS[entry["name"]]
         for part in ("base", "trained", "compare"):
             assert (out / "eval" / name / part / "done.json").exists(), (name, part)
-        base_ids = [r["problem_id"] for r in read_jsonl(out / "eval" / name / "base" / "items.jsonl")]
-        trained_ids = [r["problem_id"]
-                       for r in read_jsonl(out / "eval" / name / "trained" / "items.jsonl")]
+        base_ids = [
+            r["problem_id"] for r in read_jsonl(out / "eval" / name / "base" / "items.jsonl")
+        ]
+        trained_ids = [
+            r["problem_id"] for r in read_jsonl(out / "eval" / name / "trained" / "items.jsonl")
+        ]
         assert sorted(base_ids) == sorted(trained_ids) and len(base_ids) == n
         c = entry["compare"]
         a_only, b_only = c["discordant"]
@@ -145,10 +148,13 @@ def test_single_eval_mapping_and_overrides_per_set(tmp_path):
     assert [(s.name, s.n, s.temperature) for s in recipe.eval] == [("eval", 2, 0.7)]
     new = tmp_path / "new.yaml"
     new.write_text(TOY)
-    recipe = load_recipe(str(new), ["eval.max_new_tokens=8", "eval.guard.n=3",
-                                    "eval.guard.temperature=1.0"])
+    recipe = load_recipe(
+        str(new), ["eval.max_new_tokens=8", "eval.guard.n=3", "eval.guard.temperature=1.0"]
+    )
     assert [(s.name, s.max_new_tokens, s.n, s.guard) for s in recipe.eval] == [
-        ("arith", 8, 1, False), ("guard", 8, 3, True)]
+        ("arith", 8, 1, False),
+        ("guard", 8, 3, True),
+    ]
     with pytest.raises(ConfigError, match="n > 1 needs temperature > 0"):
         load_recipe(str(new), ["eval.arith.n=2"])
     with pytest.raises(ConfigError, match="unknown key.*gaurd"):
@@ -171,8 +177,9 @@ def test_zero_pairs_stop_the_run_with_a_hint(tmp_path, monkeypatch):
 
     out = tmp_path / "run"
     (out / "pairs").mkdir(parents=True)
-    (out / "pairs" / "pairs.stats.json").write_text(json.dumps(
-        {"pairs": 0, "samples": 8, "problems": 2, "all_wrong": 2, "all_right": 0}))
+    (out / "pairs" / "pairs.stats.json").write_text(
+        json.dumps({"pairs": 0, "samples": 8, "problems": 2, "all_wrong": 2, "all_right": 0})
+    )
     ran = []
 
     def pretend_done_until_train(self, name, settings, fn):
@@ -196,9 +203,16 @@ def test_greedy_evaluation_is_shared_across_seeds_sampled_one_is_not(tmp_path):
     from posttrain.recipe import recipe_from_dict
 
     def settings(seed, temperature):
-        r = recipe_from_dict({"seed": seed, "eval": {"problems": "builtin:arith:4",
-                                                     "temperature": temperature,
-                                                     "n": 2 if temperature else 1}})
+        r = recipe_from_dict(
+            {
+                "seed": seed,
+                "eval": {
+                    "problems": "builtin:arith:4",
+                    "temperature": temperature,
+                    "n": 2 if temperature else 1,
+                },
+            }
+        )
         return eval_settings(r, r.eval[0])
 
     assert settings(0, 0.0) == settings(1, 0.0)

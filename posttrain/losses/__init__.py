@@ -26,11 +26,32 @@ Tests: `.venv/bin/python -m pytest tests/test_losses.py -q`
 """
 
 from .common import Metrics, _check_tokens, _masked_mean, metrics_to_floats, token_logps
-from .policy_gradient import (AGGREGATIONS, MAX_LOG_RATIO, aggregate_tokens, group_advantages,
-                              policy_loss)
+from .policy_gradient import (
+    AGGREGATIONS,
+    MAX_LOG_RATIO,
+    aggregate_tokens,
+    group_advantages,
+    policy_loss,
+)
 from .preference import DPO_LOSS_TYPES, dpo
 from .sft import chord_loss, dft, mu_schedule, sft, sft_phi
 
-__all__ = ["AGGREGATIONS", "DPO_LOSS_TYPES", "MAX_LOG_RATIO", "Metrics", "_check_tokens",
-           "_masked_mean", "aggregate_tokens", "chord_loss", "dft", "dpo", "group_advantages",
-           "metrics_to_floats", "mu_schedule", "policy_loss", "sft", "sft_phi", "token_logps"]
+__all__ = [
+    "AGGREGATIONS",
+    "DPO_LOSS_TYPES",
+    "MAX_LOG_RATIO",
+    "Metrics",
+    "_check_tokens",
+    "_masked_mean",
+    "aggregate_tokens",
+    "chord_loss",
+    "dft",
+    "dpo",
+    "group_advantages",
+    "metrics_to_floats",
+    "mu_schedule",
+    "policy_loss",
+    "sft",
+    "sft_phi",
+    "token_logps",
+]

@@ -22,8 +22,9 @@ def metrics_to_floats(metrics: Metrics) -> dict[str, float]:
     return dict(zip(metrics.keys(), values))
 
 
-def token_logps(logits: torch.Tensor, labels: torch.Tensor,
-                ignore_index: int = -100) -> torch.Tensor:
+def token_logps(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
     """log softmax(logits)[label] per position, float32, (B, T); 0.0 where label == ignore_index.
 
     Memory-lean (posttrain.logprobs): computed over chunks of positions, each upcast to
@@ -38,8 +39,10 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor,
 
 def _check_tokens(name: str, logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if logps.dim() != 2 or mask.shape != logps.shape:
-        raise ValueError(f"{name}: expected logps and mask of one shape (B, T), got "
-                         f"{tuple(logps.shape)} and {tuple(mask.shape)}")
+        raise ValueError(
+            f"{name}: expected logps and mask of one shape (B, T), got "
+            f"{tuple(logps.shape)} and {tuple(mask.shape)}"
+        )
     return mask.bool()
 
 

@@ -19,9 +19,14 @@ AGGREGATIONS = ("grpo", "token_mean", "dapo", "dr_grpo")
 MAX_LOG_RATIO = 20.0
 
 
-def aggregate_tokens(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str, *,
-                     max_completion_length: int | None = None,
-                     num_items_in_batch: float | None = None) -> torch.Tensor:
+def aggregate_tokens(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    aggregation: str,
+    *,
+    max_completion_length: int | None = None,
+    num_items_in_batch: float | None = None,
+) -> torch.Tensor:
     """A per-token loss (B, T) -> scalar, the online aggregations (mask already applied):
       grpo:       mean over sequences of each sequence's token mean (Shao et al. 2024);
       token_mean: sum / number of tokens in this micro-batch (TRL calls it "bnpo");
@@ -42,13 +47,22 @@ def aggregate_tokens(per_token: torch.Tensor, mask: torch.Tensor, aggregation: s
     return per_token.sum() / (per_token.shape[0] * length)
 
 
-def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, advantages: torch.Tensor,
-                mask: torch.Tensor, *, clip_low: float = 0.2, clip_high: float | None = None,
-                ratio_level: str = "token", aggregation: str = "grpo",
-                ref_logps: torch.Tensor | None = None, kl_beta: float = 0.0,
-                max_completion_length: int | None = None,
-                num_items_in_batch: float | None = None,
-                is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
+def policy_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    ratio_level: str = "token",
+    aggregation: str = "grpo",
+    ref_logps: torch.Tensor | None = None,
+    kl_beta: float = 0.0,
+    max_completion_length: int | None = None,
+    num_items_in_batch: float | None = None,
+    is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Metrics]:
     """PPO-clipped policy-gradient loss with GRPO / DAPO / Dr. GRPO / GSPO options.
 
     Per token: -w min(r A, clip(r, 1 - clip_low, 1 + clip_high) A) + kl_beta * k3, where
@@ -69,11 +83,14 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, advantages:
     """
     m = _check_tokens("policy_loss", logps, mask)
     if advantages.shape != logps.shape[:1]:
-        raise ValueError(f"policy_loss: advantages must be (B,) = {tuple(logps.shape[:1])}, "
-                         f"got {tuple(advantages.shape)}")
+        raise ValueError(
+            f"policy_loss: advantages must be (B,) = {tuple(logps.shape[:1])}, "
+            f"got {tuple(advantages.shape)}"
+        )
     if aggregation not in AGGREGATIONS:
-        raise ValueError(f"policy_loss: aggregation must be one of {AGGREGATIONS}, "
-                         f"got {aggregation!r}")
+        raise ValueError(
+            f"policy_loss: aggregation must be one of {AGGREGATIONS}, got {aggregation!r}"
+        )
     if ratio_level not in ("token", "sequence"):
         raise ValueError(f"policy_loss: ratio_level must be token or sequence, got {ratio_level!r}")
     if kl_beta and ref_logps is None:
@@ -94,29 +111,38 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, advantages:
 
     metrics: Metrics = {}
     if ref_logps is not None:
-        d = (ref_logps.detach().masked_fill(~m, 0.0) - logps).clamp(-MAX_LOG_RATIO,
-                                                                     MAX_LOG_RATIO)  # (B, T)
+        d = (ref_logps.detach().masked_fill(~m, 0.0) - logps).clamp(
+            -MAX_LOG_RATIO, MAX_LOG_RATIO
+        )  # (B, T)
         kl = torch.exp(d) - d - 1  # (B, T)
         if kl_beta:
             per_token = per_token + kl_beta * kl
         metrics["kl"] = _masked_mean(kl, m)
     per_token = torch.where(m, per_token, 0.0)
-    loss = aggregate_tokens(per_token, m, aggregation, max_completion_length=max_completion_length,
-                            num_items_in_batch=num_items_in_batch)
+    loss = aggregate_tokens(
+        per_token,
+        m,
+        aggregation,
+        max_completion_length=max_completion_length,
+        num_items_in_batch=num_items_in_batch,
+    )
 
     low = (ratio < 1 - clip_low) & (adv < 0)  # (B, T)
     high = (ratio > 1 + clip_high) & (adv > 0)  # (B, T)
-    metrics.update({
-        "clip_ratio/low": _masked_mean(low.float(), m),
-        "clip_ratio/high": _masked_mean(high.float(), m),
-        "clip_ratio/region": _masked_mean((low | high).float(), m),
-        "ratio/mean": _masked_mean(ratio, m),
-    })
+    metrics.update(
+        {
+            "clip_ratio/low": _masked_mean(low.float(), m),
+            "clip_ratio/high": _masked_mean(high.float(), m),
+            "clip_ratio/region": _masked_mean((low | high).float(), m),
+            "ratio/mean": _masked_mean(ratio, m),
+        }
+    )
     return loss, metrics
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group",
-                     eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
+) -> torch.Tensor:
     """Advantages (N,) for rewards (N,) laid out group by group (group_size per prompt).
 
     A = r - group mean, divided by (std + eps) where std is the group's ("group", GRPO), the whole
@@ -125,8 +151,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     amplified by 1/eps).
     """
     if rewards.dim() != 1 or group_size < 2 or rewards.numel() % group_size:
-        raise ValueError(f"group_advantages: need rewards (N,) with N a multiple of group_size "
-                         f">= 2, got shape {tuple(rewards.shape)} and group_size {group_size}")
+        raise ValueError(
+            f"group_advantages: need rewards (N,) with N a multiple of group_size "
+            f">= 2, got shape {tuple(rewards.shape)} and group_size {group_size}"
+        )
     if scale not in ("group", "batch", "none"):
         raise ValueError(f"group_advantages: scale must be group, batch or none, got {scale!r}")
     grouped = rewards.float().view(-1, group_size)  # (G, K)
@@ -135,5 +163,5 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
         centred = centred / (grouped.std(-1, keepdim=True) + eps)
     elif scale == "batch":
         centred = centred / (rewards.float().std() + eps)
-    flat = (grouped.amax(-1, keepdim=True) == grouped.amin(-1, keepdim=True))  # (G, 1)
+    flat = grouped.amax(-1, keepdim=True) == grouped.amin(-1, keepdim=True)  # (G, 1)
     return centred.masked_fill(flat, 0.0).reshape(-1)

@@ -18,12 +18,21 @@ from .common import Metrics
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "robust", "bdpo")
 
 
-def dpo(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
-        ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float, *,
-        loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-        chosen_lengths: torch.Tensor | None = None, rejected_lengths: torch.Tensor | None = None,
-        bdpo_lambda: float = 0.5, nll_weight: float = 0.0,
-        chosen_nll: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
+def dpo(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    *,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    bdpo_lambda: float = 0.5,
+    nll_weight: float = 0.0,
+    chosen_nll: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Metrics]:
     """DPO and variants over per-sequence summed log-probs, each (B,); loss = mean over pairs.
 
     With chosen ratio c = pc - rc, rejected ratio r = pr - rr, h = c - r, ls = label_smoothing:
@@ -56,8 +65,10 @@ def dpo(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
     pc, pr = policy_chosen_logps, policy_rejected_logps  # (B,)
     rc, rr = ref_chosen_logps, ref_rejected_logps  # (B,)
     if pc.dim() != 1 or not (pc.shape == pr.shape == rc.shape == rr.shape):
-        raise ValueError("dpo: expected four (B,) tensors of summed log-probs, got shapes "
-                         f"{[tuple(t.shape) for t in (pc, pr, rc, rr)]}")
+        raise ValueError(
+            "dpo: expected four (B,) tensors of summed log-probs, got shapes "
+            f"{[tuple(t.shape) for t in (pc, pr, rc, rr)]}"
+        )
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"dpo: loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
     if beta <= 0:
@@ -66,9 +77,11 @@ def dpo(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
     # robust's 1 / (1 - 2 ls) diverges at 0.5.
     ls_ok = label_smoothing < 0.5 if loss_type == "robust" else label_smoothing <= 0.5
     if not (0.0 <= label_smoothing and ls_ok):
-        raise ValueError(f"dpo: label_smoothing must be in "
-                         f"{'[0, 0.5)' if loss_type == 'robust' else '[0, 0.5]'} for {loss_type}, "
-                         f"got {label_smoothing}")
+        raise ValueError(
+            f"dpo: label_smoothing must be in "
+            f"{'[0, 0.5)' if loss_type == 'robust' else '[0, 0.5]'} for {loss_type}, "
+            f"got {label_smoothing}"
+        )
     if loss_type == "ipo" and label_smoothing:
         raise ValueError("dpo: label_smoothing has no meaning for ipo; set it to 0")
     chosen_ratio = pc - rc.detach()  # (B,)
@@ -78,8 +91,9 @@ def dpo(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
     if loss_type == "ipo":
         if chosen_lengths is None or rejected_lengths is None:
             raise ValueError("dpo: loss_type 'ipo' needs chosen_lengths and rejected_lengths")
-        h = (chosen_ratio / chosen_lengths.to(pc.dtype).clamp(min=1)
-             - rejected_ratio / rejected_lengths.to(pc.dtype).clamp(min=1))
+        h = chosen_ratio / chosen_lengths.to(pc.dtype).clamp(
+            min=1
+        ) - rejected_ratio / rejected_lengths.to(pc.dtype).clamp(min=1)
         losses = (h - 1 / (2 * beta)) ** 2
     else:
         bounded_rejected = rejected_ratio

@@ -43,7 +43,6 @@ from .tokenizing import int32_ids, tokenized_rows
 from .tokenizing import tokenize_turn as tokenize_turn  # re-exported
 
 
-
 @dataclass(frozen=True, eq=False)
 class Example:
     """One training row as token ids: a demonstration (1 completion) or a pair (2).
@@ -85,13 +84,15 @@ class DataReport:
             parts.append(f"{self.not_correct} not correct (left out)")
         parts.append(f"{self.kept} used")
         if self.dropped_too_long:
-            parts.append(f"{self.dropped_too_long} dropped (longer than max_length "
-                         f"{self.max_length})")
+            parts.append(
+                f"{self.dropped_too_long} dropped (longer than max_length {self.max_length})"
+            )
         if self.prompt_truncated:
             parts.append(f"{self.prompt_truncated} with the prompt's start cut")
         if self.completion_truncated:
-            parts.append(f"{self.completion_truncated} with the completion's END CUT "
-                         "(answer may be missing)")
+            parts.append(
+                f"{self.completion_truncated} with the completion's END CUT (answer may be missing)"
+            )
         if self.lengths:
             parts.append("tokens min/mean/max {min}/{mean:.0f}/{max}".format(**self.lengths))
         return "; ".join(parts)
@@ -108,13 +109,18 @@ def _messages(value, path, line, name: str, default_role: str) -> list[dict]:
     if isinstance(value, str):
         return [{"role": default_role, "content": value}]
     if not isinstance(value, list) or not value:
-        raise DataError(path, line, "expected a non-empty list of chat messages or a string",
-                        field=name)
+        raise DataError(
+            path, line, "expected a non-empty list of chat messages or a string", field=name
+        )
     for i, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
-                or not isinstance(m.get("content"), str):
-            raise DataError(path, line, f"message {i}: expected {{'role': str, 'content': str}}",
-                            field=name)
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
+            raise DataError(
+                path, line, f"message {i}: expected {{'role': str, 'content': str}}", field=name
+            )
     return value
 
 
@@ -125,20 +131,30 @@ def _reply(value, path, line, name: str) -> list[dict]:
     return msgs
 
 
-def read_rows(path: str | os.PathLike, preference: bool, report: DataReport
-              ) -> Iterator[tuple[int, list[dict], list[list[dict]]]]:
+def read_rows(
+    path: str | os.PathLike, preference: bool, report: DataReport
+) -> Iterator[tuple[int, list[dict], list[list[dict]]]]:
     """Yield (line, prompt messages, [reply messages, ...]): 2 replies per pair, 1 otherwise."""
     for line, row in iter_jsonl(path):
         report.rows += 1
         if preference:
             if "chosen" not in row or "rejected" not in row:
-                raise DataError(path, line, "a preference method needs pair rows (prompt, "
-                                "chosen, rejected)", field="chosen" if "chosen" not in row
-                                else "rejected")
+                raise DataError(
+                    path,
+                    line,
+                    "a preference method needs pair rows (prompt, chosen, rejected)",
+                    field="chosen" if "chosen" not in row else "rejected",
+                )
             report.kind = "pairs"
             prompt = _messages(row.get("prompt"), path, line, "prompt", "user")
-            yield line, prompt, [_reply(row["chosen"], path, line, "chosen"),
-                                 _reply(row["rejected"], path, line, "rejected")]
+            yield (
+                line,
+                prompt,
+                [
+                    _reply(row["chosen"], path, line, "chosen"),
+                    _reply(row["rejected"], path, line, "rejected"),
+                ],
+            )
         elif "verdict" in row:
             report.kind = "scored"
             if row["verdict"] != "correct":
@@ -146,31 +162,49 @@ def read_rows(path: str | os.PathLike, preference: bool, report: DataReport
                 continue
             prompt = _messages(row.get("messages"), path, line, "messages", "user")
             if not isinstance(row.get("response"), str) and not isinstance(row.get("text"), str):
-                raise DataError(path, line, "missing (a scored row needs the sampled answer)",
-                                field="response")
+                raise DataError(
+                    path, line, "missing (a scored row needs the sampled answer)", field="response"
+                )
             yield line, prompt, [[{"role": "assistant", "content": assistant_turn(row)}]]
         elif "messages" in row:
             report.kind = "demonstrations"
             msgs = _reply(row["messages"], path, line, "messages")
             if len(msgs) < 2:
-                raise DataError(path, line, "expected at least one prompt message before the "
-                                "assistant's", field="messages")
+                raise DataError(
+                    path,
+                    line,
+                    "expected at least one prompt message before the assistant's",
+                    field="messages",
+                )
             yield line, msgs[:-1], [msgs[-1:]]
         elif "prompt" in row and "completion" in row:
             report.kind = "demonstrations"
-            yield (line, _messages(row["prompt"], path, line, "prompt", "user"),
-                   [_reply(row["completion"], path, line, "completion")])
+            yield (
+                line,
+                _messages(row["prompt"], path, line, "prompt", "user"),
+                [_reply(row["completion"], path, line, "completion")],
+            )
         elif "chosen" in row:
-            raise DataError(path, line, "this is a pair row; an SFT method needs demonstrations "
-                            "(messages, or prompt + completion) or scored samples",
-                            field="chosen")
+            raise DataError(
+                path,
+                line,
+                "this is a pair row; an SFT method needs demonstrations "
+                "(messages, or prompt + completion) or scored samples",
+                field="chosen",
+            )
         else:
-            raise DataError(path, line, "missing: expected messages, prompt + completion, or a "
-                            "scored sample (messages + verdict)", field="messages")
+            raise DataError(
+                path,
+                line,
+                "missing: expected messages, prompt + completion, or a "
+                "scored sample (messages + verdict)",
+                field="messages",
+            )
 
 
-def fit_length(prompt: list[int], completions: list[list[int]], max_length: int, policy: str
-               ) -> tuple[list[int], list[list[int]], str] | None:
+def fit_length(
+    prompt: list[int], completions: list[list[int]], max_length: int, policy: str
+) -> tuple[list[int], list[list[int]], str] | None:
     """Apply the length policy: (prompt, completions, outcome) or None when the row is dropped.
 
     outcome: "fits" | "prompt_truncated" | "completion_truncated".
@@ -181,16 +215,22 @@ def fit_length(prompt: list[int], completions: list[list[int]], max_length: int,
     if len(prompt) + longest <= max_length:
         return prompt, completions, "fits"
     if policy == "truncate_prompt" and longest < max_length:
-        return prompt[len(prompt) - (max_length - longest):], completions, "prompt_truncated"
+        return prompt[len(prompt) - (max_length - longest) :], completions, "prompt_truncated"
     if policy == "truncate_completion" and len(prompt) < max_length:
         room = max_length - len(prompt)
         return prompt, [c[:room] for c in completions], "completion_truncated"
     return None
 
 
-def load_examples(path: str | os.PathLike, tokenizer, *, preference: bool, max_length: int,
-                  length_policy: str = "drop", workers: int = 1
-                  ) -> tuple[list[Example], DataReport]:
+def load_examples(
+    path: str | os.PathLike,
+    tokenizer,
+    *,
+    preference: bool,
+    max_length: int,
+    length_policy: str = "drop",
+    workers: int = 1,
+) -> tuple[list[Example], DataReport]:
     """Read, render, tokenise and length-check a data file; DataError names file and line.
 
     Rows stream through in chunks (one batched tokenizer call each), so memory holds the
@@ -216,10 +256,16 @@ def load_examples(path: str | os.PathLike, tokenizer, *, preference: bool, max_l
         examples.append(Example(p, tuple(completions), line))
     report.kept = len(examples)
     if not examples:
-        why = (f"all {report.rows} rows are longer than max_length {max_length}"
-               if report.dropped_too_long else "no usable row")
+        why = (
+            f"all {report.rows} rows are longer than max_length {max_length}"
+            if report.dropped_too_long
+            else "no usable row"
+        )
         raise DataError(path, None, why)
     lengths = np.array([e.length for e in examples])
-    report.lengths = {"min": int(lengths.min()), "mean": float(lengths.mean()),
-                      "max": int(lengths.max())}
+    report.lengths = {
+        "min": int(lengths.min()),
+        "mean": float(lengths.mean()),
+        "max": int(lengths.max()),
+    }
     return examples, report

@@ -36,12 +36,15 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     more forward pass of compute. Works on a plain transformers model or a PEFT model.
     """
     if not hasattr(model, "gradient_checkpointing_enable"):
-        raise ValueError(f"{type(model).__name__} has no gradient_checkpointing_enable(); "
-                         "gradient_checkpointing needs a transformers model")
+        raise ValueError(
+            f"{type(model).__name__} has no gradient_checkpointing_enable(); "
+            "gradient_checkpointing needs a transformers model"
+        )
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not _checkpointing_layers(model):
-        raise ValueError(f"{type(model).__name__}: no decoder layer supports gradient "
-                         "checkpointing")
+        raise ValueError(
+            f"{type(model).__name__}: no decoder layer supports gradient checkpointing"
+        )
 
 
 def train_mode(model: nn.Module, *, dropout: bool) -> None:
@@ -61,6 +64,6 @@ def disable_dropout(model) -> None:
         if isinstance(module, nn.Dropout):
             module.p = 0.0
     config = getattr(model, "config", None)
-    for key, value in (vars(config).items() if config is not None else ()):
+    for key, value in vars(config).items() if config is not None else ():
         if key.endswith("dropout") and isinstance(value, float):
             setattr(config, key, 0.0)

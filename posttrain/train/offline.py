@@ -57,15 +57,30 @@ from .offline_step import step_gradients
 from .reference import reference_table
 
 # Settings that may change between a run and its resume (they do not change the result).
-RESUME_MAY_CHANGE = {"stop_after_steps", "num_threads", "checkpoint_every", "keep_checkpoints",
-                     "trackers", "ref_batch_size", "ref_cache", "tokenize_workers"}
+RESUME_MAY_CHANGE = {
+    "stop_after_steps",
+    "num_threads",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "trackers",
+    "ref_batch_size",
+    "ref_cache",
+    "tokenize_workers",
+}
 
 
 # --------------------------------------------------------------------------------- loop
 
 
-def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None, tokenizer=None,
-          progress: bool = True) -> dict:
+def train(
+    cfg: TrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    model=None,
+    tokenizer=None,
+    progress: bool = True,
+) -> dict:
     """Run (or resume) offline training into `out`; returns a summary dict.
 
     Writes out/config.yaml, out/data_report.json, out/metrics.jsonl, out/checkpoints/, and at
@@ -78,21 +93,30 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
     # `accelerator`: this run's processes and how the model is spread over them
     # (distributed.Processes; the names follow accelerate's Accelerator, which it holds).
     accelerator = Processes(cfg.strategy, deepspeed_config=zero3_config(cfg))
-    P, rank, main = accelerator.num_processes, accelerator.process_index, \
-        accelerator.is_main_process
+    P, rank, main = (
+        accelerator.num_processes,
+        accelerator.process_index,
+        accelerator.is_main_process,
+    )
     device = accelerator.device
     last = start_run(cfg, out, resume=resume, may_change=RESUME_MAY_CHANGE)
 
     # data
     tokenizer = tokenizer or load_tokenizer(cfg.model)
-    examples, report = load_examples(cfg.data, tokenizer, preference=cfg.preference,
-                                     max_length=cfg.max_length, length_policy=cfg.length_policy,
-                                     workers=cfg.tokenize_workers)
+    examples, report = load_examples(
+        cfg.data,
+        tokenizer,
+        preference=cfg.preference,
+        max_length=cfg.max_length,
+        length_policy=cfg.length_policy,
+        workers=cfg.tokenize_workers,
+    )
     _say(accelerator, f"data: {report.summary()}")
     lengths = [e.length for e in examples]
     global_batch = cfg.batch_size * cfg.grad_accum * P
-    steps_per_epoch = len(epoch_batches(lengths, global_batch, cfg.seed, 0, cfg.group_by_length,
-                                        min_rows=P))
+    steps_per_epoch = len(
+        epoch_batches(lengths, global_batch, cfg.seed, 0, cfg.group_by_length, min_rows=P)
+    )
     if steps_per_epoch == 0:
         raise ConfigError(f"{len(examples)} rows cannot give each of {P} processes one row")
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
@@ -106,21 +130,35 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
         model = load_model(cfg.model, dtype=load_dtype)
     model = master_weights(model, autocast, device.type)
     model.to(device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
-        else tokenizer.eos_token_id
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
     t_ref = time.perf_counter()
-    ref = reference_table(model, examples, cfg, accelerator, pad_id=pad_id, dtype=dtype,
-                          out=out) if cfg.preference else None
+    ref = (
+        reference_table(model, examples, cfg, accelerator, pad_id=pad_id, dtype=dtype, out=out)
+        if cfg.preference
+        else None
+    )
     reference_seconds = time.perf_counter() - t_ref
-    moe = MoeRun.setup(model, cfg.router_aux_loss_coef, cfg.moe, examples, lambda e: e.prompt,
-                       seed=cfg.seed, pad_id=pad_id)
+    moe = MoeRun.setup(
+        model,
+        cfg.router_aux_loss_coef,
+        cfg.moe,
+        examples,
+        lambda e: e.prompt,
+        seed=cfg.seed,
+        pad_id=pad_id,
+    )
     model = apply_lora(model, cfg.lora)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     _say(accelerator, format_parameter_report(parameter_report(model)))
-    _say(accelerator, f"{cfg.method}: {cfg.model} in {dtype}; global batch {global_batch} = "
-                      f"{cfg.batch_size} rows x {cfg.grad_accum} accumulation x {P} process(es); "
-                      f"{total} steps ({steps_per_epoch} per epoch)")
+    _say(
+        accelerator,
+        f"{cfg.method}: {cfg.model} in {dtype}; global batch {global_batch} = "
+        f"{cfg.batch_size} rows x {cfg.grad_accum} accumulation x {P} process(es); "
+        f"{total} steps ({steps_per_epoch} per epoch)",
+    )
     init_adapter = out / "adapter-init"
     if cfg.lora.enabled and cfg.lora.init != "default" and main and not init_adapter.exists():
         # PiSSA / OLoRA move part of the base weights into the adapter; the initial adapter
@@ -129,16 +167,30 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
 
     # Wrap first, then the optimizer over the wrapped (for FSDP2: sharded) parameters.
     whole = local_storage(model)["bytes"]
-    policy, optimizer = accelerator.prepare(model, lambda m: make_optimizer(
-        m, cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_eps))
+    policy, optimizer = accelerator.prepare(
+        model,
+        lambda m: make_optimizer(
+            m,
+            cfg.lr,
+            weight_decay=cfg.weight_decay,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_eps,
+        ),
+    )
     model = accelerator.unwrap(policy)  # the module holding the parameters (sharded or whole)
     stored = accelerator.storage_per_process(policy)
-    _say(accelerator, f"{cfg.strategy}: each process stores {_mib(max(stored))} of the "
-                      f"{_mib(whole)} of parameters ({P} process(es))")
-    scheduler = make_scheduler(optimizer, total_steps=total,
-                               warmup_steps=round(cfg.warmup_ratio * total),
-                               schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio)
+    _say(
+        accelerator,
+        f"{cfg.strategy}: each process stores {_mib(max(stored))} of the "
+        f"{_mib(whole)} of parameters ({P} process(es))",
+    )
+    scheduler = make_scheduler(
+        optimizer,
+        total_steps=total,
+        warmup_steps=round(cfg.warmup_ratio * total),
+        schedule=cfg.schedule,
+        min_ratio=cfg.min_lr_ratio,
+    )
     start = 0
     if resume and last is not None:
         start = int(load_checkpoint(last, model, optimizer, scheduler, rank=rank)["step"])
@@ -146,34 +198,52 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
     if main:
         save_config(cfg, out / "config.yaml")
         write_json(out / "data_report.json", report.to_dict())
-        write_json(out / "processes.json", {"strategy": cfg.strategy, "processes": P,
-                                            "sharded": accelerator.sharded,
-                                            "parameter_bytes": whole,
-                                            "parameter_bytes_per_process": stored})
-    log = MetricsLog(out / "metrics.jsonl", resume_step=start, enabled=main,
-                     trackers=cfg.trackers, config=asdict(cfg))
+        write_json(
+            out / "processes.json",
+            {
+                "strategy": cfg.strategy,
+                "processes": P,
+                "sharded": accelerator.sharded,
+                "parameter_bytes": whole,
+                "parameter_bytes_per_process": stored,
+            },
+        )
+    log = MetricsLog(
+        out / "metrics.jsonl",
+        resume_step=start,
+        enabled=main,
+        trackers=cfg.trackers,
+        config=asdict(cfg),
+    )
     # The DPO family runs the policy without dropout, as the reference pass did.
     train_mode(policy, dropout=not cfg.preference)
 
-    bar = tqdm(total=total, initial=start, desc=f"train {cfg.method}", unit="step",
-               disable=not (progress and main))
+    bar = tqdm(
+        total=total,
+        initial=start,
+        desc=f"train {cfg.method}",
+        unit="step",
+        disable=not (progress and main),
+    )
     batches, batches_epoch = None, -1
     row: dict = {}
     for step in range(start, stop):
         t0 = time.perf_counter()
         epoch, position = divmod(step, steps_per_epoch)
         if epoch != batches_epoch:
-            batches = epoch_batches(lengths, global_batch, cfg.seed, epoch, cfg.group_by_length,
-                                    min_rows=P)
+            batches = epoch_batches(
+                lengths, global_batch, cfg.seed, epoch, cfg.group_by_length, min_rows=P
+            )
             batches_epoch = epoch
         batch = batches[position]
-        loss_sum, metric_sums, tokens = step_gradients(policy, examples, batch, ref, cfg,
-                                                       accelerator, lengths=lengths,
-                                                       pad_id=pad_id, moe=moe)
+        loss_sum, metric_sums, tokens = step_gradients(
+            policy, examples, batch, ref, cfg, accelerator, lengths=lengths, pad_id=pad_id, moe=moe
+        )
         grad_norm = accelerator.clip(policy, cfg.max_grad_norm)  # over all shards
         names = list(metric_sums)
-        summed = torch.stack([loss_sum, torch.tensor(float(tokens), device=device),
-                              *[metric_sums[k] for k in names]])
+        summed = torch.stack(
+            [loss_sum, torch.tensor(float(tokens), device=device), *[metric_sums[k] for k in names]]
+        )
         values = accelerator.reduce(summed, reduction="sum").tolist()
         loss_value = values[0] / P  # every process holds loss shares scaled by P
         check_finite(step + 1, loss_value, grad_norm, latest_checkpoint(out))
@@ -182,11 +252,18 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
         optimizer.zero_grad(set_to_none=True)
 
         seconds = time.perf_counter() - t0
-        row = {"step": step + 1, "epoch": epoch + (position + 1) / steps_per_epoch,
-               "loss": loss_value, **dict(zip(names, values[2:])),
-               "lr": lr_at(scheduler, step), "grad_norm": grad_norm, "rows": len(batch),
-               "tokens": int(values[1]), "tokens_per_s": values[1] / seconds,
-               "seconds": seconds}
+        row = {
+            "step": step + 1,
+            "epoch": epoch + (position + 1) / steps_per_epoch,
+            "loss": loss_value,
+            **dict(zip(names, values[2:])),
+            "lr": lr_at(scheduler, step),
+            "grad_norm": grad_norm,
+            "rows": len(batch),
+            "tokens": int(values[1]),
+            "tokens_per_s": values[1] / seconds,
+            "seconds": seconds,
+        }
         row.update(moe.stats(policy, step + 1, last=step + 1 == stop))
         log.write(row)
         bar.update(1)
@@ -194,14 +271,24 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
         done = step + 1
         if done == stop or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
             if not accelerator.all_finite(policy):
-                raise NonFiniteError(f"step {done}: the weights hold NaN or inf after the update "
-                                     f"(lr {cfg.lr}); not checkpointed. The last good checkpoint "
-                                     f"is {latest_checkpoint(out)}.")
-            save_checkpoint(out, done, model, optimizer, scheduler,
-                            {"epoch": epoch, "position": position + 1, "total": total},
-                            keep=cfg.keep_checkpoints, rank=rank, is_main=main,
-                            barrier=accelerator.wait_for_everyone,
-                            sharded=accelerator.sharded)
+                raise NonFiniteError(
+                    f"step {done}: the weights hold NaN or inf after the update "
+                    f"(lr {cfg.lr}); not checkpointed. The last good checkpoint "
+                    f"is {latest_checkpoint(out)}."
+                )
+            save_checkpoint(
+                out,
+                done,
+                model,
+                optimizer,
+                scheduler,
+                {"epoch": epoch, "position": position + 1, "total": total},
+                keep=cfg.keep_checkpoints,
+                rank=rank,
+                is_main=main,
+                barrier=accelerator.wait_for_everyone,
+                sharded=accelerator.sharded,
+            )
     bar.close()
     log.close()
 
@@ -209,16 +296,27 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
     # sharded: every process takes part in gathering the whole weights onto rank 0
     whole = accelerator.full_state_dict(policy) if finished else None
     if finished and main:
-        save_final(model, out, tokenizer, init_adapter if init_adapter.exists() else None,
-                   state_dict=whole)
+        save_final(
+            model, out, tokenizer, init_adapter if init_adapter.exists() else None, state_dict=whole
+        )
     accelerator.wait_for_everyone()
-    summary = {"out": str(out), "steps": stop, "total_steps": total, "finished": finished,
-               "data": report.to_dict(), "last": row, "dtype": dtype,
-               "reference_seconds": reference_seconds}
+    summary = {
+        "out": str(out),
+        "steps": stop,
+        "total_steps": total,
+        "finished": finished,
+        "data": report.to_dict(),
+        "last": row,
+        "dtype": dtype,
+        "reference_seconds": reference_seconds,
+    }
     if main:
         where = out / ("adapter" if cfg.lora.enabled else "model")
-        _say(accelerator, f"{'finished' if finished else 'stopped'} at step {stop} of {total}" +
-             (f"; weights in {where}" if finished else "; continue with --resume"))
+        _say(
+            accelerator,
+            f"{'finished' if finished else 'stopped'} at step {stop} of {total}"
+            + (f"; weights in {where}" if finished else "; continue with --resume"),
+        )
     return summary
 
 

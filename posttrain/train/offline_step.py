@@ -22,8 +22,13 @@ from .logps import completion_logps, split_pairs
 from .moe import MoeRun
 
 SFT_LOSSES = {"sft": losses.sft, "dft": losses.dft, "chord-phi": losses.sft_phi}
-DPO_LOSS_TYPES = {"dpo": "sigmoid", "ipo": "ipo", "robust-dpo": "robust", "bdpo": "bdpo",
-                  "rpo": "sigmoid"}
+DPO_LOSS_TYPES = {
+    "dpo": "sigmoid",
+    "ipo": "ipo",
+    "robust-dpo": "robust",
+    "bdpo": "bdpo",
+    "rpo": "sigmoid",
+}
 
 
 def global_units(examples: list[Example], cfg: TrainConfig) -> int:
@@ -33,9 +38,17 @@ def global_units(examples: list[Example], cfg: TrainConfig) -> int:
     return len(examples)
 
 
-def micro_batch_loss(model, examples: list[Example], ref: torch.Tensor | None, cfg: TrainConfig,
-                     *, pad_id: int, device, units: int, processes: int
-                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], float, int]:
+def micro_batch_loss(
+    model,
+    examples: list[Example],
+    ref: torch.Tensor | None,
+    cfg: TrainConfig,
+    *,
+    pad_id: int,
+    device,
+    units: int,
+    processes: int,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], float, int]:
     """(loss scaled to its share of the global batch, metrics, share, tokens processed).
 
     `units` is global_units() of the whole step; `ref` is (B, 2) reference log-probs.
@@ -48,19 +61,28 @@ def micro_batch_loss(model, examples: list[Example], ref: torch.Tensor | None, c
         chosen_len, rejected_len = split_pairs(batch["completion_lengths"])
         ref = ref.to(device)
         chosen_nll = -policy_chosen / chosen_len.clamp(min=1) if cfg.nll_weight else None
-        loss, metrics = losses.dpo(policy_chosen, policy_rejected, ref[:, 0], ref[:, 1], cfg.beta,
-                                   loss_type=DPO_LOSS_TYPES[cfg.method],
-                                   label_smoothing=cfg.label_smoothing,
-                                   chosen_lengths=chosen_len, rejected_lengths=rejected_len,
-                                   bdpo_lambda=cfg.bdpo_lambda, nll_weight=cfg.nll_weight,
-                                   chosen_nll=chosen_nll)
+        loss, metrics = losses.dpo(
+            policy_chosen,
+            policy_rejected,
+            ref[:, 0],
+            ref[:, 1],
+            cfg.beta,
+            loss_type=DPO_LOSS_TYPES[cfg.method],
+            label_smoothing=cfg.label_smoothing,
+            chosen_lengths=chosen_len,
+            rejected_lengths=rejected_len,
+            bdpo_lambda=cfg.bdpo_lambda,
+            nll_weight=cfg.nll_weight,
+            chosen_nll=chosen_nll,
+        )
         share = len(examples) / units
         return loss * (share * processes), metrics, share, tokens
     mask = batch["labels"] != -100  # (R, K)
     fn = SFT_LOSSES[cfg.method]
     if cfg.sft_aggregation == "token_mean":
-        loss, metrics = fn(logps, mask, aggregation="token_mean",
-                           num_items_in_batch=units / processes)
+        loss, metrics = fn(
+            logps, mask, aggregation="token_mean", num_items_in_batch=units / processes
+        )
         share = float(mask.sum()) / units
     else:
         loss, metrics = fn(logps, mask, aggregation=cfg.sft_aggregation)
@@ -70,9 +92,18 @@ def micro_batch_loss(model, examples: list[Example], ref: torch.Tensor | None, c
     return loss, metrics, share, tokens
 
 
-def step_gradients(policy, examples: list[Example], batch: list[int], ref: torch.Tensor | None,
-                   cfg: TrainConfig, accelerator, *, lengths: list[int], pad_id: int,
-                   moe: MoeRun = MoeRun()) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+def step_gradients(
+    policy,
+    examples: list[Example],
+    batch: list[int],
+    ref: torch.Tensor | None,
+    cfg: TrainConfig,
+    accelerator,
+    *,
+    lengths: list[int],
+    pad_id: int,
+    moe: MoeRun = MoeRun(),
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
     """Backward over this process's micro-batches of one global batch; gradients accumulate.
 
     Returns (this process's summed loss shares, summed metric shares, tokens it processed).
@@ -96,8 +127,15 @@ def step_gradients(policy, examples: list[Example], batch: list[int], ref: torch
         with contextlib.nullcontext() if sync or P == 1 else accelerator.no_sync(policy):
             with moe.record(policy) as routing:
                 loss, metrics, share, n_tokens = micro_batch_loss(
-                    policy, [examples[j] for j in rows], ref[rows] if ref is not None else None,
-                    cfg, pad_id=pad_id, device=accelerator.device, units=units, processes=P)
+                    policy,
+                    [examples[j] for j in rows],
+                    ref[rows] if ref is not None else None,
+                    cfg,
+                    pad_id=pad_id,
+                    device=accelerator.device,
+                    units=units,
+                    processes=P,
+                )
             loss = moe.add_aux(loss, metrics, routing, share * P)
             accelerator.backward(loss if i < real else loss * 0.0)
         if i >= real:

@@ -20,19 +20,32 @@ from .logps import reference_logps
 from .refcache import cache_key, cache_path, read_cache, write_cache
 
 
-def reference_table(model, examples: list[Example], cfg: TrainConfig, accelerator, *,
-                    pad_id: int, dtype: str, out: Path) -> torch.Tensor:
+def reference_table(
+    model,
+    examples: list[Example],
+    cfg: TrainConfig,
+    accelerator,
+    *,
+    pad_id: int,
+    dtype: str,
+    out: Path,
+) -> torch.Tensor:
     """(N, 2) reference log-probs, read from the cache beside the data or computed once.
 
     Called before the adapter exists, so the model is exactly the reference (for PiSSA / OLoRA
     too, whose initialisation changes the base weights). Each process computes every P-th pair
     and the parts are gathered.
     """
-    key = cache_key(resolve_model(cfg.model), dtype, examples, accelerator.device.type) \
-        if cfg.ref_cache else None
+    key = (
+        cache_key(resolve_model(cfg.model), dtype, examples, accelerator.device.type)
+        if cfg.ref_cache
+        else None
+    )
     if cfg.ref_cache and key is None:
-        _say(accelerator, f"reference log-probs: not cached ({cfg.model}: no local weight "
-                          "files to fingerprint)")
+        _say(
+            accelerator,
+            f"reference log-probs: not cached ({cfg.model}: no local weight files to fingerprint)",
+        )
     use_cache = key is not None
     path = cache_path(cfg.data, key, fallback_dir=out) if use_cache else None
     cached = read_cache(path, key, len(examples)) if use_cache else None
@@ -42,8 +55,13 @@ def reference_table(model, examples: list[Example], cfg: TrainConfig, accelerato
     start = time.perf_counter()
     P, rank = accelerator.num_processes, accelerator.process_index
     mine = list(range(rank, len(examples), P))
-    part = reference_logps(model, [examples[i] for i in mine], batch_size=cfg.ref_batch_size,
-                           pad_id=pad_id, device=accelerator.device)
+    part = reference_logps(
+        model,
+        [examples[i] for i in mine],
+        batch_size=cfg.ref_batch_size,
+        pad_id=pad_id,
+        device=accelerator.device,
+    )
     table = torch.zeros(len(examples), 2)
     if P > 1:
         from accelerate.utils import gather_object
@@ -54,9 +72,11 @@ def reference_table(model, examples: list[Example], cfg: TrainConfig, accelerato
         table[mine] = part
     if use_cache and accelerator.is_main_process:
         write_cache(path, key, table)
-    _say(accelerator, f"reference log-probs: computed for {len(examples)} pairs in "
-                      f"{time.perf_counter() - start:.1f} s" +
-                      (f"; saved to {path}" if use_cache else ""))
+    _say(
+        accelerator,
+        f"reference log-probs: computed for {len(examples)} pairs in "
+        f"{time.perf_counter() - start:.1f} s" + (f"; saved to {path}" if use_cache else ""),
+    )
     return table
 
 

@@ -35,15 +35,16 @@ def render(tokenizer, prompt: list[dict], replies: list[list[dict]]) -> tuple[st
     renders the whole conversation, so the tokens are the ones the model sees at generation
     time; trailing whitespace after the end-of-turn token is left out.
     """
-    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True,
-                                                tokenize=False)
+    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
     completions = []
     for reply in replies:
         full_text = tokenizer.apply_chat_template(prompt + reply, tokenize=False)
         if not full_text.startswith(prompt_text):
-            raise TemplateMismatch("the chat template renders the prompt differently inside the "
-                                   "whole conversation, so the completion cannot be located")
-        completions.append(full_text[len(prompt_text):].rstrip())
+            raise TemplateMismatch(
+                "the chat template renders the prompt differently inside the "
+                "whole conversation, so the completion cannot be located"
+            )
+        completions.append(full_text[len(prompt_text) :].rstrip())
     return prompt_text, completions
 
 
@@ -55,17 +56,19 @@ def split_joint(p: list[int], c: list[int], joint: list[int]) -> tuple[list[int]
     """
     if joint == p + c:
         return c, False
-    if joint[:len(p)] != p:
+    if joint[: len(p)] != p:
         raise TemplateMismatch("the prompt's tokens change when the completion follows it")
-    return joint[len(p):], True
+    return joint[len(p) :], True
 
 
-def tokenize_turn(tokenizer, prompt: list[dict], reply: list[dict]) -> tuple[list[int], list[int],
-                                                                            bool]:
+def tokenize_turn(
+    tokenizer, prompt: list[dict], reply: list[dict]
+) -> tuple[list[int], list[int], bool]:
     """(prompt ids, completion ids, retokenised) for a prompt and one assistant reply."""
     prompt_text, (completion_text,) = render(tokenizer, prompt, [reply])
-    p, c, joint = tokenizer([prompt_text, completion_text, prompt_text + completion_text],
-                            add_special_tokens=False)["input_ids"]
+    p, c, joint = tokenizer(
+        [prompt_text, completion_text, prompt_text + completion_text], add_special_tokens=False
+    )["input_ids"]
     c, retokenised = split_joint(p, c, joint)
     return p, c, retokenised
 
@@ -85,8 +88,16 @@ def tokenize_rows(tokenizer, rows: list[tuple[int, list[dict], list[list[dict]]]
             continue
         spans.append((line, None, len(texts), len(completions)))
         texts += [prompt_text, *completions, *(prompt_text + c for c in completions)]
-    ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
-                    return_token_type_ids=False)["input_ids"] if texts else []
+    ids = (
+        tokenizer(
+            texts,
+            add_special_tokens=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )["input_ids"]
+        if texts
+        else []
+    )
     for line, error, start, n in spans:
         if error is not None:
             out.append((line, error))
