@@ -82,7 +82,13 @@ def write(name: str) -> Path:
             (Path(tmp) / "over.txt").write_text(torch_pin + "\n")
             cmd += ["--overrides", str(Path(tmp) / "over.txt")]
         subprocess.run(cmd, check=True)
-        body = (Path(tmp) / "out.txt").read_text().replace(str(infile), "pyproject.toml")
+        # temporary paths would change the file on every run: name what they stand for
+        body = (
+            (Path(tmp) / "out.txt")
+            .read_text()
+            .replace(str(infile), "pyproject.toml")
+            .replace(str(Path(tmp) / "over.txt"), "scripts/lock.py (torch pin)")
+        )
     pinned = [r for r in project_requirements(extras) if _name(r) in NO_DEPS]
     text = (
         f"{HEADER}{deps_hash(extras)}\n"
