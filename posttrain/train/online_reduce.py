@@ -3,7 +3,8 @@
 
     torchrun --nproc_per_node 2 -m posttrain.cli train --method grpo ...   # where P > 1
 
-Each function returns its input unchanged (or its own token means) in a single process.
+In a single process nothing is exchanged: gather_rollouts and sum_over_processes return their
+input, token_means divides this process's own sums.
 Called by posttrain/train/online.py.
 """
 
