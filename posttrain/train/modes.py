@@ -14,8 +14,8 @@ looks at, so checkpointing still works.
 through the shared config base): non-reentrant torch.utils.checkpoint per decoder layer, which
 needs no `requires_grad` trick on the inputs and works with frozen base weights under LoRA.
 
-`disable_dropout(model)` sets every dropout probability to 0 (the online loop, which runs its
-updates in train mode when checkpointing).
+`disable_dropout(model)` sets every dropout probability to 0; `checkpoint_without_dropout` is
+the online loop's checkpointing (its updates run in train mode with dropout zeroed).
 """
 
 from __future__ import annotations
@@ -67,3 +67,15 @@ def disable_dropout(model) -> None:
     for key, value in vars(config).items() if config is not None else ():
         if key.endswith("dropout") and isinstance(value, float):
             setattr(config, key, 0.0)
+
+
+def checkpoint_without_dropout(model) -> None:
+    """Gradient checkpointing for the online loop, whose policy stays in eval mode (dropout off).
+
+    transformers checkpoints only in train mode: dropout is zeroed instead of using eval mode
+    for the updates, and the model is back in eval mode for sampling (KV cache).
+    """
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    disable_dropout(model)

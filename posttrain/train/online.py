@@ -51,7 +51,7 @@ from .checkpoint import (
 from .data import load_examples
 from .lora import apply_lora, format_parameter_report, parameter_report
 from .metrics import MetricsLog, NonFiniteError, check_finite
-from .modes import disable_dropout
+from .modes import checkpoint_without_dropout
 from .moe import MoeRun, probe_prompt
 from .online_config import METHODS, RESUME_MAY_CHANGE, OnlineConfig, online_config
 from .online_reduce import gather_rollouts, sum_over_processes, token_means
@@ -154,12 +154,7 @@ def train_online(
     base_copy = detached_base(model) if detached else None  # the engine's own weights
     policy = apply_lora(model, cfg.lora)
     if cfg.gradient_checkpointing:
-        # transformers checkpoints only in train mode: dropout is zeroed instead of using eval
-        # mode for the updates, and the model is back in eval mode for sampling (KV cache).
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(policy, "enable_input_require_grads"):
-            policy.enable_input_require_grads()
-        disable_dropout(policy)
+        checkpoint_without_dropout(policy)  # updates in train mode, dropout zeroed
     policy.eval()  # dropout off for the whole run (module docstring); gradients still flow
     if progress:
         _say(main, format_parameter_report(parameter_report(policy)))
