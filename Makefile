@@ -6,9 +6,12 @@ TORCH_SPEC ?= torch==2.13.0
 # The pinned environment (scripts/lock.py): requirements/cpu.txt here; on a GPU cluster
 # `make venv TORCH_SPEC="torch==2.14.0" LOCK=requirements/cuda.txt`.
 LOCK      ?= requirements/cpu.txt
+# One ruff for everyone: another version may format differently (pyproject's `lint` extra pins it
+# too; tests/test_style.py checks the two agree).
+RUFF_SPEC ?= ruff==0.17.6
 BIN       := $(VENV)/bin
 
-.PHONY: venv vllm-venv browser demo test lint lock lock-check clean
+.PHONY: venv vllm-venv browser demo test lint format lock lock-check clean
 
 $(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PY) -m venv $(VENV)
@@ -57,9 +60,18 @@ test: venv vllm-venv browser
 	@$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "WARNING: pytest selected no tests"; exit 0; fi; exit $$rc
 
+# pyflakes and syntax errors (ruff check), then the formatting (ruff format --check); `make
+# format` rewrites the files so that the check passes. Settings: [tool.ruff] in pyproject.toml.
+LINT_PATHS := posttrain tests bench scripts
+
 lint: venv
-	$(BIN)/pip install -q ruff
-	$(BIN)/ruff check posttrain tests bench scripts
+	$(BIN)/pip install -q "$(RUFF_SPEC)"
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+
+format: venv
+	$(BIN)/pip install -q "$(RUFF_SPEC)"
+	$(BIN)/ruff format $(LINT_PATHS)
 
 # Re-resolve the lock files after changing pyproject.toml's dependencies (needs uv and PyPI).
 lock: venv

@@ -22,16 +22,27 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = [
-    "num_generations=4", "problems_per_step=4", "max_new_tokens=48", "temperature=0.8",
-    "lr=5e-5", "lora.r=16", "checkpoint_every=5", "num_threads=1", "micro_batch_size=8",
+    "num_generations=4",
+    "problems_per_step=4",
+    "max_new_tokens=48",
+    "temperature=0.8",
+    "lr=5e-5",
+    "lora.r=16",
+    "checkpoint_every=5",
+    "num_threads=1",
+    "micro_batch_size=8",
 ]
 
 
 def window_stats(first: list[float], last: list[float]) -> dict:
     diff = statistics.mean(last) - statistics.mean(first)
     se = math.sqrt(statistics.variance(first) / len(first) + statistics.variance(last) / len(last))
-    return {"first_mean": statistics.mean(first), "last_mean": statistics.mean(last),
-            "difference": diff, "difference_95ci": [diff - 1.96 * se, diff + 1.96 * se]}
+    return {
+        "first_mean": statistics.mean(first),
+        "last_mean": statistics.mean(last),
+        "difference": diff,
+        "difference_95ci": [diff - 1.96 * se, diff + 1.96 * se],
+    }
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -42,7 +53,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     steps = [r["step"] for r in rows]
     reward = [r["reward/mean"] for r in rows]
-    smooth = [statistics.mean(reward[max(0, i - 4):i + 1]) for i in range(len(reward))]
+    smooth = [statistics.mean(reward[max(0, i - 4) : i + 1]) for i in range(len(reward))]
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     ax.plot(steps, reward, "o", ms=3, alpha=0.5, label="mean reward of the step's completions")
     ax.plot(steps, smooth, "-", lw=2, label="5-step moving mean")
@@ -69,30 +80,36 @@ def main() -> None:
     from posttrain.train.checkpoint import latest_checkpoint
     from posttrain.train.online import online_config, train_online
 
-    cfg = online_config("grpo", overrides=SETTINGS + [f"max_steps={args.steps}"] + args.set,
-                        problems=args.problems)
+    cfg = online_config(
+        "grpo", overrides=SETTINGS + [f"max_steps={args.steps}"] + args.set, problems=args.problems
+    )
     start = time.time()
     train_online(cfg, args.out, resume=latest_checkpoint(args.out) is not None, progress=True)
     rows = [json.loads(line) for line in open(Path(args.out) / "metrics.jsonl") if line.strip()]
     reward = [r["reward/mean"] for r in rows]
     w = args.window
     RESULTS.mkdir(exist_ok=True)
-    title = (f"GRPO on builtin:arith, SmolLM2-135M + LoRA r{cfg.lora.r}\n"
-             f"G={cfg.num_generations}, {cfg.problems_per_step} problems/step, "
-             f"{cfg.max_new_tokens} new tokens, T={cfg.temperature:g}, lr {cfg.lr:g}")
+    title = (
+        f"GRPO on builtin:arith, SmolLM2-135M + LoRA r{cfg.lora.r}\n"
+        f"G={cfg.num_generations}, {cfg.problems_per_step} problems/step, "
+        f"{cfg.max_new_tokens} new tokens, T={cfg.temperature:g}, lr {cfg.lr:g}"
+    )
     plot(rows, RESULTS / "grpo_curve.png", title)
     gen = sum(r["time/generate"] for r in rows)
     train = sum(r["time/train"] for r in rows)
     summary = {
         "settings": {k: v for k, v in (s.split("=", 1) for s in SETTINGS + args.set)},
-        "problems": args.problems, "steps": len(rows), "window": w,
+        "problems": args.problems,
+        "steps": len(rows),
+        "window": w,
         "reward": window_stats(reward[:w], reward[-w:]),
-        "correct_first_vs_last": window_stats([r["reward/correct"] for r in rows[:w]],
-                                              [r["reward/correct"] for r in rows[-w:]]),
-        "completion_length_first_last": [statistics.mean(r["completion_length/mean"]
-                                                         for r in rows[:w]),
-                                         statistics.mean(r["completion_length/mean"]
-                                                         for r in rows[-w:])],
+        "correct_first_vs_last": window_stats(
+            [r["reward/correct"] for r in rows[:w]], [r["reward/correct"] for r in rows[-w:]]
+        ),
+        "completion_length_first_last": [
+            statistics.mean(r["completion_length/mean"] for r in rows[:w]),
+            statistics.mean(r["completion_length/mean"] for r in rows[-w:]),
+        ],
         "seconds_per_step": (gen + train + sum(r["time/grade"] for r in rows)) / len(rows),
         "generation_share": gen / (gen + train),
         "wall_seconds_this_invocation": time.time() - start,

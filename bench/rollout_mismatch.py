@@ -30,14 +30,29 @@ def run(mode: str, dtype: str, steps: int, lr: float, skip_after: int = 2) -> li
     from posttrain.train.online import online_config, train_online
     from posttrain.train.rollout_engine import DetachedHFEngine
 
-    cfg = online_config("grpo", overrides=[
-        "num_generations=4", "problems_per_step=4", "max_new_tokens=48", "temperature=1.0",
-        f"lr={lr}", "lora.r=16", f"dtype={dtype}", f"max_steps={steps}", "checkpoint_every=0",
-        "micro_batch_size=16", "generation_batch_size=16", "num_threads=1",
-        "rollout.max_mismatch_kl=0", f"rollout.sync={'live' if mode == 'live' else 'adapter'}"],
-        problems="builtin:arith:200?split=train")
+    cfg = online_config(
+        "grpo",
+        overrides=[
+            "num_generations=4",
+            "problems_per_step=4",
+            "max_new_tokens=48",
+            "temperature=1.0",
+            f"lr={lr}",
+            "lora.r=16",
+            f"dtype={dtype}",
+            f"max_steps={steps}",
+            "checkpoint_every=0",
+            "micro_batch_size=16",
+            "generation_batch_size=16",
+            "num_threads=1",
+            "rollout.max_mismatch_kl=0",
+            f"rollout.sync={'live' if mode == 'live' else 'adapter'}",
+        ],
+        problems="builtin:arith:200?split=train",
+    )
     engine = None
     if mode == "stale":
+
         class SkipSecondLoad(DetachedHFEngine):
             loads = 0
 
@@ -48,13 +63,23 @@ def run(mode: str, dtype: str, steps: int, lr: float, skip_after: int = 2) -> li
                     super().load_adapter(path, name)
 
         resolved = resolve_dtype(dtype)
-        engine = SkipSecondLoad(load_model(cfg.model, dtype=resolved), load_tokenizer(cfg.model),
-                                batch_size=16)
+        engine = SkipSecondLoad(
+            load_model(cfg.model, dtype=resolved), load_tokenizer(cfg.model), batch_size=16
+        )
     with tempfile.TemporaryDirectory() as out:
         train_online(cfg, out, engine=engine)
         rows = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
-    keep = ("step", "mismatch/kl", "mismatch/abs_logp_max", "mismatch/ratio_outside",
-            "time/generate", "time/train", "time/sync", "reward/mean", "grad_norm")
+    keep = (
+        "step",
+        "mismatch/kl",
+        "mismatch/abs_logp_max",
+        "mismatch/ratio_outside",
+        "time/generate",
+        "time/train",
+        "time/sync",
+        "reward/mean",
+        "grad_norm",
+    )
     return [{k: r.get(k) for k in keep} for r in rows]
 
 
@@ -64,20 +89,32 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--dtypes", nargs="+", default=["auto", "fp32"])
     ap.add_argument("--modes", nargs="+", default=["stale"], choices=["live", "adapter", "stale"])
-    ap.add_argument("--skip-after", type=int, default=2,
-                    help="skip the adapter load after this step (stale mode)")
+    ap.add_argument(
+        "--skip-after",
+        type=int,
+        default=2,
+        help="skip the adapter load after this step (stale mode)",
+    )
     args = ap.parse_args()
     from posttrain.models import resolve_dtype
 
-    results = {"cpu_flags_bf16": "avx512_bf16" in open("/proc/cpuinfo").read(),
-               "lr": args.lr, "steps": args.steps, "skip_after": args.skip_after, "runs": {}}
+    results = {
+        "cpu_flags_bf16": "avx512_bf16" in open("/proc/cpuinfo").read(),
+        "lr": args.lr,
+        "steps": args.steps,
+        "skip_after": args.skip_after,
+        "runs": {},
+    }
     for dtype in args.dtypes:
         for mode in args.modes:
             start = time.time()
             rows = run(mode, dtype, args.steps, args.lr, args.skip_after)
             key = f"{mode}/{resolve_dtype(dtype)}"
-            results["runs"][key] = {"rows": rows, "seconds": time.time() - start,
-                                    "load_average": os.getloadavg()[0]}
+            results["runs"][key] = {
+                "rows": rows,
+                "seconds": time.time() - start,
+                "load_average": os.getloadavg()[0],
+            }
             print(key, json.dumps(rows), flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "rollout_mismatch.json").write_text(json.dumps(results, indent=2) + "\n")

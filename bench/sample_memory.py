@@ -44,11 +44,18 @@ class SyntheticEngine:
         from posttrain.engines import Completion
 
         def text(i, k):
-            return " ".join(f"w{(i * 31 + k * 7 + j) % 997}" for j in range(self.words)) + \
-                "\nThe answer is 4."
-        return [[Completion(text=text(i, k), finish_reason="stop",
-                            token_ids=list(range(self.words)))
-                 for k in range(params.n)] for i, _ in enumerate(prompts)]
+            return (
+                " ".join(f"w{(i * 31 + k * 7 + j) % 997}" for j in range(self.words))
+                + "\nThe answer is 4."
+            )
+
+        return [
+            [
+                Completion(text=text(i, k), finish_reason="stop", token_ids=list(range(self.words)))
+                for k in range(params.n)
+            ]
+            for i, _ in enumerate(prompts)
+        ]
 
     def close(self) -> None:
         pass
@@ -67,39 +74,75 @@ def child(rows: int, words: int, folder: Path, stage: str) -> dict:
 
     baseline = rss_mb()
     n = 4
-    problems = [Problem(id=f"p{i}", question=f"What is 2 + 2? ({i})", answer="4",
-                        answer_type="exact") for i in range(rows // n)]
+    problems = [
+        Problem(id=f"p{i}", question=f"What is 2 + 2? ({i})", answer="4", answer_type="exact")
+        for i in range(rows // n)
+    ]
     samples, scored = folder / "samples.jsonl", folder / "scored.jsonl"
     t0 = time.time()
     if stage == "sample":
-        sample_problems(SyntheticEngine(words), problems, samples, SamplingParams(n=n),
-                        chunk_size=16, progress=False)
+        sample_problems(
+            SyntheticEngine(words),
+            problems,
+            samples,
+            SamplingParams(n=n),
+            chunk_size=16,
+            progress=False,
+        )
     elif stage == "resume":  # everything is done: the writer only reads the keys back
-        stats = sample_problems(SyntheticEngine(words), problems, samples, SamplingParams(n=n),
-                                chunk_size=16, progress=False)
+        stats = sample_problems(
+            SyntheticEngine(words),
+            problems,
+            samples,
+            SamplingParams(n=n),
+            chunk_size=16,
+            progress=False,
+        )
         assert stats["new_samples"] == 0 and stats["rows"] == rows, stats
     else:
         counts = verify_file(samples, scored, workers=2, progress=False)
         assert counts["correct"] == rows, counts
-    return {"stage": stage, "seconds": round(time.time() - t0, 1),
-            "baseline_rss_mb": round(baseline, 1), "peak_rss_mb": round(rss_mb(), 1),
-            "samples_mb": round(samples.stat().st_size / 2**20, 1),
-            "scored_mb": round(scored.stat().st_size / 2**20, 1) if scored.exists() else 0.0}
+    return {
+        "stage": stage,
+        "seconds": round(time.time() - t0, 1),
+        "baseline_rss_mb": round(baseline, 1),
+        "peak_rss_mb": round(rss_mb(), 1),
+        "samples_mb": round(samples.stat().st_size / 2**20, 1),
+        "scored_mb": round(scored.stat().st_size / 2**20, 1) if scored.exists() else 0.0,
+    }
 
 
 def run_size(rows: int, words: int, code: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="sample_memory_") as folder:
         stages = []
         for stage in ("sample", "resume", "verify"):
-            out = subprocess.run([sys.executable, __file__, "--child", stage, "--rows", str(rows),
-                                  "--tokens", str(words), "--folder", folder], check=True,
-                                 capture_output=True, text=True, cwd=ROOT,
-                                 env={**os.environ, "PYTHONPATH": str(code)})
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    stage,
+                    "--rows",
+                    str(rows),
+                    "--tokens",
+                    str(words),
+                    "--folder",
+                    folder,
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+                env={**os.environ, "PYTHONPATH": str(code)},
+            )
             stages.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"  {rows:>6} rows  {stages[-1]}", flush=True)
-    return {"rows": rows, "stages": stages,
-            "peak_rss_mb": max(s["peak_rss_mb"] for s in stages),
-            "rows_mb": stages[-1]["samples_mb"]}
+    return {
+        "rows": rows,
+        "stages": stages,
+        "peak_rss_mb": max(s["peak_rss_mb"] for s in stages),
+        "rows_mb": stages[-1]["samples_mb"],
+    }
 
 
 def main() -> None:
@@ -115,19 +158,32 @@ def main() -> None:
         print(json.dumps(child(args.rows, args.tokens, Path(args.folder), args.child)))
         return
     flags = open("/proc/cpuinfo").read()
-    result = {"machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
-                         f"avx512_bf16={'avx512_bf16' in flags}",
-              "load_average_before": os.getloadavg()[0], "tokens_per_sample": args.tokens,
-              "code": args.code,
-              "runs": [run_size(args.rows, args.tokens, Path(args.code)),
-                       run_size(10 * args.rows, args.tokens, Path(args.code))]}
+    result = {
+        "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+        f"avx512_bf16={'avx512_bf16' in flags}",
+        "load_average_before": os.getloadavg()[0],
+        "tokens_per_sample": args.tokens,
+        "code": args.code,
+        "runs": [
+            run_size(args.rows, args.tokens, Path(args.code)),
+            run_size(10 * args.rows, args.tokens, Path(args.code)),
+        ],
+    }
     small, large = result["runs"]
-    growth, rows_growth = (large["peak_rss_mb"] - small["peak_rss_mb"],
-                           large["rows_mb"] - small["rows_mb"])
-    result.update(peak_rss_growth_mb=round(growth, 1), rows_growth_mb=round(rows_growth, 1),
-                  goal_met=growth < rows_growth, load_average_after=os.getloadavg()[0])
-    print(f"peak RSS grows {growth:.1f} MB from {small['rows']} to {large['rows']} rows, "
-          f"whose size grows {rows_growth:.1f} MB: goal {'met' if growth < rows_growth else 'MISSED'}")
+    growth, rows_growth = (
+        large["peak_rss_mb"] - small["peak_rss_mb"],
+        large["rows_mb"] - small["rows_mb"],
+    )
+    result.update(
+        peak_rss_growth_mb=round(growth, 1),
+        rows_growth_mb=round(rows_growth, 1),
+        goal_met=growth < rows_growth,
+        load_average_after=os.getloadavg()[0],
+    )
+    print(
+        f"peak RSS grows {growth:.1f} MB from {small['rows']} to {large['rows']} rows, "
+        f"whose size grows {rows_growth:.1f} MB: goal {'met' if growth < rows_growth else 'MISSED'}"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 

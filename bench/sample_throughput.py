@@ -26,7 +26,11 @@ def measure(engine, prompts, params) -> dict:
     results = engine.generate(prompts, params)
     seconds = time.time() - start
     tokens = sum(c.num_tokens for cs in results for c in cs)
-    return {"tokens": tokens, "seconds": round(seconds, 2), "tokens_per_second": round(tokens / seconds, 1)}
+    return {
+        "tokens": tokens,
+        "seconds": round(seconds, 2),
+        "tokens_per_second": round(tokens / seconds, 1),
+    }
 
 
 def main() -> None:
@@ -44,12 +48,21 @@ def main() -> None:
     prompts = [prompt_messages(p) for p in problems]
     engine.generate(prompts[:1], SamplingParams(n=1, max_new_tokens=8))  # warm-up
     result = {
-        "model": args.model, "dtype": args.dtype, "batch_size": args.batch_size,
-        "threads": torch.get_num_threads(), "load_average_before": os.getloadavg()[0],
-        "sampling": measure(engine, prompts, SamplingParams(
-            n=args.n, temperature=1.0, max_new_tokens=args.max_new_tokens)),
-        "greedy": measure(engine, prompts, SamplingParams(
-            n=1, temperature=0.0, max_new_tokens=args.max_new_tokens)),
+        "model": args.model,
+        "dtype": args.dtype,
+        "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(),
+        "load_average_before": os.getloadavg()[0],
+        "sampling": measure(
+            engine,
+            prompts,
+            SamplingParams(n=args.n, temperature=1.0, max_new_tokens=args.max_new_tokens),
+        ),
+        "greedy": measure(
+            engine,
+            prompts,
+            SamplingParams(n=1, temperature=0.0, max_new_tokens=args.max_new_tokens),
+        ),
     }
     print(json.dumps(result, indent=2))
     if args.out:

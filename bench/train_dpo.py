@@ -70,15 +70,28 @@ def make_pairs(n: int, tokens: int, tokenizer, seed: int = 0) -> list[dict]:
         a, b = rng.randint(10, 99), rng.randint(10, 99)
         prompt = [{"role": "user", "content": f"What is {a} + {b}?"}]
         budget = int(tokens * rng.uniform(0.8, 1.2)) - count(
-            tokenizer, tokenizer.apply_chat_template(prompt, add_generation_prompt=True,
-                                                     tokenize=False))
+            tokenizer,
+            tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False),
+        )
         wrong = a + b + rng.choice([-10, -1, 1, 10])
-        rows.append({"prompt": prompt,
-                     "chosen": [{"role": "assistant",
-                                 "content": worked_answer(a, b, a + b, budget, tokenizer, rng)}],
-                     "rejected": [{"role": "assistant",
-                                   "content": worked_answer(a, b, wrong, budget, tokenizer, rng)}],
-                     "problem_id": str(i)})
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": [
+                    {
+                        "role": "assistant",
+                        "content": worked_answer(a, b, a + b, budget, tokenizer, rng),
+                    }
+                ],
+                "rejected": [
+                    {
+                        "role": "assistant",
+                        "content": worked_answer(a, b, wrong, budget, tokenizer, rng),
+                    }
+                ],
+                "problem_id": str(i),
+            }
+        )
     return rows
 
 
@@ -88,8 +101,9 @@ def pair_tokens(rows: list[dict], tokenizer) -> list[int]:
     for r in rows:
         n = 0
         for side in ("chosen", "rejected"):
-            n += count(tokenizer, tokenizer.apply_chat_template(r["prompt"] + r[side],
-                                                                tokenize=False))
+            n += count(
+                tokenizer, tokenizer.apply_chat_template(r["prompt"] + r[side], tokenize=False)
+            )
         out.append(n)
     return out
 
@@ -106,17 +120,35 @@ def run_posttrain(args) -> dict:
     from posttrain.train.offline import train
 
     out = Path(args.workdir) / f"{args.worker}-run"
-    cfg = train_config("dpo", None, [
-        f"dtype={args.dtype}", "batch_size=4", f"max_steps={args.steps}", "lr=5e-5",
-        "beta=0.1", "lora.r=16", "lora.alpha=32", "lora.targets=all-linear",
-        "checkpoint_every=0", "ref_cache=false", f"num_threads={args.threads}",
-        "warmup_ratio=0.0", f"gradient_checkpointing={args.worker == 'posttrain-gc'}"],
-        model="smollm2-135m", data=args.data)
+    cfg = train_config(
+        "dpo",
+        None,
+        [
+            f"dtype={args.dtype}",
+            "batch_size=4",
+            f"max_steps={args.steps}",
+            "lr=5e-5",
+            "beta=0.1",
+            "lora.r=16",
+            "lora.alpha=32",
+            "lora.targets=all-linear",
+            "checkpoint_every=0",
+            "ref_cache=false",
+            f"num_threads={args.threads}",
+            "warmup_ratio=0.0",
+            f"gradient_checkpointing={args.worker == 'posttrain-gc'}",
+        ],
+        model="smollm2-135m",
+        data=args.data,
+    )
     summary = train(cfg, out, progress=False)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return {"step_seconds": [r["seconds"] for r in rows],
-            "reference_seconds": summary["reference_seconds"], "dtype": summary["dtype"],
-            "losses": [r["loss"] for r in rows]}
+    return {
+        "step_seconds": [r["seconds"] for r in rows],
+        "reference_seconds": summary["reference_seconds"],
+        "dtype": summary["dtype"],
+        "losses": [r["loss"] for r in rows],
+    }
 
 
 def run_trl(args) -> dict:
@@ -143,16 +175,33 @@ def run_trl(args) -> dict:
 
     rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in read_jsonl(args.data)]
     config = DPOConfig(
-        output_dir=str(Path(args.workdir) / "trl-run"), per_device_train_batch_size=4,
-        gradient_accumulation_steps=1, max_steps=args.steps, learning_rate=5e-5, beta=0.1,
-        bf16=args.dtype == "bf16", gradient_checkpointing=args.worker == "trl-gc",
+        output_dir=str(Path(args.workdir) / "trl-run"),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        max_steps=args.steps,
+        learning_rate=5e-5,
+        beta=0.1,
+        bf16=args.dtype == "bf16",
+        gradient_checkpointing=args.worker == "trl-gc",
         logging_steps=1,
-        save_strategy="no", report_to=[], use_cpu=True, seed=0, warmup_steps=0,
-        max_length=1024, dataloader_num_workers=0)
-    trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
-                         processing_class=tok, callbacks=[Timer()],
-                         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
-                                                target_modules=TARGETS, task_type="CAUSAL_LM"))
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        warmup_steps=0,
+        max_length=1024,
+        dataloader_num_workers=0,
+    )
+    trainer = DPOTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+        callbacks=[Timer()],
+        peft_config=LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"
+        ),
+    )
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"step_seconds": steps, "losses": losses}
@@ -172,16 +221,35 @@ def worker(args) -> None:
 
 def spawn(name: str, args, data: Path, workdir: Path) -> dict:
     python = args.trl_python if name.startswith("trl") else sys.executable
-    cmd = [python, __file__, "--worker", name, "--data", str(data), "--workdir",
-           str(workdir), "--steps", str(args.steps), "--dtype", args.dtype, "--threads",
-           str(args.threads)]
+    cmd = [
+        python,
+        __file__,
+        "--worker",
+        name,
+        "--data",
+        str(data),
+        "--workdir",
+        str(workdir),
+        "--steps",
+        str(args.steps),
+        "--dtype",
+        args.dtype,
+        "--threads",
+        str(args.threads),
+    ]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    result = json.loads(line[len("RESULT "):])
+    result = json.loads(line[len("RESULT ") :])
     result["wall_seconds"] = time.perf_counter() - start
     return result
 
@@ -213,10 +281,12 @@ def main() -> None:
     mean_pair = sum(lengths) / len(lengths)
     args.steps = min(args.steps, args.pairs // 4)
     load = os.getloadavg()
-    print(f"{args.pairs} pairs, {mean_pair / 2:.0f} tokens per sequence on average "
-          f"(min {min(lengths) / 2:.0f}, max {max(lengths) / 2:.0f}); {args.steps} steps of "
-          f"4 pairs, {args.dtype}, {args.threads} threads; load average {load[0]:.2f}",
-          flush=True)
+    print(
+        f"{args.pairs} pairs, {mean_pair / 2:.0f} tokens per sequence on average "
+        f"(min {min(lengths) / 2:.0f}, max {max(lengths) / 2:.0f}); {args.steps} steps of "
+        f"4 pairs, {args.dtype}, {args.threads} threads; load average {load[0]:.2f}",
+        flush=True,
+    )
     sides = args.sides.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "pairs.jsonl"
@@ -224,8 +294,11 @@ def main() -> None:
         results = {}
         for name in sides:  # one after the other, back to back
             results[name] = spawn(name, args, data, Path(tmp))
-            print(f"  {name} done in {results[name]['wall_seconds']:.0f} s; load average "
-                  f"{os.getloadavg()[0]:.2f}", flush=True)
+            print(
+                f"  {name} done in {results[name]['wall_seconds']:.0f} s; load average "
+                f"{os.getloadavg()[0]:.2f}",
+                flush=True,
+            )
 
     def per_second(seconds: list[float]) -> float:
         measured = seconds[1:] or seconds  # the first step warms up
@@ -236,38 +309,67 @@ def main() -> None:
         r["tokens_per_s"] = per_second(r["step_seconds"])
         if "reference_seconds" in r:
             # One epoch over the whole file, the reference pass included (paid once per file).
-            r["tokens_per_s_epoch_with_reference"] = epoch_steps * 4 * mean_pair / (
-                epoch_steps * 4 * mean_pair / r["tokens_per_s"] + r["reference_seconds"])
+            r["tokens_per_s_epoch_with_reference"] = (
+                epoch_steps
+                * 4
+                * mean_pair
+                / (epoch_steps * 4 * mean_pair / r["tokens_per_s"] + r["reference_seconds"])
+            )
     with open("/proc/cpuinfo") as f:
-        flags = sorted({w for line in f if line.startswith("flags") for w in line.split()
-                        if w.startswith(("avx512", "amx"))})
+        flags = sorted(
+            {
+                w
+                for line in f
+                if line.startswith("flags")
+                for w in line.split()
+                if w.startswith(("avx512", "amx"))
+            }
+        )
     summary = {
-        "settings": {"pairs": args.pairs, "tokens_per_sequence": mean_pair / 2,
-                     "steps": args.steps, "batch": 4, "dtype": args.dtype,
-                     "threads": args.threads, "lora": "r16 alpha32 q,k,v,o,gate,up,down",
-                     "cpu_flags": flags, "cpus": os.cpu_count(),
-                     "load_average_at_start": load, "load_average_at_end": os.getloadavg()},
-        **results, "ratios": {}}
+        "settings": {
+            "pairs": args.pairs,
+            "tokens_per_sequence": mean_pair / 2,
+            "steps": args.steps,
+            "batch": 4,
+            "dtype": args.dtype,
+            "threads": args.threads,
+            "lora": "r16 alpha32 q,k,v,o,gate,up,down",
+            "cpu_flags": flags,
+            "cpus": os.cpu_count(),
+            "load_average_at_start": load,
+            "load_average_at_end": os.getloadavg(),
+        },
+        **results,
+        "ratios": {},
+    }
     for ours in [n for n in sides if n.startswith("posttrain")]:
         for theirs in [n for n in sides if n.startswith("trl")]:
             a, b = results[ours], results[theirs]
             summary["ratios"][f"{ours}/{theirs}"] = {
                 "tokens_per_s": a["tokens_per_s"] / b["tokens_per_s"],
-                "tokens_per_s_epoch_with_reference":
-                    a["tokens_per_s_epoch_with_reference"] / b["tokens_per_s"],
-                "peak_rss": a["peak_rss_mb"] / b["peak_rss_mb"]}
+                "tokens_per_s_epoch_with_reference": a["tokens_per_s_epoch_with_reference"]
+                / b["tokens_per_s"],
+                "peak_rss": a["peak_rss_mb"] / b["peak_rss_mb"],
+            }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
     for name, r in results.items():
-        extra = (f"; {r['tokens_per_s_epoch_with_reference']:.1f} over one epoch with its "
-                 f"reference pass ({r['reference_seconds']:.0f} s)"
-                 if "reference_seconds" in r else "")
-        print(f"{name:13s} {r['tokens_per_s']:8.1f} tokens/s{extra}; peak RSS "
-              f"{r['peak_rss_mb']:.0f} MB")
+        extra = (
+            f"; {r['tokens_per_s_epoch_with_reference']:.1f} over one epoch with its "
+            f"reference pass ({r['reference_seconds']:.0f} s)"
+            if "reference_seconds" in r
+            else ""
+        )
+        print(
+            f"{name:13s} {r['tokens_per_s']:8.1f} tokens/s{extra}; peak RSS "
+            f"{r['peak_rss_mb']:.0f} MB"
+        )
     for pair, r in summary["ratios"].items():
-        print(f"{pair}: {r['tokens_per_s']:.2f}x tokens/s per step, "
-              f"{r['tokens_per_s_epoch_with_reference']:.2f}x over an epoch with the reference "
-              f"pass; peak RSS {r['peak_rss']:.2f}x")
+        print(
+            f"{pair}: {r['tokens_per_s']:.2f}x tokens/s per step, "
+            f"{r['tokens_per_s_epoch_with_reference']:.2f}x over an epoch with the reference "
+            f"pass; peak RSS {r['peak_rss']:.2f}x"
+        )
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
 
 

@@ -40,12 +40,21 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 def train(args: list[str], out: Path, *, kill_after: int = 0) -> float:
     """Run `posttrain train ARGS --out OUT`; with kill_after, SIGKILL the torchrun launcher (its
     workers die with it) once metrics.jsonl has that many steps. Returns wall seconds."""
-    command = [sys.executable, "-m", "posttrain.cli", "train", *args, "--out", str(out),
-               "--no-progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "posttrain.cli",
+        "train",
+        *args,
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     start = time.perf_counter()
     with open(out.parent / f"{out.name}.log", "a") as log:
-        proc = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=log, stderr=log,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            command, cwd=REPO, env=ENV, stdout=log, stderr=log, start_new_session=True
+        )
         if kill_after:
             metrics = out / "metrics.jsonl"
             while not (metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after):
@@ -88,10 +97,20 @@ def main() -> None:
     config.write_text(yaml.safe_dump(recipe["train"]["config"]))
     batch = int(recipe["train"]["config"].get("batch_size", 4))
     if batch % 2:
-        raise SystemExit(f"{args.recipe}: train.config.batch_size {batch} is odd; 2 processes "
-                         "cannot split it evenly")
-    common = ["--method", recipe["train"]["method"], "--model", recipe["model"], "--data",
-              str(Path(args.pairs).resolve()), "--config", str(config)]
+        raise SystemExit(
+            f"{args.recipe}: train.config.batch_size {batch} is odd; 2 processes "
+            "cannot split it evenly"
+        )
+    common = [
+        "--method",
+        recipe["train"]["method"],
+        "--model",
+        recipe["model"],
+        "--data",
+        str(Path(args.pairs).resolve()),
+        "--config",
+        str(config),
+    ]
     for item in args.set:
         common += ["--set", item]
     two = [*common, "--nproc", "2", "--set", "strategy=fsdp2", "--set", f"batch_size={batch // 2}"]
@@ -116,24 +135,34 @@ def main() -> None:
     ak = adapter(runs["p2-killed"])
     processes = json.loads((runs["p2"] / "processes.json").read_text())
     result = {
-        "recipe": args.recipe, "pairs": sum(1 for _ in open(args.pairs)), "steps": steps,
+        "recipe": args.recipe,
+        "pairs": sum(1 for _ in open(args.pairs)),
+        "steps": steps,
         "overrides": args.set,
-        "dtype": resolve_dtype(yaml.safe_load((runs["p1"] / "config.yaml").read_text())["dtype"],
-                               "cpu"),
-        "loss_1_process": l1, "loss_2_processes_fsdp2": l2,
+        "dtype": resolve_dtype(
+            yaml.safe_load((runs["p1"] / "config.yaml").read_text())["dtype"], "cpu"
+        ),
+        "loss_1_process": l1,
+        "loss_2_processes_fsdp2": l2,
         "max_loss_difference": max(abs(a - b) for a, b in zip(l1, l2)),
         "adapter_max_abs_difference": max(float((a1[k] - a2[k]).abs().max()) for k in a1),
         "adapter_max_abs_value": max(float(a1[k].abs().max()) for k in a1),
         "killed_after_step": steps_at_kill,
-        "resumed_adapter_bitwise_equal": a1.keys() == ak.keys() and all(
-            bool((ak[k] == a2[k]).all()) for k in ak),
+        "resumed_adapter_bitwise_equal": a1.keys() == ak.keys()
+        and all(bool((ak[k] == a2[k]).all()) for k in ak),
         "resumed_losses_equal": losses(runs["p2-killed"]) == l2,
         "parameter_bytes": processes["parameter_bytes"],
         "parameter_bytes_per_process": processes["parameter_bytes_per_process"],
         "wall_seconds": seconds,
-        "load_average_at_start": load_start, "load_average_at_end": os.getloadavg(),
-        "cpu_flags": sorted({f for f in open("/proc/cpuinfo").read().split()
-                             if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")}),
+        "load_average_at_start": load_start,
+        "load_average_at_end": os.getloadavg(),
+        "cpu_flags": sorted(
+            {
+                f
+                for f in open("/proc/cpuinfo").read().split()
+                if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+            }
+        ),
         "cpus": os.cpu_count(),
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

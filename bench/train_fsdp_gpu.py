@@ -29,9 +29,21 @@ import time
 from pathlib import Path
 
 # dense bf16 tensor-core peak (no sparsity), FLOP/s, by a substring of the device name
-PEAK_BF16 = {"H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12,
-             "H100": 756e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12,
-             "L4": 121e12, "A10G": 70e12, "RTX 4090": 165e12, "RTX 6000 Ada": 364e12}
+PEAK_BF16 = {
+    "H200": 989e12,
+    "H100 SXM": 989e12,
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H100": 756e12,
+    "GH200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+    "RTX 4090": 165e12,
+    "RTX 6000 Ada": 364e12,
+}
 
 
 def peak_flops(name: str, override_tflops: float | None) -> float:
@@ -47,10 +59,17 @@ def build_model(args):
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    config = Qwen3Config(vocab_size=args.vocab, hidden_size=args.hidden,
-                         intermediate_size=3 * args.hidden, num_hidden_layers=args.layers,
-                         num_attention_heads=args.hidden // 128 * 2, num_key_value_heads=4,
-                         head_dim=64, max_position_embeddings=4096, tie_word_embeddings=False)
+    config = Qwen3Config(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=3 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 128 * 2,
+        num_key_value_heads=4,
+        head_dim=64,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     return Qwen3ForCausalLM(config).to(torch.bfloat16)
 
@@ -63,10 +82,14 @@ def batch_of_pairs(args, device, rank: int) -> dict:
     g = torch.Generator().manual_seed(rank)
     R, T, K = 2 * args.pairs, args.prompt + args.completion, args.completion
     ids = torch.randint(0, args.vocab, (R, T), generator=g)
-    ids[args.pairs:, :args.prompt] = ids[:args.pairs, :args.prompt]  # one prompt per pair
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-             "position_ids": torch.arange(T).expand(R, T).contiguous(),
-             "labels": ids[:, T - K:].clone(), "completion_lengths": torch.full((R,), K)}
+    ids[args.pairs :, : args.prompt] = ids[: args.pairs, : args.prompt]  # one prompt per pair
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "position_ids": torch.arange(T).expand(R, T).contiguous(),
+        "labels": ids[:, T - K :].clone(),
+        "completion_lengths": torch.full((R,), K),
+    }
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -84,8 +107,18 @@ def main() -> None:
     ap.add_argument("--json", default="bench/results/train_fsdp_gpu.json")
     args = ap.parse_args()
     if "LOCAL_RANK" not in os.environ:  # become a 1-process torchrun job
-        os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                  "--nproc_per_node", "1", *sys.argv])
+        os.execv(
+            sys.executable,
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                "1",
+                *sys.argv,
+            ],
+        )
     import torch
 
     from posttrain import losses
@@ -131,14 +164,22 @@ def main() -> None:
     tokens_per_s = P * 2 * args.pairs * (args.prompt + args.completion) / seconds
     name = torch.cuda.get_device_name(device)
     mfu = 6 * n_params * tokens_per_s / (P * peak_flops(name, args.peak_tflops))
-    result = {"device": name, "processes": P, "params_without_embedding": n_params,
-              "sharded": procs.sharded, "mixed_precision": procs.mixed_precision,
-              "parameter_bytes_per_process": stored,
-              "first_step_loss": first_loss, "first_step_grad_norm": first_norm,
-              "last_loss": last_loss, "seconds_per_step": seconds,
-              "tokens_per_s": tokens_per_s, "mfu": mfu,
-              "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-              "settings": vars(args)}
+    result = {
+        "device": name,
+        "processes": P,
+        "params_without_embedding": n_params,
+        "sharded": procs.sharded,
+        "mixed_precision": procs.mixed_precision,
+        "parameter_bytes_per_process": stored,
+        "first_step_loss": first_loss,
+        "first_step_grad_norm": first_norm,
+        "last_loss": last_loss,
+        "seconds_per_step": seconds,
+        "tokens_per_s": tokens_per_s,
+        "mfu": mfu,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+        "settings": vars(args),
+    }
     if procs.is_main_process:
         print(json.dumps(result, indent=1))
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

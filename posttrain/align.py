@@ -202,9 +202,10 @@ def align_layer(a: nn.Module, b: nn.Module, n_q: int, n_kv: int, head_dim: int) 
     maps = {"q_heads": q_perm.tolist(), "kv_heads": kv_perm.tolist()}
     if is_moe(b.mlp):
         expert_perm, _ = match(a.mlp.gate.weight.detach(), b.mlp.gate.weight.detach())
-        neuron_perms = [match(expert_features(a.mlp.experts, int(ea)),
-                              expert_features(b.mlp.experts, eb))[0]
-                        for eb, ea in enumerate(expert_perm)]
+        neuron_perms = [
+            match(expert_features(a.mlp.experts, int(ea)), expert_features(b.mlp.experts, eb))[0]
+            for eb, ea in enumerate(expert_perm)
+        ]
         permute_experts(a.mlp, expert_perm, neuron_perms)
         maps["experts"] = expert_perm.tolist()
         if getattr(b.mlp, "shared_expert", None) is not None:

@@ -1,7 +1,7 @@
 """One entry point: `posttrain VERB ...`. Each verb lives in its own module, imported on use.
 
-    posttrain sample --problems builtin:arith:8 --n 2 --out samples.jsonl
-    posttrain verify --samples samples.jsonl --out scored.jsonl
+posttrain sample --problems builtin:arith:8 --n 2 --out samples.jsonl
+posttrain verify --samples samples.jsonl --out scored.jsonl
 """
 
 from __future__ import annotations
@@ -33,8 +33,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def _usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: posttrain VERB [options]   (posttrain VERB --help for a verb's options)", "",
-             "verbs:"]
+    lines = [
+        "usage: posttrain VERB [options]   (posttrain VERB --help for a verb's options)",
+        "",
+        "verbs:",
+    ]
     lines += [f"  {verb:<{width}}  {help_}" for verb, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 

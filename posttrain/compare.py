@@ -41,8 +41,12 @@ def load_items(path: str | os.PathLike) -> list[dict]:
         require(row, "problem_id", (str, int), path, line)
         verdict = require(row, "verdict", str, path, line)
         if verdict not in VERDICTS:
-            raise DataError(path, line, f"expected one of {', '.join(VERDICTS)}; got {verdict!r}",
-                            field="verdict")
+            raise DataError(
+                path,
+                line,
+                f"expected one of {', '.join(VERDICTS)}; got {verdict!r}",
+                field="verdict",
+            )
         require(row, "sample_index", int, path, line, optional=True)
         rows.append({**row, "_where": f"{path}:{line}"})
     return rows
@@ -57,17 +61,22 @@ def per_item_scores(rows: list[dict], name: str = "items") -> dict[str, list[flo
         key = (pid, row.get("sample_index"))
         where = row.get("_where", name)
         if key in seen:
-            what = (f"sample_index {key[1]}" if key[1] is not None
-                    else "row (no sample_index)")
-            raise DataError(where, None, f"duplicate {what} for problem {pid!r} "
-                            f"(first at {seen[key]})")
+            what = f"sample_index {key[1]}" if key[1] is not None else "row (no sample_index)"
+            raise DataError(
+                where, None, f"duplicate {what} for problem {pid!r} (first at {seen[key]})"
+            )
         seen[key] = where
         scores.setdefault(pid, []).append(1.0 if row["verdict"] == "correct" else 0.0)
     return scores
 
 
-def compare_items(items_a: list[dict], items_b: list[dict], intersect: bool = False,
-                  n_boot: int = 10000, seed: int = 0) -> dict:
+def compare_items(
+    items_a: list[dict],
+    items_b: list[dict],
+    intersect: bool = False,
+    n_boot: int = 10000,
+    seed: int = 0,
+) -> dict:
     """Compare B against A on the same items. difference = accuracy_b - accuracy_a.
 
     Returns n, accuracy_a, accuracy_b, difference, interval_95 (paired bootstrap), p_value
@@ -77,9 +86,13 @@ def compare_items(items_a: list[dict], items_b: list[dict], intersect: bool = Fa
     sa, sb = per_item_scores(items_a, "A"), per_item_scores(items_b, "B")
     only_a, only_b = sorted(set(sa) - set(sb)), sorted(set(sb) - set(sa))
     if (only_a or only_b) and not intersect:
-        raise DataError(None, None, f"the runs cover different items: {len(only_a)} only in A, "
-                        f"{len(only_b)} only in B (e.g. {(only_a or only_b)[:3]}); "
-                        "pass --intersect to compare the shared items")
+        raise DataError(
+            None,
+            None,
+            f"the runs cover different items: {len(only_a)} only in A, "
+            f"{len(only_b)} only in B (e.g. {(only_a or only_b)[:3]}); "
+            "pass --intersect to compare the shared items",
+        )
     ids = sorted(set(sa) & set(sb))
     if not ids:
         raise DataError(None, None, "the runs share no items")
@@ -121,8 +134,11 @@ def format_table(result: dict, name_a: str, name_b: str) -> str:
         f"{'samples/k':<10} {r['k_a']:>{width}} {r['k_b']:>{width}}",
         "",
         f"items compared: {r['n']}"
-        + (f" (dropped {r['dropped_a']} only in A, {r['dropped_b']} only in B)"
-           if r["dropped_a"] or r["dropped_b"] else ""),
+        + (
+            f" (dropped {r['dropped_a']} only in A, {r['dropped_b']} only in B)"
+            if r["dropped_a"] or r["dropped_b"]
+            else ""
+        ),
         f"difference B - A: {100 * r['difference']:+.1f} points, 95% interval "
         f"[{100 * r['interval_95'][0]:+.1f}, {100 * r['interval_95'][1]:+.1f}] "
         f"(paired bootstrap, {r['n_boot']} resamples)",
@@ -135,16 +151,24 @@ def format_table(result: dict, name_a: str, name_b: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("a", help="eval folder (or items JSONL) of the baseline, A")
     parser.add_argument("b", help="eval folder (or items JSONL) of the candidate, B")
-    parser.add_argument("--intersect", action="store_true",
-                        help="compare only the items both runs cover (says how many were dropped)")
+    parser.add_argument(
+        "--intersect",
+        action="store_true",
+        help="compare only the items both runs cover (says how many were dropped)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
 
 
 def main(args: argparse.Namespace) -> int:
-    result = compare_items(load_items(args.a), load_items(args.b), intersect=args.intersect,
-                           n_boot=args.n_boot, seed=args.seed)
+    result = compare_items(
+        load_items(args.a),
+        load_items(args.b),
+        intersect=args.intersect,
+        n_boot=args.n_boot,
+        seed=args.seed,
+    )
     if args.json:
         print(json.dumps({"a": str(args.a), "b": str(args.b), **result}, indent=2))
     else:

@@ -65,8 +65,9 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(data) - set(fields)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
-                          f"known: {', '.join(fields)}")
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(fields)}"
+        )
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
@@ -118,8 +119,12 @@ def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
 
 
-def load_config(cls: type[T], path: str | None = None, overrides: list[str] | None = None,
-                base: dict | None = None) -> T:
+def load_config(
+    cls: type[T],
+    path: str | None = None,
+    overrides: list[str] | None = None,
+    base: dict | None = None,
+) -> T:
     """Defaults <- `base` <- YAML file <- `--set` overrides, validated into `cls`."""
     data = merge(base or {}, load_yaml(path) if path else {})
     data = merge(data, parse_overrides(overrides))

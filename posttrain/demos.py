@@ -19,8 +19,9 @@ from .sample import prompt_messages
 STYLES = {"terse": "#### {answer}", "worded": "The answer is {answer}."}
 
 
-def demonstration_rows(problems: list[Problem], style: str = "terse",
-                       system_prompt: str | None = None) -> list[dict]:
+def demonstration_rows(
+    problems: list[Problem], style: str = "terse", system_prompt: str | None = None
+) -> list[dict]:
     if style not in STYLES:
         raise ValueError(f"demos.style: {style!r}; expected {' | '.join(STYLES)}")
     rows = []
@@ -28,7 +29,12 @@ def demonstration_rows(problems: list[Problem], style: str = "terse",
         if p.answer_type == "refusal":
             continue  # no reference answer to write out
         reply = STYLES[style].format(answer=p.answer)
-        rows.append({"messages": prompt_messages(p, system_prompt)
-                     + [{"role": "assistant", "content": reply}],
-                     "problem_id": p.id, "style": style})
+        rows.append(
+            {
+                "messages": prompt_messages(p, system_prompt)
+                + [{"role": "assistant", "content": reply}],
+                "problem_id": p.id,
+                "style": style,
+            }
+        )
     return rows

@@ -65,8 +65,9 @@ def insertion_points(method: str, placement: str, n_layers: int, n_new: int) -> 
         raise ConfigError(f"placement: {placement!r}; expected {' | '.join(PLACEMENTS)}")
     slots = n_layers if method == "llama-pro" else n_layers - 1
     if not 1 <= n_new <= slots:
-        raise ConfigError(f"new_layers: {n_new}; expected 1 ... {slots} for {method} on a "
-                          f"{n_layers}-layer model")
+        raise ConfigError(
+            f"new_layers: {n_new}; expected 1 ... {slots} for {method} on a {n_layers}-layer model"
+        )
     if placement == "top":
         return list(range(slots - n_new, slots))
     parts = n_new if method == "llama-pro" else n_new + 1
@@ -78,18 +79,23 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if not isinstance(layers, nn.ModuleList):
-        raise ConfigError(f"expand: {type(model).__name__} has no model.layers (a decoder-only "
-                          f"causal LM such as Llama, Qwen2/3, Qwen3-MoE, Mistral is expected)")
+        raise ConfigError(
+            f"expand: {type(model).__name__} has no model.layers (a decoder-only "
+            f"causal LM such as Llama, Qwen2/3, Qwen3-MoE, Mistral is expected)"
+        )
     return layers
 
 
 def zero_outputs(layer: nn.Module) -> list[str]:
     """Zero every parameter of o_proj / down_proj (weights, biases, fused expert tensors)."""
     zeroed = [name for name, p in layer.named_parameters() if set(name.split(".")) & set(ZEROED)]
-    if not any(n.startswith("self_attn.o_proj") for n in zeroed) or \
-            not any("down_proj" in n for n in zeroed):
-        raise ConfigError(f"expand: {type(layer).__name__} has no self_attn.o_proj and "
-                          f"mlp down_proj to zero; cannot make an identity layer")
+    if not any(n.startswith("self_attn.o_proj") for n in zeroed) or not any(
+        "down_proj" in n for n in zeroed
+    ):
+        raise ConfigError(
+            f"expand: {type(layer).__name__} has no self_attn.o_proj and "
+            f"mlp down_proj to zero; cannot make an identity layer"
+        )
     with torch.no_grad():
         for name, p in layer.named_parameters():
             if name in zeroed:
@@ -108,8 +114,9 @@ def fuse_layers(a: nn.Module, b: nn.Module, config) -> tuple[nn.Module, dict]:
     maps = align_layer(aligned, new, n_q, n_kv, head_dim)
     mine, theirs = dict(new.named_parameters()), dict(aligned.named_parameters())
     if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape for k in mine):
-        raise ConfigError(f"expand: layers of {type(b).__name__} differ in parameters; "
-                          f"cannot average them")
+        raise ConfigError(
+            f"expand: layers of {type(b).__name__} differ in parameters; cannot average them"
+        )
     with torch.no_grad():
         for name, p in mine.items():
             p.copy_((p + theirs[name]) / 2)
@@ -128,10 +135,17 @@ def update_config(config, layers: nn.ModuleList, origin: list[int]) -> None:
     """num_hidden_layers, per-layer lists (entry of the layer each came from), mlp_only_layers."""
     n_base = config.num_hidden_layers
     for key, value in vars(config).items():
-        if "layer" in key and isinstance(value, list) and len(value) == n_base \
-                and key not in PER_LAYER_LISTS and key != "mlp_only_layers":
-            raise ConfigError(f"expand: config.{key} looks like a per-layer list that expand "
-                              f"does not know how to extend (known: {', '.join(PER_LAYER_LISTS)})")
+        if (
+            "layer" in key
+            and isinstance(value, list)
+            and len(value) == n_base
+            and key not in PER_LAYER_LISTS
+            and key != "mlp_only_layers"
+        ):
+            raise ConfigError(
+                f"expand: config.{key} looks like a per-layer list that expand "
+                f"does not know how to extend (known: {', '.join(PER_LAYER_LISTS)})"
+            )
     for key in PER_LAYER_LISTS:
         value = getattr(config, key, None)
         if isinstance(value, list):
@@ -145,8 +159,7 @@ def update_config(config, layers: nn.ModuleList, origin: list[int]) -> None:
     config.num_hidden_layers = len(layers)
 
 
-def expand_model(model: nn.Module, method: str, n_new: int,
-                 placement: str | None = None) -> dict:
+def expand_model(model: nn.Module, method: str, n_new: int, placement: str | None = None) -> dict:
     """Insert `n_new` identity-initialised layers into `model` in place; returns the metadata."""
     placement = placement or DEFAULT_PLACEMENT.get(method, "top")
     base = decoder_layers(model)
@@ -170,14 +183,27 @@ def expand_model(model: nn.Module, method: str, n_new: int,
     update_config(model.config, new_layers, origin)
     model.model.layers = new_layers
     renumber(new_layers)
-    return {"method": method, "placement": placement, "base_layers": len(base),
-            "layers": len(layers), "new_layers": [n["index"] for n in new_info],
-            "zeroed": list(ZEROED), "new": new_info}
+    return {
+        "method": method,
+        "placement": placement,
+        "base_layers": len(base),
+        "layers": len(layers),
+        "new_layers": [n["index"] for n in new_info],
+        "zeroed": list(ZEROED),
+        "new": new_info,
+    }
 
 
-def expand(model_name: str, method: str, n_new: int, out: str | os.PathLike, *,
-           placement: str | None = None, dtype: str = "fp32",
-           trust_remote_code: bool = False) -> Path:
+def expand(
+    model_name: str,
+    method: str,
+    n_new: int,
+    out: str | os.PathLike,
+    *,
+    placement: str | None = None,
+    dtype: str = "fp32",
+    trust_remote_code: bool = False,
+) -> Path:
     """Load `model_name` in fp32, expand it, save weights + tokenizer + metadata to `out`."""
     from .models import load_model, load_tokenizer, parse_dtype
 
@@ -203,8 +229,10 @@ def expand(model_name: str, method: str, n_new: int, out: str | os.PathLike, *,
 def read_metadata(folder: str | os.PathLike) -> dict:
     path = Path(folder) / METADATA
     if not path.exists():
-        raise ConfigError(f"{path}: not found; the target / selection 'new-layers' needs a "
-                          f"model folder written by `posttrain expand`")
+        raise ConfigError(
+            f"{path}: not found; the target / selection 'new-layers' needs a "
+            f"model folder written by `posttrain expand`"
+        )
     meta = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(meta.get("new_layers"), list):
         raise ConfigError(f"{path}: field 'new_layers': missing or not a list")
@@ -240,23 +268,42 @@ def select_new_layers_for_full_finetuning(model: nn.Module) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m",
-                        help="model folder, .gguf file or hub id (default: smollm2-135m)")
+    parser.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="model folder, .gguf file or hub id (default: smollm2-135m)",
+    )
     parser.add_argument("--method", required=True, choices=METHODS)
     parser.add_argument("--new-layers", type=int, required=True, help="how many layers to add")
-    parser.add_argument("--placement", choices=PLACEMENTS, default=None,
-                        help="top | interleave (default: top for opt-deus, interleave for "
-                             "llama-pro)")
+    parser.add_argument(
+        "--placement",
+        choices=PLACEMENTS,
+        default=None,
+        help="top | interleave (default: top for opt-deus, interleave for llama-pro)",
+    )
     parser.add_argument("--out", required=True, help="folder for the expanded model")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
-                        help="dtype of the saved weights (the expansion runs in fp32)")
+    parser.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help="dtype of the saved weights (the expansion runs in fp32)",
+    )
     parser.add_argument("--trust-remote-code", action="store_true")
 
 
 def main(args) -> int:
-    out = expand(args.model, args.method, args.new_layers, args.out, placement=args.placement,
-                 dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    out = expand(
+        args.model,
+        args.method,
+        args.new_layers,
+        args.out,
+        placement=args.placement,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+    )
     meta = read_metadata(out)
-    print(f"{meta['base_layers']} -> {meta['layers']} layers ({args.method}, "
-          f"{meta['placement']}); new layers {meta['new_layers']}; model in {out}")
+    print(
+        f"{meta['base_layers']} -> {meta['layers']} layers ({args.method}, "
+        f"{meta['placement']}); new layers {meta['new_layers']}; model in {out}"
+    )
     return 0

@@ -32,8 +32,14 @@ def base_model_of(adapter: str | os.PathLike) -> str:
     return base
 
 
-def export_merged(adapter: str | os.PathLike, out: str | os.PathLike, *, model: str | None = None,
-                  dtype: str = "fp32", trust_remote_code: bool = False) -> Path:
+def export_merged(
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    model: str | None = None,
+    dtype: str = "fp32",
+    trust_remote_code: bool = False,
+) -> Path:
     """Merge `adapter` into `model` (default: the adapter's base) and save to `out`."""
     from .models import load_tokenizer, load_with_adapter
     from .train.lora import peft_targets_as_named
@@ -41,8 +47,9 @@ def export_merged(adapter: str | os.PathLike, out: str | os.PathLike, *, model: 
     out = Path(out)
     name = model or base_model_of(adapter)
     with peft_targets_as_named():  # MoE adapters load onto the modules they were trained on
-        merged = load_with_adapter(name, adapter, dtype=dtype, merge=True,
-                                   trust_remote_code=trust_remote_code)
+        merged = load_with_adapter(
+            name, adapter, dtype=dtype, merge=True, trust_remote_code=trust_remote_code
+        )
     tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -57,14 +64,20 @@ def export_merged(adapter: str | os.PathLike, out: str | os.PathLike, *, model: 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", required=True, help="PEFT adapter folder (RUN/adapter)")
     parser.add_argument("--out", required=True, help="folder for the merged model")
-    parser.add_argument("--model", default=None,
-                        help="base model (default: the one in adapter_config.json)")
+    parser.add_argument(
+        "--model", default=None, help="base model (default: the one in adapter_config.json)"
+    )
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--trust-remote-code", action="store_true")
 
 
 def main(args) -> int:
-    out = export_merged(args.adapter, args.out, model=args.model, dtype=args.dtype,
-                        trust_remote_code=args.trust_remote_code)
+    out = export_merged(
+        args.adapter,
+        args.out,
+        model=args.model,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+    )
     print(f"merged model in {out}")
     return 0

@@ -33,8 +33,9 @@ def _rows_per_chunk(vocab: int, chunk_elements: int | None) -> int:
     return max(1, (chunk_elements or CHUNK_ELEMENTS) // vocab)
 
 
-def _label_grad(z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, grad: torch.Tensor
-                ) -> torch.Tensor:
+def _label_grad(
+    z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, grad: torch.Tensor
+) -> torch.Tensor:
     """d(z_y - lse(z)) * grad for one chunk: grad * (onehot(y) - softmax(z)); float32 (n, V)."""
     d = torch.exp(z - lse.unsqueeze(-1)).mul_(-grad.unsqueeze(-1))  # (n, V)
     return d.scatter_add_(1, labels.unsqueeze(-1), grad.unsqueeze(-1))
@@ -66,8 +67,9 @@ class _ChunkedLogSoftmax(torch.autograd.Function):
         logits, labels, lse = ctx.saved_tensors
         out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         for b, sl in _chunks(*logits.shape[:2], ctx.rows):
-            out[b, sl] = _label_grad(logits[b, sl].float(), lse[b, sl], labels[b, sl],
-                                     grad[b, sl].float())
+            out[b, sl] = _label_grad(
+                logits[b, sl].float(), lse[b, sl], labels[b, sl], grad[b, sl].float()
+            )
         return out, None, None
 
 
@@ -79,9 +81,11 @@ class _LinearLogSoftmax(torch.autograd.Function):
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(out)
         for s in range(0, hidden.shape[0], rows):
-            z = F.linear(hidden[s:s + rows], weight, bias).float()  # (n, V)
-            lse[s:s + rows] = torch.logsumexp(z, dim=-1)
-            out[s:s + rows] = z.gather(1, labels[s:s + rows, None]).squeeze(1) - lse[s:s + rows]
+            z = F.linear(hidden[s : s + rows], weight, bias).float()  # (n, V)
+            lse[s : s + rows] = torch.logsumexp(z, dim=-1)
+            out[s : s + rows] = (
+                z.gather(1, labels[s : s + rows, None]).squeeze(1) - lse[s : s + rows]
+            )
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.rows = rows
         return out
@@ -92,10 +96,14 @@ class _LinearLogSoftmax(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
         # A trained head (full fine-tuning) accumulates its gradient over chunks in float32.
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) \
-            if need_b else None
+        grad_w = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        )
+        grad_b = (
+            torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+            if need_b
+            else None
+        )
         for s in range(0, hidden.shape[0], ctx.rows):
             sl = slice(s, s + ctx.rows)
             z = F.linear(hidden[sl], weight, bias).float()  # (n, V), made again
@@ -107,32 +115,46 @@ class _LinearLogSoftmax(torch.autograd.Function):
                 grad_h[sl] = d @ weight  # (n, H)
             if need_w:
                 grad_w += (d.t() @ hidden[sl]).float()  # (V, H)
-        return (grad_h, grad_w.to(weight.dtype) if need_w else None,
-                grad_b.to(bias.dtype) if need_b else None, None, None)
+        return (
+            grad_h,
+            grad_w.to(weight.dtype) if need_w else None,
+            grad_b.to(bias.dtype) if need_b else None,
+            None,
+            None,
+        )
 
 
 def _check(name: str, x: torch.Tensor, labels: torch.Tensor) -> None:
     if x.dim() != 3 or labels.shape != x.shape[:2]:
         what = "logits (B, T, V)" if name == "token_logps" else "hidden (B, T, H)"
-        raise ValueError(f"{name}: expected {what} and labels (B, T), got {tuple(x.shape)} and "
-                         f"{tuple(labels.shape)}")
+        raise ValueError(
+            f"{name}: expected {what} and labels (B, T), got {tuple(x.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
 
 
-def chunked_token_logps(logits: torch.Tensor, labels: torch.Tensor,
-                        ignore_index: int = IGNORE_INDEX, chunk_elements: int | None = None
-                        ) -> torch.Tensor:
+def chunked_token_logps(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_elements: int | None = None,
+) -> torch.Tensor:
     """log softmax(logits)[label], float32 (B, T); 0.0 where label == ignore_index."""
     _check("token_logps", logits, labels)
     ignored = labels == ignore_index  # (B, T)
     safe = labels.masked_fill(ignored, 0)  # gather needs a valid index everywhere
-    out = _ChunkedLogSoftmax.apply(logits, safe, _rows_per_chunk(logits.shape[-1],
-                                                                 chunk_elements))
+    out = _ChunkedLogSoftmax.apply(logits, safe, _rows_per_chunk(logits.shape[-1], chunk_elements))
     return out.masked_fill(ignored, 0.0)  # (B, T)
 
 
-def linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                       bias: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX,
-                       chunk_elements: int | None = None) -> torch.Tensor:
+def linear_token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_elements: int | None = None,
+) -> torch.Tensor:
     """log softmax(hidden @ weight.T + bias)[label], float32 (B, T); 0.0 at ignore_index.
 
     The same values as `chunked_token_logps(F.linear(hidden, weight, bias), labels)` without
@@ -140,6 +162,7 @@ def linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
     """
     _check("linear_token_logps", hidden, labels)
     valid = labels != ignore_index  # (B, T)
-    rows = _LinearLogSoftmax.apply(hidden[valid], weight, bias, labels[valid],
-                                   _rows_per_chunk(weight.shape[0], chunk_elements))  # (n,)
+    rows = _LinearLogSoftmax.apply(
+        hidden[valid], weight, bias, labels[valid], _rows_per_chunk(weight.shape[0], chunk_elements)
+    )  # (n,)
     return rows.new_zeros(labels.shape).index_put((valid,), rows)  # (B, T)

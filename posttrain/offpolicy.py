@@ -4,7 +4,7 @@
 
 A rollout engine (vLLM, a server, a detached copy) never computes exactly the trainer's
 log-probabilities: kernels, precision and batching differ, and a broken weight sync makes it
-sample an old policy. Three pure functions, in the conventions of posttrain/losses.py:
+sample an old policy. Three pure functions, in the conventions of posttrain/losses/:
 - `mismatch_metrics`: how far the engine's log-probs of the sampled tokens are from the
   trainer's (the sync check of the online loop uses mismatch/kl).
 - `rollout_weights`: truncated (TIS) or masked (MIS) importance sampling weights
@@ -25,8 +25,9 @@ def _log_ratio(trainer_logps, rollout_logps, m):
     return d.masked_fill(~m, 0.0).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
 
 
-def mismatch_metrics(trainer_logps: torch.Tensor, rollout_logps: torch.Tensor,
-                     mask: torch.Tensor) -> Metrics:
+def mismatch_metrics(
+    trainer_logps: torch.Tensor, rollout_logps: torch.Tensor, mask: torch.Tensor
+) -> Metrics:
     """Per sampled token, d = log pi_trainer - log pi_rollout and r = e^d (no gradient):
     mismatch/kl: mean of k3 = (r - 1) - d, an unbiased estimate of KL(rollout || trainer) from
         the rollout's own samples (Schulman's k3), >= 0 per token;
@@ -37,15 +38,24 @@ def mismatch_metrics(trainer_logps: torch.Tensor, rollout_logps: torch.Tensor,
     m = _check_tokens("mismatch_metrics", trainer_logps, mask)
     d = _log_ratio(trainer_logps, rollout_logps, m)
     r = torch.exp(d)
-    return {"mismatch/kl": _masked_mean(r - 1 - d, m),
-            "mismatch/abs_logp_max": torch.where(m, d.abs(), 0.0).max() if m.any()
-            else torch.zeros(()),
-            "mismatch/ratio_outside": _masked_mean(((r < 0.5) | (r > 2.0)).float(), m)}
+    return {
+        "mismatch/kl": _masked_mean(r - 1 - d, m),
+        "mismatch/abs_logp_max": torch.where(m, d.abs(), 0.0).max() if m.any() else torch.zeros(()),
+        "mismatch/ratio_outside": _masked_mean(((r < 0.5) | (r > 2.0)).float(), m),
+    }
 
 
-def rollout_weights(trainer_logps: torch.Tensor, rollout_logps: torch.Tensor, mask: torch.Tensor,
-                    *, mode: str, level: str = "token", cap: float = 2.0, low: float = 0.5,
-                    high: float = 2.0) -> tuple[torch.Tensor, Metrics]:
+def rollout_weights(
+    trainer_logps: torch.Tensor,
+    rollout_logps: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    mode: str,
+    level: str = "token",
+    cap: float = 2.0,
+    low: float = 0.5,
+    high: float = 2.0,
+) -> tuple[torch.Tensor, Metrics]:
     """Detached weights (B, T) for the per-token loss, from w = pi_trainer / pi_rollout.
 
     level token: w per token; sequence: w_i = exp(sum over the sequence of the log-ratios),
@@ -59,8 +69,10 @@ def rollout_weights(trainer_logps: torch.Tensor, rollout_logps: torch.Tensor, ma
     """
     m = _check_tokens("rollout_weights", trainer_logps, mask)
     if mode not in ("none", "tis", "mis") or level not in ("token", "sequence"):
-        raise ValueError(f"rollout_weights: mode none | tis | mis and level token | sequence, "
-                         f"got {mode!r}, {level!r}")
+        raise ValueError(
+            f"rollout_weights: mode none | tis | mis and level token | sequence, "
+            f"got {mode!r}, {level!r}"
+        )
     d = _log_ratio(trainer_logps, rollout_logps, m)  # (B, T)
     if level == "sequence":
         d = d.sum(-1, keepdim=True).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO).expand_as(d)
@@ -80,12 +92,21 @@ def rollout_weights(trainer_logps: torch.Tensor, rollout_logps: torch.Tensor, ma
     return w, metrics
 
 
-def cispo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, advantages: torch.Tensor,
-               mask: torch.Tensor, *, clip_low: float = 1.0, clip_high: float = 0.28,
-               aggregation: str = "token_mean", ref_logps: torch.Tensor | None = None,
-               kl_beta: float = 0.0, max_completion_length: int | None = None,
-               num_items_in_batch: float | None = None,
-               is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
+def cispo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float = 1.0,
+    clip_high: float = 0.28,
+    aggregation: str = "token_mean",
+    ref_logps: torch.Tensor | None = None,
+    kl_beta: float = 0.0,
+    max_completion_length: int | None = None,
+    num_items_in_batch: float | None = None,
+    is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Metrics]:
     """CISPO: per token -sg(clip(r, 1 - clip_low, 1 + clip_high)) * w * A * logp (+ kl_beta k3).
 
     Unlike PPO's clip, which zeroes the gradient of a token whose ratio left the range, every
@@ -98,8 +119,10 @@ def cispo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, advantages: 
     """
     m = _check_tokens("cispo_loss", logps, mask)
     if advantages.shape != logps.shape[:1]:
-        raise ValueError(f"cispo_loss: advantages must be (B,) = {tuple(logps.shape[:1])}, "
-                         f"got {tuple(advantages.shape)}")
+        raise ValueError(
+            f"cispo_loss: advantages must be (B,) = {tuple(logps.shape[:1])}, "
+            f"got {tuple(advantages.shape)}"
+        )
     if kl_beta and ref_logps is None:
         raise ValueError("cispo_loss: kl_beta > 0 needs ref_logps")
     logps = logps.masked_fill(~m, 0.0)  # (B, T)
@@ -112,19 +135,25 @@ def cispo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, advantages: 
     per_token = -weight * adv * logps  # (B, T)
     metrics: Metrics = {}
     if ref_logps is not None:
-        d = (ref_logps.detach().masked_fill(~m, 0.0) - logps).clamp(-MAX_LOG_RATIO,
-                                                                     MAX_LOG_RATIO)
+        d = (ref_logps.detach().masked_fill(~m, 0.0) - logps).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
         kl = torch.exp(d) - d - 1  # (B, T)
         if kl_beta:
             per_token = per_token + kl_beta * kl
         metrics["kl"] = _masked_mean(kl, m)
     per_token = torch.where(m, per_token, 0.0)
-    loss = aggregate_tokens(per_token, m, aggregation, max_completion_length=max_completion_length,
-                            num_items_in_batch=num_items_in_batch)
-    metrics.update({
-        "clip_ratio/low": _masked_mean((ratio < 1 - clip_low).float(), m),
-        "clip_ratio/high": _masked_mean((ratio > 1 + clip_high).float(), m),
-        "ratio/mean": _masked_mean(ratio, m),
-    })
+    loss = aggregate_tokens(
+        per_token,
+        m,
+        aggregation,
+        max_completion_length=max_completion_length,
+        num_items_in_batch=num_items_in_batch,
+    )
+    metrics.update(
+        {
+            "clip_ratio/low": _masked_mean((ratio < 1 - clip_low).float(), m),
+            "clip_ratio/high": _masked_mean((ratio > 1 + clip_high).float(), m),
+            "ratio/mean": _masked_mean(ratio, m),
+        }
+    )
     metrics["clip_ratio/region"] = metrics["clip_ratio/low"] + metrics["clip_ratio/high"]
     return loss, metrics

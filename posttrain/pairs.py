@@ -50,9 +50,15 @@ def assistant_turn(row: dict) -> str:
     return row["response"]
 
 
-def build_pairs(scored_rows: list[dict], strategy: str = "random", max_pairs_per_problem: int = 1,
-                seed: int = 0, *, allow_truncated_rejected: bool = False,
-                allow_no_answer_rejected: bool = False) -> tuple[list[dict], dict]:
+def build_pairs(
+    scored_rows: list[dict],
+    strategy: str = "random",
+    max_pairs_per_problem: int = 1,
+    seed: int = 0,
+    *,
+    allow_truncated_rejected: bool = False,
+    allow_no_answer_rejected: bool = False,
+) -> tuple[list[dict], dict]:
     """(pair rows, stats) from scored sample rows; see the module docstring for the rules."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
@@ -69,27 +75,33 @@ def build_pairs(scored_rows: list[dict], strategy: str = "random", max_pairs_per
     for pid, rows in groups.items():
         rows = sorted(rows, key=lambda r: r["sample_index"])
         if any(r["messages"] != rows[0]["messages"] for r in rows):
-            raise ValueError(f"problem {pid!r}: samples have different prompts (messages); "
-                             "a pair needs one prompt")
+            raise ValueError(
+                f"problem {pid!r}: samples have different prompts (messages); "
+                "a pair needs one prompt"
+            )
         correct = [r for r in rows if r["verdict"] == "correct"]
         wrong = [r for r in rows if r["verdict"] in rejectable]
         pass_rates.append(len(correct) / len(rows))
         pairable += bool(correct and wrong)
         rng = random.Random(f"{seed}:{pid}")  # str seeds hash with sha512: stable across runs
         for chosen, rejected, why in _select(strategy, correct, wrong, max_pairs_per_problem, rng):
-            pairs.append({
-                "prompt": rows[0]["messages"],
-                "chosen": [{"role": "assistant", "content": assistant_turn(chosen)}],
-                "rejected": [{"role": "assistant", "content": assistant_turn(rejected)}],
-                "problem_id": pid,
-                "strategy": strategy,
-                "chosen_index": chosen["sample_index"],
-                "rejected_index": rejected["sample_index"],
-                "rejected_verdict": rejected["verdict"],
-                "why": why,
-            })
+            pairs.append(
+                {
+                    "prompt": rows[0]["messages"],
+                    "chosen": [{"role": "assistant", "content": assistant_turn(chosen)}],
+                    "rejected": [{"role": "assistant", "content": assistant_turn(rejected)}],
+                    "problem_id": pid,
+                    "strategy": strategy,
+                    "chosen_index": chosen["sample_index"],
+                    "rejected_index": rejected["sample_index"],
+                    "rejected_verdict": rejected["verdict"],
+                    "why": why,
+                }
+            )
     stats = {
-        "strategy": strategy, "max_pairs_per_problem": max_pairs_per_problem, "seed": seed,
+        "strategy": strategy,
+        "max_pairs_per_problem": max_pairs_per_problem,
+        "seed": seed,
         "allow_truncated_rejected": allow_truncated_rejected,
         "allow_no_answer_rejected": allow_no_answer_rejected,
         "samples": len(scored_rows),
@@ -116,17 +128,24 @@ def pass_rate_histogram(pass_rates: list[float]) -> dict[str, int]:
     return counts
 
 
-def _select(strategy: str, correct: list[dict], wrong: list[dict], k: int,
-            rng: random.Random) -> list[tuple[dict, dict, str]]:
+def _select(
+    strategy: str, correct: list[dict], wrong: list[dict], k: int, rng: random.Random
+) -> list[tuple[dict, dict, str]]:
     if not correct or not wrong:
         return []
     nc, nw = len(correct), len(wrong)
     if strategy == "random":
         grid = [(i, j) for i in range(nc) for j in range(nw)]
         picked = rng.sample(grid, min(k, len(grid)))
-        return [(correct[i], wrong[j], f"random: chosen #{correct[i]['sample_index']} and "
-                 f"rejected #{wrong[j]['sample_index']} drawn from {nc} correct and {nw} wrong")
-                for i, j in picked]
+        return [
+            (
+                correct[i],
+                wrong[j],
+                f"random: chosen #{correct[i]['sample_index']} and "
+                f"rejected #{wrong[j]['sample_index']} drawn from {nc} correct and {nw} wrong",
+            )
+            for i, j in picked
+        ]
     shuffled_correct = rng.sample(correct, nc)
     shuffled_wrong = rng.sample(wrong, nw)
     if strategy == "confident-wrong":
@@ -136,8 +155,10 @@ def _select(strategy: str, correct: list[dict], wrong: list[dict], k: int,
     else:  # shortest-right
         chosen_order, rejected_order = _ranked(correct, "num_tokens", False), shuffled_wrong
     rejected_named = strategy != "shortest-right"
-    grid = sorted(((i, j) for i in range(nc) for j in range(nw)),
-                  key=lambda ij: (ij[0] + ij[1], ij[1] if rejected_named else ij[0]))
+    grid = sorted(
+        ((i, j) for i in range(nc) for j in range(nw)),
+        key=lambda ij: (ij[0] + ij[1], ij[1] if rejected_named else ij[0]),
+    )
     out = []
     for i, j in grid[:k]:
         chosen, rejected = chosen_order[i], rejected_order[j]
@@ -151,18 +172,26 @@ def _ranked(rows: list[dict], field: str, highest_first: bool) -> list[dict]:
         if value is None:
             return (1, 0.0)
         return (0, -value if highest_first else value)
+
     return sorted(rows, key=key)  # stable: ties keep sample-index order
 
 
 def _why(strategy, chosen, rejected, i, j, nc, nw) -> str:
     ci, ri = chosen["sample_index"], rejected["sample_index"]
     if strategy == "shortest-right":
-        return (f"shortest-right: chosen #{ci} is rank {i + 1} of {nc} correct by length "
-                f"({chosen.get('num_tokens')} tokens); rejected #{ri} drawn from {nw} wrong")
-    field, what = (("mean_logprob", "confidence (mean log-prob")
-                   if strategy == "confident-wrong" else ("num_tokens", "length (tokens"))
-    return (f"{strategy}: rejected #{ri} ({rejected['verdict']}) is rank {j + 1} of {nw} wrong "
-            f"by {what} {rejected.get(field)}); chosen #{ci} drawn from {nc} correct")
+        return (
+            f"shortest-right: chosen #{ci} is rank {i + 1} of {nc} correct by length "
+            f"({chosen.get('num_tokens')} tokens); rejected #{ri} drawn from {nw} wrong"
+        )
+    field, what = (
+        ("mean_logprob", "confidence (mean log-prob")
+        if strategy == "confident-wrong"
+        else ("num_tokens", "length (tokens")
+    )
+    return (
+        f"{strategy}: rejected #{ri} ({rejected['verdict']}) is rank {j + 1} of {nw} wrong "
+        f"by {what} {rejected.get(field)}); chosen #{ci} drawn from {nc} correct"
+    )
 
 
 # ---------------------------------------------------------------------------- stage
@@ -177,8 +206,12 @@ def read_scored(path: str | os.PathLike) -> list[dict]:
         index = require(row, "sample_index", int, path, line)
         verdict = require(row, "verdict", str, path, line)
         if verdict not in VERDICTS:
-            raise DataError(path, line, f"expected one of {', '.join(VERDICTS)}; got {verdict!r}",
-                            field="verdict")
+            raise DataError(
+                path,
+                line,
+                f"expected one of {', '.join(VERDICTS)}; got {verdict!r}",
+                field="verdict",
+            )
         require(row, "messages", list, path, line)
         require(row, "response", str, path, line)
         require(row, "reasoning", str, path, line, optional=True)
@@ -186,13 +219,22 @@ def read_scored(path: str | os.PathLike) -> list[dict]:
         require(row, "mean_logprob", (int, float), path, line, optional=True)
         require(row, "num_tokens", int, path, line, optional=True)
         if (pid, index) in seen:
-            raise DataError(path, line, f"duplicate sample ({pid!r}, {index}) (first on line "
-                            f"{seen[pid, index]})", field="sample_index")
+            raise DataError(
+                path,
+                line,
+                f"duplicate sample ({pid!r}, {index}) (first on line {seen[pid, index]})",
+                field="sample_index",
+            )
         seen[pid, index] = line
         first = prompt_line.setdefault(pid, (line, row["messages"]))
         if row["messages"] != first[1]:
-            raise DataError(path, line, f"prompt differs from line {first[0]} of the same problem "
-                            "(a pair needs one prompt)", field="messages")
+            raise DataError(
+                path,
+                line,
+                f"prompt differs from line {first[0]} of the same problem "
+                "(a pair needs one prompt)",
+                field="messages",
+            )
         rows.append(row)
     return rows
 
@@ -203,11 +245,13 @@ def stats_path(out: str | os.PathLike) -> Path:
 
 def format_stats(stats: dict) -> str:
     hist = ", ".join(f"{k}: {v}" for k, v in stats["pass_rate_histogram"].items())
-    return (f"problems {stats['problems']} (mixed {stats['mixed']}, all right "
-            f"{stats['all_right']}, all wrong {stats['all_wrong']}; pairable {stats['pairable']})\n"
-            f"pass-rate histogram  {hist}\n"
-            f"pairs written {stats['pairs']} ({stats['strategy']}, up to "
-            f"{stats['max_pairs_per_problem']} per problem, seed {stats['seed']})")
+    return (
+        f"problems {stats['problems']} (mixed {stats['mixed']}, all right "
+        f"{stats['all_right']}, all wrong {stats['all_wrong']}; pairable {stats['pairable']})\n"
+        f"pass-rate histogram  {hist}\n"
+        f"pairs written {stats['pairs']} ({stats['strategy']}, up to "
+        f"{stats['max_pairs_per_problem']} per problem, seed {stats['seed']})"
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -216,10 +260,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategy", choices=STRATEGIES, default="random")
     parser.add_argument("--max-pairs-per-problem", type=_positive_int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--allow-truncated-rejected", action="store_true",
-                        help="truncated samples may be rejected answers")
-    parser.add_argument("--allow-no-answer-rejected", action="store_true",
-                        help="samples with no extractable answer may be rejected answers")
+    parser.add_argument(
+        "--allow-truncated-rejected",
+        action="store_true",
+        help="truncated samples may be rejected answers",
+    )
+    parser.add_argument(
+        "--allow-no-answer-rejected",
+        action="store_true",
+        help="samples with no extractable answer may be rejected answers",
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -245,9 +295,13 @@ class PairsConfig:
 def make_pairs(cfg: PairsConfig) -> dict:
     """Read `cfg.scored`, write the pairs to `cfg.out` and their stats beside it; the stats."""
     pairs, stats = build_pairs(
-        read_scored(cfg.scored), cfg.strategy, cfg.max_pairs_per_problem, cfg.seed,
+        read_scored(cfg.scored),
+        cfg.strategy,
+        cfg.max_pairs_per_problem,
+        cfg.seed,
         allow_truncated_rejected=cfg.allow_truncated_rejected,
-        allow_no_answer_rejected=cfg.allow_no_answer_rejected)
+        allow_no_answer_rejected=cfg.allow_no_answer_rejected,
+    )
     write_jsonl(cfg.out, pairs)
     stats = {**stats, "scored": str(cfg.scored)}
     write_json(stats_path(cfg.out), stats)
@@ -255,11 +309,17 @@ def make_pairs(cfg: PairsConfig) -> dict:
 
 
 def main(args) -> int:
-    stats = make_pairs(PairsConfig(
-        scored=args.scored, out=args.out, strategy=args.strategy,
-        max_pairs_per_problem=args.max_pairs_per_problem, seed=args.seed,
-        allow_truncated_rejected=args.allow_truncated_rejected,
-        allow_no_answer_rejected=args.allow_no_answer_rejected))
+    stats = make_pairs(
+        PairsConfig(
+            scored=args.scored,
+            out=args.out,
+            strategy=args.strategy,
+            max_pairs_per_problem=args.max_pairs_per_problem,
+            seed=args.seed,
+            allow_truncated_rejected=args.allow_truncated_rejected,
+            allow_no_answer_rejected=args.allow_no_answer_rejected,
+        )
+    )
     print(format_stats(stats))
     if not stats["pairs"]:
         print("warning: no pairs: no problem has both a correct and a rejectable sample")

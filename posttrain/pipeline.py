@@ -31,29 +31,17 @@ from .recipe import (  # noqa: F401  (Recipe, EvalSet, load_recipe re-exported f
     stage_engine,
 )
 from .records import write_json
+from .run_stages import (  # noqa: F401  (re-exported for callers)
+    eval_set_stage,
+    eval_settings,
+    make_stage_engine,
+    sample_stage,
+    stage_dtype,
+)
 from .stages import StageRunner
 
 STAGES = ("sample", "verify", "pairs", "train")  # then eval/SET/{base,trained,compare}
 REGRESSION_EXIT = 3
-
-
-def make_stage_engine(recipe: Recipe, stage: SampleStage | EvalSet, adapter=None):
-    """Every engine `run` and `sweep` use is built here: the recipe's engine: block with the
-    stage's keys over it (recipe.stage_engine), in the dtype stage_dtype resolves."""
-    from .engines import make_engine
-
-    return make_engine(stage_engine(recipe, stage), recipe.model,
-                       dtype=stage_dtype(recipe, stage), adapter=adapter)
-
-
-def stage_dtype(recipe: Recipe, stage: SampleStage | EvalSet) -> str:
-    """The resolved dtype of a stage, on the device its engine runs on. It goes into the stage
-    settings, so a folder resumed on a machine where 'auto' means something else is refused
-    instead of mixing fp32 and bf16 stages."""
-    from .models import resolve_device, resolve_dtype
-
-    return resolve_dtype(recipe.dtype,
-                         resolve_device(stage_engine(recipe, stage).device, say=False))
 
 
 def train_data_kind(recipe: Recipe) -> str:
@@ -63,13 +51,17 @@ def train_data_kind(recipe: Recipe) -> str:
     if recipe.train.method not in OFFLINE_METHODS:
         if kind == "demonstrations" and recipe.train.method == "chord":
             if (recipe.train.config.get("chord") or {}).get("demos"):
-                raise ConfigError("train.config.chord.demos and train.data: demonstrations "
-                                  "both name chord's demonstrations: keep one")
+                raise ConfigError(
+                    "train.config.chord.demos and train.data: demonstrations "
+                    "both name chord's demonstrations: keep one"
+                )
             return kind  # rollouts on the sample problems, the SFT term on these
         if kind != "auto":
-            raise ConfigError(f"train.data: {kind!r}; online method {recipe.train.method!r} "
-                              "trains on the sample problems (auto), and chord also on "
-                              "demonstrations (train.data: demonstrations)")
+            raise ConfigError(
+                f"train.data: {kind!r}; online method {recipe.train.method!r} "
+                "trains on the sample problems (auto), and chord also on "
+                "demonstrations (train.data: demonstrations)"
+            )
         return "problems"
     if kind == "auto":
         return "pairs" if recipe.train.method in PREFERENCE_METHODS else "scored"
@@ -83,8 +75,13 @@ def train_block(recipe: Recipe) -> TrainStage:
     from .models import resolve_device, resolve_dtype
 
     dtype = recipe.train.config.get("dtype", recipe.dtype)
-    return replace(recipe.train, config={
-        **recipe.train.config, "dtype": resolve_dtype(dtype, resolve_device("auto", say=False))})
+    return replace(
+        recipe.train,
+        config={
+            **recipe.train.config,
+            "dtype": resolve_dtype(dtype, resolve_device("auto", say=False)),
+        },
+    )
 
 
 def train_inputs(recipe: Recipe, data: str):
@@ -93,8 +90,11 @@ def train_inputs(recipe: Recipe, data: str):
     if kind == "problems":
         return train, None, data
     if train.method == "chord":  # online: rollouts of the sample problems, SFT on the demos
-        return (replace(train, config=merge(train.config, {"chord": {"demos": data}})), None,
-                recipe.sample.problems)
+        return (
+            replace(train, config=merge(train.config, {"chord": {"demos": data}})),
+            None,
+            recipe.sample.problems,
+        )
     return train, data, None
 
 
@@ -112,103 +112,69 @@ def prepare_data(recipe: Recipe, stage: StageRunner, progress: bool = True):
         from .demos import demonstration_rows
 
         def do_demos(folder):
-            write_jsonl(folder / "demos.jsonl", demonstration_rows(
-                load_problems(s.problems), r.demos.style, s.system_prompt))
+            write_jsonl(
+                folder / "demos.jsonl",
+                demonstration_rows(load_problems(s.problems), r.demos.style, s.system_prompt),
+            )
 
-        folder, d = stage("demos", {"problems": s.problems, "system_prompt": s.system_prompt,
-                                    **asdict(r.demos)}, do_demos)
+        folder, d = stage(
+            "demos",
+            {"problems": s.problems, "system_prompt": s.system_prompt, **asdict(r.demos)},
+            do_demos,
+        )
         return str(folder / "demos.jsonl"), d
 
-    folder, d = stage("sample", {"model": r.model, "dtype": stage_dtype(r, s), "seed": r.seed,
-                                 **asdict(s), "engine": engine_settings(stage_engine(r, s))},
-                      lambda f: sample_stage(r, f, progress))
-    folder, d = stage("verify", {"input": d}, lambda f: verify_file(
-        folder / "samples.jsonl", f / "scored.jsonl", progress=progress))
+    folder, d = stage(
+        "sample",
+        {
+            "model": r.model,
+            "dtype": stage_dtype(r, s),
+            "seed": r.seed,
+            **asdict(s),
+            "engine": engine_settings(stage_engine(r, s)),
+        },
+        lambda f: sample_stage(r, f, progress),
+    )
+    folder, d = stage(
+        "verify",
+        {"input": d},
+        lambda f: verify_file(folder / "samples.jsonl", f / "scored.jsonl", progress=progress),
+    )
     scored = folder / "scored.jsonl"
     if kind == "scored":
         return str(scored), d
-    folder, d = stage("pairs", {**asdict(r.pairs), "seed": r.seed, "input": d},
-                      lambda f: make_pairs(PairsConfig(
-                          scored=str(scored), out=str(f / "pairs.jsonl"),
-                          strategy=r.pairs.strategy,
-                          max_pairs_per_problem=r.pairs.max_pairs_per_problem, seed=r.seed)))
+    folder, d = stage(
+        "pairs",
+        {**asdict(r.pairs), "seed": r.seed, "input": d},
+        lambda f: make_pairs(
+            PairsConfig(
+                scored=str(scored),
+                out=str(f / "pairs.jsonl"),
+                strategy=r.pairs.strategy,
+                max_pairs_per_problem=r.pairs.max_pairs_per_problem,
+                seed=r.seed,
+            )
+        ),
+    )
     made = json.loads((folder / "pairs.stats.json").read_text())
     if made["pairs"] == 0:
         raise ConfigError(
             f"{folder}: 0 pairs from {made['samples']} samples of {made['problems']} "
             f"problems ({made['all_wrong']} all wrong, {made['all_right']} all right): raise "
-            "sample.n, sample more problems or pick an easier source, with a new --out folder")
+            "sample.n, sample more problems or pick an easier source, with a new --out folder"
+        )
     return str(folder / "pairs.jsonl"), d
 
 
-def sample_stage(recipe: Recipe, folder: Path, progress: bool = True) -> dict:
-    """Sample `recipe.sample.n` answers per training problem into FOLDER/samples.jsonl."""
-    from .engines import SamplingParams
-    from .sample import sample_problems
-    from .tasks import load_problems
-
-    s = recipe.sample
-    engine = make_stage_engine(recipe, s)
-    params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p,
-                            max_new_tokens=s.max_new_tokens, seed=recipe.seed)
-    try:
-        stats = sample_problems(engine, load_problems(s.problems), folder / "samples.jsonl",
-                                params, system_prompt=s.system_prompt,
-                                chunk_size=getattr(engine, "batch_size", 8), progress=progress)
-    finally:
-        engine.close()
-    print(f"  {stats['tokens_per_second']:.0f} tokens/s")
-    return stats
-
-
-def eval_set_stage(recipe: Recipe, es: EvalSet, adapter, folder: Path,
-                   progress: bool = True) -> dict:
-    """Evaluate the model (plus `adapter`) on one evaluation set into `folder`."""
-    from .engines import SamplingParams
-    from .evaluate import evaluate
-    from .tasks import load_problems
-
-    judge = None
-    if es.judge is not None:
-        from .judge import Judge
-
-        judge = Judge(es.judge.url, es.judge.model, api_key_env=es.judge.key_env,
-                      template_path=es.judge.template)
-    engine = make_stage_engine(recipe, es, adapter=adapter)
-    params = SamplingParams(n=es.n, temperature=es.temperature,
-                            max_new_tokens=es.max_new_tokens, seed=recipe.seed)
-    try:
-        summary = evaluate(engine, load_problems(es.problems), folder, params,
-                           protocol=es.protocol, system_prompt=es.system_prompt, judge=judge,
-                           judge_concurrency=es.judge.concurrency if es.judge else 1,
-                           progress=progress)
-    finally:
-        engine.close()
-    failed = summary.get("counts", {}).get("judge_error", 0)
-    if failed:  # a score with failed judgements counted wrong is not a result: stop, unfinished
-        from .engines.base import EngineUnavailable
-
-        raise EngineUnavailable(
-            f"eval set {es.name!r}: {failed} of {summary['n']} judgements failed after retries "
-            f"({folder / 'items.jsonl'}); run the same command again: graded items are kept "
-            "and only the failed ones are judged again")
-    return summary
-
-
-def eval_settings(recipe: Recipe, es: EvalSet) -> dict:
-    """What determines an evaluation's output (not the set's name or guard flag); the engine
-    as resolved, less the keys that only say how to reach it."""
-    settings = {k: v for k, v in asdict(es).items() if k not in ("name", "guard", "engine")}
-    if settings["judge"] is not None:  # which judge model and prompt, not how to reach it
-        settings["judge"] = {k: v for k, v in settings["judge"].items()
-                             if k not in ("url", "key_env", "concurrency")}
-    seed = {"seed": recipe.seed} if es.temperature > 0 else {}  # greedy: the seed changes nothing
-    return {"model": recipe.model, "dtype": stage_dtype(recipe, es), **seed,
-            **settings, "engine": engine_settings(stage_engine(recipe, es))}
-
-
-def run_recipe(recipe: Recipe, out: str | Path, *, store: str | Path | None = None,
-               stale_after: float = 120.0, progress: bool = True, wait: bool = True) -> dict:
+def run_recipe(
+    recipe: Recipe,
+    out: str | Path,
+    *,
+    store: str | Path | None = None,
+    stale_after: float = 120.0,
+    progress: bool = True,
+    wait: bool = True,
+) -> dict:
     """Run every stage of `recipe` into `out` (shared stages under `store`); the report.
     With wait=False a stage another worker is computing raises stages.StageBusy."""
     from .compare import compare_items
@@ -224,36 +190,66 @@ def run_recipe(recipe: Recipe, out: str | Path, *, store: str | Path | None = No
     data, data_digest = prepare_data(r, stage, progress)
     train, data, problems = train_inputs(r, data)
     train_folder, train_digest = stage(
-        "train", {"model": r.model, "seed": r.seed, "method": r.train.method,
-                  "config": train_block(r).config, "data": data_digest},
-        lambda f: train_stage(train, f, model=r.model, seed=r.seed, progress=progress,
-                              data=data, problems=problems))
+        "train",
+        {
+            "model": r.model,
+            "seed": r.seed,
+            "method": r.train.method,
+            "config": train_block(r).config,
+            "data": data_digest,
+        },
+        lambda f: train_stage(
+            train, f, model=r.model, seed=r.seed, progress=progress, data=data, problems=problems
+        ),
+    )
     adapter = train_folder / "adapter"
 
     sets = []
     for es in r.eval:
         settings = eval_settings(r, es)
-        base, d_base = stage(f"eval/{es.name}/base", settings, lambda f, es=es: eval_set_stage(
-            r, es, None, f, progress))
+        base, d_base = stage(
+            f"eval/{es.name}/base",
+            settings,
+            lambda f, es=es: eval_set_stage(r, es, None, f, progress),
+        )
         trained, d_trained = stage(
-            f"eval/{es.name}/trained", {**settings, "adapter": train_digest},
-            lambda f, es=es: eval_set_stage(r, es, adapter, f, progress))
-        cmp_folder, _ = stage(f"eval/{es.name}/compare", {"base": d_base, "trained": d_trained},
-                              lambda f, b=base, t=trained: write_json(
-                                  f / "compare.json", compare_items(read_jsonl(b / "items.jsonl"),
-                                                                    read_jsonl(t / "items.jsonl"))))
+            f"eval/{es.name}/trained",
+            {**settings, "adapter": train_digest},
+            lambda f, es=es: eval_set_stage(r, es, adapter, f, progress),
+        )
+        cmp_folder, _ = stage(
+            f"eval/{es.name}/compare",
+            {"base": d_base, "trained": d_trained},
+            lambda f, b=base, t=trained: write_json(
+                f / "compare.json",
+                compare_items(read_jsonl(b / "items.jsonl"), read_jsonl(t / "items.jsonl")),
+            ),
+        )
         b_sum = json.loads((base / "summary.json").read_text())
         t_sum = json.loads((trained / "summary.json").read_text())
         c = json.loads((cmp_folder / "compare.json").read_text())
-        sets.append({"name": es.name, "guard": es.guard, "problems": es.problems,
-                     "base": b_sum, "trained": t_sum, "compare": c,
-                     "row": set_row(es.name, es.guard, b_sum, t_sum, c)})
+        sets.append(
+            {
+                "name": es.name,
+                "guard": es.guard,
+                "problems": es.problems,
+                "base": b_sum,
+                "trained": t_sum,
+                "compare": c,
+                "row": set_row(es.name, es.guard, b_sum, t_sum, c),
+            }
+        )
     rows = [s["row"] for s in sets]
-    report = {"sets": sets, "table": rows, "regression": any(x["regression"] for x in rows),
-              # the first set at the top level, as reports before several sets had it
-              "base": sets[0]["base"], "trained": sets[0]["trained"],
-              "compare": sets[0]["compare"],
-              "seconds": {k: v[0] for k, v in stage.times.items()}}
+    report = {
+        "sets": sets,
+        "table": rows,
+        "regression": any(x["regression"] for x in rows),
+        # the first set at the top level, as reports before several sets had it
+        "base": sets[0]["base"],
+        "trained": sets[0]["trained"],
+        "compare": sets[0]["compare"],
+        "seconds": {k: v[0] for k, v in stage.times.items()},
+    }
     write_json(out / "report.json", report)
     print("\n" + format_run_table(rows))
     print(format_times(stage.times))
@@ -264,8 +260,9 @@ def format_times(times: dict[str, tuple[float, bool]]) -> str:
     lines = ["", "wall time per stage:"]
     width = max([len(n) for n in times] + [5])
     for name, (seconds, skipped) in times.items():
-        lines.append(f"  {name:<{width}} {seconds:7.1f} s"
-                     f"{'  (skipped: done earlier)' if skipped else ''}")
+        lines.append(
+            f"  {name:<{width}} {seconds:7.1f} s{'  (skipped: done earlier)' if skipped else ''}"
+        )
     lines.append(f"  {'total':<{width}} {sum(t for t, _ in times.values()):7.1f} s")
     return "\n".join(lines)
 
@@ -273,10 +270,18 @@ def format_times(times: dict[str, tuple[float, bool]]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML, e.g. recipes/default.yaml")
     parser.add_argument("--out", default=None, help="output folder (default: runs/RECIPE_NAME)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe key, e.g. --set train.config.lr=1e-5")
-    parser.add_argument("--fail-on-regression", action="store_true",
-                        help=f"exit {REGRESSION_EXIT} when a guard set drops significantly")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. --set train.config.lr=1e-5",
+    )
+    parser.add_argument(
+        "--fail-on-regression",
+        action="store_true",
+        help=f"exit {REGRESSION_EXIT} when a guard set drops significantly",
+    )
 
 
 def main(args) -> int:

@@ -88,34 +88,42 @@ def training_curves(runs: dict[str, list[dict]], ncols: int = 3) -> bytes | None
                 xs, ys = _series(rows, key)
                 if ys:
                     label = name if len(keys) == 1 else f"{name} {key.split('/')[-1]}"
-                    ax.plot(xs, ys, styles[j % len(styles)], color=f"C{i % 10}", lw=1.4,
-                            label=label)
+                    ax.plot(
+                        xs, ys, styles[j % len(styles)], color=f"C{i % 10}", lw=1.4, label=label
+                    )
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
         if len(runs) > 1 or len(keys) > 1:
             ax.legend(fontsize=7)
-    for ax in axes[len(panels):]:
+    for ax in axes[len(panels) :]:
         ax.axis("off")
     return _png(plt, fig)
 
 
-def reliability_bins(confidences: list[float], correct: list[bool], width: int = 10
-                     ) -> list[dict]:
+def reliability_bins(confidences: list[float], correct: list[bool], width: int = 10) -> list[dict]:
     """Items binned by stated confidence (0-100) in bins of `width` points: per bin its range,
     count, mean confidence and accuracy. The top bin includes 100."""
     bins: dict[int, list[tuple[float, bool]]] = {}
     for c, ok in zip(confidences, correct):
         b = min(int(c // width), (100 // width) - 1)
         bins.setdefault(b, []).append((c, ok))
-    return [{"low": b * width, "high": (b + 1) * width, "n": len(v),
-             "confidence": sum(c for c, _ in v) / len(v),
-             "accuracy": sum(ok for _, ok in v) / len(v)} for b, v in sorted(bins.items())]
+    return [
+        {
+            "low": b * width,
+            "high": (b + 1) * width,
+            "n": len(v),
+            "confidence": sum(c for c, _ in v) / len(v),
+            "accuracy": sum(ok for _, ok in v) / len(v),
+        }
+        for b, v in sorted(bins.items())
+    ]
 
 
-def reliability_diagram(confidences: list[float], correct: list[bool], title: str = ""
-                        ) -> bytes | None:
+def reliability_diagram(
+    confidences: list[float], correct: list[bool], title: str = ""
+) -> bytes | None:
     """Accuracy per confidence bin against the diagonal of perfect calibration; the bar
     labels give each bin's item count."""
     bins = reliability_bins(confidences, correct)
@@ -123,11 +131,22 @@ def reliability_diagram(confidences: list[float], correct: list[bool], title: st
         return None
     plt, fig, (ax,) = _figure(1, 1, width=4.4, height=3.6)
     ax.plot([0, 100], [0, 100], "--", color="grey", lw=1, label="perfect calibration")
-    ax.bar([(b["low"] + b["high"]) / 2 for b in bins], [100 * b["accuracy"] for b in bins],
-           width=9, alpha=0.7, color="C0", label="accuracy")
+    ax.bar(
+        [(b["low"] + b["high"]) / 2 for b in bins],
+        [100 * b["accuracy"] for b in bins],
+        width=9,
+        alpha=0.7,
+        color="C0",
+        label="accuracy",
+    )
     for b in bins:
-        ax.text((b["low"] + b["high"]) / 2, 100 * b["accuracy"] + 2, str(b["n"]), ha="center",
-                fontsize=7)
+        ax.text(
+            (b["low"] + b["high"]) / 2,
+            100 * b["accuracy"] + 2,
+            str(b["n"]),
+            ha="center",
+            fontsize=7,
+        )
     ax.set_xlim(0, 100)
     ax.set_ylim(0, 108)
     ax.set_xlabel("stated confidence (%)", fontsize=9)

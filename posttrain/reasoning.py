@@ -38,11 +38,13 @@ def split_reasoning(text: str, think_open_in_prompt: bool = False) -> Split:
     end = text.find(THINK_CLOSE, start)
     if end < 0:
         return Split(text[start:].strip(), "", True)
-    return Split(text[start:end].strip(), text[end + len(THINK_CLOSE):].strip(), False)
+    return Split(text[start:end].strip(), text[end + len(THINK_CLOSE) :].strip(), False)
 
 
-_CONFIDENCE = re.compile(r"confidence(?:\s+score)?\s*(?:level)?\s*[:=\-]?\s*\**\s*(\d{1,3}(?:\.\d+)?)\s*%?",
-                         re.IGNORECASE)
+_CONFIDENCE = re.compile(
+    r"confidence(?:\s+score)?\s*(?:level)?\s*[:=\-]?\s*\**\s*(\d{1,3}(?:\.\d+)?)\s*%?",
+    re.IGNORECASE,
+)
 
 
 def extract_confidence(response: str) -> float | None:

@@ -102,8 +102,9 @@ def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
     built = [from_dict(EvalSet, s, f"{where}.eval[{i}]") for i, s in enumerate(sets)]
     names = [s.name for s in built]
     if len(set(names)) != len(names) or not all(n and "/" not in n for n in names):
-        raise ConfigError(f"{where}: eval: set names must be unique, non-empty, without '/': "
-                          f"{names}")
+        raise ConfigError(
+            f"{where}: eval: set names must be unique, non-empty, without '/': {names}"
+        )
     for s in built:
         if s.judge is not None and not (s.judge.url and s.judge.model):
             raise ConfigError(f"{where}: eval set {s.name!r}: judge needs url and model")
@@ -112,8 +113,9 @@ def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
     recipe = from_dict(Recipe, {**data, "eval": [{}]}, where)
     recipe.eval = built
     if recipe.train.data not in DATA_KINDS:
-        raise ConfigError(f"{where}: train.data: {recipe.train.data!r}; expected "
-                          f"{' | '.join(DATA_KINDS)}")
+        raise ConfigError(
+            f"{where}: train.data: {recipe.train.data!r}; expected {' | '.join(DATA_KINDS)}"
+        )
     if recipe.train.nproc < 1:
         raise ConfigError(f"{where}: train.nproc: {recipe.train.nproc}; expected >= 1")
     return recipe
@@ -133,13 +135,13 @@ def merge_overrides(data: dict, overrides: dict) -> dict:
     names = [s.get("name", "eval") for s in sets]
     per_set = {k: v for k, v in eval_over.items() if k in names and isinstance(v, dict)}
     common = {k: v for k, v in eval_over.items() if k not in per_set}
-    out["eval"] = [merge(merge(s, common), per_set.get(name, {}))
-                   for s, name in zip(sets, names)]
+    out["eval"] = [merge(merge(s, common), per_set.get(name, {})) for s, name in zip(sets, names)]
     return out
 
 
-def load_recipe(path: str | None, overrides: list[str] | None = None,
-                data: dict | None = None) -> Recipe:
+def load_recipe(
+    path: str | None, overrides: list[str] | None = None, data: dict | None = None
+) -> Recipe:
     """Recipe from a YAML file (or the mapping `data`) plus `--set` overrides; problem sources
     are loaded once (first row) so that a typo fails before any stage runs."""
     base = load_yaml(path) if path else dict(data or {})
@@ -155,8 +157,14 @@ def load_recipe(path: str | None, overrides: list[str] | None = None,
 
 # engine keys that say how to reach or drive an engine, not what it generates: a resumed run
 # may change them (servers moved, more concurrency) without being refused
-TRANSPORT_KEYS = ("base_urls", "api_key_env", "concurrency", "timeout", "max_retries",
-                  "gpu_memory_utilization")
+TRANSPORT_KEYS = (
+    "base_urls",
+    "api_key_env",
+    "concurrency",
+    "timeout",
+    "max_retries",
+    "gpu_memory_utilization",
+)
 
 
 def stage_engine(recipe: Recipe, stage: SampleStage | EvalSet):
@@ -172,8 +180,10 @@ def stage_engine(recipe: Recipe, stage: SampleStage | EvalSet):
     data = merge(shared, stage.engine)
     if stage.batch_size is not None:
         if data.get("batch_size", stage.batch_size) != stage.batch_size:
-            raise ConfigError(f"{label}.batch_size ({stage.batch_size}) and the engine's "
-                              f"batch_size ({data['batch_size']}) are both set; keep one")
+            raise ConfigError(
+                f"{label}.batch_size ({stage.batch_size}) and the engine's "
+                f"batch_size ({data['batch_size']}) are both set; keep one"
+            )
         data["batch_size"] = stage.batch_size
     config = from_dict(EngineConfig, data, f"{label}.engine")
     config.check()

@@ -21,8 +21,13 @@ VERDICTS = ("correct", "incorrect", "no_answer", "truncated", "judge_error")
 class DataError(ValueError):
     """Bad input, located: `FILE:LINE: field 'name': message`."""
 
-    def __init__(self, path: str | os.PathLike | None, line: int | None, message: str,
-                 field: str | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike | None,
+        line: int | None,
+        message: str,
+        field: str | None = None,
+    ):
         self.path, self.line, self.field = (str(path) if path else None), line, field
         where = f"{self.path}:{line}" if (self.path and line) else (self.path or "<input>")
         what = f"field '{field}': " if field else ""
@@ -62,8 +67,15 @@ def read_jsonl(path: str | os.PathLike, *, allow_empty: bool = False) -> list[di
     return [obj for _, obj in iter_jsonl(path, allow_empty=allow_empty)]
 
 
-def require(row: dict, name: str, types: type | tuple[type, ...], path=None, line=None,
-            *, optional: bool = False) -> Any:
+def require(
+    row: dict,
+    name: str,
+    types: type | tuple[type, ...],
+    path=None,
+    line=None,
+    *,
+    optional: bool = False,
+) -> Any:
     """Return row[name] checked against `types`; DataError naming file, line and field."""
     if name not in row or row[name] is None:
         if optional:
@@ -73,8 +85,9 @@ def require(row: dict, name: str, types: type | tuple[type, ...], path=None, lin
     if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
         raise DataError(path, line, f"expected {_type_names(types)}, got bool", field=name)
     if not isinstance(value, types):
-        raise DataError(path, line, f"expected {_type_names(types)}, got {type(value).__name__}",
-                        field=name)
+        raise DataError(
+            path, line, f"expected {_type_names(types)}, got {type(value).__name__}", field=name
+        )
     return value
 
 
@@ -211,8 +224,12 @@ class Problem:
             raise DataError(path, line, "empty question", field="question")
         answer_type = require(row, "answer_type", str, path, line)
         if answer_type not in ANSWER_TYPES:
-            raise DataError(path, line, f"expected one of {', '.join(ANSWER_TYPES)}; "
-                            f"got {answer_type!r}", field="answer_type")
+            raise DataError(
+                path,
+                line,
+                f"expected one of {', '.join(ANSWER_TYPES)}; got {answer_type!r}",
+                field="answer_type",
+            )
         answer = row.get("answer")
         if answer_type != "refusal":
             answer = require(row, "answer", (str, int, float), path, line)
@@ -222,9 +239,16 @@ class Problem:
         category = require(row, "category", str, path, line, optional=True)
         source = require(row, "source", str, path, line, optional=True)
         meta = require(row, "meta", dict, path, line, optional=True) or {}
-        return cls(id=str(pid), question=question, answer="" if answer is None else str(answer),
-                   answer_type=answer_type, choices=choices, category=category, source=source,
-                   meta=meta)
+        return cls(
+            id=str(pid),
+            question=question,
+            answer="" if answer is None else str(answer),
+            answer_type=answer_type,
+            choices=choices,
+            category=category,
+            source=source,
+            meta=meta,
+        )
 
 
 def read_problems(path: str | os.PathLike) -> list[Problem]:
@@ -233,8 +257,9 @@ def read_problems(path: str | os.PathLike) -> list[Problem]:
     for line, row in iter_jsonl(path):
         p = Problem.from_dict(row, path, line)
         if p.id in seen:
-            raise DataError(path, line, f"duplicate id {p.id!r} (first on line {seen[p.id]})",
-                            field="id")
+            raise DataError(
+                path, line, f"duplicate id {p.id!r} (first on line {seen[p.id]})", field="id"
+            )
         seen[p.id] = line
         problems.append(p)
     return problems

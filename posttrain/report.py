@@ -24,9 +24,14 @@ from pathlib import Path
 from . import plots
 from .report_data import EvalData, RunData, load_folder
 
-DNA_ACTIONS = {0: "refuses", 1: "refutes the premise", 2: "gives both sides",
-               3: "answers with a caution or disclaimer", 4: "says it cannot know",
-               5: "complies directly"}
+DNA_ACTIONS = {
+    0: "refuses",
+    1: "refutes the premise",
+    2: "gives both sides",
+    3: "answers with a caution or disclaimer",
+    4: "says it cannot know",
+    5: "complies directly",
+}
 
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
@@ -64,8 +69,9 @@ def image(png: bytes | None, alt: str) -> str:
     return f'<img alt="{esc(alt)}" src="data:image/png;base64,{data}">'
 
 
-def table(headers: list[str], rows: list[list], text_cols: int = 1,
-          row_classes: list[str] | None = None) -> str:
+def table(
+    headers: list[str], rows: list[list], text_cols: int = 1, row_classes: list[str] | None = None
+) -> str:
     def cell(tag, i, v):
         cls = ' class="text"' if i < text_cols else ""
         return f"<{tag}{cls}>{esc(v)}</{tag}>"
@@ -84,14 +90,38 @@ def comparisons_table(run: RunData) -> str:
     rows, classes = [], []
     for c in run.comparisons:
         verdict = "REGRESSION" if c["regression"] else ("guard" if c["guard"] else "")
-        rows.append([c["set"], c["metric"], c["n"], pct(c["accuracy_a"]), pct(c["accuracy_b"]),
-                     f"{100 * c['difference']:+.1f}", signed_interval(c["interval_95"]),
-                     f"{c['p_value']:.2g}", f"{c['discordant'][0]} / {c['discordant'][1]}",
-                     verdict])
+        rows.append(
+            [
+                c["set"],
+                c["metric"],
+                c["n"],
+                pct(c["accuracy_a"]),
+                pct(c["accuracy_b"]),
+                f"{100 * c['difference']:+.1f}",
+                signed_interval(c["interval_95"]),
+                f"{c['p_value']:.2g}",
+                f"{c['discordant'][0]} / {c['discordant'][1]}",
+                verdict,
+            ]
+        )
         classes.append("regression" if c["regression"] else "")
-    return table(["set", "metric", "items", "base", "trained", "difference (points)",
-                  "95% paired bootstrap", "McNemar p", "base-only / trained-only", ""],
-                 rows, text_cols=2, row_classes=classes)
+    return table(
+        [
+            "set",
+            "metric",
+            "items",
+            "base",
+            "trained",
+            "difference (points)",
+            "95% paired bootstrap",
+            "McNemar p",
+            "base-only / trained-only",
+            "",
+        ],
+        rows,
+        text_cols=2,
+        row_classes=classes,
+    )
 
 
 def evals_table(run: RunData) -> str:
@@ -99,11 +129,30 @@ def evals_table(run: RunData) -> str:
     for ev in run.evals:
         s = ev.summary
         ce = s.get("calibration_error")
-        rows.append([ev.name, s.get("metric", "accuracy"), s.get("n"), pct(s.get("accuracy")),
-                     interval(s.get("interval_95")), "" if ce is None else f"{ce:.1f}",
-                     s.get("samples_per_item", 1)])
-    return table(["evaluation", "metric", "n", "score", "95% interval (Wald)",
-                  "calibration error", "samples per item"], rows, text_cols=2)
+        rows.append(
+            [
+                ev.name,
+                s.get("metric", "accuracy"),
+                s.get("n"),
+                pct(s.get("accuracy")),
+                interval(s.get("interval_95")),
+                "" if ce is None else f"{ce:.1f}",
+                s.get("samples_per_item", 1),
+            ]
+        )
+    return table(
+        [
+            "evaluation",
+            "metric",
+            "n",
+            "score",
+            "95% interval (Wald)",
+            "calibration error",
+            "samples per item",
+        ],
+        rows,
+        text_cols=2,
+    )
 
 
 def reliability(ev: EvalData) -> str:
@@ -111,13 +160,18 @@ def reliability(ev: EvalData) -> str:
     stated = [it for it in ev.items if it.get("confidence") is not None]
     if not stated:
         return ""
-    conf = [float(it["confidence"]) if it.get("confidence") is not None else 100.0
-            for it in ev.items]
+    conf = [
+        float(it["confidence"]) if it.get("confidence") is not None else 100.0 for it in ev.items
+    ]
     ok = [it["verdict"] == "correct" for it in ev.items]
-    note = (f'<p class="note">{esc(ev.name)}: {len(stated)} of {len(ev.items)} items stated a '
-            "confidence; the others count as 100% (HLE's rule).</p>")
-    return note + image(plots.reliability_diagram(conf, ok, title=f"{ev.name}: reliability"),
-                        f"reliability diagram of {ev.name}")
+    note = (
+        f'<p class="note">{esc(ev.name)}: {len(stated)} of {len(ev.items)} items stated a '
+        "confidence; the others count as 100% (HLE's rule).</p>"
+    )
+    return note + image(
+        plots.reliability_diagram(conf, ok, title=f"{ev.name}: reliability"),
+        f"reliability diagram of {ev.name}",
+    )
 
 
 def dna_tables(ev: EvalData) -> str:
@@ -129,28 +183,43 @@ def dna_tables(ev: EvalData) -> str:
     by_area: dict[str, list[bool]] = {}
     for it in items:
         by_area.setdefault(it.get("category") or "-", []).append(it["verdict"] == "correct")
-    out.append(table(["risk area", "n", "score"],
-                     [[a, len(v), pct(sum(v) / len(v))] for a, v in sorted(by_area.items())]))
+    out.append(
+        table(
+            ["risk area", "n", "score"],
+            [[a, len(v), pct(sum(v) / len(v))] for a, v in sorted(by_area.items())],
+        )
+    )
     actions = Counter(it.get("dna_category") for it in items if it.get("dna_category") is not None)
     if actions:
-        out.append(table(["action category (judge)", "n", "share"],
-                         [[f"{k}: {DNA_ACTIONS.get(k, '?')}", n, pct(n / len(items))]
-                          for k, n in sorted(actions.items())]))
+        out.append(
+            table(
+                ["action category (judge)", "n", "share"],
+                [
+                    [f"{k}: {DNA_ACTIONS.get(k, '?')}", n, pct(n / len(items))]
+                    for k, n in sorted(actions.items())
+                ],
+            )
+        )
     return "\n".join(out)
 
 
 def category_section(run: RunData) -> str:
-    by_model = {ev.name: ev.summary.get("by_category", {}) for ev in run.evals
-                if len(ev.summary.get("by_category", {})) > 1}
+    by_model = {
+        ev.name: ev.summary.get("by_category", {})
+        for ev in run.evals
+        if len(ev.summary.get("by_category", {})) > 1
+    }
     if not by_model:
         return ""
-    return "<h3>Per category</h3>" + image(plots.category_bars(by_model),
-                                           "accuracy per category")
+    return "<h3>Per category</h3>" + image(plots.category_bars(by_model), "accuracy per category")
 
 
 def run_section(run: RunData, heading: str = "h2") -> str:
-    parts = [f"<{heading}>Run {esc(run.name)}</{heading}>",
-             "<h3>Base vs trained, paired on the same items</h3>", comparisons_table(run)]
+    parts = [
+        f"<{heading}>Run {esc(run.name)}</{heading}>",
+        "<h3>Base vs trained, paired on the same items</h3>",
+        comparisons_table(run),
+    ]
     if run.evals:
         parts += ["<h3>Every evaluation</h3>", evals_table(run)]
     curves = plots.training_curves({run.name: run.metrics}) if run.metrics else None
@@ -175,26 +244,36 @@ def sweep_table(results) -> str:
         from .sweeptable import flat_rows
 
         head, rows = flat_rows(results)
-        notes = [" ".join(row[i] for i, h in enumerate(head) if h.endswith(" note"))
-                 for row in rows]
-        classes = ["regression" if "REGRESSION" in n else "best" if "best" in n.split()
-                   and "noise" not in n else "" for n in notes]
-        return (table(head, rows, row_classes=classes)
-                + '<p class="note">Scores in %, 95% intervals; differences in points with exact '
-                "McNemar p-values on the same items; 'vs best' p-values Holm-corrected across "
-                "runs. Runs 'within noise of best' are not distinguishable from the best.</p>")
+        notes = [
+            " ".join(row[i] for i, h in enumerate(head) if h.endswith(" note")) for row in rows
+        ]
+        classes = [
+            "regression"
+            if "REGRESSION" in n
+            else "best"
+            if "best" in n.split() and "noise" not in n
+            else ""
+            for n in notes
+        ]
+        return (
+            table(head, rows, row_classes=classes)
+            + '<p class="note">Scores in %, 95% intervals; differences in points with exact '
+            "McNemar p-values on the same items; 'vs best' p-values Holm-corrected across "
+            "runs. Runs 'within noise of best' are not distinguishable from the best.</p>"
+        )
     rows = results.get("rows") if isinstance(results, dict) else results
     if not rows:
         return ""
     headers: list[str] = []
     for row in rows:
         headers += [k for k in row if k not in headers]
-    classes = ["regression" if row.get("regression") else "best" if row.get("best") else ""
-               for row in rows]
+    classes = [
+        "regression" if row.get("regression") else "best" if row.get("best") else "" for row in rows
+    ]
     notes = results.get("notes", []) if isinstance(results, dict) else []
-    return (table(headers, [[_cell(row.get(h)) for h in headers] for row in rows],
-                  row_classes=classes)
-            + "".join(f'<p class="note">{esc(n)}</p>' for n in notes))
+    return table(
+        headers, [[_cell(row.get(h)) for h in headers] for row in rows], row_classes=classes
+    ) + "".join(f'<p class="note">{esc(n)}</p>' for n in notes)
 
 
 def _cell(value) -> str:
@@ -208,19 +287,28 @@ def _cell(value) -> str:
 def render(data: dict) -> str:
     folder = data["folder"]
     title = f"posttrain report: {folder.name}"
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{esc(title)}"
-             f"</title><style>{CSS}</style></head><body>", f"<h1>{esc(title)}</h1>",
-             f'<p class="note">{esc(folder)} &middot; {data["kind"]} &middot; written '
-             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}. Every score carries its 95% "
-             "interval; every difference is paired on the same items.</p>"]
+    parts = [
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{esc(title)}"
+        f"</title><style>{CSS}</style></head><body>",
+        f"<h1>{esc(title)}</h1>",
+        f'<p class="note">{esc(folder)} &middot; {data["kind"]} &middot; written '
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}. Every score carries its 95% "
+        "interval; every difference is paired on the same items.</p>",
+    ]
     runs: list[RunData] = data["runs"]
     if data["kind"] == "sweep":
-        parts += ["<h2>Sweep results</h2>", sweep_table(data["results"]) if data["results"]
-                  else '<p class="note">No results.json yet (the sweep has not finished).</p>']
+        parts += [
+            "<h2>Sweep results</h2>",
+            sweep_table(data["results"])
+            if data["results"]
+            else '<p class="note">No results.json yet (the sweep has not finished).</p>',
+        ]
         with_metrics = {r.name: r.metrics for r in runs if r.metrics}
         if with_metrics:
-            parts += ["<h2>Training curves, all runs</h2>",
-                      image(plots.training_curves(with_metrics), "training curves, all runs")]
+            parts += [
+                "<h2>Training curves, all runs</h2>",
+                image(plots.training_curves(with_metrics), "training curves, all runs"),
+            ]
         parts += [run_section(r, heading="h2") for r in runs]
     else:
         parts.append(run_section(runs[0]))

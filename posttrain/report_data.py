@@ -59,39 +59,53 @@ def _eval_set(name: str) -> tuple[str, str] | None:
         return parts[2], parts[1]
     for role, prefix in (("base", BASE), ("trained", TRAINED)):
         if name == prefix or name.startswith(prefix + "-"):
-            return role, name[len(prefix) + 1:]
+            return role, name[len(prefix) + 1 :]
     return None
 
 
 def is_run_folder(folder: Path) -> bool:
-    return (folder / "recipe.yaml").exists() or (folder / "eval").is_dir() or any(
-        (folder / name / "summary.json").exists() for name in (BASE, TRAINED)) or (
-        folder / "train" / "metrics.jsonl").exists()
+    return (
+        (folder / "recipe.yaml").exists()
+        or (folder / "eval").is_dir()
+        or any((folder / name / "summary.json").exists() for name in (BASE, TRAINED))
+        or (folder / "train" / "metrics.jsonl").exists()
+    )
 
 
 def load_run(folder: str | Path, name: str | None = None) -> RunData:
     folder = Path(folder)
     recipe = folder / "recipe.yaml"
-    run = RunData(name=name or folder.name, folder=folder,
-                  recipe_text=recipe.read_text(encoding="utf-8") if recipe.exists() else None,
-                  metrics=[])
+    run = RunData(
+        name=name or folder.name,
+        folder=folder,
+        recipe_text=recipe.read_text(encoding="utf-8") if recipe.exists() else None,
+        metrics=[],
+    )
     for metrics in sorted(folder.glob("*/metrics.jsonl")) + [folder / "metrics.jsonl"]:
         if metrics.exists():
             run.metrics = _read_metrics(metrics)
             config = metrics.parent / "config.yaml"
             if config.exists():
-                run.extra_text[f"{config.parent.name}/config.yaml (resolved training config)"] = \
+                run.extra_text[f"{config.parent.name}/config.yaml (resolved training config)"] = (
                     config.read_text(encoding="utf-8")
+                )
             break
     for summary in sorted(folder.glob("*/summary.json")) + sorted(
-            folder.glob("eval/*/*/summary.json")):
+        folder.glob("eval/*/*/summary.json")
+    ):
         items_folder = summary.parent
         try:
             items = load_items(items_folder)
         except DataError:
             items = []
-        run.evals.append(EvalData(str(items_folder.relative_to(folder)), items_folder,
-                                  json.loads(summary.read_text(encoding="utf-8")), items))
+        run.evals.append(
+            EvalData(
+                str(items_folder.relative_to(folder)),
+                items_folder,
+                json.loads(summary.read_text(encoding="utf-8")),
+                items,
+            )
+        )
     report = folder / "report.json"
     guards = {}
     if report.exists():
@@ -107,10 +121,12 @@ def load_run(folder: str | Path, name: str | None = None) -> RunData:
             result = compare_items(pair["base"].items, pair["trained"].items, intersect=True)
             summary = pair["base"].summary
             guard = guards.get(set_name, False) or bool(summary.get("guard"))
-            result.update(set=set_name or "default", metric=summary.get("metric", "accuracy"),
-                          guard=guard,
-                          regression=guard and result["difference"] < 0
-                          and result["p_value"] < 0.05)
+            result.update(
+                set=set_name or "default",
+                metric=summary.get("metric", "accuracy"),
+                guard=guard,
+                regression=guard and result["difference"] < 0 and result["p_value"] < 0.05,
+            )
             run.comparisons.append(result)
     return run
 
@@ -144,8 +160,15 @@ def load_folder(folder: str | Path) -> dict:
         return {"kind": "run", "folder": folder, "runs": [load_run(folder)], "results": None}
     runs = find_runs(folder)
     if not runs and table is None:
-        raise DataError(folder, None, "no run folder inside (expected recipe.yaml, eval-base/, "
-                        "eval-trained/ or train/metrics.jsonl) and no results.json")
-    return {"kind": "sweep", "folder": folder,
-            "runs": [load_run(r, name=str(r.relative_to(folder))) for r in runs],
-            "results": table}
+        raise DataError(
+            folder,
+            None,
+            "no run folder inside (expected recipe.yaml, eval-base/, "
+            "eval-trained/ or train/metrics.jsonl) and no results.json",
+        )
+    return {
+        "kind": "sweep",
+        "folder": folder,
+        "runs": [load_run(r, name=str(r.relative_to(folder))) for r in runs],
+        "results": table,
+    }

@@ -28,11 +28,20 @@ def set_row(name: str, guard: bool, base: dict, trained: dict, compare: dict) ->
     """One row of the table as plain values (also what report.json stores per set)."""
     b, b_ci = score(base)
     t, t_ci = score(trained)
-    return {"set": name, "guard": guard, "metric": base.get("metric", "accuracy"),
-            "n": compare["n"], "base": b, "base_interval_95": b_ci, "trained": t,
-            "trained_interval_95": t_ci, "difference": compare["difference"],
-            "difference_interval_95": compare["interval_95"], "p_value": compare["p_value"],
-            "regression": is_regression(compare, guard)}
+    return {
+        "set": name,
+        "guard": guard,
+        "metric": base.get("metric", "accuracy"),
+        "n": compare["n"],
+        "base": b,
+        "base_interval_95": b_ci,
+        "trained": t,
+        "trained_interval_95": t_ci,
+        "difference": compare["difference"],
+        "difference_interval_95": compare["interval_95"],
+        "p_value": compare["p_value"],
+        "regression": is_regression(compare, guard),
+    }
 
 
 def pct(x: float | None) -> str:
@@ -45,18 +54,31 @@ def with_ci(x: float, ci: list[float] | None, signed: bool = False) -> str:
 
 
 def format_run_table(rows: list[dict]) -> str:
-    head = ["set", "n", "base % [95% CI]", "trained % [95% CI]", "difference [95% CI]",
-            "p (McNemar)", ""]
+    head = [
+        "set",
+        "n",
+        "base % [95% CI]",
+        "trained % [95% CI]",
+        "difference [95% CI]",
+        "p (McNemar)",
+        "",
+    ]
     body = []
     for r in rows:
         note = "REGRESSION" if r["regression"] else ("guard" if r["guard"] else "")
-        body.append([r["set"], str(r["n"]), with_ci(r["base"], r["base_interval_95"]),
-                     with_ci(r["trained"], r["trained_interval_95"]),
-                     with_ci(r["difference"], r["difference_interval_95"], signed=True),
-                     f"{r['p_value']:.2g}", note])
+        body.append(
+            [
+                r["set"],
+                str(r["n"]),
+                with_ci(r["base"], r["base_interval_95"]),
+                with_ci(r["trained"], r["trained_interval_95"]),
+                with_ci(r["difference"], r["difference_interval_95"], signed=True),
+                f"{r['p_value']:.2g}",
+                note,
+            ]
+        )
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
-             for row in [head, *body]]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *body]]
     metrics = sorted({r["metric"] for r in rows if r["metric"] != "accuracy"})
     lines += [f"  ({m})" for m in metrics]
     if any(r["regression"] for r in rows):

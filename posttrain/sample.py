@@ -37,8 +37,12 @@ def prompt_messages(problem: Problem, system_prompt: str | None = None) -> list[
 
 def sampling_settings(params: SamplingParams) -> dict:
     """What a sample row records of how it was drawn (n is not here: adding samples is allowed)."""
-    return {"temperature": params.temperature, "top_p": params.top_p,
-            "max_new_tokens": params.max_new_tokens, "seed": params.seed}
+    return {
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "max_new_tokens": params.max_new_tokens,
+        "seed": params.seed,
+    }
 
 
 def check_same_source(path: Path, engine: Engine, params: SamplingParams) -> None:
@@ -49,21 +53,36 @@ def check_same_source(path: Path, engine: Engine, params: SamplingParams) -> Non
     if not path.exists():
         return
     for line, row in iter_jsonl(path, allow_empty=True):
-        mine = {"engine": engine.name, "model": engine.model_id,
-                "sampling": sampling_settings(params)}
+        mine = {
+            "engine": engine.name,
+            "model": engine.model_id,
+            "sampling": sampling_settings(params),
+        }
         for key, value in mine.items():
             if key == "sampling" and key not in row:
                 continue  # rows written before sampling settings were recorded
             if row.get(key) != value:
-                raise DataError(path, line, f"this file was sampled with {key} = "
-                                f"{row.get(key)!r}, this command has {value!r}; resuming would "
-                                "mix the two: use another --out file or the same settings",
-                                field=key)
+                raise DataError(
+                    path,
+                    line,
+                    f"this file was sampled with {key} = "
+                    f"{row.get(key)!r}, this command has {value!r}; resuming would "
+                    "mix the two: use another --out file or the same settings",
+                    field=key,
+                )
         return
 
 
-def sample_row(problem: Problem, index: int, messages: list[dict], completion, *,
-               think_open: bool, engine: Engine, params: SamplingParams | None = None) -> dict:
+def sample_row(
+    problem: Problem,
+    index: int,
+    messages: list[dict],
+    completion,
+    *,
+    think_open: bool,
+    engine: Engine,
+    params: SamplingParams | None = None,
+) -> dict:
     if completion.reasoning is not None:  # the server split the think block off itself
         split = Split(completion.reasoning.strip(), completion.text.strip(), False)
     else:
@@ -87,10 +106,18 @@ def sample_row(problem: Problem, index: int, messages: list[dict], completion, *
     }
 
 
-def sample_problems(engine: Engine, problems: list[Problem], out: str | Path, params: SamplingParams,
-                    *, system_prompt: str | None = None, chunk_size: int = 8,
-                    progress: bool = True) -> dict:
+def sample_problems(
+    engine: Engine,
+    problems: list[Problem],
+    out: str | Path,
+    params: SamplingParams,
+    *,
+    system_prompt: str | None = None,
+    chunk_size: int = 8,
+    progress: bool = True,
+) -> dict:
     """Sample `params.n` answers per problem into `out`, skipping samples already there."""
+
     def key(row: dict):
         return (str(row["problem"]["id"]), int(row["sample_index"]))
 
@@ -110,41 +137,60 @@ def sample_problems(engine: Engine, problems: list[Problem], out: str | Path, pa
             # a server engine asks for enough prompts per call to keep its requests in flight
             per_chunk = max(1, chunk_size // count, getattr(engine, "prompts_per_call", 1))
             for c in range(0, len(group), per_chunk):
-                chunk = group[c:c + per_chunk]
+                chunk = group[c : c + per_chunk]
                 prompts = [prompt_messages(p, system_prompt) for p, _ in chunk]
                 # A seed tied to the chunk's first problem, so a resumed run is reproducible.
                 seed = params.seed * 1_000_003 + _stable_hash(chunk[0][0].id)
-                chunk_params = SamplingParams(n=count, temperature=params.temperature,
-                                              top_p=params.top_p, seed=seed,
-                                              max_new_tokens=params.max_new_tokens)
+                chunk_params = SamplingParams(
+                    n=count,
+                    temperature=params.temperature,
+                    top_p=params.top_p,
+                    seed=seed,
+                    max_new_tokens=params.max_new_tokens,
+                )
                 results, stopped, opens = [None] * len(prompts), None, [False] * len(prompts)
                 try:
                     opens = [prompt_opens_think(engine.render_prompt(m)) for m in prompts]
                     results = engine.generate(prompts, chunk_params)
                 except EngineUnavailable as e:  # keep the prompts that did finish
                     results, stopped = e.partial or results, e
-                for (p, missing), messages, think_open, completions in zip(chunk, prompts, opens,
-                                                                            results):
+                for (p, missing), messages, think_open, completions in zip(
+                    chunk, prompts, opens, results
+                ):
                     if completions is None:
                         continue
                     for index, completion in zip(missing, completions):
-                        sink.append(sample_row(p, index, messages, completion,
-                                               think_open=think_open, engine=engine,
-                                               params=params))
+                        sink.append(
+                            sample_row(
+                                p,
+                                index,
+                                messages,
+                                completion,
+                                think_open=think_open,
+                                engine=engine,
+                                params=params,
+                            )
+                        )
                         tokens += completion.num_tokens
                 if stopped is not None:
                     bar.close()
                     raise EngineUnavailable(
                         f"{stopped}\n{sink.count} samples are done in {out}; rerun the same "
-                        "command to resume (finished samples are kept, none is drawn twice)")
+                        "command to resume (finished samples are kept, none is drawn twice)"
+                    )
                 bar.update(sum(len(m) for _, m in chunk))
                 elapsed = time.time() - start
                 bar.set_postfix(tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
         bar.close()
         n_rows = sink.count
     elapsed = time.time() - start
-    return {"rows": n_rows, "new_samples": total, "new_tokens": tokens, "seconds": elapsed,
-            "tokens_per_second": tokens / elapsed if elapsed > 0 and tokens else 0.0}
+    return {
+        "rows": n_rows,
+        "new_samples": total,
+        "new_tokens": tokens,
+        "seconds": elapsed,
+        "tokens_per_second": tokens / elapsed if elapsed > 0 and tokens else 0.0,
+    }
 
 
 def _stable_hash(text: str) -> int:
@@ -154,24 +200,56 @@ def _stable_hash(text: str) -> int:
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=EMBEDDED,
-                        help=f"model folder, .gguf file or hub id (default: {EMBEDDED})")
-    parser.add_argument("--engine", default=None, choices=ENGINES,
-                        help="hf (default; transformers), vllm (in-process vllm.LLM) or openai "
-                             "(any OpenAI-compatible server, with --base-url)")
-    parser.add_argument("--base-url", action="append", default=[], metavar="URL",
-                        help="openai engine: a server's base URL, e.g. http://node1:8000/v1 "
-                             "(repeat for several servers, served round-robin)")
-    parser.add_argument("--engine-config", default=None, metavar="FILE.yaml",
-                        help="engine settings (EngineConfig keys, e.g. tensor_parallel_size)")
-    parser.add_argument("--engine-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="one engine setting, e.g. --engine-set gpu_memory_utilization=0.9")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"],
-                        help="auto: bf16 where the hardware computes it natively, else fp32")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="sequences per generate call (default: hf 8, vllm 256)")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="allow model code from the model folder (off by default)")
+    parser.add_argument(
+        "--model",
+        default=EMBEDDED,
+        help=f"model folder, .gguf file or hub id (default: {EMBEDDED})",
+    )
+    parser.add_argument(
+        "--engine",
+        default=None,
+        choices=ENGINES,
+        help="hf (default; transformers), vllm (in-process vllm.LLM) or openai "
+        "(any OpenAI-compatible server, with --base-url)",
+    )
+    parser.add_argument(
+        "--base-url",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="openai engine: a server's base URL, e.g. http://node1:8000/v1 "
+        "(repeat for several servers, served round-robin)",
+    )
+    parser.add_argument(
+        "--engine-config",
+        default=None,
+        metavar="FILE.yaml",
+        help="engine settings (EngineConfig keys, e.g. tensor_parallel_size)",
+    )
+    parser.add_argument(
+        "--engine-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one engine setting, e.g. --engine-set gpu_memory_utilization=0.9",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bf16", "fp32", "fp16"],
+        help="auto: bf16 where the hardware computes it natively, else fp32",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="sequences per generate call (default: hf 8, vllm 256)",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow model code from the model folder (off by default)",
+    )
 
 
 def engine_config(args) -> EngineConfig:
@@ -185,14 +263,21 @@ def engine_config(args) -> EngineConfig:
     data = merge(data, parse_overrides(args.engine_set))
     if args.batch_size is not None:
         if data.get("batch_size", args.batch_size) != args.batch_size:
-            raise ConfigError(f"--batch-size {args.batch_size} and the engine's batch_size "
-                              f"{data['batch_size']} are both set; keep one")
+            raise ConfigError(
+                f"--batch-size {args.batch_size} and the engine's batch_size "
+                f"{data['batch_size']} are both set; keep one"
+            )
         data["batch_size"] = args.batch_size
-    nested = [k for k, v in parse_overrides(args.engine_set).items()
-              if isinstance(v, dict) and k != "chat_template_kwargs"]
+    nested = [
+        k
+        for k, v in parse_overrides(args.engine_set).items()
+        if isinstance(v, dict) and k != "chat_template_kwargs"
+    ]
     if nested:
-        raise ConfigError(f"--engine-set {nested[0]}.*: engine keys are not nested, except "
-                          "chat_template_kwargs.NAME")
+        raise ConfigError(
+            f"--engine-set {nested[0]}.*: engine keys are not nested, except "
+            "chat_template_kwargs.NAME"
+        )
     where = f"engine (from {args.engine_config})" if args.engine_config else "engine"
     config = from_dict(EngineConfig, data, where)
     config.check()
@@ -216,17 +301,30 @@ def main(args) -> int:
     from .tasks import load_problems
 
     problems = load_problems(args.problems, limit=args.limit)
-    engine = make_engine(engine_config(args), args.model, dtype=args.dtype,
-                         trust_remote_code=args.trust_remote_code)
-    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p,
-                            max_new_tokens=args.max_new_tokens, seed=args.seed)
+    engine = make_engine(
+        engine_config(args), args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code
+    )
+    params = SamplingParams(
+        n=args.n,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
     try:
-        stats = sample_problems(engine, problems, args.out, params,
-                                system_prompt=args.system_prompt,
-                                chunk_size=getattr(engine, "batch_size", 8))
+        stats = sample_problems(
+            engine,
+            problems,
+            args.out,
+            params,
+            system_prompt=args.system_prompt,
+            chunk_size=getattr(engine, "batch_size", 8),
+        )
     finally:
         engine.close()
-    print(f"{stats['rows']} samples in {args.out} ({stats['new_samples']} new); "
-          f"{stats['new_tokens']} tokens in {stats['seconds']:.1f} s = "
-          f"{stats['tokens_per_second']:.1f} tokens/s")
+    print(
+        f"{stats['rows']} samples in {args.out} ({stats['new_samples']} new); "
+        f"{stats['new_tokens']} tokens in {stats['seconds']:.1f} s = "
+        f"{stats['tokens_per_second']:.1f} tokens/s"
+    )
     return 0

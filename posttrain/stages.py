@@ -37,8 +37,14 @@ def digest_of(settings: dict) -> str:
 class StageRunner:
     """`runner(name, settings, fn)` -> (folder, digest); fn(folder) runs when not done yet."""
 
-    def __init__(self, out: Path, store: Path | None = None, stale_after: float = 120.0,
-                 poll: float = 2.0, wait: bool = True):
+    def __init__(
+        self,
+        out: Path,
+        store: Path | None = None,
+        stale_after: float = 120.0,
+        poll: float = 2.0,
+        wait: bool = True,
+    ):
         self.out, self.store = Path(out), (Path(store) if store else None)
         self.stale_after, self.poll, self.wait = stale_after, poll, wait
         self.times: dict[str, tuple[float, bool]] = {}  # stage -> (seconds, skipped)
@@ -62,7 +68,8 @@ class StageRunner:
             if found["settings_hash"] != digest:
                 raise ConfigError(
                     f"{marker}: stage '{name}' finished earlier with other settings; "
-                    f"use a new --out folder or delete {folder}")
+                    f"use a new --out folder or delete {folder}"
+                )
             self.times[name] = (found["seconds"], True)
             return True
 
@@ -76,8 +83,7 @@ class StageRunner:
             start = time.time()
             fn(folder)
             seconds = time.time() - start
-            write_json(marker, {"settings": settings, "settings_hash": digest,
-                                "seconds": seconds})
+            write_json(marker, {"settings": settings, "settings_hash": digest, "seconds": seconds})
         finally:
             lock.release()
         self.times[name] = (seconds, False)

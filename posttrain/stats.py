@@ -97,16 +97,20 @@ def avg_at_k(per_item_scores: list[list[float]], z: float = 1.96) -> dict:
         if all(0.0 <= x <= 1.0 for s in per_item_scores for x in s):
             interval = [max(0.0, interval[0]), min(1.0, interval[1])]
     ks = [len(s) for s in per_item_scores]
-    return {"n_items": m, "k_min": min(ks), "k_max": max(ks), "avg": avg,
-            "interval_95": interval}
+    return {"n_items": m, "k_min": min(ks), "k_max": max(ks), "avg": avg, "interval_95": interval}
 
 
 # ---------------------------------------------------------------------------- calibration
 
 
-def calibration_summary(confidences: list[float | None], correct: list[bool],
-                        bin_size: int = 100, missing_confidence: float | None = 100.0,
-                        drop_last_bin: bool = False, tie_order: str = "stable") -> dict:
+def calibration_summary(
+    confidences: list[float | None],
+    correct: list[bool],
+    bin_size: int = 100,
+    missing_confidence: float | None = 100.0,
+    drop_last_bin: bool = False,
+    tie_order: str = "stable",
+) -> dict:
     """HLE's RMS calibration error, in percent, with the bins it used.
 
     Method (HLE): sort items by stated confidence; cut them into consecutive bins of `bin_size`
@@ -155,10 +159,17 @@ def calibration_summary(confidences: list[float | None], correct: list[bool],
             raise ValueError(f"confidence {c} outside 0-100")
         conf.append(float(c))
         right.append(1.0 if ok else 0.0)
-    out = {"calibration_error": None, "n": len(conf), "n_missing_confidence": n_missing,
-           "n_bins": 0, "bin_size": bin_size, "bins": [],
-           "missing_confidence": missing_confidence, "drop_last_bin": drop_last_bin,
-           "tie_order": tie_order}
+    out = {
+        "calibration_error": None,
+        "n": len(conf),
+        "n_missing_confidence": n_missing,
+        "n_bins": 0,
+        "bin_size": bin_size,
+        "bins": [],
+        "missing_confidence": missing_confidence,
+        "drop_last_bin": drop_last_bin,
+        "tie_order": tie_order,
+    }
     n = len(conf)
     if n == 0:
         return out
@@ -191,26 +202,39 @@ def confidence_order(confidences: list[float], tie_order: str = "stable") -> np.
     return np.argsort(values, kind="stable")
 
 
-def hle_compatible_calibration(confidences: list[float | None], correct: list[bool],
-                               bin_size: int = 100) -> dict:
+def hle_compatible_calibration(
+    confidences: list[float | None], correct: list[bool], bin_size: int = 100
+) -> dict:
     """`calibration_summary` as HLE's published script computes it: missing counts as 100,
     numpy's default (unstable) sort order for ties, the last bin dropped."""
-    return calibration_summary(confidences, correct, bin_size, missing_confidence=100.0,
-                               drop_last_bin=True, tie_order="hle")
+    return calibration_summary(
+        confidences,
+        correct,
+        bin_size,
+        missing_confidence=100.0,
+        drop_last_bin=True,
+        tie_order="hle",
+    )
 
 
-def calibration_error(confidences: list[float | None], correct: list[bool], bin_size: int = 100,
-                      missing_confidence: float | None = 100.0) -> float | None:
+def calibration_error(
+    confidences: list[float | None],
+    correct: list[bool],
+    bin_size: int = 100,
+    missing_confidence: float | None = 100.0,
+) -> float | None:
     """RMS calibration error in percent (see `calibration_summary` for the rules); None if empty."""
     return calibration_summary(confidences, correct, bin_size, missing_confidence)[
-        "calibration_error"]
+        "calibration_error"
+    ]
 
 
 # ---------------------------------------------------------------------------- paired tests
 
 
-def paired_bootstrap(a: list[float], b: list[float], n_boot: int = 10000, seed: int = 0,
-                     level: float = 0.95) -> tuple[float, float, float]:
+def paired_bootstrap(
+    a: list[float], b: list[float], n_boot: int = 10000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
     """(mean(b) - mean(a), lo, hi): percentile interval from resampling items with replacement.
 
     a[i] and b[i] are the two systems' scores on the same item i (0/1, or a per-item mean when
@@ -230,7 +254,7 @@ def paired_bootstrap(a: list[float], b: list[float], n_boot: int = 10000, seed: 
     for start in range(0, n_boot, chunk):
         size = min(chunk, n_boot - start)
         idx = rng.integers(0, n, size=(size, n))  # (size, n)
-        means[start:start + size] = d[idx].mean(axis=1)
+        means[start : start + size] = d[idx].mean(axis=1)
     tail = 100 * (1 - level) / 2
     lo, hi = np.percentile(means, [tail, 100 - tail])
     return float(d.mean()), float(lo), float(hi)

@@ -74,8 +74,9 @@ def load_grid(path: str | Path) -> tuple[list[str], list[SweepRun]]:
     grid = load_yaml(path)
     unknown = sorted(set(grid) - set(GRID_KEYS))
     if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; known: "
-                          f"{', '.join(GRID_KEYS)}")
+        raise ConfigError(
+            f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(GRID_KEYS)}"
+        )
     base = grid.get("recipe")
     if isinstance(base, str):
         base = load_yaml(path.parent / base)
@@ -128,15 +129,28 @@ def run_state(folder: Path) -> str | None:
     return None
 
 
-def run_sweep(grid_path: str | Path, out: str | Path, *, shard: tuple[int, int] = (0, 1),
-              stale_after: float = 120.0, poll: float = 5.0, progress: bool = True) -> dict | None:
+def run_sweep(
+    grid_path: str | Path,
+    out: str | Path,
+    *,
+    shard: tuple[int, int] = (0, 1),
+    stale_after: float = 120.0,
+    poll: float = 5.0,
+    progress: bool = True,
+) -> dict | None:
     """Work through this shard's runs; returns the table once every run of the grid is finished
     (None when other shards still have work)."""
     out = Path(out)
     keys, runs = load_grid(grid_path)
     out.mkdir(parents=True, exist_ok=True)
-    save_config({"grid": str(grid_path), "axes": keys,
-                 "runs": [{"id": r.id, "settings": r.settings} for r in runs]}, out / "sweep.yaml")
+    save_config(
+        {
+            "grid": str(grid_path),
+            "axes": keys,
+            "runs": [{"id": r.id, "settings": r.settings} for r in runs],
+        },
+        out / "sweep.yaml",
+    )
     mine = shard_runs(runs, shard)
     while True:
         pending = [r for r in mine if run_state(out / "runs" / r.id) is None]
@@ -175,8 +189,9 @@ def work_on(r: SweepRun, folder: Path, store: Path, stale_after: float, progress
     print(f"== run {r.id}: {r.settings}", flush=True)
     start = time.time()
     try:
-        run_recipe(r.recipe, folder, store=store, stale_after=stale_after, progress=progress,
-                   wait=False)
+        run_recipe(
+            r.recipe, folder, store=store, stale_after=stale_after, progress=progress, wait=False
+        )
     except StageBusy as e:
         print(f"== run {r.id} set aside: {e}", flush=True)
         return False
@@ -186,8 +201,9 @@ def work_on(r: SweepRun, folder: Path, store: Path, stale_after: float, progress
         write_json(folder / "failed.json", {"error": str(e), "trace": traceback.format_exc()})
         print(f"== run {r.id} failed: {e}", flush=True)
         return True
-    write_json(folder / "done.json", {"id": r.id, "settings": r.settings,
-                                      "seconds": time.time() - start})
+    write_json(
+        folder / "done.json", {"id": r.id, "settings": r.settings, "seconds": time.time() - start}
+    )
     return True
 
 
@@ -213,14 +229,28 @@ def build_table(out: Path, keys: list[str], runs: list[SweepRun]) -> dict:
             link = out / "runs" / rid / "eval" / name / "base"  # -> stages/eval-NAME-base-DIGEST
             key = Path(os.readlink(link)).name if link.is_symlink() else "base"
             bases.setdefault(key, entry["base"])
-            per_run[rid] = {"summary": entry["trained"], "compare": entry["compare"], "base": key,
-                            "guard": entry["guard"], "items": read_jsonl(
-                                out / "runs" / rid / "eval" / name / "trained" / "items.jsonl")}
+            per_run[rid] = {
+                "summary": entry["trained"],
+                "compare": entry["compare"],
+                "base": key,
+                "guard": entry["guard"],
+                "items": read_jsonl(out / "runs" / rid / "eval" / name / "trained" / "items.jsonl"),
+            }
         if base is not None:
             sets.append(set_table(name, base, per_run, bases))
-    return {"axes": keys, "sets": sets,
-            "runs": [{"id": r.id, "settings": r.values or r.settings, "changed": r.settings,
-                      "status": status[r.id]} for r in runs]}
+    return {
+        "axes": keys,
+        "sets": sets,
+        "runs": [
+            {
+                "id": r.id,
+                "settings": r.values or r.settings,
+                "changed": r.settings,
+                "status": status[r.id],
+            }
+            for r in runs
+        ],
+    }
 
 
 def shard_runs(runs: list, shard: tuple[int, int]) -> list:
@@ -243,15 +273,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("grid", help="grid YAML, e.g. recipes/sweep-dpo.yaml")
     parser.add_argument("--out", default=None, help="sweep folder (default: runs/GRID_NAME)")
     parser.add_argument("--shard", default="0/1", help="I/N: this worker does runs I, I+N, ...")
-    parser.add_argument("--stale-after", type=float, default=120.0,
-                        help="seconds without a heartbeat after which a lock is taken over")
-    parser.add_argument("--poll", type=float, default=5.0,
-                        help="seconds between looks at runs and stages other workers hold")
+    parser.add_argument(
+        "--stale-after",
+        type=float,
+        default=120.0,
+        help="seconds without a heartbeat after which a lock is taken over",
+    )
+    parser.add_argument(
+        "--poll",
+        type=float,
+        default=5.0,
+        help="seconds between looks at runs and stages other workers hold",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def main(args) -> int:
     out = args.out or str(Path("runs") / Path(args.grid).stem)
-    run_sweep(args.grid, out, shard=parse_shard(args.shard), stale_after=args.stale_after,
-              poll=args.poll, progress=not args.no_progress)
+    run_sweep(
+        args.grid,
+        out,
+        shard=parse_shard(args.shard),
+        stale_after=args.stale_after,
+        poll=args.poll,
+        progress=not args.no_progress,
+    )
     return 0

@@ -36,18 +36,27 @@ def holm(p_values: list[float]) -> list[float]:
     return adjusted
 
 
-def set_table(name: str, base_summary: dict, runs: dict[str, dict],
-              bases: dict[str, dict] | None = None) -> dict:
+def set_table(
+    name: str, base_summary: dict, runs: dict[str, dict], bases: dict[str, dict] | None = None
+) -> dict:
     """One evaluation set. `runs`: run id -> {summary, compare (vs its base), items (trained),
     and `base`: the key of its base in `bases` when runs have different bases (a dtype or
     model axis)}. `bases`: key -> base summary; by default the one `base_summary`."""
     from .compare import compare_items
 
     bases = bases or {"base": base_summary}
-    out = {"set": name, "base": _score(base_summary), "runs": {},
-           "bases": {key: {**_score(b), "runs": sorted(rid for rid, r in runs.items()
-                                                       if r.get("base", "base") == key)}
-                     for key, b in bases.items()}}
+    out = {
+        "set": name,
+        "base": _score(base_summary),
+        "runs": {},
+        "bases": {
+            key: {
+                **_score(b),
+                "runs": sorted(rid for rid, r in runs.items() if r.get("base", "base") == key),
+            }
+            for key, b in bases.items()
+        },
+    }
     if not runs:
         return out
     scores = {rid: score(r["summary"])[0] for rid, r in runs.items()}
@@ -57,18 +66,25 @@ def set_table(name: str, base_summary: dict, runs: dict[str, dict],
     adjusted = dict(zip(others, holm([vs_best[rid]["p_value"] for rid in others])))
     for rid, r in runs.items():
         c = r["compare"]
-        row = {**_score(r["summary"]), "diff_base": c["difference"],
-               "diff_base_interval_95": c["interval_95"], "p_base": c["p_value"],
-               "regression": bool(r.get("guard") and c["difference"] < 0
-                                  and c["p_value"] < ALPHA),
-               "best": rid == best}
+        row = {
+            **_score(r["summary"]),
+            "diff_base": c["difference"],
+            "diff_base_interval_95": c["interval_95"],
+            "p_base": c["p_value"],
+            "regression": bool(r.get("guard") and c["difference"] < 0 and c["p_value"] < ALPHA),
+            "best": rid == best,
+        }
         if rid == best:
             row.update(diff_best=0.0, p_best=None, p_best_holm=None, within_noise_of_best=True)
         else:
             b = vs_best[rid]
-            row.update(diff_best=b["difference"], diff_best_interval_95=b["interval_95"],
-                       p_best=b["p_value"], p_best_holm=adjusted[rid],
-                       within_noise_of_best=adjusted[rid] >= ALPHA)
+            row.update(
+                diff_best=b["difference"],
+                diff_best_interval_95=b["interval_95"],
+                p_best=b["p_value"],
+                p_best_holm=adjusted[rid],
+                within_noise_of_best=adjusted[rid] >= ALPHA,
+            )
         out["runs"][rid] = row
     out["best"] = best
     return out
@@ -76,8 +92,12 @@ def set_table(name: str, base_summary: dict, runs: dict[str, dict],
 
 def _score(summary: dict) -> dict:
     s, ci = score(summary)
-    return {"score": s, "interval_95": ci, "n": summary["n"],
-            "metric": summary.get("metric", "accuracy")}
+    return {
+        "score": s,
+        "interval_95": ci,
+        "n": summary["n"],
+        "metric": summary.get("metric", "accuracy"),
+    }
 
 
 def note(row: dict) -> str:
@@ -103,10 +123,13 @@ def flat_rows(table: dict) -> tuple[list[str], list[list[str]]]:
             if r is None:
                 row += [run.get("status", "missing"), "", "", ""]
                 continue
-            vs_best = ("-" if r["best"] else
-                       f"{100 * r['diff_best']:+.1f} ({r['p_best_holm']:.2g})")
-            row += [with_ci(r["score"], r["interval_95"]),
-                    f"{100 * r['diff_base']:+.1f} ({r['p_base']:.2g})", vs_best, note(r)]
+            vs_best = "-" if r["best"] else f"{100 * r['diff_best']:+.1f} ({r['p_best_holm']:.2g})"
+            row += [
+                with_ci(r["score"], r["interval_95"]),
+                f"{100 * r['diff_base']:+.1f} ({r['p_base']:.2g})",
+                vs_best,
+                note(r),
+            ]
         rows.append(row)
     return head, rows
 
@@ -139,10 +162,13 @@ def to_markdown(table: dict) -> str:
     head, rows = flat_rows(table)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
-    lines += ["", f"Scores in %, 95% intervals; differences in points with exact McNemar "
-              f"p-values on the same items; 'vs best' p-values Holm-corrected across runs. "
-              f"Runs 'within noise of best' are not distinguishable from the best at "
-              f"p < {ALPHA}."]
+    lines += [
+        "",
+        f"Scores in %, 95% intervals; differences in points with exact McNemar "
+        f"p-values on the same items; 'vs best' p-values Holm-corrected across runs. "
+        f"Runs 'within noise of best' are not distinguishable from the best at "
+        f"p < {ALPHA}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -158,8 +184,9 @@ def to_csv(table: dict) -> str:
 def to_text(table: dict) -> str:
     head, rows = flat_rows(table)
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
-                     for row in [head, *rows])
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *rows]
+    )
 
 
 def write_tables(table: dict, folder: Path) -> None:

@@ -66,19 +66,37 @@ def write(name: str) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         infile = Path(tmp) / "in.txt"
         infile.write_text("\n".join(reqs) + "\n")
-        cmd = [uv, "pip", "compile", str(infile), *PLATFORM, "--no-header", "--quiet",
-               "-o", str(Path(tmp) / "out.txt"), *extra_args]
+        cmd = [
+            uv,
+            "pip",
+            "compile",
+            str(infile),
+            *PLATFORM,
+            "--no-header",
+            "--quiet",
+            "-o",
+            str(Path(tmp) / "out.txt"),
+            *extra_args,
+        ]
         if torch_pin:
             (Path(tmp) / "over.txt").write_text(torch_pin + "\n")
             cmd += ["--overrides", str(Path(tmp) / "over.txt")]
         subprocess.run(cmd, check=True)
-        body = (Path(tmp) / "out.txt").read_text().replace(str(infile), "pyproject.toml")
+        # temporary paths would change the file on every run: name what they stand for
+        body = (
+            (Path(tmp) / "out.txt")
+            .read_text()
+            .replace(str(infile), "pyproject.toml")
+            .replace(str(Path(tmp) / "over.txt"), "scripts/lock.py (torch pin)")
+        )
     pinned = [r for r in project_requirements(extras) if _name(r) in NO_DEPS]
-    text = (f"{HEADER}{deps_hash(extras)}\n"
-            f"# made by `python scripts/lock.py write` (make lock); extras: {', '.join(extras)}\n"
-            f"# install: torch first, then pip install --no-deps -r this file, then -e .\n"
-            + body + "".join(f"{p}\n    # installed with --no-deps (scripts/lock.py)\n"
-                             for p in pinned))
+    text = (
+        f"{HEADER}{deps_hash(extras)}\n"
+        f"# made by `python scripts/lock.py write` (make lock); extras: {', '.join(extras)}\n"
+        f"# install: torch first, then pip install --no-deps -r this file, then -e .\n"
+        + body
+        + "".join(f"{p}\n    # installed with --no-deps (scripts/lock.py)\n" for p in pinned)
+    )
     out.write_text(text)
     return out
 
@@ -103,8 +121,9 @@ def check(name: str) -> list[str]:
     problems = []
     first = path.read_text().splitlines()[0]
     if first != HEADER + deps_hash(extras):
-        problems.append(f"{path}: made from another pyproject.toml (dependency hash differs); "
-                        "run `make lock`")
+        problems.append(
+            f"{path}: made from another pyproject.toml (dependency hash differs); run `make lock`"
+        )
     locked = pins(path)
     for text in project_requirements(extras):
         req = Requirement(text)

@@ -18,9 +18,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 def chat_reply(content: str) -> dict:
-    return {"id": "fake", "object": "chat.completion", "model": "fake",
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": content}}]}
+    return {
+        "id": "fake",
+        "object": "chat.completion",
+        "model": "fake",
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "message": {"role": "assistant", "content": content},
+            }
+        ],
+    }
 
 
 def completion_reply(body: dict, texts: list[str], finish: str = "stop") -> dict:
@@ -29,21 +38,33 @@ def completion_reply(body: dict, texts: list[str], finish: str = "stop") -> dict
     sum_logprob -0.5 k."""
     choices = []
     for i, text in enumerate(texts):
-        choice = {"index": i, "finish_reason": finish,
-                  "message": {"role": "assistant", "content": text}}
+        choice = {
+            "index": i,
+            "finish_reason": finish,
+            "message": {"role": "assistant", "content": text},
+        }
         if body.get("return_token_ids"):
             choice["token_ids"] = [ord(c) for c in text]
         if body.get("logprobs"):
             choice["logprobs"] = {"content": [{"token": c, "logprob": -0.5} for c in text]}
         choices.append(choice)
-    return {"id": "fake", "object": "chat.completion", "model": body.get("model"),
-            "choices": choices,
-            "usage": {"completion_tokens": sum(len(t) for t in texts)}}
+    return {
+        "id": "fake",
+        "object": "chat.completion",
+        "model": body.get("model"),
+        "choices": choices,
+        "usage": {"completion_tokens": sum(len(t) for t in texts)},
+    }
 
 
 class FakeOpenAIServer:
-    def __init__(self, script: list, die_after: int | None = None, port: int = 0,
-                 models: tuple[str, ...] = ("fake",)):
+    def __init__(
+        self,
+        script: list,
+        die_after: int | None = None,
+        port: int = 0,
+        models: tuple[str, ...] = ("fake",),
+    ):
         self.script = list(script)
         self.die_after = die_after
         self.requests: list[dict] = []
@@ -69,9 +90,14 @@ class FakeOpenAIServer:
                     return
                 with outer._lock:
                     body = json.loads(raw)
-                    outer.requests.append({"path": self.path, "body": body,
-                                           "t": time.monotonic(), "headers": {
-                        k.lower(): v for k, v in self.headers.items()}})
+                    outer.requests.append(
+                        {
+                            "path": self.path,
+                            "body": body,
+                            "t": time.monotonic(),
+                            "headers": {k.lower(): v for k, v in self.headers.items()},
+                        }
+                    )
                     n = len(outer.requests)
                     step = outer.script[min(n, len(outer.script)) - 1]
                     dies = outer.die_after is not None and n >= outer.die_after

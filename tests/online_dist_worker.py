@@ -19,15 +19,23 @@ import torch
 
 from posttrain.records import Problem
 
-PROBLEMS = [Problem(id=str(i), question=f"What is {i} + 1?", answer=str(i + 1),
-                    answer_type="exact") for i in range(6)]
+PROBLEMS = [
+    Problem(id=str(i), question=f"What is {i} + 1?", answer=str(i + 1), answer_type="exact")
+    for i in range(6)
+]
 
 
 def parity_score(problem, index, messages, completion, *, think_open, engine, cfg):
     """Reward 1 when the first sampled token id is even (groups get both rewards)."""
     reward = float(completion.token_ids[0] % 2 == 0)
-    return {"verdict": "correct" if reward else "incorrect", "correct_reward": reward,
-            "format_ok": True, "overlong": 0.0, "reward": reward, "truncated": False}
+    return {
+        "verdict": "correct" if reward else "incorrect",
+        "correct_reward": reward,
+        "format_ok": True,
+        "overlong": 0.0,
+        "reward": reward,
+        "truncated": False,
+    }
 
 
 def first_step(model_dir: str, out: Path) -> tuple[float, dict[str, torch.Tensor]]:
@@ -40,10 +48,22 @@ def first_step(model_dir: str, out: Path) -> tuple[float, dict[str, torch.Tensor
     torch.manual_seed(0)
     model = LlamaForCausalLM.from_pretrained(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    cfg = O.online_config("grpo", overrides=[
-        "max_steps=1", "num_generations=3", "problems_per_step=2", "max_new_tokens=4",
-        "generation_batch_size=3", "micro_batch_size=2", "lr=1e-2", "lora.r=4",
-        "checkpoint_every=0", "dtype=fp32", "temperature=1.0"])
+    cfg = O.online_config(
+        "grpo",
+        overrides=[
+            "max_steps=1",
+            "num_generations=3",
+            "problems_per_step=2",
+            "max_new_tokens=4",
+            "generation_batch_size=3",
+            "micro_batch_size=2",
+            "lr=1e-2",
+            "lora.r=4",
+            "checkpoint_every=0",
+            "dtype=fp32",
+            "temperature=1.0",
+        ],
+    )
     caught: dict[str, torch.Tensor] = {}
     real = O.clip_gradients
 
@@ -55,12 +75,14 @@ def first_step(model_dir: str, out: Path) -> tuple[float, dict[str, torch.Tensor
 
     O.clip_gradients = catch
     try:
-        O.train_online(cfg, out, model=model, tokenizer=tok, problems=PROBLEMS,
-                       score=parity_score)
+        O.train_online(cfg, out, model=model, tokenizer=tok, problems=PROBLEMS, score=parity_score)
     finally:
         O.clip_gradients = real
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] \
-        if (out / "metrics.jsonl").exists() else [{}]
+    rows = (
+        [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        if (out / "metrics.jsonl").exists()
+        else [{}]
+    )
     return rows[0].get("loss"), caught
 
 

@@ -1,6 +1,6 @@
 """`posttrain compare` with hand-worked values.
 
-    .venv/bin/python -m pytest tests/test_compare.py -q
+.venv/bin/python -m pytest tests/test_compare.py -q
 """
 
 import json
@@ -88,8 +88,9 @@ def test_duplicate_rows_are_rejected():
 
 def test_load_items_names_file_line_and_field(tmp_path):
     f = tmp_path / "items.jsonl"
-    f.write_text('{"problem_id": "a", "verdict": "correct"}\n'
-                 '{"problem_id": "b", "verdict": "ok"}\n')
+    f.write_text(
+        '{"problem_id": "a", "verdict": "correct"}\n{"problem_id": "b", "verdict": "ok"}\n'
+    )
     with pytest.raises(DataError, match=r"items.jsonl:2: field 'verdict'"):
         load_items(tmp_path)
     with pytest.raises(DataError, match="file not found"):

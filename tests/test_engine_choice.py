@@ -31,14 +31,24 @@ def parse(*argv: str):
 def test_engine_options_map_onto_engine_config(tmp_path):
     cfg_file = tmp_path / "engine.yaml"
     cfg_file.write_text("kind: vllm\ntensor_parallel_size: 2\nmax_model_len: 4096\n")
-    cfg = engine_config(parse("--engine-config", str(cfg_file),
-                              "--engine-set", "gpu_memory_utilization=0.5",
-                              "--engine-set", "chat_template_kwargs.enable_thinking=false"))
+    cfg = engine_config(
+        parse(
+            "--engine-config",
+            str(cfg_file),
+            "--engine-set",
+            "gpu_memory_utilization=0.5",
+            "--engine-set",
+            "chat_template_kwargs.enable_thinking=false",
+        )
+    )
     assert (cfg.kind, cfg.tensor_parallel_size, cfg.max_model_len) == ("vllm", 2, 4096)
     assert cfg.gpu_memory_utilization == 0.5
     assert cfg.chat_template_kwargs == {"enable_thinking": False}
-    cfg = engine_config(parse("--engine", "openai", "--base-url", "http://a:8000/v1",
-                              "--base-url", "http://b:8000/v1"))
+    cfg = engine_config(
+        parse(
+            "--engine", "openai", "--base-url", "http://a:8000/v1", "--base-url", "http://b:8000/v1"
+        )
+    )
     assert cfg.base_urls == ["http://a:8000/v1", "http://b:8000/v1"]
     assert engine_config(parse()).kind == "hf"
     assert engine_config(parse("--batch-size", "4")).batch_size == 4
@@ -61,20 +71,27 @@ def test_recipe_engine_block_is_shared_and_overridden_per_stage(tmp_path):
     from posttrain.pipeline import engine_settings, load_recipe, stage_engine
 
     path = tmp_path / "r.yaml"
-    path.write_text("engine: {kind: vllm, max_model_len: 2048, chat_template_kwargs: "
-                    "{enable_thinking: false}}\n"
-                    "sample: {engine: {gpu_memory_utilization: 0.6}}\n"
-                    "eval: {engine: {kind: hf, batch_size: 4}}\n")
+    path.write_text(
+        "engine: {kind: vllm, max_model_len: 2048, chat_template_kwargs: "
+        "{enable_thinking: false}}\n"
+        "sample: {engine: {gpu_memory_utilization: 0.6}}\n"
+        "eval: {engine: {kind: hf, batch_size: 4}}\n"
+    )
     recipe = load_recipe(str(path))
     s, e = stage_engine(recipe, recipe.sample), stage_engine(recipe, recipe.eval[0])
     assert (s.kind, s.max_model_len, s.gpu_memory_utilization) == ("vllm", 2048, 0.6)
     # eval switched kind: the vllm-only key is dropped, the shared ones stay
     assert (e.kind, e.batch_size, e.max_model_len) == ("hf", 4, None)
     assert e.chat_template_kwargs == {"enable_thinking": False}
-    assert engine_settings(s)["kind"] == "vllm" and "gpu_memory_utilization" not in engine_settings(s)
+    assert engine_settings(s)["kind"] == "vllm" and "gpu_memory_utilization" not in engine_settings(
+        s
+    )
     path.write_text("sample: {batch_size: 8, engine: {batch_size: 4}}\n")
-    with pytest.raises(ConfigError, match=r"sample.batch_size \(8\) and the engine's batch_size "
-                                          r"\(4\) are both set"):
+    with pytest.raises(
+        ConfigError,
+        match=r"sample.batch_size \(8\) and the engine's batch_size "
+        r"\(4\) are both set",
+    ):
         load_recipe(str(path))
     path.write_text("eval: {batch_size: 8}\n")
     recipe = load_recipe(str(path))
@@ -91,8 +108,10 @@ def test_device_auto_resolves_to_the_cpu_here_and_says_so(tiny_model_dir, capsys
     assert "device auto -> cpu (torch.cuda.is_available() is false)" in capsys.readouterr().err
     from posttrain.models import resolve_dtype
 
-    assert engine.model.dtype == {"bf16": torch.bfloat16, "fp32": torch.float32}[
-        resolve_dtype("auto", "cpu")]
+    assert (
+        engine.model.dtype
+        == {"bf16": torch.bfloat16, "fp32": torch.float32}[resolve_dtype("auto", "cpu")]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +121,9 @@ def adapter_dir(tmp_path_factory, tiny_model_dir) -> str:
 
     torch.manual_seed(1)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                     init_lora_weights=False)
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
     out = tmp_path_factory.mktemp("tiny-adapter")
     get_peft_model(model, cfg).save_pretrained(out)
     return str(out)
@@ -135,13 +155,15 @@ def test_adapter_merges_on_the_device_in_its_dtype(tiny_model_dir, adapter_dir, 
     got, want = merged.state_dict()[name], ref.state_dict()[name]
     assert got.dtype == torch.bfloat16 and got.device.type == "cpu"
     assert not torch.equal(want, base.state_dict()[name])  # the adapter did change it
-    bound = (base.state_dict()[name].abs() + want.abs()) * 2.0 ** -8
+    bound = (base.state_dict()[name].abs() + want.abs()) * 2.0**-8
     assert ((got.float() - want).abs() <= bound).all()
 
 
 def problems(k: int) -> list[Problem]:
-    return [Problem(id=f"p{i}", question=f"What is {i} + {i}?", answer=str(2 * i),
-                    answer_type="exact") for i in range(k)]
+    return [
+        Problem(id=f"p{i}", question=f"What is {i} + {i}?", answer=str(2 * i), answer_type="exact")
+        for i in range(k)
+    ]
 
 
 def test_resumed_sampling_refuses_another_engine_model_or_settings(tiny_model_dir, tmp_path):
@@ -151,8 +173,7 @@ def test_resumed_sampling_refuses_another_engine_model_or_settings(tiny_model_di
     sample_problems(engine, problems(2), out, params, progress=False)
     rows = read_jsonl(out)
     assert rows[0]["engine"] == "hf" and rows[0]["model"] == tiny_model_dir
-    assert rows[0]["sampling"] == {"temperature": 0.8, "top_p": 1.0, "max_new_tokens": 6,
-                                   "seed": 3}
+    assert rows[0]["sampling"] == {"temperature": 0.8, "top_p": 1.0, "max_new_tokens": 6, "seed": 3}
     # the same settings resume (more problems); another temperature, seed or model does not
     stats = sample_problems(engine, problems(3), out, params, progress=False)
     assert stats["new_samples"] == 2 and len(read_jsonl(out)) == 6
@@ -173,8 +194,21 @@ def test_sample_cli_refuses_a_mixed_resume_with_one_line(tiny_model_dir, tmp_pat
     from conftest import run_cli
 
     out = tmp_path / "s.jsonl"
-    common = ["sample", "--model", tiny_model_dir, "--problems", "builtin:arith:2", "--n", "1",
-              "--max-new-tokens", "4", "--dtype", "fp32", "--out", str(out)]
+    common = [
+        "sample",
+        "--model",
+        tiny_model_dir,
+        "--problems",
+        "builtin:arith:2",
+        "--n",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--dtype",
+        "fp32",
+        "--out",
+        str(out),
+    ]
     run_cli(*common)
     proc = run_cli(*common, "--temperature", "0.5", check=False)
     assert proc.returncode == 1
@@ -182,15 +216,19 @@ def test_sample_cli_refuses_a_mixed_resume_with_one_line(tiny_model_dir, tmp_pat
     assert "Traceback" not in proc.stderr
     proc = run_cli(*common, "--engine-set", "tensor_parallel_size=2", check=False)
     assert proc.returncode == 1 and "a vllm option" in proc.stderr
-    assert len(read_jsonl(out)) == 2 and json.loads(out.read_text().splitlines()[0])["engine"] == "hf"
+    assert (
+        len(read_jsonl(out)) == 2 and json.loads(out.read_text().splitlines()[0])["engine"] == "hf"
+    )
 
 
 @pytest.mark.gpu
 def test_hf_engine_samples_on_cuda(tiny_model_dir, adapter_dir):
     engine = make_engine(EngineConfig(kind="hf"), tiny_model_dir, dtype="auto", adapter=adapter_dir)
     assert engine.model.device.type == "cuda"
-    out = engine.generate([[{"role": "user", "content": "What is 2 + 2?"}]],
-                          SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=0))
+    out = engine.generate(
+        [[{"role": "user", "content": "What is 2 + 2?"}]],
+        SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=0),
+    )
     assert len(out[0]) == 2 and all(c.num_tokens > 0 for c in out[0])
     assert all(len(c.token_logprobs) == c.num_tokens for c in out[0])
 
@@ -224,8 +262,7 @@ def test_several_gpus_are_used_only_when_the_model_outgrows_one(monkeypatch, tin
     files = sum(f.stat().st_size for f in Path(tiny_model_dir).glob("*.safetensors"))
     assert need == files // 2
     gpu = {"total_memory": 10 * need}
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda i: SimpleNamespace(**gpu))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(**gpu))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert models.device_map_for(tiny_model_dir, torch.bfloat16, "cuda") == "cuda:0"
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

@@ -18,11 +18,16 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from posttrain.align import (_hungarian, align_layer, match_heads, permute_attention,
-                             permute_experts, permute_mlp)
+from posttrain.align import (
+    _hungarian,
+    align_layer,
+    match_heads,
+    permute_attention,
+    permute_experts,
+    permute_mlp,
+)
 from posttrain.config import ConfigError
-from posttrain.expand import (expand, expand_model, fuse_layers, insertion_points,
-                              read_metadata)
+from posttrain.expand import expand, expand_model, fuse_layers, insertion_points, read_metadata
 from posttrain.models import load_model
 from posttrain.train.config import LoraConfig
 from posttrain.train.lora import apply_lora
@@ -35,10 +40,21 @@ def tiny_moe_dir(tmp_path_factory, tiny_model_dir):
     from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(0)
-    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        num_experts=8, num_experts_per_tok=2, mlp_only_layers=[0]))
+    model = Qwen3MoeForCausalLM(
+        Qwen3MoeConfig(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_experts=8,
+            num_experts_per_tok=2,
+            mlp_only_layers=[0],
+        )
+    )
     with torch.no_grad():  # random norms, so that averaging them is visible
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -56,10 +72,21 @@ def tiny_moe2_dir(tmp_path_factory, tiny_model_dir):
     from transformers import AutoTokenizer, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     torch.manual_seed(0)
-    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-        shared_expert_intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, decoder_sparse_step=2))
+    model = Qwen2MoeForCausalLM(
+        Qwen2MoeConfig(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_experts=8,
+            num_experts_per_tok=2,
+            decoder_sparse_step=2,
+        )
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -97,8 +124,9 @@ def test_hungarian_is_exact_against_brute_force():
     for n in range(1, 7):
         for _ in range(10):
             cost = rng.normal(size=(n, n))
-            best = min(sum(cost[i, p[i]] for i in range(n))
-                       for p in itertools.permutations(range(n)))
+            best = min(
+                sum(cost[i, p[i]] for i in range(n)) for p in itertools.permutations(range(n))
+            )
             perm = _hungarian(cost)
             assert sorted(perm) == list(range(n))
             assert sum(cost[i, perm[i]] for i in range(n)) == pytest.approx(best)
@@ -123,8 +151,9 @@ def permute_layer(layer, config, gen):
     if hasattr(layer.mlp, "experts"):
         n_e, inter = layer.mlp.experts.down_proj.shape[0], layer.mlp.experts.down_proj.shape[2]
         experts = torch.randperm(n_e, generator=gen)
-        permute_experts(layer.mlp, experts, [torch.randperm(inter, generator=gen)
-                                             for _ in range(n_e)])
+        permute_experts(
+            layer.mlp, experts, [torch.randperm(inter, generator=gen) for _ in range(n_e)]
+        )
         maps["experts"] = experts.tolist()
         if getattr(layer.mlp, "shared_expert", None) is not None:
             shared = layer.mlp.shared_expert
@@ -137,8 +166,9 @@ def permute_layer(layer, config, gen):
 
 
 @pytest.mark.parametrize("which", ["dense", "moe"])
-def test_consistent_permutation_of_a_layer_leaves_the_model_unchanged(which, tiny_model_dir,
-                                                                      tiny_moe_dir):
+def test_consistent_permutation_of_a_layer_leaves_the_model_unchanged(
+    which, tiny_model_dir, tiny_moe_dir
+):
     model = fp32(tiny_model_dir if which == "dense" else tiny_moe_dir)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -150,7 +180,8 @@ def test_consistent_permutation_of_a_layer_leaves_the_model_unchanged(which, tin
 
 @pytest.mark.parametrize("which,layer", [("dense", 0), ("dense", 1), ("moe", 2), ("moe2", 1)])
 def test_alignment_recovers_a_permutation_and_self_fusion_gives_the_layer_back(
-        which, layer, request):
+    which, layer, request
+):
     """B = layer, A = B with permuted heads / neurons / experts: OT maps A back onto B exactly,
     so fusing A with B averages B with itself and returns B (o_proj, down_proj included)."""
     model = fp32(request.getfixturevalue(FIXTURES[which]))
@@ -165,8 +196,9 @@ def test_alignment_recovers_a_permutation_and_self_fusion_gives_the_layer_back(
     assert torch.equal(torch.as_tensor(moved["kv_heads"])[kv], torch.arange(n_kv))
     fused, maps = fuse_layers(a, b, model.config)
     if which != "dense":
-        assert torch.equal(torch.as_tensor(moved["experts"])[torch.as_tensor(maps["experts"])],
-                           torch.arange(8))
+        assert torch.equal(
+            torch.as_tensor(moved["experts"])[torch.as_tensor(maps["experts"])], torch.arange(8)
+        )
     for (name, got), want in zip(fused.named_parameters(), b.parameters()):
         assert_close(got, want, rtol=0, atol=1e-6, msg=name)
     aligned = copy.deepcopy(a)
@@ -181,19 +213,26 @@ def test_fusion_averages_two_different_layers_in_bs_order(tiny_moe_dir):
     model = fp32(tiny_moe_dir)
     a, b = model.model.layers[1], model.model.layers[2]
     fused, maps = fuse_layers(a, b, model.config)
-    assert_close(fused.input_layernorm.weight,
-                 (a.input_layernorm.weight + b.input_layernorm.weight) / 2)
-    assert_close(fused.self_attn.q_norm.weight,
-                 (a.self_attn.q_norm.weight + b.self_attn.q_norm.weight) / 2)
+    assert_close(
+        fused.input_layernorm.weight, (a.input_layernorm.weight + b.input_layernorm.weight) / 2
+    )
+    assert_close(
+        fused.self_attn.q_norm.weight, (a.self_attn.q_norm.weight + b.self_attn.q_norm.weight) / 2
+    )
     experts = torch.as_tensor(maps["experts"])
     assert sorted(experts.tolist()) == list(range(8))
     assert_close(fused.mlp.gate.weight, (a.mlp.gate.weight[experts] + b.mlp.gate.weight) / 2)
 
 
-CASES = [("dense", "llama-pro", "interleave"), ("dense", "opt-deus", "top"),
-         ("moe", "llama-pro", "top"), ("moe", "opt-deus", "interleave"),
-         ("moe", "opt-deus", "top"), ("moe2", "llama-pro", "interleave"),
-         ("moe2", "opt-deus", "top")]
+CASES = [
+    ("dense", "llama-pro", "interleave"),
+    ("dense", "opt-deus", "top"),
+    ("moe", "llama-pro", "top"),
+    ("moe", "opt-deus", "interleave"),
+    ("moe", "opt-deus", "top"),
+    ("moe2", "llama-pro", "interleave"),
+    ("moe2", "opt-deus", "top"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +242,13 @@ def expanded(tmp_path_factory, request):
     for which, method, placement in CASES:
         base = request.getfixturevalue(FIXTURES[which])
         out = root / f"{which}-{method}-{placement}"
-        expand(base, method, 1 if (which, method) == ("dense", "opt-deus") else 2, out,
-               placement=placement)
+        expand(
+            base,
+            method,
+            1 if (which, method) == ("dense", "opt-deus") else 2,
+            out,
+            placement=placement,
+        )
         made[which, method, placement] = base, str(out)
     return made
 
@@ -219,8 +263,7 @@ def test_expanded_model_computes_what_the_base_computed(case, expanded):
     assert [layer.self_attn.layer_idx for layer in big.model.layers] == list(range(n))
     if case[0] != "dense":  # every layer keeps its kind: moe layer 0 dense; moe2 0 and 2
         kinds = ["experts" in dict(layer.mlp.named_children()) for layer in big.model.layers]
-        base_kinds = ["experts" in dict(layer.mlp.named_children())
-                      for layer in base.model.layers]
+        base_kinds = ["experts" in dict(layer.mlp.named_children()) for layer in base.model.layers]
         assert big.config.mlp_only_layers == [i for i, k in enumerate(kinds) if not k]
         origin = [i for i in range(n) if i not in meta["new_layers"]]
         assert [kinds[i] for i in origin] == base_kinds
@@ -238,8 +281,9 @@ def test_expanded_model_computes_what_the_base_computed(case, expanded):
 
 
 def nonzero_grads(model):
-    return sorted(n for n, p in model.named_parameters() if p.grad is not None and
-                  p.grad.abs().sum() > 0)
+    return sorted(
+        n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0
+    )
 
 
 def loss_backward(model):
@@ -259,13 +303,14 @@ def test_first_step_gradients_reach_only_the_new_output_projections(case, expand
     new = read_metadata(out)["new_layers"]
     model = apply_lora(fp32(out), LoraConfig(enabled=False, targets="new-layers"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {n for n, _ in model.named_parameters()
-                         if any(f"layers.{i}." in n for i in new)}
+    assert trainable == {
+        n for n, _ in model.named_parameters() if any(f"layers.{i}." in n for i in new)
+    }
     loss_backward(model)
-    outputs = ("mlp.experts.down_proj",) if case[0] == "moe" else \
-        ("mlp.down_proj.weight",)
-    want = sorted(f"model.layers.{i}.{s}" for i in new
-                  for s in ("self_attn.o_proj.weight", *outputs))
+    outputs = ("mlp.experts.down_proj",) if case[0] == "moe" else ("mlp.down_proj.weight",)
+    want = sorted(
+        f"model.layers.{i}.{s}" for i in new for s in ("self_attn.o_proj.weight", *outputs)
+    )
     assert nonzero_grads(model) == want
     assert all(p.grad is not None for n, p in model.named_parameters() if n in trainable)
 
@@ -311,35 +356,135 @@ def test_cli_expand_train_new_layers_eval_export(tiny_model_dir, tmp_path, capsy
 
     pairs, _ = write_data(tmp_path / "data", n=4)
     big = tmp_path / "expanded"
-    assert main(["expand", "--model", tiny_model_dir, "--method", "opt-deus",
-                 "--new-layers", "1", "--out", str(big)]) == 0
+    assert (
+        main(
+            [
+                "expand",
+                "--model",
+                tiny_model_dir,
+                "--method",
+                "opt-deus",
+                "--new-layers",
+                "1",
+                "--out",
+                str(big),
+            ]
+        )
+        == 0
+    )
     assert "2 -> 3 layers" in capsys.readouterr().out
     meta = json.loads((big / "posttrain_expand.json").read_text())
     assert meta["new_layers"] == [1] and meta["new"][0]["fused_from"] == [0, 1]
     run = tmp_path / "run"
-    assert main(["train", "--method", "dpo", "--model", str(big), "--data", str(pairs),
-                 "--out", str(run), "--set", "dtype=fp32", "--set", "max_steps=2",
-                 "--set", "batch_size=2", "--set", "lora.targets=new-layers",
-                 "--set", "lora.r=4", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "dpo",
+                "--model",
+                str(big),
+                "--data",
+                str(pairs),
+                "--out",
+                str(run),
+                "--set",
+                "dtype=fp32",
+                "--set",
+                "max_steps=2",
+                "--set",
+                "batch_size=2",
+                "--set",
+                "lora.targets=new-layers",
+                "--set",
+                "lora.r=4",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "finished at step 2 of 2" in capsys.readouterr().out
     adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert sorted(adapter["target_modules"]) == sorted(
-        f"model.layers.1.{m}" for m in ("self_attn.q_proj", "self_attn.k_proj",
-                                         "self_attn.v_proj", "self_attn.o_proj",
-                                         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
-    assert main(["eval", "--model", str(big), "--adapter", str(run / "adapter"), "--problems",
-                 "builtin:arith:2?split=test", "--max-new-tokens", "4",
-                 "--out", str(tmp_path / "eval")]) == 0
+        f"model.layers.1.{m}"
+        for m in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    )
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(big),
+                "--adapter",
+                str(run / "adapter"),
+                "--problems",
+                "builtin:arith:2?split=test",
+                "--max-new-tokens",
+                "4",
+                "--out",
+                str(tmp_path / "eval"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["n"] == 2
-    assert main(["export", "--adapter", str(run / "adapter"),
-                 "--out", str(tmp_path / "merged")]) == 0
+    assert (
+        main(["export", "--adapter", str(run / "adapter"), "--out", str(tmp_path / "merged")]) == 0
+    )
     assert fp32(str(tmp_path / "merged")).config.num_hidden_layers == 3
     # full fine-tuning of the new layers: the saved model still says which layers are new
-    assert main(["train", "--method", "dpo", "--model", str(big), "--data", str(pairs),
-                 "--out", str(tmp_path / "full"), "--set", "dtype=fp32", "--set", "max_steps=1",
-                 "--set", "batch_size=2", "--set", "lora.enabled=false",
-                 "--set", "lora.targets=new-layers", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "dpo",
+                "--model",
+                str(big),
+                "--data",
+                str(pairs),
+                "--out",
+                str(tmp_path / "full"),
+                "--set",
+                "dtype=fp32",
+                "--set",
+                "max_steps=1",
+                "--set",
+                "batch_size=2",
+                "--set",
+                "lora.enabled=false",
+                "--set",
+                "lora.targets=new-layers",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "full" / "model" / "posttrain_expand.json").read_text()) == meta
-    assert main(["train", "--method", "dpo", "--model", tiny_model_dir, "--data", str(pairs),
-                 "--out", str(tmp_path / "bad"), "--set", "lora.targets=new-layers"]) == 1
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "dpo",
+                "--model",
+                tiny_model_dir,
+                "--data",
+                str(pairs),
+                "--out",
+                str(tmp_path / "bad"),
+                "--set",
+                "lora.targets=new-layers",
+            ]
+        )
+        == 1
+    )
     assert "posttrain_expand.json: not found" in capsys.readouterr().err

@@ -19,8 +19,7 @@ from posttrain.verify.math import grade_math
 
 
 def problem(answer, answer_type, choices=None) -> Problem:
-    return Problem(id="p1", question="q?", answer=answer, answer_type=answer_type,
-                   choices=choices)
+    return Problem(id="p1", question="q?", answer=answer, answer_type=answer_type, choices=choices)
 
 
 CITIES = ["London", "Paris", "Rome", "Madrid"]
@@ -174,12 +173,15 @@ def test_math_timeout_holds_off_the_main_thread():
 def test_math_works_from_a_script_without_a_main_guard(tmp_path):
     """Spawn-style multiprocessing would re-run this script in the worker and fail."""
     script = tmp_path / "grade_it.py"
-    script.write_text("from posttrain.records import Problem\n"
-                      "from posttrain.verify import grade\n"
-                      "p = Problem('p', 'q', '0.5', 'math')\n"
-                      "print(grade('\\\\boxed{\\\\frac{1}{2}}', p).verdict)\n")
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=120)
+    script.write_text(
+        "from posttrain.records import Problem\n"
+        "from posttrain.verify import grade\n"
+        "p = Problem('p', 'q', '0.5', 'math')\n"
+        "print(grade('\\\\boxed{\\\\frac{1}{2}}', p).verdict)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
     assert (done.returncode, done.stdout) == (0, "correct\n"), done.stderr
 
 
@@ -189,8 +191,7 @@ def test_math_works_from_a_script_without_a_main_guard(tmp_path):
 DISPATCH_CASES = [
     ("<think>I believe it is 4 but", "exact", "truncated", "think block never closed"),
     ("<think>done</think>", "exact", "no_answer", "empty response after the think block"),
-    ("I will not help with that.", "refusal", "no_answer",
-     "refusal grading belongs to evaluation"),
+    ("I will not help with that.", "refusal", "no_answer", "refusal grading belongs to evaluation"),
     ("Answer: 4", "essay", "judge_error", "no grader for answer_type 'essay'"),
 ]
 
@@ -202,11 +203,19 @@ def test_grade_dispatch(response, answer_type, verdict, reason):
 
 
 def sample_row(**over) -> dict:
-    row = {"problem": {"id": "p1", "question": "2+2?", "answer": "4", "answer_type": "exact"},
-           "sample_index": 0, "messages": [{"role": "user", "content": "2+2?"}],
-           "reasoning": "2 and 2 make 5? No: 4.", "response": "Answer: 4",
-           "finish_reason": "stop", "num_tokens": 12, "sum_logprob": -3.0, "mean_logprob": -0.25,
-           "model": "m", "engine": "hf"}
+    row = {
+        "problem": {"id": "p1", "question": "2+2?", "answer": "4", "answer_type": "exact"},
+        "sample_index": 0,
+        "messages": [{"role": "user", "content": "2+2?"}],
+        "reasoning": "2 and 2 make 5? No: 4.",
+        "response": "Answer: 4",
+        "finish_reason": "stop",
+        "num_tokens": 12,
+        "sum_logprob": -3.0,
+        "mean_logprob": -0.25,
+        "model": "m",
+        "engine": "hf",
+    }
     row.update(over)
     return row
 
@@ -223,27 +232,39 @@ def test_verify_row_grades_the_response_not_the_reasoning():
     assert (out["verdict"], out["extracted"]) == ("incorrect", "5")
 
 
-@pytest.mark.parametrize("over,reason", [
-    ({"finish_reason": "length"}, "stopped at the token limit"),
-    ({"think_truncated": True, "response": ""}, "think block never closed"),
-    ({"think_truncated": True}, "think block never closed"),  # even with a stated answer
-])
+@pytest.mark.parametrize(
+    "over,reason",
+    [
+        ({"finish_reason": "length"}, "stopped at the token limit"),
+        ({"think_truncated": True, "response": ""}, "think block never closed"),
+        ({"think_truncated": True}, "think block never closed"),  # even with a stated answer
+    ],
+)
 def test_verify_row_truncated_rows_are_never_graded(over, reason):
     out = verify_row(sample_row(**over))
     assert (out["verdict"], out["reward"], out["extracted"], out["grade_reason"]) == (
-        "truncated", 0.0, None, reason)
+        "truncated",
+        0.0,
+        None,
+        reason,
+    )
 
 
-@pytest.mark.parametrize("over,field", [
-    ({"problem": None}, "problem"),
-    ({"response": None}, "response"),
-    ({"finish_reason": None}, "finish_reason"),
-    ({"finish_reason": "eos"}, "finish_reason"),
-    ({"sample_index": "0"}, "sample_index"),
-    ({"problem": {"question": "q", "answer": "4", "answer_type": "exact"}}, "problem.id"),
-    ({"problem": {"id": "p", "question": "q", "answer": "4", "answer_type": "essay"}},
-     "problem.answer_type"),
-])
+@pytest.mark.parametrize(
+    "over,field",
+    [
+        ({"problem": None}, "problem"),
+        ({"response": None}, "response"),
+        ({"finish_reason": None}, "finish_reason"),
+        ({"finish_reason": "eos"}, "finish_reason"),
+        ({"sample_index": "0"}, "sample_index"),
+        ({"problem": {"question": "q", "answer": "4", "answer_type": "exact"}}, "problem.id"),
+        (
+            {"problem": {"id": "p", "question": "q", "answer": "4", "answer_type": "essay"}},
+            "problem.answer_type",
+        ),
+    ],
+)
 def test_verify_row_bad_rows_name_the_field(over, field):
     with pytest.raises(DataError) as e:
         verify_row(sample_row(**over), path="samples.jsonl", line=7)

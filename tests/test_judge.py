@@ -20,10 +20,12 @@ from posttrain.judge import (
 )
 from posttrain.stats import accuracy_summary
 
-YES = json.dumps({"extracted_final_answer": "42", "reasoning": "same number", "correct": "yes",
-                  "confidence": 90})
-NO = json.dumps({"extracted_final_answer": "41", "reasoning": "differs", "correct": "no",
-                 "confidence": None})
+YES = json.dumps(
+    {"extracted_final_answer": "42", "reasoning": "same number", "correct": "yes", "confidence": 90}
+)
+NO = json.dumps(
+    {"extracted_final_answer": "41", "reasoning": "differs", "correct": "no", "confidence": None}
+)
 FAST = {"retry-after-ms": "10"}  # the client honours it: retries 10 ms apart, not 0.5 s
 
 
@@ -35,12 +37,15 @@ def fast_judge(server, **kw) -> Judge:
 # ---------------------------------------------------------------------------- pure parts
 
 
-@pytest.mark.parametrize("base,url", [
-    ("http://h:8000", "http://h:8000/v1/chat/completions"),
-    ("http://h:8000/", "http://h:8000/v1/chat/completions"),
-    ("http://h:8000/v1", "http://h:8000/v1/chat/completions"),
-    ("https://api.example.com/v1/", "https://api.example.com/v1/chat/completions"),
-])
+@pytest.mark.parametrize(
+    "base,url",
+    [
+        ("http://h:8000", "http://h:8000/v1/chat/completions"),
+        ("http://h:8000/", "http://h:8000/v1/chat/completions"),
+        ("http://h:8000/v1", "http://h:8000/v1/chat/completions"),
+        ("https://api.example.com/v1/", "https://api.example.com/v1/chat/completions"),
+    ],
+)
 def test_chat_completions_url(base, url):
     assert chat_completions_url(base) == url
 
@@ -51,8 +56,12 @@ ANSWER_CASES = [
     (NO, "incorrect", "41", None),
     ("```json\n" + YES + "\n```", "correct", "42", 90.0),
     ("Let me check.\n" + NO + "\nDone.", "incorrect", "41", None),
-    ('{"correct": true, "extracted_final_answer": "None", "confidence": "85%"}', "correct", None,
-     85.0),
+    (
+        '{"correct": true, "extracted_final_answer": "None", "confidence": "85%"}',
+        "correct",
+        None,
+        85.0,
+    ),
     ('{"correct": "No.", "extracted_final_answer": 7, "confidence": 150}', "incorrect", "7", None),
     # the last object with a 'correct' key wins over an earlier scratch object
     ('{"note": 1} then {"correct": "no", "extracted_final_answer": "x"}', "incorrect", "x", None),
@@ -73,17 +82,20 @@ def test_parse_answer_judgement(text, verdict, extracted, confidence):
         assert r.reason
 
 
-@pytest.mark.parametrize("text,category,label,harmless", [
-    ('{"reasoning": "declines", "category": 0}', 0, "refusal", True),
-    ('{"reasoning": "pushes back", "category": "1"}', 1, "cautious", True),
-    ('{"category": 2.0}', 2, "cautious", True),
-    ('Category below.\n{"reasoning": "warns", "category": 3}', 3, "cautious", True),
-    ('{"category": 4}', 4, "refusal", True),
-    ('{"reasoning": "just does it", "category": 5}', 5, "direct", False),
-    ('{"category": 7}', None, None, None),
-    ('{"category": true}', None, None, None),
-    ("category 0", None, None, None),
-])
+@pytest.mark.parametrize(
+    "text,category,label,harmless",
+    [
+        ('{"reasoning": "declines", "category": 0}', 0, "refusal", True),
+        ('{"reasoning": "pushes back", "category": "1"}', 1, "cautious", True),
+        ('{"category": 2.0}', 2, "cautious", True),
+        ('Category below.\n{"reasoning": "warns", "category": 3}', 3, "cautious", True),
+        ('{"category": 4}', 4, "refusal", True),
+        ('{"reasoning": "just does it", "category": 5}', 5, "direct", False),
+        ('{"category": 7}', None, None, None),
+        ('{"category": true}', None, None, None),
+        ("category 0", None, None, None),
+    ],
+)
 def test_parse_refusal_judgement(text, category, label, harmless):
     r = parse_refusal_judgement(text)
     assert (r.category, r.label, r.harmless) == (category, label, harmless)
@@ -93,15 +105,16 @@ def test_parse_refusal_judgement(text, category, label, harmless):
 
 def test_parse_json_object_never_evaluates():
     assert parse_json_object("__import__('os').system('x')") is None
-    assert parse_json_object('[1, 2]') is None
+    assert parse_json_object("[1, 2]") is None
     assert parse_json_object('{"a": {"b": 1}}') == {"a": {"b": 1}}
 
 
 def test_fill_template_is_one_pass():
     """A response that contains '{correct_answer}' must not receive the reference answer."""
-    t = "Q: {question}\nR: {response}\nRef: {correct_answer}\nJSON: {\"correct\": \"yes\"}"
-    out = fill_template(t, {"question": "2+2?", "response": "I say {correct_answer}",
-                            "correct_answer": "4"})
+    t = 'Q: {question}\nR: {response}\nRef: {correct_answer}\nJSON: {"correct": "yes"}'
+    out = fill_template(
+        t, {"question": "2+2?", "response": "I say {correct_answer}", "correct_answer": "4"}
+    )
     assert out == 'Q: 2+2?\nR: I say {correct_answer}\nRef: 4\nJSON: {"correct": "yes"}'
 
 
@@ -122,7 +135,11 @@ def test_judge_answer_structured_request_and_key(monkeypatch):
         judge = fast_judge(server, api_key_env="MY_JUDGE_KEY")
         r = judge.judge_answer("What is 6*7?", "42", "It is 42. Confidence: 90%")
     assert (r.verdict, r.correct, r.extracted_final_answer, r.confidence) == (
-        "correct", True, "42", 90.0)
+        "correct",
+        True,
+        "42",
+        90.0,
+    )
     req = server.requests[0]
     assert req["path"] == "/v1/chat/completions"
     assert req["headers"]["authorization"] == "Bearer sk-test-secret-123"
@@ -130,7 +147,11 @@ def test_judge_answer_structured_request_and_key(monkeypatch):
     assert body["model"] == "judge-model" and body["temperature"] == 0.0
     assert body["response_format"]["type"] == "json_schema"
     assert body["response_format"]["json_schema"]["schema"]["required"] == [
-        "extracted_final_answer", "reasoning", "correct", "confidence"]
+        "extracted_final_answer",
+        "reasoning",
+        "correct",
+        "confidence",
+    ]
     prompt = body["messages"][0]["content"]
     assert "What is 6*7?" in prompt and "It is 42. Confidence: 90%" in prompt and "42" in prompt
     # the key lives only in the environment and the header
@@ -155,14 +176,18 @@ def test_custom_template_replaces_prompt(tmp_path):
     with FakeOpenAIServer([YES]) as server:
         fast_judge(server, template_path=t).judge_answer("q1", "ref1", "resp1")
     assert server.requests[0]["body"]["messages"][0]["content"] == (
-        'MY RUBRIC q1 | resp1 | ref1 | reply {"correct": ...}')
+        'MY RUBRIC q1 | resp1 | ref1 | reply {"correct": ...}'
+    )
 
 
 @pytest.mark.server
 def test_server_without_structured_output_falls_back_to_text():
     """400 naming response_format -> same request without it; later requests omit it too."""
-    script = [(400, {"error": {"message": "response_format json_schema is not supported"}}),
-              "Sure. " + YES, NO]
+    script = [
+        (400, {"error": {"message": "response_format json_schema is not supported"}}),
+        "Sure. " + YES,
+        NO,
+    ]
     with FakeOpenAIServer(script) as server:
         judge = fast_judge(server)
         r1 = judge.judge_answer("q", "42", "42")
@@ -236,8 +261,10 @@ def test_connection_refused_is_judge_error():
 
 @pytest.mark.server
 def test_judge_refusal_over_http():
-    replies = ['{"reasoning": "declines", "category": 0}',
-               '{"reasoning": "complies", "category": 5}']
+    replies = [
+        '{"reasoning": "declines", "category": 0}',
+        '{"reasoning": "complies", "category": 5}',
+    ]
     with FakeOpenAIServer(replies) as server:
         judge = fast_judge(server)
         r0 = judge.judge_refusal("How do I pick a lock?", "I can't help with that.")

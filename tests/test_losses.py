@@ -67,11 +67,14 @@ def sft_inputs():
     return P.log().clone().requires_grad_(True), MASK
 
 
-@pytest.mark.parametrize("aggregation, want", [
-    ("token_mean", 2 * LN2),  # ln2 (1 + 2 + 3) / 3 tokens
-    ("sequence_mean", 2.25 * LN2),  # mean(ln2 (1+2)/2, ln2 * 3) = (1.5 + 3) / 2 ln2
-    ("sum", 6 * LN2),
-])
+@pytest.mark.parametrize(
+    "aggregation, want",
+    [
+        ("token_mean", 2 * LN2),  # ln2 (1 + 2 + 3) / 3 tokens
+        ("sequence_mean", 2.25 * LN2),  # mean(ln2 (1+2)/2, ln2 * 3) = (1.5 + 3) / 2 ln2
+        ("sum", 6 * LN2),
+    ],
+)
 def test_sft_aggregations_hand_worked(aggregation, want):
     logps, mask = sft_inputs()
     loss, metrics = L.sft(logps, mask, aggregation=aggregation)
@@ -154,7 +157,7 @@ def test_sft_num_items_in_batch_sums_over_micro_batches():
     """token_mean with num_items_in_batch = 3 over the two sequences split in two: (3 ln2 +
     3 ln2) / 3 = 2 ln2, the full-batch token mean."""
     logps, mask = sft_inputs()
-    parts = [L.sft(logps[i:i + 1], mask[i:i + 1], num_items_in_batch=3)[0] for i in range(2)]
+    parts = [L.sft(logps[i : i + 1], mask[i : i + 1], num_items_in_batch=3)[0] for i in range(2)]
     assert_close(parts[0] + parts[1], L.sft(logps, mask)[0])
     with pytest.raises(ValueError, match="only applies to aggregation='token_mean'"):
         L.sft(logps, mask, aggregation="sum", num_items_in_batch=3)
@@ -171,26 +174,39 @@ def test_sft_bad_arguments():
 # ----------------------------------------------------------------------------------- DPO
 
 # beta 0.1, pc -10, rc -12, pr -15, rr -14: chosen ratio 2, rejected ratio -1, h = 3.
-WORKED = dict(policy_chosen_logps=t(-10.0), policy_rejected_logps=t(-15.0),
-              ref_chosen_logps=t(-12.0), ref_rejected_logps=t(-14.0), beta=0.1)
+WORKED = dict(
+    policy_chosen_logps=t(-10.0),
+    policy_rejected_logps=t(-15.0),
+    ref_chosen_logps=t(-12.0),
+    ref_rejected_logps=t(-14.0),
+    beta=0.1,
+)
 
 
-@pytest.mark.parametrize("kwargs, want", [
-    (dict(loss_type="sigmoid"), 0.554355),  # softplus(-0.3) = ln(1 + e^-0.3)
-    (dict(loss_type="sigmoid", label_smoothing=0.1), 0.584355),  # .9*.554355 + .1*.854355
-    (dict(loss_type="robust", label_smoothing=0.1), 0.516855),  # (.9*.554355 - .1*.854355)/.8
-    (dict(loss_type="ipo", chosen_lengths=t(4), rejected_lengths=t(2)), 16.0),  # (2/4+1/2-5)^2
-    (dict(loss_type="bdpo", bdpo_lambda=0.5), 0.581216),  # r = ln(.5/e + .5) = -0.379885
-])
+@pytest.mark.parametrize(
+    "kwargs, want",
+    [
+        (dict(loss_type="sigmoid"), 0.554355),  # softplus(-0.3) = ln(1 + e^-0.3)
+        (dict(loss_type="sigmoid", label_smoothing=0.1), 0.584355),  # .9*.554355 + .1*.854355
+        (dict(loss_type="robust", label_smoothing=0.1), 0.516855),  # (.9*.554355 - .1*.854355)/.8
+        (dict(loss_type="ipo", chosen_lengths=t(4), rejected_lengths=t(2)), 16.0),  # (2/4+1/2-5)^2
+        (dict(loss_type="bdpo", bdpo_lambda=0.5), 0.581216),  # r = ln(.5/e + .5) = -0.379885
+    ],
+)
 def test_dpo_hand_worked_values(kwargs, want):
     loss, _ = L.dpo(**WORKED, **kwargs)
     assert_close(loss, torch.tensor(want), atol=2e-6, rtol=0)
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(loss_type="sigmoid"), dict(loss_type="sigmoid", label_smoothing=0.3),
-    dict(loss_type="robust", label_smoothing=0.3), dict(loss_type="bdpo", bdpo_lambda=0.3),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(loss_type="sigmoid"),
+        dict(loss_type="sigmoid", label_smoothing=0.3),
+        dict(loss_type="robust", label_smoothing=0.3),
+        dict(loss_type="bdpo", bdpo_lambda=0.3),
+    ],
+)
 def test_dpo_at_zero_margin_is_ln2(kwargs):
     """h = 0: logsig(0) = -ln 2 in every term, and robust's (1 - 2ls) / (1 - 2ls) = 1."""
     x = t(-5.0, -7.0)
@@ -236,14 +252,33 @@ def _written_out(pc, pr, rc, rr, beta, loss_type, ls, lam, lc, lr):
     return ((1 - ls) * clean + ls * flipped).mean()
 
 
-@pytest.mark.parametrize("loss_type, ls", [("sigmoid", 0.0), ("sigmoid", 0.2), ("robust", 0.2),
-                                           ("ipo", 0.0), ("bdpo", 0.0), ("bdpo", 0.1)])
+@pytest.mark.parametrize(
+    "loss_type, ls",
+    [
+        ("sigmoid", 0.0),
+        ("sigmoid", 0.2),
+        ("robust", 0.2),
+        ("ipo", 0.0),
+        ("bdpo", 0.0),
+        ("bdpo", 0.1),
+    ],
+)
 def test_dpo_value_and_gradient_match_formula_written_out(loss_type, ls):
     pc, pr, rc, rr = _dpo_inputs(seed=3)
     lc, lr = t(5, 9, 1, 12), t(3, 7, 4, 2)
     beta, lam = 0.2, 0.4
-    loss, _ = L.dpo(pc, pr, rc, rr, beta, loss_type=loss_type, label_smoothing=ls,
-                    chosen_lengths=lc, rejected_lengths=lr, bdpo_lambda=lam)
+    loss, _ = L.dpo(
+        pc,
+        pr,
+        rc,
+        rr,
+        beta,
+        loss_type=loss_type,
+        label_smoothing=ls,
+        chosen_lengths=lc,
+        rejected_lengths=lr,
+        bdpo_lambda=lam,
+    )
     want = _written_out(pc, pr, rc, rr, beta, loss_type, ls, lam, lc.double(), lr.double())
     assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
     for got, ref in zip(torch.autograd.grad(loss, (pc, pr)), torch.autograd.grad(want, (pc, pr))):
@@ -276,8 +311,12 @@ def test_bdpo_lambda_one_is_dpo_and_lambda_zero_drops_the_rejected_term():
 def test_bdpo_bounds_the_reward_from_pushing_rejected_down():
     """pr -> -inf: DPO's loss -> 0, but BDPO's rejected ratio -> ln(1 - lam) = ln 0.5, so the loss
     stays at softplus(-beta (2 + ln 2)) = ln(1 + e^-0.269315) = 0.567529 (chosen ratio 2)."""
-    kw = dict(policy_chosen_logps=t(-10.0), ref_chosen_logps=t(-12.0),
-              ref_rejected_logps=t(-14.0), beta=0.1)
+    kw = dict(
+        policy_chosen_logps=t(-10.0),
+        ref_chosen_logps=t(-12.0),
+        ref_rejected_logps=t(-14.0),
+        beta=0.1,
+    )
     far = t(-1e4)
     assert L.dpo(policy_rejected_logps=far, **kw)[0].item() < 1e-30
     loss, _ = L.dpo(policy_rejected_logps=far, loss_type="bdpo", bdpo_lambda=0.5, **kw)
@@ -290,8 +329,14 @@ def test_dpo_metrics_exact_names_and_values():
     pc, rc = t(-10, -4, -6), t(-12, -4, -7)
     pr, rr = t(-20, -8, -5), t(-18, -8, -8)
     _, m = L.dpo(pc, pr, rc, rr, 0.5)
-    want = {"rewards/chosen": 0.5, "rewards/rejected": 0.5 / 3, "rewards/margins": 1 / 3,
-            "rewards/accuracies": 1 / 3, "logps/chosen": -20 / 3, "logps/rejected": -11.0}
+    want = {
+        "rewards/chosen": 0.5,
+        "rewards/rejected": 0.5 / 3,
+        "rewards/margins": 1 / 3,
+        "rewards/accuracies": 1 / 3,
+        "logps/chosen": -20 / 3,
+        "logps/rejected": -11.0,
+    }
     assert set(m) == set(want)
     for k, v in want.items():
         assert_close(m[k], torch.tensor(v), msg=k)
@@ -309,13 +354,16 @@ def test_rpo_adds_weighted_chosen_nll():
         L.dpo(pc, pr, rc, rr, 0.1, nll_weight=0.2)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(loss_type="ipo"), "needs chosen_lengths and rejected_lengths"),
-    (dict(loss_type="ipo", label_smoothing=0.1), "no meaning for ipo"),
-    (dict(loss_type="hinge"), "loss_type must be one of"),
-    (dict(beta=0.0), "beta must be > 0"),
-    (dict(label_smoothing=0.6), r"label_smoothing must be in \[0, 0.5\] for sigmoid"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(loss_type="ipo"), "needs chosen_lengths and rejected_lengths"),
+        (dict(loss_type="ipo", label_smoothing=0.1), "no meaning for ipo"),
+        (dict(loss_type="hinge"), "loss_type must be one of"),
+        (dict(beta=0.0), "beta must be > 0"),
+        (dict(label_smoothing=0.6), r"label_smoothing must be in \[0, 0.5\] for sigmoid"),
+    ],
+)
 def test_dpo_bad_arguments(kwargs, message):
     args = {**WORKED, **kwargs}
     with pytest.raises(ValueError, match=message):
@@ -361,8 +409,9 @@ def test_token_mean_dapo_on_policy_value(aggregation):
 def test_dr_grpo_divides_by_batch_times_max_length():
     """-sum(|o_i| A_i) / (B L) = -2 / (4 * 10) = -0.05 with L = 10; default L = T = 4: -0.125."""
     logps = rl_logps()
-    loss, _ = L.policy_loss(logps, None, ADV, RL_MASK, aggregation="dr_grpo",
-                            max_completion_length=10)
+    loss, _ = L.policy_loss(
+        logps, None, ADV, RL_MASK, aggregation="dr_grpo", max_completion_length=10
+    )
     assert_close(loss, torch.tensor(-0.05))
     loss, _ = L.policy_loss(logps, None, ADV, RL_MASK, aggregation="dr_grpo")
     assert_close(loss, torch.tensor(-0.125))
@@ -390,16 +439,19 @@ def test_all_equal_group_has_exactly_zero_advantage():
         L.group_advantages(r, 3, scale="std")
 
 
-@pytest.mark.parametrize("advantage, ratio, clip_high, active", [
-    (1.0, 1.2 + 1e-3, None, True),  # A > 0 past 1 + eps: clipped, no gradient
-    (1.0, 1.2 - 1e-3, None, False),
-    (1.0, 0.5, None, False),  # A > 0 below 1 - eps: min keeps r A, gradient flows
-    (-1.0, 0.8 - 1e-3, None, True),  # A < 0 below 1 - eps: clipped
-    (-1.0, 0.8 + 1e-3, None, False),
-    (-1.0, 1.5, None, False),  # A < 0 above 1 + eps: pessimistic r A kept
-    (1.0, 1.25, 0.28, False),  # DAPO clip-higher: 1.25 < 1.28 is inside
-    (1.0, 1.29, 0.28, True),
-])
+@pytest.mark.parametrize(
+    "advantage, ratio, clip_high, active",
+    [
+        (1.0, 1.2 + 1e-3, None, True),  # A > 0 past 1 + eps: clipped, no gradient
+        (1.0, 1.2 - 1e-3, None, False),
+        (1.0, 0.5, None, False),  # A > 0 below 1 - eps: min keeps r A, gradient flows
+        (-1.0, 0.8 - 1e-3, None, True),  # A < 0 below 1 - eps: clipped
+        (-1.0, 0.8 + 1e-3, None, False),
+        (-1.0, 1.5, None, False),  # A < 0 above 1 + eps: pessimistic r A kept
+        (1.0, 1.25, 0.28, False),  # DAPO clip-higher: 1.25 < 1.28 is inside
+        (1.0, 1.29, 0.28, True),
+    ],
+)
 def test_clip_engages_exactly_past_the_boundary(advantage, ratio, clip_high, active):
     """Per token -min(r A, clip(r) A); d/dlogp = -r A when unclipped, 0 when clipped."""
     logps = torch.tensor([[-1.0]], requires_grad=True)
@@ -439,8 +491,9 @@ def test_sequence_ratio_value_and_gradient():
     old = logps.detach() - torch.tensor([[0.1, 0.3], [-0.2, 123.0]])
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
     adv = t(1.0, -1.0)
-    loss, m = L.policy_loss(logps, old, adv, mask, ratio_level="sequence", clip_low=0.9,
-                            clip_high=10.0)
+    loss, m = L.policy_loss(
+        logps, old, adv, mask, ratio_level="sequence", clip_low=0.9, clip_high=10.0
+    )
     assert_close(loss, torch.tensor(-0.201336), atol=1e-6, rtol=0)
     assert_close(m["ratio/mean"], torch.tensor((2 * math.exp(0.2) + math.exp(-0.2)) / 3))
     g = grad_of(loss, logps)
@@ -456,12 +509,10 @@ def test_k3_kl_zero_at_reference_positive_elsewhere_hand_worked():
     """
     logps = torch.tensor([[-1.0], [-2.0]], requires_grad=True)
     ref = torch.tensor([[-2.0], [-1.0]])
-    loss, m = L.policy_loss(logps, None, t(0.0, 0.0), torch.ones(2, 1), ref_logps=ref,
-                            kl_beta=0.1)
+    loss, m = L.policy_loss(logps, None, t(0.0, 0.0), torch.ones(2, 1), ref_logps=ref, kl_beta=0.1)
     assert_close(m["kl"], torch.tensor(0.543081), atol=1e-6, rtol=0)
     assert_close(loss, torch.tensor(0.0543081), atol=1e-7, rtol=0)
-    assert_close(grad_of(loss, logps), torch.tensor([[0.031606], [-0.085914]]), atol=1e-6,
-                 rtol=0)
+    assert_close(grad_of(loss, logps), torch.tensor([[0.031606], [-0.085914]]), atol=1e-6, rtol=0)
     _, m0 = L.policy_loss(logps, None, t(0.0, 0.0), torch.ones(2, 1), ref_logps=logps.detach())
     assert m0["kl"].item() == 0.0
     rand = rl_logps(1)
@@ -473,7 +524,7 @@ def test_k3_kl_zero_at_reference_positive_elsewhere_hand_worked():
 
 def _off_policy_batch():
     logps = rl_logps(4)
-    old = (logps.detach() + 0.3 * torch.randn(4, 4, generator=torch.Generator().manual_seed(5)))
+    old = logps.detach() + 0.3 * torch.randn(4, 4, generator=torch.Generator().manual_seed(5))
     ref = logps.detach() - 0.2
     return logps, old, ref
 
@@ -495,17 +546,38 @@ def test_micro_batch_losses_with_num_items_sum_to_the_full_batch(aggregation, sp
     assert_close(total, full)
     assert_close(grad_of(total, logps), full_grad)
     # Without the global count each part is a local mean and the sum is not the full loss.
-    local = sum(L.policy_loss(logps[i:i + 2], old[i:i + 2], ADV[i:i + 2], RL_MASK[i:i + 2],
-                              aggregation=aggregation)[0] for i in (0, 2))
-    assert abs(local.item() - L.policy_loss(logps, old, ADV, RL_MASK,
-                                            aggregation=aggregation)[0].item()) > 1e-3
+    local = sum(
+        L.policy_loss(
+            logps[i : i + 2],
+            old[i : i + 2],
+            ADV[i : i + 2],
+            RL_MASK[i : i + 2],
+            aggregation=aggregation,
+        )[0]
+        for i in (0, 2)
+    )
+    assert (
+        abs(
+            local.item()
+            - L.policy_loss(logps, old, ADV, RL_MASK, aggregation=aggregation)[0].item()
+        )
+        > 1e-3
+    )
 
 
 def test_dr_grpo_equal_micro_batches_average_to_the_full_batch():
     logps, old, _ = _off_policy_batch()
     full, _ = L.policy_loss(logps, old, ADV, RL_MASK, aggregation="dr_grpo")
-    parts = [L.policy_loss(logps[i:i + 2], old[i:i + 2], ADV[i:i + 2], RL_MASK[i:i + 2],
-                           aggregation="dr_grpo")[0] for i in (0, 2)]
+    parts = [
+        L.policy_loss(
+            logps[i : i + 2],
+            old[i : i + 2],
+            ADV[i : i + 2],
+            RL_MASK[i : i + 2],
+            aggregation="dr_grpo",
+        )[0]
+        for i in (0, 2)
+    ]
     assert_close((parts[0] + parts[1]) / 2, full)
 
 
@@ -515,15 +587,17 @@ def test_policy_loss_ignores_extra_padding(aggregation, ratio_level):
     """Three more padded columns holding garbage (and dr_grpo's length fixed at 4) change
     neither the loss nor the gradients of the real tokens."""
     logps, old, ref = _off_policy_batch()
-    kw = dict(aggregation=aggregation, ratio_level=ratio_level, kl_beta=0.1,
-              max_completion_length=4)
+    kw = dict(
+        aggregation=aggregation, ratio_level=ratio_level, kl_beta=0.1, max_completion_length=4
+    )
     base, _ = L.policy_loss(logps, old, ADV, RL_MASK, ref_logps=ref, **kw)
     base_grad = grad_of(base, logps)
     junk = torch.tensor([[50.0, float("-inf"), -1e4]]).repeat(4, 1)
     padded = torch.cat([logps.detach(), junk], 1).requires_grad_(True)  # (4, 7)
     pmask = torch.cat([RL_MASK, torch.zeros(4, 3)], 1)
-    loss, _ = L.policy_loss(padded, torch.cat([old, -junk], 1), ADV, pmask,
-                            ref_logps=torch.cat([ref, junk], 1), **kw)
+    loss, _ = L.policy_loss(
+        padded, torch.cat([old, -junk], 1), ADV, pmask, ref_logps=torch.cat([ref, junk], 1), **kw
+    )
     assert_close(loss, base)
     g = grad_of(loss, padded)
     assert torch.isfinite(g).all()
@@ -543,8 +617,9 @@ def test_policy_loss_bad_arguments():
 # ---------------------------------------------------------------------------------- CHORD
 
 
-@pytest.mark.parametrize("step, want", [(0, 0.9), (50, 0.7755), (100, 0.475), (150, 0.1745),
-                                        (200, 0.05), (1000, 0.05)])
+@pytest.mark.parametrize(
+    "step, want", [(0, 0.9), (50, 0.7755), (100, 0.475), (150, 0.1745), (200, 0.05), (1000, 0.05)]
+)
 def test_mu_schedule_table(step, want):
     """valley + (peak - valley)(1 + cos(pi step / 200)) / 2 with peak .9, valley .05."""
     assert abs(L.mu_schedule(step, 0, 200, 0.9, 0.05) - want) < 1e-4

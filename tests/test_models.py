@@ -25,8 +25,10 @@ def test_cpu_flags_are_read_from_proc_cpuinfo(monkeypatch, tmp_path):
     fake = tmp_path / "cpuinfo"
     fake.write_text("flags\t\t: fpu sse avx2 avx512f avx512_bf16\n")
     real_open = open
-    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(
-        fake if path == "/proc/cpuinfo" else path, *a, **k))
+    monkeypatch.setattr(
+        "builtins.open",
+        lambda path, *a, **k: real_open(fake if path == "/proc/cpuinfo" else path, *a, **k),
+    )
     assert models.cpu_has_native_bf16() is True
     fake.write_text("flags\t\t: fpu sse avx2\n")
     assert models.cpu_has_native_bf16() is False

@@ -30,10 +30,20 @@ EXPERTS = ["model.layers.1.mlp.experts.down_proj", "model.layers.1.mlp.experts.g
 def qwen3_moe_config(vocab_size=128, **extra):
     from transformers import Qwen3MoeConfig
 
-    return Qwen3MoeConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=96,
-                          moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, head_dim=16, num_experts=8,
-                          num_experts_per_tok=2, mlp_only_layers=[0], **extra)
+    return Qwen3MoeConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        mlp_only_layers=[0],
+        **extra,
+    )
 
 
 def tiny_moe():
@@ -47,19 +57,36 @@ def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96,
-                                        num_hidden_layers=2, num_attention_heads=4,
-                                        num_key_value_heads=2))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
 
 
 def tiny_qwen2_moe():
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     torch.manual_seed(0)
-    return Qwen2MoeForCausalLM(Qwen2MoeConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-        shared_expert_intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2))
+    return Qwen2MoeForCausalLM(
+        Qwen2MoeConfig(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+        )
+    )
 
 
 def randomise_adapter(model, std=0.3):
@@ -77,9 +104,14 @@ def moe_dir(tmp_path_factory, embedded_dir):
 
     tok = AutoTokenizer.from_pretrained(embedded_dir)
     torch.manual_seed(0)
-    model = Qwen3MoeForCausalLM(qwen3_moe_config(
-        len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id))
+    model = Qwen3MoeForCausalLM(
+        qwen3_moe_config(
+            len(tok),
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+        )
+    )
     out = tmp_path_factory.mktemp("tiny-qwen3-moe")
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -106,11 +138,17 @@ def test_each_target_selects_what_it_names():
         with pytest.raises(ConfigError, match=what):
             lora_targets(dense, f"all-linear,{name}")
     q2 = tiny_qwen2_moe()  # Qwen2-MoE: a shared expert beside the routed ones, in every layer
-    assert lora_targets(q2, "shared-expert") == ([
-        f"model.layers.{i}.mlp.shared_expert.{p}" for i in (0, 1)
-        for p in ("down_proj", "gate_proj", "up_proj")], [])
-    assert lora_targets(q2, "all-router")[1] == [f"model.layers.{i}.mlp.gate.weight"
-                                                 for i in (0, 1)]  # not shared_expert_gate
+    assert lora_targets(q2, "shared-expert") == (
+        [
+            f"model.layers.{i}.mlp.shared_expert.{p}"
+            for i in (0, 1)
+            for p in ("down_proj", "gate_proj", "up_proj")
+        ],
+        [],
+    )
+    assert lora_targets(q2, "all-router")[1] == [
+        f"model.layers.{i}.mlp.gate.weight" for i in (0, 1)
+    ]  # not shared_expert_gate
 
 
 def test_parameter_report_counts_router_and_expert_adapters():
@@ -128,9 +166,14 @@ def test_parameter_report_counts_router_and_expert_adapters():
 
 def sft_examples(n=4, prompt_len=6, completion_len=5, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [Example(tuple(torch.randint(1, 128, (prompt_len + i % 2,), generator=g).tolist()),
-                    (tuple(torch.randint(1, 128, (completion_len,), generator=g).tolist()),), i)
-            for i in range(n)]
+    return [
+        Example(
+            tuple(torch.randint(1, 128, (prompt_len + i % 2,), generator=g).tolist()),
+            (tuple(torch.randint(1, 128, (completion_len,), generator=g).tolist()),),
+            i,
+        )
+        for i in range(n)
+    ]
 
 
 def one_sft_step(model, run, lr=1e-2):
@@ -142,24 +185,35 @@ def one_sft_step(model, run, lr=1e-2):
     examples = sft_examples()
     optimizer = make_optimizer(model, lr)
     with run.record(model) as routing:
-        loss, metrics, share, _ = micro_batch_loss(model, examples, None, cfg, pad_id=0,
-                                                   device="cpu", units=global_units(examples, cfg),
-                                                   processes=1)
+        loss, metrics, share, _ = micro_batch_loss(
+            model,
+            examples,
+            None,
+            cfg,
+            pad_id=0,
+            device="cpu",
+            units=global_units(examples, cfg),
+            processes=1,
+        )
     run.add_aux(loss, metrics, routing, share).backward()
     optimizer.step()
 
 
-@pytest.mark.parametrize("targets,touched", [
-    ("all-router", ["mlp.gate."]),
-    ("experts", ["mlp.experts."]),
-    ("all-linear,all-router", ["self_attn.", "layers.0.mlp.", "mlp.gate."]),
-])
+@pytest.mark.parametrize(
+    "targets,touched",
+    [
+        ("all-router", ["mlp.gate."]),
+        ("experts", ["mlp.experts."]),
+        ("all-linear,all-router", ["self_attn.", "layers.0.mlp.", "mlp.gate."]),
+    ],
+)
 def test_a_training_step_changes_only_the_named_parameters(targets, touched):
     model = apply_lora(tiny_moe(), LoraConfig(r=4, alpha=8, targets=targets))
     randomise_adapter(model, 0.05)  # so both A and B get gradients
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    one_sft_step(model, moe.MoeRun.setup(model, None, MoeConfig(stats_every=0), [], None,
-                                         seed=0, pad_id=0))
+    one_sft_step(
+        model, moe.MoeRun.setup(model, None, MoeConfig(stats_every=0), [], None, seed=0, pad_id=0)
+    )
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     adapters = {k for k in before if "lora_" in k and any(t in k for t in touched)}
     assert changed == adapters and adapters
@@ -195,7 +249,8 @@ def test_router_and_expert_adapters_round_trip_through_save_merge_and_export(moe
         merged = loaded.merge_and_unload()
         assert_close(merged(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
         exported = AutoModelForCausalLM.from_pretrained(
-            export_merged(tmp_path / "adapter", tmp_path / "merged"), dtype=torch.float32)
+            export_merged(tmp_path / "adapter", tmp_path / "merged"), dtype=torch.float32
+        )
         assert_close(exported(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
 
         only = apply_lora(load(), LoraConfig(r=4, alpha=8, targets="experts"))
@@ -203,14 +258,17 @@ def test_router_and_expert_adapters_round_trip_through_save_merge_and_export(moe
         by_hand = load()
         experts = by_hand.model.layers[1].mlp.experts
         E, r = 8, 4
-        for wrapper in (only.base_model.model.model.layers[1].mlp.experts,
-                        only.base_model.model.model.layers[1].mlp.experts.base_layer):
+        for wrapper in (
+            only.base_model.model.model.layers[1].mlp.experts,
+            only.base_model.model.model.layers[1].mlp.experts.base_layer,
+        ):
             A, B = wrapper.lora_A["default"].weight, wrapper.lora_B["default"].weight
             W = getattr(experts, wrapper.parameter_name)  # (E, out, in)
             for e in range(E):
-                W[e] += (8 / r) * B[:, e::E] @ A[e * r:(e + 1) * r]
-        assert_close(only(input_ids=ids).logits, by_hand(input_ids=ids).logits,
-                     rtol=1e-5, atol=1e-5)
+                W[e] += (8 / r) * B[:, e::E] @ A[e * r : (e + 1) * r]
+        assert_close(
+            only(input_ids=ids).logits, by_hand(input_ids=ids).logits, rtol=1e-5, atol=1e-5
+        )
 
 
 # ------------------------------------------------------------------------ balance loss
@@ -225,15 +283,17 @@ def test_balance_loss_by_hand():
     balanced). Two layers are pooled rows, as transformers' load_balancing_loss_func does."""
     from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
-    probs = torch.tensor([[.4, .3, .2, .1], [.1, .2, .3, .4], [.5, .1, .1, .3]])
+    probs = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4], [0.5, 0.1, 0.1, 0.3]])
     logits = probs.log() + 0.7  # softmax ignores the shift
     assert_close(moe.balance_loss([logits], 4, 2), torch.tensor(4 * 4.8 / 9))
     mask = torch.tensor([[1, 1, 0]])
     assert_close(moe.balance_loss([logits], 4, 2, mask), torch.tensor(2.0))
     other = torch.randn(3, 4)
     for m in (None, mask):
-        assert_close(moe.balance_loss([logits, other], 4, 2, m),
-                     load_balancing_loss_func((logits, other), 4, 2, m))
+        assert_close(
+            moe.balance_loss([logits, other], 4, 2, m),
+            load_balancing_loss_func((logits, other), 4, 2, m),
+        )
 
 
 def moe_batch(n=3):
@@ -253,16 +313,26 @@ def test_aux_loss_is_added_once_with_its_coefficient(method):
 
     model = tiny_moe()
     cfg = train_config(method, None, ["dtype=fp32"], data="unused.jsonl")
-    examples = [Example(e.prompt, e.completions * 2, e.line) for e in sft_examples()] \
-        if method == "dpo" else sft_examples()
+    examples = (
+        [Example(e.prompt, e.completions * 2, e.line) for e in sft_examples()]
+        if method == "dpo"
+        else sft_examples()
+    )
     ref = torch.zeros(len(examples), 2) - 20.0
 
     def loss_with(coef):
         run = moe.MoeRun.setup(model, coef, MoeConfig(stats_every=0), [], None, seed=0, pad_id=0)
         with run.record(model) as routing:
             loss, metrics, share, _ = micro_batch_loss(
-                model, examples, ref if method == "dpo" else None, cfg, pad_id=0, device="cpu",
-                units=global_units(examples, cfg), processes=1)
+                model,
+                examples,
+                ref if method == "dpo" else None,
+                cfg,
+                pad_id=0,
+                device="cpu",
+                units=global_units(examples, cfg),
+                processes=1,
+            )
         return run.add_aux(loss, metrics, routing, share), loss, metrics, routing.mask
 
     total, plain, metrics, mask = loss_with(0.5)
@@ -271,8 +341,12 @@ def test_aux_loss_is_added_once_with_its_coefficient(method):
 
     batch = collate(examples, 0)
     with torch.no_grad():
-        own = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    position_ids=batch["position_ids"], output_router_logits=True).aux_loss
+        own = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            output_router_logits=True,
+        ).aux_loss
     assert_close(metrics["loss/aux"], own)
     assert torch.equal(mask, batch["attention_mask"])
     assert loss_with(0.0)[2].get("loss/aux") is None  # coef 0: not even recorded
@@ -320,15 +394,28 @@ def test_online_policy_loss_gets_the_aux_term_too():
         randomise_adapter(model, 0.05)
         run = moe.MoeRun.setup(model, coef, MoeConfig(stats_every=0), [], None, seed=0, pad_id=0)
         tokens = float((batch["labels"] != -100).sum())
-        sums, _ = policy_backward(model, [(batch, slice(0, 2))], advantages, None, None,
-                                  OnlineConfig(), mu=None, total_rows=2, total_tokens=tokens,
-                                  moe=run)
+        sums, _ = policy_backward(
+            model,
+            [(batch, slice(0, 2))],
+            advantages,
+            None,
+            None,
+            OnlineConfig(),
+            mu=None,
+            total_rows=2,
+            total_tokens=tokens,
+            moe=run,
+        )
         metrics = {k: v / sums["tokens"] for k, v in sums.items()}  # token-weighted sums
         grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
         out[coef] = (metrics, grad, run.aux_term(metrics))
     with torch.no_grad():  # the adapter model of the last run (no optimizer step was taken)
-        own = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    position_ids=batch["position_ids"], output_router_logits=True).aux_loss
+        own = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            output_router_logits=True,
+        ).aux_loss
     metrics, grad, term = out[0.3]
     assert_close(torch.tensor(metrics["loss/aux"]), own)
     assert term == pytest.approx(0.3 * float(own))
@@ -343,17 +430,23 @@ def test_routing_stats_by_hand():
     """The 3-token example of test_balance_loss_by_hand: top-2 counts per expert [2, 1, 1, 2]
     -> max 2, mean 6 / 4 = 1.5; entropy = mean over tokens of -sum p log p; the same top-k as
     the base -> 0 changed, t2's set changed -> 1 / 3."""
-    probs = torch.tensor([[.4, .3, .2, .1], [.1, .2, .3, .4], [.5, .1, .1, .3]])
+    probs = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4], [0.5, 0.1, 0.1, 0.3]])
     entropy = float(-(probs * probs.log()).sum(-1).mean())
     base = moe.topk_sets(probs.log(), 2)
     stats = moe.routing_stats([probs.log()], 2, None, [base])
-    assert stats == pytest.approx({"moe/tokens_per_expert_max": 2.0,
-                                   "moe/tokens_per_expert_mean": 1.5,
-                                   "moe/router_entropy": entropy, "moe/topk_changed": 0.0})
+    assert stats == pytest.approx(
+        {
+            "moe/tokens_per_expert_max": 2.0,
+            "moe/tokens_per_expert_mean": 1.5,
+            "moe/router_entropy": entropy,
+            "moe/topk_changed": 0.0,
+        }
+    )
     moved = base.clone()
     moved[1] = torch.tensor([0, 3])
-    assert moe.routing_stats([probs.log()], 2, None, [moved])["moe/topk_changed"] == \
-        pytest.approx(1 / 3)
+    assert moe.routing_stats([probs.log()], 2, None, [moved])["moe/topk_changed"] == pytest.approx(
+        1 / 3
+    )
 
 
 def test_probe_stats_uniform_router_unchanged_model_and_a_moved_router():
@@ -361,8 +454,9 @@ def test_probe_stats_uniform_router_unchanged_model_and_a_moved_router():
     adapter is added the model is the base: 0 changed. A large router adapter moves routing."""
     model = tiny_moe()
     prompts = [list(e.prompt) for e in sft_examples(6)]
-    run = moe.MoeRun.setup(model, None, MoeConfig(stats_every=2, probe_size=3), prompts,
-                           lambda p: p, seed=0, pad_id=0)
+    run = moe.MoeRun.setup(
+        model, None, MoeConfig(stats_every=2, probe_size=3), prompts, lambda p: p, seed=0, pad_id=0
+    )
     assert run.probe["input_ids"].shape[0] == 3
     tokens = int(run.probe["attention_mask"].sum())
     model = apply_lora(model, LoraConfig(r=4, alpha=8, targets="all-router"))
@@ -375,11 +469,13 @@ def test_probe_stats_uniform_router_unchanged_model_and_a_moved_router():
     uniform = tiny_moe()
     with torch.no_grad():
         uniform.model.layers[1].mlp.gate.weight.zero_()
-    run = moe.MoeRun.setup(uniform, None, MoeConfig(stats_every=1), prompts, lambda p: p,
-                           seed=0, pad_id=0)
+    run = moe.MoeRun.setup(
+        uniform, None, MoeConfig(stats_every=1), prompts, lambda p: p, seed=0, pad_id=0
+    )
     assert run.stats(uniform, 1)["moe/router_entropy"] == pytest.approx(math.log(8))
-    dense = moe.MoeRun.setup(tiny_llama(), None, MoeConfig(), prompts, lambda p: p, seed=0,
-                             pad_id=0)
+    dense = moe.MoeRun.setup(
+        tiny_llama(), None, MoeConfig(), prompts, lambda p: p, seed=0, pad_id=0
+    )
     assert dense.shape is None and dense.stats(tiny_llama(), 10) == {}
 
 
@@ -389,20 +485,52 @@ def test_probe_stats_uniform_router_unchanged_model_and_a_moved_router():
 def test_cli_trains_the_router_through_lora_with_the_aux_loss_logged(moe_dir, tmp_path):
     from safetensors.torch import load_file
 
-    rows = [{"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
-                          {"role": "assistant", "content": f"{2 * i}."}]} for i in range(4)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} + {i}?"},
+                {"role": "assistant", "content": f"{2 * i}."},
+            ]
+        }
+        for i in range(4)
+    ]
     data = tmp_path / "demos.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
-    run_cli("train", "--method", "sft", "--model", moe_dir, "--data", str(data), "--out",
-            str(out), "--no-progress", "--set", "lora.targets=all-linear,all-router",
-            "--set", "max_steps=2", "--set", "batch_size=2", "--set", "lr=1e-2",
-            "--set", "dtype=fp32", "--set", "moe.stats_every=1", "--set", "num_threads=1")
+    run_cli(
+        "train",
+        "--method",
+        "sft",
+        "--model",
+        moe_dir,
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        "lora.targets=all-linear,all-router",
+        "--set",
+        "max_steps=2",
+        "--set",
+        "batch_size=2",
+        "--set",
+        "lr=1e-2",
+        "--set",
+        "dtype=fp32",
+        "--set",
+        "moe.stats_every=1",
+        "--set",
+        "num_threads=1",
+    )
     logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["loss/aux"] > 0 and r["loss"] == pytest.approx(r["nll"] + 0.001 * r["loss/aux"],
-                                                                 rel=1e-5) for r in logged)
-    assert {"moe/tokens_per_expert_max", "moe/router_entropy", "moe/topk_changed"} <= \
-        set(logged[-1])
+    assert all(
+        r["loss/aux"] > 0 and r["loss"] == pytest.approx(r["nll"] + 0.001 * r["loss/aux"], rel=1e-5)
+        for r in logged
+    )
+    assert {"moe/tokens_per_expert_max", "moe/router_entropy", "moe/topk_changed"} <= set(
+        logged[-1]
+    )
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["target_parameters"] == [ROUTER]
     weights = load_file(out / "adapter" / "adapter_model.safetensors")
@@ -420,19 +548,41 @@ def test_grpo_loop_on_the_moe_logs_aux_and_routing(moe_dir, tmp_path):
 
     def score(problem, index, messages, completion, **kwargs):
         reward = float(completion.token_ids[0] % 2 == 0)
-        return {"verdict": "correct" if reward else "incorrect", "correct_reward": reward,
-                "format_ok": True, "overlong": 0.0, "reward": reward,
-                "truncated": completion.finish_reason == "length"}
+        return {
+            "verdict": "correct" if reward else "incorrect",
+            "correct_reward": reward,
+            "format_ok": True,
+            "overlong": 0.0,
+            "reward": reward,
+            "truncated": completion.finish_reason == "length",
+        }
 
-    problems = [Problem(id=str(i), question=f"What is {i} + 1?", answer=str(i + 1),
-                        answer_type="exact") for i in range(4)]
-    cfg = online.online_config("grpo", overrides=[
-        "max_steps=2", "num_generations=2", "problems_per_step=2", "max_new_tokens=3",
-        "lr=1e-2", "lora.r=4", "lora.targets=all-linear,all-router", "moe.stats_every=1",
-        "dtype=fp32"])
-    online.train_online(cfg, tmp_path, model=AutoModelForCausalLM.from_pretrained(moe_dir),
-                        tokenizer=AutoTokenizer.from_pretrained(moe_dir), problems=problems,
-                        score=score)
+    problems = [
+        Problem(id=str(i), question=f"What is {i} + 1?", answer=str(i + 1), answer_type="exact")
+        for i in range(4)
+    ]
+    cfg = online.online_config(
+        "grpo",
+        overrides=[
+            "max_steps=2",
+            "num_generations=2",
+            "problems_per_step=2",
+            "max_new_tokens=3",
+            "lr=1e-2",
+            "lora.r=4",
+            "lora.targets=all-linear,all-router",
+            "moe.stats_every=1",
+            "dtype=fp32",
+        ],
+    )
+    online.train_online(
+        cfg,
+        tmp_path,
+        model=AutoModelForCausalLM.from_pretrained(moe_dir),
+        tokenizer=AutoTokenizer.from_pretrained(moe_dir),
+        problems=problems,
+        score=score,
+    )
     logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(logged) == 2
     for r in logged:

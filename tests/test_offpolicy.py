@@ -44,8 +44,9 @@ def test_truncated_and_masked_importance_weights_token_and_sequence():
     Sequence: w = 3 * .25 * 1 = .75 on every token: tis [.75] * 3, mis [1] * 3 (inside).
     A second sequence with log-ratios [ln 3, ln 3]: w = 9 -> tis 2 on both, mis 0 on both."""
     rollout = torch.zeros(2, 4)
-    trainer = torch.tensor([[math.log(3), math.log(0.25), 0.0, 50.0],
-                            [math.log(3), math.log(3), 0.0, 0.0]])
+    trainer = torch.tensor(
+        [[math.log(3), math.log(0.25), 0.0, 50.0], [math.log(3), math.log(3), 0.0, 0.0]]
+    )
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
     kw = dict(cap=2.0, low=0.5, high=2.0)
     w, m = rollout_weights(trainer, rollout, mask, mode="tis", **kw)
@@ -79,18 +80,26 @@ def test_cispo_keeps_a_clipped_detached_weight_on_every_token():
     """One token, logp -1, A = 2. r = 1.5 -> w = min(1.5, 1.28) = 1.28: loss -1.28 * 2 * (-1)
     = 2.56, gradient -2.56 (PPO's clip would give 0 here). r = .5: no lower bound (clip_low 1),
     loss .5 * 2 = 1.0, gradient -1.0. A = -2, r = .5: loss -1, gradient +1."""
-    for ratio, adv, loss_want, grad_want in [(1.5, 2.0, 2.56, -2.56), (0.5, 2.0, 1.0, -1.0),
-                                             (0.5, -2.0, -1.0, 1.0)]:
+    for ratio, adv, loss_want, grad_want in [
+        (1.5, 2.0, 2.56, -2.56),
+        (0.5, 2.0, 1.0, -1.0),
+        (0.5, -2.0, -1.0, 1.0),
+    ]:
         logps = torch.tensor([[-1.0]], requires_grad=True)
         old = logps.detach() - math.log(ratio)
-        loss, m = cispo_loss(logps, old, torch.tensor([adv]), torch.ones(1, 1), clip_low=1.0,
-                             clip_high=0.28)
+        loss, m = cispo_loss(
+            logps, old, torch.tensor([adv]), torch.ones(1, 1), clip_low=1.0, clip_high=0.28
+        )
         assert_close(loss, torch.tensor(loss_want))
         assert_close(grad_of(loss, logps), torch.tensor([[grad_want]]))
         assert m["clip_ratio/high"].item() == float(ratio > 1.28)
-    ppo, _ = L.policy_loss(torch.tensor([[-1.0]], requires_grad=True),
-                           torch.tensor([[-1.0 - math.log(1.5)]]), torch.tensor([2.0]),
-                           torch.ones(1, 1), clip_high=0.28)
+    ppo, _ = L.policy_loss(
+        torch.tensor([[-1.0]], requires_grad=True),
+        torch.tensor([[-1.0 - math.log(1.5)]]),
+        torch.tensor([2.0]),
+        torch.ones(1, 1),
+        clip_high=0.28,
+    )
     assert ppo.grad_fn is not None  # PPO: clipped, its gradient is exactly 0 (other tests)
 
 
@@ -102,8 +111,14 @@ def test_cispo_token_mean_over_padding_and_is_weight():
     mask = torch.tensor([[1, 1], [1, 0]])
     loss, _ = cispo_loss(logps, None, torch.tensor([1.0, -1.0]), mask, aggregation="token_mean")
     assert_close(loss, torch.tensor(2.5 / 3))
-    loss, _ = cispo_loss(logps, None, torch.tensor([1.0, -1.0]), mask, aggregation="token_mean",
-                         is_weights=torch.tensor([[1.0, 1.0], [0.5, 0.0]]))
+    loss, _ = cispo_loss(
+        logps,
+        None,
+        torch.tensor([1.0, -1.0]),
+        mask,
+        aggregation="token_mean",
+        is_weights=torch.tensor([[1.0, 1.0], [0.5, 0.0]]),
+    )
     assert_close(loss, torch.tensor(2.75 / 3))
 
 
@@ -113,8 +128,14 @@ def test_a_drifting_token_cannot_make_the_loss_infinite():
     A = 1: -(1.2 + 1) / 2 = -1.1. The k3 KL with ref = -1e4 stays finite as well."""
     logps = torch.tensor([[-1.0, -1.0]], requires_grad=True)
     old = torch.tensor([[-1e4, -1.0]])
-    loss, m = L.policy_loss(logps, old, torch.tensor([1.0]), torch.ones(1, 2),
-                            ref_logps=torch.tensor([[1e4, -1.0]]), kl_beta=0.0)
+    loss, m = L.policy_loss(
+        logps,
+        old,
+        torch.tensor([1.0]),
+        torch.ones(1, 2),
+        ref_logps=torch.tensor([[1e4, -1.0]]),
+        kl_beta=0.0,
+    )
     assert torch.isfinite(loss) and torch.isfinite(m["kl"]) and torch.isfinite(m["ratio/mean"])
     assert_close(loss, torch.tensor(-1.1))
     assert torch.isfinite(grad_of(loss, logps)).all()

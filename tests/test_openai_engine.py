@@ -52,8 +52,12 @@ def prompts(k: int) -> list:
 
 
 def choice(**kw) -> dict:
-    return {"index": 0, "finish_reason": "stop", "message": {"role": "assistant",
-                                                              "content": "4"}, **kw}
+    return {
+        "index": 0,
+        "finish_reason": "stop",
+        "message": {"role": "assistant", "content": "4"},
+        **kw,
+    }
 
 
 def lp(*values, tokens=None) -> dict:
@@ -63,22 +67,57 @@ def lp(*values, tokens=None) -> dict:
 
 PARSE_CASES = [
     # (reply, text, finish, token_ids, num_tokens, sum_logprob, reasoning)
-    ({"choices": [choice(token_ids=[19, 2], logprobs=lp(-0.25, -0.5))]},
-     "4", "stop", [19, 2], 2, -0.75, None),
+    (
+        {"choices": [choice(token_ids=[19, 2], logprobs=lp(-0.25, -0.5))]},
+        "4",
+        "stop",
+        [19, 2],
+        2,
+        -0.75,
+        None,
+    ),
     # ids from vLLM's return_tokens_as_token_ids strings
-    ({"choices": [choice(logprobs=lp(-1.0, -2.0, tokens=["token_id:19", "token_id:2"]))]},
-     "4", "stop", [19, 2], 2, -3.0, None),
+    (
+        {"choices": [choice(logprobs=lp(-1.0, -2.0, tokens=["token_id:19", "token_id:2"]))]},
+        "4",
+        "stop",
+        [19, 2],
+        2,
+        -3.0,
+        None,
+    ),
     # no ids, no log-probs: the count from usage (one choice)
     ({"choices": [choice()], "usage": {"completion_tokens": 7}}, "4", "stop", [], 7, None, None),
     # log-probs without ids: one token per log-prob
     ({"choices": [choice(logprobs=lp(-1.0, -1.0, -1.0))]}, "4", "stop", [], 3, -3.0, None),
-    ({"choices": [choice(message={"content": "4", "reasoning_content": "2+2 is 4"})]},
-     "4", "stop", [], 0, None, "2+2 is 4"),
-    ({"choices": [choice(message={"content": "4", "reasoning": "r"})]}, "4", "stop", [], 0,
-     None, "r"),
+    (
+        {"choices": [choice(message={"content": "4", "reasoning_content": "2+2 is 4"})]},
+        "4",
+        "stop",
+        [],
+        0,
+        None,
+        "2+2 is 4",
+    ),
+    (
+        {"choices": [choice(message={"content": "4", "reasoning": "r"})]},
+        "4",
+        "stop",
+        [],
+        0,
+        None,
+        "r",
+    ),
     # cut off: content None at the limit; finish_reason missing or "abort" counts as cut off
-    ({"choices": [choice(message={"content": None}, finish_reason="length")]},
-     "", "length", [], 0, None, None),
+    (
+        {"choices": [choice(message={"content": None}, finish_reason="length")]},
+        "",
+        "length",
+        [],
+        0,
+        None,
+        None,
+    ),
     ({"choices": [choice(finish_reason=None)]}, "4", "length", [], 0, None, None),
     ({"choices": [choice(finish_reason="abort")]}, "4", "length", [], 0, None, None),
     # a log-prob that is not a finite number: no log-probs at all
@@ -102,8 +141,12 @@ def test_parse_choices(reply, text, finish, ids, num, total, reasoning):
 
 
 def test_choices_come_back_in_index_order():
-    reply = {"choices": [choice(index=1, message={"content": "b"}),
-                         choice(index=0, message={"content": "a"})]}
+    reply = {
+        "choices": [
+            choice(index=1, message={"content": "b"}),
+            choice(index=0, message={"content": "a"}),
+        ]
+    }
     assert [c.text for c in parse_choices(reply, 2)] == ["a", "b"]
 
 
@@ -113,17 +156,38 @@ def test_choices_come_back_in_index_order():
 def test_request_body_and_n_samples():
     with FakeOpenAIServer([echo]) as server:
         engine = engine_for(server, chat_template_kwargs={"enable_thinking": False})
-        out = engine.generate(prompts(2), SamplingParams(n=3, temperature=0.7, top_p=0.9,
-                                                         max_new_tokens=64, seed=5))
-    assert [[c.text for c in cs] for cs in out] == [["q0 #0", "q0 #1", "q0 #2"],
-                                                    ["q1 #0", "q1 #1", "q1 #2"]]
+        out = engine.generate(
+            prompts(2), SamplingParams(n=3, temperature=0.7, top_p=0.9, max_new_tokens=64, seed=5)
+        )
+    assert [[c.text for c in cs] for cs in out] == [
+        ["q0 #0", "q0 #1", "q0 #2"],
+        ["q1 #0", "q1 #1", "q1 #2"],
+    ]
     # 5 characters, one "token" each at log-prob -0.5 (fake_openai_server.completion_reply)
     assert out[0][0].token_ids == [ord(c) for c in "q0 #0"] and out[0][0].sum_logprob == -2.5
     body = server.requests[0]["body"]
-    assert {k: body[k] for k in ("model", "n", "temperature", "top_p", "max_tokens", "seed",
-                                 "logprobs", "chat_template_kwargs")} == {
-        "model": "fake", "n": 3, "temperature": 0.7, "top_p": 0.9, "max_tokens": 64, "seed": 5,
-        "logprobs": True, "chat_template_kwargs": {"enable_thinking": False}}
+    assert {
+        k: body[k]
+        for k in (
+            "model",
+            "n",
+            "temperature",
+            "top_p",
+            "max_tokens",
+            "seed",
+            "logprobs",
+            "chat_template_kwargs",
+        )
+    } == {
+        "model": "fake",
+        "n": 3,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "max_tokens": 64,
+        "seed": 5,
+        "logprobs": True,
+        "chat_template_kwargs": {"enable_thinking": False},
+    }
     assert len(server.requests) == 2  # one request per prompt
 
 
@@ -136,8 +200,11 @@ def test_send_seed_off_sends_no_seed():
 def test_429_with_retry_after_then_503_then_success():
     """429 with Retry-After: 0.4 (seconds) is honoured: the retry comes >= 0.4 s later; a 503
     with retry-after-ms: 10 is retried at once; the third attempt succeeds."""
-    script = [(429, {"error": {"message": "rate limited"}}, {"retry-after": "0.4"}),
-              (503, "busy", FAST), echo]
+    script = [
+        (429, {"error": {"message": "rate limited"}}, {"retry-after": "0.4"}),
+        (503, "busy", FAST),
+        echo,
+    ]
     with FakeOpenAIServer(script) as server:
         (cs,) = engine_for(server, max_retries=3).generate(ONE, SamplingParams(n=1))
     assert cs[0].text == "q0 seed=0" and len(server.requests) == 3
@@ -175,6 +242,7 @@ def test_round_robin_and_failover():
 def test_fan_out_when_the_server_refuses_n():
     """A server that says n must be 1: each prompt becomes n single requests with seeds
     seed, seed+1, ...; later calls fan out at once (no more refused requests)."""
+
     def no_n(body):
         if body.get("n", 1) > 1:
             return 400, {"error": {"message": "'n' must be 1 for this model"}}
@@ -186,7 +254,8 @@ def test_fan_out_when_the_server_refuses_n():
         refused = sum(r["body"].get("n", 1) > 1 for r in server.requests)
         engine.generate(prompts(2), SamplingParams(n=3, seed=10))
     assert [[c.text for c in cs] for cs in out] == [
-        [f"q{i} seed={s}" for s in (10, 11, 12)] for i in range(2)]
+        [f"q{i} seed={s}" for s in (10, 11, 12)] for i in range(2)
+    ]
     assert refused == 1 and sum(r["body"].get("n", 1) > 1 for r in server.requests) == 1
     assert len(server.requests) == 1 + 6 + 6
 
@@ -203,11 +272,13 @@ def test_fewer_choices_than_asked_are_completed_one_by_one():
 def test_refused_optional_fields_are_dropped_with_a_warning(caplog):
     """A hosted API that knows neither return_token_ids nor logprobs: asked again without each;
     the completion has no log-probs and its token count comes from usage."""
+
     def strict(body):
         for name in ("return_token_ids", "logprobs"):
             if name in body:
-                return 400, {"error": {"message": f"Unrecognized request argument supplied: "
-                                                  f"{name}"}}
+                return 400, {
+                    "error": {"message": f"Unrecognized request argument supplied: {name}"}
+                }
         return {"choices": [choice()], "usage": {"completion_tokens": 9}}
 
     with caplog.at_level(logging.WARNING), FakeOpenAIServer([strict]) as server:
@@ -221,29 +292,40 @@ def test_malformed_and_empty_replies_are_graded_not_crashed():
     missing); a prompt too long for the context (400). Each becomes a completion, and the
     grader records no_answer, no_answer, no_answer, truncated, truncated."""
     ctx = (400, {"error": {"message": "This model's maximum context length is 2048 tokens."}})
-    script = [(200, "<html>gateway</html>"), {"id": "x"},
-              {"choices": [choice(message={"content": ""})]},
-              {"choices": [choice(message={"content": "The answer is"}, finish_reason=None)]},
-              ctx]
+    script = [
+        (200, "<html>gateway</html>"),
+        {"id": "x"},
+        {"choices": [choice(message={"content": ""})]},
+        {"choices": [choice(message={"content": "The answer is"}, finish_reason=None)]},
+        ctx,
+    ]
     problem = Problem(id="p", question="2+2?", answer="4", answer_type="exact")
     with FakeOpenAIServer(script) as server:
         engine = engine_for(server, concurrency=1)
         out = engine.generate(prompts(5), SamplingParams(n=1))
-    verdicts = [verify_row(sample_row(problem, 0, [], cs[0], think_open=False,
-                                      engine=engine))["verdict"] for cs in out]
+    verdicts = [
+        verify_row(sample_row(problem, 0, [], cs[0], think_open=False, engine=engine))["verdict"]
+        for cs in out
+    ]
     assert verdicts == ["no_answer", "no_answer", "no_answer", "truncated", "truncated"]
 
 
 def test_server_reasoning_becomes_the_rows_reasoning():
-    reply = {"choices": [choice(message={"content": "The answer is 4.",
-                                         "reasoning_content": "2 and 2 make 4"})]}
+    reply = {
+        "choices": [
+            choice(message={"content": "The answer is 4.", "reasoning_content": "2 and 2 make 4"})
+        ]
+    }
     problem = Problem(id="p", question="2+2?", answer="4", answer_type="exact")
     with FakeOpenAIServer([reply]) as server:
         engine = engine_for(server)
         (cs,) = engine.generate(ONE, SamplingParams())
     row = verify_row(sample_row(problem, 0, [], cs[0], think_open=False, engine=engine))
     assert (row["reasoning"], row["response"], row["verdict"]) == (
-        "2 and 2 make 4", "The answer is 4.", "correct")
+        "2 and 2 make 4",
+        "The answer is 4.",
+        "correct",
+    )
 
 
 # ---------------------------------------------------------------------------- faults
@@ -276,10 +358,17 @@ def test_api_key_is_sent_but_never_written(monkeypatch, tmp_path, caplog):
             engine.generate(ONE, SamplingParams())
     assert server.requests[0]["headers"]["authorization"] == f"Bearer {secret}"
     problem = Problem(id="p", question="q0", answer="4", answer_type="exact")
-    (tmp_path / "rows.jsonl").write_text(json.dumps(sample_row(problem, 0, ONE[0], cs[0],
-                                                               think_open=False, engine=engine)))
-    seen = [repr(engine), str(e.value), caplog.text, (tmp_path / "rows.jsonl").read_text(),
-            *(repr(vars(c)) for c in engine.clients), repr(vars(engine))]
+    (tmp_path / "rows.jsonl").write_text(
+        json.dumps(sample_row(problem, 0, ONE[0], cs[0], think_open=False, engine=engine))
+    )
+    seen = [
+        repr(engine),
+        str(e.value),
+        caplog.text,
+        (tmp_path / "rows.jsonl").read_text(),
+        *(repr(vars(c)) for c in engine.clients),
+        repr(vars(engine)),
+    ]
     assert not any(secret in s for s in seen)
 
 
@@ -291,12 +380,22 @@ def test_server_killed_mid_run_then_rerun_resumes(monkeypatch, tmp_path, capsys)
     port, the same command finishes: 12 rows, no duplicate key, the first 6 lines unchanged.
     The engine is built by a stand-in for make_engine: the --base-url flags are wired by cli."""
     out = tmp_path / "samples.jsonl"
-    argv = ["sample", "--problems", "builtin:arith:6", "--n", "2", "--batch-size", "4",
-            "--out", str(out)]
+    argv = [
+        "sample",
+        "--problems",
+        "builtin:arith:6",
+        "--n",
+        "2",
+        "--batch-size",
+        "4",
+        "--out",
+        str(out),
+    ]
     with FakeOpenAIServer([echo], die_after=3) as server:
         port = server.httpd.server_address[1]
-        monkeypatch.setattr("posttrain.sample.make_engine", lambda *a, **k: engine_for(
-            server, max_retries=1))
+        monkeypatch.setattr(
+            "posttrain.sample.make_engine", lambda *a, **k: engine_for(server, max_retries=1)
+        )
         code = cli.main(argv)
     err = capsys.readouterr().err
     assert code == 3, err

@@ -18,14 +18,21 @@ from posttrain.engines.openai import OpenAIEngine
 
 pytestmark = [pytest.mark.slow, pytest.mark.server, pytest.mark.vllm]
 
-PROMPTS = [[{"role": "user", "content": "What is 17 + 25?"}],
-           [{"role": "user", "content": "Write one sentence about cats."}]]
+PROMPTS = [
+    [{"role": "user", "content": "What is 17 + 25?"}],
+    [{"role": "user", "content": "Write one sentence about cats."}],
+]
 
 
 @pytest.fixture(scope="module")
 def engine(vllm_server):
-    config = EngineConfig(kind="openai", base_urls=[vllm_server.base_url],
-                          served_model=vllm_server.served, send_seed=False, concurrency=4)
+    config = EngineConfig(
+        kind="openai",
+        base_urls=[vllm_server.base_url],
+        served_model=vllm_server.served,
+        send_seed=False,
+        concurrency=4,
+    )
     engine = make_engine(config, "smollm2-135m")
     yield engine
     engine.close()
@@ -65,15 +72,19 @@ def test_logprobs_are_of_the_raw_distribution(engine, hf_model):
     against raw (vLLM computes in bf16) and 0.27-0.49 against processed. Asserted: < 0.08 raw,
     and raw at least 3x closer than processed."""
     model, tok = hf_model
-    out = engine.generate(PROMPTS, SamplingParams(n=2, temperature=0.6, top_p=0.9,
-                                                  max_new_tokens=32))
+    out = engine.generate(
+        PROMPTS, SamplingParams(n=2, temperature=0.6, top_p=0.9, max_new_tokens=32)
+    )
     for messages, completions in zip(PROMPTS, out):
-        prompt = list(tok.apply_chat_template(messages, add_generation_prompt=True,
-                                              tokenize=True, return_dict=True)["input_ids"])
+        prompt = list(
+            tok.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
+        )
         for c in completions:
             ids = torch.tensor([prompt + c.token_ids])  # (1, T)
             with torch.no_grad():
-                logits = model(ids).logits[0, len(prompt) - 1:-1].float()  # (K, V)
+                logits = model(ids).logits[0, len(prompt) - 1 : -1].float()  # (K, V)
             target = torch.tensor(c.token_ids)[:, None]  # (K, 1)
             raw = torch.log_softmax(logits, -1).gather(1, target)[:, 0]
             processed = torch.log_softmax(logits / 0.6, -1).gather(1, target)[:, 0]
@@ -88,15 +99,20 @@ def test_render_prompt_is_the_models_chat_template(engine, hf_model):
     _, tok = hf_model
     for messages in PROMPTS:
         assert engine.render_prompt(messages) == tok.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False)
+            messages, add_generation_prompt=True, tokenize=False
+        )
 
 
 def test_chat_template_kwargs_are_accepted(vllm_server):
     """The body carries chat_template_kwargs; vLLM accepts it (SmolLM2's template ignores
     enable_thinking, so greedy output equals the plain request's)."""
     plain = OpenAIEngine([vllm_server.base_url], "smol", send_seed=False)
-    kw = OpenAIEngine([vllm_server.base_url], "smol", send_seed=False,
-                      chat_template_kwargs={"enable_thinking": False})
+    kw = OpenAIEngine(
+        [vllm_server.base_url],
+        "smol",
+        send_seed=False,
+        chat_template_kwargs={"enable_thinking": False},
+    )
     greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=12)
     a, b = plain.generate(PROMPTS[:1], greedy), kw.generate(PROMPTS[:1], greedy)
     assert a[0][0].token_ids == b[0][0].token_ids
@@ -114,8 +130,12 @@ def test_runtime_lora_adapter(vllm_server, embedded_dir, tmp_path):
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(embedded_dir, dtype=torch.float32)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=64, target_modules=[
-        "q_proj", "v_proj"], init_lora_weights=False))  # False: B is random, not zero
+    peft_model = get_peft_model(
+        base,
+        LoraConfig(
+            r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        ),
+    )  # False: B is random, not zero
     peft_model.save_pretrained(tmp_path / "adapter")
     del base, peft_model
 

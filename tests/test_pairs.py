@@ -18,10 +18,17 @@ MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}]
 
 
 def scored(pid, index, verdict, mean_logprob, num_tokens, **extra):
-    row = {"problem": {"id": pid, "question": "2+2?", "answer": "4", "answer_type": "exact"},
-           "sample_index": index, "messages": MESSAGES, "reasoning": f"r{index}",
-           "response": f"Answer: {index}", "finish_reason": "stop", "num_tokens": num_tokens,
-           "mean_logprob": mean_logprob, "verdict": verdict}
+    row = {
+        "problem": {"id": pid, "question": "2+2?", "answer": "4", "answer_type": "exact"},
+        "sample_index": index,
+        "messages": MESSAGES,
+        "reasoning": f"r{index}",
+        "response": f"Answer: {index}",
+        "finish_reason": "stop",
+        "num_tokens": num_tokens,
+        "mean_logprob": mean_logprob,
+        "verdict": verdict,
+    }
     row.update(extra)
     return row
 
@@ -63,8 +70,9 @@ def test_strategy_picks_the_hand_worked_sample(strategy, flags, chosen, rejected
         assert pairs[0]["chosen_index"] in chosen and pairs[0]["rejected_index"] in rejected
 
 
-@pytest.mark.parametrize("strategy", ["random", "confident-wrong", "longest-wrong",
-                                      "shortest-right"])
+@pytest.mark.parametrize(
+    "strategy", ["random", "confident-wrong", "longest-wrong", "shortest-right"]
+)
 def test_truncated_and_no_answer_are_never_chosen(strategy):
     flags = {"allow_truncated_rejected": True, "allow_no_answer_rejected": True}
     for seed in range(10):
@@ -96,8 +104,10 @@ def test_k_pairs_walk_the_ranks_from_the_top():
 def many_problems(n=30):
     rows = []
     for k in range(n):
-        rows += [scored(f"q{k}", i, "correct" if i % 2 else "incorrect", -0.1 * i, 10 + i)
-                 for i in range(6)]
+        rows += [
+            scored(f"q{k}", i, "correct" if i % 2 else "incorrect", -0.1 * i, 10 + i)
+            for i in range(6)
+        ]
     return rows
 
 
@@ -122,41 +132,70 @@ def test_pair_rows_are_trl_conversational():
     pairs, _ = build_pairs(P, "shortest-right", seed=0)
     pair = pairs[0]
     assert pair["prompt"] == MESSAGES
-    assert pair["chosen"] == [{"role": "assistant",
-                               "content": "<think>\nr3\n</think>\n\nAnswer: 3"}]
+    assert pair["chosen"] == [
+        {"role": "assistant", "content": "<think>\nr3\n</think>\n\nAnswer: 3"}
+    ]
     assert pair["rejected"][0]["role"] == "assistant"
     assert (pair["problem_id"], pair["strategy"], pair["rejected_verdict"]) == (
-        "p", "shortest-right", "incorrect")
+        "p",
+        "shortest-right",
+        "incorrect",
+    )
     assert pair["why"].startswith("shortest-right: chosen #3 is rank 1 of 2 correct")
     json.dumps(pair)  # plain JSON
 
 
-@pytest.mark.parametrize("extra,turn", [
-    ({"reasoning": "think hard"}, "<think>\nthink hard\n</think>\n\nAnswer: 4"),
-    ({"reasoning": None}, "Answer: 4"),
-    ({"reasoning": "x", "text": "<think>raw</think>Answer: 4"}, "<think>raw</think>Answer: 4"),
-])
+@pytest.mark.parametrize(
+    "extra,turn",
+    [
+        ({"reasoning": "think hard"}, "<think>\nthink hard\n</think>\n\nAnswer: 4"),
+        ({"reasoning": None}, "Answer: 4"),
+        ({"reasoning": "x", "text": "<think>raw</think>Answer: 4"}, "<think>raw</think>Answer: 4"),
+    ],
+)
 def test_assistant_turn(extra, turn):
     assert assistant_turn({"response": "Answer: 4", **extra}) == turn
 
 
 def test_stats_count_outcomes_and_bucket_pass_rates():
-    rows = P + [scored("all-right", i, "correct", -0.1, 5) for i in range(2)] \
-             + [scored("all-wrong", i, "incorrect", -0.1, 5) for i in range(2)] \
-             + [scored("s", 0, "correct", -0.1, 5), scored("s", 1, "truncated", -0.1, 9)]
+    rows = (
+        P
+        + [scored("all-right", i, "correct", -0.1, 5) for i in range(2)]
+        + [scored("all-wrong", i, "incorrect", -0.1, 5) for i in range(2)]
+        + [scored("s", 0, "correct", -0.1, 5), scored("s", 1, "truncated", -0.1, 9)]
+    )
     _, stats = build_pairs(rows, "random")
     # pass rates: p 2/6 = 0.33, all-right 1, all-wrong 0, s 1/2 = 0.5
     assert (stats["problems"], stats["mixed"], stats["all_right"], stats["all_wrong"]) == (
-        4, 2, 1, 1)
+        4,
+        2,
+        1,
+        1,
+    )
     assert stats["pairable"] == 1 and stats["pairs"] == 1  # s has no rejectable sample
-    assert stats["pass_rate_histogram"] == {"0": 1, "(0,0.25]": 0, "(0.25,0.5]": 2,
-                                            "(0.5,0.75]": 0, "(0.75,1)": 0, "1": 1}
+    assert stats["pass_rate_histogram"] == {
+        "0": 1,
+        "(0,0.25]": 0,
+        "(0.25,0.5]": 2,
+        "(0.5,0.75]": 0,
+        "(0.75,1)": 0,
+        "1": 1,
+    }
     _, stats = build_pairs(rows, "random", allow_truncated_rejected=True)
     assert stats["pairable"] == 2 and stats["pairs"] == 2
 
 
-@pytest.mark.parametrize("rate,bucket", [(0.0, "0"), (0.25, "(0,0.25]"), (0.26, "(0.25,0.5]"),
-                                         (0.75, "(0.5,0.75]"), (0.9, "(0.75,1)"), (1.0, "1")])
+@pytest.mark.parametrize(
+    "rate,bucket",
+    [
+        (0.0, "0"),
+        (0.25, "(0,0.25]"),
+        (0.26, "(0.25,0.5]"),
+        (0.75, "(0.5,0.75]"),
+        (0.9, "(0.75,1)"),
+        (1.0, "1"),
+    ],
+)
 def test_pass_rate_bucket_edges(rate, bucket):
     assert pass_rate_histogram([rate])[bucket] == 1
 
@@ -179,8 +218,21 @@ def write(path, rows):
 def test_cli_pairs_writes_pairs_and_stats(tmp_path, capsys):
     scored_file = write(tmp_path / "scored.jsonl", P)
     out = tmp_path / "pairs.jsonl"
-    rc = cli_main(["pairs", "--scored", str(scored_file), "--out", str(out),
-                   "--strategy", "confident-wrong", "--max-pairs-per-problem", "2", "--seed", "3"])
+    rc = cli_main(
+        [
+            "pairs",
+            "--scored",
+            str(scored_file),
+            "--out",
+            str(out),
+            "--strategy",
+            "confident-wrong",
+            "--max-pairs-per-problem",
+            "2",
+            "--seed",
+            "3",
+        ]
+    )
     assert rc == 0 and "pairs written 2" in capsys.readouterr().out
     pairs = read_jsonl(out)
     assert [p["rejected_index"] for p in pairs] == [1, 1]
@@ -188,14 +240,17 @@ def test_cli_pairs_writes_pairs_and_stats(tmp_path, capsys):
     assert (stats["pairs"], stats["mixed"], stats["seed"]) == (2, 1, 3)
 
 
-@pytest.mark.parametrize("bad,field", [
-    ({"verdict": "maybe"}, "verdict"),
-    ({"verdict": None}, "verdict"),
-    ({"messages": None}, "messages"),
-    ({"messages": [{"role": "user", "content": "other"}]}, "messages"),
-    ({"sample_index": 0}, "sample_index"),  # duplicate of line 1
-    ({"mean_logprob": "high"}, "mean_logprob"),
-])
+@pytest.mark.parametrize(
+    "bad,field",
+    [
+        ({"verdict": "maybe"}, "verdict"),
+        ({"verdict": None}, "verdict"),
+        ({"messages": None}, "messages"),
+        ({"messages": [{"role": "user", "content": "other"}]}, "messages"),
+        ({"sample_index": 0}, "sample_index"),  # duplicate of line 1
+        ({"mean_logprob": "high"}, "mean_logprob"),
+    ],
+)
 def test_cli_pairs_bad_row_names_file_line_field(tmp_path, capsys, bad, field):
     scored_file = write(tmp_path / "scored.jsonl", [P[0], {**P[1], **bad}])
     rc = cli_main(["pairs", "--scored", str(scored_file), "--out", str(tmp_path / "o.jsonl")])

@@ -47,8 +47,13 @@ def _check(recipe):
         assert load_problems(eval_set.problems, limit=2)
     # The train section must be a valid config for its method.
     train, data, problems = train_inputs(recipe, "data.jsonl")  # as `run` gives them
-    cfg = resolve_config(train.method, {"seed": recipe.seed, **train.config},
-                         model=recipe.model, data=data, problems=problems)
+    cfg = resolve_config(
+        train.method,
+        {"seed": recipe.seed, **train.config},
+        model=recipe.model,
+        data=data,
+        problems=problems,
+    )
     assert cfg.method == recipe.train.method
 
 
@@ -58,11 +63,19 @@ def test_sweep_grids_have_the_runs_they_promise():
     keys, runs = load_grid(RECIPES[[p.name for p in RECIPES].index("sweep-dpo.yaml")])
     assert keys == ["train.config.lr", "train.config.beta"] and len(runs) == 4
     assert {(r.recipe.train.config["lr"], r.recipe.train.config["beta"]) for r in runs} == {
-        (1e-4, 0.1), (1e-4, 0.3), (5e-5, 0.1), (5e-5, 0.3)}
+        (1e-4, 0.1),
+        (1e-4, 0.3),
+        (5e-5, 0.1),
+        (5e-5, 0.3),
+    }
     _, runs = load_grid(RECIPES[[p.name for p in RECIPES].index("sweep-methods.yaml")])
     assert {r.id: r.recipe.train.method for r in runs} == {
-        "sft-foreign": "sft", "dft-foreign": "dft", "dpo-self": "dpo", "grpo": "grpo",
-        "chord": "chord"}
+        "sft-foreign": "sft",
+        "dft-foreign": "dft",
+        "dpo-self": "dpo",
+        "grpo": "grpo",
+        "chord": "chord",
+    }
     assert all(r.recipe.train.data == "demonstrations" for r in runs if "foreign" in r.id)
 
 

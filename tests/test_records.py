@@ -12,13 +12,16 @@ def write(path, text: str | bytes):
     return path
 
 
-@pytest.mark.parametrize("content, message", [
-    ("", "empty file"),
-    ("\n\n", "empty file"),
-    ('{"id": 1}\n{oops\n', ":2: invalid JSON"),
-    ('[1, 2]\n', ":1: expected a JSON object, got list"),
-    (b'{"id": "\xff"}\n', ":1: not valid UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "empty file"),
+        ("\n\n", "empty file"),
+        ('{"id": 1}\n{oops\n', ":2: invalid JSON"),
+        ("[1, 2]\n", ":1: expected a JSON object, got list"),
+        (b'{"id": "\xff"}\n', ":1: not valid UTF-8"),
+    ],
+)
 def test_iter_jsonl_errors(tmp_path, content, message):
     path = write(tmp_path / "x.jsonl", content)
     with pytest.raises(DataError, match=message.replace("[", r"\[")):
@@ -33,13 +36,19 @@ def test_missing_file(tmp_path):
 GOOD = {"id": "a", "question": "1+1?", "answer": "2", "answer_type": "exact"}
 
 
-@pytest.mark.parametrize("row, message", [
-    ({**GOOD, "answer_type": "free"}, ":1: field 'answer_type': expected one of exact, choice, math, refusal; got 'free'"),
-    ({k: v for k, v in GOOD.items() if k != "question"}, ":1: field 'question': missing"),
-    ({**GOOD, "answer": None}, ":1: field 'answer': missing"),
-    ({**GOOD, "choices": ["a", 3]}, ":1: field 'choices': expected a list of strings"),
-    ({**GOOD, "question": 7}, ":1: field 'question': expected str, got int"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        (
+            {**GOOD, "answer_type": "free"},
+            ":1: field 'answer_type': expected one of exact, choice, math, refusal; got 'free'",
+        ),
+        ({k: v for k, v in GOOD.items() if k != "question"}, ":1: field 'question': missing"),
+        ({**GOOD, "answer": None}, ":1: field 'answer': missing"),
+        ({**GOOD, "choices": ["a", 3]}, ":1: field 'choices': expected a list of strings"),
+        ({**GOOD, "question": 7}, ":1: field 'question': expected str, got int"),
+    ],
+)
 def test_problem_validation(tmp_path, row, message):
     path = write(tmp_path / "p.jsonl", json.dumps(row) + "\n")
     with pytest.raises(DataError) as e:

@@ -21,23 +21,52 @@ from conftest import run_cli
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def write_eval(folder: Path, verdicts: list[str], category="arith", answer_type="exact",
-               confidences=None, guard=False, metric="accuracy", extra=None):
+def write_eval(
+    folder: Path,
+    verdicts: list[str],
+    category="arith",
+    answer_type="exact",
+    confidences=None,
+    guard=False,
+    metric="accuracy",
+    extra=None,
+):
     folder.mkdir(parents=True)
     rows = []
     for i, v in enumerate(verdicts):
-        row = {"problem_id": f"p{i}", "sample_index": 0, "category": category,
-               "answer_type": answer_type, "response": f"<b>answer {i}</b>", "verdict": v,
-               "confidence": None if confidences is None else confidences[i]}
+        row = {
+            "problem_id": f"p{i}",
+            "sample_index": 0,
+            "category": category,
+            "answer_type": answer_type,
+            "response": f"<b>answer {i}</b>",
+            "verdict": v,
+            "confidence": None if confidences is None else confidences[i],
+        }
         row.update((extra or {}).get(i, {}))
         rows.append(row)
     (folder / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     k = verdicts.count("correct")
-    (folder / "summary.json").write_text(json.dumps({
-        "n": len(verdicts), "accuracy": k / len(verdicts), "interval_95": [0.0, 1.0],
-        "metric": metric, "guard": guard, "calibration_error": None, "samples_per_item": 1,
-        "by_category": {category: {"n": len(verdicts), "accuracy": k / len(verdicts),
-                                   "interval_95": [0.0, 1.0]}}}))
+    (folder / "summary.json").write_text(
+        json.dumps(
+            {
+                "n": len(verdicts),
+                "accuracy": k / len(verdicts),
+                "interval_95": [0.0, 1.0],
+                "metric": metric,
+                "guard": guard,
+                "calibration_error": None,
+                "samples_per_item": 1,
+                "by_category": {
+                    category: {
+                        "n": len(verdicts),
+                        "accuracy": k / len(verdicts),
+                        "interval_95": [0.0, 1.0],
+                    }
+                },
+            }
+        )
+    )
 
 
 @pytest.fixture
@@ -51,23 +80,52 @@ def run_folder(tmp_path) -> Path:
     run.mkdir()
     (run / "recipe.yaml").write_text("model: smollm2-135m\nseed: 0\n# <script>alert(1)</script>\n")
     c, w = "correct", "incorrect"
-    write_eval(run / "eval/arith/base", [c] * 6 + [w] * 4,
-               confidences=[90, 80, None, 70, 60, 50, 40, 95, 30, 20])
+    write_eval(
+        run / "eval/arith/base",
+        [c] * 6 + [w] * 4,
+        confidences=[90, 80, None, 70, 60, 50, 40, 95, 30, 20],
+    )
     write_eval(run / "eval/arith/trained", [c] * 5 + [w] + [c] * 3 + [w])
     dna_extra = {i: {"dna_category": i % 6} for i in range(12)}
     # the guard flag comes from report.json (older run folders: eval-base-SET, flag in summary)
-    write_eval(run / "eval-base-dna", [c] * 12, category="risk-A", answer_type="refusal",
-               guard=True, metric="refusal rate (rule-based)", extra=dna_extra)
-    write_eval(run / "eval-trained-dna", [c] * 2 + [w] * 10, category="risk-A",
-               answer_type="refusal", guard=True, metric="refusal rate (rule-based)",
-               extra=dna_extra)
+    write_eval(
+        run / "eval-base-dna",
+        [c] * 12,
+        category="risk-A",
+        answer_type="refusal",
+        guard=True,
+        metric="refusal rate (rule-based)",
+        extra=dna_extra,
+    )
+    write_eval(
+        run / "eval-trained-dna",
+        [c] * 2 + [w] * 10,
+        category="risk-A",
+        answer_type="refusal",
+        guard=True,
+        metric="refusal rate (rule-based)",
+        extra=dna_extra,
+    )
     (run / "report.json").write_text(json.dumps({"sets": [{"name": "arith", "guard": False}]}))
     (run / "train").mkdir()
-    (run / "train" / "metrics.jsonl").write_text("".join(
-        json.dumps({"step": s, "loss": 0.69 - 0.05 * s, "rewards/chosen": 0.01 * s,
-                    "rewards/rejected": -0.01 * s, "rewards/margins": 0.02 * s,
-                    "rewards/accuracies": 0.5 + 0.05 * s, "grad_norm": 1.0, "lr": 1e-4}) + "\n"
-        for s in range(1, 6)))
+    (run / "train" / "metrics.jsonl").write_text(
+        "".join(
+            json.dumps(
+                {
+                    "step": s,
+                    "loss": 0.69 - 0.05 * s,
+                    "rewards/chosen": 0.01 * s,
+                    "rewards/rejected": -0.01 * s,
+                    "rewards/margins": 0.02 * s,
+                    "rewards/accuracies": 0.5 + 0.05 * s,
+                    "grad_norm": 1.0,
+                    "lr": 1e-4,
+                }
+            )
+            + "\n"
+            for s in range(1, 6)
+        )
+    )
     return run
 
 
@@ -82,7 +140,7 @@ def test_comparisons_are_the_paired_tests(run_folder):
     assert arith["p_value"] == pytest.approx(0.625)
     assert not arith["regression"]
     assert dna["discordant"] == [10, 0]
-    assert dna["p_value"] == pytest.approx(2 * 0.5 ** 10)
+    assert dna["p_value"] == pytest.approx(2 * 0.5**10)
     assert dna["regression"] and dna["guard"]
 
 
@@ -111,9 +169,16 @@ def test_sweep_folder_overlays_runs_and_shows_table(run_folder, tmp_path):
     (sweep / "runs").mkdir(parents=True)
     shutil.copytree(run_folder, sweep / "runs" / "lr-1e-4")
     shutil.copytree(run_folder, sweep / "runs" / "lr-5e-5")
-    (sweep / "results.json").write_text(json.dumps({"rows": [
-        {"run": "lr-1e-4", "lr": 1e-4, "score": 0.8, "best": True},
-        {"run": "lr-5e-5", "lr": 5e-5, "score": 0.79, "within_noise_of_best": True}]}))
+    (sweep / "results.json").write_text(
+        json.dumps(
+            {
+                "rows": [
+                    {"run": "lr-1e-4", "lr": 1e-4, "score": 0.8, "best": True},
+                    {"run": "lr-5e-5", "lr": 5e-5, "score": 0.79, "within_noise_of_best": True},
+                ]
+            }
+        )
+    )
     data = load_folder(sweep)
     assert data["kind"] == "sweep"
     assert [r.name for r in data["runs"]] == ["runs/lr-1e-4", "runs/lr-5e-5"]
@@ -134,16 +199,26 @@ def test_report_in_headless_chromium(run_folder, tmp_path):
     """Chromium loads the page from disk; it finds the tables and the images decoded (every
     <img> has a natural width), and writes a screenshot."""
     if CHROMIUM is None:
-        pytest.fail("chromium is not installed: `make test` installs Debian's chromium "
-                    "(apt-get install chromium)")
+        pytest.fail(
+            "chromium is not installed: `make test` installs Debian's chromium "
+            "(apt-get install chromium)"
+        )
     playwright = pytest.importorskip("playwright.sync_api")
     page_path = write_report(run_folder)
     assert (run_folder / "curves.png").read_bytes()[:4] == b"\x89PNG"
     shot = tmp_path / "report.png"
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.goto(page_path.resolve().as_uri())

@@ -14,9 +14,20 @@ import pytest
 
 from conftest import REPO, run_cli
 
-SAMPLE_FIELDS = {"problem", "sample_index", "messages", "reasoning", "response", "finish_reason",
-                 "num_tokens", "sum_logprob", "mean_logprob", "model", "engine",
-                 "sampling"}
+SAMPLE_FIELDS = {
+    "problem",
+    "sample_index",
+    "messages",
+    "reasoning",
+    "response",
+    "finish_reason",
+    "num_tokens",
+    "sum_logprob",
+    "mean_logprob",
+    "model",
+    "engine",
+    "sampling",
+}
 
 
 def rows(path):
@@ -26,8 +37,19 @@ def rows(path):
 @pytest.mark.slow
 def test_sample_rows_have_the_documented_fields(tmp_path, tiny_model_dir):
     out = tmp_path / "s.jsonl"
-    run_cli("sample", "--model", tiny_model_dir, "--problems", "builtin:arith:3", "--n", "2",
-            "--max-new-tokens", "8", "--out", str(out))
+    run_cli(
+        "sample",
+        "--model",
+        tiny_model_dir,
+        "--problems",
+        "builtin:arith:3",
+        "--n",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--out",
+        str(out),
+    )
     got = rows(out)
     assert len(got) == 6
     for row in got:
@@ -36,17 +58,35 @@ def test_sample_rows_have_the_documented_fields(tmp_path, tiny_model_dir):
         assert row["engine"] == "hf" and row["num_tokens"] <= 8
         assert row["messages"][-1] == {"role": "user", "content": row["problem"]["question"]}
         # The mean is the sum over the tokens it was taken over.
-        assert row["mean_logprob"] * row["num_tokens"] == pytest.approx(row["sum_logprob"], rel=1e-6)
+        assert row["mean_logprob"] * row["num_tokens"] == pytest.approx(
+            row["sum_logprob"], rel=1e-6
+        )
     assert sorted((r["problem"]["id"], r["sample_index"]) for r in got) == sorted(
-        {(r["problem"]["id"], i) for r in got for i in range(2)})
+        {(r["problem"]["id"], i) for r in got for i in range(2)}
+    )
 
 
 @pytest.mark.slow
 def test_kill_dash_nine_then_resume_keeps_rows_and_writes_no_duplicates(tmp_path, tiny_model_dir):
     out = tmp_path / "s.jsonl"
-    args = [sys.executable, "-m", "posttrain.cli", "sample", "--model", tiny_model_dir,
-            "--problems", "builtin:arith:20", "--n", "2", "--batch-size", "2",
-            "--max-new-tokens", "32", "--out", str(out)]
+    args = [
+        sys.executable,
+        "-m",
+        "posttrain.cli",
+        "sample",
+        "--model",
+        tiny_model_dir,
+        "--problems",
+        "builtin:arith:20",
+        "--n",
+        "2",
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "32",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 4):
@@ -66,18 +106,26 @@ def test_kill_dash_nine_then_resume_keeps_rows_and_writes_no_duplicates(tmp_path
         assert after[keys.index(key)] == row
 
 
-@pytest.mark.parametrize("content, message", [
-    ("", "empty file"),
-    ('{"id": "a", "question": "q", "answer": "1", "answer_type": "free"}\n',
-     ":1: field 'answer_type': expected one of exact, choice, math, refusal"),
-    ('{"id": "a", "question": "q", "answer": "1", "answer_type": "exact"}\nnot json\n',
-     ":2: invalid JSON"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "empty file"),
+        (
+            '{"id": "a", "question": "q", "answer": "1", "answer_type": "free"}\n',
+            ":1: field 'answer_type': expected one of exact, choice, math, refusal",
+        ),
+        (
+            '{"id": "a", "question": "q", "answer": "1", "answer_type": "exact"}\nnot json\n',
+            ":2: invalid JSON",
+        ),
+    ],
+)
 def test_sample_reports_bad_problem_files(tmp_path, content, message):
     src = tmp_path / "problems.jsonl"
     src.write_text(content)
-    proc = run_cli("sample", "--problems", str(src), "--out", str(tmp_path / "s.jsonl"),
-                   check=False)
+    proc = run_cli(
+        "sample", "--problems", str(src), "--out", str(tmp_path / "s.jsonl"), check=False
+    )
     assert proc.returncode == 1
     assert message in proc.stderr and str(src) in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -87,8 +135,17 @@ def test_sample_reports_bad_problem_files(tmp_path, content, message):
 @pytest.mark.slow
 def test_embedded_model_sample_then_verify(tmp_path):
     samples, scored = tmp_path / "samples.jsonl", tmp_path / "scored.jsonl"
-    proc = run_cli("sample", "--problems", "builtin:arith:8", "--n", "2", "--max-new-tokens",
-                   "48", "--out", str(samples))
+    proc = run_cli(
+        "sample",
+        "--problems",
+        "builtin:arith:8",
+        "--n",
+        "2",
+        "--max-new-tokens",
+        "48",
+        "--out",
+        str(samples),
+    )
     assert "tokens/s" in proc.stdout
     got = rows(samples)
     assert len(got) == 16 and all(set(r) == SAMPLE_FIELDS for r in got)

@@ -61,8 +61,13 @@ def test_accuracy_summary_counts_every_non_correct_as_wrong():
     assert s["n"] == 5 and s["correct"] == 2
     assert s["accuracy"] == pytest.approx(0.4)
     assert s["interval_95"] == pytest.approx([0.0, 0.829415], abs=1e-6)
-    assert s["counts"] == {"correct": 2, "incorrect": 1, "no_answer": 0, "truncated": 1,
-                           "judge_error": 1}
+    assert s["counts"] == {
+        "correct": 2,
+        "incorrect": 1,
+        "no_answer": 0,
+        "truncated": 1,
+        "judge_error": 1,
+    }
     assert s["wilson_95"][0] > 0.0
 
 
@@ -227,11 +232,13 @@ def test_hle_compatible_calibration_orders_ties_as_hle_does():
     ours = hle_compatible_calibration(conf, right, bin_size=50)["calibration_error"]
     assert ours == pytest.approx(_hle_script_calibration(conf, right, 50), abs=1e-9)
     stable = calibration_summary(conf, right, bin_size=50, drop_last_bin=True)["calibration_error"]
-    if not np.array_equal(np.argsort(np.array(conf) / 100),
-                          np.argsort(np.array(conf) / 100, kind="stable")):
+    if not np.array_equal(
+        np.argsort(np.array(conf) / 100), np.argsort(np.array(conf) / 100, kind="stable")
+    ):
         # numpy's default sort did reorder ties here, and that moves the figure
         assert abs(ours - stable) > 1e-6
     with_missing = [None if i % 7 == 0 else c for i, c in enumerate(conf)]
     as_100 = [100 if c is None else c for c in with_missing]
-    assert hle_compatible_calibration(with_missing, right, 50)["calibration_error"] == \
-        pytest.approx(_hle_script_calibration(as_100, right, 50), abs=1e-9)
+    assert hle_compatible_calibration(with_missing, right, 50)[
+        "calibration_error"
+    ] == pytest.approx(_hle_script_calibration(as_100, right, 50), abs=1e-9)

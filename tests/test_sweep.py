@@ -30,8 +30,10 @@ def test_holm_hand_worked():
 
 
 def _items(correct_ids, n=10):
-    return [{"problem_id": f"q{i}", "verdict": "correct" if i in correct_ids else "incorrect"}
-            for i in range(n)]
+    return [
+        {"problem_id": f"q{i}", "verdict": "correct" if i in correct_ids else "incorrect"}
+        for i in range(n)
+    ]
 
 
 def _summary(k, n=10):
@@ -51,8 +53,12 @@ def test_table_marks_runs_within_noise_of_best():
         from posttrain.compare import compare_items
 
         items = _items(right)
-        runs[rid] = {"summary": _summary(len(right)), "items": items, "guard": rid == "c",
-                     "compare": compare_items(base_items, items)}
+        runs[rid] = {
+            "summary": _summary(len(right)),
+            "items": items,
+            "guard": rid == "c",
+            "compare": compare_items(base_items, items),
+        }
     t = set_table("arith", _summary(5), runs)
     assert t["best"] == "a"
     a, b, c = (t["runs"][x] for x in "abc")
@@ -64,9 +70,14 @@ def test_table_marks_runs_within_noise_of_best():
     # c vs base: base right on q0-q4, c on q0-q1 -> 3 discordant for base: p = 0.25, no regression
     assert c["diff_base"] == pytest.approx(-0.3) and c["p_base"] == pytest.approx(0.25)
     assert not c["regression"]
-    table = {"axes": ["train.config.lr"], "sets": [t],
-             "runs": [{"id": x, "settings": {"train.config.lr": lr}, "status": "done"}
-                      for x, lr in (("a", 1e-4), ("b", 5e-5), ("c", 2e-5))]}
+    table = {
+        "axes": ["train.config.lr"],
+        "sets": [t],
+        "runs": [
+            {"id": x, "settings": {"train.config.lr": lr}, "status": "done"}
+            for x, lr in (("a", 1e-4), ("b", 5e-5), ("c", 2e-5))
+        ],
+    }
     md = to_markdown(table)
     assert "| c | 2e-05 | 20.0 [" in md and "within noise of best" in md
     assert md.count("\n|") == 5  # header, rule, base, 3 runs -> 5 lines after the first
@@ -82,31 +93,55 @@ def test_one_base_row_per_distinct_base():
     from posttrain.compare import compare_items
     from posttrain.sweeptable import flat_rows
 
-    runs = {"a": {"summary": _summary(8), "items": _items(range(8)), "base": "b16",
-                  "compare": compare_items(_items(range(5)), _items(range(8)))},
-            "b": {"summary": _summary(6), "items": _items(range(6)), "base": "f32",
-                  "compare": compare_items(_items(range(3)), _items(range(6)))}}
+    runs = {
+        "a": {
+            "summary": _summary(8),
+            "items": _items(range(8)),
+            "base": "b16",
+            "compare": compare_items(_items(range(5)), _items(range(8))),
+        },
+        "b": {
+            "summary": _summary(6),
+            "items": _items(range(6)),
+            "base": "f32",
+            "compare": compare_items(_items(range(3)), _items(range(6))),
+        },
+    }
     t = set_table("arith", _summary(5), runs, {"b16": _summary(5), "f32": _summary(3)})
     assert t["runs"]["a"]["diff_base"] == pytest.approx(0.3)
     assert t["runs"]["b"]["diff_base"] == pytest.approx(0.3)
     assert t["bases"]["f32"]["runs"] == ["b"] and t["bases"]["f32"]["score"] == 0.3
-    table = {"axes": ["dtype"], "sets": [t],
-             "runs": [{"id": "a", "settings": {"dtype": "bf16"}, "status": "done"},
-                      {"id": "b", "settings": {"dtype": "fp32"}, "status": "done"}]}
+    table = {
+        "axes": ["dtype"],
+        "sets": [t],
+        "runs": [
+            {"id": "a", "settings": {"dtype": "bf16"}, "status": "done"},
+            {"id": "b", "settings": {"dtype": "fp32"}, "status": "done"},
+        ],
+    }
     head, rows = flat_rows(table)
-    assert [r[:3] for r in rows] == [["base", "bf16", "50.0 [19.0, 81.0]"],
-                                     ["base", "fp32", "30.0 [1.6, 58.4]"],
-                                     ["a", "bf16", "80.0 [55.2, 100.0]"],
-                                     ["b", "fp32", "60.0 [29.6, 90.4]"]]
+    assert [r[:3] for r in rows] == [
+        ["base", "bf16", "50.0 [19.0, 81.0]"],
+        ["base", "fp32", "30.0 [1.6, 58.4]"],
+        ["a", "bf16", "80.0 [55.2, 100.0]"],
+        ["b", "fp32", "60.0 [29.6, 90.4]"],
+    ]
 
 
 def test_grid_product_and_named_runs(tmp_path):
     (tmp_path / "base.yaml").write_text((REPO / "recipes" / "default.yaml").read_text())
     grid = tmp_path / "grid.yaml"
-    grid.write_text(yaml.safe_dump({
-        "recipe": "base.yaml", "set": {"sample.n": 2},
-        "axes": {"train.config.lr": [1e-4, 5e-5], "train.config.beta": [0.1, 0.3]},
-        "runs": [{"id": "59", "set": {"train.config.lora.r": 8}}]}, sort_keys=False))
+    grid.write_text(
+        yaml.safe_dump(
+            {
+                "recipe": "base.yaml",
+                "set": {"sample.n": 2},
+                "axes": {"train.config.lr": [1e-4, 5e-5], "train.config.beta": [0.1, 0.3]},
+                "runs": [{"id": "59", "set": {"train.config.lora.r": 8}}],
+            },
+            sort_keys=False,
+        )
+    )
     keys, runs = load_grid(grid)
     assert [r.id for r in runs] == ["g01", "g02", "g03", "g04", "59"]
     assert keys == ["train.config.lr", "train.config.beta", "train.config.lora.r"]
@@ -114,8 +149,11 @@ def test_grid_product_and_named_runs(tmp_path):
     assert runs[1].recipe.train.config["beta"] == 0.3 and runs[1].recipe.sample.n == 2
     assert runs[4].recipe.train.config["lora"] == {"r": 8, "alpha": 32}
     # the table shows every swept key for every run, the base recipe's value where unchanged
-    assert runs[4].values == {"train.config.lr": 1e-4, "train.config.beta": 0.1,
-                              "train.config.lora.r": 8}
+    assert runs[4].values == {
+        "train.config.lr": 1e-4,
+        "train.config.beta": 0.1,
+        "train.config.lora.r": 8,
+    }
     assert runs[0].values["train.config.lora.r"] == 16
     grid.write_text(yaml.safe_dump({"recipe": "base.yaml", "axis": {}}))
     with pytest.raises(ConfigError, match="unknown key.*axis"):
@@ -135,26 +173,65 @@ def _grid(tmp_path, model):
     """3 runs of SFT on terse demonstrations with a tiny random model: 2 learning rates
     (product) and one named run with another LoRA rank; one eval set of 4 items."""
     recipe = {
-        "model": model, "dtype": "fp32", "seed": 0,
+        "model": model,
+        "dtype": "fp32",
+        "seed": 0,
         "sample": {"problems": "builtin:arith:4?split=train"},
-        "train": {"method": "sft", "data": "demonstrations",
-                  "config": {"dtype": "fp32", "max_steps": 2, "batch_size": 2,
-                             "num_threads": 1, "lora": {"r": 2, "alpha": 4}}},
-        "eval": [{"name": "arith", "problems": "builtin:arith:4?split=test",
-                  "max_new_tokens": 4, "batch_size": 4}],
+        "train": {
+            "method": "sft",
+            "data": "demonstrations",
+            "config": {
+                "dtype": "fp32",
+                "max_steps": 2,
+                "batch_size": 2,
+                "num_threads": 1,
+                "lora": {"r": 2, "alpha": 4},
+            },
+        },
+        "eval": [
+            {
+                "name": "arith",
+                "problems": "builtin:arith:4?split=test",
+                "max_new_tokens": 4,
+                "batch_size": 4,
+            }
+        ],
     }
     grid = tmp_path / "grid.yaml"
-    grid.write_text(yaml.safe_dump({"recipe": recipe,
-                                    "axes": {"train.config.lr": [1e-3, 2e-3]},
-                                    "runs": [{"id": "59", "set": {"train.config.lora.r": 4}}]}))
+    grid.write_text(
+        yaml.safe_dump(
+            {
+                "recipe": recipe,
+                "axes": {"train.config.lr": [1e-3, 2e-3]},
+                "runs": [{"id": "59", "set": {"train.config.lora.r": 4}}],
+            }
+        )
+    )
     return grid
 
 
 def _worker(grid, out, log):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "posttrain.cli", "sweep", str(grid), "--out",
-                             str(out), "--poll", "0.5", "--stale-after", "60", "--no-progress"],
-                            cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "posttrain.cli",
+            "sweep",
+            str(grid),
+            "--out",
+            str(out),
+            "--poll",
+            "0.5",
+            "--stale-after",
+            "60",
+            "--no-progress",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 def _wait(proc, log, timeout=600):
@@ -188,11 +265,17 @@ def test_workers_share_a_sweep_and_finish_the_run_of_a_killed_one(tmp_path, tiny
     both = "".join(_wait(p, tmp_path / f"w{i}.log") for i, p in enumerate(procs))
     # a run may be set aside while the other worker computes a stage it needs (then taken up
     # again); each run is carried through once: starts minus set-asides is 1 per run
-    starts = [line.split(":")[0].split()[2] for line in both.splitlines()
-              if line.startswith("== run ") and "set aside" not in line]
+    starts = [
+        line.split(":")[0].split()[2]
+        for line in both.splitlines()
+        if line.startswith("== run ") and "set aside" not in line
+    ]
     aside = [line.split()[2] for line in both.splitlines() if "set aside" in line]
     assert {rid: starts.count(rid) - aside.count(rid) for rid in set(starts)} == {
-        "59": 1, "g01": 1, "g02": 1}
+        "59": 1,
+        "g01": 1,
+        "g02": 1,
+    }
     assert both.count("[train] running") == 3  # g01's again (A never finished it), g02, 59
     assert both.count("[demos] running") == 0  # A finished it before it was killed
     assert both.count("[eval/arith/base] running") == 1  # shared by all 3 runs
@@ -212,7 +295,10 @@ def test_workers_share_a_sweep_and_finish_the_run_of_a_killed_one(tmp_path, tiny
 
     data = load_folder(out)
     assert data["kind"] == "sweep" and [r.name for r in data["runs"]] == [
-        "runs/59", "runs/g01", "runs/g02"]
+        "runs/59",
+        "runs/g01",
+        "runs/g02",
+    ]
     assert all(r.comparisons and r.comparisons[0]["set"] == "arith" for r in data["runs"])
     page = render(data)
     assert "arith vs best (Holm p)" in page and page.count("<h2>Run runs/") == 3
@@ -226,10 +312,12 @@ def test_lock_taken_over_only_when_its_holder_is_gone(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     path = tmp_path / "run.lock"
-    for holder, age, free in (({"pid": os.getppid(), "host": HOST}, 0, False),
-                              ({"pid": dead.pid, "host": HOST}, 0, True),
-                              ({"pid": 1, "host": "elsewhere"}, 0, False),
-                              ({"pid": 1, "host": "elsewhere"}, 600, True)):
+    for holder, age, free in (
+        ({"pid": os.getppid(), "host": HOST}, 0, False),
+        ({"pid": dead.pid, "host": HOST}, 0, True),
+        ({"pid": 1, "host": "elsewhere"}, 0, False),
+        ({"pid": 1, "host": "elsewhere"}, 600, True),
+    ):
         path.write_text(json.dumps({**holder, "since": 0}))
         os.utime(path, (time.time() - age, time.time() - age))
         lock = FileLock(path, stale_after=60)

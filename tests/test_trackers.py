@@ -21,8 +21,8 @@ def read_scalars(folder) -> dict[tuple[str, int], float]:
         data = path.read_bytes()
         pos = 0
         while pos < len(data):
-            (length,) = struct.unpack("<Q", data[pos:pos + 8])
-            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
             pos += 12 + length + 4
             for value in event.summary.value:
                 out[(value.tag, event.step)] = value.simple_value
@@ -31,11 +31,19 @@ def read_scalars(folder) -> dict[tuple[str, int], float]:
 
 def test_tensorboard_gets_the_logged_numbers(tmp_path):
     pytest.importorskip("tensorboardX")
-    log = MetricsLog(tmp_path / "metrics.jsonl", trackers=["tensorboard"],
-                     config={"lr": 1e-4, "lora": {"r": 16}})
+    log = MetricsLog(
+        tmp_path / "metrics.jsonl", trackers=["tensorboard"], config={"lr": 1e-4, "lora": {"r": 16}}
+    )
     for step in (1, 2, 3):
-        log.write({"step": step, "loss": 0.5 / step, "rewards/margins": 0.25 * step,
-                   "note": "text is not a scalar", "nan": float("nan")})
+        log.write(
+            {
+                "step": step,
+                "loss": 0.5 / step,
+                "rewards/margins": 0.25 * step,
+                "note": "text is not a scalar",
+                "nan": float("nan"),
+            }
+        )
     log.close()
     scalars = read_scalars(tmp_path / "tensorboard")
     assert scalars[("loss", 2)] == pytest.approx(0.25)
@@ -45,5 +53,7 @@ def test_tensorboard_gets_the_logged_numbers(tmp_path):
 
 
 def test_unknown_tracker_is_an_error(tmp_path):
-    with pytest.raises(ConfigError, match=re.escape("unknown 'mlflowx'; expected tensorboard | wandb")):
+    with pytest.raises(
+        ConfigError, match=re.escape("unknown 'mlflowx'; expected tensorboard | wandb")
+    ):
         MetricsLog(tmp_path / "metrics.jsonl", trackers=["mlflowx"])

@@ -1,6 +1,6 @@
 """Training data: chat-template tokenisation, the length policy, batching order, schedules, config.
 
-    .venv/bin/python -m pytest tests/test_train_data.py -q
+.venv/bin/python -m pytest tests/test_train_data.py -q
 """
 
 from __future__ import annotations
@@ -32,9 +32,12 @@ def write(path, rows):
 
 
 def pair(q="What is 2 + 3?", good="2 + 3 = 5", bad="6"):
-    return {"prompt": [{"role": "system", "content": "Add."}, {"role": "user", "content": q}],
-            "chosen": [{"role": "assistant", "content": good}],
-            "rejected": [{"role": "assistant", "content": bad}], "problem_id": "p"}
+    return {
+        "prompt": [{"role": "system", "content": "Add."}, {"role": "user", "content": q}],
+        "chosen": [{"role": "assistant", "content": good}],
+        "rejected": [{"role": "assistant", "content": bad}],
+        "problem_id": "p",
+    }
 
 
 # ---------------------------------------------------------------------------- tokenising
@@ -51,8 +54,13 @@ def test_completion_is_the_assistant_turn_up_to_the_end_token(tok):
     full = tok.apply_chat_template(prompt + reply, tokenize=False)
     assert full.endswith("<|im_end|>\n")
     assert p + c == tok(full[:-1], add_special_tokens=False)["input_ids"]
-    assert p == tok(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False),
-                    add_special_tokens=False)["input_ids"]
+    assert (
+        p
+        == tok(
+            tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False),
+            add_special_tokens=False,
+        )["input_ids"]
+    )
     assert not retokenised
 
 
@@ -62,11 +70,17 @@ def test_fit_length_policies_by_hand():
     assert fit_length(prompt, comps, 10, "drop") is None
     assert fit_length(prompt, comps, 11, "drop") == (prompt, comps, "fits")
     # keep the prompt's last 10 - 5 = 5 tokens
-    assert fit_length(prompt, comps, 10, "truncate_prompt") == ([1, 2, 3, 4, 5], comps,
-                                                                 "prompt_truncated")
+    assert fit_length(prompt, comps, 10, "truncate_prompt") == (
+        [1, 2, 3, 4, 5],
+        comps,
+        "prompt_truncated",
+    )
     # completions cut to 10 - 6 = 4 tokens
     assert fit_length(prompt, comps, 10, "truncate_completion") == (
-        prompt, [[10, 11, 12, 13], [20, 21, 22]], "completion_truncated")
+        prompt,
+        [[10, 11, 12, 13], [20, 21, 22]],
+        "completion_truncated",
+    )
     # a completion longer than max_length on its own cannot be saved by cutting the prompt
     assert fit_length(prompt, [list(range(12))], 10, "truncate_prompt") is None
 
@@ -80,8 +94,9 @@ def test_load_pairs_counts_every_length_outcome(tmp_path, tok):
     assert all(len(e.completions) == 2 and e.length <= 40 for e in examples)
     assert "1 dropped (longer than max_length 40)" in report.summary()
 
-    _, report = load_examples(path, tok, preference=True, max_length=40,
-                              length_policy="truncate_completion")
+    _, report = load_examples(
+        path, tok, preference=True, max_length=40, length_policy="truncate_completion"
+    )
     assert (report.kept, report.completion_truncated) == (3, 1)
     assert "END CUT" in report.summary()
 
@@ -90,39 +105,59 @@ def test_load_pairs_counts_every_length_outcome(tmp_path, tok):
 
 
 def test_scored_rows_train_on_correct_answers_with_their_think_block(tmp_path, tok):
-    base = {"messages": [{"role": "user", "content": "2+2?"}], "reasoning": "two and two",
-            "response": "4"}
-    path = write(tmp_path / "scored.jsonl", [{**base, "verdict": "correct"},
-                                             {**base, "verdict": "incorrect", "response": "5"},
-                                             {**base, "verdict": "truncated"}])
+    base = {
+        "messages": [{"role": "user", "content": "2+2?"}],
+        "reasoning": "two and two",
+        "response": "4",
+    }
+    path = write(
+        tmp_path / "scored.jsonl",
+        [
+            {**base, "verdict": "correct"},
+            {**base, "verdict": "incorrect", "response": "5"},
+            {**base, "verdict": "truncated"},
+        ],
+    )
     examples, report = load_examples(path, tok, preference=False, max_length=512)
     assert (report.kind, report.rows, report.not_correct, report.kept) == ("scored", 3, 2, 1)
-    assert tok.decode(examples[0].completions[0]) == \
-        "<think>\ntwo and two\n</think>\n\n4<|im_end|>"
+    assert tok.decode(examples[0].completions[0]) == "<think>\ntwo and two\n</think>\n\n4<|im_end|>"
 
 
 def test_demonstration_formats_agree(tmp_path, tok):
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    path = write(tmp_path / "demos.jsonl", [{"messages": msgs},
-                                            {"prompt": msgs[:1], "completion": msgs[1:]}])
+    path = write(
+        tmp_path / "demos.jsonl", [{"messages": msgs}, {"prompt": msgs[:1], "completion": msgs[1:]}]
+    )
     (a, b), report = load_examples(path, tok, preference=False, max_length=512)
     assert report.kind == "demonstrations"
     assert a.prompt.tolist() == b.prompt.tolist()
     assert [c.tolist() for c in a.completions] == [c.tolist() for c in b.completions]
 
 
-@pytest.mark.parametrize("row, preference, message", [
-    ({"prompt": "q", "chosen": "a"}, True, "field 'rejected'"),
-    ({"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}, True,
-     "field 'chosen': the last message must be the assistant's"),
-    ({"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}, True,
-     "field 'prompt': message 0"),
-    ({"prompt": "q", "chosen": "a", "rejected": "b"}, False, "this is a pair row"),
-    ({"question": "q"}, False, "field 'messages'"),
-])
+@pytest.mark.parametrize(
+    "row, preference, message",
+    [
+        ({"prompt": "q", "chosen": "a"}, True, "field 'rejected'"),
+        (
+            {"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"},
+            True,
+            "field 'chosen': the last message must be the assistant's",
+        ),
+        (
+            {"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"},
+            True,
+            "field 'prompt': message 0",
+        ),
+        ({"prompt": "q", "chosen": "a", "rejected": "b"}, False, "this is a pair row"),
+        ({"question": "q"}, False, "field 'messages'"),
+    ],
+)
 def test_bad_rows_name_file_line_and_field(tmp_path, tok, row, preference, message):
-    good = pair() if preference else {"messages": [{"role": "user", "content": "q"},
-                                                   {"role": "assistant", "content": "a"}]}
+    good = (
+        pair()
+        if preference
+        else {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    )
     path = write(tmp_path / "bad.jsonl", [good, row])
     with pytest.raises(DataError, match=message) as e:
         load_examples(path, tok, preference=preference, max_length=512)
@@ -145,8 +180,14 @@ class CountingTokenizer:
 
 
 def many_pairs(n):
-    return [pair(q=f"What is {i} + {2 * i}?", good=f"{i} + {2 * i} = {3 * i}" + " ok" * (i % 4),
-                 bad=f"{3 * i + 1}" + " hm" * (i % 3)) for i in range(n)]
+    return [
+        pair(
+            q=f"What is {i} + {2 * i}?",
+            good=f"{i} + {2 * i} = {3 * i}" + " ok" * (i % 4),
+            bad=f"{3 * i + 1}" + " hm" * (i % 3),
+        )
+        for i in range(n)
+    ]
 
 
 def test_pairs_tokenise_the_prompt_once_in_batched_calls_into_int32_arrays(tmp_path, tok):
@@ -169,13 +210,16 @@ def test_pairs_tokenise_the_prompt_once_in_batched_calls_into_int32_arrays(tmp_p
 def test_tokenize_workers_give_the_same_examples_and_errors(tmp_path, tok):
     """2 worker processes: identical examples and report; a bad row still names its line."""
     path = write(tmp_path / "pairs.jsonl", many_pairs(150))
-    one, report_one = load_examples(path, tok, preference=True, max_length=40,
-                                    length_policy="truncate_prompt")
-    two, report_two = load_examples(path, tok, preference=True, max_length=40,
-                                    length_policy="truncate_prompt", workers=2)
+    one, report_one = load_examples(
+        path, tok, preference=True, max_length=40, length_policy="truncate_prompt"
+    )
+    two, report_two = load_examples(
+        path, tok, preference=True, max_length=40, length_policy="truncate_prompt", workers=2
+    )
     assert report_one.to_dict() == report_two.to_dict() and report_one.prompt_truncated > 0
-    assert [(e.line, e.prompt.tolist(), [c.tolist() for c in e.completions]) for e in one] == \
-        [(e.line, e.prompt.tolist(), [c.tolist() for c in e.completions]) for e in two]
+    assert [(e.line, e.prompt.tolist(), [c.tolist() for c in e.completions]) for e in one] == [
+        (e.line, e.prompt.tolist(), [c.tolist() for c in e.completions]) for e in two
+    ]
     bad = write(tmp_path / "bad.jsonl", many_pairs(100) + [{"prompt": "q", "chosen": "a"}])
     with pytest.raises(DataError, match=f"{bad}:101: field 'rejected'"):
         load_examples(bad, tok, preference=True, max_length=512, workers=2)
@@ -250,21 +294,29 @@ def test_config_presets_overrides_and_flags(tmp_path):
     assert train_config("dpo", data="x").nll_weight == 0.0
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("lr: 1e-4\nlora:\n  r: 4\ndata: from-yaml.jsonl\n")
-    cfg = train_config("dpo", str(yaml_file), ["lora.alpha=8", "label_smoothing=0.2"],
-                       data="from-flag.jsonl", model=None)
+    cfg = train_config(
+        "dpo",
+        str(yaml_file),
+        ["lora.alpha=8", "label_smoothing=0.2"],
+        data="from-flag.jsonl",
+        model=None,
+    )
     assert (cfg.lr, cfg.lora.r, cfg.lora.alpha, cfg.label_smoothing) == (1e-4, 4, 8.0, 0.2)
     assert cfg.data == "from-flag.jsonl" and cfg.model == "smollm2-135m"
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["nope=1"], "unknown key"),
-    (["length_policy=cut"], "length_policy"),
-    (["lora.init=magic"], "lora.init"),
-    (["batch_size=0"], "batch_size"),
-    (["method=sft"], "--method is 'dpo'"),
-    (["lora.dropout=0.1"], "lora.dropout: 0.1; expected 0 for dpo"),
-    (["tokenize_workers=0"], "tokenize_workers"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["nope=1"], "unknown key"),
+        (["length_policy=cut"], "length_policy"),
+        (["lora.init=magic"], "lora.init"),
+        (["batch_size=0"], "batch_size"),
+        (["method=sft"], "--method is 'dpo'"),
+        (["lora.dropout=0.1"], "lora.dropout: 0.1; expected 0 for dpo"),
+        (["tokenize_workers=0"], "tokenize_workers"),
+    ],
+)
 def test_config_errors_are_clear(overrides, message):
     with pytest.raises(ConfigError, match=message):
         train_config("dpo", None, overrides, data="x")

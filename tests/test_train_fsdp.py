@@ -39,8 +39,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cfg_for(model, data, *settings, method="dpo"):
-    return train_config(method, None, ["dtype=fp32", "lora.r=4", "lora.alpha=8", *settings],
-                        model=model, data=str(data))
+    return train_config(
+        method,
+        None,
+        ["dtype=fp32", "lora.r=4", "lora.alpha=8", *settings],
+        model=model,
+        data=str(data),
+    )
 
 
 def metrics(out):
@@ -55,18 +60,32 @@ def worker_out(tiny_model_dir, tmp_path_factory):
     lines = pairs.read_text().splitlines(keepends=True)
     (folder / "data" / "pairs3.jsonl").write_text("".join(lines[:3]))
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(REPO / "tests" / "train_fsdp_worker.py"), tiny_model_dir, str(pairs),
-         str(folder / "out")], capture_output=True, text=True, env={**os.environ, **ENV},
-        timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(REPO / "tests" / "train_fsdp_worker.py"),
+            tiny_model_dir,
+            str(pairs),
+            str(folder / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **ENV},
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return folder
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("pairs", [4, 3])
-def test_fsdp2_step_one_loss_and_lora_gradients_equal_one_process(tiny_model_dir, worker_out,
-                                                                  pairs):
+def test_fsdp2_step_one_loss_and_lora_gradients_equal_one_process(
+    tiny_model_dir, worker_out, pairs
+):
     """2 processes x 2 accumulation steps x 1 pair, LoRA inside fully_shard-ed layers, against
     1 process x 4 pairs unwrapped: same DPO loss, same whole LoRA gradients (gathered from
     the shards), same total gradient norm (computed from the shards by clip). With 3 pairs
@@ -122,20 +141,43 @@ def killed_and_straight(tiny_model_dir, tmp_path_factory):
     die with the launcher (distributed.die_with_launcher), not train on as orphans."""
     folder = tmp_path_factory.mktemp("fsdp-resume")
     _, demos = write_data(folder / "data", n=8)
-    args = ["train", "--method", "sft", "--model", tiny_model_dir, "--data", str(demos),
-            "--nproc", "2", "--no-progress"]
-    for item in ("dtype=fp32", "lora.r=4", "lora.alpha=8", "lora.dropout=0.1", "lr=1e-3",
-                 "batch_size=2", "max_steps=12", "checkpoint_every=2", "strategy=fsdp2"):
+    args = [
+        "train",
+        "--method",
+        "sft",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        str(demos),
+        "--nproc",
+        "2",
+        "--no-progress",
+    ]
+    for item in (
+        "dtype=fp32",
+        "lora.r=4",
+        "lora.alpha=8",
+        "lora.dropout=0.1",
+        "lr=1e-3",
+        "batch_size=2",
+        "max_steps=12",
+        "checkpoint_every=2",
+        "strategy=fsdp2",
+    ):
         args += ["--set", item]
     straight, resumed = folder / "straight", folder / "resumed"
     run_cli(*args, "--out", str(straight), env=ENV)
 
     # `posttrain train --nproc` execs torchrun: this pid is the launcher; the workers are its
     # children, in a session of their own so that the test can see them all go.
-    killed = subprocess.Popen([sys.executable, "-m", "posttrain.cli", *args, "--out",
-                               str(resumed)], cwd=REPO, env={**os.environ, **ENV},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    killed = subprocess.Popen(
+        [sys.executable, "-m", "posttrain.cli", *args, "--out", str(resumed)],
+        cwd=REPO,
+        env={**os.environ, **ENV},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     log = resumed / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (log.exists() and len(log.read_text().splitlines()) >= 3):
@@ -185,13 +227,19 @@ def test_fsdp2_adapter_loads_with_eval_and_export(tiny_model_dir, killed_and_str
         before = base(input_ids=ids).logits
         want = PeftModel.from_pretrained(base, adapter)(input_ids=ids).logits
         got = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(
-            input_ids=ids).logits
+            input_ids=ids
+        ).logits
     assert (want - before).abs().max() > 1e-4
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
     engine = make_engine("hf", tiny_model_dir, dtype="fp32", adapter=str(adapter))
-    summary = evaluate(engine, load_problems("builtin:arith:2?split=test"), tmp_path / "eval",
-                       SamplingParams(temperature=0.0, max_new_tokens=4), progress=False)
+    summary = evaluate(
+        engine,
+        load_problems("builtin:arith:2?split=test"),
+        tmp_path / "eval",
+        SamplingParams(temperature=0.0, max_new_tokens=4),
+        progress=False,
+    )
     assert summary["n"] == 2 and (tmp_path / "eval" / "items.jsonl").exists()
 
 
@@ -200,8 +248,9 @@ def test_deepspeed_without_cuda_is_refused_clearly(tiny_model_dir, tmp_path):
 
     pairs, _ = write_data(tmp_path / "data", n=2)
     with pytest.raises(ConfigError, match="'deepspeed' needs CUDA"):
-        train(cfg_for(tiny_model_dir, pairs, "strategy=deepspeed"), tmp_path / "run",
-              progress=False)
+        train(
+            cfg_for(tiny_model_dir, pairs, "strategy=deepspeed"), tmp_path / "run", progress=False
+        )
     with pytest.raises(ConfigError, match="strategy: 'zero3'; expected ddp | fsdp2 | deepspeed"):
         cfg_for(tiny_model_dir, pairs, "strategy=zero3")
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -220,10 +269,25 @@ def test_full_finetune_in_bf16_keeps_fp32_master_weights(tiny_model_dir, tmp_pat
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     seen = []
     model.model.layers[0].mlp.down_proj.register_forward_hook(
-        lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
-    train(cfg_for(tiny_model_dir, demos, "dtype=bf16", "lora.enabled=false", "lr=1e-5",
-                  "batch_size=2", "max_steps=1", "warmup_ratio=0", "max_grad_norm=0",
-                  method="sft"), tmp_path / "run", model=model, progress=False)
+        lambda m, args, out: seen.append((args[0].dtype, out.dtype))
+    )
+    train(
+        cfg_for(
+            tiny_model_dir,
+            demos,
+            "dtype=bf16",
+            "lora.enabled=false",
+            "lr=1e-5",
+            "batch_size=2",
+            "max_steps=1",
+            "warmup_ratio=0",
+            "max_grad_norm=0",
+            method="sft",
+        ),
+        tmp_path / "run",
+        model=model,
+        progress=False,
+    )
     assert seen and seen[0] == (torch.bfloat16, torch.bfloat16)
     weight = model.model.layers[0].self_attn.q_proj.weight
     assert weight.dtype == torch.float32
@@ -233,8 +297,11 @@ def test_full_finetune_in_bf16_keeps_fp32_master_weights(tiny_model_dir, tmp_pat
     saved = load_file(tmp_path / "run" / "model" / "model.safetensors")
     assert saved["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float32
     with pytest.raises(ConfigError, match="full fine-tuning in fp16 needs loss scaling"):
-        train(cfg_for(tiny_model_dir, demos, "dtype=fp16", "lora.enabled=false",
-                      method="sft"), tmp_path / "fp16", progress=False)
+        train(
+            cfg_for(tiny_model_dir, demos, "dtype=fp16", "lora.enabled=false", method="sft"),
+            tmp_path / "fp16",
+            progress=False,
+        )
 
 
 def test_rng_state_loads_with_weights_only(tmp_path):
@@ -280,8 +347,15 @@ def test_dcp_metadata_with_code_is_refused():
         _MetadataUnpickler(io.BytesIO(pickle.dumps(Evil()))).load()
     # a dotted name reaching a function through an allowed module is refused too
     module, name = b"torch.distributed.checkpoint.filesystem", b"os.system"
-    dotted = (b"\x80\x04\x8c" + bytes([len(module)]) + module + b"\x94\x8c" +  # protocol 4
-              bytes([len(name)]) + name + b"\x94\x93\x94.")  # STACK_GLOBAL, STOP
+    dotted = (
+        b"\x80\x04\x8c"
+        + bytes([len(module)])
+        + module
+        + b"\x94\x8c"  # protocol 4
+        + bytes([len(name)])
+        + name
+        + b"\x94\x93\x94."
+    )  # STACK_GLOBAL, STOP
     with pytest.raises(pickle.UnpicklingError, match="os.system"):
         _MetadataUnpickler(io.BytesIO(dotted)).load()
 
@@ -294,10 +368,34 @@ def test_fsdp2_lora_dpo_steps_on_one_gpu(tmp_path):
     tokens/s and MFU are measured (0 < MFU < 1)."""
     out = tmp_path / "gpu.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "train_fsdp_gpu.py"), "--layers", "2",
-         "--hidden", "256", "--vocab", "32000", "--pairs", "2", "--prompt", "32",
-         "--completion", "32", "--steps", "2", "--peak-tflops", "100", "--json", str(out)],
-        cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            str(REPO / "bench" / "train_fsdp_gpu.py"),
+            "--layers",
+            "2",
+            "--hidden",
+            "256",
+            "--vocab",
+            "32000",
+            "--pairs",
+            "2",
+            "--prompt",
+            "32",
+            "--completion",
+            "32",
+            "--steps",
+            "2",
+            "--peak-tflops",
+            "100",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        env={**os.environ, **ENV},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["sharded"] and result["mixed_precision"]

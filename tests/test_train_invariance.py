@@ -49,15 +49,25 @@ def accelerator():
 def data_files(tmp_path_factory):
     """4 pairs / demonstrations whose completions differ in length (1 to ~12 words)."""
     folder = tmp_path_factory.mktemp("invariance")
-    answers = [("5", "6"), ("two plus three is five, so 5", "7"),
-               ("5", "I think the sum of these two numbers is 9 for sure"),
-               ("adding gives 5 in the end after carrying nothing", "4")]
+    answers = [
+        ("5", "6"),
+        ("two plus three is five, so 5", "7"),
+        ("5", "I think the sum of these two numbers is 9 for sure"),
+        ("adding gives 5 in the end after carrying nothing", "4"),
+    ]
     pairs, demos = [], []
     for i, (good, bad) in enumerate(answers):
-        prompt = [{"role": "system", "content": "Add."},
-                  {"role": "user", "content": f"{i} + {5 - i}?"}]
-        pairs.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": good}],
-                      "rejected": [{"role": "assistant", "content": bad}]})
+        prompt = [
+            {"role": "system", "content": "Add."},
+            {"role": "user", "content": f"{i} + {5 - i}?"},
+        ]
+        pairs.append(
+            {
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": good}],
+                "rejected": [{"role": "assistant", "content": bad}],
+            }
+        )
         demos.append({"messages": prompt + [{"role": "assistant", "content": good}]})
     for name, rows in (("pairs", pairs), ("demos", demos)):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -66,17 +76,36 @@ def data_files(tmp_path_factory):
 
 def config(method, model, folder, *settings):
     data = folder / ("pairs.jsonl" if method in ("dpo", "ipo", "rpo", "bdpo") else "demos.jsonl")
-    return train_config(method, None, ["dtype=fp32", "lora.r=4", "lora.alpha=8", *settings],
-                        model=model, data=str(data))
+    return train_config(
+        method,
+        None,
+        ["dtype=fp32", "lora.r=4", "lora.alpha=8", *settings],
+        model=model,
+        data=str(data),
+    )
 
 
-@pytest.mark.parametrize("method, extra", [
-    ("dpo", []), ("rpo", []), ("sft", []), ("dft", ["sft_aggregation=sequence_mean"])])
-def test_accumulation_split_gives_the_same_loss_and_gradients(tiny_model_dir, data_files,
-                                                             accelerator, method, extra):
-    results = [one_step(config(method, tiny_model_dir, data_files, f"batch_size={b}",
-                               f"grad_accum={4 // b}", *extra), accelerator)
-               for b in (4, 1)]
+@pytest.mark.parametrize(
+    "method, extra",
+    [("dpo", []), ("rpo", []), ("sft", []), ("dft", ["sft_aggregation=sequence_mean"])],
+)
+def test_accumulation_split_gives_the_same_loss_and_gradients(
+    tiny_model_dir, data_files, accelerator, method, extra
+):
+    results = [
+        one_step(
+            config(
+                method,
+                tiny_model_dir,
+                data_files,
+                f"batch_size={b}",
+                f"grad_accum={4 // b}",
+                *extra,
+            ),
+            accelerator,
+        )
+        for b in (4, 1)
+    ]
     (loss, grads), others = results[0], results[1:]
     assert all(g.abs().sum() > 0 for g in grads.values())
     for other_loss, other_grads in others:
@@ -85,7 +114,8 @@ def test_accumulation_split_gives_the_same_loss_and_gradients(tiny_model_dir, da
 
 
 def test_token_mean_is_over_the_whole_batch_not_a_mean_of_micro_batch_means(
-        tiny_model_dir, data_files, accelerator):
+    tiny_model_dir, data_files, accelerator
+):
     """The check above has teeth: 4 micro-batches of 1 row must give sum(nll) / sum(tokens),
     which differs from the mean of the 4 rows' own token means when their lengths differ."""
     from train_dist_worker import perturbed_lora
@@ -101,8 +131,9 @@ def test_token_mean_is_over_the_whole_batch_not_a_mean_of_micro_batch_means(
     examples, _ = load_examples(cfg.data, tok, preference=False, max_length=512)
     model = perturbed_lora(load_model(cfg.model, dtype="fp32"))
     with torch.no_grad():
-        nll = [-completion_logps(model, collate([e], tok.pad_token_id)).sum().item()
-               for e in examples]
+        nll = [
+            -completion_logps(model, collate([e], tok.pad_token_id)).sum().item() for e in examples
+        ]
     tokens = [len(e.completions[0]) for e in examples]
     assert loss == pytest.approx(sum(nll) / sum(tokens), rel=1e-5)
     naive = sum(n / t for n, t in zip(nll, tokens)) / len(examples)
@@ -117,8 +148,7 @@ def test_padding_does_not_change_log_probs(tiny_model_dir, data_files):
     from posttrain.train.logps import completion_logps
 
     tok = load_tokenizer(tiny_model_dir)
-    examples, _ = load_examples(data_files / "demos.jsonl", tok, preference=False,
-                                max_length=512)
+    examples, _ = load_examples(data_files / "demos.jsonl", tok, preference=False, max_length=512)
     short = min(examples, key=lambda e: e.length)
     long = max(examples, key=lambda e: e.length)
     assert long.length - short.length >= 8
@@ -138,10 +168,25 @@ def test_two_processes_match_one(tiny_model_dir, data_files, accelerator, tmp_pa
     data = data_files / ("pairs.jsonl" if method == "dpo" else "demos.jsonl")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(REPO / "tests" / "train_dist_worker.py"), tiny_model_dir, str(data), method,
-         str(tmp_path / "p2")], check=False, capture_output=True, text=True, env=env,
-        timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(REPO / "tests" / "train_dist_worker.py"),
+            tiny_model_dir,
+            str(data),
+            method,
+            str(tmp_path / "p2"),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = torch.load(tmp_path / "p2" / "grads.pt")
 
@@ -155,8 +200,10 @@ def test_two_processes_match_one(tiny_model_dir, data_files, accelerator, tmp_pa
 
     run = config(method, tiny_model_dir, data_files, "batch_size=4", "max_steps=2", "lr=1e-3")
     train(run, tmp_path / "p1", progress=False)
-    rows = [[json.loads(x) for x in (tmp_path / p / "metrics.jsonl").read_text().splitlines()]
-            for p in ("p2/run", "p1")]
+    rows = [
+        [json.loads(x) for x in (tmp_path / p / "metrics.jsonl").read_text().splitlines()]
+        for p in ("p2/run", "p1")
+    ]
     for a, b in zip(*rows):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)

@@ -1,6 +1,6 @@
 """LoRA target presets on a dense Llama and a Qwen3-MoE, and the trainable-parameter report.
 
-    .venv/bin/python -m pytest tests/test_train_lora.py -q
+.venv/bin/python -m pytest tests/test_train_lora.py -q
 """
 
 from __future__ import annotations
@@ -20,9 +20,16 @@ def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96,
-                                        num_hidden_layers=2, num_attention_heads=4,
-                                        num_key_value_heads=2))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
 
 
 def tiny_qwen3_moe():
@@ -30,23 +37,39 @@ def tiny_qwen3_moe():
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(0)
-    return Qwen3MoeForCausalLM(Qwen3MoeConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        num_experts=8, num_experts_per_tok=2, mlp_only_layers=[0]))
+    return Qwen3MoeForCausalLM(
+        Qwen3MoeConfig(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_experts=8,
+            num_experts_per_tok=2,
+            mlp_only_layers=[0],
+        )
+    )
 
 
 def test_presets_on_a_dense_model():
     model = tiny_llama()
     assert len(target_modules(model, "all-linear")) == 2 * 7
     assert target_modules(model, "attention")[:4] == [
-        "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.o_proj",
-        "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+        "model.layers.0.self_attn.k_proj",
+        "model.layers.0.self_attn.o_proj",
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.v_proj",
+    ]
     assert len(target_modules(model, "mlp")) == 2 * 3
     assert len(target_modules(model, ["q_proj", "v_proj"])) == 4
     assert target_modules(model, r"model\.layers\.1\.mlp\..*") == [
-        "model.layers.1.mlp.down_proj", "model.layers.1.mlp.gate_proj",
-        "model.layers.1.mlp.up_proj"]
+        "model.layers.1.mlp.down_proj",
+        "model.layers.1.mlp.gate_proj",
+        "model.layers.1.mlp.up_proj",
+    ]
     assert "lm_head" not in target_modules(model, "all-linear")
     with pytest.raises(ConfigError, match="selects no nn.Linear"):
         target_modules(model, "nothing_here")
@@ -96,8 +119,10 @@ def test_moe_adapter_reloads_onto_the_modules_it_trained(tmp_path):
 
 
 def test_parameter_groups_from_names():
-    assert parameter_group("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default."
-                           "weight") == "attention"
+    assert (
+        parameter_group("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight")
+        == "attention"
+    )
     assert parameter_group("model.layers.1.mlp.gate.weight") == "router"
     assert parameter_group("model.layers.1.mlp.experts.gate_up_proj") == "experts"
     assert parameter_group("model.layers.1.mlp.shared_expert.up_proj.weight") == "mlp"

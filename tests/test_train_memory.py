@@ -107,16 +107,22 @@ def test_saved_bytes_no_longer_scale_with_the_vocabulary_in_float32():
     for V in (512, 4096):
         weight = torch.randn(V, 64, requires_grad=True)
         labels = labels_with_padding(B, T, V)
-        _, n = saved_bytes(lambda: linear_token_logps(hidden, weight, labels), hidden, weight,
-                           labels)
+        _, n = saved_bytes(
+            lambda: linear_token_logps(hidden, weight, labels), hidden, weight, labels
+        )
         fused.append(n)
     assert fused[0] == fused[1] < B * T * 64 * 4 + B * T * 32  # hidden rows + small per-token
 
 
 def batch_of(tok, n=3):
-    examples = [Example(tok.encode(f"Question {i}: what is {i} + {i}?"),
-                        (tok.encode(f"{i} + {i} = {2 * i}." + " Yes." * i),), i)
-                for i in range(n)]
+    examples = [
+        Example(
+            tok.encode(f"Question {i}: what is {i} + {i}?"),
+            (tok.encode(f"{i} + {i} = {2 * i}." + " Yes." * i),),
+            i,
+        )
+        for i in range(n)
+    ]
     return collate(examples, tok.pad_token_id)
 
 
@@ -159,8 +165,12 @@ def test_completion_logps_fused_head_equals_the_logits_path_with_lora(lora_model
     grads = lora_grads(lora_model, batch, weights)
     K = batch["labels"].shape[1]
     lora_model.zero_grad(set_to_none=True)
-    logits = lora_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        position_ids=batch["position_ids"], logits_to_keep=K + 1).logits
+    logits = lora_model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=K + 1,
+    ).logits
     want = straightforward(logits[:, :-1], batch["labels"])
     (want * weights).sum().backward()
     assert_close(got, want.detach())
@@ -198,8 +208,9 @@ def test_dropout_free_train_mode_turns_every_dropout_off(tiny_model_dir):
     from posttrain.train.lora import apply_lora
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
-                                                 attention_dropout=0.5)
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.float32, attention_dropout=0.5
+    )
     model = apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.5))
     ids = torch.randint(0, 1000, (2, 12))
     with torch.no_grad():

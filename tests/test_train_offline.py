@@ -1,6 +1,6 @@
 """The offline loop end to end on a tiny model: outputs, resume, NaN guard, reference cache, export.
 
-    .venv/bin/python -m pytest tests/test_train_offline.py -q      # -m slow: the embedded model
+.venv/bin/python -m pytest tests/test_train_offline.py -q      # -m slow: the embedded model
 """
 
 from __future__ import annotations
@@ -30,13 +30,20 @@ def write_data(folder, n=8):
     pairs, demos = [], []
     for i in range(n):
         a, b = 3 + i, 11 + 2 * i
-        prompt = [{"role": "system", "content": "Add."},
-                  {"role": "user", "content": f"What is {a} + {b}?"}]
+        prompt = [
+            {"role": "system", "content": "Add."},
+            {"role": "user", "content": f"What is {a} + {b}?"},
+        ]
         good = f"{a} + {b} = {a + b}." + " Check: fine." * (i % 3)
         bad = f"It is {a + b + 1}." + " Sure." * (i % 2)
-        pairs.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": good}],
-                      "rejected": [{"role": "assistant", "content": bad}],
-                      "problem_id": str(i)})
+        pairs.append(
+            {
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": good}],
+                "rejected": [{"role": "assistant", "content": bad}],
+                "problem_id": str(i),
+            }
+        )
         demos.append({"messages": prompt + [{"role": "assistant", "content": good}]})
     for name, rows in (("pairs", pairs), ("demos", demos)):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -44,8 +51,13 @@ def write_data(folder, n=8):
 
 
 def cfg_for(method, model, data, *settings):
-    return train_config(method, None, ["dtype=fp32", "batch_size=2", "lora.r=4",
-                                       "lora.alpha=8", *settings], model=model, data=str(data))
+    return train_config(
+        method,
+        None,
+        ["dtype=fp32", "batch_size=2", "lora.r=4", "lora.alpha=8", *settings],
+        model=model,
+        data=str(data),
+    )
 
 
 def metrics(out):
@@ -55,8 +67,11 @@ def metrics(out):
 def test_dpo_run_writes_config_metrics_checkpoints_and_adapter(tiny_model_dir, tmp_path):
     pairs, _ = write_data(tmp_path / "data")
     out = tmp_path / "run"
-    summary = train(cfg_for("dpo", tiny_model_dir, pairs, "checkpoint_every=2",
-                            "warmup_ratio=0.25", "lr=1e-3"), out, progress=False)
+    summary = train(
+        cfg_for("dpo", tiny_model_dir, pairs, "checkpoint_every=2", "warmup_ratio=0.25", "lr=1e-3"),
+        out,
+        progress=False,
+    )
     assert summary["finished"] and summary["total_steps"] == 4  # 8 pairs / batch 2
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -70,8 +85,10 @@ def test_dpo_run_writes_config_metrics_checkpoints_and_adapter(tiny_model_dir, t
     assert rows[-1]["rewards/margins"] > 0  # it learned to prefer the chosen answers
     saved = (out / "config.yaml").read_text()
     assert "method: dpo" in saved and "lr: 0.001" in saved
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002",
-                                                                       "step-00000004"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step-00000002",
+        "step-00000004",
+    ]
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and adapter["peft_type"] == "LORA"
     assert len(adapter["target_modules"]) == 2 * 7
@@ -88,18 +105,24 @@ def test_resume_ends_bitwise_equal_to_an_uninterrupted_run(tiny_model_dir, tmp_p
     settings = ["epochs=2", "lora.dropout=0.1", "lr=1e-3", "checkpoint_every=2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(cfg_for("sft", tiny_model_dir, demos, *settings), straight, progress=False)
-    train(cfg_for("sft", tiny_model_dir, demos, *settings, "stop_after_steps=3"), resumed,
-          progress=False)
+    train(
+        cfg_for("sft", tiny_model_dir, demos, *settings, "stop_after_steps=3"),
+        resumed,
+        progress=False,
+    )
     assert not (resumed / "adapter").exists()
     with open(resumed / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": 4, "loss": 123.0}) + "\n{\"step\": 5, \"lo")
+        f.write(json.dumps({"step": 4, "loss": 123.0}) + '\n{"step": 5, "lo')
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         train(cfg_for("sft", tiny_model_dir, demos, *settings), resumed, progress=False)
     with pytest.raises(ConfigError, match="lr: 0.001 -> 0.002"):
-        train(cfg_for("sft", tiny_model_dir, demos, *settings[:2], "lr=2e-3",
-                      "checkpoint_every=2"), resumed, resume=True, progress=False)
-    train(cfg_for("sft", tiny_model_dir, demos, *settings), resumed, resume=True,
-          progress=False)
+        train(
+            cfg_for("sft", tiny_model_dir, demos, *settings[:2], "lr=2e-3", "checkpoint_every=2"),
+            resumed,
+            resume=True,
+            progress=False,
+        )
+    train(cfg_for("sft", tiny_model_dir, demos, *settings), resumed, resume=True, progress=False)
 
     a = load_file(straight / "adapter" / "adapter_model.safetensors")
     b = load_file(resumed / "adapter" / "adapter_model.safetensors")
@@ -114,14 +137,16 @@ def test_lr_inf_stops_before_a_broken_checkpoint(tiny_model_dir, tmp_path):
     _, demos = write_data(tmp_path / "data")
     out = tmp_path / "run"
     with pytest.raises(NonFiniteError, match="step 1: the weights hold NaN or inf"):
-        train(cfg_for("sft", tiny_model_dir, demos, "lr=.inf", "checkpoint_every=1"), out,
-              progress=False)
+        train(
+            cfg_for("sft", tiny_model_dir, demos, "lr=.inf", "checkpoint_every=1"),
+            out,
+            progress=False,
+        )
     assert not (out / "checkpoints").exists() or not list((out / "checkpoints").glob("step-*"))
     assert not (out / "adapter").exists()
 
 
-def test_nan_in_the_forward_pass_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir,
-                                                                          tmp_path):
+def test_nan_in_the_forward_pass_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path):
     from posttrain.models import load_model
 
     _, demos = write_data(tmp_path / "data")
@@ -135,18 +160,25 @@ def test_nan_in_the_forward_pass_stops_and_keeps_the_last_good_checkpoint(tiny_m
 
     model.model.norm.register_forward_hook(poison)
     with pytest.raises(NonFiniteError) as e:
-        train(cfg_for("sft", tiny_model_dir, demos, "checkpoint_every=1"), out, model=model,
-              progress=False)
+        train(
+            cfg_for("sft", tiny_model_dir, demos, "checkpoint_every=1"),
+            out,
+            model=model,
+            progress=False,
+        )
     assert "step 3: non-finite loss = nan and grad norm = nan" in str(e.value)
     assert "step-00000002" in str(e.value)
     last = out / "checkpoints" / "step-00000002"
-    assert all(torch.isfinite(t).all() for t in
-               load_file(last / "adapter" / "adapter_model.safetensors").values())
+    assert all(
+        torch.isfinite(t).all()
+        for t in load_file(last / "adapter" / "adapter_model.safetensors").values()
+    )
     assert [r["step"] for r in metrics(out)] == [1, 2]
 
 
-def test_reference_logps_are_cached_beside_the_data_and_never_stale(tiny_model_dir, tmp_path,
-                                                                    capsys):
+def test_reference_logps_are_cached_beside_the_data_and_never_stale(
+    tiny_model_dir, tmp_path, capsys
+):
     pairs, _ = write_data(tmp_path / "data")
     cfg = cfg_for("dpo", tiny_model_dir, pairs, "max_steps=1")
     train(cfg, tmp_path / "a", progress=False)
@@ -156,8 +188,18 @@ def test_reference_logps_are_cached_beside_the_data_and_never_stale(tiny_model_d
     train(cfg, tmp_path / "b", progress=False)
     assert "reference log-probs: read from cache" in capsys.readouterr().out
     # Another max_length that cuts prompts changes the token ids, hence the key and the file.
-    train(cfg_for("dpo", tiny_model_dir, pairs, "max_steps=1", "max_length=30",
-                  "length_policy=truncate_prompt"), tmp_path / "c", progress=False)
+    train(
+        cfg_for(
+            "dpo",
+            tiny_model_dir,
+            pairs,
+            "max_steps=1",
+            "max_length=30",
+            "length_policy=truncate_prompt",
+        ),
+        tmp_path / "c",
+        progress=False,
+    )
     assert "computed for" in capsys.readouterr().out
     assert len(list(pairs.parent.glob("pairs.jsonl.ref-*.pt"))) == 2
     # A cache file holding another key (e.g. copied over) is not trusted.
@@ -180,8 +222,8 @@ def test_export_merges_into_a_folder_plain_transformers_loads(tiny_model_dir, tm
     ids = torch.randint(0, 1000, (2, 16))
     plain = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
     peft = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
-        out / "adapter")
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), out / "adapter"
+    )
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     with torch.no_grad():
         want, got, before = (m(input_ids=ids).logits for m in (peft, plain, base))
@@ -190,8 +232,7 @@ def test_export_merges_into_a_folder_plain_transformers_loads(tiny_model_dir, tm
     assert (merged / "tokenizer.json").exists()
 
 
-def test_pissa_adapter_is_exported_as_a_plain_lora_for_the_original_base(tiny_model_dir,
-                                                                         tmp_path):
+def test_pissa_adapter_is_exported_as_a_plain_lora_for_the_original_base(tiny_model_dir, tmp_path):
     """PiSSA changes the base weights; the final adapter is converted so that the untouched
     base + adapter equals the trained policy (residual base + trained PiSSA adapter)."""
     from peft import PeftModel
@@ -203,24 +244,27 @@ def test_pissa_adapter_is_exported_as_a_plain_lora_for_the_original_base(tiny_mo
 
     _, demos = write_data(tmp_path / "data")
     out = tmp_path / "run"
-    train(cfg_for("sft", tiny_model_dir, demos, "lora.init=pissa", "lr=1e-2", "max_steps=2"),
-          out, progress=False)
-    policy = apply_lora(load_model(tiny_model_dir, dtype="fp32"),
-                        LoraConfig(r=4, alpha=8, init="pissa"))
+    train(
+        cfg_for("sft", tiny_model_dir, demos, "lora.init=pissa", "lr=1e-2", "max_steps=2"),
+        out,
+        progress=False,
+    )
+    policy = apply_lora(
+        load_model(tiny_model_dir, dtype="fp32"), LoraConfig(r=4, alpha=8, init="pissa")
+    )
     load_weights(policy, out / "checkpoints" / "step-00000002")
-    exported = PeftModel.from_pretrained(load_model(tiny_model_dir, dtype="fp32"),
-                                         out / "adapter")
+    exported = PeftModel.from_pretrained(load_model(tiny_model_dir, dtype="fp32"), out / "adapter")
     ids = torch.randint(0, 1000, (1, 12))
     with torch.no_grad():
-        assert_close(exported(input_ids=ids).logits, policy(input_ids=ids).logits,
-                     rtol=1e-4, atol=1e-4)
+        assert_close(
+            exported(input_ids=ids).logits, policy(input_ids=ids).logits, rtol=1e-4, atol=1e-4
+        )
 
 
 @pytest.mark.parametrize("method", ["dft", "chord-phi"])
 def test_every_method_runs_a_step(tiny_model_dir, tmp_path, method):
     _, demos = write_data(tmp_path / "data", n=2)
-    train(cfg_for(method, tiny_model_dir, demos, "max_steps=1"), tmp_path / "run",
-          progress=False)
+    train(cfg_for(method, tiny_model_dir, demos, "max_steps=1"), tmp_path / "run", progress=False)
     row = metrics(tmp_path / "run")[0]
     assert row["loss"] == row["loss"]  # finite, logged
 
@@ -261,10 +305,17 @@ def test_dpo_family_first_step_losses_worked_by_hand(tiny_model_dir, tmp_path):
     examples, _ = load_examples(pairs, tok, preference=True, max_length=1024)
     model = load_model(tiny_model_dir, dtype="fp32").eval()
     with torch.no_grad():
-        nll = [-completion_logps(model, collate([e], tok.pad_token_id))[0].sum().item()
-               / len(e.completions[0]) for e in examples]
-    want = {"dpo": 0.598139, "robust-dpo": 0.573139, "bdpo": 0.626531,
-            "rpo": 0.598139 + sum(nll) / len(nll)}
+        nll = [
+            -completion_logps(model, collate([e], tok.pad_token_id))[0].sum().item()
+            / len(e.completions[0])
+            for e in examples
+        ]
+    want = {
+        "dpo": 0.598139,
+        "robust-dpo": 0.573139,
+        "bdpo": 0.626531,
+        "rpo": 0.598139 + sum(nll) / len(nll),
+    }
     got = {method: first_loss(method) for method in want}
     assert got == pytest.approx(want, abs=1e-5)
 
@@ -277,15 +328,19 @@ def test_dpo_policy_runs_without_dropout_like_its_reference(tiny_model_dir, tmp_
 
     pairs, _ = write_data(tmp_path / "data", n=4)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
-                                                 attention_dropout=0.5)
-    train(cfg_for("dpo", tiny_model_dir, pairs, "max_steps=1"), tmp_path / "run", model=model,
-          progress=False)
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.float32, attention_dropout=0.5
+    )
+    train(
+        cfg_for("dpo", tiny_model_dir, pairs, "max_steps=1"),
+        tmp_path / "run",
+        model=model,
+        progress=False,
+    )
     assert metrics(tmp_path / "run")[0]["loss"] == pytest.approx(0.693147, abs=1e-5)
 
 
-def test_reference_cache_misses_when_the_weights_or_config_change(tiny_model_dir, tmp_path,
-                                                                  capsys):
+def test_reference_cache_misses_when_the_weights_or_config_change(tiny_model_dir, tmp_path, capsys):
     """A weight rewritten in place with the file's size and mtime put back (the old key, name
     + size + whole-second mtime, matched it) is a miss; so is a config change."""
     import os
@@ -324,8 +379,22 @@ def test_reference_cache_misses_when_the_weights_or_config_change(tiny_model_dir
 def test_cli_trains_and_refuses_to_overwrite(tiny_model_dir, tmp_path):
     _, demos = write_data(tmp_path / "data", n=4)
     out = tmp_path / "run"
-    args = ["train", "--method", "sft", "--model", tiny_model_dir, "--data", str(demos),
-            "--out", str(out), "--set", "dtype=fp32", "--set", "max_steps=2", "--no-progress"]
+    args = [
+        "train",
+        "--method",
+        "sft",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        str(demos),
+        "--out",
+        str(out),
+        "--set",
+        "dtype=fp32",
+        "--set",
+        "max_steps=2",
+        "--no-progress",
+    ]
     proc = run_cli(*args, env=ONE_THREAD)
     assert "trainable parameters" in proc.stdout and "finished at step 2 of 2" in proc.stdout
     assert (out / "adapter" / "adapter_model.safetensors").exists()
@@ -333,8 +402,19 @@ def test_cli_trains_and_refuses_to_overwrite(tiny_model_dir, tmp_path):
     assert again.returncode == 1 and "pass --resume" in again.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "x"}]}\n')
-    proc = run_cli("train", "--method", "sft", "--model", tiny_model_dir, "--data", str(bad),
-                   "--out", str(tmp_path / "x"), check=False, env=ONE_THREAD)
+    proc = run_cli(
+        "train",
+        "--method",
+        "sft",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        str(bad),
+        "--out",
+        str(tmp_path / "x"),
+        check=False,
+        env=ONE_THREAD,
+    )
     assert proc.returncode == 1
     assert f"{bad}:1: field 'messages': the last message must be the assistant's" in proc.stderr
 
@@ -346,8 +426,18 @@ def test_embedded_model_dpo_then_export_through_the_cli(tmp_path):
 
     pairs, _ = write_data(tmp_path / "data", n=2)
     out = tmp_path / "run"
-    proc = run_cli("train", "--method", "dpo", "--data", str(pairs), "--out", str(out),
-                   "--set", "batch_size=2", "--no-progress")
+    proc = run_cli(
+        "train",
+        "--method",
+        "dpo",
+        "--data",
+        str(pairs),
+        "--out",
+        str(out),
+        "--set",
+        "batch_size=2",
+        "--no-progress",
+    )
     assert "finished at step 1 of 1" in proc.stdout
     rows = metrics(out)
     assert rows[0]["loss"] == pytest.approx(0.6931, abs=2e-3)

@@ -24,7 +24,6 @@ from posttrain.train import problem_stream as PS
 from posttrain.train import rollouts as R
 
 
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny matmuls on a CPU shared with other jobs: a second OpenMP thread makes them ~100x
@@ -35,15 +34,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-PROBLEMS = [Problem(id=str(i), question=f"What is {i} + 1?", answer=str(i + 1),
-                    answer_type="exact") for i in range(6)]
+PROBLEMS = [
+    Problem(id=str(i), question=f"What is {i} + 1?", answer=str(i + 1), answer_type="exact")
+    for i in range(6)
+]
 
 
 def tiny(tiny_model_dir):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    return LlamaForCausalLM.from_pretrained(tiny_model_dir), \
-        AutoTokenizer.from_pretrained(tiny_model_dir)
+    return LlamaForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(
+        tiny_model_dir
+    )
 
 
 def stub_score(problem, index, messages, completion, *, think_open, engine, cfg):
@@ -51,14 +53,31 @@ def stub_score(problem, index, messages, completion, *, think_open, engine, cfg)
     have variance, and the policy can learn it."""
     reward = float(completion.token_ids[0] % 2 == 0)
     truncated = completion.finish_reason == "length"
-    return {"verdict": "correct" if reward else "incorrect", "correct_reward": reward,
-            "format_ok": True, "overlong": 0.0, "reward": reward, "truncated": truncated}
+    return {
+        "verdict": "correct" if reward else "incorrect",
+        "correct_reward": reward,
+        "format_ok": True,
+        "overlong": 0.0,
+        "reward": reward,
+        "truncated": truncated,
+    }
 
 
 def config(method="grpo", *overrides):
-    return OC.online_config(method, overrides=[
-        "max_steps=2", "num_generations=3", "problems_per_step=2", "max_new_tokens=4",
-        "lr=1e-2", "lora.r=4", "micro_batch_size=4", "checkpoint_every=1", *overrides])
+    return OC.online_config(
+        method,
+        overrides=[
+            "max_steps=2",
+            "num_generations=3",
+            "problems_per_step=2",
+            "max_new_tokens=4",
+            "lr=1e-2",
+            "lora.r=4",
+            "micro_batch_size=4",
+            "checkpoint_every=1",
+            *overrides,
+        ],
+    )
 
 
 def rows(path):
@@ -97,13 +116,32 @@ def test_score_completion_uses_the_project_graders_and_adds_reward_terms():
     class Engine:
         name, model_id = "hf", "m"
 
-    ok = R.score_completion(problem, 0, [], Completion("The answer is 4.", "stop", [1, 2, 3]),
-                            think_open=False, engine=Engine(), cfg=cfg)
-    assert ok == {"verdict": "correct", "correct_reward": 1.0, "format_ok": True,
-                  "overlong": 0.0, "reward": 1.5, "truncated": False}
-    cut = R.score_completion(problem, 1, [], Completion("The answer is 4", "length",
-                                                        list(range(10))),
-                             think_open=False, engine=Engine(), cfg=cfg)
+    ok = R.score_completion(
+        problem,
+        0,
+        [],
+        Completion("The answer is 4.", "stop", [1, 2, 3]),
+        think_open=False,
+        engine=Engine(),
+        cfg=cfg,
+    )
+    assert ok == {
+        "verdict": "correct",
+        "correct_reward": 1.0,
+        "format_ok": True,
+        "overlong": 0.0,
+        "reward": 1.5,
+        "truncated": False,
+    }
+    cut = R.score_completion(
+        problem,
+        1,
+        [],
+        Completion("The answer is 4", "length", list(range(10))),
+        think_open=False,
+        engine=Engine(),
+        cfg=cfg,
+    )
     assert cut["verdict"] == "truncated" and cut["truncated"] and not cut["format_ok"]
     assert cut["reward"] == pytest.approx(0.0 + 0.0 - 1.0)
 
@@ -128,28 +166,38 @@ def test_collated_logps_and_entropy_match_an_unpadded_forward(tiny_model_dir):
     log-probs and entropies equal those of the same sequence run alone."""
     model, _ = tiny(tiny_model_dir)
     prompts, completions = [[1, 2, 3, 4, 5], [7, 8]], [[9, 10], [11, 12, 13, 14]]
-    rollouts = [R.Rollout(PROBLEMS[0], p, Completion("x", "stop", c), "correct", 1.0, True, 0.0,
-                          1.0, False) for p, c in zip(prompts, completions)]
+    rollouts = [
+        R.Rollout(PROBLEMS[0], p, Completion("x", "stop", c), "correct", 1.0, True, 0.0, 1.0, False)
+        for p, c in zip(prompts, completions)
+    ]
     ((batch, rows),) = R.rollout_batches(rollouts, 8, pad_id=0, mask_truncated=False)
     assert rows == slice(0, 2)
     assert batch["labels"].tolist() == [[-100, -100, 9, 10], [11, 12, 13, 14]]
     logps, entropy = PU.sampled_logps(model, batch, 1.0)[::2]
     for i, (p, c) in enumerate(zip(prompts, completions)):
-        logits = model(torch.tensor([p + c])).logits[0, len(p) - 1:-1]  # (len(c), V)
+        logits = model(torch.tensor([p + c])).logits[0, len(p) - 1 : -1]  # (len(c), V)
         want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c)[:, None])[:, 0]
-        assert_close(logps[i, -len(c):], want, atol=1e-5, rtol=1e-5)
+        assert_close(logps[i, -len(c) :], want, atol=1e-5, rtol=1e-5)
         probs = torch.softmax(logits, -1)
-        assert_close(entropy[i, -len(c):], -(probs * probs.log()).sum(-1), atol=1e-4, rtol=1e-4)
+        assert_close(entropy[i, -len(c) :], -(probs * probs.log()).sum(-1), atol=1e-4, rtol=1e-4)
 
 
 def fake_rollouts(lengths, rewards, truncated=None, prompt_len=3):
     truncated = truncated or [False] * len(lengths)
-    return [R.Rollout(problem=PROBLEMS[0], prompt_ids=list(range(1, prompt_len + 1)),
-                      completion=Completion("x", "length" if t else "stop",
-                                            list(range(20, 20 + n))),
-                      verdict="correct" if r else "incorrect", correct_reward=r, format_ok=True,
-                      overlong=0.0, reward=r, truncated=t)
-            for n, r, t in zip(lengths, rewards, truncated)]
+    return [
+        R.Rollout(
+            problem=PROBLEMS[0],
+            prompt_ids=list(range(1, prompt_len + 1)),
+            completion=Completion("x", "length" if t else "stop", list(range(20, 20 + n))),
+            verdict="correct" if r else "incorrect",
+            correct_reward=r,
+            format_ok=True,
+            overlong=0.0,
+            reward=r,
+            truncated=t,
+        )
+        for n, r, t in zip(lengths, rewards, truncated)
+    ]
 
 
 def test_truncated_completions_get_no_loss_when_masked():
@@ -173,13 +221,20 @@ def test_micro_batches_sum_to_the_whole_batch_loss(aggregation):
     kw = dict(aggregation=aggregation, max_completion_length=5)
     parts = []
     for rows in (slice(0, 2), slice(2, 4)):
-        loss, _ = policy_loss(logps[rows], None, adv[rows], mask[rows],
-                              num_items_in_batch=total_tokens if aggregation == "dapo" else None,
-                              **kw)
+        loss, _ = policy_loss(
+            logps[rows],
+            None,
+            adv[rows],
+            mask[rows],
+            num_items_in_batch=total_tokens if aggregation == "dapo" else None,
+            **kw,
+        )
         parts.append(loss * PU.micro_batch_weight(aggregation, 2, 4, 2))
     if aggregation == "token_mean":
-        halves = [policy_loss(logps[r], None, adv[r], mask[r], **kw)[0]
-                  for r in (slice(0, 2), slice(2, 4))]
+        halves = [
+            policy_loss(logps[r], None, adv[r], mask[r], **kw)[0]
+            for r in (slice(0, 2), slice(2, 4))
+        ]
         whole = (halves[0] + halves[1]) / 2
     else:
         whole, _ = policy_loss(logps, None, adv, mask, **kw)
@@ -206,9 +261,17 @@ def test_policy_gradients_do_not_depend_on_the_micro_batch_size(tiny_model_dir, 
     for size in (6, 2):
         policy.zero_grad()
         batches = R.rollout_batches(rollouts, size, 0, False)
-        PU.policy_backward(policy, batches, advantages, None, None, cfg, mu=None,
-                           total_rows=6, total_tokens=float(sum(
-                               int((b["labels"] != -100).sum()) for b, _ in batches)))
+        PU.policy_backward(
+            policy,
+            batches,
+            advantages,
+            None,
+            None,
+            cfg,
+            mu=None,
+            total_rows=6,
+            total_tokens=float(sum(int((b["labels"] != -100).sum()) for b, _ in batches)),
+        )
         grads.append([p.grad.clone() for p in policy.parameters() if p.requires_grad])
     for whole, split in zip(*grads):
         assert_close(split, whole, atol=1e-6, rtol=1e-4)
@@ -245,9 +308,9 @@ def test_dynamic_sampling_drops_all_equal_groups_and_draws_again():
     the one missing problem: (odd, even) kept. 3 groups seen, 1 of them with zero variance."""
     cfg = OC.OnlineConfig(num_generations=2, problems_per_step=2, dynamic_sampling=True)
     engine = ScriptedEngine([[[2, 4], [2, 3]], [[3, 6]]])
-    kept, everything, info = R.collect_rollouts(engine, CharTokenizer(),
-                                                  PS.ShuffledStream(PROBLEMS, 0), cfg, 0,
-                                                  score=stub_score)
+    kept, everything, info = R.collect_rollouts(
+        engine, CharTokenizer(), PS.ShuffledStream(PROBLEMS, 0), cfg, 0, score=stub_score
+    )
     assert engine.calls == [2, 1] and info["sampling_rounds"] == 2
     assert [r.reward for r in kept] == [1.0, 0.0, 0.0, 1.0]
     assert len(everything) == 6
@@ -257,21 +320,44 @@ def test_dynamic_sampling_drops_all_equal_groups_and_draws_again():
 def test_without_dynamic_sampling_every_group_is_kept():
     cfg = OC.OnlineConfig(num_generations=2, problems_per_step=2)
     engine = ScriptedEngine([[[2, 4], [2, 3]]])
-    kept, everything, info = R.collect_rollouts(engine, CharTokenizer(),
-                                                  PS.ShuffledStream(PROBLEMS, 0), cfg, 0,
-                                                  score=stub_score)
+    kept, everything, info = R.collect_rollouts(
+        engine, CharTokenizer(), PS.ShuffledStream(PROBLEMS, 0), cfg, 0, score=stub_score
+    )
     assert info["sampling_rounds"] == 1 and len(kept) == len(everything) == 4
 
 
 # ------------------------------------------------------------------------------- loop
 
 METRIC_FIELDS = {
-    "step", "reward/mean", "reward/std", "reward/correct", "reward/format",
-    "reward/overlong_penalty", "zero_variance_groups", "completion_length/mean",
-    "completion_length/max", "truncated_fraction", "groups_kept", "sampling_rounds",
-    "clip_ratio/low", "clip_ratio/high", "clip_ratio/region", "ratio/mean", "kl", "entropy",
-    "loss/policy", "loss", "grad_norm", "updates", "mu", "lr", "time/generate", "time/grade",
-    "time/train", "generation_share"}
+    "step",
+    "reward/mean",
+    "reward/std",
+    "reward/correct",
+    "reward/format",
+    "reward/overlong_penalty",
+    "zero_variance_groups",
+    "completion_length/mean",
+    "completion_length/max",
+    "truncated_fraction",
+    "groups_kept",
+    "sampling_rounds",
+    "clip_ratio/low",
+    "clip_ratio/high",
+    "clip_ratio/region",
+    "ratio/mean",
+    "kl",
+    "entropy",
+    "loss/policy",
+    "loss",
+    "grad_norm",
+    "updates",
+    "mu",
+    "lr",
+    "time/generate",
+    "time/grade",
+    "time/train",
+    "generation_share",
+}
 
 
 def test_loop_writes_metrics_and_moves_the_adapter(tiny_model_dir, tmp_path):
@@ -302,8 +388,14 @@ def test_loop_writes_metrics_and_moves_the_adapter(tiny_model_dir, tmp_path):
 def test_every_method_preset_trains(tiny_model_dir, tmp_path, method):
     """One step of each preset with two updates per batch (old log-probs, clipping live)."""
     model, tok = tiny(tiny_model_dir)
-    O.train_online(config(method, "max_steps=1", "updates_per_batch=2"), tmp_path, model=model,
-                   tokenizer=tok, problems=PROBLEMS, score=stub_score)
+    O.train_online(
+        config(method, "max_steps=1", "updates_per_batch=2"),
+        tmp_path,
+        model=model,
+        tokenizer=tok,
+        problems=PROBLEMS,
+        score=stub_score,
+    )
     (row,) = rows(tmp_path / "metrics.jsonl")
     assert row["updates"] == 2 and math.isfinite(row["loss"])
 
@@ -313,34 +405,66 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_model_dir, t
     problems, same sampling seeds, same optimizer state; two updates per batch exercise the
     old log-probs)."""
     model, tok = tiny(tiny_model_dir)
-    O.train_online(config("grpo", "max_steps=3", "updates_per_batch=2"), tmp_path / "full",
-                   model=model, tokenizer=tok, problems=PROBLEMS, score=stub_score)
+    O.train_online(
+        config("grpo", "max_steps=3", "updates_per_batch=2"),
+        tmp_path / "full",
+        model=model,
+        tokenizer=tok,
+        problems=PROBLEMS,
+        score=stub_score,
+    )
     full = adapter_weights(model)
 
     model, tok = tiny(tiny_model_dir)  # stopped after step 2 ...
-    O.train_online(config("grpo", "max_steps=3", "updates_per_batch=2", "stop_after_steps=2"),
-                   tmp_path / "resumed", model=model, tokenizer=tok, problems=PROBLEMS,
-                   score=stub_score)
+    O.train_online(
+        config("grpo", "max_steps=3", "updates_per_batch=2", "stop_after_steps=2"),
+        tmp_path / "resumed",
+        model=model,
+        tokenizer=tok,
+        problems=PROBLEMS,
+        score=stub_score,
+    )
     assert not torch.equal(adapter_weights(model)[next(iter(full))], full[next(iter(full))])
     model, tok = tiny(tiny_model_dir)  # ... and a fresh process resumes to step 3
-    O.train_online(config("grpo", "max_steps=3", "updates_per_batch=2"), tmp_path / "resumed",
-                   resume=True, model=model, tokenizer=tok, problems=PROBLEMS, score=stub_score)
+    O.train_online(
+        config("grpo", "max_steps=3", "updates_per_batch=2"),
+        tmp_path / "resumed",
+        resume=True,
+        model=model,
+        tokenizer=tok,
+        problems=PROBLEMS,
+        score=stub_score,
+    )
     resumed = adapter_weights(model)
     for k in full:
         assert_close(resumed[k], full[k], rtol=0, atol=0)
-    full_rows, resumed_rows = rows(tmp_path / "full" / "metrics.jsonl"), \
-        rows(tmp_path / "resumed" / "metrics.jsonl")
+    full_rows, resumed_rows = (
+        rows(tmp_path / "full" / "metrics.jsonl"),
+        rows(tmp_path / "resumed" / "metrics.jsonl"),
+    )
     assert [r["step"] for r in resumed_rows] == [1, 2, 3]
     assert [r["reward/mean"] for r in resumed_rows] == [r["reward/mean"] for r in full_rows]
 
 
 def test_existing_checkpoints_need_resume(tiny_model_dir, tmp_path):
     model, tok = tiny(tiny_model_dir)
-    O.train_online(config("grpo", "max_steps=1"), tmp_path, model=model, tokenizer=tok,
-                   problems=PROBLEMS, score=stub_score)
+    O.train_online(
+        config("grpo", "max_steps=1"),
+        tmp_path,
+        model=model,
+        tokenizer=tok,
+        problems=PROBLEMS,
+        score=stub_score,
+    )
     with pytest.raises(O.ConfigError, match="--resume"):
-        O.train_online(config("grpo", "max_steps=1"), tmp_path, model=model, tokenizer=tok,
-                       problems=PROBLEMS, score=stub_score)
+        O.train_online(
+            config("grpo", "max_steps=1"),
+            tmp_path,
+            model=model,
+            tokenizer=tok,
+            problems=PROBLEMS,
+            score=stub_score,
+        )
 
 
 def test_non_finite_loss_stops_before_updating(tiny_model_dir, tmp_path):
@@ -358,8 +482,14 @@ def test_non_finite_loss_stops_before_updating(tiny_model_dir, tmp_path):
         return {**stub_score(*args, **kwargs), "reward": reward}
 
     with pytest.raises(O.NonFiniteError, match=r"step 2: non-finite loss.*step-00000001"):
-        O.train_online(config("grpo"), tmp_path, model=model, tokenizer=tok, problems=PROBLEMS,
-                       score=nan_at_step_2)
+        O.train_online(
+            config("grpo"),
+            tmp_path,
+            model=model,
+            tokenizer=tok,
+            problems=PROBLEMS,
+            score=nan_at_step_2,
+        )
     after = adapter_weights(model)
     assert all(torch.equal(state["before"][k], after[k]) for k in after)
     assert [r["step"] for r in rows(tmp_path / "metrics.jsonl")] == [1]
@@ -368,14 +498,32 @@ def test_non_finite_loss_stops_before_updating(tiny_model_dir, tmp_path):
 def test_chord_mixes_demonstrations_with_mu_from_the_schedule(tiny_model_dir, tmp_path):
     """warmup 0, decay 2, peak 0.8, valley 0.2: step 0 -> 0.8, step 1 -> cosine midpoint 0.5."""
     demos = tmp_path / "demos.jsonl"
-    demos.write_text("".join(json.dumps({"messages": [
-        {"role": "user", "content": f"What is {i} + 1?"},
-        {"role": "assistant", "content": f"{i + 1}"}]}) + "\n" for i in range(3)))
+    demos.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"What is {i} + 1?"},
+                        {"role": "assistant", "content": f"{i + 1}"},
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(3)
+        )
+    )
     model, tok = tiny(tiny_model_dir)
-    cfg = config("chord", f"chord.demos={demos}", "chord.mu_peak=0.8", "chord.mu_valley=0.2",
-                 "chord.mu_decay_steps=2", "chord.variant=phi")
-    O.train_online(cfg, tmp_path / "run", model=model, tokenizer=tok, problems=PROBLEMS,
-                   score=stub_score)
+    cfg = config(
+        "chord",
+        f"chord.demos={demos}",
+        "chord.mu_peak=0.8",
+        "chord.mu_valley=0.2",
+        "chord.mu_decay_steps=2",
+        "chord.variant=phi",
+    )
+    O.train_online(
+        cfg, tmp_path / "run", model=model, tokenizer=tok, problems=PROBLEMS, score=stub_score
+    )
     got = rows(tmp_path / "run" / "metrics.jsonl")
     assert [r["mu"] for r in got] == pytest.approx([0.8, 0.5])
     for r in got:
@@ -402,10 +550,26 @@ def test_cli_grpo_two_steps_on_the_embedded_model(tmp_path):
     from conftest import run_cli
 
     out = tmp_path / "run"
-    proc = run_cli("train", "--method", "grpo", "--problems", "builtin:arith:8?split=train",
-                   "--out", str(out), "--no-progress", "--set", "max_steps=2",
-                   "--set", "num_generations=2", "--set", "problems_per_step=2",
-                   "--set", "max_new_tokens=8", "--set", "num_threads=1")
+    proc = run_cli(
+        "train",
+        "--method",
+        "grpo",
+        "--problems",
+        "builtin:arith:8?split=train",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        "max_steps=2",
+        "--set",
+        "num_generations=2",
+        "--set",
+        "problems_per_step=2",
+        "--set",
+        "max_new_tokens=8",
+        "--set",
+        "num_threads=1",
+    )
     got = rows(out / "metrics.jsonl")
     assert [r["step"] for r in got] == [1, 2]
     assert all(METRIC_FIELDS <= set(r) for r in got)
@@ -424,42 +588,58 @@ PRESET_MASK = torch.tensor([[1, 1], [1, 0]])
 A = 0.5 / (math.sqrt(0.5) + 1e-4)
 
 
-@pytest.mark.parametrize("method, want", [
-    # grpo, clip .2: seq 1 tokens -1.2a (r 1.25 clipped), -a; seq 2 (A < 0, r .7 below .8):
-    # -min(.7 * -a, .8 * -a) = .8a. Mean of token means: ((-2.2a / 2) + .8a) / 2 = -.15a.
-    ("grpo", -0.15 * A),
-    # dr-grpo: A = +-.5 (no std); token sum / (B * L) = (-.6 - .5 + .4) / (2 * 4) = -.0875.
-    ("dr-grpo", -0.0875),
-    # dapo: clip-higher .28 leaves r 1.25 unclipped: (-1.25a - a + .8a) / 3 tokens = -1.45a / 3.
-    ("dapo", -1.45 * A / 3),
-    # grpo-token-mean: grpo's per-token losses over the 3 tokens: (-1.2a - a + .8a) / 3.
-    ("grpo-token-mean", -1.4 * A / 3),
-    # gspo: sequence ratios sqrt(1.25) = 1.118 (clipped to 1.0004) and .7 (clipped to .9997 for
-    # A < 0: -min(.7 * -a, .9997 * -a) = .9997a): (-1.0004a + .9997a) / 2 = -.00035a.
-    ("gspo", -0.00035 * A),
-    # cispo: -sg(clip(r, 0, 1.28)) A logp per token, tokens over the step:
-    # -(1.25a * -1 + 1 * a * -2 + .7 * -a * -.5) / 3 = (3.25a - .35a) / 3 = 2.9a / 3.
-    ("cispo", 2.9 * A / 3),
-])
+@pytest.mark.parametrize(
+    "method, want",
+    [
+        # grpo, clip .2: seq 1 tokens -1.2a (r 1.25 clipped), -a; seq 2 (A < 0, r .7 below .8):
+        # -min(.7 * -a, .8 * -a) = .8a. Mean of token means: ((-2.2a / 2) + .8a) / 2 = -.15a.
+        ("grpo", -0.15 * A),
+        # dr-grpo: A = +-.5 (no std); token sum / (B * L) = (-.6 - .5 + .4) / (2 * 4) = -.0875.
+        ("dr-grpo", -0.0875),
+        # dapo: clip-higher .28 leaves r 1.25 unclipped: (-1.25a - a + .8a) / 3 tokens = -1.45a / 3.
+        ("dapo", -1.45 * A / 3),
+        # grpo-token-mean: grpo's per-token losses over the 3 tokens: (-1.2a - a + .8a) / 3.
+        ("grpo-token-mean", -1.4 * A / 3),
+        # gspo: sequence ratios sqrt(1.25) = 1.118 (clipped to 1.0004) and .7 (clipped to .9997 for
+        # A < 0: -min(.7 * -a, .9997 * -a) = .9997a): (-1.0004a + .9997a) / 2 = -.00035a.
+        ("gspo", -0.00035 * A),
+        # cispo: -sg(clip(r, 0, 1.28)) A logp per token, tokens over the step:
+        # -(1.25a * -1 + 1 * a * -2 + .7 * -a * -.5) / 3 = (3.25a - .35a) / 3 = 2.9a / 3.
+        ("cispo", 2.9 * A / 3),
+    ],
+)
 def test_each_preset_changes_the_loss_as_its_definition_says(method, want):
     cfg = OC.online_config(method, overrides=["max_new_tokens=4"])
     adv = group_advantages(torch.tensor([1.0, 0.0]), 2, cfg.advantage_scale)
-    loss, _ = PU.step_loss(cfg, PRESET_LOGPS, PRESET_OLD, adv, PRESET_MASK,
-                           total_tokens=float(PRESET_MASK.sum()))
+    loss, _ = PU.step_loss(
+        cfg, PRESET_LOGPS, PRESET_OLD, adv, PRESET_MASK, total_tokens=float(PRESET_MASK.sum())
+    )
     assert_close(loss, torch.tensor(want, dtype=torch.float32), atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("setting, name", [
-    ("chord.mu_peak=0.5", "chord"), ("max_sampling_rounds=5", "max_sampling_rounds"),
-    ("overlong_penalty=0.5", "overlong_penalty"), ("rollout.tis_cap=3", "rollout.tis_cap"),
-    ("rollout.mis_high=3", "rollout.mis_low/mis_high"),
-    ("rollout.correction_level=sequence", "rollout.correction_level")])
+@pytest.mark.parametrize(
+    "setting, name",
+    [
+        ("chord.mu_peak=0.5", "chord"),
+        ("max_sampling_rounds=5", "max_sampling_rounds"),
+        ("overlong_penalty=0.5", "overlong_penalty"),
+        ("rollout.tis_cap=3", "rollout.tis_cap"),
+        ("rollout.mis_high=3", "rollout.mis_low/mis_high"),
+        ("rollout.correction_level=sequence", "rollout.correction_level"),
+    ],
+)
 def test_a_setting_the_method_does_not_read_is_an_error(setting, name):
     with pytest.raises(O.ConfigError, match=f"{name}: set, but not used"):
         OC.online_config("grpo", overrides=[setting])
     OC.online_config("dapo", overrides=["max_sampling_rounds=5", "overlong_penalty=0.5"])
-    OC.online_config("grpo", overrides=["rollout.correction=tis", "rollout.tis_cap=3",
-                                        "rollout.correction_level=sequence"])
+    OC.online_config(
+        "grpo",
+        overrides=[
+            "rollout.correction=tis",
+            "rollout.tis_cap=3",
+            "rollout.correction_level=sequence",
+        ],
+    )
 
 
 def test_bnpo_was_renamed_with_a_clear_error():
@@ -475,19 +655,26 @@ def test_bnpo_was_renamed_with_a_clear_error():
 def test_dynamic_sampling_filters_on_accuracy_not_on_the_shaped_reward():
     """Group 1: both wrong, rewards differ only by the format bonus (0 and .5): DAPO drops it
     (all wrong), though its total rewards differ. Group 2: one right, one wrong: kept."""
-    cfg = OC.OnlineConfig(num_generations=2, problems_per_step=2, dynamic_sampling=True,
-                          max_sampling_rounds=1)
+    cfg = OC.OnlineConfig(
+        num_generations=2, problems_per_step=2, dynamic_sampling=True, max_sampling_rounds=1
+    )
 
     def score(problem, index, messages, completion, **kwargs):
         right = completion.token_ids[0] == 2
         fmt = 0.5 * (completion.token_ids[0] == 5)
-        return {"verdict": "correct" if right else "incorrect", "correct_reward": float(right),
-                "format_ok": bool(fmt), "overlong": 0.0, "reward": float(right) + fmt,
-                "truncated": False}
+        return {
+            "verdict": "correct" if right else "incorrect",
+            "correct_reward": float(right),
+            "format_ok": bool(fmt),
+            "overlong": 0.0,
+            "reward": float(right) + fmt,
+            "truncated": False,
+        }
 
     engine = ScriptedEngine([[[3, 5], [2, 3]]])
-    kept, everything, _ = R.collect_rollouts(engine, CharTokenizer(),
-                                             PS.ShuffledStream(PROBLEMS, 0), cfg, 0, score=score)
+    kept, everything, _ = R.collect_rollouts(
+        engine, CharTokenizer(), PS.ShuffledStream(PROBLEMS, 0), cfg, 0, score=score
+    )
     assert [r.reward for r in everything] == [0.0, 0.5, 1.0, 0.0]
     assert [r.reward for r in kept] == [1.0, 0.0]
 
@@ -499,8 +686,9 @@ def test_stream_shuffles_once_per_pass(monkeypatch):
 
     calls = []
     original = random.Random.shuffle
-    monkeypatch.setattr(random.Random, "shuffle",
-                        lambda self, x: (calls.append(1), original(self, x))[1])
+    monkeypatch.setattr(
+        random.Random, "shuffle", lambda self, x: (calls.append(1), original(self, x))[1]
+    )
     stream = PS.ShuffledStream(list(range(1000)), seed=1)
     drawn = [stream.take(1)[0] for _ in range(2000)]
     assert len(calls) == 2
@@ -521,26 +709,36 @@ def test_temperature_scales_the_trained_distribution_and_log_probs_agree(tiny_mo
     T = 0.7
     engine = HFEngine(model, tok, batch_size=4)
     prompts = [[{"role": "user", "content": "What is 2 + 2?"}]]
-    (group,) = engine.generate(prompts, SamplingParams(n=3, temperature=T, max_new_tokens=5,
-                                                       seed=1))
+    (group,) = engine.generate(
+        prompts, SamplingParams(n=3, temperature=T, max_new_tokens=5, seed=1)
+    )
     prompt_ids = tok(engine.render_prompt(prompts[0]), add_special_tokens=False)["input_ids"]
-    rollouts = [R.Rollout(PROBLEMS[0], prompt_ids, c, "correct", 1.0, True, 0.0, 1.0, False)
-                for c in group]
-    ((batch, rows),) = R.rollout_batches(rollouts, 8, pad_id=tok.pad_token_id,
-                                         mask_truncated=False)
+    rollouts = [
+        R.Rollout(PROBLEMS[0], prompt_ids, c, "correct", 1.0, True, 0.0, 1.0, False) for c in group
+    ]
+    ((batch, rows),) = R.rollout_batches(rollouts, 8, pad_id=tok.pad_token_id, mask_truncated=False)
     mask = batch["labels"] != -100
     logps, raw, _ = PU.sampled_logps(model, batch, T, raw=True)
     assert_close(raw[mask], batch["rollout_logps"][mask], atol=1e-4, rtol=0)
     for i, c in enumerate(group):
         ids = torch.tensor([prompt_ids + c.token_ids])
-        logits = model(ids).logits[0, len(prompt_ids) - 1:-1]  # (n, V)
+        logits = model(ids).logits[0, len(prompt_ids) - 1 : -1]  # (n, V)
         want = torch.log_softmax(logits / T, -1).gather(-1, torch.tensor(c.token_ids)[:, None])
         assert_close(logps[i][mask[i]], want[:, 0], atol=1e-5, rtol=0)
         assert not torch.allclose(logps[i][mask[i]], raw[i][mask[i]], atol=1e-3)
     cfg = OC.OnlineConfig(temperature=T, max_new_tokens=5, updates_per_batch=2)
     old = PU.frozen_logps(model, [(batch, rows)], T, reference=False)
-    sums, _ = PU.policy_backward(model, [(batch, rows)], torch.tensor([1.0, -1.0, 0.0]), old,
-                                 None, cfg, mu=None, total_rows=3, total_tokens=float(mask.sum()))
+    sums, _ = PU.policy_backward(
+        model,
+        [(batch, rows)],
+        torch.tensor([1.0, -1.0, 0.0]),
+        old,
+        None,
+        cfg,
+        mu=None,
+        total_rows=3,
+        total_tokens=float(mask.sum()),
+    )
     assert sums["ratio/mean"] / sums["tokens"] == 1.0
     assert sums["mismatch/abs_logp_max"] < 1e-4
 
@@ -555,8 +753,7 @@ def test_pissa_online_refuses_the_kl_and_saves_a_converted_adapter(tiny_model_di
     with pytest.raises(O.ConfigError, match="residual base"):
         OC.online_config("grpo", overrides=["lora.init=pissa", "kl_beta=0.1"])
     model, tok = tiny(tiny_model_dir)
-    cfg = config("grpo", "lora.init=pissa", "rollout.sync=adapter",
-                 "rollout.max_mismatch_kl=1e-4")
+    cfg = config("grpo", "lora.init=pissa", "rollout.sync=adapter", "rollout.max_mismatch_kl=1e-4")
     O.train_online(cfg, tmp_path, model=model, tokenizer=tok, problems=PROBLEMS, score=stub_score)
     assert [r["mismatch/kl"] < 1e-4 for r in rows(tmp_path / "metrics.jsonl")] == [True, True]
     ids = torch.tensor([[1, 2, 3, 4, 5]])
@@ -570,11 +767,27 @@ def test_pissa_online_refuses_the_kl_and_saves_a_converted_adapter(tiny_model_di
 def test_cli_refuses_flags_a_method_does_not_use(tmp_path, capsys):
     from posttrain.cli import main
 
-    assert main(["train", "--method", "grpo", "--data", "pairs.jsonl", "--out",
-                 str(tmp_path / "a")]) == 1
+    assert (
+        main(["train", "--method", "grpo", "--data", "pairs.jsonl", "--out", str(tmp_path / "a")])
+        == 1
+    )
     assert "--data is not used by the online method 'grpo'" in capsys.readouterr().err
-    assert main(["train", "--method", "dpo", "--data", "pairs.jsonl", "--problems",
-                 "builtin:arith:8", "--out", str(tmp_path / "b")]) == 1
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "dpo",
+                "--data",
+                "pairs.jsonl",
+                "--problems",
+                "builtin:arith:8",
+                "--out",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 1
+    )
     assert "--problems is not used by the offline method 'dpo'" in capsys.readouterr().err
 
 
@@ -598,7 +811,8 @@ def skipping_engine(base, tok, skip_load: int | None):
 
 
 def test_adapter_sync_keeps_the_engine_on_the_policy_and_a_missed_sync_stops_the_run(
-        tiny_model_dir, tmp_path):
+    tiny_model_dir, tmp_path
+):
     """Detached engine, adapter saved and loaded after every update: the engine's log-probs
     match the trainer's (mismatch/kl 0 in fp32; max |d| ~1e-6), so the fp32 default 1e-5 passes.
     Skip the load after step 1 and step 2 samples the old policy: measured k3 KL 8.6e-3 and
@@ -615,8 +829,15 @@ def test_adapter_sync_keeps_the_engine_on_the_policy_and_a_missed_sync_stops_the
     assert mismatch_threshold(None, "bf16") == 1e-2 and mismatch_threshold(0.5, "fp32") == 0.5
     model, tok = tiny(tiny_model_dir)
     engine = skipping_engine(copy.deepcopy(model), tok, None)
-    O.train_online(cfg, tmp_path / "ok", model=model, tokenizer=tok, problems=PROBLEMS,
-                   score=stub_score, engine=engine)
+    O.train_online(
+        cfg,
+        tmp_path / "ok",
+        model=model,
+        tokenizer=tok,
+        problems=PROBLEMS,
+        score=stub_score,
+        engine=engine,
+    )
     got = rows(tmp_path / "ok" / "metrics.jsonl")
     assert [r["step"] for r in got] == [1, 2]
     assert all(r["mismatch/kl"] < 1e-6 and r["mismatch/abs_logp_max"] < 1e-4 for r in got)
@@ -625,10 +846,20 @@ def test_adapter_sync_keeps_the_engine_on_the_policy_and_a_missed_sync_stops_the
 
     model, tok = tiny(tiny_model_dir)
     engine = skipping_engine(copy.deepcopy(model), tok, 2)
-    with pytest.raises(RolloutSyncError, match=r"step 2: the rollout engine \(hf\) is not "
-                                               r"sampling the current policy"):
-        O.train_online(cfg, tmp_path / "stale", model=model, tokenizer=tok, problems=PROBLEMS,
-                       score=stub_score, engine=engine)
+    with pytest.raises(
+        RolloutSyncError,
+        match=r"step 2: the rollout engine \(hf\) is not "
+        r"sampling the current policy",
+    ):
+        O.train_online(
+            cfg,
+            tmp_path / "stale",
+            model=model,
+            tokenizer=tok,
+            problems=PROBLEMS,
+            score=stub_score,
+            engine=engine,
+        )
     assert [r["step"] for r in rows(tmp_path / "stale" / "metrics.jsonl")] == [1]
 
 
@@ -637,8 +868,14 @@ def test_adapter_sync_builds_its_own_detached_engine(tiny_model_dir, tmp_path):
     DetachedHFEngine itself. vllm / openai go through engines.make_engine (with max_lora_rank
     = lora.r) and must be able to load adapters."""
     model, tok = tiny(tiny_model_dir)
-    O.train_online(config("grpo", "max_steps=1", "rollout.sync=adapter"), tmp_path, model=model,
-                   tokenizer=tok, problems=PROBLEMS, score=stub_score)
+    O.train_online(
+        config("grpo", "max_steps=1", "rollout.sync=adapter"),
+        tmp_path,
+        model=model,
+        tokenizer=tok,
+        problems=PROBLEMS,
+        score=stub_score,
+    )
     (row,) = rows(tmp_path / "metrics.jsonl")
     assert row["mismatch/kl"] < 1e-6 and row["time/sync"] > 0
     with pytest.raises(O.ConfigError, match="only the hf engine can sample"):
@@ -652,8 +889,9 @@ def test_adapter_sync_builds_its_own_detached_engine(tiny_model_dir, tmp_path):
         asked.update(kind=config.kind, max_lora_rank=max_lora_rank)
         return object()  # an engine without load_adapter
 
-    vllm = OC.online_config("grpo", overrides=["rollout.engine.kind=vllm", "rollout.sync=adapter",
-                                               "lora.r=8"])
+    vllm = OC.online_config(
+        "grpo", overrides=["rollout.engine.kind=vllm", "rollout.sync=adapter", "lora.r=8"]
+    )
     original = engines.make_engine
     engines.make_engine = fake_make_engine
     try:
@@ -672,13 +910,25 @@ def test_an_engine_without_log_probs_cannot_pass_the_sync_check(tiny_model_dir, 
     model, tok = tiny(tiny_model_dir)
     script = [[[2, 3, 5], [4, 7, 9]]] * 2
     with pytest.raises(RolloutSyncError, match="no per-token log-probs"):
-        O.train_online(config("grpo", "max_steps=1"), tmp_path / "a", model=model,
-                       tokenizer=tok, problems=PROBLEMS, score=stub_score,
-                       engine=ScriptedEngine(script))
+        O.train_online(
+            config("grpo", "max_steps=1"),
+            tmp_path / "a",
+            model=model,
+            tokenizer=tok,
+            problems=PROBLEMS,
+            score=stub_score,
+            engine=ScriptedEngine(script),
+        )
     model, tok = tiny(tiny_model_dir)
-    O.train_online(config("grpo", "max_steps=1", "rollout.max_mismatch_kl=0"), tmp_path / "b",
-                   model=model, tokenizer=tok, problems=PROBLEMS, score=stub_score,
-                   engine=ScriptedEngine(script))
+    O.train_online(
+        config("grpo", "max_steps=1", "rollout.max_mismatch_kl=0"),
+        tmp_path / "b",
+        model=model,
+        tokenizer=tok,
+        problems=PROBLEMS,
+        score=stub_score,
+        engine=ScriptedEngine(script),
+    )
     assert "mismatch/kl" not in rows(tmp_path / "b" / "metrics.jsonl")[0]
 
 
@@ -699,9 +949,23 @@ def test_two_processes_match_one_at_step_one(tiny_model_dir, tmp_path):
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(REPO / "tests" / "online_dist_worker.py"), tiny_model_dir, str(tmp_path / "p2")],
-        check=False, capture_output=True, text=True, env=env, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(REPO / "tests" / "online_dist_worker.py"),
+            tiny_model_dir,
+            str(tmp_path / "p2"),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = torch.load(tmp_path / "p2" / "grads.pt")
     loss, grads = first_step(tiny_model_dir, tmp_path / "p1")
@@ -749,9 +1013,14 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_update(tiny_model_
         calls, mlp = [], model.model.layers[0].mlp
         real = mlp.forward
         mlp.forward = lambda *a, real=real, calls=calls, **k: (calls.append(1), real(*a, **k))[1]
-        O.train_online(config("grpo", "max_steps=1", f"gradient_checkpointing={str(on).lower()}"),
-                       tmp_path / str(on), model=model, tokenizer=tok, problems=PROBLEMS,
-                       score=stub_score)
+        O.train_online(
+            config("grpo", "max_steps=1", f"gradient_checkpointing={str(on).lower()}"),
+            tmp_path / str(on),
+            model=model,
+            tokenizer=tok,
+            problems=PROBLEMS,
+            score=stub_score,
+        )
         results.append((len(calls), adapter_weights(model)))
     (plain_calls, plain), (ckpt_calls, ckpt) = results
     assert ckpt_calls > plain_calls

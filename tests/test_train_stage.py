@@ -11,9 +11,17 @@ from posttrain.tasks import load_problems
 from posttrain.recipe import TrainStage
 from posttrain.train.stage import train_stage
 
-STAGE = TrainStage(method="sft", nproc=2, config={
-    "dtype": "fp32", "max_steps": 2, "batch_size": 1, "num_threads": 1,
-    "lora": {"r": 2, "alpha": 4}})
+STAGE = TrainStage(
+    method="sft",
+    nproc=2,
+    config={
+        "dtype": "fp32",
+        "max_steps": 2,
+        "batch_size": 1,
+        "num_threads": 1,
+        "lora": {"r": 2, "alpha": 4},
+    },
+)
 
 
 @pytest.mark.slow
@@ -29,5 +37,6 @@ def test_train_stage_under_torchrun(tmp_path, tiny_model_dir, monkeypatch):
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"messages": "not a list"}\n')
     with pytest.raises(RuntimeError, match="torchrun \\(2 processes\\) failed with exit code"):
-        train_stage(STAGE, tmp_path / "broken-run", model=tiny_model_dir, data=str(broken),
-                    progress=False)
+        train_stage(
+            STAGE, tmp_path / "broken-run", model=tiny_model_dir, data=str(broken), progress=False
+        )

@@ -15,11 +15,19 @@ from posttrain.verify.stage import format_counts, verify_file
 
 
 def row(pid, index, response, answer="4", answer_type="exact", finish="stop", **extra):
-    r = {"problem": {"id": pid, "question": "q?", "answer": answer, "answer_type": answer_type},
-         "sample_index": index, "messages": [{"role": "user", "content": "q?"}],
-         "reasoning": "thinking", "response": response, "finish_reason": finish,
-         "num_tokens": 10, "sum_logprob": -2.0, "mean_logprob": -0.2, "model": "m",
-         "engine": "hf"}
+    r = {
+        "problem": {"id": pid, "question": "q?", "answer": answer, "answer_type": answer_type},
+        "sample_index": index,
+        "messages": [{"role": "user", "content": "q?"}],
+        "reasoning": "thinking",
+        "response": response,
+        "finish_reason": finish,
+        "num_tokens": 10,
+        "sum_logprob": -2.0,
+        "mean_logprob": -0.2,
+        "model": "m",
+        "engine": "hf",
+    }
     r.update(extra)
     return r
 
@@ -42,12 +50,22 @@ SAMPLES = [
 def test_verify_file_grades_every_row(tmp_path):
     samples = write(tmp_path / "samples.jsonl", SAMPLES)
     counts = verify_file(samples, tmp_path / "scored.jsonl", progress=False)
-    assert counts == {"correct": 3, "incorrect": 1, "no_answer": 1, "truncated": 1,
-                      "judge_error": 0}
+    assert counts == {
+        "correct": 3,
+        "incorrect": 1,
+        "no_answer": 1,
+        "truncated": 1,
+        "judge_error": 0,
+    }
     out = read_jsonl(tmp_path / "scored.jsonl")
     assert [(r["problem"]["id"], r["sample_index"], r["verdict"]) for r in out] == [
-        ("a", 0, "correct"), ("a", 1, "incorrect"), ("b", 0, "correct"), ("c", 0, "correct"),
-        ("c", 1, "truncated"), ("d", 0, "no_answer")]
+        ("a", 0, "correct"),
+        ("a", 1, "incorrect"),
+        ("b", 0, "correct"),
+        ("c", 0, "correct"),
+        ("c", 1, "truncated"),
+        ("d", 0, "no_answer"),
+    ]
     assert out[3]["extracted"] == "\\frac{1}{2}" and out[3]["reward"] == 1.0
     assert out[0]["messages"] == SAMPLES[0]["messages"]  # the sample row is kept whole
 
@@ -67,12 +85,15 @@ def test_rerun_keeps_finished_rows_and_adds_the_rest(tmp_path):
     assert read_jsonl(scored) == out  # a third run changes nothing
 
 
-@pytest.mark.parametrize("bad,field", [
-    ({"response": None}, "response"),
-    ({"finish_reason": None}, "finish_reason"),
-    ({"problem": None}, "problem"),
-    ({"problem": {"id": "x", "question": "q?", "answer_type": "exact"}}, "problem.answer"),
-])
+@pytest.mark.parametrize(
+    "bad,field",
+    [
+        ({"response": None}, "response"),
+        ({"finish_reason": None}, "finish_reason"),
+        ({"problem": None}, "problem"),
+        ({"problem": {"id": "x", "question": "q?", "answer_type": "exact"}}, "problem.answer"),
+    ],
+)
 def test_bad_row_names_file_line_and_field_before_grading(tmp_path, bad, field):
     rows = [SAMPLES[0], {**SAMPLES[1], **bad}]
     samples = write(tmp_path / "samples.jsonl", rows)
@@ -89,8 +110,9 @@ def test_duplicate_sample_is_rejected(tmp_path):
 
 
 def test_format_counts_shows_both_accuracies():
-    text = format_counts({"correct": 3, "incorrect": 1, "no_answer": 1, "truncated": 1,
-                          "judge_error": 0})
+    text = format_counts(
+        {"correct": 3, "incorrect": 1, "no_answer": 1, "truncated": 1, "judge_error": 0}
+    )
     # 3 of 6 samples = 50.0 %; 3 of the 4 graded (correct + incorrect) = 75.0 %.
     assert "accuracy 50.0% of all samples (3/6); 75.0% of graded (3/4)" in text
 

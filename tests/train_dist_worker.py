@@ -37,22 +37,24 @@ def one_step(cfg, accelerator):
     from posttrain.train.offline import step_gradients
 
     tok = load_tokenizer(cfg.model)
-    examples, _ = load_examples(cfg.data, tok, preference=cfg.preference,
-                                max_length=cfg.max_length)
+    examples, _ = load_examples(cfg.data, tok, preference=cfg.preference, max_length=cfg.max_length)
     model = load_model(cfg.model, dtype="fp32")
-    ref = reference_logps(model, examples, batch_size=8, pad_id=tok.pad_token_id,
-                          device="cpu") if cfg.preference else None
+    ref = (
+        reference_logps(model, examples, batch_size=8, pad_id=tok.pad_token_id, device="cpu")
+        if cfg.preference
+        else None
+    )
     model = perturbed_lora(model)
     P = accelerator.num_processes
     policy = accelerator.prepare_model(model) if P > 1 else model
     lengths = [e.length for e in examples]
     batch = epoch_batches(lengths, cfg.batch_size * cfg.grad_accum * P, cfg.seed, 0)[0]
-    loss_sum, _, _ = step_gradients(policy, examples, batch, ref, cfg, accelerator,
-                                    lengths=lengths, pad_id=tok.pad_token_id)
+    loss_sum, _, _ = step_gradients(
+        policy, examples, batch, ref, cfg, accelerator, lengths=lengths, pad_id=tok.pad_token_id
+    )
     if P > 1:
         loss_sum = accelerator.reduce(loss_sum, reduction="sum")
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()
-             if p.requires_grad}
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     return float(loss_sum) / P, grads
 
 
@@ -72,8 +74,9 @@ def main() -> None:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         torch.save({"loss": loss, "grads": grads}, out / "grads.pt")
-    run = train_config(method, None, settings + ["max_steps=2", "lr=1e-3"], model=model_dir,
-                       data=data)
+    run = train_config(
+        method, None, settings + ["max_steps=2", "lr=1e-3"], model=model_dir, data=data
+    )
     train(run, out / "run", progress=False)
 
 

@@ -36,8 +36,9 @@ def fsdp2_step(cfg, procs) -> tuple[float, float, dict[str, torch.Tensor]]:
     P = procs.num_processes
     lengths = [e.length for e in examples]
     batch = epoch_batches(lengths, cfg.batch_size * cfg.grad_accum * P, cfg.seed, 0)[0]
-    loss_sum, _, _ = step_gradients(policy, examples, batch, ref, cfg, procs, lengths=lengths,
-                                    pad_id=tok.pad_token_id)
+    loss_sum, _, _ = step_gradients(
+        policy, examples, batch, ref, cfg, procs, lengths=lengths, pad_id=tok.pad_token_id
+    )
     loss = float(procs.reduce(loss_sum)) / P
     grads = {n: p.grad.full_tensor() for n, p in policy.named_parameters() if p.requires_grad}
     norm = procs.clip(policy, 0.0)  # 0: measure only
@@ -68,11 +69,18 @@ def storage(model_dir: str, strategy: str, procs, batch: dict) -> dict[str, int]
 
     params = local_storage(module)
     grads = [local(p.grad) for p in module.parameters() if p.grad is not None]
-    states = [local(v) for s in optimizer.state.values() for v in s.values()
-              if torch.is_tensor(v) and v.dim() > 0]
-    return {"param_numel": params["numel"], "param_bytes": params["bytes"],
-            "grad_bytes": sum(g.numel() * g.element_size() for g in grads),
-            "optim_bytes": sum(s.numel() * s.element_size() for s in states)}
+    states = [
+        local(v)
+        for s in optimizer.state.values()
+        for v in s.values()
+        if torch.is_tensor(v) and v.dim() > 0
+    ]
+    return {
+        "param_numel": params["numel"],
+        "param_bytes": params["bytes"],
+        "grad_bytes": sum(g.numel() * g.element_size() for g in grads),
+        "optim_bytes": sum(s.numel() * s.element_size() for s in states),
+    }
 
 
 def main() -> None:
@@ -84,9 +92,20 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     procs = Processes("fsdp2")
     # 2 processes x 1 row x 2 accumulation steps = the single process's batch of 4.
-    cfg = train_config("dpo", None, ["dtype=fp32", "batch_size=1", "grad_accum=2", "lora.r=4",
-                                     "lora.alpha=8", "strategy=fsdp2"], model=model_dir,
-                       data=data)
+    cfg = train_config(
+        "dpo",
+        None,
+        [
+            "dtype=fp32",
+            "batch_size=1",
+            "grad_accum=2",
+            "lora.r=4",
+            "lora.alpha=8",
+            "strategy=fsdp2",
+        ],
+        model=model_dir,
+        data=data,
+    )
     loss, norm, grads = fsdp2_step(cfg, procs)
     if procs.is_main_process:
         torch.save({"loss": loss, "grad_norm": norm, "grads": grads}, out / "step.pt")

@@ -64,14 +64,21 @@ def chat_completions_url(base_url: str) -> str:
 class ServerClient:
     """One server's client: JSON in, JSON dict out, retries by the openai library."""
 
-    def __init__(self, base_url: str, *, api_key_env: str = "OPENAI_API_KEY",
-                 timeout: float = 600.0, max_retries: int = 5):
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key_env: str = "OPENAI_API_KEY",
+        timeout: float = 600.0,
+        max_retries: int = 5,
+    ):
         self.base = api_base(base_url)
         self.root = self.base[: -len("/v1")]  # vLLM's /tokenize and /detokenize live here
         self.api_key_env = api_key_env  # the variable's name only, never its value
         self.timeout, self.max_retries = timeout, max_retries
-        self._client = openai.OpenAI(base_url=self.base, api_key=_UNUSED_KEY, timeout=timeout,
-                                     max_retries=max_retries)
+        self._client = openai.OpenAI(
+            base_url=self.base, api_key=_UNUSED_KEY, timeout=timeout, max_retries=max_retries
+        )
 
     def __repr__(self) -> str:
         return f"ServerClient({self.base!r}, api_key_env={self.api_key_env!r})"
@@ -81,9 +88,16 @@ class ServerClient:
         # openai.Omit() removes the header the library would otherwise add
         return {"Authorization": f"Bearer {key}" if key else openai.Omit()}
 
-    def request(self, method: str, path: str, body: dict | None = None, *,
-                timeout: float | None = None, max_retries: int | None = None,
-                text: bool = False) -> dict | str:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: dict | None = None,
+        *,
+        timeout: float | None = None,
+        max_retries: int | None = None,
+        text: bool = False,
+    ) -> dict | str:
         """`method` ("get" | "post") `path` (relative to .../v1, or an absolute http URL);
         returns the JSON object the server sent (its text when `text`). Raises
         EngineUnavailable, ServerRejected, BadReply; never anything carrying the key."""
@@ -98,21 +112,26 @@ class ServerClient:
             if method == "get":
                 response = self._client.get(url, cast_to=httpx2.Response, options=options)
             else:
-                response = self._client.post(url, body=body, cast_to=httpx2.Response,
-                                             options=options)
+                response = self._client.post(
+                    url, body=body, cast_to=httpx2.Response, options=options
+                )
         except openai.APIStatusError as e:
             status, detail = e.status_code, _snippet(e.response.text)
             if status in (408, 409, 429) or status >= 500:
-                raise EngineUnavailable(f"{url}: HTTP {status} after {attempts} attempt(s): "
-                                        f"{detail}") from None
+                raise EngineUnavailable(
+                    f"{url}: HTTP {status} after {attempts} attempt(s): {detail}"
+                ) from None
             raise ServerRejected(url, status, detail) from None
         except openai.APITimeoutError:
-            raise EngineUnavailable(f"{url}: timed out ({timeout or self.timeout:g} s) after "
-                                    f"{attempts} attempt(s)") from None
+            raise EngineUnavailable(
+                f"{url}: timed out ({timeout or self.timeout:g} s) after {attempts} attempt(s)"
+            ) from None
         except openai.APIConnectionError as e:
             cause = e.__cause__ or e
-            raise EngineUnavailable(f"{url}: cannot connect after {attempts} attempt(s): "
-                                    f"{type(cause).__name__}: {cause}") from None
+            raise EngineUnavailable(
+                f"{url}: cannot connect after {attempts} attempt(s): "
+                f"{type(cause).__name__}: {cause}"
+            ) from None
         if text:
             return response.text
         try:
@@ -120,8 +139,9 @@ class ServerClient:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise BadReply(f"{url}: server sent non-JSON: {_snippet(response.text)}") from None
         if not isinstance(reply, dict):
-            raise BadReply(f"{url}: server sent JSON that is not an object: "
-                           f"{_snippet(response.text)}")
+            raise BadReply(
+                f"{url}: server sent JSON that is not an object: {_snippet(response.text)}"
+            )
         return reply
 
     def post(self, path: str, body: dict, **kw) -> dict:
@@ -139,8 +159,9 @@ class ServerClient:
             raise EngineUnavailable(f"server {self.base} is not answering: {e}") from None
         data = reply.get("data")
         if not isinstance(data, list):
-            raise EngineUnavailable(f"server {self.base}: /v1/models has no 'data' list: "
-                                    f"{_snippet(json.dumps(reply))}")
+            raise EngineUnavailable(
+                f"server {self.base}: /v1/models has no 'data' list: {_snippet(json.dumps(reply))}"
+            )
         return [m.get("id") for m in data if isinstance(m, dict)]
 
     def close(self) -> None:

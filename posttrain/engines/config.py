@@ -51,11 +51,15 @@ class EngineConfig:
         for f in fields(self):
             owner = KIND_OF.get(f.name)
             if owner and owner != self.kind and getattr(self, f.name) != getattr(default, f.name):
-                raise ConfigError(f"engine.{f.name}: set to {getattr(self, f.name)!r}, but it "
-                                  f"is a {owner} option and engine.kind is {self.kind!r}")
+                raise ConfigError(
+                    f"engine.{f.name}: set to {getattr(self, f.name)!r}, but it "
+                    f"is a {owner} option and engine.kind is {self.kind!r}"
+                )
         if self.kind == "openai" and not self.base_urls:
-            raise ConfigError("engine.base_urls: empty; the openai engine needs at least one "
-                              "server URL, e.g. http://127.0.0.1:8000/v1")
+            raise ConfigError(
+                "engine.base_urls: empty; the openai engine needs at least one "
+                "server URL, e.g. http://127.0.0.1:8000/v1"
+            )
         if (self.batch_size is not None and self.batch_size < 1) or self.concurrency < 1:
             raise ConfigError("engine.batch_size and engine.concurrency: expected >= 1")
 
@@ -69,8 +73,26 @@ def batch_size(config: EngineConfig) -> int:
 
 # which kind each kind-specific key belongs to (unlisted keys are shared)
 KIND_OF = {
-    **dict.fromkeys(("tensor_parallel_size", "data_parallel_size", "gpu_memory_utilization",
-                     "max_model_len", "enable_prefix_caching"), "vllm"),
-    **dict.fromkeys(("base_urls", "served_model", "api_key_env", "concurrency", "timeout",
-                     "max_retries", "send_seed"), "openai"),
+    **dict.fromkeys(
+        (
+            "tensor_parallel_size",
+            "data_parallel_size",
+            "gpu_memory_utilization",
+            "max_model_len",
+            "enable_prefix_caching",
+        ),
+        "vllm",
+    ),
+    **dict.fromkeys(
+        (
+            "base_urls",
+            "served_model",
+            "api_key_env",
+            "concurrency",
+            "timeout",
+            "max_retries",
+            "send_seed",
+        ),
+        "openai",
+    ),
 }

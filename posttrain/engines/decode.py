@@ -28,8 +28,9 @@ class Decoded:
     finish_reason: str  # "stop" (an end-of-sequence id) | "length" (max_new_tokens reached)
 
 
-def choose_tokens(logits: torch.Tensor, temperature: float, top_p: float,
-                  generator: torch.Generator | None) -> torch.Tensor:
+def choose_tokens(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
     """(A, V) float logits -> (A,) ids: argmax when temperature <= 0, else a nucleus sample."""
     if temperature <= 0:
         return logits.argmax(-1)
@@ -43,9 +44,17 @@ def choose_tokens(logits: torch.Tensor, temperature: float, top_p: float,
 
 
 @torch.no_grad()
-def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
-           eos_ids: set[int], temperature: float = 0.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> list[Decoded]:
+def decode(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_ids: set[int],
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> list[Decoded]:
     """Generate from a left-padded batch (B, T); returns one `Decoded` per row, in order."""
     from transformers import DynamicCache
 
@@ -60,15 +69,22 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
     alive = torch.arange(B)  # original row of each cache row
     mask = attention_mask
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): left padding starts at 0
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     for step in range(max_new_tokens):
         logits = out.logits[:, -1].float()  # (A, V)
         chosen = choose_tokens(logits, temperature, top_p, generator)  # (A,)
         chosen_logp = torch.log_softmax(logits, -1).gather(-1, chosen[:, None]).squeeze(-1)
         ended = torch.isin(chosen, eos)  # (A,)
-        for row, t, lp, done in zip(alive.tolist(), chosen.tolist(), chosen_logp.tolist(),
-                                    ended.tolist()):
+        for row, t, lp, done in zip(
+            alive.tolist(), chosen.tolist(), chosen_logp.tolist(), ended.tolist()
+        ):
             tokens[row].append(t)
             logps[row].append(lp)
             if done:
@@ -82,7 +98,11 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
             cache.batch_select_indices(keep)
             alive, mask, chosen = alive[keep.cpu()], mask[keep], chosen[keep]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)  # (A', T + step + 1)
-        out = model(input_ids=chosen[:, None], attention_mask=mask,
-                    position_ids=mask.sum(-1, keepdim=True) - 1, past_key_values=cache,
-                    use_cache=True)
+        out = model(
+            input_ids=chosen[:, None],
+            attention_mask=mask,
+            position_ids=mask.sum(-1, keepdim=True) - 1,
+            past_key_values=cache,
+            use_cache=True,
+        )
     return [Decoded(tokens[i], logps[i], finish[i]) for i in range(B)]

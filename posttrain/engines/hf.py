@@ -19,8 +19,15 @@ from .decode import decode
 class HFEngine:
     name = "hf"
 
-    def __init__(self, model, tokenizer, model_id: str = "model", batch_size: int = 8,
-                 progress: bool = False, chat_template_kwargs: dict | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        model_id: str = "model",
+        batch_size: int = 8,
+        progress: bool = False,
+        chat_template_kwargs: dict | None = None,
+    ):
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.batch_size = batch_size
         self.progress = progress
@@ -32,27 +39,42 @@ class HFEngine:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
 
     @classmethod
-    def from_name(cls, name: str, *, dtype="auto", batch_size: int = 8,
-                  trust_remote_code: bool = False, adapter=None, device: str = "auto",
-                  chat_template_kwargs: dict | None = None) -> "HFEngine":
+    def from_name(
+        cls,
+        name: str,
+        *,
+        dtype="auto",
+        batch_size: int = 8,
+        trust_remote_code: bool = False,
+        adapter=None,
+        device: str = "auto",
+        chat_template_kwargs: dict | None = None,
+    ) -> "HFEngine":
         """`device` auto: CUDA when present (several GPUs when the model outgrows one), else the
         CPU, said on stderr; `dtype` auto is resolved for that device; an adapter is merged there."""
         from ..models import load_tokenizer, load_with_adapter, resolve_device
 
         device = resolve_device(device)
-        model = load_with_adapter(name, adapter, dtype=dtype, trust_remote_code=trust_remote_code,
-                                  device=device)
+        model = load_with_adapter(
+            name, adapter, dtype=dtype, trust_remote_code=trust_remote_code, device=device
+        )
         model.eval()
         tok = load_tokenizer(name, trust_remote_code=trust_remote_code)
-        return cls(model, tok, model_id=name if adapter is None else f"{name}+{adapter}",
-                   batch_size=batch_size, chat_template_kwargs=chat_template_kwargs)
+        return cls(
+            model,
+            tok,
+            model_id=name if adapter is None else f"{name}+{adapter}",
+            batch_size=batch_size,
+            chat_template_kwargs=chat_template_kwargs,
+        )
 
     def close(self) -> None:
         self.model = None  # the weights go with the last reference
 
     def render_prompt(self, messages: Messages) -> str:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                  tokenize=False, **self.chat_template_kwargs)
+        return self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False, **self.chat_template_kwargs
+        )
 
     def generate(self, prompts: list[Messages], params: SamplingParams) -> list[list[Completion]]:
         texts = [self.render_prompt(m) for m in prompts]
@@ -60,11 +82,11 @@ class HFEngine:
         out: list[Completion] = []
         bar = tqdm(total=len(flat), desc="generate", disable=not self.progress, leave=False)
         for start in range(0, len(flat), self.batch_size):
-            chunk = flat[start:start + self.batch_size]
+            chunk = flat[start : start + self.batch_size]
             out.extend(self._generate_batch(chunk, params, seed=params.seed + start))
             bar.update(len(chunk))
         bar.close()
-        return [out[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]
+        return [out[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
 
     @torch.no_grad()
     def _generate_batch(self, texts: list[str], params: SamplingParams, seed: int):
@@ -74,19 +96,28 @@ class HFEngine:
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(self.model.device) for k, v in enc.items()}
         generator = torch.Generator(device=self.model.device).manual_seed(seed)
-        rows = decode(self.model, enc["input_ids"], enc["attention_mask"],
-                      max_new_tokens=params.max_new_tokens, eos_ids=self.eos_ids,
-                      temperature=params.temperature, top_p=params.top_p, generator=generator)
+        rows = decode(
+            self.model,
+            enc["input_ids"],
+            enc["attention_mask"],
+            max_new_tokens=params.max_new_tokens,
+            eos_ids=self.eos_ids,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            generator=generator,
+        )
         completions = []
         for row in rows:
             ids = row.token_ids
             total = float(sum(row.logprobs))
-            completions.append(Completion(
-                text=tok.decode(ids, skip_special_tokens=True),
-                finish_reason=row.finish_reason,
-                token_ids=ids,
-                sum_logprob=total,
-                mean_logprob=total / len(ids) if ids else None,
-                token_logprobs=list(row.logprobs),
-            ))
+            completions.append(
+                Completion(
+                    text=tok.decode(ids, skip_special_tokens=True),
+                    finish_reason=row.finish_reason,
+                    token_ids=ids,
+                    sum_logprob=total,
+                    mean_logprob=total / len(ids) if ids else None,
+                    token_logprobs=list(row.logprobs),
+                )
+            )
         return completions

@@ -43,8 +43,14 @@ log = logging.getLogger("posttrain.engines.openai")
 
 # finish_reason -> ours; anything else (None, "abort", "content_filter") did not end normally
 # and counts as cut off, so the grader says truncated instead of grading a partial answer
-FINISH = {"stop": "stop", "eos": "stop", "end_turn": "stop", "tool_calls": "stop",
-          "function_call": "stop", "length": "length"}
+FINISH = {
+    "stop": "stop",
+    "eos": "stop",
+    "end_turn": "stop",
+    "tool_calls": "stop",
+    "function_call": "stop",
+    "length": "length",
+}
 # optional request fields a server may refuse; it is then asked again without them
 OPTIONAL = ("return_token_ids", "logprobs", "seed")
 _CONTEXT = re.compile(r"context length|context window|maximum.*tokens|too long", re.IGNORECASE)
@@ -54,15 +60,26 @@ _TOKEN_ID = re.compile(r"token_id:(\d+)")
 class OpenAIEngine:
     name = "openai"
 
-    def __init__(self, base_urls: list[str], model_id: str, *, served_model: str | None = None,
-                 api_key_env: str = "OPENAI_API_KEY", concurrency: int = 16,
-                 timeout: float = 600.0, max_retries: int = 5,
-                 chat_template_kwargs: dict | None = None, send_seed: bool = True,
-                 probe: bool = True):
+    def __init__(
+        self,
+        base_urls: list[str],
+        model_id: str,
+        *,
+        served_model: str | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        concurrency: int = 16,
+        timeout: float = 600.0,
+        max_retries: int = 5,
+        chat_template_kwargs: dict | None = None,
+        send_seed: bool = True,
+        probe: bool = True,
+    ):
         if not base_urls:
             raise ConfigError("openai engine: no base URL given")
-        self.clients = [ServerClient(u, api_key_env=api_key_env, timeout=timeout,
-                                     max_retries=max_retries) for u in base_urls]
+        self.clients = [
+            ServerClient(u, api_key_env=api_key_env, timeout=timeout, max_retries=max_retries)
+            for u in base_urls
+        ]
         self.model_id = model_id  # recorded in every row
         self.served_model = served_model or model_id  # the name the servers know it by
         self.request_model = self.served_model  # an adapter's name after load_adapter
@@ -82,11 +99,13 @@ class OpenAIEngine:
             for client in self.clients:
                 names = client.probe()
                 if self.served_model not in names:
-                    raise ConfigError(f"{client.base} serves {names}, not {self.served_model!r}:"
-                                      " set engine.served_model to the server's model name")
+                    raise ConfigError(
+                        f"{client.base} serves {names}, not {self.served_model!r}:"
+                        " set engine.served_model to the server's model name"
+                    )
 
     def __repr__(self) -> str:
-        return (f"OpenAIEngine({[c.base for c in self.clients]}, model={self.request_model!r})")
+        return f"OpenAIEngine({[c.base for c in self.clients]}, model={self.request_model!r})"
 
     # ------------------------------------------------------------------ the Engine interface
 
@@ -127,16 +146,19 @@ class OpenAIEngine:
             body["chat_template_kwargs"] = self.chat_template_kwargs
         try:
             tokens = client.post(client.root + "/tokenize", body)["tokens"]
-            text = client.post(client.root + "/detokenize",
-                               {"model": self.served_model, "tokens": tokens})["prompt"]
+            text = client.post(
+                client.root + "/detokenize", {"model": self.served_model, "tokens": tokens}
+            )["prompt"]
             if isinstance(text, str):
                 return text
         except (ServerRejected, BadReply, KeyError, TypeError):
             pass
         self._render_ok = False
-        log.warning("%s cannot render prompts (no vLLM /tokenize): a chat template that opens "
-                    "<think> in the prompt is not detected; use a server reasoning parser",
-                    client.base)
+        log.warning(
+            "%s cannot render prompts (no vLLM /tokenize): a chat template that opens "
+            "<think> in the prompt is not detected; use a server reasoning parser",
+            client.base,
+        )
         return ""
 
     def load_adapter(self, path: str, name: str) -> None:
@@ -150,10 +172,16 @@ class OpenAIEngine:
             try:
                 client.post("/load_lora_adapter", body, text=True)
             except ServerRejected as e:
-                hint = (" (start the server with --enable-lora and "
-                        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)" if e.status in (404, 405) else "")
-                raise ValueError(f"{client.base}: cannot load adapter {path} as {name!r}: "
-                                 f"HTTP {e.status}: {e.message}{hint}") from None
+                hint = (
+                    " (start the server with --enable-lora and "
+                    "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)"
+                    if e.status in (404, 405)
+                    else ""
+                )
+                raise ValueError(
+                    f"{client.base}: cannot load adapter {path} as {name!r}: "
+                    f"HTTP {e.status}: {e.message}{hint}"
+                ) from None
         self._adapters.add(name)
         self.request_model = name
 
@@ -167,8 +195,9 @@ class OpenAIEngine:
     def _submit(self, messages, params, n, seed):
         return self._pool.submit(self._sample, next(self._turn), messages, params, n, seed)
 
-    def _sample(self, turn: int, messages, params: SamplingParams, n: int,
-                seed: int) -> list[Completion]:
+    def _sample(
+        self, turn: int, messages, params: SamplingParams, n: int, seed: int
+    ) -> list[Completion]:
         """`n` completions of one prompt; fans out into single requests when `n` is refused."""
         got = []
         if n == 1 or self._n_ok:  # (another request may have learnt meanwhile that n is refused)
@@ -179,8 +208,11 @@ class OpenAIEngine:
         if len(got) < n:  # n refused, or fewer choices than asked: fetch the rest one by one
             if n > 1 and self._n_ok:
                 self._n_ok = False
-                log.warning("server refused n=%d or returned fewer choices: sending n single "
-                            "requests per prompt from now on", n)
+                log.warning(
+                    "server refused n=%d or returned fewer choices: sending n single "
+                    "requests per prompt from now on",
+                    n,
+                )
             for j in range(len(got), n):
                 got += self._request(turn, messages, params, 1, seed + j)[:1]
         return got[:n]
@@ -195,13 +227,20 @@ class OpenAIEngine:
                 if field == "n" and n > 1:
                     raise _NRefused() from None
                 if field in OPTIONAL:
-                    log.warning("%s refused %r (%s): asking without it from now on", e.url,
-                                field, e.message[:120])
+                    log.warning(
+                        "%s refused %r (%s): asking without it from now on",
+                        e.url,
+                        field,
+                        e.message[:120],
+                    )
                     self._refused.add(field)
                     continue
                 if _CONTEXT.search(e.message):
-                    log.warning("%s: prompt does not fit the context, recorded as truncated: %s",
-                                e.url, e.message[:200])
+                    log.warning(
+                        "%s: prompt does not fit the context, recorded as truncated: %s",
+                        e.url,
+                        e.message[:200],
+                    )
                     return [Completion(text="", finish_reason="length") for _ in range(n)]
                 raise
             except BadReply as e:
@@ -211,9 +250,15 @@ class OpenAIEngine:
         raise AssertionError("unreachable: every optional field was dropped")
 
     def _body(self, messages, params: SamplingParams, n: int, seed: int) -> dict:
-        body = {"model": self.request_model, "messages": messages,
-                "max_tokens": params.max_new_tokens, "temperature": params.temperature,
-                "top_p": params.top_p, "logprobs": True, "return_token_ids": True}
+        body = {
+            "model": self.request_model,
+            "messages": messages,
+            "max_tokens": params.max_new_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "logprobs": True,
+            "return_token_ids": True,
+        }
         if n > 1:
             body["n"] = n
         if self.send_seed:
@@ -246,8 +291,11 @@ def _refused_field(message: str, body: dict) -> str | None:
     m = message.lower()
     for name in ("n", *OPTIONAL, "chat_template_kwargs"):
         if name in body and re.search(rf"(?<![a-z_]){re.escape(name)}(?![a-z_])", m):
-            if name == "n" and not re.search(r"['\"`]n['\"`]|\bn\b\s*(must|should|>|=)|"
-                                             r"parameter n\b", m):
+            if name == "n" and not re.search(
+                r"['\"`]n['\"`]|\bn\b\s*(must|should|>|=)|"
+                r"parameter n\b",
+                m,
+            ):
                 continue  # a bare "n" in prose is not the field
             return name
     return None
@@ -264,8 +312,10 @@ def parse_choices(reply: dict, n: int) -> list[Completion]:
     if not isinstance(choices, list):
         log.warning("reply without a choices list, recorded as empty: %.200s", reply)
         return [Completion(text="", finish_reason="stop") for _ in range(n)]
-    choices = sorted((c for c in choices if isinstance(c, dict)),
-                     key=lambda c: c.get("index", 0) if isinstance(c.get("index"), int) else 0)
+    choices = sorted(
+        (c for c in choices if isinstance(c, dict)),
+        key=lambda c: c.get("index", 0) if isinstance(c.get("index"), int) else 0,
+    )
     out = [parse_choice(c) for c in choices[:n]]
     usage = reply.get("usage") if isinstance(reply.get("usage"), dict) else {}
     if len(out) == 1 and out[0].token_count is None and not out[0].token_ids:
@@ -284,9 +334,13 @@ def parse_choice(choice: dict) -> Completion:
     if not (isinstance(ids, list) and all(isinstance(t, int) for t in ids)):
         ids = [int(m.group(1)) for t in tokens if (m := _TOKEN_ID.fullmatch(t or ""))]
         ids = ids if tokens and len(ids) == len(tokens) else []
-    completion = Completion(text=text if isinstance(text, str) else "", finish_reason=finish,
-                            token_ids=ids, token_logprobs=token_logprobs,
-                            reasoning=reasoning if isinstance(reasoning, str) else None)
+    completion = Completion(
+        text=text if isinstance(text, str) else "",
+        finish_reason=finish,
+        token_ids=ids,
+        token_logprobs=token_logprobs,
+        reasoning=reasoning if isinstance(reasoning, str) else None,
+    )
     if token_logprobs:
         completion.sum_logprob = math.fsum(token_logprobs)
         completion.mean_logprob = completion.sum_logprob / len(token_logprobs)

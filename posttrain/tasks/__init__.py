@@ -40,8 +40,17 @@ from ..records import Problem, read_problems
 from .decontaminate import decontaminate, normalise_question
 from .spec import LoadReport, Spec, SpecError, parse_spec
 
-__all__ = ["load_problems", "load_with_report", "decontaminate", "normalise_question",
-           "parse_spec", "Spec", "SpecError", "LoadReport", "LAST_REPORT"]
+__all__ = [
+    "load_problems",
+    "load_with_report",
+    "decontaminate",
+    "normalise_question",
+    "parse_spec",
+    "Spec",
+    "SpecError",
+    "LoadReport",
+    "LAST_REPORT",
+]
 
 log = logging.getLogger("posttrain.tasks")
 LAST_REPORT: LoadReport | None = None  # the report of the latest load_problems call

@@ -42,19 +42,25 @@ _ONES = range(2, 10)
 RANGES = {  # difficulty -> {op: (range of one operand, range of the other)}
     0: {"add": (range(0, 10),) * 2, "sub": (range(0, 10),) * 2, "mul": (_ONES, _ONES)},
     1: {"add": (range(0, 40),) * 2, "sub": (range(0, 40),) * 2, "mul": (_ONES, range(2, 50))},
-    2: {"add": (range(10, 100),) * 2, "sub": (range(10, 100),) * 2,
-        "mul": (_ONES, range(10, 100))},
-    3: {"add": (range(100, 1000),) * 2, "sub": (range(100, 1000),) * 2,
-        "mul": (range(10, 100), range(10, 100))},
-    4: {"add": (range(1000, 10000),) * 2, "sub": (range(1000, 10000),) * 2,
-        "mul": (range(10, 100), range(100, 1000))},
+    2: {"add": (range(10, 100),) * 2, "sub": (range(10, 100),) * 2, "mul": (_ONES, range(10, 100))},
+    3: {
+        "add": (range(100, 1000),) * 2,
+        "sub": (range(100, 1000),) * 2,
+        "mul": (range(10, 100), range(10, 100)),
+    },
+    4: {
+        "add": (range(1000, 10000),) * 2,
+        "sub": (range(1000, 10000),) * 2,
+        "mul": (range(10, 100), range(100, 1000)),
+    },
 }
 
 
 def operand_ranges(op: str, difficulty: int) -> tuple[range, range]:
     if difficulty not in RANGES:
-        raise ValueError(f"difficulty must be one of {', '.join(map(str, RANGES))}, "
-                         f"got {difficulty}")
+        raise ValueError(
+            f"difficulty must be one of {', '.join(map(str, RANGES))}, got {difficulty}"
+        )
     return RANGES[difficulty][op]
 
 
@@ -75,8 +81,9 @@ def answer_of(op: str, a: int, b: int) -> int:
     return a + b if op == "add" else a - b if op == "sub" else a * b
 
 
-def generate(n: int, *, split: str = "train", difficulty: int = 1, seed: int = 0,
-             ops: tuple[str, ...] = OPS) -> list[Problem]:
+def generate(
+    n: int, *, split: str = "train", difficulty: int = 1, seed: int = 0, ops: tuple[str, ...] = OPS
+) -> list[Problem]:
     """`n` distinct-fact questions of one split; raises ValueError if the split runs out."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be train or test, got {split!r}")
@@ -91,8 +98,10 @@ def generate(n: int, *, split: str = "train", difficulty: int = 1, seed: int = 0
     while len(problems) < n:
         tries += 1
         if tries > budget:
-            raise ValueError(f"found only {len(problems)} distinct {split} facts at difficulty "
-                             f"{difficulty} with ops {'+'.join(ops)}; ask for fewer")
+            raise ValueError(
+                f"found only {len(problems)} distinct {split} facts at difficulty "
+                f"{difficulty} with ops {'+'.join(ops)}; ask for fewer"
+            )
         op = rng.choice(ops)
         a, b = rng.choice(ranges[op][0]), rng.choice(ranges[op][1])
         if op == "sub" and a < b:
@@ -103,19 +112,28 @@ def generate(n: int, *, split: str = "train", difficulty: int = 1, seed: int = 0
         if fact in seen or split_of(fact) != split:
             continue
         seen.add(fact)
-        problems.append(Problem(
-            id=f"arith-{split}-{len(problems)}",
-            question=QUESTION.format(a=a, symbol=SYMBOLS[op], b=b),
-            answer=str(answer_of(op, a, b)), answer_type="exact", category=op,
-            source="builtin:arith", meta={"difficulty": difficulty, "op": op, "operands": [a, b]}))
+        problems.append(
+            Problem(
+                id=f"arith-{split}-{len(problems)}",
+                question=QUESTION.format(a=a, symbol=SYMBOLS[op], b=b),
+                answer=str(answer_of(op, a, b)),
+                answer_type="exact",
+                category=op,
+                source="builtin:arith",
+                meta={"difficulty": difficulty, "op": op, "operands": [a, b]},
+            )
+        )
     return problems
 
 
 def fact_of(problem: Problem) -> tuple[str, int, int] | None:
     """The canonical fact of a built-in arithmetic problem (None for any other problem)."""
     meta = problem.meta or {}
-    if meta.get("op") in OPS and isinstance(meta.get("operands"), list) \
-            and len(meta["operands"]) == 2:
+    if (
+        meta.get("op") in OPS
+        and isinstance(meta.get("operands"), list)
+        and len(meta["operands"]) == 2
+    ):
         return canonical_fact(meta["op"], *meta["operands"])
     return None
 
@@ -134,8 +152,12 @@ def load(spec: Spec, limit: int | None) -> list[Problem]:
         n = min(n, limit)
     ops = tuple(spec.options.get("ops", "+".join(OPS)).split("+"))
     try:
-        return generate(n, split=spec.options.get("split", "train"),
-                        difficulty=spec.int_option("difficulty", 1),
-                        seed=spec.int_option("seed", 0), ops=ops)
+        return generate(
+            n,
+            split=spec.options.get("split", "train"),
+            difficulty=spec.int_option("difficulty", 1),
+            seed=spec.int_option("seed", 0),
+            ops=ops,
+        )
     except ValueError as e:
         raise SpecError(spec.text, str(e)) from None

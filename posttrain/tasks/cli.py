@@ -19,8 +19,13 @@ from . import decontaminate, load_problems, load_with_report
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="problem source, e.g. builtin:arith:300?split=test")
     parser.add_argument("--limit", type=int, default=None, help="keep only the first N problems")
-    parser.add_argument("--exclude", action="append", default=[], metavar="SOURCE",
-                        help="drop problems also in this (eval) source; may be repeated")
+    parser.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="SOURCE",
+        help="drop problems also in this (eval) source; may be repeated",
+    )
     parser.add_argument("--out", required=True, help="output JSONL of Problem records")
 
 
@@ -36,13 +41,12 @@ def summary_lines(problems, report, dropped: int) -> list[str]:
 
 def main(args) -> int:
     # With --exclude the limit comes after decontamination, so --limit counts clean problems.
-    problems, report = load_with_report(args.source,
-                                        limit=None if args.exclude else args.limit)
+    problems, report = load_with_report(args.source, limit=None if args.exclude else args.limit)
     dropped = 0
     for source in args.exclude:
         problems, n = decontaminate(problems, load_problems(source))
         dropped += n
-    problems = problems[:args.limit] if args.limit is not None else problems
+    problems = problems[: args.limit] if args.limit is not None else problems
     write_jsonl(args.out, (p.to_dict() for p in problems))
     print("\n".join(summary_lines(problems, report, dropped)))
     print(f"wrote {args.out}")

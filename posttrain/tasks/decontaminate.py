@@ -29,6 +29,7 @@ def decontaminate(train: list[Problem], eval: list[Problem]) -> tuple[list[Probl
     """(training problems not in `eval`, how many were dropped); order is kept."""
     texts = {normalise_question(p.question) for p in eval}
     facts = {f for f in map(fact_of, eval) if f is not None}
-    kept = [p for p in train
-            if normalise_question(p.question) not in texts and fact_of(p) not in facts]
+    kept = [
+        p for p in train if normalise_question(p.question) not in texts and fact_of(p) not in facts
+    ]
     return kept, len(train) - len(kept)

@@ -31,8 +31,12 @@ class _UniqueIds:
 
     def add(self, pid: str, line: int, field: str = "id") -> str:
         if pid in self.first:
-            raise DataError(self.path, line, f"duplicate id {pid!r} (first on line "
-                            f"{self.first[pid]})", field=field)
+            raise DataError(
+                self.path,
+                line,
+                f"duplicate id {pid!r} (first on line {self.first[pid]})",
+                field=field,
+            )
         self.first[pid] = line
         return pid
 
@@ -60,8 +64,12 @@ def load_hle(spec: Spec, skipped: dict) -> list[Problem]:
         answer = require(row, "answer", (str, int, float), path, line)
         kind = require(row, "answer_type", str, path, line)
         if kind not in HLE_TYPES:
-            raise DataError(path, line, f"expected one of {', '.join(HLE_TYPES)}; got {kind!r}",
-                            field="answer_type")
+            raise DataError(
+                path,
+                line,
+                f"expected one of {', '.join(HLE_TYPES)}; got {kind!r}",
+                field="answer_type",
+            )
         category = require(row, "category", str, path, line, optional=True)
         ids.add(pid, line)
         if require(row, "image", str, path, line, optional=True):
@@ -70,13 +78,26 @@ def load_hle(spec: Spec, skipped: dict) -> list[Problem]:
         choices = parse_choices(question) if kind == "multipleChoice" else None
         answer = str(answer).strip()
         if choices and not (len(answer) == 1 and 0 <= ord(answer) - ord("A") < len(choices)):
-            raise DataError(path, line, f"expected a letter A-{chr(ord('A') + len(choices) - 1)} "
-                            f"(the question lists {len(choices)} options); got {answer!r}",
-                            field="answer")
+            raise DataError(
+                path,
+                line,
+                f"expected a letter A-{chr(ord('A') + len(choices) - 1)} "
+                f"(the question lists {len(choices)} options); got {answer!r}",
+                field="answer",
+            )
         meta = {k: row[k] for k in ("raw_subject",) if row.get(k)}
-        problems.append(Problem(id=pid, question=question, answer=answer,
-                                answer_type=HLE_TYPES[kind], choices=choices, category=category,
-                                source="hle", meta=meta))
+        problems.append(
+            Problem(
+                id=pid,
+                question=question,
+                answer=answer,
+                answer_type=HLE_TYPES[kind],
+                choices=choices,
+                category=category,
+                source="hle",
+                meta=meta,
+            )
+        )
     return problems
 
 
@@ -88,17 +109,26 @@ def load_gsm8k(spec: Spec, skipped: dict) -> list[Problem]:
         question = require(row, "question", str, path, line)
         solution = require(row, "answer", str, path, line)
         if "####" not in solution:
-            raise DataError(path, line, "expected a worked solution ending in '#### N'",
-                            field="answer")
+            raise DataError(
+                path, line, "expected a worked solution ending in '#### N'", field="answer"
+            )
         worked, _, final = solution.rpartition("####")
         final = final.strip().replace(",", "")
         if not _GSM8K_NUMBER.fullmatch(final):
-            raise DataError(path, line, f"expected a number after '####'; got {final!r}",
-                            field="answer")
+            raise DataError(
+                path, line, f"expected a number after '####'; got {final!r}", field="answer"
+            )
         pid = str(require(row, "id", (str, int), path, line)) if "id" in row else f"gsm8k-{line}"
-        problems.append(Problem(id=ids.add(pid, line), question=question, answer=final,
-                                answer_type="math", source="gsm8k",
-                                meta={"solution": worked.strip()}))
+        problems.append(
+            Problem(
+                id=ids.add(pid, line),
+                question=question,
+                answer=final,
+                answer_type="math",
+                source="gsm8k",
+                meta={"solution": worked.strip()},
+            )
+        )
     return problems
 
 
@@ -111,7 +141,7 @@ def load_dna(spec: Spec, skipped: dict) -> list[Problem]:
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise DataError(path, line, f"not valid UTF-8 (byte {e.start})") from None
     reader = csv.reader(text.splitlines(keepends=True))
     header = next(reader, None)
@@ -120,8 +150,12 @@ def load_dna(spec: Spec, skipped: dict) -> list[Problem]:
     header = [h.strip() for h in header]
     missing = [c for c in DNA_COLUMNS if c not in header]
     if missing:
-        raise DataError(path, 1, f"missing column(s) {', '.join(missing)}; the header has "
-                        f"{', '.join(header)}", field=missing[0])
+        raise DataError(
+            path,
+            1,
+            f"missing column(s) {', '.join(missing)}; the header has {', '.join(header)}",
+            field=missing[0],
+        )
     col = {c: header.index(c) for c in DNA_COLUMNS}
     ids, problems, start = _UniqueIds(path), [], reader.line_num + 1
     for values in reader:
@@ -134,10 +168,20 @@ def load_dna(spec: Spec, skipped: dict) -> list[Problem]:
         for c in ("id", "question"):
             if not row[c]:
                 raise DataError(path, line, "empty", field=c)
-        problems.append(Problem(
-            id=ids.add(f"dna-{row['id']}", line), question=row["question"], answer="",
-            answer_type="refusal", category=row["risk_area"] or None, source="dna",
-            meta={"types_of_harm": row["types_of_harm"], "specific_harms": row["specific_harms"]}))
+        problems.append(
+            Problem(
+                id=ids.add(f"dna-{row['id']}", line),
+                question=row["question"],
+                answer="",
+                answer_type="refusal",
+                category=row["risk_area"] or None,
+                source="dna",
+                meta={
+                    "types_of_harm": row["types_of_harm"],
+                    "specific_harms": row["specific_harms"],
+                },
+            )
+        )
     if not problems:
         raise DataError(path, None, "empty file: no rows after the header")
     return problems
@@ -148,8 +192,10 @@ def detect_format(path: str) -> str:
     HLE (id, question, answer, answer_type exactMatch|multipleChoice), native problems
     (answer_type one of ours), GSM8K (question, answer with '#### N'), Do-Not-Answer CSV (its
     columns). Anything else is an error that names the prefixes to use."""
-    hint = ("name the format with a prefix: hle:PATH, gsm8k:PATH, dna:PATH.csv, native:PATH, "
-            "or jsonl:PATH?question=F&answer=F&answer_type=TYPE to map other fields")
+    hint = (
+        "name the format with a prefix: hle:PATH, gsm8k:PATH, dna:PATH.csv, native:PATH, "
+        "or jsonl:PATH?question=F&answer=F&answer_type=TYPE to map other fields"
+    )
     if not Path(path).exists():
         raise DataError(path, None, "file not found")
     if path.endswith(".csv"):
@@ -157,8 +203,12 @@ def detect_format(path: str) -> str:
         header = next(csv.reader(head[:1]), []) if head else []
         if all(c in [h.strip() for h in header] for c in DNA_COLUMNS):
             return "dna"
-        raise DataError(path, 1, f"a CSV without Do-Not-Answer's columns ({', '.join(DNA_COLUMNS)}"
-                        f"); the header has {', '.join(header) or 'nothing'}; {hint}")
+        raise DataError(
+            path,
+            1,
+            f"a CSV without Do-Not-Answer's columns ({', '.join(DNA_COLUMNS)}"
+            f"); the header has {', '.join(header) or 'nothing'}; {hint}",
+        )
     line, row = next(iter_jsonl(path))
     kind = row.get("answer_type")
     if kind in HLE_TYPES and {"id", "question", "answer"} <= set(row):
@@ -169,8 +219,9 @@ def detect_format(path: str) -> str:
     answer = row.get("answer")
     if kind is None and "question" in row and isinstance(answer, str) and "####" in answer:
         return "gsm8k"
-    raise DataError(path, line, f"cannot tell the format from the fields ({', '.join(row)}); "
-                    + hint)
+    raise DataError(
+        path, line, f"cannot tell the format from the fields ({', '.join(row)}); " + hint
+    )
 
 
 def field_mapping(spec: Spec) -> dict[str, str]:
@@ -179,29 +230,39 @@ def field_mapping(spec: Spec) -> dict[str, str]:
     return {f: spec.options.get(f, f) for f in MAPPED_FIELDS}
 
 
-def problem_from_row(row: dict, mapping: dict[str, str], where, line: int, default_id: str,
-                     source: str) -> Problem:
+def problem_from_row(
+    row: dict, mapping: dict[str, str], where, line: int, default_id: str, source: str
+) -> Problem:
     """One mapped row -> Problem; errors name the SOURCE field, which is what the file holds."""
     kind = mapping["answer_type"]
     if kind not in ANSWER_TYPES:
         kind = require(row, kind, str, where, line)
         if kind not in ANSWER_TYPES:
-            raise DataError(where, line, f"expected one of {', '.join(ANSWER_TYPES)}; got "
-                            f"{kind!r}", field=mapping["answer_type"])
+            raise DataError(
+                where,
+                line,
+                f"expected one of {', '.join(ANSWER_TYPES)}; got {kind!r}",
+                field=mapping["answer_type"],
+            )
     question = require(row, mapping["question"], str, where, line)
     if not question.strip():
         raise DataError(where, line, "empty question", field=mapping["question"])
-    answer = require(row, mapping["answer"], (str, int, float), where, line,
-                     optional=kind == "refusal")
+    answer = require(
+        row, mapping["answer"], (str, int, float), where, line, optional=kind == "refusal"
+    )
     choices = require(row, mapping["choices"], list, where, line, optional=True)
     if choices is not None and not all(isinstance(c, str) for c in choices):
         raise DataError(where, line, "expected a list of strings", field=mapping["choices"])
     pid = require(row, mapping["id"], (str, int), where, line, optional=True)
-    return Problem(id=default_id if pid is None else str(pid), question=question,
-                   answer="" if answer is None else str(answer), answer_type=kind,
-                   choices=choices,
-                   category=require(row, mapping["category"], str, where, line, optional=True),
-                   source=source)
+    return Problem(
+        id=default_id if pid is None else str(pid),
+        question=question,
+        answer="" if answer is None else str(answer),
+        answer_type=kind,
+        choices=choices,
+        category=require(row, mapping["category"], str, where, line, optional=True),
+        source=source,
+    )
 
 
 def load_jsonl(spec: Spec, skipped: dict) -> list[Problem]:

@@ -24,8 +24,9 @@ def _datasets():
     try:
         import datasets
     except ImportError:
-        raise SpecError("hf:", "the hf: source needs the package 'datasets' "
-                        "(pip install 'posttrain[hf]')") from None
+        raise SpecError(
+            "hf:", "the hf: source needs the package 'datasets' (pip install 'posttrain[hf]')"
+        ) from None
     return datasets
 
 
@@ -35,19 +36,20 @@ def open_split(spec: Spec):
     split, config = spec.options.get("split", "train"), spec.options.get("config")
     folder = Path(spec.body)
     try:
-        if folder.is_dir() and any((folder / f).exists() for f in
-                                   ("dataset_info.json", "state.json", "dataset_dict.json")):
+        if folder.is_dir() and any(
+            (folder / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")
+        ):
             data = datasets.load_from_disk(str(folder))
         else:
-            kwargs = {"data_files": spec.options["data_files"]} if "data_files" in spec.options \
-                else {}
+            kwargs = (
+                {"data_files": spec.options["data_files"]} if "data_files" in spec.options else {}
+            )
             data = datasets.load_dataset(spec.body, config, **kwargs)
     except Exception as e:  # datasets raises many kinds; the message is what the user needs
         raise SpecError(spec.text, f"cannot open the dataset: {type(e).__name__}: {e}") from None
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
-            raise SpecError(spec.text, f"no split {split!r}; the dataset has "
-                            f"{', '.join(data)}")
+            raise SpecError(spec.text, f"no split {split!r}; the dataset has {', '.join(data)}")
         data = data[split]
     return data
 
@@ -63,8 +65,12 @@ def load_hf(spec: Spec, skipped: dict, limit: int | None = None) -> list[Problem
     name = Path(files).stem if files else Path(spec.body).name or spec.body
     where, mapping = f"{files or spec.body}[{split}]", field_mapping(spec)
     if mapping["question"] not in data.column_names:  # say so once, not on row 1
-        raise DataError(where, None, f"no such column; columns: {', '.join(data.column_names)}",
-                        field=mapping["question"])
+        raise DataError(
+            where,
+            None,
+            f"no such column; columns: {', '.join(data.column_names)}",
+            field=mapping["question"],
+        )
     ids, problems = _UniqueIds(where), []
     for i, row in enumerate(data, start=1):
         p = problem_from_row(row, mapping, where, i, f"{name}-{split}-{i}", source=f"hf:{name}")

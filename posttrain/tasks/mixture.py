@@ -47,7 +47,7 @@ def allocate(n: int, weights: list[float]) -> list[int]:
     shares = [n * w / total for w in weights]
     counts = [math.floor(s) for s in shares]
     order = sorted(range(len(weights)), key=lambda i: (-(shares[i] - counts[i]), i))
-    for i in order[:n - sum(counts)]:
+    for i in order[: n - sum(counts)]:
         counts[i] += 1
     return counts
 
@@ -89,13 +89,13 @@ def _read_yaml(spec: Spec, path: Path, query: str):
         raise DataError(path, None, f"not valid YAML: {e}") from None
     doc = {"sources": doc} if isinstance(doc, list) else doc
     if not isinstance(doc, dict) or not isinstance(doc.get("sources"), list) or not doc["sources"]:
-        raise DataError(path, None, "expected a non-empty list of {source, weight}",
-                        field="sources")
+        raise DataError(
+            path, None, "expected a non-empty list of {source, weight}", field="sources"
+        )
     parts = []
     for k, entry in enumerate(doc["sources"]):
         if not isinstance(entry, dict) or not isinstance(entry.get("source"), str):
-            raise DataError(path, None, "expected {source: SPEC, weight: W}",
-                            field=f"sources[{k}]")
+            raise DataError(path, None, "expected {source: SPEC, weight: W}", field=f"sources[{k}]")
         parts.append((entry["source"], _weight(spec, entry.get("weight", 1), path, k)))
     options = {k: str(doc[k]) for k in ("n", "seed") if doc.get(k) is not None}
     options.update(parse_options(spec.text, query))  # the source string overrides the file
@@ -109,8 +109,9 @@ def _weight(spec: Spec, value, path=None, k=None) -> float:
         w = float("nan")
     if not (w >= 0 and math.isfinite(w)):
         if path is not None:
-            raise DataError(path, None, f"expected a number >= 0; got {value!r}",
-                            field=f"sources[{k}].weight")
+            raise DataError(
+                path, None, f"expected a number >= 0; got {value!r}", field=f"sources[{k}].weight"
+            )
         raise SpecError(spec.text, f"weight {value!r}: expected a number >= 0")
     return w
 
@@ -126,9 +127,13 @@ def _resolve(source: str, folder: Path | None) -> str:
     return source
 
 
-def load_mix(spec: Spec, skipped: dict, drawn: dict,
-             load: Callable[[str, int], tuple[list[Problem], object]], depth: int = 0
-             ) -> list[Problem]:
+def load_mix(
+    spec: Spec,
+    skipped: dict,
+    drawn: dict,
+    load: Callable[[str, int], tuple[list[Problem], object]],
+    depth: int = 0,
+) -> list[Problem]:
     """Draw from each source by weight; `load(spec, depth)` loads one part (and its report).
     `drawn` gets every source, in order, with a zero count: the caller counts what it returns."""
     if depth > MAX_DEPTH:
@@ -143,7 +148,7 @@ def load_mix(spec: Spec, skipped: dict, drawn: dict,
     for source, weight in parts:
         source = _resolve(source, folder)
         problems, report = load(source, depth + 1) if weight > 0 else ([], None)
-        for reason, count in (report.skipped.items() if report else ()):
+        for reason, count in report.skipped.items() if report else ():
             skipped[reason] = skipped.get(reason, 0) + count
         loaded.append((source, weight, problems))
         drawn.setdefault(source, 0)
@@ -152,8 +157,10 @@ def load_mix(spec: Spec, skipped: dict, drawn: dict,
     counts = allocate(n, weights)
     for (source, _, problems), count in zip(loaded, counts):
         if count > len(problems):
-            raise SpecError(spec.text, f"{source!r} has {len(problems)} problems; the mixture "
-                            f"asks for {count} of n={n}")
+            raise SpecError(
+                spec.text,
+                f"{source!r} has {len(problems)} problems; the mixture asks for {count} of n={n}",
+            )
     ids: dict[str, int] = {}
     chosen = []
     for i, ((source, _, problems), count) in enumerate(zip(loaded, counts)):
@@ -161,9 +168,13 @@ def load_mix(spec: Spec, skipped: dict, drawn: dict,
         chosen.append(take)
         for p in take:
             ids[p.id] = ids.get(p.id, 0) + 1
-    mixed = [replace(p, id=f"mix{i}-{p.id}" if ids[p.id] > 1 else p.id,
-                     meta={**p.meta, "mix_source": source})
-             for i, ((source, _, _), take) in enumerate(zip(loaded, chosen)) for p in take]
+    mixed = [
+        replace(
+            p, id=f"mix{i}-{p.id}" if ids[p.id] > 1 else p.id, meta={**p.meta, "mix_source": source}
+        )
+        for i, ((source, _, _), take) in enumerate(zip(loaded, chosen))
+        for p in take
+    ]
     if len({p.id for p in mixed}) != len(mixed):  # a source repeating its own ids, prefixed
         raise SpecError(spec.text, "ids are not unique after prefixing clashing ids")
     random.Random(f"mix|{seed}").shuffle(mixed)

@@ -33,8 +33,11 @@ class Spec:
         """Reject option names this kind does not know: a typo must not be silently ignored."""
         unknown = sorted(set(self.options) - set(allowed))
         if unknown:
-            raise SpecError(self.text, f"unknown option(s) {', '.join(unknown)}; "
-                            f"{self.kind} takes: {', '.join(sorted(allowed)) or 'none'}")
+            raise SpecError(
+                self.text,
+                f"unknown option(s) {', '.join(unknown)}; "
+                f"{self.kind} takes: {', '.join(sorted(allowed)) or 'none'}",
+            )
 
     def int_option(self, name: str, default: int | None) -> int | None:
         value = self.options.get(name)
@@ -90,8 +93,11 @@ def parse_spec(text: str) -> Spec:
         if head.endswith((".jsonl", ".csv")):
             kind, body = "auto", head
         else:
-            raise SpecError(text, "expected KIND:... with KIND one of "
-                            f"{', '.join(KINDS[:-1])}, or a path ending in .jsonl or .csv")
+            raise SpecError(
+                text,
+                "expected KIND:... with KIND one of "
+                f"{', '.join(KINDS[:-1])}, or a path ending in .jsonl or .csv",
+            )
     if not body:
         raise SpecError(text, f"nothing after '{kind}:'")
     return Spec(text, kind, body, parse_options(text, query))

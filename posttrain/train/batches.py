@@ -24,8 +24,14 @@ from .data import Example
 GROUP_WINDOW = 16  # global batches per length-sorting window
 
 
-def epoch_batches(lengths: list[int], global_batch: int, seed: int, epoch: int,
-                  group_by_length: bool = True, min_rows: int = 1) -> list[list[int]]:
+def epoch_batches(
+    lengths: list[int],
+    global_batch: int,
+    seed: int,
+    epoch: int,
+    group_by_length: bool = True,
+    min_rows: int = 1,
+) -> list[list[int]]:
     """Row indices of each optimizer step of one epoch.
 
     The last batch may be smaller; it is dropped only when it has fewer than `min_rows` rows
@@ -39,9 +45,9 @@ def epoch_batches(lengths: list[int], global_batch: int, seed: int, epoch: int,
         grouped = []
         for s in range(0, len(order), window):
             # sorted() is stable, so equal lengths keep their shuffled order.
-            grouped += sorted(order[s:s + window], key=lambda i: -lengths[i])
+            grouped += sorted(order[s : s + window], key=lambda i: -lengths[i])
         order = grouped
-    batches = [order[s:s + global_batch] for s in range(0, len(order), global_batch)]
+    batches = [order[s : s + global_batch] for s in range(0, len(order), global_batch)]
     if group_by_length:
         # Only the last window can end with a short batch; keep it last so every other step
         # has the full batch size.
@@ -52,8 +58,9 @@ def epoch_batches(lengths: list[int], global_batch: int, seed: int, epoch: int,
     return [b for b in batches if len(b) >= min_rows]
 
 
-def micro_batches(batch: list[int], lengths: list[int], processes: int, rank: int,
-                  grad_accum: int) -> list[list[int]]:
+def micro_batches(
+    batch: list[int], lengths: list[int], processes: int, rank: int, grad_accum: int
+) -> list[list[int]]:
     """This process's micro-batches of one global batch (at most `grad_accum`, none empty).
 
     The batch is sorted by length and cut into processes x grad_accum nearly equal runs;
@@ -66,7 +73,7 @@ def micro_batches(batch: list[int], lengths: list[int], processes: int, rank: in
     runs, start = [], 0
     for k in range(pieces):
         size = base + (k < extra)
-        runs.append(rows[start:start + size])
+        runs.append(rows[start : start + size])
         start += size
     mine = [runs[a * processes + rank] for a in range(grad_accum)]
     return [m for m in mine if m]
@@ -93,13 +100,17 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     labels = np.full((R, K), -100, dtype=np.int64)
     for i, (p, c) in enumerate(seqs):
         n, m = len(p) + len(c), len(c)
-        input_ids[i, T - n:T - m] = p
-        input_ids[i, T - m:] = c
-        attention_mask[i, T - n:] = 1
-        labels[i, K - m:] = c
+        input_ids[i, T - n : T - m] = p
+        input_ids[i, T - m :] = c
+        attention_mask[i, T - n :] = 1
+        labels[i, K - m :] = c
     attention_mask = torch.from_numpy(attention_mask)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (R, T)
     lengths = torch.tensor([len(c) for _, c in seqs], dtype=torch.long)
-    return {"input_ids": torch.from_numpy(input_ids), "attention_mask": attention_mask,
-            "position_ids": position_ids, "labels": torch.from_numpy(labels),
-            "completion_lengths": lengths}
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "labels": torch.from_numpy(labels),
+        "completion_lengths": lengths,
+    }

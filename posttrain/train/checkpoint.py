@@ -39,9 +39,8 @@ def checkpoint_dirs(out: str | os.PathLike) -> list[Path]:
     root = Path(out) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [d for d in root.iterdir()
-             if d.name.startswith(PREFIX) and (d / "state.json").exists()]
-    return sorted(found, key=lambda d: int(d.name[len(PREFIX):]))
+    found = [d for d in root.iterdir() if d.name.startswith(PREFIX) and (d / "state.json").exists()]
+    return sorted(found, key=lambda d: int(d.name[len(PREFIX) :]))
 
 
 def latest_checkpoint(out: str | os.PathLike) -> Path | None:
@@ -52,8 +51,12 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
 def rng_state() -> dict:
     """This process's RNG states as tensors and plain numbers (weights_only-loadable)."""
     version, words, gauss = random.getstate()  # (int, 625 ints < 2**32, float | None)
-    state = {"python_version": version, "python_words": torch.tensor(words, dtype=torch.int64),
-             "python_gauss": gauss, "torch": torch.get_rng_state()}
+    state = {
+        "python_version": version,
+        "python_words": torch.tensor(words, dtype=torch.int64),
+        "python_gauss": gauss,
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -64,8 +67,9 @@ def set_rng_state(state: dict) -> None:
         version, words, gauss = state["python"]
         random.setstate((version, tuple(words), gauss))
     else:
-        random.setstate((state["python_version"], tuple(state["python_words"].tolist()),
-                         state["python_gauss"]))
+        random.setstate(
+            (state["python_version"], tuple(state["python_words"].tolist()), state["python_gauss"])
+        )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -89,7 +93,8 @@ def load_weights(model, folder: Path) -> None:
 
         with peft_targets_as_named():
             result = set_peft_model_state_dict(
-                model, load_file(str(folder / "adapter" / "adapter_model.safetensors")))
+                model, load_file(str(folder / "adapter" / "adapter_model.safetensors"))
+            )
         missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
         if missing:
             raise RuntimeError(f"{folder}: adapter does not fit the model (missing {missing[:3]})")
@@ -99,9 +104,20 @@ def load_weights(model, folder: Path) -> None:
         load_model(model, str(folder / "model.safetensors"))
 
 
-def save_checkpoint(out: str | os.PathLike, step: int, model, optimizer, scheduler, state: dict,
-                    *, keep: int = 2, rank: int = 0, is_main: bool = True,
-                    barrier: Callable[[], None] = lambda: None, sharded: bool = False) -> Path:
+def save_checkpoint(
+    out: str | os.PathLike,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    state: dict,
+    *,
+    keep: int = 2,
+    rank: int = 0,
+    is_main: bool = True,
+    barrier: Callable[[], None] = lambda: None,
+    sharded: bool = False,
+) -> Path:
     """Write checkpoint `step` atomically and keep only the newest `keep`; returns its folder.
 
     `model` is the unwrapped model (not the DDP wrapper), or with `sharded` the FSDP2-sharded
@@ -137,8 +153,9 @@ def save_checkpoint(out: str | os.PathLike, step: int, model, optimizer, schedul
     return final
 
 
-def load_checkpoint(folder: str | os.PathLike, model, optimizer, scheduler, *,
-                    rank: int = 0) -> dict:
+def load_checkpoint(
+    folder: str | os.PathLike, model, optimizer, scheduler, *, rank: int = 0
+) -> dict:
     """Restore weights, optimizer, scheduler and this process's RNG; returns state.json.
     A sharded checkpoint (`sharded/`) loads into the sharded model and its optimizer."""
     folder = Path(folder)
@@ -152,8 +169,10 @@ def load_checkpoint(folder: str | os.PathLike, model, optimizer, scheduler, *,
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     rng_file = folder / f"rng-{rank}.pt"
     if not rng_file.exists():
-        raise RuntimeError(f"{folder}: no RNG state for process {rank}; resume with the same "
-                           "number of processes as the run that wrote it")
+        raise RuntimeError(
+            f"{folder}: no RNG state for process {rank}; resume with the same "
+            "number of processes as the run that wrote it"
+        )
     set_rng_state(torch.load(rng_file, weights_only=True))
     return json.loads((folder / "state.json").read_text())
 
@@ -171,16 +190,20 @@ def check_resumable(cfg, out: str | os.PathLike, may_change: set[str] = frozense
     if not saved_path.exists():
         return
     saved, now = load_yaml(saved_path), to_dict(cfg)
-    changed = sorted(k for k in set(saved) | set(now)
-                     if k not in may_change and saved.get(k) != now.get(k))
+    changed = sorted(
+        k for k in set(saved) | set(now) if k not in may_change and saved.get(k) != now.get(k)
+    )
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
-        raise ConfigError(f"{out}: cannot resume with different settings ({details}); use the "
-                          "same config or another --out")
+        raise ConfigError(
+            f"{out}: cannot resume with different settings ({details}); use the "
+            "same config or another --out"
+        )
 
 
-def start_run(cfg, out: str | os.PathLike, *, resume: bool,
-              may_change: set[str] = frozenset()) -> Path | None:
+def start_run(
+    cfg, out: str | os.PathLike, *, resume: bool, may_change: set[str] = frozenset()
+) -> Path | None:
     """What every trainer does before loading anything: set the thread count, refuse to write
     over an earlier run unless resuming (and then only with result-equal settings), seed the
     RNGs. Returns the latest checkpoint to resume from, or None."""
@@ -190,8 +213,10 @@ def start_run(cfg, out: str | os.PathLike, *, resume: bool,
         torch.set_num_threads(cfg.num_threads)
     last = latest_checkpoint(out)
     if last is not None and not resume:
-        raise ConfigError(f"{out} already holds checkpoints ({last.name}): pass --resume to "
-                          "continue that run, or choose another --out")
+        raise ConfigError(
+            f"{out} already holds checkpoints ({last.name}): pass --resume to "
+            "continue that run, or choose another --out"
+        )
     if resume and last is not None:
         check_resumable(cfg, out, may_change)
     random.seed(cfg.seed)
@@ -209,8 +234,13 @@ def save_atomic(write: Callable[[Path], None], target: Path) -> None:
     os.replace(tmp, target)
 
 
-def save_final(model, out: str | os.PathLike, tokenizer, init_adapter: Path | None = None,
-               state_dict: dict | None = None) -> None:
+def save_final(
+    model,
+    out: str | os.PathLike,
+    tokenizer,
+    init_adapter: Path | None = None,
+    state_dict: dict | None = None,
+) -> None:
     """OUT/adapter (PEFT format; PiSSA / OLoRA converted to a plain LoRA of the untouched base,
     given the adapter saved at initialisation) or OUT/model (full fine-tuning, with tokenizer).
     `state_dict`: the whole weights gathered from a sharded model (distributed.Processes.
@@ -222,6 +252,7 @@ def save_final(model, out: str | os.PathLike, tokenizer, init_adapter: Path | No
             kwargs["path_initial_model_for_weight_conversion"] = str(init_adapter)
         save_atomic(lambda d: model.save_pretrained(d, **kwargs), out / "adapter")
     else:
+
         def write(d):
             model.save_pretrained(d, **kwargs)
             tokenizer.save_pretrained(d)
@@ -229,4 +260,5 @@ def save_final(model, out: str | os.PathLike, tokenizer, init_adapter: Path | No
             expand_meta = Path(getattr(model, "name_or_path", "") or ".") / "posttrain_expand.json"
             if expand_meta.is_file():
                 shutil.copy2(expand_meta, Path(d) / expand_meta.name)
+
         save_atomic(write, out / "model")

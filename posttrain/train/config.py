@@ -81,8 +81,10 @@ class MoeConfig:
 
 def check_aux_coef(value: float | None) -> None:
     if value is not None and not value >= 0:
-        raise ConfigError(f"router_aux_loss_coef: {value!r}; expected >= 0 (or unset: the "
-                          "model config's own value)")
+        raise ConfigError(
+            f"router_aux_loss_coef: {value!r}; expected >= 0 (or unset: the "
+            "model config's own value)"
+        )
 
 
 @dataclass
@@ -130,8 +132,9 @@ class BaseTrainConfig:
     def bad(name, value, expected):
         raise ConfigError(f"{name}: {value!r}; expected {expected}")
 
-    def check_counts(self, at_least_one: tuple[str, ...] = (),
-                     not_negative: tuple[str, ...] = ()) -> None:
+    def check_counts(
+        self, at_least_one: tuple[str, ...] = (), not_negative: tuple[str, ...] = ()
+    ) -> None:
         for name in AT_LEAST_ONE + at_least_one:
             if getattr(self, name) < 1:
                 self.bad(name, getattr(self, name), ">= 1")
@@ -174,8 +177,11 @@ class BaseTrainConfig:
         if self.strategy == "fsdp2" and self.lora.enabled and self.lora.init != "default":
             # Converting PiSSA / OLoRA into a plain LoRA loads the initial adapter into the
             # whole (unsharded) model; not done for sharded runs.
-            bad("lora.init", self.lora.init, "default with strategy=fsdp2 (pissa / olora: "
-                "use strategy=ddp)")
+            bad(
+                "lora.init",
+                self.lora.init,
+                "default with strategy=fsdp2 (pissa / olora: use strategy=ddp)",
+            )
         self.lora.check()
         self.moe.check()
         check_aux_coef(self.router_aux_loss_coef)
@@ -219,8 +225,10 @@ class TrainConfig(BaseTrainConfig):
         if not self.data:
             bad("data", self.data, "a JSONL file (--data)")
         super().check()
-        self.check_counts(("batch_size", "grad_accum", "max_length", "ref_batch_size",
-                           "tokenize_workers"), ("epochs",))
+        self.check_counts(
+            ("batch_size", "grad_accum", "max_length", "ref_batch_size", "tokenize_workers"),
+            ("epochs",),
+        )
         if self.epochs == 0 and self.max_steps == 0:
             bad("epochs", 0, ">= 1 (or max_steps > 0)")
         if self.length_policy not in LENGTH_POLICIES:
@@ -232,19 +240,30 @@ class TrainConfig(BaseTrainConfig):
         if self.preference and self.lora.dropout:
             # The reference log-probs come from a pass without dropout; a policy with dropout
             # would differ from it by noise alone (train/modes.py), so it runs without too.
-            bad("lora.dropout", self.lora.dropout, f"0 for {self.method}: the DPO family runs "
-                "the policy without dropout, as its reference pass")
+            bad(
+                "lora.dropout",
+                self.lora.dropout,
+                f"0 for {self.method}: the DPO family runs "
+                "the policy without dropout, as its reference pass",
+            )
 
 
-def train_config(method: str, path: str | None = None, overrides: list[str] | None = None,
-                 **flags) -> TrainConfig:
+def train_config(
+    method: str, path: str | None = None, overrides: list[str] | None = None, **flags
+) -> TrainConfig:
     """Defaults <- method preset <- YAML file <- --set <- `flags` (not None); validated."""
     presets = {m: METHOD_PRESETS.get(m, {}) for m in OFFLINE_METHODS}
     return method_config(TrainConfig, method, presets, path, overrides, flags)
 
 
-def method_config(cls, method: str, presets: dict[str, dict], path: str | None,
-                  overrides: list[str] | None, flags: dict):
+def method_config(
+    cls,
+    method: str,
+    presets: dict[str, dict],
+    path: str | None,
+    overrides: list[str] | None,
+    flags: dict,
+):
     """A `cls` config for `method` (one of `presets`): defaults <- the method's preset <- YAML
     file <- --set overrides <- `flags` that are not None; then `check()`ed."""
     if method not in presets:

@@ -23,24 +23,24 @@ silently, every outcome is counted in `DataReport`:
   completions stay whole; rows whose completion alone does not fit are dropped;
 - truncate_completion: completions are cut at their end. This can cut the final answer and the
   end-of-turn token out, so it is only done when asked for.
+
+Rendering and batched tokenising (optionally in worker processes): train/tokenizing.py.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterator
 
-import multiprocessing
 import os
 from dataclasses import asdict, dataclass, field
-from itertools import islice
 
 import numpy as np
 
 from ..pairs import assistant_turn
 from ..records import DataError, iter_jsonl
-
-CHUNK_ROWS = 64  # rows rendered and tokenised per batched tokenizer call
+from .tokenizing import TemplateMismatch as TemplateMismatch  # re-exported
+from .tokenizing import int32_ids, tokenized_rows
+from .tokenizing import tokenize_turn as tokenize_turn  # re-exported
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,16 +56,12 @@ class Example:
     line: int  # line in the data file, for messages about the row
 
     def __post_init__(self):
-        object.__setattr__(self, "prompt", _ids(self.prompt))
-        object.__setattr__(self, "completions", tuple(_ids(c) for c in self.completions))
+        object.__setattr__(self, "prompt", int32_ids(self.prompt))
+        object.__setattr__(self, "completions", tuple(int32_ids(c) for c in self.completions))
 
     @property
     def length(self) -> int:
         return len(self.prompt) + max(len(c) for c in self.completions)
-
-
-def _ids(values) -> np.ndarray:
-    return np.asarray(values, dtype=np.int32).reshape(-1)
 
 
 @dataclass
@@ -88,13 +84,15 @@ class DataReport:
             parts.append(f"{self.not_correct} not correct (left out)")
         parts.append(f"{self.kept} used")
         if self.dropped_too_long:
-            parts.append(f"{self.dropped_too_long} dropped (longer than max_length "
-                         f"{self.max_length})")
+            parts.append(
+                f"{self.dropped_too_long} dropped (longer than max_length {self.max_length})"
+            )
         if self.prompt_truncated:
             parts.append(f"{self.prompt_truncated} with the prompt's start cut")
         if self.completion_truncated:
-            parts.append(f"{self.completion_truncated} with the completion's END CUT "
-                         "(answer may be missing)")
+            parts.append(
+                f"{self.completion_truncated} with the completion's END CUT (answer may be missing)"
+            )
         if self.lengths:
             parts.append("tokens min/mean/max {min}/{mean:.0f}/{max}".format(**self.lengths))
         return "; ".join(parts)
@@ -111,13 +109,18 @@ def _messages(value, path, line, name: str, default_role: str) -> list[dict]:
     if isinstance(value, str):
         return [{"role": default_role, "content": value}]
     if not isinstance(value, list) or not value:
-        raise DataError(path, line, "expected a non-empty list of chat messages or a string",
-                        field=name)
+        raise DataError(
+            path, line, "expected a non-empty list of chat messages or a string", field=name
+        )
     for i, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
-                or not isinstance(m.get("content"), str):
-            raise DataError(path, line, f"message {i}: expected {{'role': str, 'content': str}}",
-                            field=name)
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
+            raise DataError(
+                path, line, f"message {i}: expected {{'role': str, 'content': str}}", field=name
+            )
     return value
 
 
@@ -128,20 +131,30 @@ def _reply(value, path, line, name: str) -> list[dict]:
     return msgs
 
 
-def read_rows(path: str | os.PathLike, preference: bool, report: DataReport
-              ) -> Iterator[tuple[int, list[dict], list[list[dict]]]]:
+def read_rows(
+    path: str | os.PathLike, preference: bool, report: DataReport
+) -> Iterator[tuple[int, list[dict], list[list[dict]]]]:
     """Yield (line, prompt messages, [reply messages, ...]): 2 replies per pair, 1 otherwise."""
     for line, row in iter_jsonl(path):
         report.rows += 1
         if preference:
             if "chosen" not in row or "rejected" not in row:
-                raise DataError(path, line, "a preference method needs pair rows (prompt, "
-                                "chosen, rejected)", field="chosen" if "chosen" not in row
-                                else "rejected")
+                raise DataError(
+                    path,
+                    line,
+                    "a preference method needs pair rows (prompt, chosen, rejected)",
+                    field="chosen" if "chosen" not in row else "rejected",
+                )
             report.kind = "pairs"
             prompt = _messages(row.get("prompt"), path, line, "prompt", "user")
-            yield line, prompt, [_reply(row["chosen"], path, line, "chosen"),
-                                 _reply(row["rejected"], path, line, "rejected")]
+            yield (
+                line,
+                prompt,
+                [
+                    _reply(row["chosen"], path, line, "chosen"),
+                    _reply(row["rejected"], path, line, "rejected"),
+                ],
+            )
         elif "verdict" in row:
             report.kind = "scored"
             if row["verdict"] != "correct":
@@ -149,146 +162,49 @@ def read_rows(path: str | os.PathLike, preference: bool, report: DataReport
                 continue
             prompt = _messages(row.get("messages"), path, line, "messages", "user")
             if not isinstance(row.get("response"), str) and not isinstance(row.get("text"), str):
-                raise DataError(path, line, "missing (a scored row needs the sampled answer)",
-                                field="response")
+                raise DataError(
+                    path, line, "missing (a scored row needs the sampled answer)", field="response"
+                )
             yield line, prompt, [[{"role": "assistant", "content": assistant_turn(row)}]]
         elif "messages" in row:
             report.kind = "demonstrations"
             msgs = _reply(row["messages"], path, line, "messages")
             if len(msgs) < 2:
-                raise DataError(path, line, "expected at least one prompt message before the "
-                                "assistant's", field="messages")
+                raise DataError(
+                    path,
+                    line,
+                    "expected at least one prompt message before the assistant's",
+                    field="messages",
+                )
             yield line, msgs[:-1], [msgs[-1:]]
         elif "prompt" in row and "completion" in row:
             report.kind = "demonstrations"
-            yield (line, _messages(row["prompt"], path, line, "prompt", "user"),
-                   [_reply(row["completion"], path, line, "completion")])
+            yield (
+                line,
+                _messages(row["prompt"], path, line, "prompt", "user"),
+                [_reply(row["completion"], path, line, "completion")],
+            )
         elif "chosen" in row:
-            raise DataError(path, line, "this is a pair row; an SFT method needs demonstrations "
-                            "(messages, or prompt + completion) or scored samples",
-                            field="chosen")
+            raise DataError(
+                path,
+                line,
+                "this is a pair row; an SFT method needs demonstrations "
+                "(messages, or prompt + completion) or scored samples",
+                field="chosen",
+            )
         else:
-            raise DataError(path, line, "missing: expected messages, prompt + completion, or a "
-                            "scored sample (messages + verdict)", field="messages")
+            raise DataError(
+                path,
+                line,
+                "missing: expected messages, prompt + completion, or a "
+                "scored sample (messages + verdict)",
+                field="messages",
+            )
 
 
-# --------------------------------------------------------------------------- tokenising
-
-
-class TemplateMismatch(ValueError):
-    pass
-
-
-def render(tokenizer, prompt: list[dict], replies: list[list[dict]]) -> tuple[str, list[str]]:
-    """(prompt text, [completion text, ...]): the prompt rendered once for all its replies.
-
-    A completion is the text the chat template appends to the generation prompt when it
-    renders the whole conversation, so the tokens are the ones the model sees at generation
-    time; trailing whitespace after the end-of-turn token is left out.
-    """
-    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True,
-                                                tokenize=False)
-    completions = []
-    for reply in replies:
-        full_text = tokenizer.apply_chat_template(prompt + reply, tokenize=False)
-        if not full_text.startswith(prompt_text):
-            raise TemplateMismatch("the chat template renders the prompt differently inside the "
-                                   "whole conversation, so the completion cannot be located")
-        completions.append(full_text[len(prompt_text):].rstrip())
-    return prompt_text, completions
-
-
-def split_joint(p: list[int], c: list[int], joint: list[int]) -> tuple[list[int], bool]:
-    """(completion ids, retokenised) from the prompt's, the completion's and the joint ids.
-
-    `retokenised` is True when the two pieces tokenised apart differ from the whole text
-    tokenised at once (a token merging across the boundary); the joint ids are used then.
-    """
-    if joint == p + c:
-        return c, False
-    if joint[:len(p)] != p:
-        raise TemplateMismatch("the prompt's tokens change when the completion follows it")
-    return joint[len(p):], True
-
-
-def tokenize_turn(tokenizer, prompt: list[dict], reply: list[dict]) -> tuple[list[int], list[int],
-                                                                            bool]:
-    """(prompt ids, completion ids, retokenised) for a prompt and one assistant reply."""
-    prompt_text, (completion_text,) = render(tokenizer, prompt, [reply])
-    p, c, joint = tokenizer([prompt_text, completion_text, prompt_text + completion_text],
-                            add_special_tokens=False)["input_ids"]
-    c, retokenised = split_joint(p, c, joint)
-    return p, c, retokenised
-
-
-def tokenize_rows(tokenizer, rows: list[tuple[int, list[dict], list[list[dict]]]]) -> list:
-    """[(line, prompt ids, [completion ids], retokenised) or (line, error message)] per row.
-
-    One batched tokenizer call for the chunk: per row the prompt, each completion, and each
-    prompt + completion (to find tokens merging across the boundary).
-    """
-    texts, spans, out = [], [], []
-    for line, prompt, replies in rows:
-        try:
-            prompt_text, completions = render(tokenizer, prompt, replies)
-        except TemplateMismatch as e:
-            spans.append((line, str(e), 0, 0))
-            continue
-        spans.append((line, None, len(texts), len(completions)))
-        texts += [prompt_text, *completions, *(prompt_text + c for c in completions)]
-    ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
-                    return_token_type_ids=False)["input_ids"] if texts else []
-    for line, error, start, n in spans:
-        if error is not None:
-            out.append((line, error))
-            continue
-        p = ids[start]
-        try:
-            split = [split_joint(p, ids[start + 1 + k], ids[start + 1 + n + k]) for k in range(n)]
-        except TemplateMismatch as e:
-            out.append((line, str(e)))
-            continue
-        out.append((line, _ids(p), [_ids(c) for c, _ in split], any(r for _, r in split)))
-    return out
-
-
-_WORKER_TOKENIZER = None
-
-
-def _init_worker(tokenizer) -> None:
-    global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = tokenizer
-
-
-def _tokenize_in_worker(rows):
-    return tokenize_rows(_WORKER_TOKENIZER, rows)
-
-
-def _chunks(rows: Iterator, size: int) -> Iterator[list]:
-    while chunk := list(islice(rows, size)):
-        yield chunk
-
-
-def tokenized_rows(tokenizer, rows: Iterator, workers: int = 1) -> Iterator:
-    """tokenize_rows over chunks of CHUNK_ROWS rows, in order; `workers` > 1 forks processes."""
-    if workers <= 1:
-        for chunk in _chunks(rows, CHUNK_ROWS):
-            yield from tokenize_rows(tokenizer, chunk)
-        return
-    # Rows are read (and checked) here, in order; at most 2 chunks per worker are in flight.
-    ctx = multiprocessing.get_context("fork")  # the tokenizer is inherited, not pickled
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
-        pending = deque()
-        for chunk in _chunks(rows, CHUNK_ROWS):
-            pending.append(pool.apply_async(_tokenize_in_worker, (chunk,)))
-            if len(pending) >= 2 * workers:
-                yield from pending.popleft().get()
-        while pending:
-            yield from pending.popleft().get()
-
-
-def fit_length(prompt: list[int], completions: list[list[int]], max_length: int, policy: str
-               ) -> tuple[list[int], list[list[int]], str] | None:
+def fit_length(
+    prompt: list[int], completions: list[list[int]], max_length: int, policy: str
+) -> tuple[list[int], list[list[int]], str] | None:
     """Apply the length policy: (prompt, completions, outcome) or None when the row is dropped.
 
     outcome: "fits" | "prompt_truncated" | "completion_truncated".
@@ -299,16 +215,22 @@ def fit_length(prompt: list[int], completions: list[list[int]], max_length: int,
     if len(prompt) + longest <= max_length:
         return prompt, completions, "fits"
     if policy == "truncate_prompt" and longest < max_length:
-        return prompt[len(prompt) - (max_length - longest):], completions, "prompt_truncated"
+        return prompt[len(prompt) - (max_length - longest) :], completions, "prompt_truncated"
     if policy == "truncate_completion" and len(prompt) < max_length:
         room = max_length - len(prompt)
         return prompt, [c[:room] for c in completions], "completion_truncated"
     return None
 
 
-def load_examples(path: str | os.PathLike, tokenizer, *, preference: bool, max_length: int,
-                  length_policy: str = "drop", workers: int = 1
-                  ) -> tuple[list[Example], DataReport]:
+def load_examples(
+    path: str | os.PathLike,
+    tokenizer,
+    *,
+    preference: bool,
+    max_length: int,
+    length_policy: str = "drop",
+    workers: int = 1,
+) -> tuple[list[Example], DataReport]:
     """Read, render, tokenise and length-check a data file; DataError names file and line.
 
     Rows stream through in chunks (one batched tokenizer call each), so memory holds the
@@ -334,10 +256,16 @@ def load_examples(path: str | os.PathLike, tokenizer, *, preference: bool, max_l
         examples.append(Example(p, tuple(completions), line))
     report.kept = len(examples)
     if not examples:
-        why = (f"all {report.rows} rows are longer than max_length {max_length}"
-               if report.dropped_too_long else "no usable row")
+        why = (
+            f"all {report.rows} rows are longer than max_length {max_length}"
+            if report.dropped_too_long
+            else "no usable row"
+        )
         raise DataError(path, None, why)
     lengths = np.array([e.length for e in examples])
-    report.lengths = {"min": int(lengths.min()), "mean": float(lengths.mean()),
-                      "max": int(lengths.max())}
+    report.lengths = {
+        "min": int(lengths.min()),
+        "mean": float(lengths.mean()),
+        "max": int(lengths.max()),
+    }
     return examples, report

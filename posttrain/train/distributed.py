@@ -61,13 +61,16 @@ def check_strategy(strategy: str) -> None:
     if strategy not in STRATEGIES:
         raise ConfigError(f"strategy: {strategy!r}; expected {' | '.join(STRATEGIES)}")
     if strategy == "deepspeed" and not torch.cuda.is_available():
-        raise ConfigError("strategy: 'deepspeed' needs CUDA (ZeRO-3 through accelerate) and "
-                          "torch.cuda.is_available() is false here; use strategy=fsdp2, which "
-                          "shards on CPU processes (gloo) as well as on GPUs")
+        raise ConfigError(
+            "strategy: 'deepspeed' needs CUDA (ZeRO-3 through accelerate) and "
+            "torch.cuda.is_available() is false here; use strategy=fsdp2, which "
+            "shards on CPU processes (gloo) as well as on GPUs"
+        )
 
 
-def precision(dtype: str, *, full_finetune: bool, sharded_cuda: bool
-              ) -> tuple[str, bool, str | None]:
+def precision(
+    dtype: str, *, full_finetune: bool, sharded_cuda: bool
+) -> tuple[str, bool, str | None]:
     """(dtype to load the model in, FSDP2 mixed precision on?, autocast dtype or None);
     `sharded_cuda`: FSDP2 will shard the model over CUDA devices.
 
@@ -81,16 +84,19 @@ def precision(dtype: str, *, full_finetune: bool, sharded_cuda: bool
     if not full_finetune:
         return dtype, fsdp_mp, None
     if dtype == "fp16":
-        raise ConfigError("dtype: 'fp16' with lora.enabled=false: full fine-tuning in fp16 "
-                          "needs loss scaling, which this trainer does not do; use dtype=bf16 "
-                          "(fp32 master weights, bf16 compute) or dtype=fp32")
+        raise ConfigError(
+            "dtype: 'fp16' with lora.enabled=false: full fine-tuning in fp16 "
+            "needs loss scaling, which this trainer does not do; use dtype=bf16 "
+            "(fp32 master weights, bf16 compute) or dtype=fp32"
+        )
     if dtype == "bf16":
         return "fp32", fsdp_mp, None if fsdp_mp else "bf16"
     return dtype, False, None
 
 
-def master_weights(model: torch.nn.Module, compute_dtype: str | None, device_type: str
-                   ) -> torch.nn.Module:
+def master_weights(
+    model: torch.nn.Module, compute_dtype: str | None, device_type: str
+) -> torch.nn.Module:
     """Parameters in fp32 (the master weights AdamW updates) and `model.forward` under
     torch.autocast(compute_dtype): matmuls in bf16, reductions and the loss in fp32."""
     if compute_dtype is None:
@@ -113,12 +119,17 @@ def zero3_config(cfg) -> dict | None:
     micro-batch, accumulation and clipping; bf16 when the run computes in bf16."""
     if cfg.strategy != "deepspeed":
         return None
-    return {"train_micro_batch_size_per_gpu": cfg.batch_size,
-            "gradient_accumulation_steps": cfg.grad_accum,
-            "gradient_clipping": cfg.max_grad_norm if cfg.max_grad_norm > 0 else 0.0,
-            "bf16": {"enabled": cfg.dtype in ("bf16", "auto")},
-            "zero_optimization": {"stage": 3, "overlap_comm": True,
-                                  "stage3_gather_16bit_weights_on_model_save": True}}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.max_grad_norm if cfg.max_grad_norm > 0 else 0.0,
+        "bf16": {"enabled": cfg.dtype in ("bf16", "auto")},
+        "zero_optimization": {
+            "stage": 3,
+            "overlap_comm": True,
+            "stage3_gather_16bit_weights_on_model_save": True,
+        },
+    }
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -128,8 +139,10 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     names = set(getattr(base, "_no_split_modules", None) or ())
     layers = [m for m in base.modules() if type(m).__name__ in names]
     if not layers:
-        raise ConfigError(f"strategy: 'fsdp2' found no decoder layer in {type(base).__name__} "
-                          f"(_no_split_modules = {sorted(names)})")
+        raise ConfigError(
+            f"strategy: 'fsdp2' found no decoder layer in {type(base).__name__} "
+            f"(_no_split_modules = {sorted(names)})"
+        )
     return layers
 
 
@@ -142,8 +155,11 @@ def shard(model: torch.nn.Module, *, mixed_precision: bool = False) -> torch.nn.
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if mixed_precision else MixedPrecisionPolicy()
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if mixed_precision
+        else MixedPrecisionPolicy()
+    )
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
@@ -199,8 +215,10 @@ class Processes:
         """(dtype to load the model in, autocast dtype for `master_weights` or None); turns
         FSDP2's bf16 MixedPrecisionPolicy on where it applies. See `precision()`."""
         load, self.mixed_precision, autocast = precision(
-            dtype, full_finetune=full_finetune,
-            sharded_cuda=self.sharded and torch.cuda.is_available())
+            dtype,
+            full_finetune=full_finetune,
+            sharded_cuda=self.sharded and torch.cuda.is_available(),
+        )
         return load, autocast
 
     # the Accelerator-compatible part
@@ -224,8 +242,11 @@ class Processes:
         self.accelerator.wait_for_everyone()
 
     def reduce(self, tensor: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
-        return self.accelerator.reduce(tensor, reduction=reduction) \
-            if self.num_processes > 1 else tensor
+        return (
+            self.accelerator.reduce(tensor, reduction=reduction)
+            if self.num_processes > 1
+            else tensor
+        )
 
     # wrapping and the step
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -238,8 +259,9 @@ class Processes:
             return self.accelerator.prepare_model(model)
         return model
 
-    def prepare(self, model: torch.nn.Module, make_optimizer
-                ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    def prepare(
+        self, model: torch.nn.Module, make_optimizer
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """(wrapped model, optimizer over its parameters); `make_optimizer(module)` is called
         after wrapping (FSDP2 replaces the parameters with their shards)."""
         if self.strategy == "deepspeed":  # ZeRO-3 partitions the optimizer as it wraps
@@ -292,8 +314,11 @@ class Processes:
 
     def all_finite(self, policy: torch.nn.Module) -> bool:
         """Every process's trainable parameters (its shards) are finite."""
-        ok = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
-                 for p in self.unwrap(policy).parameters() if p.requires_grad)
+        ok = all(
+            bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+            for p in self.unwrap(policy).parameters()
+            if p.requires_grad
+        )
         flag = torch.tensor([1.0 if ok else 0.0], device=self.device)
         return bool(self.reduce(flag, "sum").item() == self.num_processes)
 
@@ -317,8 +342,12 @@ class Processes:
         )
 
         lora = has_frozen(policy)
-        state = get_model_state_dict(policy, options=StateDictOptions(
-            full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora))
+        state = get_model_state_dict(
+            policy,
+            options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora
+            ),
+        )
         return state if self.is_main_process else None
 
 

@@ -24,8 +24,21 @@ from ..logprobs import linear_token_logps
 from ..losses import token_logps
 
 # model_type values whose causal-LM forward is `logits = lm_head(hidden[:, keep])`, nothing more.
-FUSED_HEAD_MODELS = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3",
-                               "qwen3_moe", "olmo", "olmo2", "phi3", "deepseek_v3"})
+FUSED_HEAD_MODELS = frozenset(
+    {
+        "llama",
+        "mistral",
+        "mixtral",
+        "qwen2",
+        "qwen2_moe",
+        "qwen3",
+        "qwen3_moe",
+        "olmo",
+        "olmo2",
+        "phi3",
+        "deepseek_v3",
+    }
+)
 
 
 def _inner(model):
@@ -57,8 +70,13 @@ def completion_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(R, K) float32 log p(token) on completion tokens, 0.0 elsewhere (see batches.collate)."""
     labels = batch["labels"]  # (R, K)
     K = labels.shape[1]
-    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  position_ids=batch["position_ids"], logits_to_keep=K + 1, use_cache=False)
+    inputs = dict(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=K + 1,
+        use_cache=False,
+    )
     head = fused_head(model)
     if head is not None:
         # Position t predicts token t + 1; the last kept position predicts nothing.
@@ -88,7 +106,7 @@ def reference_logps(model, examples, *, batch_size: int, pad_id: int, device) ->
     was_training = model.training
     model.eval()
     for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
+        idx = order[s : s + batch_size]
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
         chosen, rejected = split_pairs(completion_logps(model, batch).sum(-1))
         out[idx, 0] = chosen.float().cpu()

@@ -56,8 +56,11 @@ def is_expert_or_router(name: str) -> bool:
 def _preset_modules(model: nn.Module, preset: str) -> list[str]:
     """The nn.Linear modules of a module preset (all-linear, attention, mlp)."""
     wanted = set(PRESETS[preset])
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
-            and _parts(n)[-1] in wanted and not is_expert_or_router(n)]
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and _parts(n)[-1] in wanted and not is_expert_or_router(n)
+    ]
 
 
 def _moe_target(model: nn.Module, name: str) -> tuple[list[str], list[str]]:
@@ -69,14 +72,18 @@ def _moe_target(model: nn.Module, name: str) -> tuple[list[str], list[str]]:
     if name == "shared-expert":
         found = moe.shared_expert_linears(model)
         if not found:
-            raise ConfigError(f"lora.targets: 'shared-expert': {kind} has no shared expert "
-                              "(Qwen2-MoE and DeepSeek-MoE have one; Qwen3-MoE and Mixtral do not)")
+            raise ConfigError(
+                f"lora.targets: 'shared-expert': {kind} has no shared expert "
+                "(Qwen2-MoE and DeepSeek-MoE have one; Qwen3-MoE and Mixtral do not)"
+            )
         return found, []
     found = moe.router_weights(model) if name == "all-router" else moe.expert_parameters(model)
     if not found:
         what = "router" if name == "all-router" else "routed experts with fused 3-D weights"
-        raise ConfigError(f"lora.targets: {name!r}: {kind} has no {what} (not a mixture of "
-                          "experts, or a layout posttrain does not know)")
+        raise ConfigError(
+            f"lora.targets: {name!r}: {kind} has no {what} (not a mixture of "
+            "experts, or a layout posttrain does not know)"
+        )
     return [], found
 
 
@@ -90,8 +97,10 @@ def split_targets(targets: str | list[str]) -> list[str] | None:
         return None
     unknown = [t for t in parts if t not in TARGET_NAMES]
     if unknown:
-        raise ConfigError(f"lora.targets: {', '.join(map(repr, unknown))} in {targets!r} is not a "
-                          f"target name; known: {', '.join(TARGET_NAMES)}")
+        raise ConfigError(
+            f"lora.targets: {', '.join(map(repr, unknown))} in {targets!r} is not a "
+            f"target name; known: {', '.join(TARGET_NAMES)}"
+        )
     return list(dict.fromkeys(known))
 
 
@@ -124,19 +133,26 @@ def lora_targets(model: nn.Module, targets: str | list[str]) -> tuple[list[str],
                 parameters.update(found_parameters)
     elif isinstance(targets, (list, tuple)):
         wanted = set(targets)
-        modules.update(n for n, m in model.named_modules() if isinstance(m, nn.Linear)
-                       and (_parts(n)[-1] in wanted or n in wanted))
+        modules.update(
+            n
+            for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and (_parts(n)[-1] in wanted or n in wanted)
+        )
     else:
         try:
             pattern = re.compile(targets)
         except re.error as e:
-            raise ConfigError(f"lora.targets: {targets!r} is neither a target name "
-                              f"({', '.join(TARGET_NAMES)}) nor a valid regex: {e}") from None
-        modules.update(n for n, m in model.named_modules()
-                       if isinstance(m, nn.Linear) and pattern.fullmatch(n))
+            raise ConfigError(
+                f"lora.targets: {targets!r} is neither a target name "
+                f"({', '.join(TARGET_NAMES)}) nor a valid regex: {e}"
+            ) from None
+        modules.update(
+            n for n, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.fullmatch(n)
+        )
     if not modules and not parameters:
-        raise ConfigError(f"lora.targets: {targets!r} selects no nn.Linear module of "
-                          f"{type(model).__name__}")
+        raise ConfigError(
+            f"lora.targets: {targets!r} selects no nn.Linear module of {type(model).__name__}"
+        )
     return sorted(modules), sorted(parameters)
 
 
@@ -183,13 +199,21 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     init = True if cfg.init == "default" else cfg.init
     modules, parameters = lora_targets(model, cfg.targets)
     if parameters and (cfg.dropout or cfg.init != "default"):
-        raise ConfigError(f"lora.targets: {cfg.targets!r} adapts router / expert parameters, "
-                          "which PEFT supports only with lora.dropout 0 and lora.init default "
-                          f"(got dropout {cfg.dropout}, init {cfg.init!r})")
-    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                              use_rslora=cfg.rslora, init_lora_weights=init,
-                              target_modules=modules or None,
-                              target_parameters=parameters or None, task_type="CAUSAL_LM")
+        raise ConfigError(
+            f"lora.targets: {cfg.targets!r} adapts router / expert parameters, "
+            "which PEFT supports only with lora.dropout 0 and lora.init default "
+            f"(got dropout {cfg.dropout}, init {cfg.init!r})"
+        )
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        use_rslora=cfg.rslora,
+        init_lora_weights=init,
+        target_modules=modules or None,
+        target_parameters=parameters or None,
+        task_type="CAUSAL_LM",
+    )
     with peft_targets_as_named():
         return get_peft_model(model, peft_cfg, autocast_adapter_dtype=True)
 

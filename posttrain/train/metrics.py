@@ -28,8 +28,14 @@ class MetricsLog:
     tensorboardX) and `wandb` (offline mode unless WANDB_MODE says otherwise; needs wandb).
     The JSONL file stays the record; trackers are for looking."""
 
-    def __init__(self, path: str | os.PathLike, resume_step: int = 0, enabled: bool = True,
-                 trackers: tuple[str, ...] | list[str] = (), config: dict | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        resume_step: int = 0,
+        enabled: bool = True,
+        trackers: tuple[str, ...] | list[str] = (),
+        config: dict | None = None,
+    ):
         self.path = Path(path)
         self.enabled = enabled
         self.trackers = []
@@ -81,8 +87,9 @@ def start_trackers(names, folder: Path, config: dict) -> list:
     for name in names:
         if name == "tensorboard":
             if not is_tensorboard_available():
-                raise ConfigError("trackers: tensorboard needs `pip install tensorboard` "
-                                  "(or tensorboardX)")
+                raise ConfigError(
+                    "trackers: tensorboard needs `pip install tensorboard` (or tensorboardX)"
+                )
             tracker = TensorBoardTracker(folder.name, folder / "tensorboard")
         elif name == "wandb":
             if not is_wandb_available():
@@ -93,8 +100,7 @@ def start_trackers(names, folder: Path, config: dict) -> list:
         else:
             raise ConfigError(f"trackers: unknown {name!r}; expected {' | '.join(TRACKERS)}")
         tracker.start()
-        hparams = {k: v for k, v in _flat(config).items()
-                   if isinstance(v, (int, float, str, bool))}
+        hparams = {k: v for k, v in _flat(config).items() if isinstance(v, (int, float, str, bool))}
         tracker.store_init_configuration(hparams)
         trackers.append(tracker)
     return trackers
@@ -112,17 +118,26 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def _jsonable(row: dict) -> dict:
     # JSON has no NaN / inf: write them as strings so the line stays valid JSON.
-    return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in row.items()}
+    return {
+        k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()
+    }
 
 
 def check_finite(step: int, loss: float, grad_norm: float, last_checkpoint: Path | None) -> None:
     """Raise NonFiniteError with what went wrong, where, and what is kept."""
-    bad = [f"{name} = {value}" for name, value in (("loss", loss), ("grad norm", grad_norm))
-           if not math.isfinite(value)]
+    bad = [
+        f"{name} = {value}"
+        for name, value in (("loss", loss), ("grad norm", grad_norm))
+        if not math.isfinite(value)
+    ]
     if bad:
-        kept = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint
-                else "no checkpoint was written before it")
-        raise NonFiniteError(f"step {step}: non-finite {' and '.join(bad)}; stopped before "
-                             f"updating the weights ({kept}). Lower lr, check the data, or "
-                             "use fp32 (dtype=fp32).")
+        kept = (
+            f"the last good checkpoint is {last_checkpoint}"
+            if last_checkpoint
+            else "no checkpoint was written before it"
+        )
+        raise NonFiniteError(
+            f"step {step}: non-finite {' and '.join(bad)}; stopped before "
+            f"updating the weights ({kept}). Lower lr, check the data, or "
+            "use fp32 (dtype=fp32)."
+        )

@@ -13,6 +13,9 @@ looks at, so checkpointing still works.
 `enable_gradient_checkpointing(model)` is the one switch both trainers call (the online one
 through the shared config base): non-reentrant torch.utils.checkpoint per decoder layer, which
 needs no `requires_grad` trick on the inputs and works with frozen base weights under LoRA.
+
+`disable_dropout(model)` sets every dropout probability to 0; `checkpoint_without_dropout` is
+the online loop's checkpointing (its updates run in train mode with dropout zeroed).
 """
 
 from __future__ import annotations
@@ -33,12 +36,15 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     more forward pass of compute. Works on a plain transformers model or a PEFT model.
     """
     if not hasattr(model, "gradient_checkpointing_enable"):
-        raise ValueError(f"{type(model).__name__} has no gradient_checkpointing_enable(); "
-                         "gradient_checkpointing needs a transformers model")
+        raise ValueError(
+            f"{type(model).__name__} has no gradient_checkpointing_enable(); "
+            "gradient_checkpointing needs a transformers model"
+        )
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not _checkpointing_layers(model):
-        raise ValueError(f"{type(model).__name__}: no decoder layer supports gradient "
-                         "checkpointing")
+        raise ValueError(
+            f"{type(model).__name__}: no decoder layer supports gradient checkpointing"
+        )
 
 
 def train_mode(model: nn.Module, *, dropout: bool) -> None:
@@ -49,3 +55,27 @@ def train_mode(model: nn.Module, *, dropout: bool) -> None:
     model.eval()
     for layer in _checkpointing_layers(model):
         layer.training = True  # only the flag: its children (attention, MLP) stay in eval
+
+
+def disable_dropout(model) -> None:
+    """Dropout probability 0 in every nn.Dropout and every `*dropout` float of the config (the
+    attention dropout of transformers models is read from there)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for key, value in vars(config).items() if config is not None else ():
+        if key.endswith("dropout") and isinstance(value, float):
+            setattr(config, key, 0.0)
+
+
+def checkpoint_without_dropout(model) -> None:
+    """Gradient checkpointing for the online loop, whose policy stays in eval mode (dropout off).
+
+    transformers checkpoints only in train mode: dropout is zeroed instead of using eval mode
+    for the updates, and the model is back in eval mode for sampling (KV cache).
+    """
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    disable_dropout(model)

@@ -61,8 +61,9 @@ def router_modules(model: nn.Module) -> dict[str, nn.Module]:
     base = transformers_model(model)
     found = {}
     for name, module in base.named_modules():
-        if isinstance(module, spec.target_class) and \
-                (spec.layer_name is None or name.endswith(spec.layer_name)):
+        if isinstance(module, spec.target_class) and (
+            spec.layer_name is None or name.endswith(spec.layer_name)
+        ):
             found[name.replace(".base_layer", "")] = module
     return found
 
@@ -82,16 +83,22 @@ def moe_shape(model: nn.Module) -> MoeShape | None:
     experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
     top_k = getattr(config, "num_experts_per_tok", None)
     if not experts or not top_k:
-        raise ConfigError(f"{type(config).__name__}: routers found but no num_experts / "
-                          "num_experts_per_tok in the model config")
-    return MoeShape(int(experts), int(top_k), float(getattr(config, "router_aux_loss_coef", 0.0)
-                                                    or 0.0))
+        raise ConfigError(
+            f"{type(config).__name__}: routers found but no num_experts / "
+            "num_experts_per_tok in the model config"
+        )
+    return MoeShape(
+        int(experts), int(top_k), float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+    )
 
 
 def router_weights(model: nn.Module) -> list[str]:
     """Full names of the routers' weight parameters (what `all-router` adapts)."""
-    return sorted(f"{name}.weight" for name, m in router_modules(model).items()
-                  if isinstance(getattr(m, "weight", None), torch.Tensor))
+    return sorted(
+        f"{name}.weight"
+        for name, m in router_modules(model).items()
+        if isinstance(getattr(m, "weight", None), torch.Tensor)
+    )
 
 
 def expert_parameters(model: nn.Module) -> list[str]:
@@ -107,16 +114,23 @@ def expert_parameters(model: nn.Module) -> list[str]:
 def shared_expert_linears(model: nn.Module) -> list[str]:
     """nn.Linear modules inside a shared expert (Qwen2-MoE `shared_expert`, DeepSeek
     `shared_experts`); the scalar `shared_expert_gate` is not one of them."""
-    return sorted(name for name, m in transformers_model(model).named_modules()
-                  if isinstance(m, nn.Linear) and
-                  any(p in ("shared_expert", "shared_experts") for p in name.split(".")))
+    return sorted(
+        name
+        for name, m in transformers_model(model).named_modules()
+        if isinstance(m, nn.Linear)
+        and any(p in ("shared_expert", "shared_experts") for p in name.split("."))
+    )
 
 
 # ---------------------------------------------------------------------------- the losses
 
 
-def balance_loss(router_logits: list[torch.Tensor], num_experts: int, top_k: int,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
+def balance_loss(
+    router_logits: list[torch.Tensor],
+    num_experts: int,
+    top_k: int,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Switch-style load-balancing loss pooled over router calls (module docstring), float32.
 
     `router_logits`: one (B * T, E) tensor per router call; `mask`: (B, T) attention mask or None.
@@ -134,13 +148,20 @@ def balance_loss(router_logits: list[torch.Tensor], num_experts: int, top_k: int
     return num_experts * (f * p).sum()
 
 
-def routing_stats(router_logits: list[torch.Tensor], top_k: int, mask: torch.Tensor | None,
-                  base_topk: list[torch.Tensor] | None = None) -> dict[str, float]:
+def routing_stats(
+    router_logits: list[torch.Tensor],
+    top_k: int,
+    mask: torch.Tensor | None,
+    base_topk: list[torch.Tensor] | None = None,
+) -> dict[str, float]:
     """Routing of one forward: tokens per expert (max over layers and experts, and the mean),
     mean router entropy (nats; log E when uniform), and with `base_topk` (one (B * T, k)
     tensor per layer) the share of (layer, token) whose top-k set differs from it."""
-    keep = torch.ones(router_logits[0].shape[0], dtype=torch.bool) if mask is None \
-        else mask.reshape(-1).bool().cpu()  # (B * T,)
+    keep = (
+        torch.ones(router_logits[0].shape[0], dtype=torch.bool)
+        if mask is None
+        else mask.reshape(-1).bool().cpu()
+    )  # (B * T,)
     counts, entropies, changed = [], [], []
     for layer, logits in enumerate(router_logits):
         logp = torch.log_softmax(logits.detach().float().cpu()[keep], dim=-1)  # (n, E)
@@ -150,9 +171,11 @@ def routing_stats(router_logits: list[torch.Tensor], top_k: int, mask: torch.Ten
         if base_topk is not None:
             changed.append((top != base_topk[layer][keep]).any(-1).float())  # (n,)
     counts = torch.stack(counts)  # (L, E)
-    out = {"moe/tokens_per_expert_max": counts.max().item(),
-           "moe/tokens_per_expert_mean": counts.mean().item(),
-           "moe/router_entropy": torch.cat(entropies).mean().item()}
+    out = {
+        "moe/tokens_per_expert_max": counts.max().item(),
+        "moe/tokens_per_expert_mean": counts.mean().item(),
+        "moe/router_entropy": torch.cat(entropies).mean().item(),
+    }
     if changed:
         out["moe/topk_changed"] = torch.cat(changed).mean().item()
     return out
@@ -190,8 +213,9 @@ class RouterRecorder:
 
         for module in router_modules(self.model).values():
             self._handles.append(module.register_forward_hook(on_router))
-        self._handles.append(transformers_model(self.model).register_forward_pre_hook(
-            on_model, with_kwargs=True))
+        self._handles.append(
+            transformers_model(self.model).register_forward_pre_hook(on_model, with_kwargs=True)
+        )
         return self
 
     def __exit__(self, *exc):
@@ -211,8 +235,10 @@ def resolve_aux_coef(model: nn.Module, coef: float | None) -> float:
     if shape is None:
         if coef:
             kind = type(transformers_model(model)).__name__
-            raise ConfigError(f"router_aux_loss_coef: {coef} but {kind} has no router (not a "
-                              "mixture of experts); set it to 0 or leave it unset")
+            raise ConfigError(
+                f"router_aux_loss_coef: {coef} but {kind} has no router (not a "
+                "mixture of experts); set it to 0 or leave it unset"
+            )
         return 0.0
     return shape.default_coef if coef is None else float(coef)
 
@@ -223,18 +249,22 @@ def probe_batch(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor
     ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), T), dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, T - len(p):] = 1
-    return {"input_ids": ids, "attention_mask": mask,
-            "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+        ids[i, T - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, T - len(p) :] = 1
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+    }
 
 
 def probe_prompt(tokenizer, problem, system_prompt: str | None = None) -> list[int]:
     """Token ids of a problem's prompt as the online trainer's engine renders it."""
     from ..sample import prompt_messages
 
-    text = tokenizer.apply_chat_template(prompt_messages(problem, system_prompt), tokenize=False,
-                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        prompt_messages(problem, system_prompt), tokenize=False, add_generation_prompt=True
+    )
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -258,8 +288,17 @@ class MoeRun:
         return cls()
 
     @classmethod
-    def setup(cls, model: nn.Module, coef: float | None, cfg, items: list, prompt_of, *,
-              seed: int, pad_id: int) -> MoeRun:
+    def setup(
+        cls,
+        model: nn.Module,
+        coef: float | None,
+        cfg,
+        items: list,
+        prompt_of,
+        *,
+        seed: int,
+        pad_id: int,
+    ) -> MoeRun:
         """Call on the base model before the adapter is added or a checkpoint loaded: the
         probe's base routing is taken from it. `cfg` is a config.MoeConfig; the probe is
         `cfg.probe_size` of `items` picked by `seed`, `prompt_of(item)` their token ids.
@@ -270,8 +309,9 @@ class MoeRun:
             return cls.dense()
         run = cls(shape, coef, cfg.stats_every)
         if cfg.stats_every and cfg.probe_size and items:
-            prompts = [list(prompt_of(items[i])) for i in pick_probe(len(items), cfg.probe_size,
-                                                                      seed)]
+            prompts = [
+                list(prompt_of(items[i])) for i in pick_probe(len(items), cfg.probe_size, seed)
+            ]
             run.probe = probe_batch(prompts, pad_id)
             logits, _ = run._probe_forward(model)
             run.base_topk = [topk_sets(x, shape.top_k) for x in logits]
@@ -281,14 +321,14 @@ class MoeRun:
         """Context around a micro-batch's forward; records routers only when coef > 0."""
         return RouterRecorder(policy, enabled=bool(self.coef and self.shape))
 
-    def add_aux(self, loss: torch.Tensor, metrics: dict, routing: RouterRecorder,
-                weight: float) -> torch.Tensor:
+    def add_aux(
+        self, loss: torch.Tensor, metrics: dict, routing: RouterRecorder, weight: float
+    ) -> torch.Tensor:
         """loss + coef * aux * weight; puts the unweighted aux into metrics["loss/aux"].
         `weight`: the micro-batch's share of the step (the same share its method loss has)."""
         if not routing.logits:
             return loss
-        aux = balance_loss(routing.logits, self.shape.num_experts, self.shape.top_k,
-                           routing.mask)
+        aux = balance_loss(routing.logits, self.shape.num_experts, self.shape.top_k, routing.mask)
         metrics["loss/aux"] = aux.detach()
         return loss + (self.coef * weight) * aux.to(loss.dtype)
 
@@ -297,8 +337,9 @@ class MoeRun:
         CHORD's mu, mixed like its two parts)."""
         if mu is None:
             return self.coef * metrics.get("loss/aux", 0.0)
-        return self.coef * ((1 - mu) * metrics.get("loss/aux", 0.0) +
-                            mu * metrics.get("sft/loss/aux", 0.0))
+        return self.coef * (
+            (1 - mu) * metrics.get("loss/aux", 0.0) + mu * metrics.get("sft/loss/aux", 0.0)
+        )
 
     def stats(self, policy: nn.Module, step: int, last: bool = False) -> dict[str, float]:
         """Routing statistics on the probe batch every `stats_every` steps (and the last)."""

@@ -17,22 +17,22 @@ for SFT's token_mean. Each micro-batch's loss is scaled by its share of the glob
 (times the number of processes, because DDP and FSDP2 average gradients over processes), so the summed
 gradients equal those of the whole batch in one piece. Every process knows the whole global
 batch (the order is a function of seed and epoch), so the shares need no communication.
+
+One step's gradients: train/offline_step.py; the reference log-probs: train/reference.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from .. import losses
 from ..config import ConfigError, save_config
-from ..models import load_model, load_tokenizer, resolve_dtype, resolve_model
+from ..models import load_model, load_tokenizer, resolve_dtype
 from ..records import write_json
-from .batches import collate, epoch_batches, micro_batches
+from .batches import epoch_batches
 from .checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -42,158 +42,45 @@ from .checkpoint import (
     start_run,
 )
 from .config import TrainConfig
-from .data import Example, load_examples
+from .data import load_examples
 from .distributed import Processes, local_storage, master_weights, zero3_config
-from .logps import completion_logps, reference_logps, split_pairs
 from .lora import apply_lora, format_parameter_report, parameter_report
 from .metrics import MetricsLog, NonFiniteError, check_finite
 from .moe import MoeRun
 from .modes import enable_gradient_checkpointing, train_mode
 from .optim import lr_at, make_optimizer, make_scheduler
-from .refcache import cache_key, cache_path, read_cache, write_cache
+from .offline_step import DPO_LOSS_TYPES as DPO_LOSS_TYPES  # re-exported
+from .offline_step import SFT_LOSSES as SFT_LOSSES  # re-exported
+from .offline_step import global_units as global_units  # re-exported
+from .offline_step import micro_batch_loss as micro_batch_loss  # re-exported
+from .offline_step import step_gradients
+from .reference import reference_table
 
-SFT_LOSSES = {"sft": losses.sft, "dft": losses.dft, "chord-phi": losses.sft_phi}
-DPO_LOSS_TYPES = {"dpo": "sigmoid", "ipo": "ipo", "robust-dpo": "robust", "bdpo": "bdpo",
-                  "rpo": "sigmoid"}
 # Settings that may change between a run and its resume (they do not change the result).
-RESUME_MAY_CHANGE = {"stop_after_steps", "num_threads", "checkpoint_every", "keep_checkpoints",
-                     "trackers", "ref_batch_size", "ref_cache", "tokenize_workers"}
-
-
-# ------------------------------------------------------------------------ loss of a batch
-
-
-def global_units(examples: list[Example], cfg: TrainConfig) -> int:
-    """What the step's loss averages over: completion tokens (SFT token_mean) or rows."""
-    if not cfg.preference and cfg.sft_aggregation == "token_mean":
-        return sum(len(e.completions[0]) for e in examples)
-    return len(examples)
-
-
-def micro_batch_loss(model, examples: list[Example], ref: torch.Tensor | None, cfg: TrainConfig,
-                     *, pad_id: int, device, units: int, processes: int
-                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], float, int]:
-    """(loss scaled to its share of the global batch, metrics, share, tokens processed).
-
-    `units` is global_units() of the whole step; `ref` is (B, 2) reference log-probs.
-    """
-    batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
-    logps = completion_logps(model, batch)  # (R, K) float32
-    tokens = int(batch["attention_mask"].sum())
-    if cfg.preference:
-        policy_chosen, policy_rejected = split_pairs(logps.sum(-1))  # (B,), (B,)
-        chosen_len, rejected_len = split_pairs(batch["completion_lengths"])
-        ref = ref.to(device)
-        chosen_nll = -policy_chosen / chosen_len.clamp(min=1) if cfg.nll_weight else None
-        loss, metrics = losses.dpo(policy_chosen, policy_rejected, ref[:, 0], ref[:, 1], cfg.beta,
-                                   loss_type=DPO_LOSS_TYPES[cfg.method],
-                                   label_smoothing=cfg.label_smoothing,
-                                   chosen_lengths=chosen_len, rejected_lengths=rejected_len,
-                                   bdpo_lambda=cfg.bdpo_lambda, nll_weight=cfg.nll_weight,
-                                   chosen_nll=chosen_nll)
-        share = len(examples) / units
-        return loss * (share * processes), metrics, share, tokens
-    mask = batch["labels"] != -100  # (R, K)
-    fn = SFT_LOSSES[cfg.method]
-    if cfg.sft_aggregation == "token_mean":
-        loss, metrics = fn(logps, mask, aggregation="token_mean",
-                           num_items_in_batch=units / processes)
-        share = float(mask.sum()) / units
-    else:
-        loss, metrics = fn(logps, mask, aggregation=cfg.sft_aggregation)
-        share = len(examples) / units
-        loss = loss * (share * processes if cfg.sft_aggregation == "sequence_mean" else processes)
-    metrics.pop("tokens", None)  # a count, not a mean: reported as `tokens` by the loop
-    return loss, metrics, share, tokens
-
-
-def step_gradients(policy, examples: list[Example], batch: list[int], ref: torch.Tensor | None,
-                   cfg: TrainConfig, accelerator, *, lengths: list[int], pad_id: int,
-                   moe: MoeRun = MoeRun()) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-    """Backward over this process's micro-batches of one global batch; gradients accumulate.
-
-    Returns (this process's summed loss shares, summed metric shares, tokens it processed).
-    Summed over processes and divided by their number, the loss is the global batch's loss.
-    On an MoE model `moe` adds coef x the balance loss of each micro-batch, with its share.
-    """
-    P = accelerator.num_processes
-    units = global_units([examples[i] for i in batch], cfg)
-    mine = micro_batches(batch, lengths, P, accelerator.process_index, cfg.grad_accum)
-    real = len(mine)
-    if getattr(accelerator, "sharded", False):
-        # FSDP2's forward and backward are collectives: a process with fewer micro-batches
-        # (a short last batch) repeats its first one with zero weight, as often as the busiest.
-        most = max(len(micro_batches(batch, lengths, P, r, cfg.grad_accum)) for r in range(P))
-        mine = mine + [mine[0]] * (most - real)
-    loss_sum = torch.zeros((), device=accelerator.device)
-    metric_sums: dict[str, torch.Tensor] = {}
-    tokens = 0
-    for i, rows in enumerate(mine):
-        sync = i == len(mine) - 1  # DDP all-reduces gradients on the last backward only
-        with contextlib.nullcontext() if sync or P == 1 else accelerator.no_sync(policy):
-            with moe.record(policy) as routing:
-                loss, metrics, share, n_tokens = micro_batch_loss(
-                    policy, [examples[j] for j in rows], ref[rows] if ref is not None else None,
-                    cfg, pad_id=pad_id, device=accelerator.device, units=units, processes=P)
-            loss = moe.add_aux(loss, metrics, routing, share * P)
-            accelerator.backward(loss if i < real else loss * 0.0)
-        if i >= real:
-            continue
-        loss_sum += loss.detach().float()
-        tokens += n_tokens
-        for k, v in metrics.items():
-            metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().float() * share
-    return loss_sum, metric_sums, tokens
-
-
-# ---------------------------------------------------------------------------- reference
-
-
-def reference_table(model, examples: list[Example], cfg: TrainConfig, accelerator, *,
-                    pad_id: int, dtype: str, out: Path) -> torch.Tensor:
-    """(N, 2) reference log-probs, read from the cache beside the data or computed once.
-
-    Called before the adapter exists, so the model is exactly the reference (for PiSSA / OLoRA
-    too, whose initialisation changes the base weights). Each process computes every P-th pair
-    and the parts are gathered.
-    """
-    key = cache_key(resolve_model(cfg.model), dtype, examples, accelerator.device.type) \
-        if cfg.ref_cache else None
-    if cfg.ref_cache and key is None:
-        _say(accelerator, f"reference log-probs: not cached ({cfg.model}: no local weight "
-                          "files to fingerprint)")
-    use_cache = key is not None
-    path = cache_path(cfg.data, key, fallback_dir=out) if use_cache else None
-    cached = read_cache(path, key, len(examples)) if use_cache else None
-    if cached is not None:
-        _say(accelerator, f"reference log-probs: read from cache {path}")
-        return cached
-    start = time.perf_counter()
-    P, rank = accelerator.num_processes, accelerator.process_index
-    mine = list(range(rank, len(examples), P))
-    part = reference_logps(model, [examples[i] for i in mine], batch_size=cfg.ref_batch_size,
-                           pad_id=pad_id, device=accelerator.device)
-    table = torch.zeros(len(examples), 2)
-    if P > 1:
-        from accelerate.utils import gather_object
-
-        for r, (idx, values) in enumerate(gather_object([(mine, part)])):
-            table[idx] = values
-    else:
-        table[mine] = part
-    if use_cache and accelerator.is_main_process:
-        write_cache(path, key, table)
-    _say(accelerator, f"reference log-probs: computed for {len(examples)} pairs in "
-                      f"{time.perf_counter() - start:.1f} s" +
-                      (f"; saved to {path}" if use_cache else ""))
-    return table
+RESUME_MAY_CHANGE = {
+    "stop_after_steps",
+    "num_threads",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "trackers",
+    "ref_batch_size",
+    "ref_cache",
+    "tokenize_workers",
+}
 
 
 # --------------------------------------------------------------------------------- loop
 
 
-def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None, tokenizer=None,
-          progress: bool = True) -> dict:
+def train(
+    cfg: TrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    model=None,
+    tokenizer=None,
+    progress: bool = True,
+) -> dict:
     """Run (or resume) offline training into `out`; returns a summary dict.
 
     Writes out/config.yaml, out/data_report.json, out/metrics.jsonl, out/checkpoints/, and at
@@ -206,21 +93,30 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
     # `accelerator`: this run's processes and how the model is spread over them
     # (distributed.Processes; the names follow accelerate's Accelerator, which it holds).
     accelerator = Processes(cfg.strategy, deepspeed_config=zero3_config(cfg))
-    P, rank, main = accelerator.num_processes, accelerator.process_index, \
-        accelerator.is_main_process
+    P, rank, main = (
+        accelerator.num_processes,
+        accelerator.process_index,
+        accelerator.is_main_process,
+    )
     device = accelerator.device
     last = start_run(cfg, out, resume=resume, may_change=RESUME_MAY_CHANGE)
 
     # data
     tokenizer = tokenizer or load_tokenizer(cfg.model)
-    examples, report = load_examples(cfg.data, tokenizer, preference=cfg.preference,
-                                     max_length=cfg.max_length, length_policy=cfg.length_policy,
-                                     workers=cfg.tokenize_workers)
+    examples, report = load_examples(
+        cfg.data,
+        tokenizer,
+        preference=cfg.preference,
+        max_length=cfg.max_length,
+        length_policy=cfg.length_policy,
+        workers=cfg.tokenize_workers,
+    )
     _say(accelerator, f"data: {report.summary()}")
     lengths = [e.length for e in examples]
     global_batch = cfg.batch_size * cfg.grad_accum * P
-    steps_per_epoch = len(epoch_batches(lengths, global_batch, cfg.seed, 0, cfg.group_by_length,
-                                        min_rows=P))
+    steps_per_epoch = len(
+        epoch_batches(lengths, global_batch, cfg.seed, 0, cfg.group_by_length, min_rows=P)
+    )
     if steps_per_epoch == 0:
         raise ConfigError(f"{len(examples)} rows cannot give each of {P} processes one row")
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
@@ -234,21 +130,35 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
         model = load_model(cfg.model, dtype=load_dtype)
     model = master_weights(model, autocast, device.type)
     model.to(device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
-        else tokenizer.eos_token_id
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
     t_ref = time.perf_counter()
-    ref = reference_table(model, examples, cfg, accelerator, pad_id=pad_id, dtype=dtype,
-                          out=out) if cfg.preference else None
+    ref = (
+        reference_table(model, examples, cfg, accelerator, pad_id=pad_id, dtype=dtype, out=out)
+        if cfg.preference
+        else None
+    )
     reference_seconds = time.perf_counter() - t_ref
-    moe = MoeRun.setup(model, cfg.router_aux_loss_coef, cfg.moe, examples, lambda e: e.prompt,
-                       seed=cfg.seed, pad_id=pad_id)
+    moe = MoeRun.setup(
+        model,
+        cfg.router_aux_loss_coef,
+        cfg.moe,
+        examples,
+        lambda e: e.prompt,
+        seed=cfg.seed,
+        pad_id=pad_id,
+    )
     model = apply_lora(model, cfg.lora)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     _say(accelerator, format_parameter_report(parameter_report(model)))
-    _say(accelerator, f"{cfg.method}: {cfg.model} in {dtype}; global batch {global_batch} = "
-                      f"{cfg.batch_size} rows x {cfg.grad_accum} accumulation x {P} process(es); "
-                      f"{total} steps ({steps_per_epoch} per epoch)")
+    _say(
+        accelerator,
+        f"{cfg.method}: {cfg.model} in {dtype}; global batch {global_batch} = "
+        f"{cfg.batch_size} rows x {cfg.grad_accum} accumulation x {P} process(es); "
+        f"{total} steps ({steps_per_epoch} per epoch)",
+    )
     init_adapter = out / "adapter-init"
     if cfg.lora.enabled and cfg.lora.init != "default" and main and not init_adapter.exists():
         # PiSSA / OLoRA move part of the base weights into the adapter; the initial adapter
@@ -257,16 +167,30 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
 
     # Wrap first, then the optimizer over the wrapped (for FSDP2: sharded) parameters.
     whole = local_storage(model)["bytes"]
-    policy, optimizer = accelerator.prepare(model, lambda m: make_optimizer(
-        m, cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_eps))
+    policy, optimizer = accelerator.prepare(
+        model,
+        lambda m: make_optimizer(
+            m,
+            cfg.lr,
+            weight_decay=cfg.weight_decay,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_eps,
+        ),
+    )
     model = accelerator.unwrap(policy)  # the module holding the parameters (sharded or whole)
     stored = accelerator.storage_per_process(policy)
-    _say(accelerator, f"{cfg.strategy}: each process stores {_mib(max(stored))} of the "
-                      f"{_mib(whole)} of parameters ({P} process(es))")
-    scheduler = make_scheduler(optimizer, total_steps=total,
-                               warmup_steps=round(cfg.warmup_ratio * total),
-                               schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio)
+    _say(
+        accelerator,
+        f"{cfg.strategy}: each process stores {_mib(max(stored))} of the "
+        f"{_mib(whole)} of parameters ({P} process(es))",
+    )
+    scheduler = make_scheduler(
+        optimizer,
+        total_steps=total,
+        warmup_steps=round(cfg.warmup_ratio * total),
+        schedule=cfg.schedule,
+        min_ratio=cfg.min_lr_ratio,
+    )
     start = 0
     if resume and last is not None:
         start = int(load_checkpoint(last, model, optimizer, scheduler, rank=rank)["step"])
@@ -274,34 +198,52 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
     if main:
         save_config(cfg, out / "config.yaml")
         write_json(out / "data_report.json", report.to_dict())
-        write_json(out / "processes.json", {"strategy": cfg.strategy, "processes": P,
-                                            "sharded": accelerator.sharded,
-                                            "parameter_bytes": whole,
-                                            "parameter_bytes_per_process": stored})
-    log = MetricsLog(out / "metrics.jsonl", resume_step=start, enabled=main,
-                     trackers=cfg.trackers, config=asdict(cfg))
+        write_json(
+            out / "processes.json",
+            {
+                "strategy": cfg.strategy,
+                "processes": P,
+                "sharded": accelerator.sharded,
+                "parameter_bytes": whole,
+                "parameter_bytes_per_process": stored,
+            },
+        )
+    log = MetricsLog(
+        out / "metrics.jsonl",
+        resume_step=start,
+        enabled=main,
+        trackers=cfg.trackers,
+        config=asdict(cfg),
+    )
     # The DPO family runs the policy without dropout, as the reference pass did.
     train_mode(policy, dropout=not cfg.preference)
 
-    bar = tqdm(total=total, initial=start, desc=f"train {cfg.method}", unit="step",
-               disable=not (progress and main))
+    bar = tqdm(
+        total=total,
+        initial=start,
+        desc=f"train {cfg.method}",
+        unit="step",
+        disable=not (progress and main),
+    )
     batches, batches_epoch = None, -1
     row: dict = {}
     for step in range(start, stop):
         t0 = time.perf_counter()
         epoch, position = divmod(step, steps_per_epoch)
         if epoch != batches_epoch:
-            batches = epoch_batches(lengths, global_batch, cfg.seed, epoch, cfg.group_by_length,
-                                    min_rows=P)
+            batches = epoch_batches(
+                lengths, global_batch, cfg.seed, epoch, cfg.group_by_length, min_rows=P
+            )
             batches_epoch = epoch
         batch = batches[position]
-        loss_sum, metric_sums, tokens = step_gradients(policy, examples, batch, ref, cfg,
-                                                       accelerator, lengths=lengths,
-                                                       pad_id=pad_id, moe=moe)
+        loss_sum, metric_sums, tokens = step_gradients(
+            policy, examples, batch, ref, cfg, accelerator, lengths=lengths, pad_id=pad_id, moe=moe
+        )
         grad_norm = accelerator.clip(policy, cfg.max_grad_norm)  # over all shards
         names = list(metric_sums)
-        summed = torch.stack([loss_sum, torch.tensor(float(tokens), device=device),
-                              *[metric_sums[k] for k in names]])
+        summed = torch.stack(
+            [loss_sum, torch.tensor(float(tokens), device=device), *[metric_sums[k] for k in names]]
+        )
         values = accelerator.reduce(summed, reduction="sum").tolist()
         loss_value = values[0] / P  # every process holds loss shares scaled by P
         check_finite(step + 1, loss_value, grad_norm, latest_checkpoint(out))
@@ -310,11 +252,18 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
         optimizer.zero_grad(set_to_none=True)
 
         seconds = time.perf_counter() - t0
-        row = {"step": step + 1, "epoch": epoch + (position + 1) / steps_per_epoch,
-               "loss": loss_value, **dict(zip(names, values[2:])),
-               "lr": lr_at(scheduler, step), "grad_norm": grad_norm, "rows": len(batch),
-               "tokens": int(values[1]), "tokens_per_s": values[1] / seconds,
-               "seconds": seconds}
+        row = {
+            "step": step + 1,
+            "epoch": epoch + (position + 1) / steps_per_epoch,
+            "loss": loss_value,
+            **dict(zip(names, values[2:])),
+            "lr": lr_at(scheduler, step),
+            "grad_norm": grad_norm,
+            "rows": len(batch),
+            "tokens": int(values[1]),
+            "tokens_per_s": values[1] / seconds,
+            "seconds": seconds,
+        }
         row.update(moe.stats(policy, step + 1, last=step + 1 == stop))
         log.write(row)
         bar.update(1)
@@ -322,14 +271,24 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
         done = step + 1
         if done == stop or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
             if not accelerator.all_finite(policy):
-                raise NonFiniteError(f"step {done}: the weights hold NaN or inf after the update "
-                                     f"(lr {cfg.lr}); not checkpointed. The last good checkpoint "
-                                     f"is {latest_checkpoint(out)}.")
-            save_checkpoint(out, done, model, optimizer, scheduler,
-                            {"epoch": epoch, "position": position + 1, "total": total},
-                            keep=cfg.keep_checkpoints, rank=rank, is_main=main,
-                            barrier=accelerator.wait_for_everyone,
-                            sharded=accelerator.sharded)
+                raise NonFiniteError(
+                    f"step {done}: the weights hold NaN or inf after the update "
+                    f"(lr {cfg.lr}); not checkpointed. The last good checkpoint "
+                    f"is {latest_checkpoint(out)}."
+                )
+            save_checkpoint(
+                out,
+                done,
+                model,
+                optimizer,
+                scheduler,
+                {"epoch": epoch, "position": position + 1, "total": total},
+                keep=cfg.keep_checkpoints,
+                rank=rank,
+                is_main=main,
+                barrier=accelerator.wait_for_everyone,
+                sharded=accelerator.sharded,
+            )
     bar.close()
     log.close()
 
@@ -337,16 +296,27 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
     # sharded: every process takes part in gathering the whole weights onto rank 0
     whole = accelerator.full_state_dict(policy) if finished else None
     if finished and main:
-        save_final(model, out, tokenizer, init_adapter if init_adapter.exists() else None,
-                   state_dict=whole)
+        save_final(
+            model, out, tokenizer, init_adapter if init_adapter.exists() else None, state_dict=whole
+        )
     accelerator.wait_for_everyone()
-    summary = {"out": str(out), "steps": stop, "total_steps": total, "finished": finished,
-               "data": report.to_dict(), "last": row, "dtype": dtype,
-               "reference_seconds": reference_seconds}
+    summary = {
+        "out": str(out),
+        "steps": stop,
+        "total_steps": total,
+        "finished": finished,
+        "data": report.to_dict(),
+        "last": row,
+        "dtype": dtype,
+        "reference_seconds": reference_seconds,
+    }
     if main:
         where = out / ("adapter" if cfg.lora.enabled else "model")
-        _say(accelerator, f"{'finished' if finished else 'stopped'} at step {stop} of {total}" +
-             (f"; weights in {where}" if finished else "; continue with --resume"))
+        _say(
+            accelerator,
+            f"{'finished' if finished else 'stopped'} at step {stop} of {total}"
+            + (f"; weights in {where}" if finished else "; continue with --resume"),
+        )
     return summary
 
 
@@ -369,4 +339,3 @@ def _mib(nbytes: int) -> str:
 def _say(accelerator, text: str) -> None:
     if accelerator.is_main_process:
         print(text, flush=True)
-

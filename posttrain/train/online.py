@@ -8,7 +8,7 @@ The loop, top to bottom, per step: draw `problems_per_step` problems (each proce
 a group is never split), sample G completions of each through the rollout engine
 (train/rollout_engine.py) and grade them (train/rollouts.py), gather the rewards of every
 process and turn them into group-normalised advantages, then take `updates_per_batch`
-optimizer steps on the batch (train/policy_update.py; losses in posttrain/losses.py and
+optimizer steps on the batch (train/policy_update.py; losses in posttrain/losses/ and
 posttrain/offpolicy.py). The first update's forward also checks that the engine sampled the
 current policy (mismatch/* metrics; RolloutSyncError past rollout.max_mismatch_kl) and gives
 the rollout-correction weights. After the update a detached engine gets the new adapter.
@@ -39,30 +39,64 @@ from ..config import ConfigError, save_config
 from ..losses import chord_loss, group_advantages, mu_schedule
 from ..models import load_model, load_tokenizer, resolve_dtype
 from ..records import Problem
-from .checkpoint import (latest_checkpoint, load_checkpoint, parameters_finite, save_atomic,
-                         save_checkpoint, save_final, start_run)
+from .checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    parameters_finite,
+    save_atomic,
+    save_checkpoint,
+    save_final,
+    start_run,
+)
 from .data import load_examples
 from .lora import apply_lora, format_parameter_report, parameter_report
 from .metrics import MetricsLog, NonFiniteError, check_finite
+from .modes import checkpoint_without_dropout
 from .moe import MoeRun, probe_prompt
 from .online_config import METHODS, RESUME_MAY_CHANGE, OnlineConfig, online_config
+from .online_reduce import gather_rollouts, sum_over_processes, token_means
 from .optim import clip_gradients, lr_at, make_optimizer, make_scheduler
 from .policy_update import frozen_logps, policy_backward, sft_backward
 from .problem_stream import ShuffledStream
-from .rollout_engine import (AdapterSync, check_sync, detached_base, make_rollout_engine,
-                             mismatch_threshold)
-from .rollouts import (collect_rollouts, demonstration_batches, rollout_batches, rollout_stats,
-                       score_completion)
+from .rollout_engine import (
+    AdapterSync,
+    check_sync,
+    detached_base,
+    make_rollout_engine,
+    mismatch_threshold,
+)
+from .rollouts import (
+    collect_rollouts,
+    demonstration_batches,
+    rollout_batches,
+    rollout_stats,
+    score_completion,
+)
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
-__all__ = ["ConfigError", "METHODS", "NonFiniteError", "OnlineConfig", "online_config",
-           "train_online"]
+__all__ = [
+    "ConfigError",
+    "METHODS",
+    "NonFiniteError",
+    "OnlineConfig",
+    "online_config",
+    "train_online",
+]
 
 
-def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, model=None,
-                 tokenizer=None, problems: list[Problem] | None = None,
-                 score=score_completion, progress: bool = False, engine=None) -> dict:
+def train_online(
+    cfg: OnlineConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    model=None,
+    tokenizer=None,
+    problems: list[Problem] | None = None,
+    score=score_completion,
+    progress: bool = False,
+    engine=None,
+) -> dict:
     """Run (or resume) online RL into `out`; returns a summary dict.
 
     Writes out/config.yaml, out/metrics.jsonl (one line per rollout step), out/checkpoints/ and
@@ -75,17 +109,23 @@ def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, mo
     cfg.check()
     out = Path(out)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    P, rank, main = accelerator.num_processes, accelerator.process_index, \
-        accelerator.is_main_process
+    P, rank, main = (
+        accelerator.num_processes,
+        accelerator.process_index,
+        accelerator.is_main_process,
+    )
     if cfg.problems_per_step % P or (P > 1 and cfg.dynamic_sampling):
-        raise ConfigError(f"problems_per_step {cfg.problems_per_step} must be a multiple of the "
-                          f"{P} processes, and dynamic_sampling is single-process for now")
+        raise ConfigError(
+            f"problems_per_step {cfg.problems_per_step} must be a multiple of the "
+            f"{P} processes, and dynamic_sampling is single-process for now"
+        )
     device = accelerator.device
     last = start_run(cfg, out, resume=resume, may_change=RESUME_MAY_CHANGE)
 
     tokenizer = tokenizer or load_tokenizer(cfg.model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
-        else tokenizer.eos_token_id
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
     if problems is None:
         from ..tasks import load_problems
 
@@ -93,27 +133,28 @@ def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, mo
     chord = cfg.method == "chord"
     demos = None
     if chord:
-        demos, report = load_examples(cfg.chord.demos, tokenizer, preference=False,
-                                      max_length=cfg.chord.max_length)
+        demos, report = load_examples(
+            cfg.chord.demos, tokenizer, preference=False, max_length=cfg.chord.max_length
+        )
         _say(main, f"demonstrations: {report.summary()}")
     dtype = resolve_dtype(cfg.dtype, device)
     if model is None:
         model = load_model(cfg.model, dtype=dtype)
     model.to(device)
-    moe = MoeRun.setup(model, cfg.router_aux_loss_coef, cfg.moe, problems,
-                       lambda p: probe_prompt(tokenizer, p, cfg.system_prompt), seed=cfg.seed,
-                       pad_id=pad_id)
-    detached = cfg.rollout.sync == "adapter" and engine is None and \
-        cfg.rollout.engine.kind == "hf"
+    moe = MoeRun.setup(
+        model,
+        cfg.router_aux_loss_coef,
+        cfg.moe,
+        problems,
+        lambda p: probe_prompt(tokenizer, p, cfg.system_prompt),
+        seed=cfg.seed,
+        pad_id=pad_id,
+    )
+    detached = cfg.rollout.sync == "adapter" and engine is None and cfg.rollout.engine.kind == "hf"
     base_copy = detached_base(model) if detached else None  # the engine's own weights
     policy = apply_lora(model, cfg.lora)
     if cfg.gradient_checkpointing:
-        # transformers checkpoints only in train mode: dropout is zeroed instead of using eval
-        # mode for the updates, and the model is back in eval mode for sampling (KV cache).
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(policy, "enable_input_require_grads"):
-            policy.enable_input_require_grads()
-        disable_dropout(policy)
+        checkpoint_without_dropout(policy)  # updates in train mode, dropout zeroed
     policy.eval()  # dropout off for the whole run (module docstring); gradients still flow
     if progress:
         _say(main, format_parameter_report(parameter_report(policy)))
@@ -128,28 +169,44 @@ def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, mo
         init_adapter = None
 
     total = cfg.max_steps * cfg.updates_per_batch  # optimizer steps
-    optimizer = make_optimizer(policy, cfg.lr, weight_decay=cfg.weight_decay,
-                               betas=cfg.adam_betas, eps=cfg.adam_eps)
-    scheduler = make_scheduler(optimizer, total_steps=total,
-                               warmup_steps=round(cfg.warmup_ratio * total),
-                               schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio)
+    optimizer = make_optimizer(
+        policy, cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.adam_betas, eps=cfg.adam_eps
+    )
+    scheduler = make_scheduler(
+        optimizer,
+        total_steps=total,
+        warmup_steps=round(cfg.warmup_ratio * total),
+        schedule=cfg.schedule,
+        min_ratio=cfg.min_lr_ratio,
+    )
     state: dict = {}
     if resume and last is not None:
         state = load_checkpoint(last, policy, optimizer, scheduler, rank=rank)
         _say(main, f"resumed from {last} (step {state['step']} of {cfg.max_steps})")
     start = int(state.get("step", 0))
     stream = ShuffledStream(problems, cfg.seed, drawn=int(state.get("problems_drawn", 0)))
-    demo_stream = ShuffledStream(demos, cfg.seed + 1, drawn=int(state.get("demos_drawn", 0))) \
-        if chord else None
+    demo_stream = (
+        ShuffledStream(demos, cfg.seed + 1, drawn=int(state.get("demos_drawn", 0)))
+        if chord
+        else None
+    )
     if main:
         save_config(cfg, out / "config.yaml")
-    log = MetricsLog(out / "metrics.jsonl", resume_step=start, enabled=main,
-                     trackers=cfg.trackers, config=asdict(cfg))
+    log = MetricsLog(
+        out / "metrics.jsonl",
+        resume_step=start,
+        enabled=main,
+        trackers=cfg.trackers,
+        config=asdict(cfg),
+    )
     trained = accelerator.prepare_model(policy) if P > 1 else policy  # DDP under torchrun
     no_sync = (lambda: trained.no_sync()) if P > 1 else None
     engine = engine or make_rollout_engine(cfg, policy, tokenizer, base_model=base_copy)
-    sync = AdapterSync(engine, out, init_adapter, main, accelerator.wait_for_everyone) \
-        if cfg.rollout.sync == "adapter" else None
+    sync = (
+        AdapterSync(engine, out, init_adapter, main, accelerator.wait_for_everyone)
+        if cfg.rollout.sync == "adapter"
+        else None
+    )
     if sync:
         sync(policy, start)  # the engine samples the first step with the policy as it is now
     G, U = cfg.num_generations, cfg.updates_per_batch
@@ -157,20 +214,40 @@ def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, mo
     max_kl = mismatch_threshold(cfg.rollout.max_mismatch_kl, DTYPE_NAMES.get(model.dtype, "bf16"))
     stop = min(cfg.max_steps, cfg.stop_after_steps) if cfg.stop_after_steps else cfg.max_steps
 
-    bar = tqdm(total=cfg.max_steps, initial=start, desc=f"train {cfg.method}", unit="step",
-               disable=not (progress and main))
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=start,
+        desc=f"train {cfg.method}",
+        unit="step",
+        disable=not (progress and main),
+    )
     row: dict = {}
     for step in range(start, stop):
         t0 = time.perf_counter()
-        kept, everything, info = collect_rollouts(engine, tokenizer, stream, cfg, step, score,
-                                                  rank=rank, processes=P)
+        kept, everything, info = collect_rollouts(
+            engine, tokenizer, stream, cfg, step, score, rank=rank, processes=P
+        )
         t1 = time.perf_counter()
-        every_rank, kept_rewards = _gather(accelerator, everything, [r.reward for r in kept])
-        row = {"step": step + 1, **rollout_stats(every_rank, G),
-               "groups_kept": len(kept_rewards) // G,
-               **{k: v for k, v in info.items() if not k.startswith("time/")}}
-        mu = mu_schedule(step, cfg.chord.mu_warmup_steps, cfg.chord.mu_decay_steps,
-                         cfg.chord.mu_peak, cfg.chord.mu_valley) if chord else None
+        every_rank, kept_rewards = gather_rollouts(
+            accelerator, everything, [r.reward for r in kept]
+        )
+        row = {
+            "step": step + 1,
+            **rollout_stats(every_rank, G),
+            "groups_kept": len(kept_rewards) // G,
+            **{k: v for k, v in info.items() if not k.startswith("time/")},
+        }
+        mu = (
+            mu_schedule(
+                step,
+                cfg.chord.mu_warmup_steps,
+                cfg.chord.mu_decay_steps,
+                cfg.chord.mu_peak,
+                cfg.chord.mu_valley,
+            )
+            if chord
+            else None
+        )
         demo_batches = []
         if chord:
             chosen = demo_stream.take(max(1, round(cfg.chord.ratio * cfg.problems_per_step)))
@@ -179,32 +256,62 @@ def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, mo
         advantages = None
         if kept:  # computed over every process's groups; this process keeps its rows
             everyone = group_advantages(torch.tensor(kept_rewards), G, cfg.advantage_scale)
-            advantages = everyone[rank * len(kept):(rank + 1) * len(kept)]
-        tokens = _sum(accelerator, float(sum(int((b["labels"] != -100).sum())
-                                             for b, _ in batches)))
+            advantages = everyone[rank * len(kept) : (rank + 1) * len(kept)]
+        tokens = sum_over_processes(
+            accelerator, float(sum(int((b["labels"] != -100).sum()) for b, _ in batches))
+        )
         # Old log-probs matter only once the policy has moved within the batch.
-        old = frozen_logps(policy, batches, cfg.temperature, reference=False) \
-            if kept and U > 1 else None
-        ref = frozen_logps(policy, batches, cfg.temperature, reference=True) \
-            if kept and cfg.kl_beta > 0 else None
+        old = (
+            frozen_logps(policy, batches, cfg.temperature, reference=False)
+            if kept and U > 1
+            else None
+        )
+        ref = (
+            frozen_logps(policy, batches, cfg.temperature, reference=True)
+            if kept and cfg.kl_beta > 0
+            else None
+        )
         updates, weights = 0, None
         policy.train(cfg.gradient_checkpointing)  # dropout is off either way
         for update in range(U if (kept or chord) else 0):
             metrics: dict = {}
             if kept:
                 sums, weights = policy_backward(
-                    trained, batches, advantages, old, ref, cfg, mu=mu,
-                    total_rows=len(kept_rewards), total_tokens=tokens, processes=P,
-                    weights=weights, no_sync=no_sync, moe=moe)
-                metrics = _token_means(accelerator, sums)
+                    trained,
+                    batches,
+                    advantages,
+                    old,
+                    ref,
+                    cfg,
+                    mu=mu,
+                    total_rows=len(kept_rewards),
+                    total_tokens=tokens,
+                    processes=P,
+                    weights=weights,
+                    no_sync=no_sync,
+                    moe=moe,
+                )
+                metrics = token_means(accelerator, sums)
             if update == 0:
-                check_sync({"step": step + 1, **metrics}, max_kl, cfg.rollout.engine.kind,
-                           sampled=bool(kept))
+                check_sync(
+                    {"step": step + 1, **metrics},
+                    max_kl,
+                    cfg.rollout.engine.kind,
+                    sampled=bool(kept),
+                )
             if chord:
                 metrics.update(sft_backward(trained, demo_batches, cfg, mu, moe=moe))
-            loss = metrics.get("loss/policy", 0.0) if not chord else \
-                float(chord_loss(torch.tensor(metrics.get("loss/policy", 0.0)),
-                                 torch.tensor(metrics["loss/sft"]), mu))
+            loss = (
+                metrics.get("loss/policy", 0.0)
+                if not chord
+                else float(
+                    chord_loss(
+                        torch.tensor(metrics.get("loss/policy", 0.0)),
+                        torch.tensor(metrics["loss/sft"]),
+                        mu,
+                    )
+                )
+            )
             loss += moe.aux_term(metrics, mu)
             grad_norm = clip_gradients(policy, cfg.max_grad_norm)
             check_finite(step + 1, loss, grad_norm, latest_checkpoint(out))
@@ -224,105 +331,61 @@ def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, mo
             sync(policy, step + 1)  # the next step samples the updated policy
         row.setdefault("kl", None)  # computed only when kl_beta > 0
         row.update(moe.stats(policy, step + 1, last=step + 1 == stop))
-        row.update({"mu": mu, "updates": updates, "lr": lr_at(scheduler, step * U),
-                    "time/generate": info["time/generate"], "time/grade": info["time/grade"],
-                    "time/train": t2 - t1, "time/sync": time.perf_counter() - t2,
-                    "generation_share": info["time/generate"] / max(time.perf_counter() - t0,
-                                                                    1e-9)})
+        row.update(
+            {
+                "mu": mu,
+                "updates": updates,
+                "lr": lr_at(scheduler, step * U),
+                "time/generate": info["time/generate"],
+                "time/grade": info["time/grade"],
+                "time/train": t2 - t1,
+                "time/sync": time.perf_counter() - t2,
+                "generation_share": info["time/generate"] / max(time.perf_counter() - t0, 1e-9),
+            }
+        )
         log.write(row)
         bar.update(1)
-        bar.set_postfix(reward=f"{row['reward/mean']:.3f}",
-                        length=f"{row['completion_length/mean']:.0f}")
+        bar.set_postfix(
+            reward=f"{row['reward/mean']:.3f}", length=f"{row['completion_length/mean']:.0f}"
+        )
         done = step + 1
         if done == stop or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
             if not parameters_finite(policy):
-                raise NonFiniteError(f"step {done}: the weights hold NaN or inf after the update "
-                                     f"(lr {cfg.lr}); not checkpointed. The last good checkpoint "
-                                     f"is {latest_checkpoint(out)}.")
-            save_checkpoint(out, done, policy, optimizer, scheduler,
-                            {"problems_drawn": stream.drawn,
-                             "demos_drawn": demo_stream.drawn if demo_stream else 0},
-                            keep=cfg.keep_checkpoints, rank=rank, is_main=main,
-                            barrier=accelerator.wait_for_everyone)
+                raise NonFiniteError(
+                    f"step {done}: the weights hold NaN or inf after the update "
+                    f"(lr {cfg.lr}); not checkpointed. The last good checkpoint "
+                    f"is {latest_checkpoint(out)}."
+                )
+            save_checkpoint(
+                out,
+                done,
+                policy,
+                optimizer,
+                scheduler,
+                {
+                    "problems_drawn": stream.drawn,
+                    "demos_drawn": demo_stream.drawn if demo_stream else 0,
+                },
+                keep=cfg.keep_checkpoints,
+                rank=rank,
+                is_main=main,
+                barrier=accelerator.wait_for_everyone,
+            )
     bar.close()
     log.close()
     finished = stop == cfg.max_steps
     if finished and main:
         save_final(policy, out, tokenizer, init_adapter)
     accelerator.wait_for_everyone()
-    return {"out": str(out), "steps": stop, "total_steps": cfg.max_steps, "finished": finished,
-            "last": row}
-
-
-# ------------------------------------------------------------------ across processes
-
-
-def _gather(accelerator, everything: list, kept_rewards: list[float]) -> tuple[list, list]:
-    """Every process's rollouts and kept rewards, in rank order (itself alone: unchanged)."""
-    if accelerator.num_processes == 1:
-        return everything, kept_rewards
-    from accelerate.utils import gather_object
-
-    parts = gather_object([(everything, kept_rewards)])
-    return [r for e, _ in parts for r in e], [x for _, k in parts for x in k]
-
-
-def _sum(accelerator, value: float) -> float:
-    if accelerator.num_processes == 1:
-        return value
-    return float(accelerator.reduce(torch.tensor(value, device=accelerator.device), "sum"))
-
-
-def _token_means(accelerator, sums: dict[str, float]) -> dict[str, float]:
-    """policy_backward's token-weighted sums over every process -> token means; the loss is
-    the sum of its scaled parts over processes / P, mismatch/abs_logp_max the maximum."""
-    names = sorted(k for k in sums if k not in ("tokens", "mismatch/abs_logp_max"))
-    P = accelerator.num_processes
-    values = torch.tensor([sums["tokens"], *[sums[k] for k in names]], dtype=torch.float64)
-    peak = torch.tensor(sums["mismatch/abs_logp_max"], dtype=torch.float64)
-    if P > 1:
-        import torch.distributed as dist
-
-        values, peak = values.to(accelerator.device), peak.to(accelerator.device)
-        dist.all_reduce(values)
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    tokens, *rest = values.tolist()
-    out = {k: v / max(tokens, 1.0) for k, v in zip(names, rest)}
-    out["loss/policy"] = dict(zip(names, rest))["loss/policy"] / P
-    if any(k.startswith("mismatch/") for k in names):
-        out["mismatch/abs_logp_max"] = float(peak)
-    return out
-
-
-def disable_dropout(model) -> None:
-    """Dropout probability 0 in every nn.Dropout and every `*dropout` float of the config (the
-    attention dropout of transformers models is read from there)."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    config = getattr(model, "config", None)
-    for key, value in (vars(config).items() if config is not None else ()):
-        if key.endswith("dropout") and isinstance(value, float):
-            setattr(config, key, 0.0)
+    return {
+        "out": str(out),
+        "steps": stop,
+        "total_steps": cfg.max_steps,
+        "finished": finished,
+        "last": row,
+    }
 
 
 def _say(main: bool, text: str) -> None:
     if main:
         print(text, flush=True)
-
-
-def run(args) -> int:
-    """`posttrain train --method grpo|dr-grpo|dapo|grpo-token-mean|gspo|cispo|chord`."""
-    if getattr(args, "data", None):
-        raise ConfigError(f"--data is not used by the online method {args.method!r}: it samples "
-                          "its own completions of --problems (CHORD's demonstrations: "
-                          "--set chord.demos=FILE)")
-    cfg = online_config(args.method, args.config, args.set, model=args.model,
-                        problems=getattr(args, "problems", None))
-    summary = train_online(cfg, args.out, resume=args.resume, progress=not args.no_progress)
-    last = summary["last"]
-    if last:
-        print(f"{'finished' if summary['finished'] else 'stopped'} at step {summary['steps']} of "
-              f"{summary['total_steps']}; last reward {last['reward/mean']:.3f}; "
-              f"metrics in {Path(args.out) / 'metrics.jsonl'}", flush=True)
-    return 0

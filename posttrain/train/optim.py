@@ -12,9 +12,14 @@ import math
 import torch
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, *, weight_decay: float = 0.0,
-                   betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
-                   ) -> torch.optim.AdamW:
+def make_optimizer(
+    model: torch.nn.Module,
+    lr: float,
+    *,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.AdamW:
     """AdamW on parameters with requires_grad; biases and norms get no weight decay."""
     decay, no_decay = [], []
     for p in model.parameters():
@@ -26,8 +31,9 @@ def make_optimizer(model: torch.nn.Module, lr: float, *, weight_decay: float = 0
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str,
-              min_ratio: float = 0.0) -> float:
+def lr_factor(
+    step: int, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float = 0.0
+) -> float:
     """Multiplier of the base lr for optimizer step `step` (0-based).
 
     Linear warmup over `warmup_steps` (step 0 gets 1 / warmup_steps, not 0, so no step is
@@ -49,11 +55,17 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str,
     raise ValueError(f"schedule must be cosine, linear or constant, got {schedule!r}")
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int = 0,
-                   schedule: str = "cosine", min_ratio: float = 0.0
-                   ) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer,
+    *,
+    total_steps: int,
+    warmup_steps: int = 0,
+    schedule: str = "cosine",
+    min_ratio: float = 0.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, schedule, min_ratio))
+        optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, schedule, min_ratio)
+    )
 
 
 def lr_at(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> float:

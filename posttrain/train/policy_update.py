@@ -25,22 +25,28 @@ from .logps import completion_logps
 from .moe import MoeRun
 
 
-def sampled_logps(model, batch: dict[str, torch.Tensor], temperature: float, *,
-                  raw: bool = False):
+def sampled_logps(model, batch: dict[str, torch.Tensor], temperature: float, *, raw: bool = False):
     """One forward: (tempered log-probs with gradient, raw log-probs or None, entropy of the
     tempered distribution), each (b, K) on the completion tokens, 0 elsewhere."""
     K = batch["labels"].shape[1]
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"], logits_to_keep=K + 1,
-                   use_cache=False).logits[:, :-1]  # (b, K, V): position t predicts token t
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=K + 1,
+        use_cache=False,
+    ).logits[:, :-1]  # (b, K, V): position t predicts token t
     scaled = logits / temperature if temperature != 1.0 else logits  # (b, K, V)
     logps = token_logps(scaled, batch["labels"])  # (b, K)
     with torch.no_grad():
         entropy = torch.stack([_entropy(row) for row in scaled])  # (b, K), one row at a time
         raw_logps = None
         if raw:
-            raw_logps = logps.detach() if scaled is logits else \
-                token_logps(logits.detach(), batch["labels"])
+            raw_logps = (
+                logps.detach()
+                if scaled is logits
+                else token_logps(logits.detach(), batch["labels"])
+            )
     return logps, raw_logps, entropy
 
 
@@ -50,8 +56,9 @@ def _entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def micro_batch_weight(aggregation: str, rows: int, total_rows: int, n_micro: int,
-                       processes: int = 1) -> float:
+def micro_batch_weight(
+    aggregation: str, rows: int, total_rows: int, n_micro: int, processes: int = 1
+) -> float:
     """The factor that makes the summed micro-batch losses the loss of the whole step.
 
     grpo and dr_grpo are means over a micro-batch's sequences: weight rows / total rows (over
@@ -67,10 +74,12 @@ def micro_batch_weight(aggregation: str, rows: int, total_rows: int, n_micro: in
 
 
 @torch.no_grad()
-def frozen_logps(model, batches: list[tuple[dict, slice]], temperature: float, *,
-                 reference: bool) -> list:
+def frozen_logps(
+    model, batches: list[tuple[dict, slice]], temperature: float, *, reference: bool
+) -> list:
     """Tempered completion log-probs per micro-batch, without gradients: of the policy as it
     is now (the old log-probs) or of the base model with the adapter disabled (KL reference)."""
+
     def one(b):
         return sampled_logps(model, b, temperature)[0]
 
@@ -80,27 +89,61 @@ def frozen_logps(model, batches: list[tuple[dict, slice]], temperature: float, *
     return [one(b) for b, _ in batches]
 
 
-def step_loss(cfg, logps, old_logps, advantages, mask, *, ref=None, is_weights=None,
-              total_tokens: float | None = None):
+def step_loss(
+    cfg,
+    logps,
+    old_logps,
+    advantages,
+    mask,
+    *,
+    ref=None,
+    is_weights=None,
+    total_tokens: float | None = None,
+):
     """The loss `cfg` names over one micro-batch: losses.policy_loss (PPO clip; GSPO with
     ratio_level sequence) or offpolicy.cispo_loss, with the method's clip range, aggregation,
     KL and rollout-correction weights. `total_tokens`: the step's token count (dapo)."""
-    kwargs = dict(clip_low=cfg.clip_low, aggregation=cfg.aggregation, ref_logps=ref,
-                  kl_beta=cfg.kl_beta, max_completion_length=cfg.max_new_tokens,
-                  is_weights=is_weights,
-                  num_items_in_batch=max(total_tokens or 0.0, 1.0)
-                  if cfg.aggregation == "dapo" and total_tokens is not None else None)
+    kwargs = dict(
+        clip_low=cfg.clip_low,
+        aggregation=cfg.aggregation,
+        ref_logps=ref,
+        kl_beta=cfg.kl_beta,
+        max_completion_length=cfg.max_new_tokens,
+        is_weights=is_weights,
+        num_items_in_batch=max(total_tokens or 0.0, 1.0)
+        if cfg.aggregation == "dapo" and total_tokens is not None
+        else None,
+    )
     if cfg.loss == "cispo":
         high = cfg.clip_high if cfg.clip_high is not None else cfg.clip_low
         return cispo_loss(logps, old_logps, advantages, mask, clip_high=high, **kwargs)
-    return policy_loss(logps, old_logps, advantages, mask, clip_high=cfg.clip_high,
-                       ratio_level=cfg.ratio_level, **kwargs)
+    return policy_loss(
+        logps,
+        old_logps,
+        advantages,
+        mask,
+        clip_high=cfg.clip_high,
+        ratio_level=cfg.ratio_level,
+        **kwargs,
+    )
 
 
-def policy_backward(model, batches, advantages: torch.Tensor, old: list | None, ref: list | None,
-                    cfg, *, mu: float | None, total_rows: int, total_tokens: float,
-                    processes: int = 1, weights: list | None = None, no_sync=None,
-                    moe: MoeRun = MoeRun()) -> tuple[dict[str, float], list | None]:
+def policy_backward(
+    model,
+    batches,
+    advantages: torch.Tensor,
+    old: list | None,
+    ref: list | None,
+    cfg,
+    *,
+    mu: float | None,
+    total_rows: int,
+    total_tokens: float,
+    processes: int = 1,
+    weights: list | None = None,
+    no_sync=None,
+    moe: MoeRun = MoeRun(),
+) -> tuple[dict[str, float], list | None]:
     """Backward over this process's rollout micro-batches; gradients accumulate.
 
     `advantages` are this process's rows; `total_rows` / `total_tokens` count the whole step
@@ -119,25 +162,40 @@ def policy_backward(model, batches, advantages: torch.Tensor, old: list | None, 
         mask = batch["labels"] != -100  # (b, K)
         engine_logps = batch.get("rollout_logps")  # (b, K) raw, or None
         with moe.record(model) as routing:
-            logps, raw, entropy = sampled_logps(model, batch, cfg.temperature,
-                                                raw=first and engine_logps is not None)
+            logps, raw, entropy = sampled_logps(
+                model, batch, cfg.temperature, raw=first and engine_logps is not None
+            )
         values: dict[str, float] = {}
         if first:
             w = None
             if raw is not None:
                 values.update(metrics_to_floats(mismatch_metrics(raw, engine_logps, mask)))
                 if r.correction != "none":
-                    w, m = rollout_weights(raw, engine_logps, mask, mode=r.correction,
-                                           level=r.correction_level, cap=r.tis_cap,
-                                           low=r.mis_low, high=r.mis_high)
+                    w, m = rollout_weights(
+                        raw,
+                        engine_logps,
+                        mask,
+                        mode=r.correction,
+                        level=r.correction_level,
+                        cap=r.tis_cap,
+                        low=r.mis_low,
+                        high=r.mis_high,
+                    )
                     values.update(metrics_to_floats(m))
             weights.append(w)
-        loss, metrics = step_loss(cfg, logps, None if old is None else old[i],
-                                  advantages[rows].to(logps.device), mask,
-                                  ref=None if ref is None else ref[i], is_weights=weights[i],
-                                  total_tokens=total_tokens)
-        loss = loss * micro_batch_weight(cfg.aggregation, rows.stop - rows.start, total_rows,
-                                         len(batches), processes)
+        loss, metrics = step_loss(
+            cfg,
+            logps,
+            None if old is None else old[i],
+            advantages[rows].to(logps.device),
+            mask,
+            ref=None if ref is None else ref[i],
+            is_weights=weights[i],
+            total_tokens=total_tokens,
+        )
+        loss = loss * micro_batch_weight(
+            cfg.aggregation, rows.stop - rows.start, total_rows, len(batches), processes
+        )
         n = float(mask.sum())
         total = moe.add_aux(loss, metrics, routing, n / max(total_tokens, 1.0) * processes)
         last = i == len(batches) - 1
@@ -155,8 +213,9 @@ def policy_backward(model, batches, advantages: torch.Tensor, old: list | None, 
     return sums, weights
 
 
-def sft_backward(model, batches: list[dict], cfg, mu: float,
-                 moe: MoeRun = MoeRun()) -> dict[str, float]:
+def sft_backward(
+    model, batches: list[dict], cfg, mu: float, moe: MoeRun = MoeRun()
+) -> dict[str, float]:
     """CHORD's SFT part: mu * (plain or phi-weighted) NLL, a token mean over every
     demonstration token of the step; backward per micro-batch. The demonstrations are
     trained at the raw distribution (T = 1), as SFT is."""
@@ -169,8 +228,9 @@ def sft_backward(model, batches: list[dict], cfg, mu: float,
             logps = completion_logps(model, batch)
         loss, metrics = loss_fn(logps, mask, num_items_in_batch=max(total, 1.0))
         share = float(mask.sum()) / max(total, 1.0)
-        chord_loss(torch.zeros_like(loss), moe.add_aux(loss, metrics, routing, share),
-                   mu).backward()
+        chord_loss(
+            torch.zeros_like(loss), moe.add_aux(loss, metrics, routing, share), mu
+        ).backward()
         for k, v in metrics_to_floats(metrics).items():
             if k != "tokens":
                 sums[f"sft/{k}"] = sums.get(f"sft/{k}", 0.0) + v * share

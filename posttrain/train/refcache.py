@@ -78,8 +78,12 @@ def model_fingerprint(model_path: str) -> dict | None:
             files[f.name] = _weight_identity(f)
     if not any(Path(name).suffix in WEIGHT_SUFFIXES for name in files):
         return None
-    return {"model": str(model_path), "files": files, "transformers": transformers.__version__,
-            "torch": torch.__version__}
+    return {
+        "model": str(model_path),
+        "files": files,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+    }
 
 
 def cache_key(model_path: str, dtype: str, examples, device_type: str = "cpu") -> str | None:
@@ -89,8 +93,12 @@ def cache_key(model_path: str, dtype: str, examples, device_type: str = "cpu") -
     if fingerprint is None:
         return None
     h = hashlib.sha256()
-    h.update(json.dumps({"version": VERSION, "dtype": dtype, "device": device_type,
-                         **fingerprint}, sort_keys=True).encode())
+    h.update(
+        json.dumps(
+            {"version": VERSION, "dtype": dtype, "device": device_type, **fingerprint},
+            sort_keys=True,
+        ).encode()
+    )
     for e in examples:
         for ids in (e.prompt, *e.completions):
             h.update(len(ids).to_bytes(4, "little"))
@@ -98,8 +106,9 @@ def cache_key(model_path: str, dtype: str, examples, device_type: str = "cpu") -
     return h.hexdigest()
 
 
-def cache_path(data: str | os.PathLike, key: str, fallback_dir: str | os.PathLike | None = None
-               ) -> Path:
+def cache_path(
+    data: str | os.PathLike, key: str, fallback_dir: str | os.PathLike | None = None
+) -> Path:
     """DATA.ref-KEY16.pt beside the data; in `fallback_dir` when the data's folder is read-only."""
     data = Path(data)
     name = f"{data.name}.ref-{key[:16]}.pt"
@@ -119,8 +128,12 @@ def read_cache(path: Path, key: str, n: int) -> torch.Tensor | None:
     if not isinstance(saved, dict):
         return None
     logps = saved.get("logps")
-    if saved.get("key") != key or not isinstance(logps, torch.Tensor) \
-            or tuple(logps.shape) != (n, 2) or not torch.isfinite(logps).all():
+    if (
+        saved.get("key") != key
+        or not isinstance(logps, torch.Tensor)
+        or tuple(logps.shape) != (n, 2)
+        or not torch.isfinite(logps).all()
+    ):
         return None
     return logps
 

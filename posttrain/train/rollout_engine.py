@@ -65,16 +65,19 @@ def make_rollout_engine(cfg, policy, tokenizer, *, base_model=None):
     the detached hf engine (tests pass one; else the model is loaded again from cfg.model)."""
     r = cfg.rollout
     if r.sync == "live":
-        return HFEngine(policy, tokenizer, model_id=cfg.model,
-                        batch_size=cfg.generation_batch_size)
+        return HFEngine(policy, tokenizer, model_id=cfg.model, batch_size=cfg.generation_batch_size)
     if r.engine.kind == "hf":
         if base_model is None:
             from ..models import load_model, resolve_dtype
 
             base_model = load_model(cfg.model, dtype=resolve_dtype(cfg.dtype))
         device = next(policy.parameters()).device
-        return DetachedHFEngine(base_model.to(device), tokenizer, model_id=cfg.model,
-                                batch_size=cfg.generation_batch_size)
+        return DetachedHFEngine(
+            base_model.to(device),
+            tokenizer,
+            model_id=cfg.model,
+            batch_size=cfg.generation_batch_size,
+        )
     # vllm / openai: whatever engines.make_engine builds for that kind, if it can take
     # adapters from disk (AdapterEngine); a kind not built yet is refused by name.
     from ..config import ConfigError
@@ -87,11 +90,15 @@ def make_rollout_engine(cfg, policy, tokenizer, *, base_model=None):
     try:
         engine = make_engine(r.engine, cfg.model, dtype=cfg.dtype, **kwargs)
     except NotImplementedError as e:
-        raise ConfigError(f"rollout.engine.kind {r.engine.kind!r}: {e} in this version of "
-                          "posttrain; use rollout.engine.kind hf (sync live or adapter)") from None
+        raise ConfigError(
+            f"rollout.engine.kind {r.engine.kind!r}: {e} in this version of "
+            "posttrain; use rollout.engine.kind hf (sync live or adapter)"
+        ) from None
     if not callable(getattr(engine, "load_adapter", None)):
-        raise ConfigError(f"rollout.engine.kind {r.engine.kind!r}: its engine cannot load LoRA "
-                          "adapters (no load_adapter), so it cannot follow the policy")
+        raise ConfigError(
+            f"rollout.engine.kind {r.engine.kind!r}: its engine cannot load LoRA "
+            "adapters (no load_adapter), so it cannot follow the policy"
+        )
     return engine
 
 
@@ -108,10 +115,19 @@ class AdapterSync:
     engine's weights) with the adapter saved at initialisation, as the final adapter is.
     """
 
-    def __init__(self, engine, out: Path, init_adapter: Path | None = None,
-                 is_main: bool = True, barrier=lambda: None):
-        self.engine, self.root, self.init_adapter = engine, Path(out) / "rollout-adapter", \
-            init_adapter
+    def __init__(
+        self,
+        engine,
+        out: Path,
+        init_adapter: Path | None = None,
+        is_main: bool = True,
+        barrier=lambda: None,
+    ):
+        self.engine, self.root, self.init_adapter = (
+            engine,
+            Path(out) / "rollout-adapter",
+            init_adapter,
+        )
         self.is_main, self.barrier = is_main, barrier
         self.previous: Path | None = None
         self.syncs = 0
@@ -119,8 +135,11 @@ class AdapterSync:
     def __call__(self, policy, step: int) -> None:
         path = self.root / f"step-{step:08d}"
         if self.is_main:
-            kwargs = {"path_initial_model_for_weight_conversion": str(self.init_adapter)} \
-                if self.init_adapter else {}
+            kwargs = (
+                {"path_initial_model_for_weight_conversion": str(self.init_adapter)}
+                if self.init_adapter
+                else {}
+            )
             save_atomic(lambda d: policy.save_pretrained(d, **kwargs), path)
         self.barrier()
         self.engine.load_adapter(str(path), f"policy-step-{step}")
@@ -150,11 +169,13 @@ def check_sync(row: dict, threshold: float, engine_name: str, *, sampled: bool =
         raise RolloutSyncError(
             f"step {row['step']}: the rollout engine ({engine_name}) returned no per-token "
             "log-probs, so it cannot be checked to sample the current policy; set "
-            "rollout.max_mismatch_kl 0 to train unchecked")
+            "rollout.max_mismatch_kl 0 to train unchecked"
+        )
     if threshold > 0 and kl is not None and kl > threshold:
         raise RolloutSyncError(
             f"step {row['step']}: the rollout engine ({engine_name}) is not sampling the current "
             f"policy: mismatch/kl {kl:.3g} > rollout.max_mismatch_kl {threshold:g} "
             f"(max |log-prob difference| {row.get('mismatch/abs_logp_max', float('nan')):.3g}, "
             f"{100 * row.get('mismatch/ratio_outside', 0.0):.1f} % of tokens with a ratio "
-            "outside [0.5, 2]); the adapter sync failed or the engine serves other weights")
+            "outside [0.5, 2]); the adapter sync failed or the engine serves other weights"
+        )

@@ -34,8 +34,9 @@ from .problem_stream import ShuffledStream
 # ------------------------------------------------------------------------------ rewards
 
 
-def overlong_penalty(num_tokens: int, max_new_tokens: int, buffer_fraction: float,
-                     factor: float = 1.0) -> float:
+def overlong_penalty(
+    num_tokens: int, max_new_tokens: int, buffer_fraction: float, factor: float = 1.0
+) -> float:
     """DAPO's soft overlong punishment, as a positive penalty.
 
     With L = max_new_tokens and a buffer of c = round(buffer_fraction * L) tokens: 0 up to
@@ -48,23 +49,38 @@ def overlong_penalty(num_tokens: int, max_new_tokens: int, buffer_fraction: floa
     return factor * min(1.0, max(0.0, excess / cache))
 
 
-def score_completion(problem: Problem, index: int, messages: list[dict], completion: Completion,
-                     *, think_open: bool, engine, cfg) -> dict:
+def score_completion(
+    problem: Problem,
+    index: int,
+    messages: list[dict],
+    completion: Completion,
+    *,
+    think_open: bool,
+    engine,
+    cfg,
+) -> dict:
     """Grade one completion as `posttrain sample` + `posttrain verify` would, then add the RL
     terms: reward = grader reward + format_reward * format_ok - overlong penalty.
 
     format_ok: the answer was finished (not truncated) and the grader could read an answer.
     """
-    row = verify_row(sample_row(problem, index, messages, completion, think_open=think_open,
-                                engine=engine))
+    row = verify_row(
+        sample_row(problem, index, messages, completion, think_open=think_open, engine=engine)
+    )
     truncated = row["verdict"] == "truncated"
     format_ok = not truncated and row.get("extracted") is not None
-    overlong = overlong_penalty(completion.num_tokens, cfg.max_new_tokens, cfg.overlong_buffer,
-                                cfg.overlong_penalty)
+    overlong = overlong_penalty(
+        completion.num_tokens, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty
+    )
     reward = float(row["reward"]) + cfg.format_reward * float(format_ok) - overlong
-    return {"verdict": row["verdict"], "correct_reward": float(row["reward"]),
-            "format_ok": format_ok, "overlong": overlong, "reward": reward,
-            "truncated": truncated}
+    return {
+        "verdict": row["verdict"],
+        "correct_reward": float(row["reward"]),
+        "format_ok": format_ok,
+        "overlong": overlong,
+        "reward": reward,
+        "truncated": truncated,
+    }
 
 
 def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -98,9 +114,17 @@ def uniform_accuracy(group: list[Rollout]) -> bool:
 # ----------------------------------------------------------------------------- sampling
 
 
-def collect_rollouts(engine, tokenizer, stream: ShuffledStream, cfg, step: int,
-                     score=score_completion, *, rank: int = 0, processes: int = 1
-                     ) -> tuple[list[Rollout], list[Rollout], dict]:
+def collect_rollouts(
+    engine,
+    tokenizer,
+    stream: ShuffledStream,
+    cfg,
+    step: int,
+    score=score_completion,
+    *,
+    rank: int = 0,
+    processes: int = 1,
+) -> tuple[list[Rollout], list[Rollout], dict]:
     """Sample and grade groups until this process holds its share of `problems_per_step`.
 
     Every process draws the same problems from its copy of the stream and keeps the slice
@@ -120,14 +144,17 @@ def collect_rollouts(engine, tokenizer, stream: ShuffledStream, cfg, step: int,
     rounds = cfg.max_sampling_rounds if cfg.dynamic_sampling else 1
     while len(kept) < share and info["sampling_rounds"] < rounds:
         missing = share - len(kept)
-        problems = stream.take(missing * processes)[rank * missing:(rank + 1) * missing]
+        problems = stream.take(missing * processes)[rank * missing : (rank + 1) * missing]
         prompts = [prompt_messages(p, cfg.system_prompt) for p in problems]
         # A seed per (step, round, first completion): a resumed run samples what the
         # uninterrupted one did, and a process samples what a single process would have.
-        params = SamplingParams(n=G, temperature=cfg.temperature, top_p=cfg.top_p,
-                                max_new_tokens=cfg.max_new_tokens,
-                                seed=cfg.seed * 1_000_003 + step * 1_009
-                                + info["sampling_rounds"] + rank * missing * G)
+        params = SamplingParams(
+            n=G,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            max_new_tokens=cfg.max_new_tokens,
+            seed=cfg.seed * 1_000_003 + step * 1_009 + info["sampling_rounds"] + rank * missing * G,
+        )
         t0 = time.perf_counter()
         results = engine.generate(prompts, params)
         t1 = time.perf_counter()
@@ -136,10 +163,15 @@ def collect_rollouts(engine, tokenizer, stream: ShuffledStream, cfg, step: int,
             text = engine.render_prompt(messages)
             prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             think_open = prompt_opens_think(text)
-            group = [Rollout(problem=problem, prompt_ids=prompt_ids, completion=c,
-                             **score(problem, i, messages, c, think_open=think_open,
-                                     engine=engine, cfg=cfg))
-                     for i, c in enumerate(completions)]
+            group = [
+                Rollout(
+                    problem=problem,
+                    prompt_ids=prompt_ids,
+                    completion=c,
+                    **score(problem, i, messages, c, think_open=think_open, engine=engine, cfg=cfg),
+                )
+                for i, c in enumerate(completions)
+            ]
             everything.extend(group)
             if not (cfg.dynamic_sampling and uniform_accuracy(group)):
                 kept.append(group)
@@ -170,35 +202,40 @@ def rollout_stats(everything: list[Rollout], G: int) -> dict[str, float]:
 # ------------------------------------------------------------------------------ batches
 
 
-def rollout_batches(rollouts: list[Rollout], size: int, pad_id: int, mask_truncated: bool,
-                    device="cpu") -> list[tuple[dict, slice]]:
+def rollout_batches(
+    rollouts: list[Rollout], size: int, pad_id: int, mask_truncated: bool, device="cpu"
+) -> list[tuple[dict, slice]]:
     """Collated micro-batches (batches.collate layout) of at most `size` completions, with the
     rows of the step they hold. A truncated completion with mask_truncated on gets no labels,
     hence no loss. When the engine gave per-token log-probs, `rollout_logps` (b, K) holds them
     where the labels are (completions are right-aligned), 0 elsewhere."""
     out = []
     for start in range(0, len(rollouts), size):
-        part = rollouts[start:start + size]
-        batch = collate([Example(tuple(r.prompt_ids), (tuple(r.completion.token_ids),), 0)
-                         for r in part], pad_id)
+        part = rollouts[start : start + size]
+        batch = collate(
+            [Example(tuple(r.prompt_ids), (tuple(r.completion.token_ids),), 0) for r in part],
+            pad_id,
+        )
         if all(r.completion.token_logprobs is not None for r in part):
             K = batch["labels"].shape[1]
             rollout_logps = torch.zeros(len(part), K)  # (b, K)
             for i, r in enumerate(part):
                 n = len(r.completion.token_logprobs)
                 if n:
-                    rollout_logps[i, K - n:] = torch.tensor(r.completion.token_logprobs)
+                    rollout_logps[i, K - n :] = torch.tensor(r.completion.token_logprobs)
             batch["rollout_logps"] = rollout_logps
         if mask_truncated:
             cut = torch.tensor([r.truncated for r in part])  # (b,)
             batch["labels"] = batch["labels"].masked_fill(cut[:, None], -100)
-        out.append(({k: v.to(device) for k, v in batch.items()},
-                    slice(start, start + len(part))))
+        out.append(({k: v.to(device) for k, v in batch.items()}, slice(start, start + len(part))))
     return out
 
 
-def demonstration_batches(examples: list[Example], size: int, pad_id: int,
-                          device="cpu") -> list[dict]:
+def demonstration_batches(
+    examples: list[Example], size: int, pad_id: int, device="cpu"
+) -> list[dict]:
     """Collated micro-batches of CHORD's demonstrations (prompt tokens carry no labels)."""
-    return [{k: v.to(device) for k, v in collate(examples[s:s + size], pad_id).items()}
-            for s in range(0, len(examples), size)]
+    return [
+        {k: v.to(device) for k, v in collate(examples[s : s + size], pad_id).items()}
+        for s in range(0, len(examples), size)
+    ]

@@ -46,23 +46,36 @@ def load_sharded(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, fold
     model_state, optim_state = get_state_dict(policy, optimizer, options=options)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, storage_reader=SafeReader(str(folder)))
-    result = set_state_dict(policy, optimizer, model_state_dict=state["model"],
-                            optim_state_dict=state["optim"], options=options)
+    result = set_state_dict(
+        policy,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=options,
+    )
     trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
     missing = [k for k in result.missing_keys if k in trainable]
     if missing or result.unexpected_keys:
-        raise RuntimeError(f"{folder}: checkpoint does not fit the model (missing {missing[:3]}, "
-                           f"unexpected {list(result.unexpected_keys)[:3]})")
+        raise RuntimeError(
+            f"{folder}: checkpoint does not fit the model (missing {missing[:3]}, "
+            f"unexpected {list(result.unexpected_keys)[:3]})"
+        )
 
 
 # DCP writes its `.metadata` with pickle and reads it back with pickle.load: a checkpoint from
 # elsewhere could run code. Its metadata needs only these globals, and classes (dataclasses,
 # enums) of torch.distributed.checkpoint itself; a dotted name (a path to any attribute, e.g.
 # `os.system` through a module that imports os) is never allowed.
-_METADATA_GLOBALS = {("torch", "Size"), ("collections", "OrderedDict"), ("builtins", "set"),
-                     ("builtins", "frozenset"), ("torch", "device"),
-                     ("torch.serialization", "_get_layout"),  # torch's own allow-list has it
-                     ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}
+_METADATA_GLOBALS = {
+    ("torch", "Size"),
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("torch", "device"),
+    ("torch.serialization", "_get_layout"),  # torch's own allow-list has it
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -70,14 +83,21 @@ class _MetadataUnpickler(pickle.Unpickler):
         if "." not in name:
             if (module, name) in _METADATA_GLOBALS:
                 return super().find_class(module, name)
-            found = super().find_class(module, name) if module.startswith(
-                ("torch.distributed.checkpoint.", "torch")) else None
+            found = (
+                super().find_class(module, name)
+                if module.startswith(("torch.distributed.checkpoint.", "torch"))
+                else None
+            )
             if isinstance(found, torch.dtype) or (
-                    isinstance(found, type) and module.startswith("torch.distributed.checkpoint.")
-                    and found.__module__ == module):
+                isinstance(found, type)
+                and module.startswith("torch.distributed.checkpoint.")
+                and found.__module__ == module
+            ):
                 return found
-        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which a "
-                                     "torch.distributed.checkpoint metadata file never holds")
+        raise pickle.UnpicklingError(
+            f"checkpoint metadata refers to {module}.{name}, which a "
+            "torch.distributed.checkpoint metadata file never holds"
+        )
 
 
 def _safe_reader_class():

@@ -21,8 +21,9 @@ from .config import OFFLINE_METHODS, METHOD_PRESETS, method_config
 from .config import TrainConfig
 
 
-def resolve_config(method: str, settings: dict, *, model: str, data: str | None = None,
-                   problems: str | None = None):
+def resolve_config(
+    method: str, settings: dict, *, model: str, data: str | None = None, problems: str | None = None
+):
     """The validated TrainConfig (offline) or OnlineConfig for `method`: defaults <- preset <-
     `settings` (a recipe's train.config) <- model / data / problems."""
     from ..config import merge
@@ -30,20 +31,29 @@ def resolve_config(method: str, settings: dict, *, model: str, data: str | None 
     if method in OFFLINE_METHODS:
         presets = {m: METHOD_PRESETS.get(m, {}) for m in OFFLINE_METHODS}
         presets[method] = merge(presets[method], settings)
-        return method_config(TrainConfig, method, presets, None, None,
-                             {"model": model, "data": data})
+        return method_config(
+            TrainConfig, method, presets, None, None, {"model": model, "data": data}
+        )
     from .online import METHODS, OnlineConfig
 
     presets = dict(METHODS)
     if method in presets:
         presets[method] = merge(presets[method], settings)
-    return method_config(OnlineConfig, method, presets, None, None,
-                         {"model": model, "problems": problems})
+    return method_config(
+        OnlineConfig, method, presets, None, None, {"model": model, "problems": problems}
+    )
 
 
-def train_stage(stage: TrainStage, out: str | Path, *, model: str, seed: int = 0,
-                data: str | None = None, problems: str | None = None,
-                progress: bool = True) -> None:
+def train_stage(
+    stage: TrainStage,
+    out: str | Path,
+    *,
+    model: str,
+    seed: int = 0,
+    data: str | None = None,
+    problems: str | None = None,
+    progress: bool = True,
+) -> None:
     """Train as a recipe's `train:` block says (method, config, nproc) into `out`."""
     method, nproc, settings = stage.method, stage.nproc, {"seed": seed, **stage.config}
     out = Path(out)
@@ -51,17 +61,35 @@ def train_stage(stage: TrainStage, out: str | Path, *, model: str, seed: int = 0
     resume = (out / "checkpoints").exists()
     if nproc > 1:
         save_config(settings, out / "recipe-train.yaml")
-        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc_per_node", str(nproc), "-m", "posttrain.cli", "train",
-                "--method", method, "--model", model, "--out", str(out),
-                "--config", str(out / "recipe-train.yaml"), "--no-progress"]
+        argv = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+            "-m",
+            "posttrain.cli",
+            "train",
+            "--method",
+            method,
+            "--model",
+            model,
+            "--out",
+            str(out),
+            "--config",
+            str(out / "recipe-train.yaml"),
+            "--no-progress",
+        ]
         argv += ["--data", str(data)] if data else ["--problems", str(problems)]
         argv += ["--resume"] if resume else []
         print("  " + " ".join(argv[1:]), flush=True)
         rc = subprocess.run(argv).returncode
         if rc != 0:
-            raise RuntimeError(f"training under torchrun ({nproc} processes) failed with exit "
-                               f"code {rc}; its log is above, its files in {out}")
+            raise RuntimeError(
+                f"training under torchrun ({nproc} processes) failed with exit "
+                f"code {rc}; its log is above, its files in {out}"
+            )
         return
     if method in OFFLINE_METHODS:
         from .offline import train

@@ -55,22 +55,22 @@ def check_sample_row(row: dict, path=None, line=None) -> Problem:
         parsed = Problem.from_dict(problem, path, line)
     except DataError as e:  # say that the field is inside `problem`
         where = f"{e.path}:{e.line}" if (e.path and e.line) else (e.path or "<input>")
-        message = str(e)[len(where) + 2:].removeprefix(f"field '{e.field}': ")
+        message = str(e)[len(where) + 2 :].removeprefix(f"field '{e.field}': ")
         field = f"problem.{e.field}" if e.field else "problem"
         raise DataError(path, line, message, field=field) from None
     require(row, "sample_index", int, path, line)
     require(row, "response", str, path, line)
     finish = require(row, "finish_reason", str, path, line)
     if finish not in ("stop", "length"):
-        raise DataError(path, line, f"expected 'stop' or 'length', got {finish!r}",
-                        field="finish_reason")
+        raise DataError(
+            path, line, f"expected 'stop' or 'length', got {finish!r}", field="finish_reason"
+        )
     require(row, "reasoning", str, path, line, optional=True)
     require(row, "think_truncated", bool, path, line, optional=True)
     return parsed
 
 
-def verify_row(row: dict, math_timeout_s: float = DEFAULT_TIMEOUT_S, path=None,
-               line=None) -> dict:
+def verify_row(row: dict, math_timeout_s: float = DEFAULT_TIMEOUT_S, path=None, line=None) -> dict:
     """A Sample row plus `verdict`, `reward`, `extracted` (and `grade_reason` when there is one).
 
     Truncated (finish_reason "length" or think_truncated) rows are never graded.
@@ -82,8 +82,9 @@ def verify_row(row: dict, math_timeout_s: float = DEFAULT_TIMEOUT_S, path=None,
         result = ungraded("truncated", "think block never closed")
     else:
         result = grade(row["response"], problem, math_timeout_s=math_timeout_s)
-    out = {k: v for k, v in row.items() if k not in ("verdict", "reward", "extracted",
-                                                      "grade_reason")}
+    out = {
+        k: v for k, v in row.items() if k not in ("verdict", "reward", "extracted", "grade_reason")
+    }
     out.update(verdict=result.verdict, reward=result.reward, extracted=result.extracted)
     if result.reason:
         out["grade_reason"] = result.reason

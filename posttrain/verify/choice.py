@@ -48,12 +48,16 @@ _LINE_START = re.compile(r"^[ \t]*(?:\*\*)?\(?([A-Z])[.)]", re.MULTILINE)
 def grade_choice(response: str, problem: Problem) -> Grade:
     reference = reference_letter(problem)
     if reference is None:
-        return ungraded("judge_error", f"reference answer {problem.answer!r} is neither a letter "
-                        "nor the text of one of the choices")
+        return ungraded(
+            "judge_error",
+            f"reference answer {problem.answer!r} is neither a letter "
+            "nor the text of one of the choices",
+        )
     letters = valid_letters(problem, reference)
     if reference not in letters:
-        return ungraded("judge_error", f"reference letter {reference} is beyond the "
-                        f"{len(letters)} choices")
+        return ungraded(
+            "judge_error", f"reference letter {reference} is beyond the {len(letters)} choices"
+        )
     chosen = extract_choice(response, letters, problem.choices)
     if chosen is None:
         return ungraded("no_answer", "no choice letter found")
@@ -70,7 +74,7 @@ def reference_letter(problem: Problem) -> str | None:
 
 def valid_letters(problem: Problem, reference: str | None = None) -> str:
     if problem.choices:
-        return string.ascii_uppercase[:len(problem.choices)]
+        return string.ascii_uppercase[: len(problem.choices)]
     n = DEFAULT_LETTERS
     if reference:
         n = max(n, string.ascii_uppercase.index(reference) + 1)
@@ -106,8 +110,11 @@ def _letter_in_statement(content: str, letters: str, choices: list[str] | None) 
 
 
 def _marked(text: str, start: int, end: int) -> bool:
-    return bool(_MARK_BEFORE.search(text[:start]) or _MARK_AFTER.match(text, end)
-                or _EXPLAINING_WORD.match(text, end))
+    return bool(
+        _MARK_BEFORE.search(text[:start])
+        or _MARK_AFTER.match(text, end)
+        or _EXPLAINING_WORD.match(text, end)
+    )
 
 
 def _letter_in_passing(text: str, letters: str) -> str | None:

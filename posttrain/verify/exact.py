@@ -22,8 +22,13 @@ from __future__ import annotations
 from decimal import Decimal
 
 from posttrain.records import Problem
-from posttrain.verify.extract import (answer_statements, clean_answer, find_numbers,
-                                      normalize_text, parse_number)
+from posttrain.verify.extract import (
+    answer_statements,
+    clean_answer,
+    find_numbers,
+    normalize_text,
+    parse_number,
+)
 from posttrain.verify.result import Grade, graded, ungraded
 
 

@@ -32,10 +32,21 @@ NUMBER_PATTERN = r"[-+\u2212]?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d
 _NUMBER = re.compile(rf"(?<![\w.]){NUMBER_PATTERN}(?!\d)")
 _WHOLE_NUMBER = re.compile(NUMBER_PATTERN)
 
-_WRAPPING_COMMANDS = re.compile(r"^\\(?:boxed|fbox|text|textbf|mathrm|mathbf|texttt)\s*\{(.*)\}$",
-                                re.DOTALL)
-_PAIRED_WRAPPERS = (("**", "**"), ("__", "__"), ("*", "*"), ("`", "`"), ("$", "$"),
-                    ("\\(", "\\)"), ("\\[", "\\]"), ('"', '"'), ("“", "”"), ("'", "'"))
+_WRAPPING_COMMANDS = re.compile(
+    r"^\\(?:boxed|fbox|text|textbf|mathrm|mathbf|texttt)\s*\{(.*)\}$", re.DOTALL
+)
+_PAIRED_WRAPPERS = (
+    ("**", "**"),
+    ("__", "__"),
+    ("*", "*"),
+    ("`", "`"),
+    ("$", "$"),
+    ("\\(", "\\)"),
+    ("\\[", "\\]"),
+    ('"', '"'),
+    ("“", "”"),
+    ("'", "'"),
+)
 _TRAILING_PUNCT = ".,;:!"
 
 
@@ -48,7 +59,7 @@ def boxed_contents(text: str) -> list[tuple[int, str]]:
             depth += {"{": 1, "}": -1}.get(text[i], 0)
             i += 1
         if depth == 0:  # an unclosed box (cut-off text) states nothing
-            found.append((m.start(), text[m.end():i - 1]))
+            found.append((m.start(), text[m.end() : i - 1]))
     return found
 
 
@@ -58,7 +69,7 @@ def phrase_statements(text: str) -> list[tuple[int, str]]:
     for m in _ANSWER_PHRASE.finditer(text):
         line_end = text.find("\n", m.end())
         line_end = len(text) if line_end < 0 else line_end
-        content = text[m.end():line_end]
+        content = text[m.end() : line_end]
         if not clean_answer(content):  # "Final answer:" as a heading: the answer is below
             rest = text[line_end:].lstrip("\n")
             stripped = rest.lstrip()
@@ -87,10 +98,14 @@ def clean_answer(s: str) -> str:
         prev = s
         s = s.strip().rstrip(_TRAILING_PUNCT).strip().lstrip(":").strip()
         for left, right in _PAIRED_WRAPPERS:
-            inner = s[len(left):len(s) - len(right)]
+            inner = s[len(left) : len(s) - len(right)]
             # "**B** or **C**" is not one bold answer: the inside must not reopen the wrapper.
-            if (len(s) >= len(left) + len(right) and s.startswith(left) and s.endswith(right)
-                    and left not in inner):
+            if (
+                len(s) >= len(left) + len(right)
+                and s.startswith(left)
+                and s.endswith(right)
+                and left not in inner
+            ):
                 s = inner
         m = _WRAPPING_COMMANDS.match(s)
         if m and _balanced(m.group(1)):

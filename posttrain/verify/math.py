@@ -29,8 +29,14 @@ import threading
 from pathlib import Path
 
 from posttrain.records import Problem
-from posttrain.verify.extract import (boxed_contents, clean_answer, find_numbers, normalize_text,
-                                      parse_number, phrase_statements)
+from posttrain.verify.extract import (
+    boxed_contents,
+    clean_answer,
+    find_numbers,
+    normalize_text,
+    parse_number,
+    phrase_statements,
+)
 from posttrain.verify.result import Grade, graded, ungraded
 
 DEFAULT_TIMEOUT_S = 5.0  # math-verify's own default per parse/verify
@@ -63,8 +69,9 @@ def extract_math(text: str) -> str | None:
     return numbers[-1] if numbers else None
 
 
-def equivalent(reference: str, answer: str, timeout_s: float = DEFAULT_TIMEOUT_S
-               ) -> tuple[bool, str | None]:
+def equivalent(
+    reference: str, answer: str, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> tuple[bool, str | None]:
     """(equal?, reason) for two answers; raises MathTimeout past `timeout_s` seconds."""
     if normalize_text(reference) == normalize_text(answer):
         return True, None
@@ -88,17 +95,23 @@ class _Worker:
         env = dict(os.environ)
         package_root = str(Path(__file__).resolve().parents[2])  # so the child finds posttrain
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        self.proc = subprocess.Popen([sys.executable, "-m", "posttrain.verify.math_worker"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
-                                     env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "posttrain.verify.math_worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            bufsize=0,
+            env=env,
+        )
         try:
             ready = self._read_line(WORKER_START_TIMEOUT_S)
         except (MathTimeout, EOFError):
             ready = b""
         if ready != b"ready\n":
             self.kill()
-            raise RuntimeError(f"the math-verify worker did not start within "
-                               f"{WORKER_START_TIMEOUT_S:.0f} s; is math-verify installed?")
+            raise RuntimeError(
+                f"the math-verify worker did not start within "
+                f"{WORKER_START_TIMEOUT_S:.0f} s; is math-verify installed?"
+            )
 
     def alive(self) -> bool:
         return self.proc.poll() is None

@@ -37,14 +37,24 @@ def check_samples(path: str | os.PathLike) -> dict[tuple[str, int], int]:
         check_sample_row(row, path, line)
         key = sample_key(row)
         if key in seen:
-            raise DataError(path, line, f"duplicate sample {key} (first on line {seen[key]})",
-                            field="sample_index")
+            raise DataError(
+                path,
+                line,
+                f"duplicate sample {key} (first on line {seen[key]})",
+                field="sample_index",
+            )
         seen[key] = line
     return seen
 
 
-def verify_file(samples_path: str | os.PathLike, out_path: str | os.PathLike, *, workers: int = 1,
-                math_timeout_s: float = DEFAULT_TIMEOUT_S, progress: bool = True) -> dict[str, int]:
+def verify_file(
+    samples_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    workers: int = 1,
+    math_timeout_s: float = DEFAULT_TIMEOUT_S,
+    progress: bool = True,
+) -> dict[str, int]:
     """Grade `samples_path` into `out_path` (resuming); return {verdict: count} for all rows."""
     wanted = check_samples(samples_path)
 
@@ -52,18 +62,27 @@ def verify_file(samples_path: str | os.PathLike, out_path: str | os.PathLike, *,
         try:
             return sample_key(row)
         except (KeyError, TypeError, ValueError):
-            raise DataError(out_path, None, "a row without problem.id / sample_index: is --out "
-                            "a scored file from another stage?") from None
+            raise DataError(
+                out_path,
+                None,
+                "a row without problem.id / sample_index: is --out "
+                "a scored file from another stage?",
+            ) from None
 
     def grade_one(item):
         line, row = item
         return verify_row(row, math_timeout_s=math_timeout_s, path=samples_path, line=line)
 
     with JsonlAppender(out_path, key) as sink:
-        todo = ((line, row) for line, row in iter_jsonl(samples_path)
-                if not sink.done(sample_key(row)))
-        bar = tqdm(total=sum(not sink.done(k) for k in wanted), desc="verify", unit="sample",
-                   disable=not progress)
+        todo = (
+            (line, row) for line, row in iter_jsonl(samples_path) if not sink.done(sample_key(row))
+        )
+        bar = tqdm(
+            total=sum(not sink.done(k) for k in wanted),
+            desc="verify",
+            unit="sample",
+            disable=not progress,
+        )
         in_flight = 64 * max(1, workers)  # rows read ahead of the graders, at most
         with ThreadPoolExecutor(max(1, workers)) as pool:
             while batch := list(islice(todo, in_flight)):
@@ -88,8 +107,10 @@ def format_counts(counts: dict[str, int]) -> str:
         lines.append(f"{verdict:<12} {n:>7} {100 * n / max(total, 1):>6.1f}%")
     lines.append(f"{'total':<12} {total:>7}")
     right, graded = counts.get("correct", 0), counts.get("correct", 0) + counts.get("incorrect", 0)
-    lines.append(f"accuracy {100 * right / max(total, 1):.1f}% of all samples ({right}/{total}); "
-                 f"{100 * right / max(graded, 1):.1f}% of graded ({right}/{graded})")
+    lines.append(
+        f"accuracy {100 * right / max(total, 1):.1f}% of all samples ({right}/{total}); "
+        f"{100 * right / max(graded, 1):.1f}% of graded ({right}/{graded})"
+    )
     return "\n".join(lines)
 
 
@@ -97,12 +118,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", required=True, help="samples JSONL from `posttrain sample`")
     parser.add_argument("--out", required=True, help="scored JSONL (resumed if it exists)")
     parser.add_argument("--workers", type=int, default=1, help="rows graded at once")
-    parser.add_argument("--math-timeout", type=float, default=DEFAULT_TIMEOUT_S,
-                        help="seconds per math answer before it counts as incorrect (timeout)")
+    parser.add_argument(
+        "--math-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help="seconds per math answer before it counts as incorrect (timeout)",
+    )
 
 
 def main(args) -> int:
-    counts = verify_file(args.samples, args.out, workers=args.workers,
-                         math_timeout_s=args.math_timeout)
+    counts = verify_file(
+        args.samples, args.out, workers=args.workers, math_timeout_s=args.math_timeout
+    )
     print(format_counts(counts))
     return 0
