@@ -74,9 +74,12 @@ def config(method, model, folder, *settings):
     ("dpo", []), ("rpo", []), ("sft", []), ("dft", ["sft_aggregation=sequence_mean"])])
 def test_accumulation_split_gives_the_same_loss_and_gradients(tiny_model_dir, data_files,
                                                              accelerator, method, extra):
+    """Left-padded micro-batches of 4 rows and of 1, and padding none (each sequence its own
+    forward, each row its own micro-batch) with batch 4 and 1: one loss, one gradient."""
     results = [one_step(config(method, tiny_model_dir, data_files, f"batch_size={b}",
-                               f"grad_accum={4 // b}", *extra), accelerator)
-               for b in (4, 1)]
+                               f"grad_accum={4 // b}", f"padding={padding}", *extra),
+                        accelerator)
+               for padding in ("longest", "none") for b in (4, 1)]
     (loss, grads), others = results[0], results[1:]
     assert all(g.abs().sum() > 0 for g in grads.values())
     for other_loss, other_grads in others:

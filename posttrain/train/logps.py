@@ -11,12 +11,20 @@ one chunk of positions at a time, and only completion tokens are projected. The 
 inside the model's own forward, so DDP / FSDP hooks see an ordinary forward pass. Other models
 (Gemma's soft-capping, Granite's and Cohere's logit scaling, LoRA on the head) get their logits
 and a chunked log-softmax.
+
+`unpadded_logps` gives the same (R, K) table with every sequence in its own forward pass, without
+padding: no compute on pad tokens, causal attention without a mask, and a sequence's log-probs
+that do not depend on which rows it is batched with. That last point matters in bf16, where the
+rounding after each GEMM depends on the batch's shape (SmolLM2, CPU bf16: one ~190-token
+sequence's summed log-prob moved by up to 0.5 nats between batches); the reference pass and the
+policy then compute every sequence identically, and the step-1 DPO loss is ln 2 exactly.
 """
 
 from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -69,6 +77,23 @@ def completion_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return token_logps(logits, labels)  # (R, K)
 
 
+def unpadded_logps(model, examples, device) -> torch.Tensor:
+    """completion_logps(model, collate(examples)) computed one sequence per forward pass, with
+    no padding: the same (R, K) layout (chosen rows, then rejected; 0.0 left of a completion)."""
+    seqs = [(e.prompt, e.completions[k]) for k in range(len(examples[0].completions))
+            for e in examples]
+    K = max(len(c) for _, c in seqs)
+    rows = []
+    for prompt, completion in seqs:
+        ids = torch.from_numpy(np.concatenate([prompt, completion]).astype(np.int64))
+        labels = torch.from_numpy(completion.astype(np.int64))
+        logps = completion_logps(model, {"input_ids": ids[None].to(device),
+                                         "attention_mask": None, "position_ids": None,
+                                         "labels": labels[None].to(device)})  # (1, m)
+        rows.append(nn.functional.pad(logps, (K - len(completion), 0)))  # (1, K)
+    return torch.cat(rows)  # (R, K)
+
+
 def split_pairs(per_sequence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(2B,) values of a pair batch -> chosen (B,), rejected (B,) (collate's row order)."""
     half = per_sequence.shape[0] // 2
@@ -76,21 +101,30 @@ def split_pairs(per_sequence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 @torch.no_grad()
-def reference_logps(model, examples, *, batch_size: int, pad_id: int, device) -> torch.Tensor:
+def reference_logps(model, examples, *, batch_size: int, pad_id: int, device,
+                    padded: bool = True) -> torch.Tensor:
     """(N, 2) summed completion log-probs (chosen, rejected) of `model` for every pair.
 
-    Rows are processed longest first so each batch pads little; the result is in input order.
+    padded: rows in left-padded batches of `batch_size` pairs, longest first (little padding);
+    else every sequence alone (unpadded_logps), as the policy runs in training then. The
+    result is in input order.
     """
     from .batches import collate
 
     order = sorted(range(len(examples)), key=lambda i: -examples[i].length)
+    step = batch_size if padded else 1
     out = torch.zeros(len(examples), 2, dtype=torch.float32)
     was_training = model.training
     model.eval()
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
-        chosen, rejected = split_pairs(completion_logps(model, batch).sum(-1))
+    for s in range(0, len(order), step):
+        idx = order[s:s + step]
+        rows = [examples[i] for i in idx]
+        if padded:
+            batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+            logps = completion_logps(model, batch)  # (2b, K)
+        else:
+            logps = unpadded_logps(model, rows, device)  # (2b, K)
+        chosen, rejected = split_pairs(logps.sum(-1))
         out[idx, 0] = chosen.float().cpu()
         out[idx, 1] = rejected.float().cpu()
     model.train(was_training)

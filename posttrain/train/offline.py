@@ -8,8 +8,10 @@ The loop, top to bottom: read and tokenise the data; load the model; for the DPO
 the reference log-probs once (no grad, before any adapter exists; cached beside the data); add
 LoRA (or train everything); wrap it for the processes (distributed.py: ddp | fsdp2 | deepspeed)
 and build the optimizer over the wrapped parameters; then for each optimizer step take its global batch, run this
-process's micro-batches (one forward per micro-batch: chosen and rejected together), clip,
-check for NaN / inf, step, log, and checkpoint every `checkpoint_every` steps.
+process's micro-batches (padding longest: one left-padded forward per micro-batch, chosen and
+rejected together; padding none, the default on CPU: each row its own micro-batch, each
+sequence its own unpadded forward), clip, check for NaN / inf, step, log, and checkpoint every
+`checkpoint_every` steps.
 
 How the loss is averaged, whatever the split into processes and accumulation steps: the loss
 is a mean over the *global* batch of the step, pairs for the DPO family and completion tokens
@@ -44,8 +46,8 @@ from .checkpoint import (
 from .config import TrainConfig
 from .data import Example, load_examples
 from .distributed import Processes, local_storage, master_weights, zero3_config
-from .logps import completion_logps, reference_logps, split_pairs
-from .lora import apply_lora, format_parameter_report, parameter_report
+from .logps import completion_logps, reference_logps, split_pairs, unpadded_logps
+from .lora import adapter_input_as_is, apply_lora, format_parameter_report, parameter_report
 from .metrics import MetricsLog, NonFiniteError, check_finite
 from .moe import MoeRun
 from .modes import enable_gradient_checkpointing, train_mode
@@ -78,7 +80,10 @@ def micro_batch_loss(model, examples: list[Example], ref: torch.Tensor | None, c
     `units` is global_units() of the whole step; `ref` is (B, 2) reference log-probs.
     """
     batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
-    logps = completion_logps(model, batch)  # (R, K) float32
+    if padded(cfg, device):
+        logps = completion_logps(model, batch)  # (R, K) float32
+    else:
+        logps = unpadded_logps(model, examples, device)  # (R, K), a forward per sequence
     tokens = int(batch["attention_mask"].sum())
     if cfg.preference:
         policy_chosen, policy_rejected = split_pairs(logps.sum(-1))  # (B,), (B,)
@@ -118,12 +123,19 @@ def step_gradients(policy, examples: list[Example], batch: list[int], ref: torch
     """
     P = accelerator.num_processes
     units = global_units([examples[i] for i in batch], cfg)
-    mine = micro_batches(batch, lengths, P, accelerator.process_index, cfg.grad_accum)
+    one_by_one = not padded(cfg, accelerator.device)
+
+    def micro(rank: int) -> list[list[int]]:
+        runs = micro_batches(batch, lengths, P, rank, cfg.grad_accum)
+        # padding none: every row its own micro-batch (its graph is freed by its backward)
+        return [[i] for run in runs for i in run] if one_by_one else runs
+
+    mine = micro(accelerator.process_index)
     real = len(mine)
     if getattr(accelerator, "sharded", False):
         # FSDP2's forward and backward are collectives: a process with fewer micro-batches
         # (a short last batch) repeats its first one with zero weight, as often as the busiest.
-        most = max(len(micro_batches(batch, lengths, P, r, cfg.grad_accum)) for r in range(P))
+        most = max(len(micro(r)) for r in range(P))
         mine = mine + [mine[0]] * (most - real)
     loss_sum = torch.zeros((), device=accelerator.device)
     metric_sums: dict[str, torch.Tensor] = {}
@@ -146,6 +158,11 @@ def step_gradients(policy, examples: list[Example], batch: list[int], ref: torch
     return loss_sum, metric_sums, tokens
 
 
+def padded(cfg: TrainConfig, device) -> bool:
+    """Whether micro-batches run as one left-padded forward (cfg.padding; auto: off on CPU)."""
+    return cfg.padding == "longest" or (cfg.padding == "auto" and device.type != "cpu")
+
+
 # ---------------------------------------------------------------------------- reference
 
 
@@ -157,8 +174,8 @@ def reference_table(model, examples: list[Example], cfg: TrainConfig, accelerato
     too, whose initialisation changes the base weights). Each process computes every P-th pair
     and the parts are gathered.
     """
-    key = cache_key(resolve_model(cfg.model), dtype, examples, accelerator.device.type) \
-        if cfg.ref_cache else None
+    key = cache_key(resolve_model(cfg.model), dtype, examples, accelerator.device.type,
+                    padded=padded(cfg, accelerator.device)) if cfg.ref_cache else None
     if cfg.ref_cache and key is None:
         _say(accelerator, f"reference log-probs: not cached ({cfg.model}: no local weight "
                           "files to fingerprint)")
@@ -172,7 +189,8 @@ def reference_table(model, examples: list[Example], cfg: TrainConfig, accelerato
     P, rank = accelerator.num_processes, accelerator.process_index
     mine = list(range(rank, len(examples), P))
     part = reference_logps(model, [examples[i] for i in mine], batch_size=cfg.ref_batch_size,
-                           pad_id=pad_id, device=accelerator.device)
+                           pad_id=pad_id, device=accelerator.device,
+                           padded=padded(cfg, accelerator.device))
     table = torch.zeros(len(examples), 2)
     if P > 1:
         from accelerate.utils import gather_object
@@ -232,7 +250,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
     load_dtype, autocast = accelerator.precision(dtype, full_finetune=not cfg.lora.enabled)
     if model is None:
         model = load_model(cfg.model, dtype=load_dtype)
-    model = master_weights(model, autocast, device.type)
+    model = master_weights(model, autocast, device.type, upcast=not cfg.lora.enabled)
     model.to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
         else tokenizer.eos_token_id
@@ -243,6 +261,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
     moe = MoeRun.setup(model, cfg.router_aux_loss_coef, cfg.moe, examples, lambda e: e.prompt,
                        seed=cfg.seed, pad_id=pad_id)
     model = apply_lora(model, cfg.lora)
+    if autocast and cfg.lora.enabled:
+        adapter_input_as_is(model)  # bf16 activations into the fp32 adapter, under autocast
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     _say(accelerator, format_parameter_report(parameter_report(model)))
@@ -288,7 +308,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
     batches, batches_epoch = None, -1
     row: dict = {}
     for step in range(start, stop):
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         epoch, position = divmod(step, steps_per_epoch)
         if epoch != batches_epoch:
             batches = epoch_batches(lengths, global_batch, cfg.seed, epoch, cfg.group_by_length,
@@ -314,7 +334,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
                "loss": loss_value, **dict(zip(names, values[2:])),
                "lr": lr_at(scheduler, step), "grad_norm": grad_norm, "rows": len(batch),
                "tokens": int(values[1]), "tokens_per_s": values[1] / seconds,
-               "seconds": seconds}
+               "seconds": seconds, "cpu_seconds": time.process_time() - cpu0}
         row.update(moe.stats(policy, step + 1, last=step + 1 == stop))
         log.write(row)
         bar.update(1)
