@@ -393,7 +393,7 @@ def test_bf16_step_one_dpo_loss_is_exactly_ln2(tiny_model_dir, tmp_path):
     bf16 sequence's log-prob depends on the shape of the batch it runs in (SmolLM2-135M, 4 pairs
     of ~186 tokens, reference in batches of 8 pairs, training batch 4: 0.7195; the tiny model's
     GEMMs happen not to show it, so the forward shapes are checked too): with padding none,
-    the default on CPU, every sequence runs alone, unpadded, in both passes."""
+    the default on CPU, every pair runs alone, unpadded, in both passes."""
     from posttrain.models import load_model
 
     pairs, _ = write_data(tmp_path / "data", n=4)
@@ -405,5 +405,6 @@ def test_bf16_step_one_dpo_loss_is_exactly_ln2(tiny_model_dir, tmp_path):
     train(cfg_for("dpo", tiny_model_dir, pairs, "dtype=bf16", "batch_size=4", "max_steps=1",
                   "ref_cache=false"), out, model=model, progress=False)
     assert metrics(out)[0]["loss"] == float(torch.log(torch.tensor(2.0)))
-    assert len(shapes[True]) == 8 and all(s[0] == 1 for s in shapes[True])
+    # a forward per prompt (once per pair) and per completion, each of one unpadded sequence
+    assert len(shapes[True]) == 4 + 8 and all(s[0] == 1 for s in shapes[True])
     assert sorted(shapes[False]) == sorted(shapes[True])

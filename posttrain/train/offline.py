@@ -50,7 +50,7 @@ from .logps import completion_logps, reference_logps, split_pairs, unpadded_logp
 from .lora import adapter_input_as_is, apply_lora, format_parameter_report, parameter_report
 from .metrics import MetricsLog, NonFiniteError, check_finite
 from .moe import MoeRun
-from .modes import enable_gradient_checkpointing, train_mode
+from .modes import enable_gradient_checkpointing, set_attention, train_mode
 from .optim import lr_at, make_optimizer, make_scheduler
 from .refcache import cache_key, cache_path, read_cache, write_cache
 
@@ -175,7 +175,9 @@ def reference_table(model, examples: list[Example], cfg: TrainConfig, accelerato
     and the parts are gathered.
     """
     key = cache_key(resolve_model(cfg.model), dtype, examples, accelerator.device.type,
-                    padded=padded(cfg, accelerator.device)) if cfg.ref_cache else None
+                    padded=padded(cfg, accelerator.device),
+                    attention=getattr(model.config, "_attn_implementation", None)) \
+        if cfg.ref_cache else None
     if cfg.ref_cache and key is None:
         _say(accelerator, f"reference log-probs: not cached ({cfg.model}: no local weight "
                           "files to fingerprint)")
@@ -251,6 +253,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
     if model is None:
         model = load_model(cfg.model, dtype=load_dtype)
     model = master_weights(model, autocast, device.type, upcast=not cfg.lora.enabled)
+    attention = set_attention(model, cfg.attention, device.type, max(lengths, default=0))
     model.to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
         else tokenizer.eos_token_id
@@ -266,7 +269,9 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     _say(accelerator, format_parameter_report(parameter_report(model)))
-    _say(accelerator, f"{cfg.method}: {cfg.model} in {dtype}; global batch {global_batch} = "
+    _say(accelerator, f"{cfg.method}: {cfg.model} in {dtype}, {attention} attention, padding "
+                      f"{'longest' if padded(cfg, device) else 'none'}; "
+                      f"global batch {global_batch} = "
                       f"{cfg.batch_size} rows x {cfg.grad_accum} accumulation x {P} process(es); "
                       f"{total} steps ({steps_per_epoch} per epoch)")
     init_adapter = out / "adapter-init"

@@ -84,16 +84,17 @@ def model_fingerprint(model_path: str) -> dict | None:
 
 
 def cache_key(model_path: str, dtype: str, examples, device_type: str = "cpu", *,
-              padded: bool = True) -> str | None:
+              padded: bool = True, attention: str | None = None) -> str | None:
     """SHA-256 over the model's fingerprint, dtype, device type, whether sequences were
-    batched with padding (bf16 values depend on it), and every token id; None when the model
-    cannot be fingerprinted (then nothing is cached)."""
+    batched with padding and the attention kernel (bf16 values depend on both), and every
+    token id; None when the model cannot be fingerprinted (then nothing is cached)."""
     fingerprint = model_fingerprint(model_path)
     if fingerprint is None:
         return None
     h = hashlib.sha256()
     h.update(json.dumps({"version": VERSION, "dtype": dtype, "device": device_type,
-                         "padded": padded, **fingerprint}, sort_keys=True).encode())
+                         "padded": padded, "attention": attention, **fingerprint},
+                        sort_keys=True).encode())
     for e in examples:
         for ids in (e.prompt, *e.completions):
             h.update(len(ids).to_bytes(4, "little"))
