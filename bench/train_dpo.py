@@ -6,22 +6,31 @@
 TRL runs in its own venv (`--trl-python`: python3 -m venv; pip install torch==2.13.0; pip
 install -e '.[bench]'), never in the project's. Sides: posttrain, posttrain-gc (posttrain with
 gradient checkpointing), trl (TRL with gradient checkpointing off), trl-gc (TRL's default,
-gradient checkpointing on).
+gradient checkpointing on), trl-eager (trl with the model switched to eager attention, the
+kernel posttrain picks on CPU for short sequences: how much of the gap that alone explains).
 
 Same pairs, same model (the embedded SmolLM2-135M), same LoRA (r 16, alpha 32, the attention
 and MLP projections), same batch (4 pairs), same lr and beta. Each side runs in its own
 process (peak memory = that process's max RSS, model loading included), one after the other.
 TRL (the `bench` extra) runs with gradient checkpointing off (its default is on, which slows a
 small model on CPU) and its default reference handling: a no-grad reference forward with the
-adapter disabled inside every step. posttrain computes the reference log-probs once before
-training (and caches them beside the data); its step runs only the policy.
+adapter disabled inside every step; bf16 = the model loaded in bf16 plus `bf16=True` (autocast),
+its default sdpa attention, each batch padded to its longest pair. posttrain runs its defaults
+for a CPU (SIDES_RAN below): bf16 model + fp32 adapter under autocast, `padding: auto` = none
+(each pair alone, its prompt run once, no padding), `attention: auto` = eager up to 512
+tokens, the fused head keeping up to 64 MiB of logits; it computes the reference log-probs
+once before training (`ref_cache=false` here, so every run pays for them: reference_seconds)
+and its step runs only the policy. Both: 1 optimizer step per 4 pairs, lr 5e-5, beta 0.1,
+max_length 1024, no warmup, the same `--threads`.
 
 Pairs are synthetic: arithmetic questions ("What is 37 + 45?") with worked-answer text made of
 arithmetic sentences, padded sentence by sentence to about `--tokens` tokens per sequence
 (prompt + answer, chat template included), lengths spread +-20 %; chosen ends with the right
 sum, rejected with a wrong one. Throughput = tokens of the pairs processed (both sequences of a
 pair, prompt included, no padding) / seconds of the measured steps; the first step of each
-side is a warm-up and is not measured. Results: printed, and saved to
+side is a warm-up and is not measured. tokens_per_cpu_s divides by the process's CPU seconds
+of those steps instead (1 thread: the time it computed), which other processes on a loaded
+machine disturb less than wall time. Results: printed, and saved to
 bench/results/train_dpo.json.
 """
 
@@ -40,7 +49,19 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
-SIDES = ("posttrain", "posttrain-gc", "trl", "trl-gc")
+SIDES = ("posttrain", "posttrain-gc", "trl", "trl-gc", "trl-eager")
+SIDES_RAN = {
+    "posttrain": "posttrain train defaults on CPU: bf16 base + fp32 LoRA under autocast, "
+                 "padding none (a forward per prompt and per completion, no padding), eager "
+                 "attention, fused head keeping <= 64 MiB of logits, reference precomputed "
+                 "once (reference_seconds), gradient checkpointing off",
+    "posttrain-gc": "posttrain as above with gradient_checkpointing=true",
+    "trl": "TRL DPOTrainer: bf16 model + bf16=True autocast, fp32 LoRA (PEFT default), batch "
+           "padded to its longest pair, sdpa attention, reference forward in every step "
+           "(adapter disabled), gradient_checkpointing=False",
+    "trl-gc": "trl as above with gradient_checkpointing=True (TRL's default)",
+    "trl-eager": "trl as above with the model's attention set to eager",
+}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -133,6 +154,8 @@ def run_trl(args) -> dict:
     torch.set_num_threads(args.threads)
     tok = load_tokenizer("smollm2-135m")
     model = load_model("smollm2-135m", dtype=args.dtype)
+    if args.worker == "trl-eager":
+        model.set_attn_implementation("eager")
     steps: list[float] = []
     cpu: list[float] = []
 
@@ -252,7 +275,9 @@ def main() -> None:
                      "steps": args.steps, "batch": 4, "dtype": args.dtype,
                      "threads": args.threads, "lora": "r16 alpha32 q,k,v,o,gate,up,down",
                      "cpu_flags": flags, "cpus": os.cpu_count(),
-                     "load_average_at_start": load, "load_average_at_end": os.getloadavg()},
+                     "load_average_at_start": load, "load_average_at_end": os.getloadavg(),
+                     "sides_ran": {name: SIDES_RAN[name] for name in sides},
+                     "command": " ".join(["python", "bench/train_dpo.py", *sys.argv[1:]])},
         **results, "ratios": {}}
     for ours in [n for n in sides if n.startswith("posttrain")]:
         for theirs in [n for n in sides if n.startswith("trl")]:

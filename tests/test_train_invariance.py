@@ -135,9 +135,9 @@ def test_padding_does_not_change_log_probs(tiny_model_dir, data_files):
 
 
 def test_unpadded_pairs_share_the_prompt_and_equal_whole_sequences(tiny_model_dir, data_files):
-    """padding none: a pair's prompt runs once and both completions attend to its keys and
-    values. Log-probs and every LoRA gradient equal those of each whole sequence alone and of
-    the left-padded batch (fp32): the prompt forward counts once per pair, not twice."""
+    """padding none: a pair's prompt runs once (with the first completion) and the second
+    completion attends to its keys and values. Log-probs and every LoRA gradient equal those of
+    the left-padded batch (fp32)."""
     from posttrain.models import load_model, load_tokenizer
     from posttrain.train.batches import collate
     from posttrain.train.data import load_examples
