@@ -79,7 +79,7 @@ def completion_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return token_logps(logits, labels)  # (R, K)
 
 
-def unpadded_logps(model, examples, device) -> torch.Tensor:
+def unpadded_logps(model, examples, device, share_prompt: bool = True) -> torch.Tensor:
     """completion_logps(model, collate(examples)) computed one sequence per forward pass, with
     no padding: the same (R, K) layout (chosen rows, then rejected; 0.0 left of a completion).
 
@@ -89,12 +89,12 @@ def unpadded_logps(model, examples, device) -> torch.Tensor:
     the other prompt tokens. Gradients reach the prompt's activations from both completions.
     (A forward of the prompt alone would be cheaper on paper, but its short matmuls run far
     below the long ones' speed in bf16 on a CPU: measured slower than not sharing at all.)
+    share_prompt=False: every sequence whole (gradient checkpointing drops the cache).
     """
     from transformers import DynamicCache
 
     n_comp = len(examples[0].completions)
     K = max(len(c) for e in examples for c in e.completions)
-    config = _inner(model).config
     rows: list[list[torch.Tensor]] = [[] for _ in range(n_comp)]
     for e in examples:
         prompt = torch.from_numpy(e.prompt.astype(np.int64))[None].to(device)  # (1, P)
@@ -102,12 +102,14 @@ def unpadded_logps(model, examples, device) -> torch.Tensor:
         prefix = None  # every layer's (keys, values) of prompt tokens 0 .. P-2
         for k, completion in enumerate(e.completions):
             labels = torch.from_numpy(completion.astype(np.int64))[None].to(device)  # (1, m)
-            share = n_comp > 1 and P > 1
+            share = share_prompt and n_comp > 1 and P > 1
             if prefix is None:
-                cache = DynamicCache(config=config) if share else None
+                # plain full-length layers, even for sliding-window models (whose cache layers
+                # would keep only the window): the mask still applies the window by position
+                cache = DynamicCache() if share else None
                 inputs = torch.cat([prompt, labels], dim=1)  # (1, P + m)
             else:
-                cache = DynamicCache(ddp_cache_data=prefix, config=config)
+                cache = DynamicCache(ddp_cache_data=prefix)
                 inputs = torch.cat([prompt[:, -1:], labels], dim=1)  # (1, 1 + m)
             logps = completion_logps(model, {"input_ids": inputs, "attention_mask": None,
                                              "position_ids": None, "labels": labels,
@@ -127,13 +129,14 @@ def split_pairs(per_sequence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 @torch.no_grad()
 def reference_logps(model, examples, *, batch_size: int, pad_id: int, device,
-                    padded: bool = True) -> torch.Tensor:
+                    layout: str = "longest") -> torch.Tensor:
     """(N, 2) summed completion log-probs (chosen, rejected) of `model` for every pair.
 
-    padded: rows in left-padded batches of `batch_size` pairs, longest first (little padding);
-    else every sequence alone (unpadded_logps), as the policy runs in training then. The
-    result is in input order.
+    layout longest: rows in left-padded batches of `batch_size` pairs, longest first (little
+    padding); none / shared: every pair alone (unpadded_logps, its prompt once if shared), as
+    the policy runs in training then. The result is in input order.
     """
+    padded = layout == "longest"
     from .batches import collate
 
     order = sorted(range(len(examples)), key=lambda i: -examples[i].length)
@@ -148,7 +151,7 @@ def reference_logps(model, examples, *, batch_size: int, pad_id: int, device,
             batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
             logps = completion_logps(model, batch)  # (2b, K)
         else:
-            logps = unpadded_logps(model, rows, device)  # (2b, K)
+            logps = unpadded_logps(model, rows, device, share_prompt=layout == "shared")
         chosen, rejected = split_pairs(logps.sum(-1))
         out[idx, 0] = chosen.float().cpu()
         out[idx, 1] = rejected.float().cpu()

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 from torch import nn
 
-ATTENTIONS = ("auto", "eager", "sdpa")
+from ..config import ConfigError
+
 EAGER_MAX_TOKENS = 512  # auto: eager attention on CPU up to this sequence length
 
 
@@ -74,7 +75,7 @@ def set_attention(model: nn.Module, setting: str, device_type: str, longest: int
     if not hasattr(model, "set_attn_implementation"):
         if setting == "auto":
             return current
-        raise ValueError(f"attention: {setting!r}; {type(model).__name__} cannot switch its "
+        raise ConfigError(f"attention: {setting!r}; {type(model).__name__} cannot switch its "
                          "attention implementation (no set_attn_implementation)")
     model.set_attn_implementation(want)
     return model.config._attn_implementation

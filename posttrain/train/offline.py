@@ -80,10 +80,9 @@ def micro_batch_loss(model, examples: list[Example], ref: torch.Tensor | None, c
     `units` is global_units() of the whole step; `ref` is (B, 2) reference log-probs.
     """
     batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
-    if padded(cfg, device):
-        logps = completion_logps(model, batch)  # (R, K) float32
-    else:
-        logps = unpadded_logps(model, examples, device)  # (R, K), a forward per sequence
+    how = layout(cfg, device)
+    logps = completion_logps(model, batch) if how == "longest" else unpadded_logps(
+        model, examples, device, share_prompt=how == "shared")  # (R, K) float32
     tokens = int(batch["attention_mask"].sum())
     if cfg.preference:
         policy_chosen, policy_rejected = split_pairs(logps.sum(-1))  # (B,), (B,)
@@ -123,7 +122,7 @@ def step_gradients(policy, examples: list[Example], batch: list[int], ref: torch
     """
     P = accelerator.num_processes
     units = global_units([examples[i] for i in batch], cfg)
-    one_by_one = not padded(cfg, accelerator.device)
+    one_by_one = layout(cfg, accelerator.device) != "longest"
 
     def micro(rank: int) -> list[list[int]]:
         runs = micro_batches(batch, lengths, P, rank, cfg.grad_accum)
@@ -158,9 +157,13 @@ def step_gradients(policy, examples: list[Example], batch: list[int], ref: torch
     return loss_sum, metric_sums, tokens
 
 
-def padded(cfg: TrainConfig, device) -> bool:
-    """Whether micro-batches run as one left-padded forward (cfg.padding; auto: off on CPU)."""
-    return cfg.padding == "longest" or (cfg.padding == "auto" and device.type != "cpu")
+def layout(cfg: TrainConfig, device) -> str:
+    """How sequences run (cfg.padding; auto: none on CPU): longest (left-padded micro-batches),
+    shared (each pair alone, its prompt once) or none (each sequence alone: with gradient
+    checkpointing, which drops the keys and values the shared prompt needs)."""
+    if cfg.padding == "longest" or (cfg.padding == "auto" and device.type != "cpu"):
+        return "longest"
+    return "none" if cfg.gradient_checkpointing else "shared"
 
 
 # ---------------------------------------------------------------------------- reference
@@ -174,9 +177,9 @@ def reference_table(model, examples: list[Example], cfg: TrainConfig, accelerato
     too, whose initialisation changes the base weights). Each process computes every P-th pair
     and the parts are gathered.
     """
+    how = layout(cfg, accelerator.device)
     key = cache_key(resolve_model(cfg.model), dtype, examples, accelerator.device.type,
-                    padded=padded(cfg, accelerator.device),
-                    attention=getattr(model.config, "_attn_implementation", None)) \
+                    layout=how, attention=getattr(model.config, "_attn_implementation", None)) \
         if cfg.ref_cache else None
     if cfg.ref_cache and key is None:
         _say(accelerator, f"reference log-probs: not cached ({cfg.model}: no local weight "
@@ -191,8 +194,7 @@ def reference_table(model, examples: list[Example], cfg: TrainConfig, accelerato
     P, rank = accelerator.num_processes, accelerator.process_index
     mine = list(range(rank, len(examples), P))
     part = reference_logps(model, [examples[i] for i in mine], batch_size=cfg.ref_batch_size,
-                           pad_id=pad_id, device=accelerator.device,
-                           padded=padded(cfg, accelerator.device))
+                           pad_id=pad_id, device=accelerator.device, layout=how)
     table = torch.zeros(len(examples), 2)
     if P > 1:
         from accelerate.utils import gather_object
@@ -269,9 +271,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, model=None
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     _say(accelerator, format_parameter_report(parameter_report(model)))
-    _say(accelerator, f"{cfg.method}: {cfg.model} in {dtype}, {attention} attention, padding "
-                      f"{'longest' if padded(cfg, device) else 'none'}; "
-                      f"global batch {global_batch} = "
+    _say(accelerator, f"{cfg.method}: {cfg.model} in {dtype}, {attention} attention, "
+                      f"sequences {layout(cfg, device)}; global batch {global_batch} = "
                       f"{cfg.batch_size} rows x {cfg.grad_accum} accumulation x {P} process(es); "
                       f"{total} steps ({steps_per_epoch} per epoch)")
     init_adapter = out / "adapter-init"

@@ -84,16 +84,16 @@ def model_fingerprint(model_path: str) -> dict | None:
 
 
 def cache_key(model_path: str, dtype: str, examples, device_type: str = "cpu", *,
-              padded: bool = True, attention: str | None = None) -> str | None:
-    """SHA-256 over the model's fingerprint, dtype, device type, whether sequences were
-    batched with padding and the attention kernel (bf16 values depend on both), and every
-    token id; None when the model cannot be fingerprinted (then nothing is cached)."""
+              layout: str = "longest", attention: str | None = None) -> str | None:
+    """SHA-256 over the model's fingerprint, dtype, device type, how sequences were batched
+    (offline.layout) and the attention kernel (bf16 values depend on both), and every token
+    id; None when the model cannot be fingerprinted (then nothing is cached)."""
     fingerprint = model_fingerprint(model_path)
     if fingerprint is None:
         return None
     h = hashlib.sha256()
     h.update(json.dumps({"version": VERSION, "dtype": dtype, "device": device_type,
-                         "padded": padded, "attention": attention, **fingerprint},
+                         "layout": layout, "attention": attention, **fingerprint},
                         sort_keys=True).encode())
     for e in examples:
         for ids in (e.prompt, *e.completions):
