@@ -6,22 +6,31 @@
 TRL runs in its own venv (`--trl-python`: python3 -m venv; pip install torch==2.13.0; pip
 install -e '.[bench]'), never in the project's. Sides: posttrain, posttrain-gc (posttrain with
 gradient checkpointing), trl (TRL with gradient checkpointing off), trl-gc (TRL's default,
-gradient checkpointing on).
+gradient checkpointing on), trl-eager (trl with the model switched to eager attention, the
+kernel posttrain picks on CPU for short sequences: how much of the gap that alone explains).
 
 Same pairs, same model (the embedded SmolLM2-135M), same LoRA (r 16, alpha 32, the attention
 and MLP projections), same batch (4 pairs), same lr and beta. Each side runs in its own
 process (peak memory = that process's max RSS, model loading included), one after the other.
 TRL (the `bench` extra) runs with gradient checkpointing off (its default is on, which slows a
 small model on CPU) and its default reference handling: a no-grad reference forward with the
-adapter disabled inside every step. posttrain computes the reference log-probs once before
-training (and caches them beside the data); its step runs only the policy.
+adapter disabled inside every step; bf16 = the model loaded in bf16 plus `bf16=True` (autocast),
+its default sdpa attention, each batch padded to its longest pair. posttrain runs its defaults
+for a CPU (SIDES_RAN below): bf16 model + fp32 adapter under autocast, `padding: auto` = none
+(each pair alone, its prompt run once, no padding), `attention: auto` = eager up to 512
+tokens, the fused head keeping up to 64 MiB of logits; it computes the reference log-probs
+once before training (`ref_cache=false` here, so every run pays for them: reference_seconds)
+and its step runs only the policy. Both: 1 optimizer step per 4 pairs, lr 5e-5, beta 0.1,
+max_length 1024, no warmup, the same `--threads`.
 
 Pairs are synthetic: arithmetic questions ("What is 37 + 45?") with worked-answer text made of
 arithmetic sentences, padded sentence by sentence to about `--tokens` tokens per sequence
 (prompt + answer, chat template included), lengths spread +-20 %; chosen ends with the right
 sum, rejected with a wrong one. Throughput = tokens of the pairs processed (both sequences of a
 pair, prompt included, no padding) / seconds of the measured steps; the first step of each
-side is a warm-up and is not measured. Results: printed, and saved to
+side is a warm-up and is not measured. tokens_per_cpu_s divides by the process's CPU seconds
+of those steps instead (1 thread: the time it computed), which other processes on a loaded
+machine disturb less than wall time. Results: printed, and saved to
 bench/results/train_dpo.json.
 """
 
@@ -40,7 +49,19 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
-SIDES = ("posttrain", "posttrain-gc", "trl", "trl-gc")
+SIDES = ("posttrain", "posttrain-gc", "trl", "trl-gc", "trl-eager")
+SIDES_RAN = {
+    "posttrain": "posttrain train defaults on CPU: bf16 base + fp32 LoRA under autocast, "
+    "padding none (a forward per prompt and per completion, no padding), eager "
+    "attention, fused head keeping <= 64 MiB of logits, reference precomputed "
+    "once (reference_seconds), gradient checkpointing off",
+    "posttrain-gc": "posttrain as above with gradient_checkpointing=true",
+    "trl": "TRL DPOTrainer: bf16 model + bf16=True autocast, fp32 LoRA (PEFT default), batch "
+    "padded to its longest pair, sdpa attention, reference forward in every step "
+    "(adapter disabled), gradient_checkpointing=False",
+    "trl-gc": "trl as above with gradient_checkpointing=True (TRL's default)",
+    "trl-eager": "trl as above with the model's attention set to eager",
+}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -145,6 +166,7 @@ def run_posttrain(args) -> dict:
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return {
         "step_seconds": [r["seconds"] for r in rows],
+        "step_cpu_seconds": [r["cpu_seconds"] for r in rows],
         "reference_seconds": summary["reference_seconds"],
         "dtype": summary["dtype"],
         "losses": [r["loss"] for r in rows],
@@ -164,14 +186,18 @@ def run_trl(args) -> dict:
     torch.set_num_threads(args.threads)
     tok = load_tokenizer("smollm2-135m")
     model = load_model("smollm2-135m", dtype=args.dtype)
+    if args.worker == "trl-eager":
+        model.set_attn_implementation("eager")
     steps: list[float] = []
+    cpu: list[float] = []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *a, **k):
-            self.t = time.perf_counter()
+            self.t, self.c = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *a, **k):
             steps.append(time.perf_counter() - self.t)
+            cpu.append(time.process_time() - self.c)
 
     rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in read_jsonl(args.data)]
     config = DPOConfig(
@@ -204,7 +230,7 @@ def run_trl(args) -> dict:
     )
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"step_seconds": steps, "losses": losses}
+    return {"step_seconds": steps, "step_cpu_seconds": cpu, "losses": losses}
 
 
 def worker(args) -> None:
@@ -307,6 +333,9 @@ def main() -> None:
     epoch_steps = args.pairs // 4
     for name, r in results.items():
         r["tokens_per_s"] = per_second(r["step_seconds"])
+        # per CPU second of the process: the same work measured without the other processes'
+        # share of the cores (1 thread: CPU seconds ~ seconds it computed)
+        r["tokens_per_cpu_s"] = per_second(r["step_cpu_seconds"])
         if "reference_seconds" in r:
             # One epoch over the whole file, the reference pass included (paid once per file).
             r["tokens_per_s_epoch_with_reference"] = (
@@ -338,6 +367,8 @@ def main() -> None:
             "cpus": os.cpu_count(),
             "load_average_at_start": load,
             "load_average_at_end": os.getloadavg(),
+            "sides_ran": {name: SIDES_RAN[name] for name in sides},
+            "command": " ".join(["python", "bench/train_dpo.py", *sys.argv[1:]]),
         },
         **results,
         "ratios": {},
@@ -347,6 +378,7 @@ def main() -> None:
             a, b = results[ours], results[theirs]
             summary["ratios"][f"{ours}/{theirs}"] = {
                 "tokens_per_s": a["tokens_per_s"] / b["tokens_per_s"],
+                "tokens_per_cpu_s": a["tokens_per_cpu_s"] / b["tokens_per_cpu_s"],
                 "tokens_per_s_epoch_with_reference": a["tokens_per_s_epoch_with_reference"]
                 / b["tokens_per_s"],
                 "peak_rss": a["peak_rss_mb"] / b["peak_rss_mb"],
@@ -366,7 +398,8 @@ def main() -> None:
         )
     for pair, r in summary["ratios"].items():
         print(
-            f"{pair}: {r['tokens_per_s']:.2f}x tokens/s per step, "
+            f"{pair}: {r['tokens_per_s']:.2f}x tokens/s per step "
+            f"({r['tokens_per_cpu_s']:.2f}x per CPU second), "
             f"{r['tokens_per_s_epoch_with_reference']:.2f}x over an epoch with the reference "
             f"pass; peak RSS {r['peak_rss']:.2f}x"
         )

@@ -12,9 +12,14 @@ backward: with bf16 logits that is a second copy of every logit at twice the siz
   Saved for backward: the logits as they are (no copy) and one float32 logsumexp a position.
 - `linear_token_logps(hidden, weight, labels)`: the language-model head fused in. Logits are
   made from the hidden states (R, T, H) and the head weight (V, H) one chunk of positions at a
-  time and thrown away; backward makes each chunk again. Saved: the hidden states of labelled
-  positions (H a position, not V), the weight (it exists anyway) and the logsumexp. Positions
-  without a label (prompt, padding) are never projected at all.
+  time; backward needs each chunk again. Saved: the hidden states of labelled positions (H a
+  position, not V), the weight (it exists anyway) and the logsumexp; plus, up to `keep_bytes`
+  (KEEP_BYTES, 64 MiB), the chunks' logits as the head returned them (bf16 on a bf16 model),
+  so backward does not make those again: the head's matmul is about a tenth of a LoRA step's
+  compute on SmolLM2 (V 49k, H 576). Chunks beyond the budget are made again in backward, so
+  the memory never grows with the vocabulary past it. Either way the values are bitwise the
+  same (the same matmul gives the same logits). Positions without a label (prompt, padding)
+  are never projected at all.
 
 Chunks hold at most CHUNK_ELEMENTS float32 logits (32 MiB): 170 positions at a 49k vocabulary,
 55 at 152k.
@@ -22,11 +27,14 @@ Chunks hold at most CHUNK_ELEMENTS float32 logits (32 MiB): 170 positions at a 4
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 23
+KEEP_BYTES = 64 << 20  # logits the fused head keeps for backward
 
 
 def _rows_per_chunk(vocab: int, chunk_elements: int | None) -> int:
@@ -34,10 +42,16 @@ def _rows_per_chunk(vocab: int, chunk_elements: int | None) -> int:
 
 
 def _label_grad(
-    z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, grad: torch.Tensor
+    z: torch.Tensor,
+    lse: torch.Tensor,
+    labels: torch.Tensor,
+    grad: torch.Tensor,
+    inplace: bool = False,
 ) -> torch.Tensor:
-    """d(z_y - lse(z)) * grad for one chunk: grad * (onehot(y) - softmax(z)); float32 (n, V)."""
-    d = torch.exp(z - lse.unsqueeze(-1)).mul_(-grad.unsqueeze(-1))  # (n, V)
+    """d(z_y - lse(z)) * grad for one chunk: grad * (onehot(y) - softmax(z)); float32 (n, V).
+    inplace: z is a scratch float32 copy and becomes the result (no (n, V) temporaries)."""
+    d = z.sub_(lse.unsqueeze(-1)).exp_() if inplace else torch.exp(z - lse.unsqueeze(-1))
+    d.mul_(-grad.unsqueeze(-1))  # (n, V)
     return d.scatter_add_(1, labels.unsqueeze(-1), grad.unsqueeze(-1))
 
 
@@ -77,22 +91,33 @@ class _LinearLogSoftmax(torch.autograd.Function):
     """(N, H) hidden, (V, H) weight, (V,) bias or None, (N,) label ids -> (N,) float32."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, rows):
+    def forward(ctx, hidden, weight, bias, labels, rows, keep_bytes):
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(out)
+        kept, room = [], keep_bytes  # the first chunks' logits, while they fit in keep_bytes
         for s in range(0, hidden.shape[0], rows):
-            z = F.linear(hidden[s : s + rows], weight, bias).float()  # (n, V)
+            logits = F.linear(hidden[s : s + rows], weight, bias)  # (n, V)
+            if len(kept) == s // rows and logits.nbytes <= room:  # a prefix of the chunks
+                kept.append(logits)
+                room -= logits.nbytes
+            z = logits.float()
             lse[s : s + rows] = torch.logsumexp(z, dim=-1)
             out[s : s + rows] = (
                 z.gather(1, labels[s : s + rows, None]).squeeze(1) - lse[s : s + rows]
             )
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, *kept)
         ctx.rows = rows
+        # Under autocast (bf16 compute over fp32 master weights) the logits are made again in
+        # backward the way forward made them, so they match the saved logsumexp.
+        kind = hidden.device.type
+        ctx.autocast = (
+            (kind, torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind) else None
+        )
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        hidden, weight, bias, labels, lse, *kept = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
         # A trained head (full fine-tuning) accumulates its gradient over chunks in float32.
@@ -104,10 +129,15 @@ class _LinearLogSoftmax(torch.autograd.Function):
             if need_b
             else None
         )
-        for s in range(0, hidden.shape[0], ctx.rows):
+        for i, s in enumerate(range(0, hidden.shape[0], ctx.rows)):
             sl = slice(s, s + ctx.rows)
-            z = F.linear(hidden[sl], weight, bias).float()  # (n, V), made again
-            d = _label_grad(z, lse[sl], labels[sl], grad[sl].float())  # (n, V) float32
+            if i < len(kept):
+                z = kept[i].float()  # (n, V); a copy even when float32 (changed in place)
+                z = z.clone() if z is kept[i] else z
+            else:
+                with torch.autocast(*ctx.autocast) if ctx.autocast else contextlib.nullcontext():
+                    z = F.linear(hidden[sl], weight, bias).float()  # (n, V), made again
+            d = _label_grad(z, lse[sl], labels[sl], grad[sl].float(), inplace=True)  # (n, V)
             if need_b:
                 grad_b += d.sum(0)
             d = d.to(weight.dtype)
@@ -119,6 +149,7 @@ class _LinearLogSoftmax(torch.autograd.Function):
             grad_h,
             grad_w.to(weight.dtype) if need_w else None,
             grad_b.to(bias.dtype) if need_b else None,
+            None,
             None,
             None,
         )
@@ -154,15 +185,21 @@ def linear_token_logps(
     bias: torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
     chunk_elements: int | None = None,
+    keep_bytes: int = KEEP_BYTES,
 ) -> torch.Tensor:
     """log softmax(hidden @ weight.T + bias)[label], float32 (B, T); 0.0 at ignore_index.
 
     The same values as `chunked_token_logps(F.linear(hidden, weight, bias), labels)` without
-    ever holding more than one chunk of logits.
+    holding more than one chunk of logits beyond `keep_bytes` of them kept for backward.
     """
     _check("linear_token_logps", hidden, labels)
     valid = labels != ignore_index  # (B, T)
     rows = _LinearLogSoftmax.apply(
-        hidden[valid], weight, bias, labels[valid], _rows_per_chunk(weight.shape[0], chunk_elements)
+        hidden[valid],
+        weight,
+        bias,
+        labels[valid],
+        _rows_per_chunk(weight.shape[0], chunk_elements),
+        keep_bytes,
     )  # (n,)
     return rows.new_zeros(labels.shape).index_put((valid,), rows)  # (B, T)

@@ -312,7 +312,9 @@ def test_aux_loss_is_added_once_with_its_coefficient(method):
     from posttrain.train.offline import global_units, micro_batch_loss
 
     model = tiny_moe()
-    cfg = train_config(method, None, ["dtype=fp32"], data="unused.jsonl")
+    # padded rows, as the model's own aux_loss below sees them (unpadded DPO routes a pair's
+    # prompt once, so its aux counts the prompt tokens once, not twice)
+    cfg = train_config(method, None, ["dtype=fp32", "padding=longest"], data="unused.jsonl")
     examples = (
         [Example(e.prompt, e.completions * 2, e.line) for e in sft_examples()]
         if method == "dpo"

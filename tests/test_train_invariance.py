@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch.testing import assert_close
-from train_dist_worker import one_step
+from train_dist_worker import one_step, perturbed_lora
 
 from posttrain.train.config import train_config
 
@@ -92,6 +92,8 @@ def config(method, model, folder, *settings):
 def test_accumulation_split_gives_the_same_loss_and_gradients(
     tiny_model_dir, data_files, accelerator, method, extra
 ):
+    """Left-padded micro-batches of 4 rows and of 1, and padding none (each sequence its own
+    forward, each row its own micro-batch) with batch 4 and 1: one loss, one gradient."""
     results = [
         one_step(
             config(
@@ -100,10 +102,12 @@ def test_accumulation_split_gives_the_same_loss_and_gradients(
                 data_files,
                 f"batch_size={b}",
                 f"grad_accum={4 // b}",
+                f"padding={padding}",
                 *extra,
             ),
             accelerator,
         )
+        for padding in ("longest", "none")
         for b in (4, 1)
     ]
     (loss, grads), others = results[0], results[1:]
@@ -159,6 +163,42 @@ def test_padding_does_not_change_log_probs(tiny_model_dir, data_files):
     k = alone.shape[1]
     assert_close(padded[0, -k:], alone[0], rtol=1e-5, atol=1e-5)
     assert (padded[0, :-k] == 0).all()  # positions before the completion carry nothing
+
+
+def test_unpadded_pairs_share_the_prompt_and_equal_whole_sequences(tiny_model_dir, data_files):
+    """padding none: a pair's prompt runs once (with the first completion) and the second
+    completion attends to its keys and values. Log-probs and every LoRA gradient equal those of
+    the left-padded batch (fp32)."""
+    from posttrain.models import load_model, load_tokenizer
+    from posttrain.train.batches import collate
+    from posttrain.train.data import load_examples
+    from posttrain.train.logps import completion_logps, unpadded_logps
+
+    tok = load_tokenizer(tiny_model_dir)
+    examples, _ = load_examples(data_files / "pairs.jsonl", tok, preference=True, max_length=512)
+    model = perturbed_lora(load_model(tiny_model_dir, dtype="fp32"))
+    embed = model.get_input_embeddings()
+    tokens_in = []
+    embed.register_forward_pre_hook(lambda m, args: tokens_in.append(args[0].numel()))
+    weights = torch.randn(2 * len(examples), max(len(c) for e in examples for c in e.completions))
+
+    def run(fn):
+        model.zero_grad(set_to_none=True)
+        logps = fn()
+        (logps * weights).sum().backward()
+        return logps.detach(), {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad
+        }
+
+    tokens_in.clear()
+    shared, shared_grads = run(lambda: unpadded_logps(model, examples, "cpu"))
+    prompt = sum(len(e.prompt) for e in examples)
+    whole = sum(2 * len(e.prompt) + sum(len(c) for c in e.completions) for e in examples)
+    # every prompt token once, not twice; the last once per completion (it predicts the first)
+    assert sum(tokens_in) == whole - prompt + len(examples)
+    padded, padded_grads = run(lambda: completion_logps(model, collate(examples, tok.pad_token_id)))
+    assert_close(shared, padded, rtol=1e-5, atol=1e-5)
+    assert_grads_close(shared_grads, padded_grads)
 
 
 @pytest.mark.distributed

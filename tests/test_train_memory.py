@@ -92,8 +92,8 @@ def test_saved_bytes_no_longer_scale_with_the_vocabulary_in_float32():
     """bf16 logits (B 4, T 32, V 2048): plain autograd keeps a float32 log-softmax of every
     logit, 4 * 32 * 2048 * 4 B = 1 MiB beyond the logits; the chunked version keeps the logits
     themselves (already there) plus a float32 logsumexp a position (4 * 32 * 4 B = 512 B) and
-    its int64 labels. The fused head keeps hidden-size state only: the same bytes at V 512 and
-    V 4096 (the weight, an input, is not counted)."""
+    its int64 labels. The fused head with no logits kept (keep_bytes 0) keeps hidden-size state
+    only: the same bytes at V 512 and V 4096 (the weight, an input, is not counted)."""
     B, T = 4, 32
     logits = torch.randn(B, T, 2048).to(torch.bfloat16).requires_grad_()
     labels = labels_with_padding(B, T, 2048)
@@ -108,10 +108,38 @@ def test_saved_bytes_no_longer_scale_with_the_vocabulary_in_float32():
         weight = torch.randn(V, 64, requires_grad=True)
         labels = labels_with_padding(B, T, V)
         _, n = saved_bytes(
-            lambda: linear_token_logps(hidden, weight, labels), hidden, weight, labels
+            lambda: linear_token_logps(hidden, weight, labels, keep_bytes=0), hidden, weight, labels
         )
         fused.append(n)
     assert fused[0] == fused[1] < B * T * 64 * 4 + B * T * 32  # hidden rows + small per-token
+
+
+def test_fused_head_keeps_logits_up_to_its_budget_with_bitwise_equal_results():
+    """bf16 hidden (B 2, T 6 -> 9 labelled rows), H 16, V 50, 2 rows a chunk (chunk_elements
+    100): 5 chunks of 2 x 50 bf16 logits = 200 B each (the last, 1 row, 100 B). A budget of
+    450 B keeps the first 2 chunks (400 B; a third would make 600). Values and every gradient
+    are bitwise those of keeping nothing (the kept logits are what the matmul makes again)."""
+    torch.manual_seed(2)
+    hidden = torch.randn(2, 6, 16).to(torch.bfloat16).requires_grad_()
+    weight = torch.randn(50, 16).to(torch.bfloat16).requires_grad_()
+    labels = labels_with_padding(2, 6, 50)
+    assert int((labels != -100).sum()) == 9
+    w = torch.randn(2, 6)
+    results = {}
+    for keep in (0, 450, 1 << 20):
+        out, n = saved_bytes(
+            lambda: linear_token_logps(hidden, weight, labels, chunk_elements=100, keep_bytes=keep),
+            hidden,
+            weight,
+            labels,
+        )
+        results[keep] = (n, out.detach(), torch.autograd.grad((out * w).sum(), (hidden, weight)))
+    assert results[450][0] - results[0][0] == 400
+    assert results[1 << 20][0] - results[0][0] == 4 * 200 + 100
+    for keep in (450, 1 << 20):
+        assert torch.equal(results[keep][1], results[0][1])
+        for a, b in zip(results[keep][2], results[0][2]):
+            assert torch.equal(a, b)
 
 
 def batch_of(tok, n=3):
@@ -222,3 +250,44 @@ def test_dropout_free_train_mode_turns_every_dropout_off(tiny_model_dir):
         noisy = model(input_ids=ids).logits
     assert torch.equal(a, reference) and torch.equal(b, reference)
     assert (noisy - reference).abs().max() > 1e-3
+
+
+def test_bf16_lora_under_autocast_keeps_no_float32_copy_of_layer_inputs(tiny_model_dir, tok):
+    """A bf16 model with its fp32 LoRA adapter (PEFT's default): PEFT casts every adapted
+    layer's input to fp32 for lora_A, and autograd keeps those copies (one per adapter: q, k, v
+    each hold their own). Under autocast with the input passed as is (what the trainer does in
+    bf16) lora_A gets the bf16 input. Counted: float32 tensors of at least a hidden-size row
+    (64) per token kept for backward. The only ones left are the RMSNorms' float32 inputs
+    (transformers' LlamaRMSNorm upcasts): 2 per layer + the final norm, less layer 0's first
+    (its input, the frozen embedding, needs no gradient) = 4; before, 4 + one per adapted
+    linear (7 x 2 layers = 14). The log-probs are equal (B = 0: the adapter adds 0)."""
+    from posttrain.models import load_model
+    from posttrain.train.config import LoraConfig
+    from posttrain.train.distributed import master_weights
+    from posttrain.train.lora import adapter_input_as_is, apply_lora
+
+    batch = batch_of(tok)
+    tokens = batch["input_ids"].numel()
+
+    def fp32_saved(autocast: bool):
+        model = load_model(tiny_model_dir, dtype="bf16")
+        model = master_weights(model, "bf16" if autocast else None, "cpu", upcast=False)
+        model = apply_lora(model, LoraConfig(r=4, alpha=8))
+        if autocast:
+            assert adapter_input_as_is(model) == 14
+        train_mode(model, dropout=False)
+        kept = set()
+
+        def pack(t):
+            if t.dtype == torch.float32 and t.numel() >= tokens * 64:
+                kept.add(t.untyped_storage().data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logps = completion_logps(model, batch)
+        return logps.detach(), len(kept)
+
+    plain_logps, plain = fp32_saved(autocast=False)
+    cast_logps, cast = fp32_saved(autocast=True)
+    assert (plain, cast) == (4 + 14, 4)
+    assert torch.equal(cast_logps, plain_logps)

@@ -160,8 +160,9 @@ def test_nan_in_the_forward_pass_stops_and_keeps_the_last_good_checkpoint(tiny_m
 
     model.model.norm.register_forward_hook(poison)
     with pytest.raises(NonFiniteError) as e:
+        # padding longest: one forward per step (padding none runs one per row)
         train(
-            cfg_for("sft", tiny_model_dir, demos, "checkpoint_every=1"),
+            cfg_for("sft", tiny_model_dir, demos, "checkpoint_every=1", "padding=longest"),
             out,
             model=model,
             progress=False,
@@ -473,3 +474,43 @@ def test_hub_model_fingerprint_is_its_blob_hashes(tmp_path, monkeypatch):
     assert cache_key("org/tiny", "bf16", []) != key
     assert cache_key("org/tiny", "fp32", []) != cache_key("org/tiny", "bf16", [])
     assert model_fingerprint("org/absent") is None and cache_key("org/absent", "bf16", []) is None
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_bf16_step_one_dpo_loss_is_exactly_ln2(tiny_model_dir, tmp_path, checkpointing):
+    """bf16, 4 pairs of different lengths in one batch. At step 1 the policy is the reference
+    (B = 0), so every log-ratio is 0 and the loss is ln 2 = 0.693147182 in float32, exactly,
+    provided the reference pass computes each sequence exactly as the policy's forward does. A
+    bf16 sequence's log-prob depends on the shape of the batch it runs in (SmolLM2-135M, 4 pairs
+    of ~186 tokens, reference in batches of 8 pairs, training batch 4: 0.7195; the tiny model's
+    GEMMs happen not to show it, so the forward shapes are checked too): with padding none,
+    the default on CPU, every pair runs alone, unpadded, in both passes (its prompt once; with
+    gradient checkpointing, which drops the keys and values that takes, each sequence whole)."""
+    from posttrain.models import load_model
+
+    pairs, _ = write_data(tmp_path / "data", n=4)
+    model = load_model(tiny_model_dir, dtype="bf16")
+    shapes = {True: [], False: []}  # grad enabled (policy) -> input shapes
+    model.get_input_embeddings().register_forward_pre_hook(
+        lambda m, args: shapes[torch.is_grad_enabled()].append(tuple(args[0].shape))
+    )
+    out = tmp_path / "run"
+    train(
+        cfg_for(
+            "dpo",
+            tiny_model_dir,
+            pairs,
+            "dtype=bf16",
+            "batch_size=4",
+            "max_steps=1",
+            "ref_cache=false",
+            f"gradient_checkpointing={checkpointing}",
+        ),
+        out,
+        model=model,
+        progress=False,
+    )
+    assert metrics(out)[0]["loss"] == float(torch.log(torch.tensor(2.0)))
+    # a forward per completion, each of one unpadded sequence
+    assert len(shapes[True]) == 8 and all(s[0] == 1 for s in shapes[True])
+    assert sorted(shapes[False]) == sorted(shapes[True])

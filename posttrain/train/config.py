@@ -30,6 +30,7 @@ METHOD_PRESETS: dict[str, dict] = {
 LORA_INITS = ("default", "olora", "pissa")
 LENGTH_POLICIES = ("drop", "truncate_prompt", "truncate_completion")
 SCHEDULES = ("cosine", "linear", "constant")
+PADDINGS = ("auto", "none", "longest")
 
 
 @dataclass
@@ -202,6 +203,17 @@ class TrainConfig(BaseTrainConfig):
     batch_size: int = 4
     grad_accum: int = 1
     group_by_length: bool = True  # batches of similar length: less padding
+    # none: every sequence runs its own forward pass, unpadded, and each row (pair or
+    # demonstration) is its own micro-batch, its graph freed by its backward before the next
+    # (no compute on padding; activations of one row at a time; batch-independent bf16 log-probs,
+    # so the reference pass matches the policy exactly). longest: a micro-batch of
+    # `batch_size` rows runs as one forward, left-padded to its longest sequence (bigger matmuls,
+    # better on GPUs). auto: none on CPU, longest elsewhere.
+    padding: str = "auto"
+    # attention kernel: auto (eager on CPU for sequences up to 512 tokens, where it is about
+    # twice as fast as torch's CPU flash attention in forward + backward; else the model's
+    # own) | eager | sdpa (train/modes.py set_attention)
+    attention: str = "auto"
     max_length: int = 1024  # prompt + completion tokens
     length_policy: str = "drop"  # drop | truncate_prompt | truncate_completion (see data.py)
     tokenize_workers: int = 1  # processes tokenising the data file (chunks of rows, in order)
@@ -211,7 +223,8 @@ class TrainConfig(BaseTrainConfig):
     bdpo_lambda: float = 0.5
     nll_weight: float = 0.0  # RPO's alpha; the rpo preset sets 1.0
     sft_aggregation: str = "token_mean"  # token_mean | sequence_mean | sum
-    ref_batch_size: int = 8  # pairs per no-grad forward of the reference pass
+    ref_batch_size: int = 8  # pairs per no-grad forward of the reference pass (padding
+    #                          longest; with padding none each sequence runs alone)
     ref_cache: bool = True  # keep reference log-probs beside the data for the next run
 
     @property
@@ -231,6 +244,10 @@ class TrainConfig(BaseTrainConfig):
         )
         if self.epochs == 0 and self.max_steps == 0:
             bad("epochs", 0, ">= 1 (or max_steps > 0)")
+        if self.padding not in PADDINGS:
+            bad("padding", self.padding, " | ".join(PADDINGS))
+        if self.attention not in ("auto", "eager", "sdpa"):
+            bad("attention", self.attention, "auto | eager | sdpa")
         if self.length_policy not in LENGTH_POLICIES:
             bad("length_policy", self.length_policy, " | ".join(LENGTH_POLICIES))
         if self.sft_aggregation not in ("token_mean", "sequence_mean", "sum"):

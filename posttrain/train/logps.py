@@ -11,12 +11,20 @@ one chunk of positions at a time, and only completion tokens are projected. The 
 inside the model's own forward, so DDP / FSDP hooks see an ordinary forward pass. Other models
 (Gemma's soft-capping, Granite's and Cohere's logit scaling, LoRA on the head) get their logits
 and a chunked log-softmax.
+
+`unpadded_logps` gives the same (R, K) table with every sequence in its own forward pass, without
+padding: no compute on pad tokens, causal attention without a mask, and a sequence's log-probs
+that do not depend on which rows it is batched with. That last point matters in bf16, where the
+rounding after each GEMM depends on the batch's shape (SmolLM2, CPU bf16: one ~190-token
+sequence's summed log-prob moved by up to 0.5 nats between batches); the reference pass and the
+policy then compute every sequence identically, and the step-1 DPO loss is ln 2 exactly.
 """
 
 from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -70,12 +78,14 @@ def completion_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(R, K) float32 log p(token) on completion tokens, 0.0 elsewhere (see batches.collate)."""
     labels = batch["labels"]  # (R, K)
     K = labels.shape[1]
+    cache = batch.get("past_key_values")  # a prompt's keys and values (unpadded_logps)
     inputs = dict(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         position_ids=batch["position_ids"],
         logits_to_keep=K + 1,
-        use_cache=False,
+        use_cache=cache is not None,
+        past_key_values=cache,
     )
     head = fused_head(model)
     if head is not None:
@@ -87,6 +97,57 @@ def completion_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return token_logps(logits, labels)  # (R, K)
 
 
+def unpadded_logps(model, examples, device, share_prompt: bool = True) -> torch.Tensor:
+    """completion_logps(model, collate(examples)) computed one sequence per forward pass, with
+    no padding: the same (R, K) layout (chosen rows, then rejected; 0.0 left of a completion).
+
+    A pair's prompt runs once: the first completion's forward runs the whole sequence and keeps
+    its keys and values; the second's runs only the prompt's last token (which predicts the
+    completion's first) and the completion, attending to the first forward's keys and values of
+    the other prompt tokens. Gradients reach the prompt's activations from both completions.
+    (A forward of the prompt alone would be cheaper on paper, but its short matmuls run far
+    below the long ones' speed in bf16 on a CPU: measured slower than not sharing at all.)
+    share_prompt=False: every sequence whole (gradient checkpointing drops the cache).
+    """
+    from transformers import DynamicCache
+
+    n_comp = len(examples[0].completions)
+    K = max(len(c) for e in examples for c in e.completions)
+    rows: list[list[torch.Tensor]] = [[] for _ in range(n_comp)]
+    for e in examples:
+        prompt = torch.from_numpy(e.prompt.astype(np.int64))[None].to(device)  # (1, P)
+        P = prompt.shape[1]
+        prefix = None  # every layer's (keys, values) of prompt tokens 0 .. P-2
+        for k, completion in enumerate(e.completions):
+            labels = torch.from_numpy(completion.astype(np.int64))[None].to(device)  # (1, m)
+            share = share_prompt and n_comp > 1 and P > 1
+            if prefix is None:
+                # plain full-length layers, even for sliding-window models (whose cache layers
+                # would keep only the window): the mask still applies the window by position
+                cache = DynamicCache() if share else None
+                inputs = torch.cat([prompt, labels], dim=1)  # (1, P + m)
+            else:
+                cache = DynamicCache(ddp_cache_data=prefix)
+                inputs = torch.cat([prompt[:, -1:], labels], dim=1)  # (1, 1 + m)
+            logps = completion_logps(
+                model,
+                {
+                    "input_ids": inputs,
+                    "attention_mask": None,
+                    "position_ids": None,
+                    "labels": labels,
+                    "past_key_values": cache,
+                },
+            )  # (1, m)
+            if share and prefix is None:
+                prefix = [
+                    (layer.keys[:, :, : P - 1], layer.values[:, :, : P - 1])
+                    for layer in cache.layers
+                ]
+            rows[k].append(nn.functional.pad(logps, (K - labels.shape[1], 0)))  # (1, K)
+    return torch.cat([r for per_completion in rows for r in per_completion])  # (R, K)
+
+
 def split_pairs(per_sequence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(2B,) values of a pair batch -> chosen (B,), rejected (B,) (collate's row order)."""
     half = per_sequence.shape[0] // 2
@@ -94,21 +155,32 @@ def split_pairs(per_sequence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 @torch.no_grad()
-def reference_logps(model, examples, *, batch_size: int, pad_id: int, device) -> torch.Tensor:
+def reference_logps(
+    model, examples, *, batch_size: int, pad_id: int, device, layout: str = "longest"
+) -> torch.Tensor:
     """(N, 2) summed completion log-probs (chosen, rejected) of `model` for every pair.
 
-    Rows are processed longest first so each batch pads little; the result is in input order.
+    layout longest: rows in left-padded batches of `batch_size` pairs, longest first (little
+    padding); none / shared: every pair alone (unpadded_logps, its prompt once if shared), as
+    the policy runs in training then. The result is in input order.
     """
+    padded = layout == "longest"
     from .batches import collate
 
     order = sorted(range(len(examples)), key=lambda i: -examples[i].length)
+    step = batch_size if padded else 1
     out = torch.zeros(len(examples), 2, dtype=torch.float32)
     was_training = model.training
     model.eval()
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
-        chosen, rejected = split_pairs(completion_logps(model, batch).sum(-1))
+    for s in range(0, len(order), step):
+        idx = order[s : s + step]
+        rows = [examples[i] for i in idx]
+        if padded:
+            batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+            logps = completion_logps(model, batch)  # (2b, K)
+        else:
+            logps = unpadded_logps(model, rows, device, share_prompt=layout == "shared")
+        chosen, rejected = split_pairs(logps.sum(-1))
         out[idx, 0] = chosen.float().cpu()
         out[idx, 1] = rejected.float().cpu()
     model.train(was_training)

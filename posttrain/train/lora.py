@@ -218,6 +218,23 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         return get_peft_model(model, peft_cfg, autocast_adapter_dtype=True)
 
 
+def adapter_input_as_is(model: nn.Module) -> int:
+    """Let every LoRA layer feed its input to the adapter in the input's own dtype; returns how
+    many layers were switched.
+
+    PEFT casts each adapted layer's input to the adapter's dtype (fp32 on a bf16 model) before
+    lora_A, and autograd keeps that fp32 copy for lora_A's gradient: one per adapter, so q, k
+    and v hold three copies of the same input. Under torch.autocast (distributed.precision) the
+    cast is a round trip anyway (fp32, then back to bf16 for the matmul); without it the adapter
+    reads the bf16 input that q, k and v share. Only for a forward that runs under autocast:
+    otherwise lora_A would get bf16 input against fp32 weights.
+    """
+    layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    return len(layers)
+
+
 def parameter_group(name: str) -> str:
     """attention | mlp | router | experts | embeddings | norms | other, from a parameter name."""
     parts = _parts(name)

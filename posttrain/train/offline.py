@@ -8,8 +8,11 @@ The loop, top to bottom: read and tokenise the data; load the model; for the DPO
 the reference log-probs once (no grad, before any adapter exists; cached beside the data); add
 LoRA (or train everything); wrap it for the processes (distributed.py: ddp | fsdp2 | deepspeed)
 and build the optimizer over the wrapped parameters; then for each optimizer step take its global batch, run this
-process's micro-batches (one forward per micro-batch: chosen and rejected together), clip,
-check for NaN / inf, step, log, and checkpoint every `checkpoint_every` steps.
+process's micro-batches (padding longest: one left-padded forward per micro-batch, chosen and
+rejected together; padding none, the default on CPU: each row its own micro-batch, each
+sequence its own unpadded forward), clip, check for NaN / inf, step, log, and checkpoint every
+`checkpoint_every` steps. One step's gradients: train/offline_step.py; the reference log-probs:
+train/reference.py.
 
 How the loss is averaged, whatever the split into processes and accumulation steps: the loss
 is a mean over the *global* batch of the step, pairs for the DPO family and completion tokens
@@ -17,10 +20,9 @@ for SFT's token_mean. Each micro-batch's loss is scaled by its share of the glob
 (times the number of processes, because DDP and FSDP2 average gradients over processes), so the summed
 gradients equal those of the whole batch in one piece. Every process knows the whole global
 batch (the order is a function of seed and epoch), so the shares need no communication.
-
-One step's gradients: train/offline_step.py; the reference log-probs: train/reference.py.
 """
 
+from __future__ import annotations
 from __future__ import annotations
 
 import time
@@ -44,16 +46,16 @@ from .checkpoint import (
 from .config import TrainConfig
 from .data import load_examples
 from .distributed import Processes, local_storage, master_weights, zero3_config
-from .lora import apply_lora, format_parameter_report, parameter_report
+from .lora import adapter_input_as_is, apply_lora, format_parameter_report, parameter_report
 from .metrics import MetricsLog, NonFiniteError, check_finite
 from .moe import MoeRun
-from .modes import enable_gradient_checkpointing, train_mode
+from .modes import enable_gradient_checkpointing, set_attention, train_mode
 from .optim import lr_at, make_optimizer, make_scheduler
 from .offline_step import DPO_LOSS_TYPES as DPO_LOSS_TYPES  # re-exported
 from .offline_step import SFT_LOSSES as SFT_LOSSES  # re-exported
 from .offline_step import global_units as global_units  # re-exported
+from .offline_step import layout, step_gradients
 from .offline_step import micro_batch_loss as micro_batch_loss  # re-exported
-from .offline_step import step_gradients
 from .reference import reference_table
 
 # Settings that may change between a run and its resume (they do not change the result).
@@ -67,6 +69,9 @@ RESUME_MAY_CHANGE = {
     "ref_cache",
     "tokenize_workers",
 }
+
+
+# ------------------------------------------------------------------------ loss of a batch
 
 
 # --------------------------------------------------------------------------------- loop
@@ -128,7 +133,8 @@ def train(
     load_dtype, autocast = accelerator.precision(dtype, full_finetune=not cfg.lora.enabled)
     if model is None:
         model = load_model(cfg.model, dtype=load_dtype)
-    model = master_weights(model, autocast, device.type)
+    model = master_weights(model, autocast, device.type, upcast=not cfg.lora.enabled)
+    attention = set_attention(model, cfg.attention, device.type, max(lengths, default=0))
     model.to(device)
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -150,12 +156,15 @@ def train(
         pad_id=pad_id,
     )
     model = apply_lora(model, cfg.lora)
+    if autocast and cfg.lora.enabled:
+        adapter_input_as_is(model)  # bf16 activations into the fp32 adapter, under autocast
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     _say(accelerator, format_parameter_report(parameter_report(model)))
     _say(
         accelerator,
-        f"{cfg.method}: {cfg.model} in {dtype}; global batch {global_batch} = "
+        f"{cfg.method}: {cfg.model} in {dtype}, {attention} attention, "
+        f"sequences {layout(cfg, device)}; global batch {global_batch} = "
         f"{cfg.batch_size} rows x {cfg.grad_accum} accumulation x {P} process(es); "
         f"{total} steps ({steps_per_epoch} per epoch)",
     )
@@ -228,7 +237,7 @@ def train(
     batches, batches_epoch = None, -1
     row: dict = {}
     for step in range(start, stop):
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         epoch, position = divmod(step, steps_per_epoch)
         if epoch != batches_epoch:
             batches = epoch_batches(
@@ -263,6 +272,7 @@ def train(
             "tokens": int(values[1]),
             "tokens_per_s": values[1] / seconds,
             "seconds": seconds,
+            "cpu_seconds": time.process_time() - cpu0,
         }
         row.update(moe.stats(policy, step + 1, last=step + 1 == stop))
         log.write(row)

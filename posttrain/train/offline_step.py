@@ -18,7 +18,7 @@ from .. import losses
 from .batches import collate, micro_batches
 from .config import TrainConfig
 from .data import Example
-from .logps import completion_logps, split_pairs
+from .logps import completion_logps, split_pairs, unpadded_logps
 from .moe import MoeRun
 
 SFT_LOSSES = {"sft": losses.sft, "dft": losses.dft, "chord-phi": losses.sft_phi}
@@ -54,7 +54,12 @@ def micro_batch_loss(
     `units` is global_units() of the whole step; `ref` is (B, 2) reference log-probs.
     """
     batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
-    logps = completion_logps(model, batch)  # (R, K) float32
+    how = layout(cfg, device)
+    logps = (
+        completion_logps(model, batch)
+        if how == "longest"
+        else unpadded_logps(model, examples, device, share_prompt=how == "shared")
+    )  # (R, K) float32
     tokens = int(batch["attention_mask"].sum())
     if cfg.preference:
         policy_chosen, policy_rejected = split_pairs(logps.sum(-1))  # (B,), (B,)
@@ -112,12 +117,19 @@ def step_gradients(
     """
     P = accelerator.num_processes
     units = global_units([examples[i] for i in batch], cfg)
-    mine = micro_batches(batch, lengths, P, accelerator.process_index, cfg.grad_accum)
+    one_by_one = layout(cfg, accelerator.device) != "longest"
+
+    def micro(rank: int) -> list[list[int]]:
+        runs = micro_batches(batch, lengths, P, rank, cfg.grad_accum)
+        # padding none: every row its own micro-batch (its graph is freed by its backward)
+        return [[i] for run in runs for i in run] if one_by_one else runs
+
+    mine = micro(accelerator.process_index)
     real = len(mine)
     if getattr(accelerator, "sharded", False):
         # FSDP2's forward and backward are collectives: a process with fewer micro-batches
         # (a short last batch) repeats its first one with zero weight, as often as the busiest.
-        most = max(len(micro_batches(batch, lengths, P, r, cfg.grad_accum)) for r in range(P))
+        most = max(len(micro(r)) for r in range(P))
         mine = mine + [mine[0]] * (most - real)
     loss_sum = torch.zeros((), device=accelerator.device)
     metric_sums: dict[str, torch.Tensor] = {}
@@ -145,3 +157,13 @@ def step_gradients(
         for k, v in metrics.items():
             metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().float() * share
     return loss_sum, metric_sums, tokens
+
+
+def layout(cfg: TrainConfig, device) -> str:
+    """How sequences run (cfg.padding; auto: none on CPU): longest (left-padded micro-batches),
+    shared (each pair alone, its prompt once) or none (each sequence alone: with gradient
+    checkpointing, which drops the keys and values the shared prompt needs)."""
+    kind = torch.device(device).type  # a torch.device or a string such as "cpu"
+    if cfg.padding == "longest" or (cfg.padding == "auto" and kind != "cpu"):
+        return "longest"
+    return "none" if cfg.gradient_checkpointing else "shared"

@@ -18,13 +18,14 @@ policy), the dtype, the device type, the transformers and torch versions, and th
 So a stale cache is never read: any change gives another file name, and the file also holds
 the whole key.
 
-Known limit in bf16: a sequence's log-prob depends slightly on the shape of the batch it was
-computed in (bf16 rounding after GEMMs blocked by shape), and the reference pass batches rows
-differently from training, so at step 1 policy and reference differ by that noise (measured on
-SmolLM2, CPU bf16, 4 pairs of ~186-token sequences: step-1 DPO loss 0.6872 in one run and
-0.7195 in another (bench/train_dpo.py) instead of ln 2 = 0.6931; bf16 logits round by ~0.05
-at a magnitude of 20, summed over ~170 tokens). In fp32 they agree to ~1e-6 (the tests check
-ln 2 exactly to 1e-5).
+bf16 and padding: a sequence's log-prob depends slightly on the shape of the batch it was
+computed in (bf16 rounding after GEMMs blocked by shape). With `padding: none` (the default on
+CPU) every sequence runs alone, in the reference pass as in training, so at step 1 policy and
+reference agree exactly (DPO loss ln 2). With `padding: longest` the reference pass batches rows
+differently from training and they differ by that noise (SmolLM2, CPU bf16, 4 pairs of ~186-token
+sequences: step-1 DPO loss 0.6872 in one run and 0.7195 in another instead of ln 2 = 0.6931;
+a sequence's summed log-prob moves by up to 0.5 nats between batches); the key records which
+of the two computed the cache. In fp32 they agree to ~1e-6.
 """
 
 from __future__ import annotations
@@ -86,16 +87,32 @@ def model_fingerprint(model_path: str) -> dict | None:
     }
 
 
-def cache_key(model_path: str, dtype: str, examples, device_type: str = "cpu") -> str | None:
-    """SHA-256 over the model's fingerprint, dtype, device type and every token id; None when
-    the model cannot be fingerprinted (then nothing is cached)."""
+def cache_key(
+    model_path: str,
+    dtype: str,
+    examples,
+    device_type: str = "cpu",
+    *,
+    layout: str = "longest",
+    attention: str | None = None,
+) -> str | None:
+    """SHA-256 over the model's fingerprint, dtype, device type, how sequences were batched
+    (offline.layout) and the attention kernel (bf16 values depend on both), and every token
+    id; None when the model cannot be fingerprinted (then nothing is cached)."""
     fingerprint = model_fingerprint(model_path)
     if fingerprint is None:
         return None
     h = hashlib.sha256()
     h.update(
         json.dumps(
-            {"version": VERSION, "dtype": dtype, "device": device_type, **fingerprint},
+            {
+                "version": VERSION,
+                "dtype": dtype,
+                "device": device_type,
+                "layout": layout,
+                "attention": attention,
+                **fingerprint,
+            },
             sort_keys=True,
         ).encode()
     )

@@ -18,6 +18,7 @@ from .config import TrainConfig
 from .data import Example
 from .logps import reference_logps
 from .refcache import cache_key, cache_path, read_cache, write_cache
+from .offline_step import layout
 
 
 def reference_table(
@@ -36,8 +37,16 @@ def reference_table(
     too, whose initialisation changes the base weights). Each process computes every P-th pair
     and the parts are gathered.
     """
+    how = layout(cfg, accelerator.device)
     key = (
-        cache_key(resolve_model(cfg.model), dtype, examples, accelerator.device.type)
+        cache_key(
+            resolve_model(cfg.model),
+            dtype,
+            examples,
+            accelerator.device.type,
+            layout=how,
+            attention=getattr(model.config, "_attn_implementation", None),
+        )
         if cfg.ref_cache
         else None
     )
@@ -61,6 +70,7 @@ def reference_table(
         batch_size=cfg.ref_batch_size,
         pad_id=pad_id,
         device=accelerator.device,
+        layout=how,
     )
     table = torch.zeros(len(examples), 2)
     if P > 1:
