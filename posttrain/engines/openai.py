@@ -157,6 +157,20 @@ class OpenAIEngine:
         self._adapters.add(name)
         self.request_model = name
 
+    def unload_adapter(self, name: str) -> None:
+        """Forget adapter `name` on every server (POST /v1/unload_lora_adapter), so a long
+        online run does not leave one registered adapter per step; a name this engine never
+        loaded, or one a server no longer knows, is left alone (with a warning)."""
+        if name not in self._adapters or name == self.request_model:
+            return
+        for client in self.clients:
+            try:
+                client.post("/unload_lora_adapter", {"lora_name": name}, text=True)
+            except ServerRejected as e:
+                log.warning("%s: could not unload adapter %r: HTTP %s: %s", client.base, name,
+                            e.status, e.message[:200])
+        self._adapters.discard(name)
+
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         for client in self.clients:

@@ -75,7 +75,7 @@ class RolloutConfig:
     sleep: bool = False
     # Stop when the k3 KL between the engine's and the trainer's log-probs of the sampled tokens
     # exceeds this right after a sync: the engine is then not sampling the current policy.
-    # None: by dtype, from measurements on the embedded model (rollout_engine.py): 1e-5 in
+    # None: by dtype, from measurements on the embedded model (rollout_engine.py): 1e-6 in
     # fp32, 1e-2 in bf16 / fp16. 0: never stop.
     max_mismatch_kl: float | None = None
     # Correction of the remaining mismatch, weight w = pi_trainer / pi_rollout per token or
