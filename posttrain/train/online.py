@@ -11,7 +11,8 @@ process and turn them into group-normalised advantages, then take `updates_per_b
 optimizer steps on the batch (train/policy_update.py; losses in posttrain/losses.py and
 posttrain/offpolicy.py). The first update's forward also checks that the engine sampled the
 current policy (mismatch/* metrics; RolloutSyncError past rollout.max_mismatch_kl) and gives
-the rollout-correction weights. After the update a detached engine gets the new adapter.
+the rollout-correction weights. After the update a detached engine gets the new adapter
+(colocated vLLM sleeps during the update with rollout.sleep, CUDA only).
 CHORD adds demonstrations to every step: (1 - mu) * policy loss + mu * SFT.
 
 Choices worth knowing:
@@ -147,6 +148,7 @@ def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, mo
                      trackers=cfg.trackers, config=asdict(cfg))
     trained = accelerator.prepare_model(policy) if P > 1 else policy  # DDP under torchrun
     no_sync = (lambda: trained.no_sync()) if P > 1 else None
+    owned = engine is None  # an engine built here is closed here (vLLM workers, connections)
     engine = engine or make_rollout_engine(cfg, policy, tokenizer, base_model=base_copy)
     sync = AdapterSync(engine, out, init_adapter, main, accelerator.wait_for_everyone) \
         if cfg.rollout.sync == "adapter" else None
@@ -251,6 +253,8 @@ def train_online(cfg: OnlineConfig, out: str | Path, *, resume: bool = False, mo
                             barrier=accelerator.wait_for_everyone)
     bar.close()
     log.close()
+    if owned and cfg.rollout.sync == "adapter":
+        engine.close()
     finished = stop == cfg.max_steps
     if finished and main:
         save_final(policy, out, tokenizer, init_adapter)
