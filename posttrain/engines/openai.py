@@ -142,7 +142,9 @@ class OpenAIEngine:
     def load_adapter(self, path: str, name: str) -> None:
         """Load the PEFT folder `path` (a path the servers can read) on every server as `name`
         (vLLM `--enable-lora`, VLLM_ALLOW_RUNTIME_LORA_UPDATING=True); later requests use it.
-        Loading a name again replaces its weights in place (online RL syncs this way)."""
+        Loading a name again replaces its weights in place; vLLM 0.32 then reads that adapter
+        from disk again at every scheduling step, so online RL loads each sync under a new name
+        (train/rollout_engine.AdapterSync) and unloads old ones (`unload_adapter`)."""
         body = {"lora_name": name, "lora_path": str(Path(path).resolve())}
         if name in self._adapters:
             body["load_inplace"] = True

@@ -35,9 +35,9 @@ train in fp32 to check more tightly.
 from __future__ import annotations
 
 import copy
-import hashlib
 import inspect
 import shutil
+import uuid
 from pathlib import Path
 
 from ..engines.hf import HFEngine
@@ -122,9 +122,11 @@ def detached_base(model):
 class AdapterSync:
     """Saves the policy's adapter after each update and has the engine load it (adapter sync).
 
-    Folders OUT/rollout-adapter/step-N, loaded as `policy-TAG-step-N`, TAG a hash of OUT: two
-    runs sharing one server never load under each other's names (a name loaded again replaces
-    its weights in place), while a resumed run reuses its own. The folder of the adapter before
+    Folders OUT/rollout-adapter/step-N, loaded as `policy-TAG-step-N`, TAG random per run (and
+    per resumption): a name is never loaded twice, so two runs sharing one server never touch
+    each other's adapters, and a resumed run is not refused by a server that still knows its
+    old names. (Loading a name again would go in place, and vLLM 0.32 then reads an in-place
+    adapter from disk again at every scheduling step.) The folder of the adapter before
     the current one is kept too, and older ones removed: vLLM reads an adapter from disk lazily
     (and a server re-reads one loaded in place), and an engine that missed a load still serves
     the previous folder, whose absence would kill a vLLM server's engine instead of letting the
@@ -138,7 +140,7 @@ class AdapterSync:
         self.engine, self.root, self.init_adapter = engine, Path(out) / "rollout-adapter", \
             init_adapter
         self.is_main, self.barrier = is_main, barrier
-        self.tag = hashlib.sha1(str(Path(out).resolve()).encode()).hexdigest()[:8]
+        self.tag = uuid.uuid4().hex[:8]
         self.kept: list[tuple[Path, str]] = []  # (folder, name) the engine may still read
         self.syncs = 0
 
