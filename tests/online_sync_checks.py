@@ -59,7 +59,8 @@ def sync_checks(engine, model_dir: str, out: str | Path, *, kind: str,
     cfg = online_config("grpo", overrides=[*SETTINGS, f"rollout.engine.kind={kind}",
                                            *engine_settings],
                         model=model_dir, problems="builtin:arith:64?split=train")
-    if engine is None:  # built from the config, as `posttrain train` does
+    built = engine is None
+    if built:  # from the config, as `posttrain train` builds it
         from posttrain.models import load_tokenizer
         from posttrain.train.rollout_engine import make_rollout_engine
 
@@ -75,17 +76,19 @@ def sync_checks(engine, model_dir: str, out: str | Path, *, kind: str,
             error = str(e)
         rows = [json.loads(line) for line in open(out / name / "metrics.jsonl")]
         results[name] = {"rows": rows, "loaded": wrapped.names, "error": error}
+    if built:
+        engine.close()
     return results
 
 
 def check_sync_results(results: dict, kind: str, kl_tol: float, logp_tol: float) -> None:
     """What the two runs must show (the tests' assertions, shared by both engines):
     in sync, the engine was given the adapter saved after each step (policy-TAG-step-0
-    before step 1, policy-TAG-step-1 before step 2) and its log-probs of the sampled tokens equal the
-    trainer's within `kl_tol` (k3 KL) and `logp_tol` (largest |difference|), while step 1 moved
-    the policy (grad norm > 0); with the load after step 1 skipped, the run stops at step 2,
-    before its update, with RolloutSyncError naming the step and the engine, its KL at least
-    100x the in-sync one."""
+    before step 1, policy-TAG-step-1 before step 2) and its log-probs of the sampled tokens
+    equal the trainer's within `kl_tol` (k3 KL) and `logp_tol` (largest |difference|), while
+    step 1 moved the policy (grad norm > 0); with the load after step 1 skipped, the run
+    stops at step 2, before its update, with RolloutSyncError naming the step and the engine,
+    its KL at least 100x the in-sync one."""
     import re
 
     ok, bad = results["in_sync"], results["skipped"]
