@@ -23,7 +23,8 @@ bench/results/rollout_mismatch*.json), k3 KL (max |d| = largest per-token log-pr
                       3.1e-9 .. 3.4e-9 (max |d| <= 4.9e-5 for all three)
     fp32 one update   lr 5e-5: hf (r 16) 2.4e-4, vllm (r 8) 3.3e-5, openai (r 8) 2.0e-4;
          stale        lr 2e-5 (the default), vllm (r 8): 4.9e-6
-    bf16 in sync 1.4e-3 .. 1.8e-3 (max |d| 0.37); one update stale 1.7e-3 (not separable)
+    bf16 in sync      hf 1.4e-3 .. 1.8e-3, vllm 1.5e-3 .. 1.9e-3 (max |d| 0.37 both);
+                      one update stale: hf 1.7e-3, vllm 2.1e-3 (not separable)
 fp32: 1e-6, 300x the in-sync values of every engine, catches a single missed sync at the
 default lr (4.9e-6; the earlier 1e-5 let it through); the stale KL shrinks about as lr^2, so
 below lr ~1e-5 (LoRA r 8) one missed update hides, a drift over several does not. bf16: the
