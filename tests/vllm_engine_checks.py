@@ -27,9 +27,14 @@ def messages(q: str) -> list[dict]:
 
 
 def as_dict(c) -> dict:
-    return {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
-            "token_logprobs": c.token_logprobs, "sum_logprob": c.sum_logprob,
-            "mean_logprob": c.mean_logprob}
+    return {
+        "text": c.text,
+        "token_ids": c.token_ids,
+        "finish_reason": c.finish_reason,
+        "token_logprobs": c.token_logprobs,
+        "sum_logprob": c.sum_logprob,
+        "mean_logprob": c.mean_logprob,
+    }
 
 
 def main() -> None:
@@ -37,10 +42,14 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--adapter", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--agreement", default=None,
-                        help="JSON list of chat prompts to answer greedily (64 new tokens)")
-    parser.add_argument("--grpo", default=None,
-                        help="a folder: run tests/online_sync_checks.py's GRPO runs in it")
+    parser.add_argument(
+        "--agreement",
+        default=None,
+        help="JSON list of chat prompts to answer greedily (64 new tokens)",
+    )
+    parser.add_argument(
+        "--grpo", default=None, help="a folder: run tests/online_sync_checks.py's GRPO runs in it"
+    )
     args = parser.parse_args()
 
     from posttrain.engines import EngineConfig, SamplingParams
@@ -56,8 +65,9 @@ def main() -> None:
     t0 = time.monotonic()
     # max_model_len 512 keeps one step's token budget at 2048 (the engine's floor), which the
     # 64-prompt batch below exceeds: with chunked prefill on, a seeded request would crash
-    engine = VLLMEngine(args.model, EngineConfig(kind="vllm", max_model_len=512), dtype="fp32",
-                        max_lora_rank=8)
+    engine = VLLMEngine(
+        args.model, EngineConfig(kind="vllm", max_model_len=512), dtype="fp32", max_lora_rank=8
+    )
     out: dict = {"startup_seconds": time.monotonic() - t0, "sleep_mode": out_sleep}
     prompts = [messages(q) for q in QUESTIONS]
     out["prompts"] = [engine.render_prompt(m) for m in prompts]
@@ -73,22 +83,35 @@ def main() -> None:
     out["sampled_alone_2"] = [as_dict(c) for c in engine.generate([prompts[2]], alone)[0]]
     # 24 long prompts, then the four above: more prompt tokens than one step's budget (2048);
     # 4 new tokens each, compared with the first 4 of the samples above
-    many = [messages(" ".join([f"Please compute {a} plus {a + 17}, then explain each step you "
-                               "took in plain words for a young student."] * 3))
-            for a in range(24)]
+    many = [
+        messages(
+            " ".join(
+                [
+                    f"Please compute {a} plus {a + 17}, then explain each step you "
+                    "took in plain words for a young student."
+                ]
+                * 3
+            )
+        )
+        for a in range(24)
+    ]
     t1 = time.monotonic()
-    big = engine.generate(many + prompts, SamplingParams(n=2, temperature=0.7, top_p=0.9,
-                                                          max_new_tokens=4, seed=11 - 24 * 2))
+    big = engine.generate(
+        many + prompts,
+        SamplingParams(n=2, temperature=0.7, top_p=0.9, max_new_tokens=4, seed=11 - 24 * 2),
+    )
     out["batch_seconds"] = time.monotonic() - t1
-    out["batch_prompt_tokens"] = sum(len(engine.tokenizer.encode(engine.render_prompt(m)))
-                                     for m in many + prompts)
+    out["batch_prompt_tokens"] = sum(
+        len(engine.tokenizer.encode(engine.render_prompt(m))) for m in many + prompts
+    )
     out["sampled_in_batch"] = [[as_dict(c) for c in cs] for cs in big[24:]]
 
     if args.agreement:  # the three-engine agreement test's questions (test_engine_agreement.py)
         with open(args.agreement, encoding="utf-8") as f:
             questions = json.load(f)
-        answers = engine.generate(questions, SamplingParams(n=1, temperature=0.0,
-                                                            max_new_tokens=64))
+        answers = engine.generate(
+            questions, SamplingParams(n=1, temperature=0.0, max_new_tokens=64)
+        )
         out["agreement"] = [as_dict(cs[0]) for cs in answers]
 
     engine.load_adapter(args.adapter, "probe")

@@ -14,10 +14,18 @@ from .base import AdapterEngine, Completion, Engine, EngineUnavailable, Messages
 from .config import ENGINES, EngineConfig, batch_size as batch_size_of
 
 
-def make_engine(config: EngineConfig | str, model: str, *, dtype: str = "auto",
-                adapter=None, trust_remote_code: bool = False, progress: bool = False,
-                batch_size: int | None = None, max_lora_rank: int | None = None,
-                sleep_mode: bool = False) -> Engine:
+def make_engine(
+    config: EngineConfig | str,
+    model: str,
+    *,
+    dtype: str = "auto",
+    adapter=None,
+    trust_remote_code: bool = False,
+    progress: bool = False,
+    batch_size: int | None = None,
+    max_lora_rank: int | None = None,
+    sleep_mode: bool = False,
+) -> Engine:
     """The engine `config` describes, serving `model` (plus `adapter`, a PEFT folder).
 
     `config` may be a kind name ("hf") for the defaults of that kind; `batch_size`, when given,
@@ -35,26 +43,44 @@ def make_engine(config: EngineConfig | str, model: str, *, dtype: str = "auto",
     if config.kind == "hf":
         from .hf import HFEngine
 
-        engine = HFEngine.from_name(model, dtype=dtype, batch_size=batch_size_of(config),
-                                    trust_remote_code=trust_remote_code, adapter=adapter,
-                                    device=config.device,
-                                    chat_template_kwargs=config.chat_template_kwargs)
+        engine = HFEngine.from_name(
+            model,
+            dtype=dtype,
+            batch_size=batch_size_of(config),
+            trust_remote_code=trust_remote_code,
+            adapter=adapter,
+            device=config.device,
+            chat_template_kwargs=config.chat_template_kwargs,
+        )
         engine.progress = progress
         return engine
     if config.kind == "vllm":
         from .vllm import VLLMEngine
 
-        return VLLMEngine(model, config, dtype=dtype, adapter=adapter, max_lora_rank=max_lora_rank,
-                          trust_remote_code=trust_remote_code, progress=progress,
-                          sleep_mode=sleep_mode)
+        return VLLMEngine(
+            model,
+            config,
+            dtype=dtype,
+            adapter=adapter,
+            max_lora_rank=max_lora_rank,
+            trust_remote_code=trust_remote_code,
+            progress=progress,
+            sleep_mode=sleep_mode,
+        )
     if config.kind == "openai":
         from .openai import OpenAIEngine
 
-        engine = OpenAIEngine(config.base_urls, model, served_model=config.served_model,
-                              api_key_env=config.api_key_env, concurrency=config.concurrency,
-                              timeout=config.timeout, max_retries=config.max_retries,
-                              chat_template_kwargs=config.chat_template_kwargs,
-                              send_seed=config.send_seed)
+        engine = OpenAIEngine(
+            config.base_urls,
+            model,
+            served_model=config.served_model,
+            api_key_env=config.api_key_env,
+            concurrency=config.concurrency,
+            timeout=config.timeout,
+            max_retries=config.max_retries,
+            chat_template_kwargs=config.chat_template_kwargs,
+            send_seed=config.send_seed,
+        )
         engine.progress = progress
         if adapter is not None:  # a PEFT folder the servers can read, served under its name
             engine.load_adapter(str(adapter), name=Path(adapter).name)
@@ -63,5 +89,14 @@ def make_engine(config: EngineConfig | str, model: str, *, dtype: str = "auto",
     raise NotImplementedError(f"engine {config.kind!r} is not built yet")
 
 
-__all__ = ["AdapterEngine", "Completion", "Engine", "EngineConfig", "EngineUnavailable",
-           "Messages", "SamplingParams", "make_engine", "ENGINES"]
+__all__ = [
+    "AdapterEngine",
+    "Completion",
+    "Engine",
+    "EngineConfig",
+    "EngineUnavailable",
+    "Messages",
+    "SamplingParams",
+    "make_engine",
+    "ENGINES",
+]

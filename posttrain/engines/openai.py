@@ -197,8 +197,13 @@ class OpenAIEngine:
             try:
                 client.post("/unload_lora_adapter", {"lora_name": name}, text=True)
             except ServerRejected as e:
-                log.warning("%s: could not unload adapter %r: HTTP %s: %s", client.base, name,
-                            e.status, e.message[:200])
+                log.warning(
+                    "%s: could not unload adapter %r: HTTP %s: %s",
+                    client.base,
+                    name,
+                    e.status,
+                    e.message[:200],
+                )
         self._adapters.discard(name)
 
     def close(self) -> None:

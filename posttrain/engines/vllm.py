@@ -57,8 +57,9 @@ def lora_rank(adapter: str | os.PathLike) -> int:
     """The smallest rank vLLM accepts that holds the adapter's `r` (and every rank_pattern)."""
     path = Path(adapter) / "adapter_config.json"
     if not path.exists():
-        raise ConfigError(f"{path}: not found; an adapter is a PEFT folder with "
-                          "adapter_config.json")
+        raise ConfigError(
+            f"{path}: not found; an adapter is a PEFT folder with adapter_config.json"
+        )
     cfg = json.loads(path.read_text(encoding="utf-8"))
     r = max([int(cfg.get("r", 8)), *map(int, (cfg.get("rank_pattern") or {}).values())])
     return allowed_rank(r, str(path))
@@ -74,10 +75,18 @@ def allowed_rank(r: int, where: str = "max_lora_rank") -> int:
 class VLLMEngine:
     name = "vllm"
 
-    def __init__(self, model: str, config: EngineConfig | None = None, *, dtype: str = "auto",
-                 adapter: str | os.PathLike | None = None, max_lora_rank: int | None = None,
-                 trust_remote_code: bool = False, progress: bool = False,
-                 sleep_mode: bool = False):
+    def __init__(
+        self,
+        model: str,
+        config: EngineConfig | None = None,
+        *,
+        dtype: str = "auto",
+        adapter: str | os.PathLike | None = None,
+        max_lora_rank: int | None = None,
+        trust_remote_code: bool = False,
+        progress: bool = False,
+        sleep_mode: bool = False,
+    ):
         """`max_lora_rank` turns LoRA on without an adapter yet (online RL loads them later);
         `sleep_mode` allows sleep() / wake_up() (CUDA only; module docstring)."""
         config = config or EngineConfig(kind="vllm")
@@ -85,18 +94,23 @@ class VLLMEngine:
             raise ConfigError(
                 "engine.data_parallel_size: vllm.LLM runs one data-parallel rank per process "
                 "(vLLM 0.32 refuses more in one); for several replicas serve the model once "
-                "per GPU or node and use kind: openai with one base_url each")
+                "per GPU or node and use kind: openai with one base_url each"
+            )
         from ..models import resolve_dtype, resolve_model
 
         on_cpu = _platform_is_cpu()
         if config.device not in ("auto", "cpu" if on_cpu else "cuda"):
-            raise ConfigError(f"engine.device: {config.device!r}, but this vLLM build runs on "
-                              f"{'cpu' if on_cpu else 'cuda'}; use auto")
+            raise ConfigError(
+                f"engine.device: {config.device!r}, but this vLLM build runs on "
+                f"{'cpu' if on_cpu else 'cuda'}; use auto"
+            )
         if sleep_mode and on_cpu:
-            raise ConfigError("rollout.sleep: vLLM sleep mode needs CUDA (or ROCm / XPU); this "
-                              "vLLM build runs on the CPU, where vLLM 0.32 has no sleep mode "
-                              "(enable_sleep_mode is refused and the CPU worker's sleep does "
-                              "nothing); set rollout.sleep false")
+            raise ConfigError(
+                "rollout.sleep: vLLM sleep mode needs CUDA (or ROCm / XPU); this "
+                "vLLM build runs on the CPU, where vLLM 0.32 has no sleep mode "
+                "(enable_sleep_mode is refused and the CPU worker's sleep does "
+                "nothing); set rollout.sleep false"
+            )
         if on_cpu and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = CPU_KVCACHE_GIB
         from vllm import LLM
@@ -107,11 +121,15 @@ class VLLMEngine:
         self.max_lora_rank = rank
         resolved = resolve_dtype(dtype, "cpu" if on_cpu else "cuda")
         kwargs = dict(
-            model=resolve_model(model), dtype=VLLM_DTYPES.get(resolved, resolved),
+            model=resolve_model(model),
+            dtype=VLLM_DTYPES.get(resolved, resolved),
             tensor_parallel_size=config.tensor_parallel_size,
             gpu_memory_utilization=config.gpu_memory_utilization,
-            max_model_len=config.max_model_len, enable_prefix_caching=config.enable_prefix_caching,
-            trust_remote_code=trust_remote_code, logprobs_mode="raw_logprobs", seed=0,
+            max_model_len=config.max_model_len,
+            enable_prefix_caching=config.enable_prefix_caching,
+            trust_remote_code=trust_remote_code,
+            logprobs_mode="raw_logprobs",
+            seed=0,
         )
         if rank is not None:
             kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=1)
@@ -120,8 +138,7 @@ class VLLMEngine:
         if on_cpu:
             # see the module docstring: a seeded request must never be prefilled in chunks
             longest = config.max_model_len or _model_max_len(kwargs["model"])
-            kwargs.update(enable_chunked_prefill=False,
-                          max_num_batched_tokens=max(longest, 2048))
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(longest, 2048))
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.model_id = model if adapter is None else f"{model}+{adapter}"
@@ -141,15 +158,20 @@ class VLLMEngine:
         from vllm.lora.request import LoRARequest
 
         if self.max_lora_rank is None:
-            raise ConfigError("load_adapter: this vllm engine was started without LoRA; "
-                              "build it with an adapter or max_lora_rank")
+            raise ConfigError(
+                "load_adapter: this vllm engine was started without LoRA; "
+                "build it with an adapter or max_lora_rank"
+            )
         rank = lora_rank(path)
         if rank > self.max_lora_rank:
-            raise ConfigError(f"{path}: LoRA rank {rank} > max_lora_rank {self.max_lora_rank} "
-                              "this engine was started with")
+            raise ConfigError(
+                f"{path}: LoRA rank {rank} > max_lora_rank {self.max_lora_rank} "
+                "this engine was started with"
+            )
         self._lora_ids += 1
-        self._lora = LoRARequest(f"{name}-{self._lora_ids}", self._lora_ids,
-                                 str(Path(path).resolve()))
+        self._lora = LoRARequest(
+            f"{name}-{self._lora_ids}", self._lora_ids, str(Path(path).resolve())
+        )
 
     def sleep(self) -> float:
         """Level-1 sleep (weights to CPU memory, KV cache freed) while the trainer updates;
@@ -173,12 +195,14 @@ class VLLMEngine:
 
             self._lora_ids += 1
             name = self._lora.lora_name.rsplit("-", 1)[0]
-            self._lora = LoRARequest(f"{name}-{self._lora_ids}", self._lora_ids,
-                                     self._lora.lora_path)
+            self._lora = LoRARequest(
+                f"{name}-{self._lora_ids}", self._lora_ids, self._lora.lora_path
+            )
 
     def render_prompt(self, messages: Messages) -> str:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                  tokenize=False, **self.chat_template_kwargs)
+        return self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False, **self.chat_template_kwargs
+        )
 
     def generate(self, prompts: list[Messages], params: SamplingParams) -> list[list[Completion]]:
         if self.asleep:
@@ -193,12 +217,19 @@ class VLLMEngine:
         for i, messages in enumerate(prompts):
             ids = self.tokenizer.encode(self.render_prompt(messages), add_special_tokens=False)
             requests.append(TokensPrompt(prompt_token_ids=ids))
-            sampling.append(VSamplingParams(
-                n=n, temperature=max(params.temperature, 0.0), top_p=params.top_p,
-                max_tokens=params.max_new_tokens, logprobs=0,
-                seed=None if greedy else (params.seed + i * n) % 2**31))
-        outputs = self.llm.generate(requests, sampling, use_tqdm=self.progress,
-                                    lora_request=self._lora)
+            sampling.append(
+                VSamplingParams(
+                    n=n,
+                    temperature=max(params.temperature, 0.0),
+                    top_p=params.top_p,
+                    max_tokens=params.max_new_tokens,
+                    logprobs=0,
+                    seed=None if greedy else (params.seed + i * n) % 2**31,
+                )
+            )
+        outputs = self.llm.generate(
+            requests, sampling, use_tqdm=self.progress, lora_request=self._lora
+        )
         results = []
         for out in outputs:
             completions = [_completion(c) for c in out.outputs]

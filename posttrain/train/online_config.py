@@ -25,8 +25,14 @@ METHODS: dict[str, dict] = {
     # DAPO (Yu et al. 2025): clip-higher 0.28, token-level loss over the whole batch, dynamic
     # sampling on accuracy, soft overlong punishment (paper: a 4096-token buffer of 20480 =
     # 20 %), no KL.
-    "dapo": {"aggregation": "dapo", "clip_low": 0.2, "clip_high": 0.28, "dynamic_sampling": True,
-             "overlong_buffer": 0.2, "kl_beta": 0.0},
+    "dapo": {
+        "aggregation": "dapo",
+        "clip_low": 0.2,
+        "clip_high": 0.28,
+        "dynamic_sampling": True,
+        "overlong_buffer": 0.2,
+        "kl_beta": 0.0,
+    },
     # GRPO whose per-token loss is averaged over the tokens of each micro-batch (what TRL calls
     # "bnpo"; not the BNPO paper's beta-normalised method, hence the name).
     "grpo-token-mean": {"aggregation": "token_mean"},
@@ -36,16 +42,28 @@ METHODS: dict[str, dict] = {
     # CISPO (MiniMax-M1, Chen et al. 2025): sg(clip(r, 1 - low, 1 + high)) A log p on every
     # token; the paper sets no lower bound (low 1.0 -> 0) and tunes only the upper one.
     # Token-level aggregation over the step, as the paper's normalisation by all tokens.
-    "cispo": {"loss": "cispo", "clip_low": 1.0, "clip_high": 0.28, "kl_beta": 0.0,
-              "aggregation": "dapo"},
+    "cispo": {
+        "loss": "cispo",
+        "clip_low": 1.0,
+        "clip_high": 0.28,
+        "kl_beta": 0.0,
+        "aggregation": "dapo",
+    },
     "chord": {"aggregation": "grpo", "advantage_scale": "group"},
 }
-RENAMED = {"bnpo": "grpo-token-mean (aggregation token_mean): it averages the loss over the "
-                   "tokens of each micro-batch; it is not the BNPO paper's method"}
+RENAMED = {
+    "bnpo": "grpo-token-mean (aggregation token_mean): it averages the loss over the "
+    "tokens of each micro-batch; it is not the BNPO paper's method"
+}
 
 # Settings that may change between a run and its resume (they do not change the result).
-RESUME_MAY_CHANGE = {"stop_after_steps", "num_threads", "checkpoint_every", "keep_checkpoints",
-                     "trackers"}
+RESUME_MAY_CHANGE = {
+    "stop_after_steps",
+    "num_threads",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "trackers",
+}
 
 
 @dataclass
@@ -138,9 +156,18 @@ class OnlineConfig(BaseTrainConfig):
         super().check()
         if self.num_generations < 2:
             bad("num_generations", self.num_generations, ">= 2 (advantages need a group)")
-        self.check_counts(("problems_per_step", "max_new_tokens", "updates_per_batch",
-                           "max_steps", "micro_batch_size", "generation_batch_size",
-                           "max_sampling_rounds"), ("limit",))
+        self.check_counts(
+            (
+                "problems_per_step",
+                "max_new_tokens",
+                "updates_per_batch",
+                "max_steps",
+                "micro_batch_size",
+                "generation_batch_size",
+                "max_sampling_rounds",
+            ),
+            ("limit",),
+        )
         if self.temperature <= 0:
             bad("temperature", self.temperature, "> 0 (RL needs sampling; the loss uses it)")
         if not 0.0 < self.top_p <= 1.0:
@@ -158,11 +185,19 @@ class OnlineConfig(BaseTrainConfig):
         if not 0.0 <= self.overlong_buffer <= 1.0:
             bad("overlong_buffer", self.overlong_buffer, "a share of max_new_tokens in [0, 1]")
         if self.kl_beta > 0 and not self.lora.enabled:
-            bad("kl_beta", self.kl_beta, "0 with lora.enabled false (the KL reference is the "
-                "model with its adapter disabled)")
+            bad(
+                "kl_beta",
+                self.kl_beta,
+                "0 with lora.enabled false (the KL reference is the "
+                "model with its adapter disabled)",
+            )
         if self.kl_beta > 0 and self.lora.init != "default":
-            bad("kl_beta", self.kl_beta, f"0 with lora.init {self.lora.init}: with the adapter "
-                "disabled that model is the residual base, not the model trained from")
+            bad(
+                "kl_beta",
+                self.kl_beta,
+                f"0 with lora.init {self.lora.init}: with the adapter "
+                "disabled that model is the residual base, not the model trained from",
+            )
         self._check_rollout()
         self._check_unused()
         if self.method == "chord":
@@ -193,10 +228,12 @@ class OnlineConfig(BaseTrainConfig):
         }
         for name, is_unused in unused.items():
             if is_unused:
-                raise ConfigError(f"{name}: set, but not used with method {self.method!r} and "
-                                  f"these settings (chord needs method chord; "
-                                  f"max_sampling_rounds dynamic_sampling; overlong_penalty "
-                                  f"overlong_buffer > 0; the rollout.* knobs their correction)")
+                raise ConfigError(
+                    f"{name}: set, but not used with method {self.method!r} and "
+                    f"these settings (chord needs method chord; "
+                    f"max_sampling_rounds dynamic_sampling; overlong_penalty "
+                    f"overlong_buffer > 0; the rollout.* knobs their correction)"
+                )
 
     def _check_rollout(self) -> None:
         bad, r = self.bad, self.rollout
@@ -204,11 +241,19 @@ class OnlineConfig(BaseTrainConfig):
         if r.sync not in ("live", "adapter"):
             bad("rollout.sync", r.sync, "live | adapter")
         if r.engine.kind != "hf" and r.sync == "live":
-            bad("rollout.sync", r.sync, f"adapter with rollout.engine.kind {r.engine.kind} "
-                "(only the hf engine can sample the training model itself)")
+            bad(
+                "rollout.sync",
+                r.sync,
+                f"adapter with rollout.engine.kind {r.engine.kind} "
+                "(only the hf engine can sample the training model itself)",
+            )
         if r.sleep and r.engine.kind != "vllm":
-            bad("rollout.sleep", r.sleep, "false with rollout.engine.kind "
-                f"{r.engine.kind} (only the colocated, in-process vllm engine sleeps)")
+            bad(
+                "rollout.sleep",
+                r.sleep,
+                "false with rollout.engine.kind "
+                f"{r.engine.kind} (only the colocated, in-process vllm engine sleeps)",
+            )
         if r.sync == "adapter" and not self.lora.enabled:
             bad("rollout.sync", r.sync, "live with lora.enabled false (only adapters are synced)")
         if r.max_mismatch_kl is not None and r.max_mismatch_kl < 0:
@@ -223,8 +268,9 @@ class OnlineConfig(BaseTrainConfig):
             bad("rollout.mis_low/mis_high", (r.mis_low, r.mis_high), "low < 1 < high")
 
 
-def online_config(method: str, path: str | None = None, overrides: list[str] | None = None,
-                  **flags) -> OnlineConfig:
+def online_config(
+    method: str, path: str | None = None, overrides: list[str] | None = None, **flags
+) -> OnlineConfig:
     """Defaults <- method preset <- YAML file <- --set <- `flags` (not None); validated."""
     if method in RENAMED:
         raise ConfigError(f"method 'bnpo' was renamed: use {RENAMED[method]}")

