@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .losses import MAX_LOG_RATIO, Metrics, _check_tokens, _masked_mean, aggregate_tokens
+from .losses.policy_gradient import add_kl_penalty
 
 
 def _log_ratio(trainer_logps, rollout_logps, m):
@@ -135,11 +136,7 @@ def cispo_loss(
     per_token = -weight * adv * logps  # (B, T)
     metrics: Metrics = {}
     if ref_logps is not None:
-        d = (ref_logps.detach().masked_fill(~m, 0.0) - logps).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
-        kl = torch.exp(d) - d - 1  # (B, T)
-        if kl_beta:
-            per_token = per_token + kl_beta * kl
-        metrics["kl"] = _masked_mean(kl, m)
+        per_token, metrics["kl"] = add_kl_penalty(per_token, logps, ref_logps, m, kl_beta)
     per_token = torch.where(m, per_token, 0.0)
     loss = aggregate_tokens(
         per_token,

@@ -47,6 +47,16 @@ def aggregate_tokens(
     return per_token.sum() / (per_token.shape[0] * length)
 
 
+def add_kl_penalty(per_token, logps, ref_logps, mask, kl_beta: float):
+    """per_token + kl_beta * k3, and the masked mean of k3 = exp(d) - d - 1 with
+    d = ref - logp (clamped to +-MAX_LOG_RATIO): the KL estimate of Schulman's k3."""
+    d = (ref_logps.detach().masked_fill(~mask, 0.0) - logps).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    kl = torch.exp(d) - d - 1  # (B, T)
+    if kl_beta:
+        per_token = per_token + kl_beta * kl
+    return per_token, _masked_mean(kl, mask)
+
+
 def policy_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor | None,
@@ -111,13 +121,7 @@ def policy_loss(
 
     metrics: Metrics = {}
     if ref_logps is not None:
-        d = (ref_logps.detach().masked_fill(~m, 0.0) - logps).clamp(
-            -MAX_LOG_RATIO, MAX_LOG_RATIO
-        )  # (B, T)
-        kl = torch.exp(d) - d - 1  # (B, T)
-        if kl_beta:
-            per_token = per_token + kl_beta * kl
-        metrics["kl"] = _masked_mean(kl, m)
+        per_token, metrics["kl"] = add_kl_penalty(per_token, logps, ref_logps, m, kl_beta)
     per_token = torch.where(m, per_token, 0.0)
     loss = aggregate_tokens(
         per_token,
