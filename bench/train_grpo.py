@@ -15,6 +15,10 @@ completions per device batch. TRL gets per_device_train_batch_size = 16 completi
 same 16 completions (4 prompts x 4) per optimizer step, generated in one call, trained in one
 forward / backward (posttrain: micro_batch_size 16, generation_batch_size 16).
 
+posttrain's training forward runs each group unpadded with its prompt once (padding auto ->
+none on a CPU, train/logps.group_logits, eager attention); `posttrain-longest` is the same run
+with left-padded micro-batches of 16 (padding longest, the GPU default and the layout before).
+
 posttrain runs two ways: `posttrain` samples with the hf engine on the training model itself
 (rollout.sync live) and `posttrain-adapter` with a detached hf engine holding its own copy of
 the weights, which loads the saved LoRA adapter after every update (rollout.sync adapter, the
@@ -44,7 +48,9 @@ G, PROBLEMS_PER_STEP, MAX_NEW, LR, R, ALPHA = 4, 4, 32, 5e-5, 16, 32
 PROBLEMS = "builtin:arith:200?split=train"
 
 
-def bench_posttrain(steps: int, model_name: str, sync: str = "live", kind: str = "hf") -> dict:
+def bench_posttrain(
+    steps: int, model_name: str, sync: str = "live", kind: str = "hf", padding: str = "auto"
+) -> dict:
     from posttrain.train.online import online_config, train_online
 
     cfg = online_config(
@@ -65,6 +71,7 @@ def bench_posttrain(steps: int, model_name: str, sync: str = "live", kind: str =
             "micro_batch_size=16",
             "generation_batch_size=16",
             "num_threads=1",
+            f"padding={padding}",
         ],
         problems=PROBLEMS,
         model=model_name,
@@ -211,7 +218,14 @@ def main() -> None:
     ap.add_argument(
         "--which",
         default="all",
-        choices=["all", "posttrain", "posttrain-adapter", "posttrain-vllm", "trl"],
+        choices=[
+            "all",
+            "posttrain",
+            "posttrain-longest",
+            "posttrain-adapter",
+            "posttrain-vllm",
+            "trl",
+        ],
     )
     ap.add_argument(
         "--model",
@@ -246,6 +260,7 @@ def main() -> None:
     }
     runs = (
         ("posttrain", lambda s, m: bench_posttrain(s, m, "live")),
+        ("posttrain-longest", lambda s, m: bench_posttrain(s, m, "live", padding="longest")),
         ("posttrain-adapter", lambda s, m: bench_posttrain(s, m, "adapter")),
         ("posttrain-vllm", lambda s, m: bench_posttrain(s, m, "adapter", "vllm")),
         ("trl", bench_trl),

@@ -241,10 +241,42 @@ def test_micro_batches_sum_to_the_whole_batch_loss(aggregation):
     assert_close(sum(parts), whole)
 
 
+@pytest.mark.parametrize("layout", ["shared", "none"])
+def test_a_group_run_unpadded_gives_the_padded_log_probs_and_entropy(tiny_model_dir, layout):
+    """layout shared / none: a group is one micro-batch whose completions run one at a time
+    (shared: the prompt's keys and values from the first completion's forward); its log-probs,
+    raw log-probs and entropies equal those of the collated, left-padded batch, in its layout."""
+    model, _ = tiny(tiny_model_dir)
+    rollouts = fake_rollouts([2, 5, 3], [1.0, 0.0, 0.0], prompt_len=4)
+    ((padded, rows),) = R.rollout_batches(rollouts, 8, pad_id=0, mask_truncated=False)
+    ((grouped, grows),) = R.rollout_batches(
+        rollouts, 8, pad_id=0, mask_truncated=False, layout=layout, group_size=3
+    )
+    assert grows == rows == slice(0, 3)
+    assert torch.equal(grouped["labels"], padded["labels"])
+    assert "input_ids" not in grouped and grouped["share_prompt"] == (layout == "shared")
+    mask = padded["labels"] != -100
+    want = PU.sampled_logps(model, padded, 0.7, raw=True)
+    got = PU.sampled_logps(model, grouped, 0.7, raw=True)
+    for w, g in zip(want, got):  # tempered log-probs, raw log-probs, entropy
+        assert_close(g[mask], w[mask], atol=1e-5, rtol=1e-5)
+    assert (got[0][~mask] == 0).all() and (got[1][~mask] == 0).all()  # none left of an answer
+
+
+def test_grouped_batches_need_whole_groups_of_one_prompt():
+    rollouts = fake_rollouts([2, 3, 2], [1.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="groups of 2"):
+        R.rollout_batches(rollouts, 8, 0, False, layout="shared", group_size=2)
+    rollouts[1].prompt_ids = [9, 9]
+    with pytest.raises(ValueError, match="different prompts"):
+        R.rollout_batches(rollouts, 8, 0, False, layout="shared", group_size=3)
+
+
 @pytest.mark.parametrize("aggregation", ["grpo", "dapo", "dr_grpo"])
 def test_policy_gradients_do_not_depend_on_the_micro_batch_size(tiny_model_dir, aggregation):
     """policy_backward over 6 completions of different lengths: micro-batches of 2 (three
-    forwards, each padded differently) give the gradients of one batch of 6."""
+    forwards, each padded differently), and two groups of 3 run unpadded with the prompt
+    shared (layout shared) or not (none), give the gradients of one batch of 6."""
     from posttrain.train.config import LoraConfig
     from posttrain.train.lora import apply_lora
 
@@ -258,9 +290,9 @@ def test_policy_gradients_do_not_depend_on_the_micro_batch_size(tiny_model_dir, 
     advantages = torch.tensor([1.0, -1.0, -0.5, 0.5, 1.0, -1.0])
     cfg = OC.OnlineConfig(aggregation=aggregation, max_new_tokens=5)
     grads = []
-    for size in (6, 2):
+    for size, layout in ((6, "longest"), (2, "longest"), (6, "shared"), (6, "none")):
         policy.zero_grad()
-        batches = R.rollout_batches(rollouts, size, 0, False)
+        batches = R.rollout_batches(rollouts, size, 0, False, layout=layout, group_size=3)
         PU.policy_backward(
             policy,
             batches,
@@ -273,8 +305,9 @@ def test_policy_gradients_do_not_depend_on_the_micro_batch_size(tiny_model_dir, 
             total_tokens=float(sum(int((b["labels"] != -100).sum()) for b, _ in batches)),
         )
         grads.append([p.grad.clone() for p in policy.parameters() if p.requires_grad])
-    for whole, split in zip(*grads):
-        assert_close(split, whole, atol=1e-6, rtol=1e-4)
+    for whole, *others in zip(*grads):
+        for other in others:
+            assert_close(other, whole, atol=1e-6, rtol=1e-4)
 
 
 # -------------------------------------------------------------------- dynamic sampling

@@ -116,6 +116,19 @@ class BaseTrainConfig:
     checkpoint_every: int = 50  # steps; the last step always writes one
     keep_checkpoints: int = 2
     gradient_checkpointing: bool = False  # slows small models on CPU; saves memory on GPUs
+    # none: every sequence runs its own forward pass, unpadded, and each row (a pair or a
+    # demonstration offline, a group of G completions online) is its own micro-batch, its graph
+    # freed by its backward before the next; the prompt runs once for all its completions unless
+    # gradient checkpointing is on (no compute on padding or repeated prompts; batch-independent
+    # bf16 log-probs, so the reference pass matches the policy exactly). longest: a micro-batch
+    # of `batch_size` rows (online: `micro_batch_size` completions) runs as one forward,
+    # left-padded to its longest sequence (bigger matmuls, better on GPUs). auto: none on CPU,
+    # longest elsewhere.
+    padding: str = "auto"
+    # attention kernel: auto (eager on CPU for sequences up to 512 tokens, where it is about
+    # twice as fast as torch's CPU flash attention in forward + backward; else the model's
+    # own) | eager | sdpa (train/modes.py set_attention)
+    attention: str = "auto"
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     # how the model is spread over torchrun's processes (train/distributed.py): ddp (a replica
     # each), fsdp2 (torch fully_shard: 1/N of weights, gradients, optimizer state each),
@@ -166,6 +179,10 @@ class BaseTrainConfig:
         if self.max_grad_norm < 0:
             bad("max_grad_norm", self.max_grad_norm, ">= 0 (0: no clipping)")
         self.check_counts()
+        if self.padding not in PADDINGS:
+            bad("padding", self.padding, " | ".join(PADDINGS))
+        if self.attention not in ("auto", "eager", "sdpa"):
+            bad("attention", self.attention, "auto | eager | sdpa")
         from .metrics import TRACKERS
 
         for name in self.trackers:
@@ -203,17 +220,6 @@ class TrainConfig(BaseTrainConfig):
     batch_size: int = 4
     grad_accum: int = 1
     group_by_length: bool = True  # batches of similar length: less padding
-    # none: every sequence runs its own forward pass, unpadded, and each row (pair or
-    # demonstration) is its own micro-batch, its graph freed by its backward before the next
-    # (no compute on padding; activations of one row at a time; batch-independent bf16 log-probs,
-    # so the reference pass matches the policy exactly). longest: a micro-batch of
-    # `batch_size` rows runs as one forward, left-padded to its longest sequence (bigger matmuls,
-    # better on GPUs). auto: none on CPU, longest elsewhere.
-    padding: str = "auto"
-    # attention kernel: auto (eager on CPU for sequences up to 512 tokens, where it is about
-    # twice as fast as torch's CPU flash attention in forward + backward; else the model's
-    # own) | eager | sdpa (train/modes.py set_attention)
-    attention: str = "auto"
     max_length: int = 1024  # prompt + completion tokens
     length_policy: str = "drop"  # drop | truncate_prompt | truncate_completion (see data.py)
     tokenize_workers: int = 1  # processes tokenising the data file (chunks of rows, in order)
@@ -244,10 +250,6 @@ class TrainConfig(BaseTrainConfig):
         )
         if self.epochs == 0 and self.max_steps == 0:
             bad("epochs", 0, ">= 1 (or max_steps > 0)")
-        if self.padding not in PADDINGS:
-            bad("padding", self.padding, " | ".join(PADDINGS))
-        if self.attention not in ("auto", "eager", "sdpa"):
-            bad("attention", self.attention, "auto | eager | sdpa")
         if self.length_policy not in LENGTH_POLICIES:
             bad("length_policy", self.length_policy, " | ".join(LENGTH_POLICIES))
         if self.sft_aggregation not in ("token_mean", "sequence_mean", "sum"):

@@ -97,55 +97,94 @@ def completion_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return token_logps(logits, labels)  # (R, K)
 
 
+def prompt_shared_forwards(model, prompt: torch.Tensor, completions, share: bool, run) -> list:
+    """`run(inputs, labels, cache)` for every completion of one prompt, unpadded, one sequence
+    per forward pass; returns the outputs in order.
+
+    With `share` (and more than one completion) the prompt runs once: the first completion's
+    forward runs the whole sequence and keeps its keys and values; each later one runs only the
+    prompt's last token (which predicts the completion's first) and the completion, attending to
+    the first forward's keys and values of the other prompt tokens. Gradients reach the prompt's
+    activations from every completion. (A forward of the prompt alone would be cheaper on paper,
+    but its short matmuls run far below the long ones' speed in bf16 on a CPU: measured slower
+    than not sharing at all.) Without `share` every sequence runs whole (gradient checkpointing
+    drops the cache). `prompt` (1, P), `completions` (1, m) each, on the model's device.
+    """
+    from transformers import DynamicCache
+
+    P = prompt.shape[1]
+    share = share and len(completions) > 1 and P > 1
+    prefix = None  # every layer's (keys, values) of prompt tokens 0 .. P-2
+    outputs = []
+    for labels in completions:
+        if prefix is None:
+            # plain full-length layers, even for sliding-window models (whose cache layers
+            # would keep only the window): the mask still applies the window by position
+            cache = DynamicCache() if share else None
+            inputs = torch.cat([prompt, labels], dim=1)  # (1, P + m)
+        else:
+            cache = DynamicCache(ddp_cache_data=prefix)
+            inputs = torch.cat([prompt[:, -1:], labels], dim=1)  # (1, 1 + m)
+        outputs.append(run(inputs, labels, cache))
+        if share and prefix is None:
+            prefix = [
+                (layer.keys[:, :, : P - 1], layer.values[:, :, : P - 1]) for layer in cache.layers
+            ]
+    return outputs
+
+
 def unpadded_logps(model, examples, device, share_prompt: bool = True) -> torch.Tensor:
     """completion_logps(model, collate(examples)) computed one sequence per forward pass, with
     no padding: the same (R, K) layout (chosen rows, then rejected; 0.0 left of a completion).
-
-    A pair's prompt runs once: the first completion's forward runs the whole sequence and keeps
-    its keys and values; the second's runs only the prompt's last token (which predicts the
-    completion's first) and the completion, attending to the first forward's keys and values of
-    the other prompt tokens. Gradients reach the prompt's activations from both completions.
-    (A forward of the prompt alone would be cheaper on paper, but its short matmuls run far
-    below the long ones' speed in bf16 on a CPU: measured slower than not sharing at all.)
-    share_prompt=False: every sequence whole (gradient checkpointing drops the cache).
+    A pair's prompt runs once (prompt_shared_forwards; share_prompt=False: every sequence whole).
     """
-    from transformers import DynamicCache
+
+    def run(inputs, labels, cache):
+        batch = {
+            "input_ids": inputs,
+            "attention_mask": None,
+            "position_ids": None,
+            "labels": labels,
+            "past_key_values": cache,
+        }
+        return completion_logps(model, batch)  # (1, m)
 
     n_comp = len(examples[0].completions)
     K = max(len(c) for e in examples for c in e.completions)
     rows: list[list[torch.Tensor]] = [[] for _ in range(n_comp)]
     for e in examples:
         prompt = torch.from_numpy(e.prompt.astype(np.int64))[None].to(device)  # (1, P)
-        P = prompt.shape[1]
-        prefix = None  # every layer's (keys, values) of prompt tokens 0 .. P-2
-        for k, completion in enumerate(e.completions):
-            labels = torch.from_numpy(completion.astype(np.int64))[None].to(device)  # (1, m)
-            share = share_prompt and n_comp > 1 and P > 1
-            if prefix is None:
-                # plain full-length layers, even for sliding-window models (whose cache layers
-                # would keep only the window): the mask still applies the window by position
-                cache = DynamicCache() if share else None
-                inputs = torch.cat([prompt, labels], dim=1)  # (1, P + m)
-            else:
-                cache = DynamicCache(ddp_cache_data=prefix)
-                inputs = torch.cat([prompt[:, -1:], labels], dim=1)  # (1, 1 + m)
-            logps = completion_logps(
-                model,
-                {
-                    "input_ids": inputs,
-                    "attention_mask": None,
-                    "position_ids": None,
-                    "labels": labels,
-                    "past_key_values": cache,
-                },
-            )  # (1, m)
-            if share and prefix is None:
-                prefix = [
-                    (layer.keys[:, :, : P - 1], layer.values[:, :, : P - 1])
-                    for layer in cache.layers
-                ]
-            rows[k].append(nn.functional.pad(logps, (K - labels.shape[1], 0)))  # (1, K)
+        completions = [
+            torch.from_numpy(c.astype(np.int64))[None].to(device) for c in e.completions
+        ]  # (1, m) each
+        for k, logps in enumerate(
+            prompt_shared_forwards(model, prompt, completions, share_prompt, run)
+        ):
+            rows[k].append(nn.functional.pad(logps, (K - logps.shape[1], 0)))
     return torch.cat([r for per_completion in rows for r in per_completion])  # (R, K)
+
+
+def group_logits(model, batch: dict) -> torch.Tensor:
+    """(G, K, V) logits of one group's completions (one prompt, G completions; the batch of
+    rollouts.rollout_batches with grouped rows), run unpadded with the prompt shared when
+    batch["share_prompt"]: row i's logits at positions K - m_i .. K - 1 predict its m_i tokens
+    (the collate layout of `labels`), zeros left of them."""
+    K = batch["labels"].shape[1]
+
+    def run(inputs, labels, cache):
+        m = labels.shape[1]
+        logits = model(
+            input_ids=inputs,
+            logits_to_keep=m + 1,
+            use_cache=cache is not None,
+            past_key_values=cache,
+        ).logits[0, :-1]  # (m, V): position t predicts token t + 1
+        return nn.functional.pad(logits, (0, 0, K - m, 0))  # (K, V)
+
+    rows = prompt_shared_forwards(
+        model, batch["prompt_ids"], batch["completion_ids"], batch["share_prompt"], run
+    )
+    return torch.stack(rows)  # (G, K, V)
 
 
 def split_pairs(per_sequence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

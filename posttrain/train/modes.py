@@ -26,6 +26,7 @@ the online loop's checkpointing (its updates run in train mode with dropout zero
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..config import ConfigError
@@ -111,3 +112,13 @@ def set_attention(model: nn.Module, setting: str, device_type: str, longest: int
         )
     model.set_attn_implementation(want)
     return model.config._attn_implementation
+
+
+def layout(cfg, device) -> str:
+    """How sequences run (cfg.padding; auto: none on CPU): longest (left-padded micro-batches),
+    shared (each pair or group alone, its prompt once) or none (each sequence alone: with gradient
+    checkpointing, which drops the keys and values the shared prompt needs)."""
+    kind = torch.device(device).type  # a torch.device or a string such as "cpu"
+    if cfg.padding == "longest" or (cfg.padding == "auto" and kind != "cpu"):
+        return "longest"
+    return "none" if cfg.gradient_checkpointing else "shared"

@@ -54,7 +54,8 @@ from .optim import lr_at, make_optimizer, make_scheduler
 from .offline_step import DPO_LOSS_TYPES as DPO_LOSS_TYPES  # re-exported
 from .offline_step import SFT_LOSSES as SFT_LOSSES  # re-exported
 from .offline_step import global_units as global_units  # re-exported
-from .offline_step import layout, step_gradients
+from .modes import layout
+from .offline_step import step_gradients
 from .offline_step import micro_batch_loss as micro_batch_loss  # re-exported
 from .reference import reference_table
 

@@ -19,6 +19,7 @@ from .batches import collate, micro_batches
 from .config import TrainConfig
 from .data import Example
 from .logps import completion_logps, split_pairs, unpadded_logps
+from .modes import layout
 from .moe import MoeRun
 
 SFT_LOSSES = {"sft": losses.sft, "dft": losses.dft, "chord-phi": losses.sft_phi}
@@ -157,13 +158,3 @@ def step_gradients(
         for k, v in metrics.items():
             metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().float() * share
     return loss_sum, metric_sums, tokens
-
-
-def layout(cfg: TrainConfig, device) -> str:
-    """How sequences run (cfg.padding; auto: none on CPU): longest (left-padded micro-batches),
-    shared (each pair alone, its prompt once) or none (each sequence alone: with gradient
-    checkpointing, which drops the keys and values the shared prompt needs)."""
-    kind = torch.device(device).type  # a torch.device or a string such as "cpu"
-    if cfg.padding == "longest" or (cfg.padding == "auto" and kind != "cpu"):
-        return "longest"
-    return "none" if cfg.gradient_checkpointing else "shared"

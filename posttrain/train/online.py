@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, save_config
-from ..losses import chord_loss, group_advantages, mu_schedule
+from ..losses import group_advantages, mu_schedule
 from ..models import load_model, load_tokenizer, resolve_dtype
 from ..records import Problem
 from .checkpoint import (
@@ -52,12 +52,12 @@ from .checkpoint import (
 from .data import load_examples
 from .lora import apply_lora, format_parameter_report, parameter_report
 from .metrics import MetricsLog, NonFiniteError, check_finite
-from .modes import checkpoint_without_dropout
+from .modes import checkpoint_without_dropout, layout, set_attention
 from .moe import MoeRun, probe_prompt
 from .online_config import METHODS, RESUME_MAY_CHANGE, OnlineConfig, online_config
 from .online_reduce import gather_rollouts, sum_over_processes, token_means
 from .optim import clip_gradients, lr_at, make_optimizer, make_scheduler
-from .policy_update import frozen_logps, policy_backward, sft_backward
+from .policy_update import frozen_logps, policy_backward, sft_backward, step_loss_value
 from .problem_stream import ShuffledStream
 from .rollout_engine import (
     AdapterSync,
@@ -142,6 +142,9 @@ def train_online(
     if model is None:
         model = load_model(cfg.model, dtype=dtype)
     model.to(device)
+    longest = max(len(probe_prompt(tokenizer, p, cfg.system_prompt)) for p in problems[:256])
+    attention = set_attention(model, cfg.attention, device.type, longest + cfg.max_new_tokens)
+    how = layout(cfg, device)  # shared: each group a micro-batch, its prompt run once
     moe = MoeRun.setup(
         model,
         cfg.router_aux_loss_coef,
@@ -159,6 +162,7 @@ def train_online(
     policy.eval()  # dropout off for the whole run (module docstring); gradients still flow
     if progress:
         _say(main, format_parameter_report(parameter_report(policy)))
+        _say(main, f"{cfg.method}: {cfg.model} in {dtype}, {attention} attention, {how} layout")
     init_adapter = out / "adapter-init"
     if cfg.lora.enabled and cfg.lora.init != "default":
         # PiSSA / OLoRA move part of the base weights into the adapter; the initial adapter
@@ -257,7 +261,9 @@ def train_online(
         asleep = cfg.rollout.sleep  # colocated vLLM frees the GPU for the update
         if asleep:
             row["rollout/sleep_freed_gib"] = engine.sleep()
-        batches = rollout_batches(kept, cfg.micro_batch_size, pad_id, cfg.mask_truncated, device)
+        batches = rollout_batches(
+            kept, cfg.micro_batch_size, pad_id, cfg.mask_truncated, device, layout=how, group_size=G
+        )
         advantages = None
         if kept:  # computed over every process's groups; this process keeps its rows
             everyone = group_advantages(torch.tensor(kept_rewards), G, cfg.advantage_scale)
@@ -306,18 +312,7 @@ def train_online(
                 )
             if chord:
                 metrics.update(sft_backward(trained, demo_batches, cfg, mu, moe=moe))
-            loss = (
-                metrics.get("loss/policy", 0.0)
-                if not chord
-                else float(
-                    chord_loss(
-                        torch.tensor(metrics.get("loss/policy", 0.0)),
-                        torch.tensor(metrics["loss/sft"]),
-                        mu,
-                    )
-                )
-            )
-            loss += moe.aux_term(metrics, mu)
+            loss = step_loss_value(metrics, mu, moe)
             grad_norm = clip_gradients(policy, cfg.max_grad_norm)
             check_finite(step + 1, loss, grad_norm, latest_checkpoint(out))
             optimizer.step()

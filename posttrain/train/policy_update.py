@@ -21,7 +21,7 @@ import torch
 
 from ..losses import chord_loss, metrics_to_floats, policy_loss, sft, sft_phi, token_logps
 from ..offpolicy import cispo_loss, mismatch_metrics, rollout_weights
-from .logps import completion_logps
+from .logps import completion_logps, group_logits
 from .moe import MoeRun
 
 
@@ -29,13 +29,16 @@ def sampled_logps(model, batch: dict[str, torch.Tensor], temperature: float, *, 
     """One forward: (tempered log-probs with gradient, raw log-probs or None, entropy of the
     tempered distribution), each (b, K) on the completion tokens, 0 elsewhere."""
     K = batch["labels"].shape[1]
-    logits = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        logits_to_keep=K + 1,
-        use_cache=False,
-    ).logits[:, :-1]  # (b, K, V): position t predicts token t
+    if "completion_ids" in batch:  # one group, unpadded (rollouts.rollout_batches layouts)
+        logits = group_logits(model, batch)  # (b, K, V)
+    else:
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            logits_to_keep=K + 1,
+            use_cache=False,
+        ).logits[:, :-1]  # (b, K, V): position t predicts token t
     scaled = logits / temperature if temperature != 1.0 else logits  # (b, K, V)
     logps = token_logps(scaled, batch["labels"])  # (b, K)
     with torch.no_grad():
@@ -237,3 +240,12 @@ def sft_backward(
         sums["loss/sft"] += float(loss.detach())
     sums["sft/tokens"] = total
     return sums
+
+
+def step_loss_value(metrics: dict[str, float], mu: float | None, moe: MoeRun = MoeRun()) -> float:
+    """The step's loss as logged, from its metrics: the policy loss (CHORD: mixed with the SFT
+    loss by mu, losses.chord_loss) plus coef x the MoE balance loss."""
+    policy = metrics.get("loss/policy", 0.0)
+    if mu is not None:
+        policy = float(chord_loss(torch.tensor(policy), torch.tensor(metrics["loss/sft"]), mu))
+    return policy + moe.aux_term(metrics, mu)

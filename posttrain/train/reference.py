@@ -18,7 +18,7 @@ from .config import TrainConfig
 from .data import Example
 from .logps import reference_logps
 from .refcache import cache_key, cache_path, read_cache, write_cache
-from .offline_step import layout
+from .modes import layout
 
 
 def reference_table(

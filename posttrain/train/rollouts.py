@@ -203,19 +203,46 @@ def rollout_stats(everything: list[Rollout], G: int) -> dict[str, float]:
 
 
 def rollout_batches(
-    rollouts: list[Rollout], size: int, pad_id: int, mask_truncated: bool, device="cpu"
+    rollouts: list[Rollout],
+    size: int,
+    pad_id: int,
+    mask_truncated: bool,
+    device="cpu",
+    *,
+    layout: str = "longest",
+    group_size: int = 0,
 ) -> list[tuple[dict, slice]]:
-    """Collated micro-batches (batches.collate layout) of at most `size` completions, with the
-    rows of the step they hold. A truncated completion with mask_truncated on gets no labels,
-    hence no loss. When the engine gave per-token log-probs, `rollout_logps` (b, K) holds them
-    where the labels are (completions are right-aligned), 0 elsewhere."""
+    """Micro-batches of the step's rollouts with the rows of the step they hold.
+
+    layout longest: collated (batches.collate: left-padded, completions right-aligned) batches
+    of at most `size` completions, one forward each. shared / none: each group of `group_size`
+    completions of one prompt is a micro-batch, its sequences run one at a time without padding
+    (logps.group_logits), the prompt once if shared; `size` is not used. Every batch has
+    `labels` (b, K) in the collate layout; a truncated completion with mask_truncated on gets no
+    labels, hence no loss. When the engine gave per-token log-probs, `rollout_logps` (b, K)
+    holds them where the labels are, 0 elsewhere."""
+    grouped = layout != "longest"
+    if grouped and (group_size < 1 or len(rollouts) % group_size):
+        raise ValueError(f"{len(rollouts)} rollouts do not split into groups of {group_size}")
+    step = group_size if grouped else size
     out = []
-    for start in range(0, len(rollouts), size):
-        part = rollouts[start : start + size]
+    for start in range(0, len(rollouts), step):
+        part = rollouts[start : start + step]
         batch = collate(
             [Example(tuple(r.prompt_ids), (tuple(r.completion.token_ids),), 0) for r in part],
             pad_id,
         )
+        if grouped:
+            if any(r.prompt_ids != part[0].prompt_ids for r in part):
+                raise ValueError("a group's rollouts have different prompts")
+            batch = {
+                "labels": batch["labels"],
+                "prompt_ids": torch.tensor([part[0].prompt_ids], dtype=torch.long),  # (1, P)
+                "completion_ids": [
+                    torch.tensor([r.completion.token_ids], dtype=torch.long) for r in part
+                ],  # (1, m) each
+                "share_prompt": layout == "shared",
+            }
         if all(r.completion.token_logprobs is not None for r in part):
             K = batch["labels"].shape[1]
             rollout_logps = torch.zeros(len(part), K)  # (b, K)
@@ -227,8 +254,17 @@ def rollout_batches(
         if mask_truncated:
             cut = torch.tensor([r.truncated for r in part])  # (b,)
             batch["labels"] = batch["labels"].masked_fill(cut[:, None], -100)
-        out.append(({k: v.to(device) for k, v in batch.items()}, slice(start, start + len(part))))
+        out.append(({k: _to(v, device) for k, v in batch.items()}, slice(start, start + len(part))))
     return out
+
+
+def _to(value, device):
+    """A batch entry on `device`: tensors and lists of tensors moved, anything else as is."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, list):
+        return [v.to(device) for v in value]
+    return value
 
 
 def demonstration_batches(
