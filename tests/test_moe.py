@@ -425,6 +425,37 @@ def test_online_policy_loss_gets_the_aux_term_too():
     assert (grad - out[0.0][1]).abs().max() > 1e-5
 
 
+def test_a_group_with_its_prompt_shared_counts_only_real_tokens_in_the_balance_loss():
+    """logps.group_logits runs a group as two forwards of different shapes (the prompt and the
+    first completion; then the other completions, right-padded, on the prompt's cache). The
+    recorder's per-call masks keep exactly the real tokens (P + m_0 = 4 + 3 in the first;
+    (1 + 2) + (1 + 4) in the second, whose 10 rows hold 2 pads), and the balance loss is that
+    of the real rows alone."""
+    from posttrain.train.logps import group_logits
+
+    model = tiny_moe()
+    completions = [
+        torch.tensor([[7, 8, 9]]),
+        torch.tensor([[10, 11]]),
+        torch.tensor([[12, 13, 14, 15]]),
+    ]
+    batch = {
+        "labels": torch.ones(3, 4, dtype=torch.long),
+        "prompt_ids": torch.tensor([[3, 4, 5, 6]]),
+        "completion_ids": completions,
+        "share_prompt": True,
+    }
+    with moe.RouterRecorder(model) as rec:
+        group_logits(model, batch)
+    layers = len(rec.logits) // 2  # MoE layers, each called once per forward
+    assert [x.shape[0] for x in rec.logits] == [7] * layers + [10] * layers
+    kept = [x.shape[0] if m is None else int(m.sum()) for x, m in zip(rec.logits, rec.row_masks)]
+    assert kept == [7] * layers + [8] * layers
+    real = [x if m is None else x[m.reshape(-1).bool()] for x, m in zip(rec.logits, rec.row_masks)]
+    assert_close(moe.balance_loss(rec.logits, 8, 2, rec.masks()), moe.balance_loss(real, 8, 2))
+    assert (moe.balance_loss(rec.logits, 8, 2) - moe.balance_loss(real, 8, 2)).abs() > 1e-6
+
+
 # ---------------------------------------------------------------------- routing statistics
 
 

@@ -307,7 +307,8 @@ def test_policy_gradients_do_not_depend_on_the_micro_batch_size(tiny_model_dir, 
         grads.append([p.grad.clone() for p in policy.parameters() if p.requires_grad])
     for whole, *others in zip(*grads):
         for other in others:
-            assert_close(other, whole, atol=1e-6, rtol=1e-4)
+            # fp32 sums in other orders: up to 1.6e-6 apart (gradients up to ~1e-1)
+            assert_close(other, whole, atol=1e-5, rtol=1e-4)
 
 
 # -------------------------------------------------------------------- dynamic sampling

@@ -116,12 +116,13 @@ class BaseTrainConfig:
     checkpoint_every: int = 50  # steps; the last step always writes one
     keep_checkpoints: int = 2
     gradient_checkpointing: bool = False  # slows small models on CPU; saves memory on GPUs
-    # none: every sequence runs its own forward pass, unpadded, and each row (a pair or a
-    # demonstration offline, a group of G completions online) is its own micro-batch, its graph
-    # freed by its backward before the next; the prompt runs once for all its completions unless
-    # gradient checkpointing is on (no compute on padding or repeated prompts; batch-independent
-    # bf16 log-probs, so the reference pass matches the policy exactly). longest: a micro-batch
-    # of `batch_size` rows (online: `micro_batch_size` completions) runs as one forward,
+    # none: each row (a pair or a demonstration offline, a group of G completions online) is
+    # its own micro-batch, its graph freed by its backward before the next, and its prompt runs
+    # once for all its completions unless gradient checkpointing is on. Offline every sequence
+    # runs unpadded (batch-independent bf16 log-probs: the reference pass matches the policy
+    # exactly); online the prompt + first completion run, then the other G - 1 completions
+    # together on its keys and values (logps.group_logits). longest: a micro-batch of
+    # `batch_size` rows (online: `micro_batch_size` completions) runs as one forward,
     # left-padded to its longest sequence (bigger matmuls, better on GPUs). auto: none on CPU,
     # longest elsewhere.
     padding: str = "auto"

@@ -165,25 +165,65 @@ def unpadded_logps(model, examples, device, share_prompt: bool = True) -> torch.
 
 
 def group_logits(model, batch: dict) -> torch.Tensor:
-    """(G, K, V) logits of one group's completions (one prompt, G completions; the batch of
-    rollouts.rollout_batches with grouped rows), run unpadded with the prompt shared when
-    batch["share_prompt"]: row i's logits at positions K - m_i .. K - 1 predict its m_i tokens
-    (the collate layout of `labels`), zeros left of them."""
-    K = batch["labels"].shape[1]
+    """(G, K, V) logits of one group's completions (one prompt, G completions: a grouped batch
+    of rollouts.rollout_batches): row i's logits at positions K - m_i .. K - 1 predict its m_i
+    tokens (the collate layout of `labels`), zeros left of them.
 
-    def run(inputs, labels, cache):
+    share_prompt: the first completion's forward runs the whole sequence and keeps the prompt's
+    keys and values; the other G - 1 run as one batch of the prompt's last token and their
+    completion, right-padded to the longest (the pads follow every real token, so causal
+    attention keeps them out; the attention mask marks them for the MoE balance loss), all
+    attending to those keys and values. Two forwards a group, no prompt computed twice, and
+    matmuls of (G - 1) x the completion length rows (one completion's rows alone run far below
+    the GEMM's speed on a CPU). Without share_prompt every sequence runs whole, one at a time.
+    """
+    from transformers import DynamicCache
+
+    K = batch["labels"].shape[1]
+    prompt, completions = batch["prompt_ids"], batch["completion_ids"]  # (1, P), [(1, m_i)]
+    P = prompt.shape[1]
+
+    def right_aligned(logits):  # (m, V) -> (K, V)
+        return nn.functional.pad(logits, (0, 0, K - logits.shape[0], 0))
+
+    def whole(inputs, labels, cache):
         m = labels.shape[1]
-        logits = model(
+        out = model(
             input_ids=inputs,
             logits_to_keep=m + 1,
             use_cache=cache is not None,
             past_key_values=cache,
-        ).logits[0, :-1]  # (m, V): position t predicts token t + 1
-        return nn.functional.pad(logits, (0, 0, K - m, 0))  # (K, V)
+        )
+        return right_aligned(out.logits[0, :-1])  # position t predicts token t + 1
 
-    rows = prompt_shared_forwards(
-        model, batch["prompt_ids"], batch["completion_ids"], batch["share_prompt"], run
-    )
+    if not batch["share_prompt"] or len(completions) == 1 or P == 1:
+        return torch.stack(prompt_shared_forwards(model, prompt, completions, False, whole))
+    cache = DynamicCache()
+    first = whole(torch.cat([prompt, completions[0]], dim=1), completions[0], cache)  # (K, V)
+    rest = completions[1:]
+    n, M = len(rest), max(c.shape[1] for c in rest)
+    ids = prompt.new_zeros((n, 1 + M))  # the prompt's last token, the completion, pads
+    mask = prompt.new_zeros((n, P + M))  # over the cached P - 1 prompt tokens and the inputs
+    ids[:, 0] = prompt[0, -1]
+    mask[:, :P] = 1
+    for i, c in enumerate(rest):
+        ids[i, 1 : 1 + c.shape[1]] = c[0]
+        mask[i, P : P + c.shape[1]] = 1
+    prefix = [
+        (
+            layer.keys[:, :, : P - 1].expand(n, -1, -1, -1),
+            layer.values[:, :, : P - 1].expand(n, -1, -1, -1),
+        )
+        for layer in cache.layers
+    ]
+    logits = model(
+        input_ids=ids,
+        attention_mask=mask,
+        past_key_values=DynamicCache(ddp_cache_data=prefix),
+        use_cache=True,
+        logits_to_keep=M + 1,
+    ).logits[:, :-1]  # (n, M, V): column t predicts token t of each completion
+    rows = [first] + [right_aligned(logits[i, : c.shape[1]]) for i, c in enumerate(rest)]
     return torch.stack(rows)  # (G, K, V)
 
 

@@ -129,17 +129,25 @@ def balance_loss(
     router_logits: list[torch.Tensor],
     num_experts: int,
     top_k: int,
-    mask: torch.Tensor | None = None,
+    mask: torch.Tensor | list | None = None,
 ) -> torch.Tensor:
     """Switch-style load-balancing loss pooled over router calls (module docstring), float32.
 
-    `router_logits`: one (B * T, E) tensor per router call; `mask`: (B, T) attention mask or None.
+    `router_logits`: one (B * T, E) tensor per router call; `mask`: the (B, T) attention mask of
+    every call, or one flat (B * T,) mask (or None: every row counts) per call, or None.
     """
     rows = torch.cat([x.float() for x in router_logits])  # (L * B * T, E)
     probs = torch.softmax(rows, dim=-1)  # (N, E)
     chosen = torch.zeros_like(probs).scatter_(1, probs.topk(top_k, dim=-1).indices, 1.0)  # (N, E)
     if mask is None:
         weight = torch.ones(rows.shape[0], device=rows.device)
+    elif isinstance(mask, list):  # one per call (RouterRecorder.row_masks)
+        weight = torch.cat(
+            [
+                torch.ones(x.shape[0]) if m is None else m.reshape(-1).float().cpu()
+                for x, m in zip(router_logits, mask)
+            ]
+        ).to(rows.device)  # (N,)
     else:
         weight = mask.reshape(-1).float().to(rows.device).repeat(len(router_logits))  # (N,)
     n = weight.sum().clamp(min=1.0)
@@ -190,14 +198,21 @@ def topk_sets(logits: torch.Tensor, top_k: int) -> torch.Tensor:
 
 
 class RouterRecorder:
-    """Within `with`: collects each router call's logits (N, E) and the attention mask of the
-    model's forward. Empty (no hooks) when disabled."""
+    """Within `with`: collects each router call's logits (N, E), the attention mask of the
+    model's (last) forward, and per router call the flat mask of its rows (`row_masks`: None
+    where the forward had no mask), so that forwards of different shapes (a prompt's, then its
+    completions' with a key-value cache) pool correctly. Empty (no hooks) when disabled."""
 
     def __init__(self, model: nn.Module, enabled: bool = True):
         self.model, self.enabled = model, enabled
         self.logits: list[torch.Tensor] = []
         self.mask: torch.Tensor | None = None
+        self.row_masks: list[torch.Tensor | None] = []
         self._handles = []
+
+    def masks(self):
+        """What balance_loss takes: the per-call row masks when a forward had a mask, else None."""
+        return self.row_masks if any(m is not None for m in self.row_masks) else None
 
     def __enter__(self):
         if not self.enabled:
@@ -207,6 +222,10 @@ class RouterRecorder:
         def on_router(module, args, output):
             logits = output[index] if isinstance(output, (tuple, list)) else output
             self.logits.append(logits)
+            m = self.mask  # (B, past + T) with a cache: the rows here are the last T columns
+            self.row_masks.append(
+                None if m is None else m[:, m.shape[1] - logits.shape[0] // m.shape[0] :]
+            )
 
         def on_model(module, args, kwargs):
             self.mask = kwargs.get("attention_mask")
@@ -328,7 +347,9 @@ class MoeRun:
         `weight`: the micro-batch's share of the step (the same share its method loss has)."""
         if not routing.logits:
             return loss
-        aux = balance_loss(routing.logits, self.shape.num_experts, self.shape.top_k, routing.mask)
+        aux = balance_loss(
+            routing.logits, self.shape.num_experts, self.shape.top_k, routing.masks()
+        )
         metrics["loss/aux"] = aux.detach()
         return loss + (self.coef * weight) * aux.to(loss.dtype)
 

@@ -216,8 +216,8 @@ def rollout_batches(
 
     layout longest: collated (batches.collate: left-padded, completions right-aligned) batches
     of at most `size` completions, one forward each. shared / none: each group of `group_size`
-    completions of one prompt is a micro-batch, its sequences run one at a time without padding
-    (logps.group_logits), the prompt once if shared; `size` is not used. Every batch has
+    completions of one prompt is a micro-batch (`size` is not used), run by logps.group_logits:
+    shared, the prompt once (two forwards a group); none, every sequence whole and alone. Every batch has
     `labels` (b, K) in the collate layout; a truncated completion with mask_truncated on gets no
     labels, hence no loss. When the engine gave per-token log-probs, `rollout_logps` (b, K)
     holds them where the labels are, 0 elsewhere."""
