@@ -243,17 +243,10 @@ def sweep_table(results) -> str:
     if isinstance(results, dict) and "sets" in results and "runs" in results:
         from .sweeptable import flat_rows
 
-        head, rows = flat_rows(results)
-        notes = [
-            " ".join(row[i] for i, h in enumerate(head) if h.endswith(" note")) for row in rows
-        ]
+        head, rows = flat_rows(results, short=True)
+        notes = [{row[i] for i, h in enumerate(head) if h.endswith(" note")} for row in rows]
         classes = [
-            "regression"
-            if "REGRESSION" in n
-            else "best"
-            if "best" in n.split() and "noise" not in n
-            else ""
-            for n in notes
+            "regression" if "REGRESSION" in n else "best" if "best" in n else "" for n in notes
         ]
         return (
             table(head, rows, row_classes=classes)

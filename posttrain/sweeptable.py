@@ -108,10 +108,27 @@ def note(row: dict) -> str:
     return "within noise of best" if row["within_noise_of_best"] else "worse than best"
 
 
-def flat_rows(table: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and rows (strings) of the whole table: one row per run plus the base."""
+def short_names(keys: list[str]) -> list[str]:
+    """Each dotted setting key cut to its shortest suffix that no other key ends with:
+    train.config.lr -> lr, train.method -> method; train.config.lora.r -> r, or lora.r if
+    another key ends in r."""
+    out = []
+    for key in keys:
+        parts = key.split(".")
+        for n in range(1, len(parts) + 1):
+            tail = ".".join(parts[-n:])
+            if not any(o != key and (o == tail or o.endswith("." + tail)) for o in keys):
+                break
+        out.append(tail)
+    return out
+
+
+def flat_rows(table: dict, short: bool = False) -> tuple[list[str], list[list[str]]]:
+    """Header and rows (strings) of the whole table: one row per run plus the base. `short`:
+    setting columns named by short_names (the Markdown, text and HTML tables; CSV and JSON keep
+    the full keys)."""
     axes, sets = table["axes"], table["sets"]
-    head = ["run", *axes]
+    head = ["run", *(short_names(axes) if short else axes)]
     for s in sets:
         n = s["set"]
         head += [f"{n} % [95% CI]", f"{n} vs base (p)", f"{n} vs best (Holm p)", f"{n} note"]
@@ -159,7 +176,7 @@ def _fmt(value) -> str:
 
 
 def to_markdown(table: dict) -> str:
-    head, rows = flat_rows(table)
+    head, rows = flat_rows(table, short=True)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
     lines += [
@@ -182,7 +199,7 @@ def to_csv(table: dict) -> str:
 
 
 def to_text(table: dict) -> str:
-    head, rows = flat_rows(table)
+    head, rows = flat_rows(table, short=True)
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *rows]

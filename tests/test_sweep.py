@@ -82,6 +82,20 @@ def test_table_marks_runs_within_noise_of_best():
     assert "| c | 2e-05 | 20.0 [" in md and "within noise of best" in md
     assert md.count("\n|") == 5  # header, rule, base, 3 runs -> 5 lines after the first
     assert to_csv(table).splitlines()[0].startswith("run,train.config.lr,arith % [95% CI]")
+    assert md.startswith("| run | lr | arith % [95% CI] |")  # short setting names for people
+    from posttrain.report import sweep_table
+
+    c["within_noise_of_best"] = False  # as if c's Holm p were below 0.05
+    page = sweep_table(table)  # only the best row is marked best, not "worse than best" ones
+    assert page.count('class="best"') == 1 and "worse than best" in page
+
+
+def test_short_names_cut_keys_to_their_shortest_unique_suffix():
+    from posttrain.sweeptable import short_names
+
+    keys = ["train.config.lr", "train.method", "train.config.lora.r", "sample.r"]
+    assert short_names(keys) == ["lr", "method", "lora.r", "sample.r"]
+    assert short_names(["train.config.beta", "beta"]) == ["config.beta", "beta"]
 
 
 def test_one_base_row_per_distinct_base():
