@@ -75,8 +75,11 @@ def test_sweep_grids_have_the_runs_they_promise():
         "dpo-self": "dpo",
         "grpo": "grpo",
         "chord": "chord",
+        "grpo-t0.7": "grpo",
     }
     assert all(r.recipe.train.data == "demonstrations" for r in runs if "foreign" in r.id)
+    second = next(r for r in runs if r.id == "grpo-t0.7").recipe.train.config
+    assert (second["temperature"], second["lr"]) == (0.7, 5e-5)
 
 
 def test_default_recipe_trains_and_evaluates_on_disjoint_splits():
