@@ -41,6 +41,7 @@ table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
 th { background: #f2f2f2; } td.text, th.text { text-align: left; }
 tr.regression td { background: #fde2e2; } tr.best td { background: #e3f4e3; }
+tr.noise td { background: #f3faf3; }
 .note { color: #555; font-size: 0.85em; } img { max-width: 100%; border: 1px solid #eee; }
 pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
 """
@@ -246,7 +247,14 @@ def sweep_table(results) -> str:
         head, rows = flat_rows(results, short=True)
         notes = [{row[i] for i, h in enumerate(head) if h.endswith(" note")} for row in rows]
         classes = [
-            "regression" if "REGRESSION" in n else "best" if "best" in n else "" for n in notes
+            "regression"
+            if "REGRESSION" in n
+            else "best"
+            if "best" in n
+            else "noise"  # within noise of the best on some set: a lighter shade
+            if "within noise of best" in n
+            else ""
+            for n in notes
         ]
         return (
             table(head, rows, row_classes=classes)

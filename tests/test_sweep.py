@@ -88,6 +88,7 @@ def test_table_marks_runs_within_noise_of_best():
     c["within_noise_of_best"] = False  # as if c's Holm p were below 0.05
     page = sweep_table(table)  # only the best row is marked best, not "worse than best" ones
     assert page.count('class="best"') == 1 and "worse than best" in page
+    assert page.count('class="noise"') == 1  # b, within noise of best
 
 
 def test_short_names_cut_keys_to_their_shortest_unique_suffix():

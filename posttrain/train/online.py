@@ -14,6 +14,8 @@ current policy (mismatch/* metrics; RolloutSyncError past rollout.max_mismatch_k
 the rollout-correction weights. After the update a detached engine gets the new adapter
 (colocated vLLM sleeps during the update with rollout.sleep, CUDA only).
 CHORD adds demonstrations to every step: (1 - mu) * policy loss + mu * SFT.
+On a CPU (padding auto -> none) each group is one micro-batch whose prompt runs once
+(logps.group_logits); elsewhere left-padded micro-batches of micro_batch_size completions.
 
 Choices worth knowing:
 - Dropout stays off for the whole run (the policy stays in eval mode; gradients still flow), so
