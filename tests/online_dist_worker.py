@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+from stub_rewards import graded
 
 from posttrain.records import Problem
 
@@ -27,15 +28,7 @@ PROBLEMS = [
 
 def parity_score(problem, index, messages, completion, *, think_open, engine, cfg):
     """Reward 1 when the first sampled token id is even (groups get both rewards)."""
-    reward = float(completion.token_ids[0] % 2 == 0)
-    return {
-        "verdict": "correct" if reward else "incorrect",
-        "correct_reward": reward,
-        "format_ok": True,
-        "overlong": 0.0,
-        "reward": reward,
-        "truncated": False,
-    }
+    return graded(float(completion.token_ids[0] % 2 == 0))
 
 
 def first_step(model_dir: str, out: Path) -> tuple[float, dict[str, torch.Tensor]]:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from stub_rewards import graded
+
 SETTINGS = [
     "num_generations=4",
     "problems_per_step=4",
@@ -37,15 +39,7 @@ SETTINGS = [
 
 def parity_score(problem, index, messages, completion, *, think_open, engine, cfg) -> dict:
     """Reward 1 when the sampled token ids sum to an even number (module docstring)."""
-    reward = float(sum(completion.token_ids) % 2 == 0)
-    return {
-        "verdict": "correct" if reward else "incorrect",
-        "correct_reward": reward,
-        "format_ok": True,
-        "overlong": 0.0,
-        "reward": reward,
-        "truncated": completion.finish_reason == "length",
-    }
+    return graded(float(sum(completion.token_ids) % 2 == 0), completion.finish_reason == "length")
 
 
 class Loads:

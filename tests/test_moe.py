@@ -578,17 +578,10 @@ def test_grpo_loop_on_the_moe_logs_aux_and_routing(moe_dir, tmp_path):
 
     from posttrain.records import Problem
     from posttrain.train import online
+    from stub_rewards import graded
 
     def score(problem, index, messages, completion, **kwargs):
-        reward = float(completion.token_ids[0] % 2 == 0)
-        return {
-            "verdict": "correct" if reward else "incorrect",
-            "correct_reward": reward,
-            "format_ok": True,
-            "overlong": 0.0,
-            "reward": reward,
-            "truncated": completion.finish_reason == "length",
-        }
+        return graded(float(completion.token_ids[0] % 2 == 0), completion.finish_reason == "length")
 
     problems = [
         Problem(id=str(i), question=f"What is {i} + 1?", answer=str(i + 1), answer_type="exact")

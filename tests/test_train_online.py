@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 from torch.testing import assert_close
+from stub_rewards import graded
 
 from posttrain.engines.base import Completion
 from posttrain.losses import group_advantages, policy_loss
@@ -51,16 +52,7 @@ def tiny(tiny_model_dir):
 def stub_score(problem, index, messages, completion, *, think_open, engine, cfg):
     """Reward 1 when the first sampled token id is even: a random policy gets both, so groups
     have variance, and the policy can learn it."""
-    reward = float(completion.token_ids[0] % 2 == 0)
-    truncated = completion.finish_reason == "length"
-    return {
-        "verdict": "correct" if reward else "incorrect",
-        "correct_reward": reward,
-        "format_ok": True,
-        "overlong": 0.0,
-        "reward": reward,
-        "truncated": truncated,
-    }
+    return graded(float(completion.token_ids[0] % 2 == 0), completion.finish_reason == "length")
 
 
 def config(method="grpo", *overrides):

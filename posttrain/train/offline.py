@@ -23,7 +23,6 @@ batch (the order is a function of seed and epoch), so the shares need no communi
 """
 
 from __future__ import annotations
-from __future__ import annotations
 
 import time
 from dataclasses import asdict
@@ -49,14 +48,13 @@ from .distributed import Processes, local_storage, master_weights, zero3_config
 from .lora import adapter_input_as_is, apply_lora, format_parameter_report, parameter_report
 from .metrics import MetricsLog, NonFiniteError, check_finite
 from .moe import MoeRun
-from .modes import enable_gradient_checkpointing, set_attention, train_mode
+from .modes import enable_gradient_checkpointing, layout, set_attention, train_mode
 from .optim import lr_at, make_optimizer, make_scheduler
 from .offline_step import DPO_LOSS_TYPES as DPO_LOSS_TYPES  # re-exported
 from .offline_step import SFT_LOSSES as SFT_LOSSES  # re-exported
 from .offline_step import global_units as global_units  # re-exported
-from .modes import layout
-from .offline_step import step_gradients
 from .offline_step import micro_batch_loss as micro_batch_loss  # re-exported
+from .offline_step import step_gradients
 from .reference import reference_table
 
 # Settings that may change between a run and its resume (they do not change the result).

@@ -144,7 +144,8 @@ def train_online(
     if model is None:
         model = load_model(cfg.model, dtype=dtype)
     model.to(device)
-    longest = max(len(probe_prompt(tokenizer, p, cfg.system_prompt)) for p in problems[:256])
+    prompts = (probe_prompt(tokenizer, p, cfg.system_prompt) for p in problems[:256])  # a sample
+    longest = max(map(len, prompts), default=0)
     attention = set_attention(model, cfg.attention, device.type, longest + cfg.max_new_tokens)
     how = layout(cfg, device)  # shared: each group a micro-batch, its prompt run once
     moe = MoeRun.setup(

@@ -217,9 +217,9 @@ def rollout_batches(
     layout longest: collated (batches.collate: left-padded, completions right-aligned) batches
     of at most `size` completions, one forward each. shared / none: each group of `group_size`
     completions of one prompt is a micro-batch (`size` is not used), run by logps.group_logits:
-    shared, the prompt once (two forwards a group); none, every sequence whole and alone. Every batch has
-    `labels` (b, K) in the collate layout; a truncated completion with mask_truncated on gets no
-    labels, hence no loss. When the engine gave per-token log-probs, `rollout_logps` (b, K)
+    shared, the prompt once (two forwards a group); none, every sequence whole and alone. Every
+    batch has `labels` (b, K) in the collate layout; a truncated completion with mask_truncated
+    on gets no labels, hence no loss. When the engine gave per-token log-probs, `rollout_logps` (b, K)
     holds them where the labels are, 0 elsewhere."""
     grouped = layout != "longest"
     if grouped and (group_size < 1 or len(rollouts) % group_size):
