@@ -410,6 +410,29 @@ def test_loop_writes_metrics_and_moves_the_adapter(tiny_model_dir, tmp_path):
     assert (tmp_path / "config.yaml").exists()
 
 
+@pytest.mark.parametrize(
+    "padding, attention, want",
+    [("auto", "auto", ("shared", "eager")), ("longest", "sdpa", ("longest", "sdpa"))],
+)
+def test_padding_and_attention_reach_the_loop(
+    tiny_model_dir, tmp_path, monkeypatch, padding, attention, want
+):
+    """On a CPU auto means one group a micro-batch with its prompt shared, and eager attention
+    (short sequences); set explicitly, each setting is what the loop uses."""
+    model, tok = tiny(tiny_model_dir)
+    seen = []
+    original = O.rollout_batches
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["layout"], model.config._attn_implementation))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(O, "rollout_batches", spy)
+    cfg = config("grpo", "max_steps=1", f"padding={padding}", f"attention={attention}")
+    O.train_online(cfg, tmp_path, model=model, tokenizer=tok, problems=PROBLEMS, score=stub_score)
+    assert seen == [want]
+
+
 @pytest.mark.parametrize("method", ["dr-grpo", "dapo", "grpo-token-mean", "gspo", "cispo"])
 def test_every_method_preset_trains(tiny_model_dir, tmp_path, method):
     """One step of each preset with two updates per batch (old log-probs, clipping live)."""
