@@ -43,7 +43,7 @@ def marking_print(*a, **k):
 
 builtins.print = marking_print
 from posttrain.train.config import train_config
-from posttrain.train import offline
+from posttrain.train.offline import loop as offline
 
 state["stage"] = "before train (imports done)"
 orig_step = offline.step_gradients

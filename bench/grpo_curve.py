@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/grpo_curve.py [--out runs/grpo-curve] [--steps 40] [--set key=value]
 
-Trains with `posttrain.train.online` (the same code as `posttrain train --method grpo`), then
+Trains with `posttrain.train.online.loop` (the same code as `posttrain train --method grpo`), then
 writes bench/results/grpo_curve.png (reward per step, a 5-step moving mean, completion length)
 and bench/results/grpo_curve.json: the settings, the mean reward of the first and last
 `--window` steps with a 95 % interval for their difference (Welch, normal approximation: each
@@ -77,8 +77,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[])
     args = ap.parse_args()
 
-    from posttrain.train.checkpoint import latest_checkpoint
-    from posttrain.train.online import online_config, train_online
+    from posttrain.train.parallel.checkpoint import latest_checkpoint
+    from posttrain.train.online.loop import online_config, train_online
 
     cfg = online_config(
         "grpo", overrides=SETTINGS + [f"max_steps={args.steps}"] + args.set, problems=args.problems

@@ -59,8 +59,8 @@ def run(
     lora_r: int = 16,
 ) -> list[dict]:
     from posttrain.models import load_model, load_tokenizer, resolve_dtype
-    from posttrain.train.online import online_config, train_online
-    from posttrain.train.rollout_engine import DetachedHFEngine, make_rollout_engine
+    from posttrain.train.online.loop import online_config, train_online
+    from posttrain.train.online.rollout_engine import DetachedHFEngine, make_rollout_engine
 
     sets = [
         "num_generations=4",

@@ -38,7 +38,7 @@ def vllm_python() -> Path:
 
 def workload(args):
     from posttrain.engines import SamplingParams
-    from posttrain.sample import prompt_messages
+    from posttrain.sampling import prompt_messages
     from posttrain.tasks import load_problems
 
     prompts = [prompt_messages(p) for p in load_problems(f"builtin:arith:{args.prompts}")]

@@ -69,8 +69,8 @@ def child(rows: int, words: int, folder: Path, stage: str) -> dict:
     """One stage in this process; returns its peak RSS and the files' sizes."""
     from posttrain.engines import SamplingParams
     from posttrain.records import Problem
-    from posttrain.sample import sample_problems
-    from posttrain.verify.stage import verify_file
+    from posttrain.sampling import sample_problems
+    from posttrain.verify.files import verify_file
 
     baseline = rss_mb()
     n = 4

@@ -17,7 +17,7 @@ import time
 import torch
 
 from posttrain.engines import SamplingParams, make_engine
-from posttrain.sample import prompt_messages
+from posttrain.sampling import prompt_messages
 from posttrain.tasks import load_problems
 
 

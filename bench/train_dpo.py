@@ -138,7 +138,7 @@ def peak_rss_mb() -> float:
 
 def run_posttrain(args) -> dict:
     from posttrain.train.config import train_config
-    from posttrain.train.offline import train
+    from posttrain.train.offline.loop import train
 
     out = Path(args.workdir) / f"{args.worker}-run"
     cfg = train_config(

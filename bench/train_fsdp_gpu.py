@@ -123,8 +123,8 @@ def main() -> None:
 
     from posttrain import losses
     from posttrain.train.config import LoraConfig
-    from posttrain.train.distributed import Processes
-    from posttrain.train.logps import completion_logps, split_pairs
+    from posttrain.train.parallel.processes import Processes
+    from posttrain.train.forward import completion_logps, split_pairs
     from posttrain.train.lora import apply_lora
     from posttrain.train.optim import make_optimizer
 

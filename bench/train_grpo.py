@@ -54,7 +54,7 @@ PROBLEMS = "builtin:arith:200?split=train"
 def bench_posttrain(
     steps: int, model_name: str, sync: str = "live", kind: str = "hf", padding: str = "auto"
 ) -> dict:
-    from posttrain.train.online import online_config, train_online
+    from posttrain.train.online.loop import online_config, train_online
 
     cfg = online_config(
         "grpo",
@@ -111,7 +111,7 @@ def bench_trl(steps: int, model_name: str) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from posttrain.models import load_model, load_tokenizer
-    from posttrain.sample import prompt_messages
+    from posttrain.sampling import prompt_messages
     from posttrain.tasks import load_problems
     from posttrain.train.lora import target_modules
     from posttrain.verify import grade

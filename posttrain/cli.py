@@ -10,24 +10,33 @@ import argparse
 import importlib
 import sys
 
-from .config import ConfigError
-from .engines.base import EngineUnavailable
-from .records import DataError
+from posttrain.config import ConfigError
+from posttrain.engines.base import EngineUnavailable
+from posttrain.records import DataError
 
 # verb -> (module, one-line help). A module defines add_arguments(parser) and main(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "problems": ("posttrain.tasks.cli", "load a problem source and write native problem JSONL"),
-    "sample": ("posttrain.sample", "sample K answers per problem from a model"),
-    "verify": ("posttrain.verify.stage", "grade sampled answers (correct / incorrect / ...)"),
+    "problems": (
+        "posttrain.commands.problems",
+        "load a problem source and write native problem JSONL",
+    ),
+    "sample": ("posttrain.sampling", "sample K answers per problem from a model"),
+    "verify": ("posttrain.verify.files", "grade sampled answers (correct / incorrect / ...)"),
     "pairs": ("posttrain.pairs", "build preference pairs from graded samples"),
-    "train": ("posttrain.train.cli", "train with SFT, DFT, CHORD, DPO family or GRPO family"),
-    "expand": ("posttrain.expand", "depth up-scaling: insert identity-initialised layers"),
+    "train": ("posttrain.commands.train", "train with SFT, DFT, CHORD, DPO family or GRPO family"),
+    "expand": ("posttrain.expand.depth", "depth up-scaling: insert identity-initialised layers"),
     "export": ("posttrain.export", "merge a LoRA adapter into a full model folder"),
-    "eval": ("posttrain.evaluate", "evaluate a model (or base + adapter) on a problem set"),
-    "compare": ("posttrain.compare", "paired comparison of two eval folders"),
-    "run": ("posttrain.pipeline", "run a whole recipe: sample -> ... -> compare"),
-    "report": ("posttrain.report", "one self-contained HTML page for a run or sweep folder"),
-    "sweep": ("posttrain.sweep", "run a grid of recipes sharing their stages; noise-aware table"),
+    "eval": (
+        "posttrain.evaluation.evaluate",
+        "evaluate a model (or base + adapter) on a problem set",
+    ),
+    "compare": ("posttrain.evaluation.compare", "paired comparison of two eval folders"),
+    "run": ("posttrain.pipeline.run", "run a whole recipe: sample -> ... -> compare"),
+    "report": ("posttrain.report.html", "one self-contained HTML page for a run or sweep folder"),
+    "sweep": (
+        "posttrain.pipeline.sweep",
+        "run a grid of recipes sharing their stages; noise-aware table",
+    ),
 }
 
 
@@ -48,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
-        from . import __version__
+        from posttrain import __version__
 
         print(__version__)
         return 0

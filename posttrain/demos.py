@@ -8,13 +8,13 @@ Each row is a TRL conversational demonstration (`messages`: the same prompt `sam
 then one assistant turn) plus `problem_id`, read by posttrain/train/data.py. Styles:
   terse   "#### N"               (GSM8K's answer marker, nothing else)
   worded  "The answer is N."
-Used by `run` when `train.data: demonstrations` (posttrain/pipeline.py).
+Used by `run` when `train.data: demonstrations` (posttrain/pipeline/run.py).
 """
 
 from __future__ import annotations
 
-from .records import Problem
-from .sample import prompt_messages
+from posttrain.records import Problem
+from posttrain.sampling import prompt_messages
 
 STYLES = {"terse": "#### {answer}", "worded": "The answer is {answer}."}
 

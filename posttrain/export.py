@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .records import DataError
+from posttrain.records import DataError
 
 
 def base_model_of(adapter: str | os.PathLike) -> str:
@@ -41,8 +41,8 @@ def export_merged(
     trust_remote_code: bool = False,
 ) -> Path:
     """Merge `adapter` into `model` (default: the adapter's base) and save to `out`."""
-    from .models import load_tokenizer, load_with_adapter
-    from .train.lora import peft_targets_as_named
+    from posttrain.models import load_tokenizer, load_with_adapter
+    from posttrain.train.lora import peft_targets_as_named
 
     out = Path(out)
     name = model or base_model_of(adapter)

@@ -11,7 +11,7 @@ while it is held (the heartbeat is the file's mtime). A lock is stale, and may b
 when its holder is on this host and its pid is gone (kill -9), or when its heartbeat is older
 than `stale_after` seconds (a holder on another machine that died). Taking a stale lock over
 goes through a short-lived breaker file, so two workers that both see it stale cannot both
-remove it and then remove each other's new lock. Used by posttrain/stages.py and sweep.py;
+remove it and then remove each other's new lock. Used by posttrain/pipeline/store.py and sweep.py;
 tested in tests/test_sweep.py.
 """
 

@@ -5,7 +5,7 @@
 
 APPROXIMATE: it looks for phrases, it does not read. It misses refusals worded in new ways and
 calls some answers cautious because they mention a risk word ("illegal"). Use the LLM judge
-(`posttrain.judge.Judge.judge_refusal`) for reported numbers; use this for quick checks, for
+(`posttrain.evaluation.judge.Judge.judge_refusal`) for reported numbers; use this for quick checks, for
 tests, and as a reward signal that costs nothing.
 
 Labels follow the judge's mapping of the Do-Not-Answer action categories:

@@ -14,7 +14,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from .records import VERDICTS
+from posttrain.records import VERDICTS
 
 # ---------------------------------------------------------------------------- intervals
 

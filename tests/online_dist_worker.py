@@ -36,7 +36,7 @@ def first_step(model_dir: str, out: Path) -> tuple[float, dict[str, torch.Tensor
     generate batch (generation_batch_size = G), micro-batches of 2 completions."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from posttrain.train import online as O
+    from posttrain.train.online import loop as O
 
     torch.manual_seed(0)
     model = LlamaForCausalLM.from_pretrained(model_dir)

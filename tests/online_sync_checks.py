@@ -64,8 +64,8 @@ def sync_checks(
     """The in-sync run's metrics rows and loaded names, then the run whose load after step 1
     is skipped: its rows and the RolloutSyncError it stopped with (None if it did not).
     `engine` None: the one `rollout.engine` (kind and `engine_settings`) describes."""
-    from posttrain.train.online import online_config, train_online
-    from posttrain.train.rollout_engine import RolloutSyncError
+    from posttrain.train.online.loop import online_config, train_online
+    from posttrain.train.online.rollout_engine import RolloutSyncError
 
     cfg = online_config(
         "grpo",
@@ -76,7 +76,7 @@ def sync_checks(
     built = engine is None
     if built:  # from the config, as `posttrain train` builds it
         from posttrain.models import load_tokenizer
-        from posttrain.train.rollout_engine import make_rollout_engine
+        from posttrain.train.online.rollout_engine import make_rollout_engine
 
         engine = make_rollout_engine(cfg, None, load_tokenizer(model_dir))
     out = Path(out)

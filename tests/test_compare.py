@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from posttrain.compare import compare_items, load_items
+from posttrain.evaluation.compare import compare_items, load_items
 from posttrain.records import DataError
 
 

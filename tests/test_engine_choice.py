@@ -17,7 +17,7 @@ import torch
 from posttrain.config import ConfigError
 from posttrain.engines import EngineConfig, SamplingParams, make_engine
 from posttrain.records import DataError, Problem, read_jsonl
-from posttrain.sample import add_engine_arguments, engine_config, sample_problems
+from posttrain.sampling import add_engine_arguments, engine_config, sample_problems
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,7 +68,7 @@ def test_unknown_or_misplaced_engine_options_are_errors_that_name_them():
 
 
 def test_recipe_engine_block_is_shared_and_overridden_per_stage(tmp_path):
-    from posttrain.pipeline import engine_settings, load_recipe, stage_engine
+    from posttrain.pipeline.run import engine_settings, load_recipe, stage_engine
 
     path = tmp_path / "r.yaml"
     path.write_text(

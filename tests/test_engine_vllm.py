@@ -73,7 +73,7 @@ def agreement_problems():
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, thinking_model, adapter) -> dict:
-    from posttrain.sample import prompt_messages
+    from posttrain.sampling import prompt_messages
 
     python = vllm_python()
     if not python.exists():
@@ -214,7 +214,7 @@ def test_three_engines_agree_on_greedy_answers(results, hf, vllm_server):
     With the server in bf16 (its dtype auto here) only 40 of 50 agreed: a bf16 greedy path
     leaves fp32's at near-ties. The bar is the issue's 90 %: >= 45 of 50."""
     from posttrain.engines import EngineConfig, SamplingParams, make_engine
-    from posttrain.sample import prompt_messages
+    from posttrain.sampling import prompt_messages
     from posttrain.verify import grade
 
     problems = agreement_problems()

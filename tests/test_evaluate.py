@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import run_cli
-from posttrain.evaluate import grade_samples, summarise
+from posttrain.evaluation.evaluate import grade_samples, summarise
 from posttrain.records import write_jsonl
 
 
@@ -265,7 +265,7 @@ def test_eval_with_several_samples_per_item(tmp_path, tiny_model_dir, one_thread
     """`posttrain eval --n 2` used to crash in avg@k; now 3 problems x 2 samples give 6 items
     and avg@2 equals the mean of the per-item means read back from items.jsonl."""
     from posttrain.engines import SamplingParams, make_engine
-    from posttrain.evaluate import evaluate
+    from posttrain.evaluation.evaluate import evaluate
     from posttrain.tasks import load_problems
 
     engine = make_engine("hf", tiny_model_dir, dtype="fp32", batch_size=8)

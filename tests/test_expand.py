@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from posttrain.align import (
+from posttrain.expand.align import (
     _hungarian,
     align_layer,
     match_heads,
@@ -27,7 +27,13 @@ from posttrain.align import (
     permute_mlp,
 )
 from posttrain.config import ConfigError
-from posttrain.expand import expand, expand_model, fuse_layers, insertion_points, read_metadata
+from posttrain.expand.depth import (
+    expand,
+    expand_model,
+    fuse_layers,
+    insertion_points,
+    read_metadata,
+)
 from posttrain.models import load_model
 from posttrain.train.config import LoraConfig
 from posttrain.train.lora import apply_lora

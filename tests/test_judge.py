@@ -10,7 +10,7 @@ import time
 import pytest
 from fake_openai_server import FakeOpenAIServer
 
-from posttrain.judge import (
+from posttrain.evaluation.judge import (
     Judge,
     chat_completions_url,
     fill_template,

@@ -11,7 +11,7 @@ JudgeResult, never an exception.
 
 import pytest
 
-from posttrain.judge import Judge, JudgeResult
+from posttrain.evaluation.judge import Judge, JudgeResult
 
 
 def check(r: JudgeResult) -> None:

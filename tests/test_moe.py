@@ -178,7 +178,7 @@ def sft_examples(n=4, prompt_len=6, completion_len=5, seed=0):
 
 def one_sft_step(model, run, lr=1e-2):
     """One AdamW step of the offline trainer's SFT loss (+ the aux hook) on 4 rows."""
-    from posttrain.train.offline import global_units, micro_batch_loss
+    from posttrain.train.offline.loop import global_units, micro_batch_loss
     from posttrain.train.optim import make_optimizer
 
     cfg = train_config("sft", None, ["dtype=fp32"], data="unused.jsonl")
@@ -309,7 +309,7 @@ def test_aux_loss_is_added_once_with_its_coefficient(method):
     (transformers, output_router_logits=True, same attention mask) — nothing counted twice;
     and with a zero router weight p = 1/8 everywhere, so aux = E * sum_e f_e / E = k = 2 by
     hand whatever the (tied) top-k picks."""
-    from posttrain.train.offline import global_units, micro_batch_loss
+    from posttrain.train.offline.loop import global_units, micro_batch_loss
 
     model = tiny_moe()
     # padded rows, as the model's own aux_loss below sees them (unpadded DPO routes a pair's
@@ -385,8 +385,8 @@ def test_aux_coef_defaults_to_the_model_config_and_is_refused_on_a_dense_model()
 def test_online_policy_loss_gets_the_aux_term_too():
     """GRPO family: the same hook in policy_backward; the logged aux is the model's aux_loss
     of the one micro-batch, and the loss it backpropagates differs by coef * aux."""
-    from posttrain.train.online import OnlineConfig
-    from posttrain.train.policy_update import policy_backward
+    from posttrain.train.online.loop import OnlineConfig
+    from posttrain.train.online.update import policy_backward
 
     batch = moe_batch(2)
     advantages = torch.tensor([1.0, -1.0])
@@ -431,7 +431,7 @@ def test_a_group_with_its_prompt_shared_counts_only_real_tokens_in_the_balance_l
     recorder's per-call masks keep exactly the real tokens (P + m_0 = 4 + 3 in the first;
     (1 + 2) + (1 + 4) in the second, whose 10 rows hold 2 pads), and the balance loss is that
     of the real rows alone."""
-    from posttrain.train.logps import group_logits
+    from posttrain.train.forward import group_logits
 
     model = tiny_moe()
     completions = [
@@ -577,7 +577,7 @@ def test_grpo_loop_on_the_moe_logs_aux_and_routing(moe_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from posttrain.records import Problem
-    from posttrain.train import online
+    from posttrain.train.online import loop as online
     from stub_rewards import graded
 
     def score(problem, index, messages, completion, **kwargs):

@@ -13,7 +13,7 @@ import torch
 from torch.testing import assert_close
 
 from posttrain import losses as L
-from posttrain.offpolicy import cispo_loss, mismatch_metrics, rollout_weights
+from posttrain.losses.offpolicy import cispo_loss, mismatch_metrics, rollout_weights
 
 LN2, LN4 = math.log(2), math.log(4)
 

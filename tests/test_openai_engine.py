@@ -21,7 +21,7 @@ from posttrain.config import ConfigError
 from posttrain.engines import EngineUnavailable, SamplingParams
 from posttrain.engines.openai import OpenAIEngine, parse_choices
 from posttrain.records import Problem, read_jsonl
-from posttrain.sample import sample_row
+from posttrain.sampling import sample_row
 from posttrain.verify import verify_row
 
 pytestmark = pytest.mark.server
@@ -394,7 +394,7 @@ def test_server_killed_mid_run_then_rerun_resumes(monkeypatch, tmp_path, capsys)
     with FakeOpenAIServer([echo], die_after=3) as server:
         port = server.httpd.server_address[1]
         monkeypatch.setattr(
-            "posttrain.sample.make_engine", lambda *a, **k: engine_for(server, max_retries=1)
+            "posttrain.sampling.make_engine", lambda *a, **k: engine_for(server, max_retries=1)
         )
         code = cli.main(argv)
     err = capsys.readouterr().err
@@ -403,7 +403,7 @@ def test_server_killed_mid_run_then_rerun_resumes(monkeypatch, tmp_path, capsys)
     first = out.read_text().splitlines()
     assert len(first) == 6
     with FakeOpenAIServer([echo], port=port) as server:
-        monkeypatch.setattr("posttrain.sample.make_engine", lambda *a, **k: engine_for(server))
+        monkeypatch.setattr("posttrain.sampling.make_engine", lambda *a, **k: engine_for(server))
         assert cli.main(argv) == 0
     rows = read_jsonl(out)
     keys = [(r["problem"]["id"], r["sample_index"]) for r in rows]

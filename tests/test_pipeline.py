@@ -10,7 +10,7 @@ import json
 import pytest
 
 from posttrain.config import ConfigError
-from posttrain.pipeline import REGRESSION_EXIT, STAGES, format_times, load_recipe, run_recipe
+from posttrain.pipeline.run import REGRESSION_EXIT, STAGES, format_times, load_recipe, run_recipe
 from posttrain.records import read_jsonl
 
 TOY = """
@@ -80,7 +80,7 @@ def test_every_stage_leaves_its_folder_and_marker(toy_run):
     assert report["compare"] == report["sets"][0]["compare"]  # first set at the top level
     assert json.loads((out / "report.json").read_text())["table"] == report["table"]
     # the HTML report pairs the same sets and gets the same numbers as the run's own compare
-    from posttrain.report_data import load_folder
+    from posttrain.report.data import load_folder
 
     (run,) = load_folder(out)["runs"]
     by_set = {c["set"]: c for c in run.comparisons}
@@ -173,7 +173,7 @@ def test_another_engine_for_a_finished_stage_is_an_error(toy_run):
 
 def test_zero_pairs_stop_the_run_with_a_hint(tmp_path, monkeypatch):
     """A pairs stage that made nothing stops the run before training, naming the counts."""
-    from posttrain.pipeline import StageRunner
+    from posttrain.pipeline.run import StageRunner
 
     out = tmp_path / "run"
     (out / "pairs").mkdir(parents=True)
@@ -199,8 +199,8 @@ def test_zero_pairs_stop_the_run_with_a_hint(tmp_path, monkeypatch):
 def test_greedy_evaluation_is_shared_across_seeds_sampled_one_is_not(tmp_path):
     """A greedy eval does not depend on the seed, so a sweep over seeds evaluates the base once;
     an eval that samples (temperature > 0) is keyed by the seed."""
-    from posttrain.pipeline import eval_settings
-    from posttrain.recipe import recipe_from_dict
+    from posttrain.pipeline.run import eval_settings
+    from posttrain.pipeline.recipe import recipe_from_dict
 
     def settings(seed, temperature):
         r = recipe_from_dict(
@@ -225,7 +225,7 @@ def test_chord_in_a_run_gets_problems_and_the_demos_stage(tmp_path, tiny_model_d
     """`train.method: chord` with `train.data: demonstrations`: the demos stage writes the
     demonstrations, the trainer samples rollouts of sample.problems and adds the SFT term on
     those demonstrations (loss/sft logged); naming the demos twice is refused."""
-    from posttrain.recipe import recipe_from_dict
+    from posttrain.pipeline.recipe import recipe_from_dict
 
     recipe = {
         "model": tiny_model_dir,
@@ -277,7 +277,7 @@ def test_failed_judgements_stop_the_run_unfinished_and_a_rerun_judges_only_them(
     marked done. The same run against another judge URL (a transport setting, not a result
     setting) finishes: the 2 base items are judged again and the 2 trained ones, 4 requests."""
     from posttrain.engines.base import EngineUnavailable
-    from posttrain.recipe import recipe_from_dict
+    from posttrain.pipeline.recipe import recipe_from_dict
     from tests.fake_openai_server import FakeOpenAIServer
 
     dna = tmp_path / "dna.csv"
@@ -331,8 +331,8 @@ def test_failed_judgements_stop_the_run_unfinished_and_a_rerun_judges_only_them(
 def test_the_recipe_dtype_reaches_training_unless_the_train_block_names_one():
     """`dtype: fp32` at the top of a recipe (or `--set dtype=fp32`) makes sampling, training and
     evaluation fp32; a `train.config.dtype` of its own wins for training."""
-    from posttrain.pipeline import train_block
-    from posttrain.recipe import recipe_from_dict
+    from posttrain.pipeline.run import train_block
+    from posttrain.pipeline.recipe import recipe_from_dict
 
     assert train_block(recipe_from_dict({"dtype": "fp32"})).config["dtype"] == "fp32"
     own = recipe_from_dict({"dtype": "fp32", "train": {"config": {"dtype": "bf16"}}})

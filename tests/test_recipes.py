@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from posttrain.config import ConfigError
-from posttrain.pipeline import Recipe, load_recipe, train_inputs
+from posttrain.pipeline.run import Recipe, load_recipe, train_inputs
 from posttrain.tasks import load_problems
 from posttrain.train.stage import resolve_config
 
@@ -21,7 +21,7 @@ def _recipes(path):
     from posttrain.config import load_yaml
 
     if {"axes", "runs"} & set(load_yaml(path)):
-        from posttrain.sweep import load_grid
+        from posttrain.pipeline.sweep import load_grid
 
         _, runs = load_grid(path)
         return [load_recipe(None, data=_as_dict(r.recipe)) for r in runs]
@@ -58,7 +58,7 @@ def _check(recipe):
 
 
 def test_sweep_grids_have_the_runs_they_promise():
-    from posttrain.sweep import load_grid
+    from posttrain.pipeline.sweep import load_grid
 
     keys, runs = load_grid(RECIPES[[p.name for p in RECIPES].index("sweep-dpo.yaml")])
     assert keys == ["train.config.lr", "train.config.beta"] and len(runs) == 4

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from posttrain import plots
-from posttrain.report import render, write_report
-from posttrain.report_data import load_folder
+from posttrain.report import plots
+from posttrain.report.html import render, write_report
+from posttrain.report.data import load_folder
 from conftest import run_cli
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

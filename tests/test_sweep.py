@@ -16,8 +16,8 @@ import yaml
 
 from conftest import REPO
 from posttrain.config import ConfigError
-from posttrain.sweep import load_grid, parse_shard, shard_runs
-from posttrain.sweeptable import holm, set_table, to_csv, to_markdown
+from posttrain.pipeline.sweep import load_grid, parse_shard, shard_runs
+from posttrain.pipeline.sweeptable import holm, set_table, to_csv, to_markdown
 
 
 def test_holm_hand_worked():
@@ -50,7 +50,7 @@ def test_table_marks_runs_within_noise_of_best():
     base_items = _items(range(5))
     runs = {}
     for rid, right in (("a", range(8)), ("b", range(7)), ("c", range(2))):
-        from posttrain.compare import compare_items
+        from posttrain.evaluation.compare import compare_items
 
         items = _items(right)
         runs[rid] = {
@@ -83,7 +83,7 @@ def test_table_marks_runs_within_noise_of_best():
     assert md.count("\n|") == 5  # header, rule, base, 3 runs -> 5 lines after the first
     assert to_csv(table).splitlines()[0].startswith("run,train.config.lr,arith % [95% CI]")
     assert md.startswith("| run | lr | arith % [95% CI] |")  # short setting names for people
-    from posttrain.report import sweep_table
+    from posttrain.report.html import sweep_table
 
     c["within_noise_of_best"] = False  # as if c's Holm p were below 0.05
     page = sweep_table(table)  # only the best row is marked best, not "worse than best" ones
@@ -92,7 +92,7 @@ def test_table_marks_runs_within_noise_of_best():
 
 
 def test_short_names_cut_keys_to_their_shortest_unique_suffix():
-    from posttrain.sweeptable import short_names
+    from posttrain.pipeline.sweeptable import short_names
 
     keys = ["train.config.lr", "train.method", "train.config.lora.r", "sample.r"]
     assert short_names(keys) == ["lr", "method", "lora.r", "sample.r"]
@@ -105,8 +105,8 @@ def test_one_base_row_per_distinct_base():
     on 6: +30 points vs its base too. The table has two base rows, each naming its dtype.
     Wald intervals, 1.96 sqrt(p (1 - p) / 10): 50 +- 31.0, 30 +- 28.4, 80 +- 24.8 (capped at
     100), 60 +- 30.4."""
-    from posttrain.compare import compare_items
-    from posttrain.sweeptable import flat_rows
+    from posttrain.evaluation.compare import compare_items
+    from posttrain.pipeline.sweeptable import flat_rows
 
     runs = {
         "a": {
@@ -305,8 +305,8 @@ def test_workers_share_a_sweep_and_finish_the_run_of_a_killed_one(tmp_path, tiny
     assert (out / "results.md").read_text().count("\n|") == 5
     assert (out / "results.csv").read_text().count("\n") == 5  # header, base, 3 runs
     # the report reads the real sweep folder: the results table, one section per run
-    from posttrain.report import render
-    from posttrain.report_data import load_folder
+    from posttrain.report.html import render
+    from posttrain.report.data import load_folder
 
     data = load_folder(out)
     assert data["kind"] == "sweep" and [r.name for r in data["runs"]] == [
@@ -351,7 +351,7 @@ def test_a_busy_stage_is_set_aside_without_waiting(tmp_path):
     worker then takes another run), skips it once the other worker has finished it, and
     computes it itself when the holder is dead."""
     from posttrain.locks import HOST
-    from posttrain.stages import StageBusy, StageRunner, digest_of
+    from posttrain.pipeline.store import StageBusy, StageRunner, digest_of
 
     settings = {"seed": 1}
     runner = StageRunner(tmp_path / "run", tmp_path / "store", wait=False)

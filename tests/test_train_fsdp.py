@@ -215,7 +215,7 @@ def test_fsdp2_adapter_loads_with_eval_and_export(tiny_model_dir, killed_and_str
     from transformers import AutoModelForCausalLM
 
     from posttrain.engines import SamplingParams, make_engine
-    from posttrain.evaluate import evaluate
+    from posttrain.evaluation.evaluate import evaluate
     from posttrain.export import export_merged
     from posttrain.tasks import load_problems
 
@@ -244,7 +244,7 @@ def test_fsdp2_adapter_loads_with_eval_and_export(tiny_model_dir, killed_and_str
 
 
 def test_deepspeed_without_cuda_is_refused_clearly(tiny_model_dir, tmp_path):
-    from posttrain.train.offline import train
+    from posttrain.train.offline.loop import train
 
     pairs, _ = write_data(tmp_path / "data", n=2)
     with pytest.raises(ConfigError, match="'deepspeed' needs CUDA"):
@@ -262,7 +262,7 @@ def test_full_finetune_in_bf16_keeps_fp32_master_weights(tiny_model_dir, tmp_pat
     A bf16 weight near 0.02 has a spacing of 2**-6 * 2**-7 = 1.2e-4: pure-bf16 AdamW would
     round that step away and leave it unchanged. The forward runs in bf16 (autocast)."""
     from posttrain.models import load_model
-    from posttrain.train.offline import train
+    from posttrain.train.offline.loop import train
 
     _, demos = write_data(tmp_path / "data", n=2)
     model = load_model(tiny_model_dir, dtype="fp32")
@@ -309,7 +309,7 @@ def test_rng_state_loads_with_weights_only(tmp_path):
     place is refused by torch.load(weights_only=True)."""
     import random
 
-    from posttrain.train.checkpoint import rng_state, set_rng_state
+    from posttrain.train.parallel.checkpoint import rng_state, set_rng_state
 
     random.seed(3)
     torch.manual_seed(3)
@@ -337,7 +337,7 @@ def test_rng_state_loads_with_weights_only(tmp_path):
 def test_dcp_metadata_with_code_is_refused():
     """torch.distributed.checkpoint reads `.metadata` with pickle.load; our reader allows only
     the classes that file holds."""
-    from posttrain.train.sharded_checkpoint import _MetadataUnpickler
+    from posttrain.train.parallel.sharded_checkpoint import _MetadataUnpickler
 
     class Evil:
         def __reduce__(self):

@@ -127,7 +127,7 @@ def test_token_mean_is_over_the_whole_batch_not_a_mean_of_micro_batch_means(
     from posttrain.models import load_model, load_tokenizer
     from posttrain.train.batches import collate
     from posttrain.train.data import load_examples
-    from posttrain.train.logps import completion_logps
+    from posttrain.train.forward import completion_logps
 
     cfg = config("sft", tiny_model_dir, data_files, "batch_size=1", "grad_accum=4")
     loss, _ = one_step(cfg, accelerator)
@@ -149,7 +149,7 @@ def test_padding_does_not_change_log_probs(tiny_model_dir, data_files):
     from posttrain.models import load_model, load_tokenizer
     from posttrain.train.batches import collate
     from posttrain.train.data import load_examples
-    from posttrain.train.logps import completion_logps
+    from posttrain.train.forward import completion_logps
 
     tok = load_tokenizer(tiny_model_dir)
     examples, _ = load_examples(data_files / "demos.jsonl", tok, preference=False, max_length=512)
@@ -172,7 +172,7 @@ def test_unpadded_pairs_share_the_prompt_and_equal_whole_sequences(tiny_model_di
     from posttrain.models import load_model, load_tokenizer
     from posttrain.train.batches import collate
     from posttrain.train.data import load_examples
-    from posttrain.train.logps import completion_logps, unpadded_logps
+    from posttrain.train.forward import completion_logps, unpadded_logps
 
     tok = load_tokenizer(tiny_model_dir)
     examples, _ = load_examples(data_files / "pairs.jsonl", tok, preference=True, max_length=512)
@@ -236,7 +236,7 @@ def test_two_processes_match_one(tiny_model_dir, data_files, accelerator, tmp_pa
     assert_grads_close(two["grads"], grads)
 
     # The whole loop too: 2 steps, same logged losses and gradient norms, same adapter.
-    from posttrain.train.offline import train
+    from posttrain.train.offline.loop import train
 
     run = config(method, tiny_model_dir, data_files, "batch_size=4", "max_steps=2", "lr=1e-3")
     train(run, tmp_path / "p1", progress=False)

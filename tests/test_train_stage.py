@@ -8,7 +8,7 @@ import pytest
 from posttrain.demos import demonstration_rows
 from posttrain.records import write_jsonl
 from posttrain.tasks import load_problems
-from posttrain.recipe import TrainStage
+from posttrain.pipeline.recipe import TrainStage
 from posttrain.train.stage import train_stage
 
 STAGE = TrainStage(

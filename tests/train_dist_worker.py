@@ -33,8 +33,8 @@ def one_step(cfg, accelerator):
     from posttrain.models import load_model, load_tokenizer
     from posttrain.train.batches import epoch_batches
     from posttrain.train.data import load_examples
-    from posttrain.train.logps import reference_logps
-    from posttrain.train.offline import step_gradients
+    from posttrain.train.forward import reference_logps
+    from posttrain.train.offline.loop import step_gradients
 
     tok = load_tokenizer(cfg.model)
     examples, _ = load_examples(cfg.data, tok, preference=cfg.preference, max_length=cfg.max_length)
@@ -62,7 +62,7 @@ def main() -> None:
     from accelerate import Accelerator
 
     from posttrain.train.config import train_config
-    from posttrain.train.offline import train
+    from posttrain.train.offline.loop import train
 
     model_dir, data, method, out = sys.argv[1:5]
     out = Path(out)

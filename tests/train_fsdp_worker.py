@@ -24,8 +24,8 @@ def fsdp2_step(cfg, procs) -> tuple[float, float, dict[str, torch.Tensor]]:
     from posttrain.models import load_model, load_tokenizer
     from posttrain.train.batches import epoch_batches
     from posttrain.train.data import load_examples
-    from posttrain.train.logps import reference_logps
-    from posttrain.train.offline import step_gradients
+    from posttrain.train.forward import reference_logps
+    from posttrain.train.offline.loop import step_gradients
 
     tok = load_tokenizer(cfg.model)
     examples, _ = load_examples(cfg.data, tok, preference=True, max_length=cfg.max_length)
@@ -50,7 +50,7 @@ def storage(model_dir: str, strategy: str, procs, batch: dict) -> dict[str, int]
     parameters, gradients and optimizer state (local shards for FSDP2)."""
     from posttrain.models import load_model
     from posttrain.train.config import LoraConfig
-    from posttrain.train.distributed import local_storage, shard
+    from posttrain.train.parallel.processes import local_storage, shard
     from posttrain.train.lora import apply_lora
     from posttrain.train.optim import make_optimizer
 
@@ -85,7 +85,7 @@ def storage(model_dir: str, strategy: str, procs, batch: dict) -> dict[str, int]
 
 def main() -> None:
     from posttrain.train.config import train_config
-    from posttrain.train.distributed import Processes
+    from posttrain.train.parallel.processes import Processes
 
     model_dir, data, out = sys.argv[1:4]
     out = Path(out)

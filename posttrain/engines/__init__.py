@@ -9,9 +9,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import ConfigError
-from .base import AdapterEngine, Completion, Engine, EngineUnavailable, Messages, SamplingParams
-from .config import ENGINES, EngineConfig, batch_size as batch_size_of
+from posttrain.config import ConfigError
+from posttrain.engines.base import (
+    AdapterEngine,
+    Completion,
+    Engine,
+    EngineUnavailable,
+    Messages,
+    SamplingParams,
+)
+from posttrain.engines.config import ENGINES, EngineConfig, batch_size as batch_size_of
 
 
 def make_engine(
@@ -41,7 +48,7 @@ def make_engine(
         config = EngineConfig(**{**config.__dict__, "batch_size": batch_size})
     config.check()
     if config.kind == "hf":
-        from .hf import HFEngine
+        from posttrain.engines.hf import HFEngine
 
         engine = HFEngine.from_name(
             model,
@@ -55,7 +62,7 @@ def make_engine(
         engine.progress = progress
         return engine
     if config.kind == "vllm":
-        from .vllm import VLLMEngine
+        from posttrain.engines.vllm import VLLMEngine
 
         return VLLMEngine(
             model,
@@ -68,7 +75,7 @@ def make_engine(
             sleep_mode=sleep_mode,
         )
     if config.kind == "openai":
-        from .openai import OpenAIEngine
+        from posttrain.engines.openai import OpenAIEngine
 
         engine = OpenAIEngine(
             config.base_urls,

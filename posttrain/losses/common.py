@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..logprobs import chunked_token_logps
+from posttrain.losses.logprobs import chunked_token_logps
 
 Metrics = dict[str, torch.Tensor]  # name -> 0-dim detached tensor
 
@@ -27,7 +27,7 @@ def token_logps(
 ) -> torch.Tensor:
     """log softmax(logits)[label] per position, float32, (B, T); 0.0 where label == ignore_index.
 
-    Memory-lean (posttrain.logprobs): computed over chunks of positions, each upcast to
+    Memory-lean (posttrain.losses.logprobs): computed over chunks of positions, each upcast to
     float32 only while it is processed; backward keeps the logits as they are plus one float32
     logsumexp per position, never a float32 (B, T, V) copy.
     """

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import Metrics, _check_tokens, _masked_mean
+from posttrain.losses.common import Metrics, _check_tokens, _masked_mean
 
 AGGREGATIONS = ("grpo", "token_mean", "dapo", "dr_grpo")
 # |log ratio| cap: one token whose log-prob drifted far (or -inf in a bf16 forward) would make

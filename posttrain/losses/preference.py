@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .common import Metrics
+from posttrain.losses.common import Metrics
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "robust", "bdpo")
 

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .common import Metrics, _check_tokens, _masked_mean
+from posttrain.losses.common import Metrics, _check_tokens, _masked_mean
 
 
 def _aggregate_sft(

@@ -36,9 +36,9 @@ from __future__ import annotations
 
 import logging
 
-from ..records import Problem, read_problems
-from .decontaminate import decontaminate, normalise_question
-from .spec import LoadReport, Spec, SpecError, parse_spec
+from posttrain.records import Problem, read_problems
+from posttrain.tasks.decontaminate import decontaminate, normalise_question
+from posttrain.tasks.spec import LoadReport, Spec, SpecError, parse_spec
 
 __all__ = [
     "load_problems",
@@ -91,23 +91,23 @@ def _load(text: str, limit: int | None, depth: int) -> tuple[list[Problem], Load
 def _dispatch(spec: Spec, limit: int | None, report: LoadReport, depth: int) -> list[Problem]:
     skipped = report.skipped
     if spec.kind == "auto":
-        from .formats import detect_format
+        from posttrain.tasks.formats import detect_format
 
         spec = Spec(spec.text, detect_format(spec.body), spec.body, spec.options)
     if spec.kind == "builtin":
-        from .arith import load
+        from posttrain.tasks.arith import load
 
         return load(spec, limit)
     if spec.kind in ("hle", "gsm8k", "dna", "jsonl"):
-        from . import formats
+        from posttrain.tasks import formats
 
         return getattr(formats, f"load_{spec.kind}")(spec, skipped)
     if spec.kind == "hf":
-        from .hf import load_hf
+        from posttrain.tasks.hf import load_hf
 
         return load_hf(spec, skipped, limit)
     if spec.kind == "mix":
-        from .mixture import load_mix
+        from posttrain.tasks.mixture import load_mix
 
         return load_mix(spec, skipped, report.drawn, lambda text, d: _load(text, None, d), depth)
     spec.check_options(set())

@@ -29,8 +29,8 @@ from __future__ import annotations
 import hashlib
 import random
 
-from ..records import Problem
-from .spec import Spec, SpecError
+from posttrain.records import Problem
+from posttrain.tasks.spec import Spec, SpecError
 
 OPS = ("add", "sub", "mul")
 SYMBOLS = {"add": "+", "sub": "-", "mul": "*"}

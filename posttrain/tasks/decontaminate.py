@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from ..records import Problem
-from .arith import fact_of
+from posttrain.records import Problem
+from posttrain.tasks.arith import fact_of
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 _SENTENCE_PUNCTUATION = set(".,;:!?\"'`")  # math symbols (+ - * / = ^ ...) are kept

@@ -13,8 +13,8 @@ import csv
 import re
 from pathlib import Path
 
-from ..records import ANSWER_TYPES, DataError, Problem, iter_jsonl, require
-from .spec import Spec
+from posttrain.records import ANSWER_TYPES, DataError, Problem, iter_jsonl, require
+from posttrain.tasks.spec import Spec
 
 HLE_TYPES = {"exactMatch": "exact", "multipleChoice": "choice"}
 _CHOICE_LINE = re.compile(r"^\s*([A-Z])[.)]\s+(.+?)\s*$")

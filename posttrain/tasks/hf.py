@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..records import DataError, Problem
-from .formats import MAPPED_FIELDS, _UniqueIds, field_mapping, problem_from_row
-from .spec import Spec, SpecError
+from posttrain.records import DataError, Problem
+from posttrain.tasks.formats import MAPPED_FIELDS, _UniqueIds, field_mapping, problem_from_row
+from posttrain.tasks.spec import Spec, SpecError
 
 
 def _datasets():

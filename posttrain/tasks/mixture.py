@@ -32,8 +32,8 @@ from typing import Callable
 
 import yaml
 
-from ..records import DataError, Problem
-from .spec import Spec, SpecError, parse_options, parse_spec
+from posttrain.records import DataError, Problem
+from posttrain.tasks.spec import Spec, SpecError, parse_options, parse_spec
 
 _PART = re.compile(r"^(?P<source>.+)@(?P<weight>[^@?]+)(?:\?(?P<options>.*))?$")
 _FILE_KINDS = ("hle", "gsm8k", "dna", "jsonl", "native", "auto", "hf", "mix")

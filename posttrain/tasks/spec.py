@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..records import DataError
+from posttrain.records import DataError
 
 KINDS = ("builtin", "hle", "gsm8k", "dna", "jsonl", "hf", "mix", "native")
 

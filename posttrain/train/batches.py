@@ -19,7 +19,7 @@ import random
 import numpy as np
 import torch
 
-from .data import Example
+from posttrain.train.data import Example
 
 GROUP_WINDOW = 16  # global batches per length-sorting window
 

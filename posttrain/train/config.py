@@ -5,7 +5,7 @@
 Precedence: dataclass defaults <- the method's preset (METHOD_PRESETS) <- `--config FILE.yaml`
 <- `--set key=value` <- the explicit flags `--model` and `--data`. The resolved config is saved
 as OUT/config.yaml. `BaseTrainConfig` (model, dtype, AdamW, schedule, checkpoints, LoRA) is
-shared with the online trainer (train/online_config.py), which extends it as this file's
+shared with the online trainer (train/online/config.py), which extends it as this file's
 `TrainConfig` does.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import ConfigError, load_config
+from posttrain.config import ConfigError, load_config
 
 SFT_METHODS = ("sft", "dft", "chord-phi")
 PREFERENCE_METHODS = ("dpo", "ipo", "robust-dpo", "bdpo", "rpo")
@@ -131,7 +131,7 @@ class BaseTrainConfig:
     # own) | eager | sdpa (train/modes.py set_attention)
     attention: str = "auto"
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
-    # how the model is spread over torchrun's processes (train/distributed.py): ddp (a replica
+    # how the model is spread over torchrun's processes (train/parallel/processes.py): ddp (a replica
     # each), fsdp2 (torch fully_shard: 1/N of weights, gradients, optimizer state each),
     # deepspeed (ZeRO-3 through accelerate; CUDA only)
     strategy: str = "ddp"
@@ -184,12 +184,12 @@ class BaseTrainConfig:
             bad("padding", self.padding, " | ".join(PADDINGS))
         if self.attention not in ("auto", "eager", "sdpa"):
             bad("attention", self.attention, "auto | eager | sdpa")
-        from .metrics import TRACKERS
+        from posttrain.train.metrics import TRACKERS
 
         for name in self.trackers:
             if name not in TRACKERS:
                 bad("trackers", name, " | ".join(TRACKERS))
-        from .distributed import STRATEGIES
+        from posttrain.train.parallel.processes import STRATEGIES
 
         if self.strategy not in STRATEGIES:
             bad("strategy", self.strategy, " | ".join(STRATEGIES))

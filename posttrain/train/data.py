@@ -36,11 +36,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..pairs import assistant_turn
-from ..records import DataError, iter_jsonl
-from .tokenizing import TemplateMismatch as TemplateMismatch  # re-exported
-from .tokenizing import int32_ids, tokenized_rows
-from .tokenizing import tokenize_turn as tokenize_turn  # re-exported
+from posttrain.pairs import assistant_turn
+from posttrain.records import DataError, iter_jsonl
+from posttrain.train.tokenizing import TemplateMismatch as TemplateMismatch  # re-exported
+from posttrain.train.tokenizing import int32_ids, tokenized_rows
+from posttrain.train.tokenizing import tokenize_turn as tokenize_turn  # re-exported
 
 
 @dataclass(frozen=True, eq=False)

@@ -28,8 +28,8 @@ import re
 import torch
 from torch import nn
 
-from ..config import ConfigError
-from .config import LoraConfig
+from posttrain.config import ConfigError
+from posttrain.train.config import LoraConfig
 
 # Module names across Llama, Qwen2/3 (dense and MoE), Mistral, Gemma, Phi-3, Olmo.
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
@@ -66,7 +66,7 @@ def _preset_modules(model: nn.Module, preset: str) -> list[str]:
 def _moe_target(model: nn.Module, name: str) -> tuple[list[str], list[str]]:
     """(modules, parameters) of all-router | experts | shared-expert; ConfigError when the
     model has none of what the name asks for."""
-    from . import moe
+    from posttrain.train import moe
 
     kind = type(moe.transformers_model(model)).__name__
     if name == "shared-expert":
@@ -124,7 +124,7 @@ def lora_targets(model: nn.Module, targets: str | list[str]) -> tuple[list[str],
             if name in PRESETS:
                 modules.update(_preset_modules(model, name))
             elif name == NEW_LAYERS:  # all-linear inside the layers posttrain_expand.json names
-                from ..expand import in_new_layers
+                from posttrain.expand.depth import in_new_layers
 
                 modules.update(in_new_layers(model, _preset_modules(model, "all-linear")))
             else:
@@ -185,7 +185,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     """
     cfg.check()
     if not cfg.enabled and cfg.targets == NEW_LAYERS:  # full fine-tuning of the new layers
-        from ..expand import select_new_layers_for_full_finetuning
+        from posttrain.expand.depth import select_new_layers_for_full_finetuning
 
         select_new_layers_for_full_finetuning(model)
         return model

@@ -81,7 +81,7 @@ def start_trackers(names, folder: Path, config: dict) -> list:
     from accelerate.tracking import TensorBoardTracker, WandBTracker
     from accelerate.utils import is_tensorboard_available, is_wandb_available
 
-    from ..config import ConfigError
+    from posttrain.config import ConfigError
 
     trackers = []
     for name in names:

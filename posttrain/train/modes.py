@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import ConfigError
+from posttrain.config import ConfigError
 
 EAGER_MAX_TOKENS = 512  # auto: eager attention on CPU up to this sequence length
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import ConfigError
+from posttrain.config import ConfigError
 
 # ------------------------------------------------------------------------ model structure
 
@@ -279,7 +279,7 @@ def probe_batch(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor
 
 def probe_prompt(tokenizer, problem, system_prompt: str | None = None) -> list[int]:
     """Token ids of a problem's prompt as the online trainer's engine renders it."""
-    from ..sample import prompt_messages
+    from posttrain.sampling import prompt_messages
 
     text = tokenizer.apply_chat_template(
         prompt_messages(problem, system_prompt), tokenize=False, add_generation_prompt=True

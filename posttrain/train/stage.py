@@ -15,10 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..config import save_config
-from ..recipe import TrainStage
-from .config import OFFLINE_METHODS, METHOD_PRESETS, method_config
-from .config import TrainConfig
+from posttrain.config import save_config
+from posttrain.pipeline.recipe import TrainStage
+from posttrain.train.config import OFFLINE_METHODS, METHOD_PRESETS, method_config
+from posttrain.train.config import TrainConfig
 
 
 def resolve_config(
@@ -26,7 +26,7 @@ def resolve_config(
 ):
     """The validated TrainConfig (offline) or OnlineConfig for `method`: defaults <- preset <-
     `settings` (a recipe's train.config) <- model / data / problems."""
-    from ..config import merge
+    from posttrain.config import merge
 
     if method in OFFLINE_METHODS:
         presets = {m: METHOD_PRESETS.get(m, {}) for m in OFFLINE_METHODS}
@@ -34,7 +34,7 @@ def resolve_config(
         return method_config(
             TrainConfig, method, presets, None, None, {"model": model, "data": data}
         )
-    from .online import METHODS, OnlineConfig
+    from posttrain.train.online.loop import METHODS, OnlineConfig
 
     presets = dict(METHODS)
     if method in presets:
@@ -92,10 +92,10 @@ def train_stage(
             )
         return
     if method in OFFLINE_METHODS:
-        from .offline import train
+        from posttrain.train.offline.loop import train
 
         train(cfg, out, resume=resume, progress=progress)
     else:
-        from .online import train_online
+        from posttrain.train.online.loop import train_online
 
         train_online(cfg, out, resume=resume, progress=progress)

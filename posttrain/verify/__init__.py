@@ -1,6 +1,6 @@
 """Graders: plain functions `(response, problem) -> Grade`, and the row-level `verify_row`.
 
-`posttrain verify --samples samples.jsonl --out scored.jsonl` (posttrain/verify/stage.py) runs
+`posttrain verify --samples samples.jsonl --out scored.jsonl` (posttrain/verify/files.py) runs
 them over a file. One grader per answer_type:
   choice  -> choice.grade_choice    exact -> exact.grade_exact
   math    -> math.grade_math        refusal -> refusal.grade_refusal (left to evaluation)

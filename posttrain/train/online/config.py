@@ -1,0 +1,277 @@
+"""Typed settings of `posttrain train` for the online methods (GRPO family, CISPO, CHORD).
+
+    posttrain train --method grpo --problems "builtin:arith:512?split=train" --out runs/grpo \
+        --set rollout.engine.kind=hf --set rollout.sync=adapter --set max_steps=40
+
+Precedence as for the offline methods (train/config.py): defaults <- the method's preset
+(METHODS) <- `--config FILE.yaml` <- `--set key=value` <- `--model` / `--problems`. The model,
+precision, AdamW, schedule, checkpoint and LoRA settings come from `BaseTrainConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from posttrain.config import ConfigError
+from posttrain.engines.config import EngineConfig
+from posttrain.losses import AGGREGATIONS
+from posttrain.train.config import BaseTrainConfig, method_config
+
+# Method name -> the settings it implies (under the user's YAML and --set overrides).
+METHODS: dict[str, dict] = {
+    "grpo": {"aggregation": "grpo", "advantage_scale": "group"},
+    # Dr. GRPO (Liu et al. 2025): no std division; token sum / (B * max_new_tokens).
+    "dr-grpo": {"aggregation": "dr_grpo", "advantage_scale": "none"},
+    # DAPO (Yu et al. 2025): clip-higher 0.28, token-level loss over the whole batch, dynamic
+    # sampling on accuracy, soft overlong punishment (paper: a 4096-token buffer of 20480 =
+    # 20 %), no KL.
+    "dapo": {
+        "aggregation": "dapo",
+        "clip_low": 0.2,
+        "clip_high": 0.28,
+        "dynamic_sampling": True,
+        "overlong_buffer": 0.2,
+        "kl_beta": 0.0,
+    },
+    # GRPO whose per-token loss is averaged over the tokens of each micro-batch (what TRL calls
+    # "bnpo"; not the BNPO paper's beta-normalised method, hence the name).
+    "grpo-token-mean": {"aggregation": "token_mean"},
+    # GSPO (Zheng et al. 2025, v2 sec. 5.1): sequence-level ratio, clip ranges 3e-4 / 4e-4, no
+    # KL. The clip only acts off-policy, i.e. with updates_per_batch > 1.
+    "gspo": {"ratio_level": "sequence", "clip_low": 3e-4, "clip_high": 4e-4, "kl_beta": 0.0},
+    # CISPO (MiniMax-M1, Chen et al. 2025): sg(clip(r, 1 - low, 1 + high)) A log p on every
+    # token; the paper sets no lower bound (low 1.0 -> 0) and tunes only the upper one.
+    # Token-level aggregation over the step, as the paper's normalisation by all tokens.
+    "cispo": {
+        "loss": "cispo",
+        "clip_low": 1.0,
+        "clip_high": 0.28,
+        "kl_beta": 0.0,
+        "aggregation": "dapo",
+    },
+    "chord": {"aggregation": "grpo", "advantage_scale": "group"},
+}
+RENAMED = {
+    "bnpo": "grpo-token-mean (aggregation token_mean): it averages the loss over the "
+    "tokens of each micro-batch; it is not the BNPO paper's method"
+}
+
+# Settings that may change between a run and its resume (they do not change the result).
+RESUME_MAY_CHANGE = {
+    "stop_after_steps",
+    "num_threads",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "trackers",
+}
+
+
+@dataclass
+class ChordConfig:
+    variant: str = "mu"  # mu: plain SFT term; phi: SFT weighted by p(1 - p) per token
+    demos: str = ""  # demonstrations (messages / prompt + completion) or scored rows (correct)
+    ratio: float = 0.5  # demonstrations per step = max(1, round(ratio * problems_per_step))
+    max_length: int = 1024  # longer demonstrations are dropped (and counted)
+    # mu = losses.mu_schedule(step, ...); for a constant mu set mu_peak == mu_valley.
+    mu_peak: float = 0.9
+    mu_valley: float = 0.05
+    mu_warmup_steps: int = 0
+    mu_decay_steps: int = 100
+
+
+@dataclass
+class RolloutConfig:
+    """Which engine samples, how it gets the policy, and how its remaining mismatch is handled."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    # live: the engine samples the training model itself (hf only; nothing to sync).
+    # adapter: the engine holds its own weights; after each update the LoRA adapter is saved
+    #   and loaded under a new name (no merge, no full-weight copy); vllm / openai need this.
+    sync: str = "live"
+    # Colocated vllm on CUDA: vLLM sleeps (level 1: weights to CPU memory, KV cache freed)
+    # during each policy update and wakes before sampling (engines/vllm.py). Refused on a CPU.
+    sleep: bool = False
+    # Stop when the k3 KL between the engine's and the trainer's log-probs of the sampled tokens
+    # exceeds this right after a sync: the engine is then not sampling the current policy.
+    # None: by dtype, from measurements on the embedded model (rollout_engine.py): 1e-6 in
+    # fp32, 1e-2 in bf16 / fp16. 0: never stop.
+    max_mismatch_kl: float | None = None
+    # Correction of the remaining mismatch, weight w = pi_trainer / pi_rollout per token or
+    # sequence: none | tis (weight min(w, tis_cap)) | mis (tokens / sequences with w outside
+    # [mis_low, mis_high] get no loss)
+    correction: str = "none"
+    correction_level: str = "token"  # token | sequence
+    tis_cap: float = 2.0
+    mis_low: float = 0.5
+    mis_high: float = 2.0
+
+
+@dataclass
+class OnlineConfig(BaseTrainConfig):
+    method: str = "grpo"  # see METHODS
+    problems: str = "builtin:arith:512?split=train"
+    limit: int = 0  # > 0: only the first N problems
+    system_prompt: str | None = None
+    # rollouts
+    num_generations: int = 4  # G: completions per problem
+    problems_per_step: int = 4  # over all processes; each takes an equal share of the groups
+    max_new_tokens: int = 64
+    # The policy trained is softmax(logits / temperature) (the distribution sampled from).
+    # top_p < 1 samples from a renormalised nucleus the loss does not model (rollouts.py).
+    temperature: float = 1.0
+    top_p: float = 1.0
+    generation_batch_size: int = 16  # sequences per generate call
+    dynamic_sampling: bool = False  # drop groups all right or all wrong, draw again (DAPO)
+    max_sampling_rounds: int = 3  # generate calls per step at most, with dynamic sampling
+    # reward = grader reward + format_reward * format_ok - overlong penalty
+    format_reward: float = 0.0
+    overlong_buffer: float = 0.0  # share of max_new_tokens in DAPO's soft-penalty zone; 0: off
+    overlong_penalty: float = 1.0  # the penalty at max_new_tokens
+    mask_truncated: bool = False  # truncated completions keep their reward but get no loss
+    # loss (posttrain.losses.policy_loss; offpolicy.cispo_loss)
+    loss: str = "ppo"  # ppo (clipped ratio) | cispo (clipped, detached IS weight)
+    aggregation: str = "grpo"  # grpo | token_mean | dapo | dr_grpo
+    advantage_scale: str = "group"  # group | batch | none (Dr. GRPO)
+    ratio_level: str = "token"  # token | sequence (GSPO)
+    clip_low: float = 0.2
+    clip_high: float | None = None  # None: clip_low; DAPO's clip-higher: 0.28
+    kl_beta: float = 0.0  # k3 KL to the base model (adapter disabled)
+    updates_per_batch: int = 1  # optimizer steps on each sampled batch (PPO epochs)
+    micro_batch_size: int = 8  # sequences per forward / backward (gradients accumulate)
+    # optimisation: BaseTrainConfig's, with these defaults
+    lr: float = 2e-5
+    schedule: str = "constant"
+    warmup_ratio: float = 0.0
+    max_steps: int = 40  # rollout steps (optimizer steps = max_steps * updates_per_batch)
+    checkpoint_every: int = 10  # rollout steps
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    chord: ChordConfig = field(default_factory=ChordConfig)
+
+    def check(self) -> None:
+        bad = self.bad
+        if self.method in RENAMED or self.aggregation == "bnpo":
+            raise ConfigError(f"'bnpo' was renamed: use {RENAMED['bnpo']}")
+        if self.method not in METHODS:
+            bad("method", self.method, " | ".join(METHODS))
+        super().check()
+        if self.num_generations < 2:
+            bad("num_generations", self.num_generations, ">= 2 (advantages need a group)")
+        self.check_counts(
+            (
+                "problems_per_step",
+                "max_new_tokens",
+                "updates_per_batch",
+                "max_steps",
+                "micro_batch_size",
+                "generation_batch_size",
+                "max_sampling_rounds",
+            ),
+            ("limit",),
+        )
+        if self.temperature <= 0:
+            bad("temperature", self.temperature, "> 0 (RL needs sampling; the loss uses it)")
+        if not 0.0 < self.top_p <= 1.0:
+            bad("top_p", self.top_p, "a value in (0, 1]")
+        if self.loss not in ("ppo", "cispo"):
+            bad("loss", self.loss, "ppo | cispo")
+        if self.aggregation not in AGGREGATIONS:
+            bad("aggregation", self.aggregation, " | ".join(AGGREGATIONS))
+        if self.advantage_scale not in ("group", "batch", "none"):
+            bad("advantage_scale", self.advantage_scale, "group | batch | none")
+        if self.ratio_level not in ("token", "sequence"):
+            bad("ratio_level", self.ratio_level, "token | sequence")
+        if self.loss == "cispo" and self.ratio_level != "token":
+            bad("ratio_level", self.ratio_level, "token with loss cispo")
+        if not 0.0 <= self.overlong_buffer <= 1.0:
+            bad("overlong_buffer", self.overlong_buffer, "a share of max_new_tokens in [0, 1]")
+        if self.kl_beta > 0 and not self.lora.enabled:
+            bad(
+                "kl_beta",
+                self.kl_beta,
+                "0 with lora.enabled false (the KL reference is the "
+                "model with its adapter disabled)",
+            )
+        if self.kl_beta > 0 and self.lora.init != "default":
+            bad(
+                "kl_beta",
+                self.kl_beta,
+                f"0 with lora.init {self.lora.init}: with the adapter "
+                "disabled that model is the residual base, not the model trained from",
+            )
+        self._check_rollout()
+        self._check_unused()
+        if self.method == "chord":
+            c = self.chord
+            if c.variant not in ("mu", "phi"):
+                bad("chord.variant", c.variant, "mu | phi")
+            if not c.demos:
+                bad("chord.demos", c.demos, "a JSONL file of demonstrations")
+            if not (0.0 <= c.mu_valley <= 1.0 and 0.0 <= c.mu_peak <= 1.0):
+                bad("chord.mu_peak/mu_valley", (c.mu_peak, c.mu_valley), "values in [0, 1]")
+            if c.ratio <= 0:
+                bad("chord.ratio", c.ratio, "> 0")
+
+    def _check_unused(self) -> None:
+        """A setting that the chosen options never read is an error, not silently ignored."""
+        default, r, d = OnlineConfig(), self.rollout, RolloutConfig()
+        unused = {
+            "chord": self.method != "chord" and self.chord != ChordConfig(),
+            "max_sampling_rounds": not self.dynamic_sampling
+            and self.max_sampling_rounds != default.max_sampling_rounds,
+            "overlong_penalty": self.overlong_buffer == 0
+            and self.overlong_penalty != default.overlong_penalty,
+            "rollout.tis_cap": r.correction != "tis" and r.tis_cap != d.tis_cap,
+            "rollout.mis_low/mis_high": r.correction != "mis"
+            and (r.mis_low, r.mis_high) != (d.mis_low, d.mis_high),
+            "rollout.correction_level": r.correction == "none"
+            and r.correction_level != d.correction_level,
+        }
+        for name, is_unused in unused.items():
+            if is_unused:
+                raise ConfigError(
+                    f"{name}: set, but not used with method {self.method!r} and "
+                    f"these settings (chord needs method chord; "
+                    f"max_sampling_rounds dynamic_sampling; overlong_penalty "
+                    f"overlong_buffer > 0; the rollout.* knobs their correction)"
+                )
+
+    def _check_rollout(self) -> None:
+        bad, r = self.bad, self.rollout
+        r.engine.check()
+        if r.sync not in ("live", "adapter"):
+            bad("rollout.sync", r.sync, "live | adapter")
+        if r.engine.kind != "hf" and r.sync == "live":
+            bad(
+                "rollout.sync",
+                r.sync,
+                f"adapter with rollout.engine.kind {r.engine.kind} "
+                "(only the hf engine can sample the training model itself)",
+            )
+        if r.sleep and r.engine.kind != "vllm":
+            bad(
+                "rollout.sleep",
+                r.sleep,
+                "false with rollout.engine.kind "
+                f"{r.engine.kind} (only the colocated, in-process vllm engine sleeps)",
+            )
+        if r.sync == "adapter" and not self.lora.enabled:
+            bad("rollout.sync", r.sync, "live with lora.enabled false (only adapters are synced)")
+        if r.max_mismatch_kl is not None and r.max_mismatch_kl < 0:
+            bad("rollout.max_mismatch_kl", r.max_mismatch_kl, ">= 0 (0: never stop)")
+        if r.correction not in ("none", "tis", "mis"):
+            bad("rollout.correction", r.correction, "none | tis | mis")
+        if r.correction_level not in ("token", "sequence"):
+            bad("rollout.correction_level", r.correction_level, "token | sequence")
+        if r.tis_cap < 1:
+            bad("rollout.tis_cap", r.tis_cap, ">= 1")
+        if not 0 <= r.mis_low < 1 < r.mis_high:
+            bad("rollout.mis_low/mis_high", (r.mis_low, r.mis_high), "low < 1 < high")
+
+
+def online_config(
+    method: str, path: str | None = None, overrides: list[str] | None = None, **flags
+) -> OnlineConfig:
+    """Defaults <- method preset <- YAML file <- --set <- `flags` (not None); validated."""
+    if method in RENAMED:
+        raise ConfigError(f"method 'bnpo' was renamed: use {RENAMED[method]}")
+    return method_config(OnlineConfig, method, METHODS, path, overrides, flags)

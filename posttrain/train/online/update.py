@@ -1,0 +1,251 @@
+"""The online trainer's forward and backward passes over a step's rollouts (and CHORD's demos).
+
+    python -c "from posttrain.train.online.update import micro_batch_weight; help(micro_batch_weight)"
+
+The policy trained is the distribution the rollouts were sampled from: softmax(logits / T)
+with T the sampling temperature, so the log-probs, ratios, KL and entropy are all of the
+tempered logits. The engines report log-probs under the raw distribution (T = 1; engines/base.py
+Completion.token_logprobs), so the sync check and the rollout correction compare them with the
+trainer's raw log-probs of the same forward (one more logsumexp, no gradient; none at T = 1):
+raw against raw, tempered against nothing else. At T = 1 the two are the same.
+
+Per step: the micro-batches' losses are scaled so that, summed over micro-batches (and averaged
+over processes by DDP), they are the loss of the whole step (micro_batch_weight).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from posttrain.losses import chord_loss, metrics_to_floats, policy_loss, sft, sft_phi, token_logps
+from posttrain.losses.offpolicy import cispo_loss, mismatch_metrics, rollout_weights
+from posttrain.train.forward import completion_logps, group_logits
+from posttrain.train.moe import MoeRun
+
+
+def sampled_logps(model, batch: dict[str, torch.Tensor], temperature: float, *, raw: bool = False):
+    """One forward: (tempered log-probs with gradient, raw log-probs or None, entropy of the
+    tempered distribution), each (b, K) on the completion tokens, 0 elsewhere."""
+    K = batch["labels"].shape[1]
+    if "completion_ids" in batch:  # one group, unpadded (rollouts.rollout_batches layouts)
+        logits = group_logits(model, batch)  # (b, K, V)
+    else:
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            logits_to_keep=K + 1,
+            use_cache=False,
+        ).logits[:, :-1]  # (b, K, V): position t predicts token t
+    scaled = logits / temperature if temperature != 1.0 else logits  # (b, K, V)
+    logps = token_logps(scaled, batch["labels"])  # (b, K)
+    with torch.no_grad():
+        entropy = torch.stack([_entropy(row) for row in scaled])  # (b, K), one row at a time
+        raw_logps = None
+        if raw:
+            raw_logps = (
+                logps.detach()
+                if scaled is logits
+                else token_logps(logits.detach(), batch["labels"])
+            )
+    return logps, raw_logps, entropy
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) over the last axis in float32: (K, V) -> (K,)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def micro_batch_weight(
+    aggregation: str, rows: int, total_rows: int, n_micro: int, processes: int = 1
+) -> float:
+    """The factor that makes the summed micro-batch losses the loss of the whole step.
+
+    grpo and dr_grpo are means over a micro-batch's sequences: weight rows / total rows (over
+    all processes), times the number of processes because DDP averages gradients. dapo is
+    given the whole step's token count (`num_items_in_batch`): weight = processes. token_mean
+    normalises by each micro-batch's own tokens (TRL's "bnpo"): the mean of this process's.
+    """
+    if aggregation in ("grpo", "dr_grpo"):
+        return rows / total_rows * processes
+    if aggregation == "dapo":
+        return float(processes)
+    return 1.0 / n_micro
+
+
+@torch.no_grad()
+def frozen_logps(
+    model, batches: list[tuple[dict, slice]], temperature: float, *, reference: bool
+) -> list:
+    """Tempered completion log-probs per micro-batch, without gradients: of the policy as it
+    is now (the old log-probs) or of the base model with the adapter disabled (KL reference)."""
+
+    def one(b):
+        return sampled_logps(model, b, temperature)[0]
+
+    if reference:
+        with model.disable_adapter():
+            return [one(b) for b, _ in batches]
+    return [one(b) for b, _ in batches]
+
+
+def step_loss(
+    cfg,
+    logps,
+    old_logps,
+    advantages,
+    mask,
+    *,
+    ref=None,
+    is_weights=None,
+    total_tokens: float | None = None,
+):
+    """The loss `cfg` names over one micro-batch: losses.policy_loss (PPO clip; GSPO with
+    ratio_level sequence) or offpolicy.cispo_loss, with the method's clip range, aggregation,
+    KL and rollout-correction weights. `total_tokens`: the step's token count (dapo)."""
+    kwargs = dict(
+        clip_low=cfg.clip_low,
+        aggregation=cfg.aggregation,
+        ref_logps=ref,
+        kl_beta=cfg.kl_beta,
+        max_completion_length=cfg.max_new_tokens,
+        is_weights=is_weights,
+        num_items_in_batch=max(total_tokens or 0.0, 1.0)
+        if cfg.aggregation == "dapo" and total_tokens is not None
+        else None,
+    )
+    if cfg.loss == "cispo":
+        high = cfg.clip_high if cfg.clip_high is not None else cfg.clip_low
+        return cispo_loss(logps, old_logps, advantages, mask, clip_high=high, **kwargs)
+    return policy_loss(
+        logps,
+        old_logps,
+        advantages,
+        mask,
+        clip_high=cfg.clip_high,
+        ratio_level=cfg.ratio_level,
+        **kwargs,
+    )
+
+
+def policy_backward(
+    model,
+    batches,
+    advantages: torch.Tensor,
+    old: list | None,
+    ref: list | None,
+    cfg,
+    *,
+    mu: float | None,
+    total_rows: int,
+    total_tokens: float,
+    processes: int = 1,
+    weights: list | None = None,
+    no_sync=None,
+    moe: MoeRun = MoeRun(),
+) -> tuple[dict[str, float], list | None]:
+    """Backward over this process's rollout micro-batches; gradients accumulate.
+
+    `advantages` are this process's rows; `total_rows` / `total_tokens` count the whole step
+    over all processes. `weights`: rollout-correction weights from the first update (None on
+    it: they are computed here from the engine's log-probs, with the mismatch metrics, and
+    returned for the later updates). `no_sync`: a context that skips DDP's all-reduce, used
+    on every micro-batch but the last. For CHORD each loss is scaled by (1 - mu). On an MoE
+    model `moe` adds coef x the balance loss, token-weighted like the logged metrics.
+    Returns (token-weighted sums of the metrics, with "tokens"; the correction weights).
+    """
+    r = cfg.rollout
+    first = weights is None
+    weights = [] if first else weights
+    sums: dict[str, float] = {"loss/policy": 0.0, "tokens": 0.0, "mismatch/abs_logp_max": 0.0}
+    for i, (batch, rows) in enumerate(batches):
+        mask = batch["labels"] != -100  # (b, K)
+        engine_logps = batch.get("rollout_logps")  # (b, K) raw, or None
+        with moe.record(model) as routing:
+            logps, raw, entropy = sampled_logps(
+                model, batch, cfg.temperature, raw=first and engine_logps is not None
+            )
+        values: dict[str, float] = {}
+        if first:
+            w = None
+            if raw is not None:
+                values.update(metrics_to_floats(mismatch_metrics(raw, engine_logps, mask)))
+                if r.correction != "none":
+                    w, m = rollout_weights(
+                        raw,
+                        engine_logps,
+                        mask,
+                        mode=r.correction,
+                        level=r.correction_level,
+                        cap=r.tis_cap,
+                        low=r.mis_low,
+                        high=r.mis_high,
+                    )
+                    values.update(metrics_to_floats(m))
+            weights.append(w)
+        loss, metrics = step_loss(
+            cfg,
+            logps,
+            None if old is None else old[i],
+            advantages[rows].to(logps.device),
+            mask,
+            ref=None if ref is None else ref[i],
+            is_weights=weights[i],
+            total_tokens=total_tokens,
+        )
+        loss = loss * micro_batch_weight(
+            cfg.aggregation, rows.stop - rows.start, total_rows, len(batches), processes
+        )
+        n = float(mask.sum())
+        total = moe.add_aux(loss, metrics, routing, n / max(total_tokens, 1.0) * processes)
+        last = i == len(batches) - 1
+        with contextlib.nullcontext() if last or no_sync is None else no_sync():
+            (total if mu is None else chord_loss(total, torch.zeros_like(loss), mu)).backward()
+        values.update(metrics_to_floats(metrics))
+        values["entropy"] = float(entropy[mask].mean()) if n else 0.0
+        for k, v in values.items():  # token-weighted: the step's values are token means
+            if k == "mismatch/abs_logp_max":
+                sums[k] = max(sums[k], v)
+            else:
+                sums[k] = sums.get(k, 0.0) + v * n
+        sums["loss/policy"] += float(loss.detach())
+        sums["tokens"] += n
+    return sums, weights
+
+
+def sft_backward(
+    model, batches: list[dict], cfg, mu: float, moe: MoeRun = MoeRun()
+) -> dict[str, float]:
+    """CHORD's SFT part: mu * (plain or phi-weighted) NLL, a token mean over every
+    demonstration token of the step; backward per micro-batch. The demonstrations are
+    trained at the raw distribution (T = 1), as SFT is."""
+    loss_fn = sft_phi if cfg.chord.variant == "phi" else sft
+    total = float(sum(int((b["labels"] != -100).sum()) for b in batches))
+    sums: dict[str, float] = {"loss/sft": 0.0}
+    for batch in batches:
+        mask = batch["labels"] != -100  # (b, K)
+        with moe.record(model) as routing:
+            logps = completion_logps(model, batch)
+        loss, metrics = loss_fn(logps, mask, num_items_in_batch=max(total, 1.0))
+        share = float(mask.sum()) / max(total, 1.0)
+        chord_loss(
+            torch.zeros_like(loss), moe.add_aux(loss, metrics, routing, share), mu
+        ).backward()
+        for k, v in metrics_to_floats(metrics).items():
+            if k != "tokens":
+                sums[f"sft/{k}"] = sums.get(f"sft/{k}", 0.0) + v * share
+        sums["loss/sft"] += float(loss.detach())
+    sums["sft/tokens"] = total
+    return sums
+
+
+def step_loss_value(metrics: dict[str, float], mu: float | None, moe: MoeRun = MoeRun()) -> float:
+    """The step's loss as logged, from its metrics: the policy loss (CHORD: mixed with the SFT
+    loss by mu, losses.chord_loss) plus coef x the MoE balance loss."""
+    policy = metrics.get("loss/policy", 0.0)
+    if mu is not None:
+        policy = float(chord_loss(torch.tensor(policy), torch.tensor(metrics["loss/sft"]), mu))
+    return policy + moe.aux_term(metrics, mu)
