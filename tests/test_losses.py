@@ -614,6 +614,39 @@ def test_policy_loss_bad_arguments():
         L.policy_loss(logps, None, ADV, RL_MASK, ratio_level="group")
 
 
+def test_policy_losses_share_one_ending_hand_worked():
+    """finish_policy_loss, the ending of policy_loss and cispo_loss: per-token losses [1, 1, 1]
+    and [2, (9 masked)] with lengths 3 and 1; grpo (3/3 + 2/1) / 2 = 1.5. With a reference one
+    nat above logp on every token, d = 1: k3 = e - 2 = 0.718282 per token, kl_beta 0.5 adds
+    0.359141 to each token's loss: grpo 1.5 + 0.359141; the masked 9 never counts."""
+    from posttrain.losses.policy_gradient import finish_policy_loss
+
+    per_token = torch.tensor([[1.0, 1.0, 1.0], [2.0, 9.0, 9.0]])
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    logps = torch.full((2, 3), -2.0)
+    loss, metrics = finish_policy_loss(per_token, logps, mask, aggregation="grpo")
+    assert_close(loss, torch.tensor(1.5))
+    assert metrics == {}
+    loss, metrics = finish_policy_loss(
+        per_token, logps, mask, aggregation="grpo", ref_logps=logps + 1.0, kl_beta=0.5
+    )
+    k3 = math.e - 2.0
+    assert_close(loss, torch.tensor(1.5 + 0.5 * k3))
+    assert_close(metrics["kl"], torch.tensor(k3))
+    # both losses end in it: on-policy, A = 1, one token of logp -1 and KL to logp -1 + 1
+    one = torch.tensor([[-1.0]], requires_grad=True)
+    m, adv, ref = torch.ones(1, 1, dtype=torch.bool), torch.ones(1), torch.zeros(1, 1)
+    from posttrain.losses.offpolicy import cispo_loss
+
+    ppo, pm = L.policy_loss(one, None, adv, m, ref_logps=ref, kl_beta=0.5)
+    cis, cm = cispo_loss(one, None, adv, m, aggregation="grpo", ref_logps=ref, kl_beta=0.5)
+    assert_close(ppo, torch.tensor(-1.0 + 0.5 * k3))  # -r A with r = 1
+    assert_close(cis, torch.tensor(1.0 + 0.5 * k3))  # -sg(r) A logp = 1
+    assert_close(pm["kl"], cm["kl"])
+    with pytest.raises(ValueError, match="cispo_loss: aggregation must be one of"):
+        cispo_loss(one, None, adv, m, aggregation="mean")
+
+
 # ---------------------------------------------------------------------------------- CHORD
 
 

@@ -27,8 +27,8 @@ Tests: `.venv/bin/python -m pytest tests/test_losses.py -q`
 
 from posttrain.losses.common import (
     Metrics,
-    _check_tokens,
-    _masked_mean,
+    check_tokens,
+    masked_mean,
     metrics_to_floats,
     token_logps,
 )
@@ -47,8 +47,8 @@ __all__ = [
     "DPO_LOSS_TYPES",
     "MAX_LOG_RATIO",
     "Metrics",
-    "_check_tokens",
-    "_masked_mean",
+    "check_tokens",
+    "masked_mean",
     "aggregate_tokens",
     "chord_loss",
     "dft",

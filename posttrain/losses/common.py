@@ -34,10 +34,10 @@ def token_logps(
     return chunked_token_logps(logits, labels, ignore_index)
 
 
-# ------------------------------------------------------------------------------ helpers
+# ------------------------------------------------- helpers every loss module shares
 
 
-def _check_tokens(name: str, logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def check_tokens(name: str, logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if logps.dim() != 2 or mask.shape != logps.shape:
         raise ValueError(
             f"{name}: expected logps and mask of one shape (B, T), got "
@@ -46,7 +46,7 @@ def _check_tokens(name: str, logps: torch.Tensor, mask: torch.Tensor) -> torch.T
     return mask.bool()
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of x over mask==True entries, 0 when there are none; detached (for metrics)."""
     x = x.detach().float()
     return torch.where(mask, x, 0.0).sum() / mask.sum().clamp(min=1)

@@ -17,8 +17,12 @@ from __future__ import annotations
 
 import torch
 
-from posttrain.losses import MAX_LOG_RATIO, Metrics, _check_tokens, _masked_mean, aggregate_tokens
-from posttrain.losses.policy_gradient import add_kl_penalty
+from posttrain.losses.common import Metrics, check_tokens, masked_mean
+from posttrain.losses.policy_gradient import (
+    MAX_LOG_RATIO,
+    check_policy_inputs,
+    finish_policy_loss,
+)
 
 
 def _log_ratio(trainer_logps, rollout_logps, m):
@@ -36,13 +40,13 @@ def mismatch_metrics(
     [0.5, 2]. d = [0, ln 2, -ln 4]: k3 = [0, 1 - .693147, -.75 + 1.386294] -> mean .314382;
     max |d| 1.386294; outside 1/3 (r = 1/4; r = 2 is on the boundary, inside).
     """
-    m = _check_tokens("mismatch_metrics", trainer_logps, mask)
+    m = check_tokens("mismatch_metrics", trainer_logps, mask)
     d = _log_ratio(trainer_logps, rollout_logps, m)
     r = torch.exp(d)
     return {
-        "mismatch/kl": _masked_mean(r - 1 - d, m),
+        "mismatch/kl": masked_mean(r - 1 - d, m),
         "mismatch/abs_logp_max": torch.where(m, d.abs(), 0.0).max() if m.any() else torch.zeros(()),
-        "mismatch/ratio_outside": _masked_mean(((r < 0.5) | (r > 2.0)).float(), m),
+        "mismatch/ratio_outside": masked_mean(((r < 0.5) | (r > 2.0)).float(), m),
     }
 
 
@@ -68,7 +72,7 @@ def rollout_weights(
     Metrics: correction/weight (token mean), correction/capped (tis: share with w > cap),
     correction/masked (mis: share of tokens given weight 0).
     """
-    m = _check_tokens("rollout_weights", trainer_logps, mask)
+    m = check_tokens("rollout_weights", trainer_logps, mask)
     if mode not in ("none", "tis", "mis") or level not in ("token", "sequence"):
         raise ValueError(
             f"rollout_weights: mode none | tis | mis and level token | sequence, "
@@ -80,16 +84,16 @@ def rollout_weights(
     w = torch.exp(d)  # (B, T)
     metrics: Metrics = {}
     if mode == "tis":
-        metrics["correction/capped"] = _masked_mean((w > cap).float(), m)
+        metrics["correction/capped"] = masked_mean((w > cap).float(), m)
         w = w.clamp(max=cap)
     elif mode == "mis":
         keep = (w >= low) & (w <= high)
-        metrics["correction/masked"] = _masked_mean((~keep).float(), m)
+        metrics["correction/masked"] = masked_mean((~keep).float(), m)
         w = keep.float()
     else:
         w = torch.ones_like(w)
     w = w.masked_fill(~m, 0.0)
-    metrics["correction/weight"] = _masked_mean(w, m)
+    metrics["correction/weight"] = masked_mean(w, m)
     return w, metrics
 
 
@@ -118,14 +122,7 @@ def cispo_loss(
     Metrics: clip_ratio/high (share of tokens with r > 1 + clip_high), clip_ratio/low (r below
     1 - clip_low), ratio/mean, kl when ref_logps is given.
     """
-    m = _check_tokens("cispo_loss", logps, mask)
-    if advantages.shape != logps.shape[:1]:
-        raise ValueError(
-            f"cispo_loss: advantages must be (B,) = {tuple(logps.shape[:1])}, "
-            f"got {tuple(advantages.shape)}"
-        )
-    if kl_beta and ref_logps is None:
-        raise ValueError("cispo_loss: kl_beta > 0 needs ref_logps")
+    m = check_policy_inputs("cispo_loss", logps, advantages, mask, aggregation, kl_beta, ref_logps)
     logps = logps.masked_fill(~m, 0.0)  # (B, T)
     old = logps.detach() if old_logps is None else old_logps.detach().masked_fill(~m, 0.0)
     ratio = torch.exp((logps.detach() - old).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))  # (B, T)
@@ -134,22 +131,21 @@ def cispo_loss(
         weight = weight * is_weights.detach()
     adv = advantages.detach().to(logps.dtype).unsqueeze(-1)  # (B, 1)
     per_token = -weight * adv * logps  # (B, T)
-    metrics: Metrics = {}
-    if ref_logps is not None:
-        per_token, metrics["kl"] = add_kl_penalty(per_token, logps, ref_logps, m, kl_beta)
-    per_token = torch.where(m, per_token, 0.0)
-    loss = aggregate_tokens(
+    loss, metrics = finish_policy_loss(
         per_token,
+        logps,
         m,
-        aggregation,
+        aggregation=aggregation,
+        ref_logps=ref_logps,
+        kl_beta=kl_beta,
         max_completion_length=max_completion_length,
         num_items_in_batch=num_items_in_batch,
     )
     metrics.update(
         {
-            "clip_ratio/low": _masked_mean((ratio < 1 - clip_low).float(), m),
-            "clip_ratio/high": _masked_mean((ratio > 1 + clip_high).float(), m),
-            "ratio/mean": _masked_mean(ratio, m),
+            "clip_ratio/low": masked_mean((ratio < 1 - clip_low).float(), m),
+            "clip_ratio/high": masked_mean((ratio > 1 + clip_high).float(), m),
+            "ratio/mean": masked_mean(ratio, m),
         }
     )
     metrics["clip_ratio/region"] = metrics["clip_ratio/low"] + metrics["clip_ratio/high"]

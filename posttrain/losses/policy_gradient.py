@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from posttrain.losses.common import Metrics, _check_tokens, _masked_mean
+from posttrain.losses.common import Metrics, check_tokens, masked_mean
 
 AGGREGATIONS = ("grpo", "token_mean", "dapo", "dr_grpo")
 # |log ratio| cap: one token whose log-prob drifted far (or -inf in a bf16 forward) would make
@@ -54,7 +54,58 @@ def add_kl_penalty(per_token, logps, ref_logps, mask, kl_beta: float):
     kl = torch.exp(d) - d - 1  # (B, T)
     if kl_beta:
         per_token = per_token + kl_beta * kl
-    return per_token, _masked_mean(kl, mask)
+    return per_token, masked_mean(kl, mask)
+
+
+def check_policy_inputs(
+    name: str,
+    logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    aggregation: str,
+    kl_beta: float,
+    ref_logps: torch.Tensor | None,
+) -> torch.Tensor:
+    """The checks every policy loss makes of its inputs; returns the mask as bool (B, T)."""
+    m = check_tokens(name, logps, mask)
+    if advantages.shape != logps.shape[:1]:
+        raise ValueError(
+            f"{name}: advantages must be (B,) = {tuple(logps.shape[:1])}, "
+            f"got {tuple(advantages.shape)}"
+        )
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"{name}: aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    if kl_beta and ref_logps is None:
+        raise ValueError(f"{name}: kl_beta > 0 needs ref_logps")
+    return m
+
+
+def finish_policy_loss(
+    per_token: torch.Tensor,
+    logps: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    aggregation: str,
+    ref_logps: torch.Tensor | None = None,
+    kl_beta: float = 0.0,
+    max_completion_length: int | None = None,
+    num_items_in_batch: float | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """The ending every policy loss shares (policy_loss, offpolicy.cispo_loss): add kl_beta x
+    k3 when `ref_logps` is given (and report its mean as `kl`), zero the masked-out tokens,
+    aggregate (aggregate_tokens). per_token, logps, mask: (B, T), mask bool."""
+    metrics: Metrics = {}
+    if ref_logps is not None:
+        per_token, metrics["kl"] = add_kl_penalty(per_token, logps, ref_logps, mask, kl_beta)
+    per_token = torch.where(mask, per_token, 0.0)  # (B, T)
+    loss = aggregate_tokens(
+        per_token,
+        mask,
+        aggregation,
+        max_completion_length=max_completion_length,
+        num_items_in_batch=num_items_in_batch,
+    )
+    return loss, metrics
 
 
 def policy_loss(
@@ -91,20 +142,9 @@ def policy_loss(
     clip is active), clip_ratio/high (r > 1 + clip_high and A > 0), clip_ratio/region (either),
     ratio/mean, and kl when ref_logps is given.
     """
-    m = _check_tokens("policy_loss", logps, mask)
-    if advantages.shape != logps.shape[:1]:
-        raise ValueError(
-            f"policy_loss: advantages must be (B,) = {tuple(logps.shape[:1])}, "
-            f"got {tuple(advantages.shape)}"
-        )
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(
-            f"policy_loss: aggregation must be one of {AGGREGATIONS}, got {aggregation!r}"
-        )
+    m = check_policy_inputs("policy_loss", logps, advantages, mask, aggregation, kl_beta, ref_logps)
     if ratio_level not in ("token", "sequence"):
         raise ValueError(f"policy_loss: ratio_level must be token or sequence, got {ratio_level!r}")
-    if kl_beta and ref_logps is None:
-        raise ValueError("policy_loss: kl_beta > 0 needs ref_logps")
     clip_high = clip_low if clip_high is None else clip_high
     logps = logps.masked_fill(~m, 0.0)  # (B, T)
     old = logps.detach() if old_logps is None else old_logps.detach().masked_fill(~m, 0.0)
@@ -119,26 +159,24 @@ def policy_loss(
     if is_weights is not None:
         per_token = per_token * is_weights.detach().masked_fill(~m, 0.0)
 
-    metrics: Metrics = {}
-    if ref_logps is not None:
-        per_token, metrics["kl"] = add_kl_penalty(per_token, logps, ref_logps, m, kl_beta)
-    per_token = torch.where(m, per_token, 0.0)
-    loss = aggregate_tokens(
+    loss, metrics = finish_policy_loss(
         per_token,
+        logps,
         m,
-        aggregation,
+        aggregation=aggregation,
+        ref_logps=ref_logps,
+        kl_beta=kl_beta,
         max_completion_length=max_completion_length,
         num_items_in_batch=num_items_in_batch,
     )
-
     low = (ratio < 1 - clip_low) & (adv < 0)  # (B, T)
     high = (ratio > 1 + clip_high) & (adv > 0)  # (B, T)
     metrics.update(
         {
-            "clip_ratio/low": _masked_mean(low.float(), m),
-            "clip_ratio/high": _masked_mean(high.float(), m),
-            "clip_ratio/region": _masked_mean((low | high).float(), m),
-            "ratio/mean": _masked_mean(ratio, m),
+            "clip_ratio/low": masked_mean(low.float(), m),
+            "clip_ratio/high": masked_mean(high.float(), m),
+            "clip_ratio/region": masked_mean((low | high).float(), m),
+            "ratio/mean": masked_mean(ratio, m),
         }
     )
     return loss, metrics

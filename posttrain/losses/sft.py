@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from posttrain.losses.common import Metrics, _check_tokens, _masked_mean
+from posttrain.losses.common import Metrics, check_tokens, masked_mean
 
 
 def _aggregate_sft(
@@ -40,15 +40,15 @@ def _weighted_nll(
     aggregation: str,
     num_items_in_batch: float | None,
 ) -> tuple[torch.Tensor, Metrics]:
-    m = _check_tokens(name, logps, mask)
+    m = check_tokens(name, logps, mask)
     logps = logps.masked_fill(~m, 0.0)  # (B, T); padding can hold anything, even -inf
     p = logps.detach().exp()  # (B, T) token probability, never differentiated
     weight = weight_fn(p)  # (B, T) detached per-token weight; 1 for plain SFT
     loss = _aggregate_sft(-weight * logps, m, aggregation, num_items_in_batch)
     metrics = {
-        "nll": _masked_mean(-logps, m),
-        "token_prob": _masked_mean(p, m),
-        "weight": _masked_mean(weight, m),
+        "nll": masked_mean(-logps, m),
+        "token_prob": masked_mean(p, m),
+        "weight": masked_mean(weight, m),
         "tokens": m.sum().float(),
     }
     return loss, metrics

@@ -23,7 +23,9 @@ from posttrain.train.modes import layout
 from posttrain.train.moe import MoeRun
 
 SFT_LOSSES = {"sft": losses.sft, "dft": losses.dft, "chord-phi": losses.sft_phi}
-DPO_LOSS_TYPES = {
+# method -> losses.dpo's loss_type (one of losses.preference.DPO_LOSS_TYPES); rpo is sigmoid
+# DPO plus the chosen answer's NLL (nll_weight)
+LOSS_TYPE_OF_METHOD = {
     "dpo": "sigmoid",
     "ipo": "ipo",
     "robust-dpo": "robust",
@@ -73,7 +75,7 @@ def micro_batch_loss(
             ref[:, 0],
             ref[:, 1],
             cfg.beta,
-            loss_type=DPO_LOSS_TYPES[cfg.method],
+            loss_type=LOSS_TYPE_OF_METHOD[cfg.method],
             label_smoothing=cfg.label_smoothing,
             chosen_lengths=chosen_len,
             rejected_lengths=rejected_len,
