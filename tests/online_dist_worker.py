@@ -1,12 +1,15 @@
 """The online trainer's first step under torchrun, for the 1-vs-2-process test.
 
-    torchrun --standalone --nproc_per_node 2 tests/online_dist_worker.py TINY_MODEL_DIR OUT
+    torchrun --standalone --nproc_per_node 2 tests/online_dist_worker.py TINY_MODEL_DIR OUT [STRATEGY]
+    torchrun ... tests/online_dist_worker.py TINY_MODEL_DIR OUT fsdp2 --steps 12 [--resume]
 
 Each process trains one GRPO step of the tiny model on its share of the step's problems (a
 group never split), with seeded sampling whose seeds count completions over all processes,
 so 1 and 2 processes sample the same completions. The gradients the optimizer is about to
-use (after DDP's average) are caught at clip_gradients; process 0 saves OUT/grads.pt with
-them and the logged loss. The single-process side calls `first_step` in the test.
+use (after DDP's average, or FSDP2's reduce-scatter: gathered whole) are caught at
+Processes.clip; process 0 saves OUT/grads.pt with them and the logged loss. STRATEGY: ddp
+(default) or fsdp2 (then rollout.sync adapter: a sharded model cannot sample live). The
+single-process side calls `first_step` in the test.
 """
 
 from __future__ import annotations
@@ -31,12 +34,15 @@ def parity_score(problem, index, messages, completion, *, think_open, engine, cf
     return graded(float(completion.token_ids[0] % 2 == 0))
 
 
-def first_step(model_dir: str, out: Path) -> tuple[float, dict[str, torch.Tensor]]:
+def first_step(
+    model_dir: str, out: Path, strategy: str = "ddp", extra: tuple[str, ...] = ()
+) -> tuple[float, dict[str, torch.Tensor]]:
     """(logged loss, {parameter: gradient}) of step 1: 2 problems x G 3, one problem per
     generate batch (generation_batch_size = G), micro-batches of 2 completions."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from posttrain.train.online import loop as O
+    from posttrain.train.parallel.processes import Processes
 
     torch.manual_seed(0)
     model = LlamaForCausalLM.from_pretrained(model_dir)
@@ -55,22 +61,26 @@ def first_step(model_dir: str, out: Path) -> tuple[float, dict[str, torch.Tensor
             "checkpoint_every=0",
             "dtype=fp32",
             "temperature=1.0",
+            f"strategy={strategy}",
+            *(["rollout.sync=adapter"] if strategy == "fsdp2" else []),
+            *extra,
         ],
     )
     caught: dict[str, torch.Tensor] = {}
-    real = O.clip_gradients
+    real = Processes.clip
 
-    def catch(model_, max_norm):
-        for name, p in model_.named_parameters():
-            if p.grad is not None:
-                caught[name] = p.grad.detach().clone()
-        return real(model_, max_norm)
+    def catch(self, policy, max_norm):
+        for name, p in self.unwrap(policy).named_parameters():
+            if p.grad is not None:  # an FSDP2 shard is gathered whole (every process calls)
+                g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                caught[name] = g.detach().clone()
+        return real(self, policy, max_norm)
 
-    O.clip_gradients = catch
+    Processes.clip = catch
     try:
         O.train_online(cfg, out, model=model, tokenizer=tok, problems=PROBLEMS, score=parity_score)
     finally:
-        O.clip_gradients = real
+        Processes.clip = real
     rows = (
         [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         if (out / "metrics.jsonl").exists()
@@ -79,10 +89,46 @@ def first_step(model_dir: str, out: Path) -> tuple[float, dict[str, torch.Tensor
     return rows[0].get("loss"), caught
 
 
+def several_steps(model_dir: str, out: Path, strategy: str, steps: int, resume: bool) -> None:
+    """`steps` GRPO steps with a checkpoint every 2, written to OUT (--steps): the run a test
+    kills with SIGKILL and resumes."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from posttrain.train.online import loop as O
+
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    cfg = O.online_config(
+        "grpo",
+        overrides=[
+            f"max_steps={steps}",
+            "num_generations=3",
+            "problems_per_step=2",
+            "max_new_tokens=4",
+            "generation_batch_size=3",
+            "micro_batch_size=2",
+            "lr=1e-2",
+            "lora.r=4",
+            "checkpoint_every=2",
+            "dtype=fp32",
+            f"strategy={strategy}",
+            "rollout.sync=adapter",
+        ],
+    )
+    O.train_online(
+        cfg, out, resume=resume, model=model, tokenizer=tok, problems=PROBLEMS, score=parity_score
+    )
+
+
 def main() -> None:
     torch.set_num_threads(1)
     model_dir, out = sys.argv[1], Path(sys.argv[2])
-    loss, grads = first_step(model_dir, out / "run")
+    strategy = sys.argv[3] if len(sys.argv) > 3 else "ddp"
+    if "--steps" in sys.argv:
+        steps = int(sys.argv[sys.argv.index("--steps") + 1])
+        several_steps(model_dir, out, strategy, steps, resume="--resume" in sys.argv)
+        return
+    loss, grads = first_step(model_dir, out / "run", strategy)
     if int(__import__("os").environ.get("RANK", "0")) == 0:
         torch.save({"loss": loss, "grads": grads}, out / "grads.pt")
 

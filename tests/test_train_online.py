@@ -986,11 +986,14 @@ def test_an_engine_without_log_probs_cannot_pass_the_sync_check(tiny_model_dir, 
 
 
 @pytest.mark.distributed
-def test_two_processes_match_one_at_step_one(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_processes_match_one_at_step_one(tiny_model_dir, tmp_path, strategy):
     """torchrun, 2 processes (gloo), each one of the 2 problems (3 completions, one
     micro-batch of 2 and one of 1) vs 1 process holding both (micro-batches 2, 2, 2): the same
     completions (seeds count completions over processes), the same logged loss, the same
-    gradients after DDP's average."""
+    gradients after DDP's average or FSDP2's reduce-scatter (gathered whole). Under fsdp2 each
+    process stores half of the parameters (processes.json: local shards, measured), where
+    under ddp each holds the whole model. Tolerance: fp32 summation order only."""
     import os
     import subprocess
     import sys
@@ -1012,6 +1015,7 @@ def test_two_processes_match_one_at_step_one(tiny_model_dir, tmp_path):
             str(REPO / "tests" / "online_dist_worker.py"),
             tiny_model_dir,
             str(tmp_path / "p2"),
+            strategy,
         ],
         check=False,
         capture_output=True,
@@ -1021,11 +1025,31 @@ def test_two_processes_match_one_at_step_one(tiny_model_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = torch.load(tmp_path / "p2" / "grads.pt")
-    loss, grads = first_step(tiny_model_dir, tmp_path / "p1")
+    loss, grads = first_step(tiny_model_dir, tmp_path / "p1", strategy)
     assert two["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-7)
     assert set(two["grads"]) == set(grads) and any(g.abs().sum() > 0 for g in grads.values())
     for name, g in grads.items():
-        assert_close(two["grads"][name.replace("module.", "")], g, rtol=1e-4, atol=1e-7)
+        assert_close(two["grads"][name.replace("module.", "")], g, rtol=1e-5, atol=1e-6)
+    stored = json.loads((tmp_path / "p2" / "run" / "processes.json").read_text())
+    assert stored["processes"] == 2 and stored["sharded"] == (strategy == "fsdp2")
+    whole, each = stored["parameter_bytes"], stored["parameter_bytes_per_process"]
+    if strategy == "fsdp2":  # 1/2 each, plus the uneven split of odd first dimensions
+        assert sum(each) == whole and all(b <= 0.55 * whole for b in each), stored
+    else:
+        assert each == [whole, whole]
+
+
+def test_strategies_the_online_loop_cannot_honour_are_refused_by_name():
+    """No fallback: deepspeed (the online loop's backward is not DeepSpeed's) and fsdp2 with
+    a live engine (generate on a sharded model) are errors naming the method and strategy."""
+    with pytest.raises(O.ConfigError, match="strategy: 'deepspeed' with method 'grpo'"):
+        O.online_config("grpo", overrides=["strategy=deepspeed"])
+    with pytest.raises(O.ConfigError, match="'live' with strategy fsdp2 .method 'cispo'"):
+        O.online_config("cispo", overrides=["strategy=fsdp2"])
+    cfg = O.online_config(
+        "chord", overrides=["strategy=fsdp2", "rollout.sync=adapter", "chord.demos=d.jsonl"]
+    )
+    assert cfg.strategy == "fsdp2"
 
 
 def test_run_with_an_online_method_trains_on_the_recipes_problems(tiny_model_dir, tmp_path):
@@ -1098,3 +1122,78 @@ def test_rollout_sleep_is_refused_where_vllm_cannot_sleep(tiny_model_dir):
     _, tok = tiny(tiny_model_dir)
     with pytest.raises(O.ConfigError, match="rollout.sleep: vLLM sleep mode needs CUDA"):
         make_rollout_engine(cfg, None, tok)
+
+
+@pytest.mark.distributed
+def test_fsdp2_grpo_killed_with_sigkill_then_resumed_ends_bitwise_equal(tiny_model_dir, tmp_path):
+    """12 GRPO steps on 2 processes under fsdp2 (sharded checkpoints every 2 steps): one run
+    straight through; one whose torchrun launcher gets SIGKILL after step 3 (its workers die
+    with it: processes.die_with_launcher), then resumed from the newest checkpoint. The final
+    adapters are bitwise equal, and so is every logged loss (sampling seeds, problem stream
+    and RNG restored with the shards)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+    from safetensors.torch import load_file
+    from test_train_fsdp import running_in_group
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+    def command(out, *extra):
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(REPO / "tests" / "online_dist_worker.py"),
+            tiny_model_dir,
+            str(out),
+            "fsdp2",
+            "--steps",
+            "12",
+            *extra,
+        ]
+
+    def run(out, *extra):
+        proc = subprocess.run(
+            command(out, *extra), capture_output=True, text=True, env=env, timeout=900
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(straight)
+    killed = subprocess.Popen(
+        command(resumed),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    log = resumed / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        assert killed.poll() is None and time.monotonic() < deadline, "the run ended early"
+        time.sleep(0.005)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    while running_in_group(killed.pid):
+        assert time.monotonic() < deadline, "torchrun's workers outlived their launcher"
+        time.sleep(0.05)
+    steps_before = len(log.read_text().splitlines())
+    assert 3 <= steps_before < 12 and not (resumed / "adapter").exists()
+    run(resumed, "--resume")
+    a = load_file(straight / "adapter" / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) == 2 * 2 * 7  # A and B, 2 layers x 7 linears
+    assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)  # it trained
+    assert all(torch.equal(a[k], b[k]) for k in a), steps_before
+    ra, rb = rows(straight / "metrics.jsonl"), rows(resumed / "metrics.jsonl")
+    assert [r["step"] for r in rb] == list(range(1, 13))
+    assert [r["loss"] for r in ra] == [r["loss"] for r in rb]
+    assert (straight / "checkpoints" / "step-00000012" / "sharded" / ".metadata").exists()

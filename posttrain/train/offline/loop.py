@@ -25,7 +25,6 @@ batch (the order is a function of seed and epoch), so the shares need no communi
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -34,50 +33,36 @@ from posttrain.config import ConfigError, save_config
 from posttrain.models import load_model, load_tokenizer, resolve_dtype
 from posttrain.records import write_json
 from posttrain.train.batches import epoch_batches
-from posttrain.train.parallel.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    save_atomic,
-    save_checkpoint,
-    save_final,
-    start_run,
-)
 from posttrain.train.config import TrainConfig
 from posttrain.train.data import load_examples
-from posttrain.train.parallel.processes import (
-    Processes,
-    local_storage,
-    master_weights,
-    zero3_config,
-)
 from posttrain.train.lora import (
     adapter_input_as_is,
     apply_lora,
     format_parameter_report,
     parameter_report,
 )
-from posttrain.train.metrics import MetricsLog, NonFiniteError, check_finite
-from posttrain.train.moe import MoeRun
+from posttrain.train.metrics import check_finite
 from posttrain.train.modes import enable_gradient_checkpointing, layout, set_attention, train_mode
-from posttrain.train.optim import lr_at, make_optimizer, make_scheduler
-from posttrain.train.offline.step import DPO_LOSS_TYPES as DPO_LOSS_TYPES  # re-exported
+from posttrain.train.moe import MoeRun
+from posttrain.train.offline.reference import reference_table
 from posttrain.train.offline.step import SFT_LOSSES as SFT_LOSSES  # re-exported
 from posttrain.train.offline.step import global_units as global_units  # re-exported
 from posttrain.train.offline.step import micro_batch_loss as micro_batch_loss  # re-exported
 from posttrain.train.offline.step import step_gradients
-from posttrain.train.offline.reference import reference_table
+from posttrain.train.optim import lr_at
+from posttrain.train.parallel.checkpoint import latest_checkpoint, start_run
+from posttrain.train.parallel.processes import Processes, master_weights, zero3_config
+from posttrain.train.skeleton import (
+    RESUME_MAY_CHANGE,
+    Run,
+    checkpoint_due,
+    pad_id,
+    progress_bar,
+    save_initial_adapter,
+    say,
+)
 
-# Settings that may change between a run and its resume (they do not change the result).
-RESUME_MAY_CHANGE = {
-    "stop_after_steps",
-    "num_threads",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "trackers",
-    "ref_batch_size",
-    "ref_cache",
-    "tokenize_workers",
-}
+__all__ = ["RESUME_MAY_CHANGE", "train"]  # RESUME_MAY_CHANGE: train/skeleton.py
 
 
 # --------------------------------------------------------------------------------- loop
@@ -94,25 +79,18 @@ def train(
 ) -> dict:
     """Run (or resume) offline training into `out`; returns a summary dict.
 
-    Writes out/config.yaml, out/data_report.json, out/metrics.jsonl, out/checkpoints/, and at
-    the end out/adapter/ (LoRA, PEFT format) or out/model/ (full fine-tuning).
+    Writes out/config.yaml, out/data_report.json, out/processes.json, out/metrics.jsonl,
+    out/checkpoints/, and at the end out/adapter/ (LoRA, PEFT format) or out/model/ (full
+    fine-tuning). Set-up and tear-down shared with the online loop: train/skeleton.py.
     """
-    from tqdm.auto import tqdm
-
     cfg.check()
     out = Path(out)
-    # `accelerator`: this run's processes and how the model is spread over them
-    # (distributed.Processes; the names follow accelerate's Accelerator, which it holds).
-    accelerator = Processes(cfg.strategy, deepspeed_config=zero3_config(cfg))
-    P, rank, main = (
-        accelerator.num_processes,
-        accelerator.process_index,
-        accelerator.is_main_process,
-    )
-    device = accelerator.device
+    # this run's processes and how the model is spread over them (parallel/processes.py)
+    procs = Processes(cfg.strategy, deepspeed_config=zero3_config(cfg))
+    P, main, device = procs.num_processes, procs.is_main_process, procs.device
     last = start_run(cfg, out, resume=resume, may_change=RESUME_MAY_CHANGE)
 
-    # data
+    # data: the rows, their lengths, the steps
     tokenizer = tokenizer or load_tokenizer(cfg.model)
     examples, report = load_examples(
         cfg.data,
@@ -122,7 +100,7 @@ def train(
         length_policy=cfg.length_policy,
         workers=cfg.tokenize_workers,
     )
-    _say(accelerator, f"data: {report.summary()}")
+    say(procs, f"data: {report.summary()}")
     lengths = [e.length for e in examples]
     global_batch = cfg.batch_size * cfg.grad_accum * P
     steps_per_epoch = len(
@@ -133,113 +111,32 @@ def train(
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     stop = min(total, cfg.stop_after_steps) if cfg.stop_after_steps else total
 
-    # model, reference, adapter
-    dtype = resolve_dtype(cfg.dtype, device)
-    # full fine-tuning in bf16: fp32 master weights, bf16 compute (distributed.precision)
-    load_dtype, autocast = accelerator.precision(dtype, full_finetune=not cfg.lora.enabled)
-    if model is None:
-        model = load_model(cfg.model, dtype=load_dtype)
-    model = master_weights(model, autocast, device.type, upcast=not cfg.lora.enabled)
-    attention = set_attention(model, cfg.attention, device.type, max(lengths, default=0))
-    model.to(device)
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # model, reference log-probs (DPO family), adapter
+    pad = pad_id(tokenizer)
+    model, ref, moe, dtype, attention, reference_seconds = _model_and_reference(
+        cfg, procs, model, examples, pad, out
     )
-    t_ref = time.perf_counter()
-    ref = (
-        reference_table(model, examples, cfg, accelerator, pad_id=pad_id, dtype=dtype, out=out)
-        if cfg.preference
-        else None
-    )
-    reference_seconds = time.perf_counter() - t_ref
-    moe = MoeRun.setup(
-        model,
-        cfg.router_aux_loss_coef,
-        cfg.moe,
-        examples,
-        lambda e: e.prompt,
-        seed=cfg.seed,
-        pad_id=pad_id,
-    )
-    model = apply_lora(model, cfg.lora)
-    if autocast and cfg.lora.enabled:
-        adapter_input_as_is(model)  # bf16 activations into the fp32 adapter, under autocast
-    if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    _say(accelerator, format_parameter_report(parameter_report(model)))
-    _say(
-        accelerator,
+    say(
+        procs,
         f"{cfg.method}: {cfg.model} in {dtype}, {attention} attention, "
         f"sequences {layout(cfg, device)}; global batch {global_batch} = "
         f"{cfg.batch_size} rows x {cfg.grad_accum} accumulation x {P} process(es); "
         f"{total} steps ({steps_per_epoch} per epoch)",
     )
-    init_adapter = out / "adapter-init"
-    if cfg.lora.enabled and cfg.lora.init != "default" and main and not init_adapter.exists():
-        # PiSSA / OLoRA move part of the base weights into the adapter; the initial adapter
-        # lets the final one be converted into a plain LoRA for the untouched base model.
-        save_atomic(lambda d: model.save_pretrained(d), init_adapter)
+    init_adapter = save_initial_adapter(model, cfg, out, procs)
 
-    # Wrap first, then the optimizer over the wrapped (for FSDP2: sharded) parameters.
-    whole = local_storage(model)["bytes"]
-    policy, optimizer = accelerator.prepare(
-        model,
-        lambda m: make_optimizer(
-            m,
-            cfg.lr,
-            weight_decay=cfg.weight_decay,
-            betas=(cfg.adam_beta1, cfg.adam_beta2),
-            eps=cfg.adam_eps,
-        ),
-    )
-    model = accelerator.unwrap(policy)  # the module holding the parameters (sharded or whole)
-    stored = accelerator.storage_per_process(policy)
-    _say(
-        accelerator,
-        f"{cfg.strategy}: each process stores {_mib(max(stored))} of the "
-        f"{_mib(whole)} of parameters ({P} process(es))",
-    )
-    scheduler = make_scheduler(
-        optimizer,
-        total_steps=total,
-        warmup_steps=round(cfg.warmup_ratio * total),
-        schedule=cfg.schedule,
-        min_ratio=cfg.min_lr_ratio,
-    )
-    start = 0
-    if resume and last is not None:
-        start = int(load_checkpoint(last, model, optimizer, scheduler, rank=rank)["step"])
-        _say(accelerator, f"resumed from {last} (step {start} of {total})")
+    # wrap, AdamW over the wrapped (FSDP2: sharded) parameters, schedule, resume
+    run = Run.start(cfg, out, procs, model, total)
+    policy, optimizer, scheduler = run.policy, run.optimizer, run.scheduler
+    start = int(run.resume(last if resume else None, total).get("step", 0))
     if main:
         save_config(cfg, out / "config.yaml")
         write_json(out / "data_report.json", report.to_dict())
-        write_json(
-            out / "processes.json",
-            {
-                "strategy": cfg.strategy,
-                "processes": P,
-                "sharded": accelerator.sharded,
-                "parameter_bytes": whole,
-                "parameter_bytes_per_process": stored,
-            },
-        )
-    log = MetricsLog(
-        out / "metrics.jsonl",
-        resume_step=start,
-        enabled=main,
-        trackers=cfg.trackers,
-        config=asdict(cfg),
-    )
+    log = run.metrics_log(start)
     # The DPO family runs the policy without dropout, as the reference pass did.
     train_mode(policy, dropout=not cfg.preference)
 
-    bar = tqdm(
-        total=total,
-        initial=start,
-        desc=f"train {cfg.method}",
-        unit="step",
-        disable=not (progress and main),
-    )
+    bar = progress_bar(f"train {cfg.method}", total, start, progress and main)
     batches, batches_epoch = None, -1
     row: dict = {}
     for step in range(start, stop):
@@ -252,14 +149,14 @@ def train(
             batches_epoch = epoch
         batch = batches[position]
         loss_sum, metric_sums, tokens = step_gradients(
-            policy, examples, batch, ref, cfg, accelerator, lengths=lengths, pad_id=pad_id, moe=moe
+            policy, examples, batch, ref, cfg, procs, lengths=lengths, pad_id=pad, moe=moe
         )
-        grad_norm = accelerator.clip(policy, cfg.max_grad_norm)  # over all shards
+        grad_norm = procs.clip(policy, cfg.max_grad_norm)  # over all shards
         names = list(metric_sums)
         summed = torch.stack(
             [loss_sum, torch.tensor(float(tokens), device=device), *[metric_sums[k] for k in names]]
         )
-        values = accelerator.reduce(summed, reduction="sum").tolist()
+        values = procs.reduce(summed, reduction="sum").tolist()
         loss_value = values[0] / P  # every process holds loss shares scaled by P
         check_finite(step + 1, loss_value, grad_norm, latest_checkpoint(out))
         optimizer.step()
@@ -284,39 +181,21 @@ def train(
         log.write(row)
         bar.update(1)
         bar.set_postfix(_postfix(row))
-        done = step + 1
-        if done == stop or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
-            if not accelerator.all_finite(policy):
-                raise NonFiniteError(
-                    f"step {done}: the weights hold NaN or inf after the update "
-                    f"(lr {cfg.lr}); not checkpointed. The last good checkpoint "
-                    f"is {latest_checkpoint(out)}."
-                )
-            save_checkpoint(
-                out,
-                done,
-                model,
-                optimizer,
-                scheduler,
-                {"epoch": epoch, "position": position + 1, "total": total},
-                keep=cfg.keep_checkpoints,
-                rank=rank,
-                is_main=main,
-                barrier=accelerator.wait_for_everyone,
-                sharded=accelerator.sharded,
-            )
+        if checkpoint_due(step + 1, stop, cfg.checkpoint_every):
+            run.checkpoint(step + 1, {"epoch": epoch, "position": position + 1, "total": total})
     bar.close()
     log.close()
 
     finished = stop == total
-    # sharded: every process takes part in gathering the whole weights onto rank 0
-    whole = accelerator.full_state_dict(policy) if finished else None
-    if finished and main:
-        save_final(
-            model, out, tokenizer, init_adapter if init_adapter.exists() else None, state_dict=whole
+    run.finish(tokenizer, init_adapter, finished)
+    if main:
+        where = out / ("adapter" if cfg.lora.enabled else "model")
+        say(
+            procs,
+            f"{'finished' if finished else 'stopped'} at step {stop} of {total}"
+            + (f"; weights in {where}" if finished else "; continue with --resume"),
         )
-    accelerator.wait_for_everyone()
-    summary = {
+    return {
         "out": str(out),
         "steps": stop,
         "total_steps": total,
@@ -326,17 +205,48 @@ def train(
         "dtype": dtype,
         "reference_seconds": reference_seconds,
     }
-    if main:
-        where = out / ("adapter" if cfg.lora.enabled else "model")
-        _say(
-            accelerator,
-            f"{'finished' if finished else 'stopped'} at step {stop} of {total}"
-            + (f"; weights in {where}" if finished else "; continue with --resume"),
-        )
-    return summary
 
 
 # ------------------------------------------------------------------------------ helpers
+
+
+def _model_and_reference(cfg, procs, model, examples, pad: int, out: Path):
+    """The model (loaded unless given; full fine-tuning in bf16: fp32 master weights, bf16
+    compute, processes.precision), the DPO family's reference log-probs (no grad, before any
+    adapter exists; cached beside the data), MoE set-up, then LoRA (or all weights trainable):
+    (model, reference table or None, moe, dtype, attention, seconds of the reference pass)."""
+    device = procs.device
+    dtype = resolve_dtype(cfg.dtype, device)
+    load_dtype, autocast = procs.precision(dtype, full_finetune=not cfg.lora.enabled)
+    if model is None:
+        model = load_model(cfg.model, dtype=load_dtype)
+    model = master_weights(model, autocast, device.type, upcast=not cfg.lora.enabled)
+    longest = max((e.length for e in examples), default=0)
+    attention = set_attention(model, cfg.attention, device.type, longest)
+    model.to(device)
+    t_ref = time.perf_counter()
+    ref = (
+        reference_table(model, examples, cfg, procs, pad_id=pad, dtype=dtype, out=out)
+        if cfg.preference
+        else None
+    )
+    reference_seconds = time.perf_counter() - t_ref
+    moe = MoeRun.setup(
+        model,
+        cfg.router_aux_loss_coef,
+        cfg.moe,
+        examples,
+        lambda e: e.prompt,
+        seed=cfg.seed,
+        pad_id=pad,
+    )
+    model = apply_lora(model, cfg.lora)
+    if autocast and cfg.lora.enabled:
+        adapter_input_as_is(model)  # bf16 activations into the fp32 adapter, under autocast
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    say(procs, format_parameter_report(parameter_report(model)))
+    return model, ref, moe, dtype, attention, reference_seconds
 
 
 def _postfix(row: dict) -> dict:
@@ -346,12 +256,3 @@ def _postfix(row: dict) -> dict:
         shown["acc"] = f"{row['rewards/accuracies']:.2f}"
     shown["tok/s"] = f"{row['tokens_per_s']:.0f}"
     return shown
-
-
-def _mib(nbytes: int) -> str:
-    return f"{nbytes / 2**20:.1f} MiB"
-
-
-def _say(accelerator, text: str) -> None:
-    if accelerator.is_main_process:
-        print(text, flush=True)

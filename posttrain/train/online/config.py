@@ -56,15 +56,6 @@ RENAMED = {
     "tokens of each micro-batch; it is not the BNPO paper's method"
 }
 
-# Settings that may change between a run and its resume (they do not change the result).
-RESUME_MAY_CHANGE = {
-    "stop_after_steps",
-    "num_threads",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "trackers",
-}
-
 
 @dataclass
 class ChordConfig:
@@ -200,6 +191,7 @@ class OnlineConfig(BaseTrainConfig):
             )
         self._check_rollout()
         self._check_unused()
+        self._check_strategy()
         if self.method == "chord":
             c = self.chord
             if c.variant not in ("mu", "phi"):
@@ -234,6 +226,23 @@ class OnlineConfig(BaseTrainConfig):
                     f"max_sampling_rounds dynamic_sampling; overlong_penalty "
                     f"overlong_buffer > 0; the rollout.* knobs their correction)"
                 )
+
+    def _check_strategy(self) -> None:
+        """Strategies the online loop cannot honour are refused, naming both (no fallback)."""
+        if self.strategy == "deepspeed":
+            raise ConfigError(
+                f"strategy: 'deepspeed' with method {self.method!r}: the online loop does not "
+                "run under DeepSpeed ZeRO-3 (its engine steps inside backward); use "
+                "strategy=fsdp2 (shards on CPU and GPU) or ddp"
+            )
+        if self.strategy == "fsdp2" and self.rollout.sync == "live":
+            # FSDP2 all-gathers in every forward: generate's forwards (as many as the longest
+            # completion of each process's own prompts) would differ between processes.
+            raise ConfigError(
+                f"rollout.sync: 'live' with strategy fsdp2 (method {self.method!r}): the "
+                "engine cannot sample a sharded model; set rollout.sync=adapter (the engine "
+                "keeps its own weights and loads the adapter after each update)"
+            )
 
     def _check_rollout(self) -> None:
         bad, r = self.bad, self.rollout

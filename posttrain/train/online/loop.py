@@ -33,7 +33,6 @@ Choices worth knowing:
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -42,43 +41,39 @@ from posttrain.config import ConfigError, save_config
 from posttrain.losses import group_advantages, mu_schedule
 from posttrain.models import load_model, load_tokenizer, resolve_dtype
 from posttrain.records import Problem
-from posttrain.train.parallel.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    parameters_finite,
-    save_atomic,
-    save_checkpoint,
-    save_final,
-    start_run,
-)
 from posttrain.train.data import load_examples
 from posttrain.train.lora import apply_lora, format_parameter_report, parameter_report
-from posttrain.train.metrics import MetricsLog, NonFiniteError, check_finite
+from posttrain.train.metrics import NonFiniteError
 from posttrain.train.modes import checkpoint_without_dropout, layout, set_attention
 from posttrain.train.moe import MoeRun, probe_prompt
-from posttrain.train.online.config import METHODS, RESUME_MAY_CHANGE, OnlineConfig, online_config
-from posttrain.train.online.reduce import gather_rollouts, sum_over_processes, token_means
-from posttrain.train.optim import clip_gradients, lr_at, make_optimizer, make_scheduler
-from posttrain.train.online.update import (
-    frozen_logps,
-    policy_backward,
-    sft_backward,
-    step_loss_value,
-)
+from posttrain.train.online.config import METHODS, OnlineConfig, online_config
 from posttrain.train.online.problem_stream import ShuffledStream
+from posttrain.train.online.reduce import gather_rollouts, sum_over_processes
 from posttrain.train.online.rollout_engine import (
     AdapterSync,
-    check_sync,
     detached_base,
     make_rollout_engine,
     mismatch_threshold,
 )
+from posttrain.train.online.update import update_policy
 from posttrain.train.online.rollouts import (
     collect_rollouts,
     demonstration_batches,
     rollout_batches,
     rollout_stats,
     score_completion,
+)
+from posttrain.train.optim import lr_at
+from posttrain.train.parallel.checkpoint import start_run
+from posttrain.train.parallel.processes import Processes
+from posttrain.train.skeleton import (
+    RESUME_MAY_CHANGE,
+    Run,
+    checkpoint_due,
+    pad_id,
+    progress_bar,
+    save_initial_adapter,
+    say,
 )
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -107,95 +102,39 @@ def train_online(
 ) -> dict:
     """Run (or resume) online RL into `out`; returns a summary dict.
 
-    Writes out/config.yaml, out/metrics.jsonl (one line per rollout step), out/checkpoints/ and
-    at the end out/adapter/. Tests pass a tiny `model`, `problems`, a stub `score` and may pass
-    the rollout `engine` (an AdapterEngine when rollout.sync is adapter).
+    Writes out/config.yaml, out/processes.json, out/metrics.jsonl (one line per rollout step),
+    out/checkpoints/ and at the end out/adapter/. Tests pass a tiny `model`, `problems`, a stub
+    `score` and may pass the rollout `engine` (an AdapterEngine when rollout.sync is adapter).
+    Set-up and tear-down shared with the offline loop: train/skeleton.py.
     """
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
-
     cfg.check()
     out = Path(out)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    P, rank, main = (
-        accelerator.num_processes,
-        accelerator.process_index,
-        accelerator.is_main_process,
-    )
+    # this run's processes and how the model is spread over them (parallel/processes.py)
+    procs = Processes(cfg.strategy)
+    P, main, device = procs.num_processes, procs.is_main_process, procs.device
     if cfg.problems_per_step % P or (P > 1 and cfg.dynamic_sampling):
         raise ConfigError(
             f"problems_per_step {cfg.problems_per_step} must be a multiple of the "
             f"{P} processes, and dynamic_sampling is single-process for now"
         )
-    device = accelerator.device
     last = start_run(cfg, out, resume=resume, may_change=RESUME_MAY_CHANGE)
 
+    # problems, demonstrations, model, adapter
     tokenizer = tokenizer or load_tokenizer(cfg.model)
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
-    if problems is None:
-        from posttrain.tasks import load_problems
-
-        problems = load_problems(cfg.problems, limit=cfg.limit or None)
+    pad = pad_id(tokenizer)
     chord = cfg.method == "chord"
-    demos = None
-    if chord:
-        demos, report = load_examples(
-            cfg.chord.demos, tokenizer, preference=False, max_length=cfg.chord.max_length
-        )
-        _say(main, f"demonstrations: {report.summary()}")
-    dtype = resolve_dtype(cfg.dtype, device)
-    if model is None:
-        model = load_model(cfg.model, dtype=dtype)
-    model.to(device)
-    prompts = (probe_prompt(tokenizer, p, cfg.system_prompt) for p in problems[:256])  # a sample
-    longest = max(map(len, prompts), default=0)
-    attention = set_attention(model, cfg.attention, device.type, longest + cfg.max_new_tokens)
+    problems, demos = _problems_and_demos(cfg, procs, tokenizer, problems)
+    policy, moe, base_copy, max_kl = _policy_model(
+        cfg, procs, model, tokenizer, problems, engine, progress
+    )
     how = layout(cfg, device)  # shared: each group a micro-batch, its prompt run once
-    moe = MoeRun.setup(
-        model,
-        cfg.router_aux_loss_coef,
-        cfg.moe,
-        problems,
-        lambda p: probe_prompt(tokenizer, p, cfg.system_prompt),
-        seed=cfg.seed,
-        pad_id=pad_id,
-    )
-    detached = cfg.rollout.sync == "adapter" and engine is None and cfg.rollout.engine.kind == "hf"
-    base_copy = detached_base(model) if detached else None  # the engine's own weights
-    policy = apply_lora(model, cfg.lora)
-    if cfg.gradient_checkpointing:
-        checkpoint_without_dropout(policy)  # updates in train mode, dropout zeroed
-    policy.eval()  # dropout off for the whole run (module docstring); gradients still flow
-    if progress:
-        _say(main, format_parameter_report(parameter_report(policy)))
-        _say(main, f"{cfg.method}: {cfg.model} in {dtype}, {attention} attention, {how} layout")
-    init_adapter = out / "adapter-init"
-    if cfg.lora.enabled and cfg.lora.init != "default":
-        # PiSSA / OLoRA move part of the base weights into the adapter; the initial adapter
-        # converts the synced and the final adapters into plain LoRAs of the untouched base.
-        if main and not init_adapter.exists():
-            save_atomic(lambda d: policy.save_pretrained(d), init_adapter)
-        accelerator.wait_for_everyone()
-    else:
-        init_adapter = None
+    init_adapter = save_initial_adapter(policy, cfg, out, procs)
 
-    total = cfg.max_steps * cfg.updates_per_batch  # optimizer steps
-    optimizer = make_optimizer(
-        policy, cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.adam_betas, eps=cfg.adam_eps
-    )
-    scheduler = make_scheduler(
-        optimizer,
-        total_steps=total,
-        warmup_steps=round(cfg.warmup_ratio * total),
-        schedule=cfg.schedule,
-        min_ratio=cfg.min_lr_ratio,
-    )
-    state: dict = {}
-    if resume and last is not None:
-        state = load_checkpoint(last, policy, optimizer, scheduler, rank=rank)
-        _say(main, f"resumed from {last} (step {state['step']} of {cfg.max_steps})")
+    # wrap, AdamW over the wrapped (FSDP2: sharded) parameters, schedule, resume
+    U = cfg.updates_per_batch
+    run = Run.start(cfg, out, procs, policy, cfg.max_steps * U)  # optimizer steps
+    trained, policy, scheduler = run.policy, run.model, run.scheduler
+    state = run.resume(last if resume else None, cfg.max_steps)
     start = int(state.get("step", 0))
     stream = ShuffledStream(problems, cfg.seed, drawn=int(state.get("problems_drawn", 0)))
     demo_stream = (
@@ -205,140 +144,59 @@ def train_online(
     )
     if main:
         save_config(cfg, out / "config.yaml")
-    log = MetricsLog(
-        out / "metrics.jsonl",
-        resume_step=start,
-        enabled=main,
-        trackers=cfg.trackers,
-        config=asdict(cfg),
-    )
-    trained = accelerator.prepare_model(policy) if P > 1 else policy  # DDP under torchrun
-    no_sync = (lambda: trained.no_sync()) if P > 1 else None
+    log = run.metrics_log(start)
+
+    # the rollout engine, and how it follows the policy
     owned = engine is None  # an engine built here is closed here (vLLM workers, connections)
     engine = engine or make_rollout_engine(cfg, policy, tokenizer, base_model=base_copy)
-    sync = (
-        AdapterSync(engine, out, init_adapter, main, accelerator.wait_for_everyone)
-        if cfg.rollout.sync == "adapter"
-        else None
-    )
-    if sync:
-        sync(policy, start)  # the engine samples the first step with the policy as it is now
-    G, U = cfg.num_generations, cfg.updates_per_batch
-    # the dtype the model really has (a model passed in may differ from cfg.dtype)
-    max_kl = mismatch_threshold(cfg.rollout.max_mismatch_kl, DTYPE_NAMES.get(model.dtype, "bf16"))
+    sync = _adapter_sync(cfg, procs, engine, out, init_adapter)
+    if sync:  # the engine samples the first step with the policy as it is now
+        sync(policy, start, state_dict=procs.full_state_dict(trained))
     stop = min(cfg.max_steps, cfg.stop_after_steps) if cfg.stop_after_steps else cfg.max_steps
 
-    bar = tqdm(
-        total=cfg.max_steps,
-        initial=start,
-        desc=f"train {cfg.method}",
-        unit="step",
-        disable=not (progress and main),
-    )
+    bar = progress_bar(f"train {cfg.method}", cfg.max_steps, start, progress and main)
     row: dict = {}
     for step in range(start, stop):
         t0 = time.perf_counter()
-        kept, everything, info = collect_rollouts(
-            engine, tokenizer, stream, cfg, step, score, rank=rank, processes=P
+        # rollouts: this process's groups sampled and graded; advantages over every process's
+        row, info, batches, advantages, total_rows, tokens = _rollouts(
+            cfg, procs, engine, tokenizer, stream, score, step, how, pad
         )
         t1 = time.perf_counter()
-        every_rank, kept_rewards = gather_rollouts(
-            accelerator, everything, [r.reward for r in kept]
-        )
-        row = {
-            "step": step + 1,
-            **rollout_stats(every_rank, G),
-            "groups_kept": len(kept_rewards) // G,
-            **{k: v for k, v in info.items() if not k.startswith("time/")},
-        }
+        c = cfg.chord
         mu = (
-            mu_schedule(
-                step,
-                cfg.chord.mu_warmup_steps,
-                cfg.chord.mu_decay_steps,
-                cfg.chord.mu_peak,
-                cfg.chord.mu_valley,
-            )
+            mu_schedule(step, c.mu_warmup_steps, c.mu_decay_steps, c.mu_peak, c.mu_valley)
             if chord
             else None
         )
         demo_batches = []
         if chord:
-            chosen = demo_stream.take(max(1, round(cfg.chord.ratio * cfg.problems_per_step)))
-            demo_batches = demonstration_batches(chosen, cfg.micro_batch_size, pad_id, device)
+            chosen = demo_stream.take(max(1, round(c.ratio * cfg.problems_per_step)))
+            demo_batches = demonstration_batches(chosen, cfg.micro_batch_size, pad, device)
         asleep = cfg.rollout.sleep  # colocated vLLM frees the GPU for the update
         if asleep:
             row["rollout/sleep_freed_gib"] = engine.sleep()
-        batches = rollout_batches(
-            kept, cfg.micro_batch_size, pad_id, cfg.mask_truncated, device, layout=how, group_size=G
+        # update: U optimizer steps on the batch (CHORD: with the demonstrations)
+        updates = update_policy(
+            run,
+            cfg,
+            batches,
+            advantages,
+            demo_batches,
+            mu=mu,
+            moe=moe,
+            total_rows=total_rows,
+            tokens=tokens,
+            max_kl=max_kl,
+            step=step,
+            row=row,
         )
-        advantages = None
-        if kept:  # computed over every process's groups; this process keeps its rows
-            everyone = group_advantages(torch.tensor(kept_rewards), G, cfg.advantage_scale)
-            advantages = everyone[rank * len(kept) : (rank + 1) * len(kept)]
-        tokens = sum_over_processes(
-            accelerator, float(sum(int((b["labels"] != -100).sum()) for b, _ in batches))
-        )
-        # Old log-probs matter only once the policy has moved within the batch.
-        old = (
-            frozen_logps(policy, batches, cfg.temperature, reference=False)
-            if kept and U > 1
-            else None
-        )
-        ref = (
-            frozen_logps(policy, batches, cfg.temperature, reference=True)
-            if kept and cfg.kl_beta > 0
-            else None
-        )
-        updates, weights = 0, None
-        policy.train(cfg.gradient_checkpointing)  # dropout is off either way
-        for update in range(U if (kept or chord) else 0):
-            metrics: dict = {}
-            if kept:
-                sums, weights = policy_backward(
-                    trained,
-                    batches,
-                    advantages,
-                    old,
-                    ref,
-                    cfg,
-                    mu=mu,
-                    total_rows=len(kept_rewards),
-                    total_tokens=tokens,
-                    processes=P,
-                    weights=weights,
-                    no_sync=no_sync,
-                    moe=moe,
-                )
-                metrics = token_means(accelerator, sums)
-            if update == 0:
-                check_sync(
-                    {"step": step + 1, **metrics},
-                    max_kl,
-                    cfg.rollout.engine.kind,
-                    sampled=bool(kept),
-                )
-            if chord:
-                metrics.update(sft_backward(trained, demo_batches, cfg, mu, moe=moe))
-            loss = step_loss_value(metrics, mu, moe)
-            grad_norm = clip_gradients(policy, cfg.max_grad_norm)
-            check_finite(step + 1, loss, grad_norm, latest_checkpoint(out))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            updates += 1
-            metrics.update(loss=loss, grad_norm=grad_norm)
-            if update == 0:
-                # Loss, entropy, KL and mismatch of the sampling policy (the first update) ...
-                row.update(metrics)
-            # ... clipping of the last: it only happens once the policy has moved.
-            row.update({k: v for k, v in metrics.items() if k.startswith("clip_ratio/")})
-        policy.eval()
         t2 = time.perf_counter()
+        # the engine follows the policy; log; checkpoint
         if asleep:
             engine.wake_up()
-        if sync:
-            sync(policy, step + 1)  # the next step samples the updated policy
+        if sync:  # the next step samples the updated policy
+            sync(policy, step + 1, state_dict=procs.full_state_dict(trained))
         row.setdefault("kl", None)  # computed only when kl_beta > 0
         row.update(moe.stats(policy, step + 1, last=step + 1 == stop))
         row.update(
@@ -358,37 +216,20 @@ def train_online(
         bar.set_postfix(
             reward=f"{row['reward/mean']:.3f}", length=f"{row['completion_length/mean']:.0f}"
         )
-        done = step + 1
-        if done == stop or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
-            if not parameters_finite(policy):
-                raise NonFiniteError(
-                    f"step {done}: the weights hold NaN or inf after the update "
-                    f"(lr {cfg.lr}); not checkpointed. The last good checkpoint "
-                    f"is {latest_checkpoint(out)}."
-                )
-            save_checkpoint(
-                out,
-                done,
-                policy,
-                optimizer,
-                scheduler,
+        if checkpoint_due(step + 1, stop, cfg.checkpoint_every):
+            run.checkpoint(
+                step + 1,
                 {
                     "problems_drawn": stream.drawn,
                     "demos_drawn": demo_stream.drawn if demo_stream else 0,
                 },
-                keep=cfg.keep_checkpoints,
-                rank=rank,
-                is_main=main,
-                barrier=accelerator.wait_for_everyone,
             )
     bar.close()
     log.close()
     if owned and cfg.rollout.sync == "adapter":
         engine.close()
     finished = stop == cfg.max_steps
-    if finished and main:
-        save_final(policy, out, tokenizer, init_adapter)
-    accelerator.wait_for_everyone()
+    run.finish(tokenizer, init_adapter, finished)
     return {
         "out": str(out),
         "steps": stop,
@@ -398,6 +239,92 @@ def train_online(
     }
 
 
-def _say(main: bool, text: str) -> None:
-    if main:
-        print(text, flush=True)
+# ------------------------------------------------------------------------------ phases
+
+
+def _problems_and_demos(cfg, procs, tokenizer, problems):
+    """The problems (loaded from cfg.problems unless given) and CHORD's demonstrations."""
+    if problems is None:
+        from posttrain.tasks import load_problems
+
+        problems = load_problems(cfg.problems, limit=cfg.limit or None)
+    if cfg.method != "chord":
+        return problems, None
+    demos, report = load_examples(
+        cfg.chord.demos, tokenizer, preference=False, max_length=cfg.chord.max_length
+    )
+    say(procs, f"demonstrations: {report.summary()}")
+    return problems, demos
+
+
+def _adapter_sync(cfg, procs, engine, out: Path, init_adapter: Path | None):
+    """rollout.sync adapter: what saves the adapter after each update and has the engine load
+    it (rollout_engine.AdapterSync); live: None (the engine samples the policy itself)."""
+    if cfg.rollout.sync != "adapter":
+        return None
+    return AdapterSync(engine, out, init_adapter, procs.is_main_process, procs.wait_for_everyone)
+
+
+def _policy_model(cfg, procs, model, tokenizer, problems, engine, progress: bool):
+    """The model (loaded unless given), attention and MoE set up, a copy of the base weights
+    for a detached hf engine, then LoRA: (policy, moe, base copy or None, mismatch threshold)."""
+    device = procs.device
+    dtype = resolve_dtype(cfg.dtype, device)
+    # FSDP2's bf16 policy where it applies (sharded, CUDA); the online loop runs no autocast
+    procs.precision(dtype, full_finetune=False)
+    if model is None:
+        model = load_model(cfg.model, dtype=dtype)
+    model.to(device)
+    prompts = (probe_prompt(tokenizer, p, cfg.system_prompt) for p in problems[:256])  # a sample
+    longest = max(map(len, prompts), default=0)
+    attention = set_attention(model, cfg.attention, device.type, longest + cfg.max_new_tokens)
+    moe = MoeRun.setup(
+        model,
+        cfg.router_aux_loss_coef,
+        cfg.moe,
+        problems,
+        lambda p: probe_prompt(tokenizer, p, cfg.system_prompt),
+        seed=cfg.seed,
+        pad_id=pad_id(tokenizer),
+    )
+    detached = cfg.rollout.sync == "adapter" and engine is None and cfg.rollout.engine.kind == "hf"
+    base_copy = detached_base(model) if detached else None  # the engine's own weights
+    # the dtype the model really has (a model passed in may differ from cfg.dtype)
+    max_kl = mismatch_threshold(cfg.rollout.max_mismatch_kl, DTYPE_NAMES.get(model.dtype, "bf16"))
+    policy = apply_lora(model, cfg.lora)
+    if cfg.gradient_checkpointing:
+        checkpoint_without_dropout(policy)  # updates in train mode, dropout zeroed
+    policy.eval()  # dropout off for the whole run (module docstring); gradients still flow
+    if progress:
+        say(procs, format_parameter_report(parameter_report(policy)))
+        how = layout(cfg, device)
+        say(procs, f"{cfg.method}: {cfg.model} in {dtype}, {attention} attention, {how} layout")
+    return policy, moe, base_copy, max_kl
+
+
+def _rollouts(cfg, procs, engine, tokenizer, stream, score, step: int, how: str, pad: int):
+    """Sample and grade this process's groups of the step, gather every process's rewards:
+    (row of rollout metrics, info, this process's micro-batches, its rows' advantages or None
+    when no group was kept, rows kept over all processes, completion tokens over all)."""
+    G, rank = cfg.num_generations, procs.process_index
+    kept, everything, info = collect_rollouts(
+        engine, tokenizer, stream, cfg, step, score, rank=rank, processes=procs.num_processes
+    )
+    every_rank, kept_rewards = gather_rollouts(procs, everything, [r.reward for r in kept])
+    row = {
+        "step": step + 1,
+        **rollout_stats(every_rank, G),
+        "groups_kept": len(kept_rewards) // G,
+        **{k: v for k, v in info.items() if not k.startswith("time/")},
+    }
+    batches = rollout_batches(
+        kept, cfg.micro_batch_size, pad, cfg.mask_truncated, procs.device, layout=how, group_size=G
+    )
+    advantages = None
+    if kept:  # computed over every process's groups; this process keeps its rows
+        everyone = group_advantages(torch.tensor(kept_rewards), G, cfg.advantage_scale)
+        advantages = everyone[rank * len(kept) : (rank + 1) * len(kept)]
+    tokens = sum_over_processes(
+        procs, float(sum(int((b["labels"] != -100).sum()) for b, _ in batches))
+    )
+    return row, info, batches, advantages, len(kept_rewards), tokens

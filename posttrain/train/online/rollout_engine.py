@@ -163,7 +163,9 @@ class AdapterSync:
         self.kept: list[tuple[Path, str]] = []  # (folder, name) the engine may still read
         self.syncs = 0
 
-    def __call__(self, policy, step: int) -> None:
+    def __call__(self, policy, step: int, state_dict: dict | None = None) -> None:
+        """`state_dict`: the whole adapter gathered from a sharded policy (Processes.
+        full_state_dict), saved instead of the module's own shards; None: the module's."""
         path = self.root / f"step-{step:08d}"
         if self.is_main:
             kwargs = (
@@ -171,6 +173,8 @@ class AdapterSync:
                 if self.init_adapter
                 else {}
             )
+            if state_dict is not None:
+                kwargs["state_dict"] = state_dict
             save_atomic(lambda d: policy.save_pretrained(d, **kwargs), path)
         self.barrier()
         name = f"policy-{self.tag}-step-{step}"

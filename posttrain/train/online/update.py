@@ -9,6 +9,8 @@ Completion.token_logprobs), so the sync check and the rollout correction compare
 trainer's raw log-probs of the same forward (one more logsumexp, no gradient; none at T = 1):
 raw against raw, tempered against nothing else. At T = 1 the two are the same.
 
+One step's update (update_policy): old and reference log-probs when needed, then
+`updates_per_batch` optimizer steps, the first one checking the engine's sync.
 Per step: the micro-batches' losses are scaled so that, summed over micro-batches (and averaged
 over processes by DDP), they are the loss of the whole step (micro_batch_weight).
 """
@@ -22,7 +24,11 @@ import torch
 from posttrain.losses import chord_loss, metrics_to_floats, policy_loss, sft, sft_phi, token_logps
 from posttrain.losses.offpolicy import cispo_loss, mismatch_metrics, rollout_weights
 from posttrain.train.forward import completion_logps, group_logits
+from posttrain.train.metrics import check_finite
 from posttrain.train.moe import MoeRun
+from posttrain.train.online.reduce import token_means
+from posttrain.train.online.rollout_engine import check_sync
+from posttrain.train.parallel.checkpoint import latest_checkpoint
 
 
 def sampled_logps(model, batch: dict[str, torch.Tensor], temperature: float, *, raw: bool = False):
@@ -249,3 +255,78 @@ def step_loss_value(metrics: dict[str, float], mu: float | None, moe: MoeRun = M
     if mu is not None:
         policy = float(chord_loss(torch.tensor(policy), torch.tensor(metrics["loss/sft"]), mu))
     return policy + moe.aux_term(metrics, mu)
+
+
+def update_policy(
+    run,
+    cfg,
+    batches: list,
+    advantages: torch.Tensor | None,
+    demo_batches: list,
+    *,
+    mu: float | None,
+    moe: MoeRun,
+    total_rows: int,
+    tokens: float,
+    max_kl: float,
+    step: int,
+    row: dict,
+) -> int:
+    """`updates_per_batch` optimizer steps (`run`: skeleton.Run) on one step's rollouts (`advantages` None: no group
+    kept) and CHORD's demonstrations (`mu` not None); adds their metrics to `row`; returns
+    the number of updates taken."""
+    procs, trained, policy = run.procs, run.policy, run.model
+    sampled, U = advantages is not None, cfg.updates_per_batch
+    # Old log-probs matter only once the policy has moved within the batch.
+    old = (
+        frozen_logps(policy, batches, cfg.temperature, reference=False)
+        if sampled and U > 1
+        else None
+    )
+    ref = (
+        frozen_logps(policy, batches, cfg.temperature, reference=True)
+        if sampled and cfg.kl_beta > 0
+        else None
+    )
+    updates, weights = 0, None
+    policy.train(cfg.gradient_checkpointing)  # dropout is off either way
+    for update in range(U if (sampled or mu is not None) else 0):
+        metrics: dict = {}
+        if sampled:
+            sums, weights = policy_backward(
+                trained,
+                batches,
+                advantages,
+                old,
+                ref,
+                cfg,
+                mu=mu,
+                total_rows=total_rows,
+                total_tokens=tokens,
+                processes=procs.num_processes,
+                weights=weights,
+                no_sync=lambda: procs.no_sync(trained),
+                moe=moe,
+            )
+            metrics = token_means(procs, sums)
+        if update == 0:
+            check_sync(
+                {"step": step + 1, **metrics}, max_kl, cfg.rollout.engine.kind, sampled=sampled
+            )
+        if mu is not None:
+            metrics.update(sft_backward(trained, demo_batches, cfg, mu, moe=moe))
+        loss = step_loss_value(metrics, mu, moe)
+        grad_norm = procs.clip(trained, cfg.max_grad_norm)  # over all shards
+        check_finite(step + 1, loss, grad_norm, latest_checkpoint(run.out))
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        updates += 1
+        metrics.update(loss=loss, grad_norm=grad_norm)
+        if update == 0:
+            # Loss, entropy, KL and mismatch of the sampling policy (the first update) ...
+            row.update(metrics)
+        # ... clipping of the last: it only happens once the policy has moved.
+        row.update({k: v for k, v in metrics.items() if k.startswith("clip_ratio/")})
+    policy.eval()
+    return updates
