@@ -6,8 +6,9 @@
 
 The loop, top to bottom: read and tokenise the data; load the model; for the DPO family compute
 the reference log-probs once (no grad, before any adapter exists; cached beside the data); add
-LoRA (or train everything); wrap it for the processes (distributed.py: ddp | fsdp2 | deepspeed)
-and build the optimizer over the wrapped parameters; then for each optimizer step take its global batch, run this
+LoRA (or train everything); wrap it for the processes (parallel/processes.py: ddp | fsdp2 |
+deepspeed) and build the optimizer over the wrapped parameters (set-up and tear-down shared with
+the online loop: train/skeleton.py); then for each optimizer step take its global batch, run this
 process's micro-batches (padding longest: one left-padded forward per micro-batch, chosen and
 rejected together; padding none, the default on CPU: each row its own micro-batch, each
 sequence its own unpadded forward), clip, check for NaN / inf, step, log, and checkpoint every
@@ -62,7 +63,15 @@ from posttrain.train.skeleton import (
     say,
 )
 
-__all__ = ["RESUME_MAY_CHANGE", "train"]  # RESUME_MAY_CHANGE: train/skeleton.py
+# re-exported for the tests and workers that import them from here
+__all__ = [
+    "RESUME_MAY_CHANGE",
+    "SFT_LOSSES",
+    "global_units",
+    "micro_batch_loss",
+    "step_gradients",
+    "train",
+]
 
 
 # --------------------------------------------------------------------------------- loop

@@ -3,13 +3,18 @@
     posttrain train --method grpo --problems "builtin:arith:512?split=train" --out runs/grpo \
         --set max_steps=40 --set num_generations=4 [--set chord.demos=demos.jsonl] [--resume]
     torchrun --nproc_per_node 2 -m posttrain.cli train --method grpo --out runs/grpo2 ...
+    posttrain train --nproc 2 --method grpo ... --set strategy=fsdp2 --set rollout.sync=adapter
 
+The processes and the model's spread over them are the offline loop's (parallel/processes.py:
+ddp | fsdp2; deepspeed is refused, and fsdp2 with rollout.sync live, since generate on a
+sharded model would run a different number of all-gathers on each process); set-up and
+tear-down are train/skeleton.py's.
 The loop, top to bottom, per step: draw `problems_per_step` problems (each process its share;
 a group is never split), sample G completions of each through the rollout engine
-(train/online/rollout_engine.py) and grade them (train/online/rollouts.py), gather the rewards of every
-process and turn them into group-normalised advantages, then take `updates_per_batch`
-optimizer steps on the batch (train/online/update.py; losses in posttrain/losses/ and
-posttrain/losses/offpolicy.py). The first update's forward also checks that the engine sampled the
+(train/online/rollout_engine.py) and grade them (train/online/rollouts.py), gather the
+rewards of every process and turn them into group-normalised advantages, then take
+`updates_per_batch` optimizer steps on the batch (train/online/update.py update_policy;
+losses in posttrain/losses/, off-policy ones in losses/offpolicy.py). The first update's forward also checks that the engine sampled the
 current policy (mismatch/* metrics; RolloutSyncError past rollout.max_mismatch_kl) and gives
 the rollout-correction weights. After the update a detached engine gets the new adapter
 (colocated vLLM sleeps during the update with rollout.sleep, CUDA only).

@@ -177,10 +177,6 @@ def load_checkpoint(
     return json.loads((folder / "state.json").read_text())
 
 
-def parameters_finite(model) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
-
-
 def check_resumable(cfg, out: str | os.PathLike, may_change: set[str] = frozenset()) -> None:
     """ConfigError when `cfg` differs from the run's saved OUT/config.yaml in a key that
     changes the result (`may_change` lists the keys that do not)."""
