@@ -62,8 +62,7 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     """Build dataclass `cls` from a nested dict; unknown keys and wrong types are errors."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    # init=False fields are derived at load (e.g. a recipe's resolved train config), not keys
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(data) - set(fields)
     if unknown:
         raise ConfigError(
@@ -117,14 +116,7 @@ def _coerce(tp, value, where: str):
 
 
 def to_dict(obj) -> dict:
-    """The keys of a config as written to YAML: its init fields, not what was derived at load."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    return obj
+    return dataclasses.asdict(obj)
 
 
 def load_config(

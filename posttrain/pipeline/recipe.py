@@ -11,7 +11,6 @@ name comes first (`eval.dna.n=2`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from posttrain.config import ConfigError, from_dict, load_yaml, merge, parse_overrides
 
@@ -26,8 +25,9 @@ class SampleStage:
     batch_size: int | None = None  # the engine's batch_size for this stage (None: the engine's)
     system_prompt: str | None = None
     engine: dict = field(default_factory=dict)  # keys over the recipe's engine:, this stage only
-    # the EngineConfig this stage generates with, resolved once at load (stage_engine)
-    resolved_engine: Any = field(default=None, init=False, repr=False, compare=False)
+    # the EngineConfig this stage generates with, resolved once at load (stage_engine); a
+    # class attribute, not a field: derived, so neither a recipe key nor part of any digest
+    resolved_engine = None
 
 
 @dataclass
@@ -51,9 +51,10 @@ class TrainStage:
     data: str = "auto"
     nproc: int = 1  # > 1: launched as torchrun --nproc_per_node NPROC
     config: dict = field(default_factory=dict)  # TrainConfig keys, e.g. {lr: 5e-5, beta: 0.1}
-    # the typed TrainConfig / OnlineConfig resolved from `config` at load, with placeholders for
-    # what earlier stages provide (the data file); train_config() fills them in. Not a key.
-    resolved: Any = field(default=None, init=False, repr=False, compare=False)
+    # the typed TrainConfig / OnlineConfig resolved from `config` at load, with a placeholder for
+    # what earlier stages provide (the data file); train_config() fills it in. Not a field (so
+    # not a key, not in recipe.yaml or any digest).
+    resolved = None
 
 
 @dataclass
@@ -78,7 +79,7 @@ class EvalSet:
     engine: dict = field(default_factory=dict)  # keys over the recipe's engine:, this set only
     guard: bool = False  # a significant drop here is a regression (run --fail-on-regression)
     judge: JudgeSettings | None = None
-    resolved_engine: Any = field(default=None, init=False, repr=False, compare=False)
+    resolved_engine = None  # as SampleStage's
 
 
 @dataclass

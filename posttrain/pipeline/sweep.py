@@ -112,9 +112,9 @@ def load_grid(path: str | Path) -> tuple[list[str], list[SweepRun]]:
 
 def lookup(recipe: Recipe, dotted: str):
     """A recipe's value at a dotted key ('train.config.lora.r'); '-' where it has none."""
-    from posttrain.config import to_dict
+    from dataclasses import asdict
 
-    node = to_dict(recipe)
+    node = asdict(recipe)
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
             return "-"
