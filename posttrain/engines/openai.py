@@ -77,31 +77,28 @@ class OpenAIEngine:
         it as config.served_model, else by that name). The servers own the weights:
         `dtype` and `trust_remote_code` are theirs to set; an `adapter` (a PEFT folder they can
         read) is loaded at runtime and served under its folder name."""
-        base_urls, model_id = config.base_urls, model
-        api_key_env, timeout, max_retries = config.api_key_env, config.timeout, config.max_retries
-        served_model, concurrency = config.served_model, config.concurrency
-        chat_template_kwargs, send_seed = config.chat_template_kwargs, config.send_seed
-        if not base_urls:
+        c = config
+        if not c.base_urls:
             raise ConfigError("openai engine: no base URL given")
         self.clients = [
-            ServerClient(u, api_key_env=api_key_env, timeout=timeout, max_retries=max_retries)
-            for u in base_urls
+            ServerClient(u, api_key_env=c.api_key_env, timeout=c.timeout, max_retries=c.max_retries)
+            for u in c.base_urls
         ]
-        self.model_id = model_id  # recorded in every row
-        self.served_model = served_model or model_id  # the name the servers know it by
+        self.model_id = model  # recorded in every row
+        self.served_model = c.served_model or model  # the name the servers know it by
         self.request_model = self.served_model  # an adapter's name after load_adapter
-        self.chat_template_kwargs = dict(chat_template_kwargs or {})
-        self.send_seed = send_seed
+        self.chat_template_kwargs = dict(c.chat_template_kwargs or {})
+        self.send_seed = c.send_seed
         self.progress = progress
         # prompts a generate call should carry so that `concurrency` requests are in flight
         # (sample_problems sizes its chunks by it)
-        self.prompts_per_call = concurrency
+        self.prompts_per_call = c.concurrency
         self._n_ok = True  # False once a server refuses n > 1 or returns fewer choices
         self._refused: set[str] = set()  # OPTIONAL fields a server refused
         self._render_ok = True
         self._adapters: set[str] = set()
         self._turn = itertools.count()  # round-robin over the clients
-        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="openai-engine")
+        self._pool = ThreadPoolExecutor(c.concurrency, thread_name_prefix="openai-engine")
         if probe:
             for client in self.clients:
                 names = client.probe()
