@@ -31,10 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "evaluate a model (or base + adapter) on a problem set",
     ),
     "compare": ("posttrain.evaluation.compare", "paired comparison of two eval folders"),
-    "run": ("posttrain.pipeline.run", "run a whole recipe: sample -> ... -> compare"),
+    "run": ("posttrain.commands.run", "run a whole recipe: sample -> ... -> compare"),
     "report": ("posttrain.report.html", "one self-contained HTML page for a run or sweep folder"),
     "sweep": (
-        "posttrain.pipeline.sweep",
+        "posttrain.commands.sweep",
         "run a grid of recipes sharing their stages; noise-aware table",
     ),
 }

@@ -68,7 +68,7 @@ def test_unknown_or_misplaced_engine_options_are_errors_that_name_them():
 
 
 def test_recipe_engine_block_is_shared_and_overridden_per_stage(tmp_path):
-    from posttrain.pipeline.run import engine_settings, load_recipe, stage_engine
+    from posttrain.pipeline.recipe import engine_settings, load_recipe, stage_engine
 
     path = tmp_path / "r.yaml"
     path.write_text(
@@ -96,6 +96,8 @@ def test_recipe_engine_block_is_shared_and_overridden_per_stage(tmp_path):
     path.write_text("eval: {batch_size: 8}\n")
     recipe = load_recipe(str(path))
     assert stage_engine(recipe, recipe.eval[0]).batch_size == 8
+    # resolved once at load: the stages use that config, not a new merge
+    assert recipe.eval[0].resolved_engine == stage_engine(recipe, recipe.eval[0])
     path.write_text("engine: {kind: vllm, tensor_parallel: 2}\n")
     with pytest.raises(ConfigError, match=r"sample.engine: unknown key\(s\) tensor_parallel"):
         load_recipe(str(path))

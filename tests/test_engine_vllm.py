@@ -115,10 +115,11 @@ def results(tmp_path_factory, thinking_model, adapter) -> dict:
 
 @pytest.fixture(scope="module")
 def hf(thinking_model):
+    from posttrain.engines import EngineConfig
     from posttrain.engines.hf import HFEngine
 
     torch.set_num_threads(1)
-    return HFEngine.from_name(thinking_model, dtype="fp32", batch_size=4)
+    return HFEngine(thinking_model, EngineConfig(kind="hf", batch_size=4), dtype="fp32")
 
 
 def teacher_forced_logprobs(hf, prompt: str, ids: list[int]) -> list[float]:

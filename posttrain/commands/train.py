@@ -2,8 +2,13 @@
 
     posttrain train --method dpo --model smollm2-135m --data pairs.jsonl --out runs/dpo \
         [--config train.yaml] [--set lr=5e-5 --set lora.r=8] [--resume]
-    posttrain train --nproc 2 --method dpo ... --set strategy=fsdp2   # = torchrun --standalone
+    posttrain train --nproc 2 --method dpo ... --set strategy=fsdp2
     torchrun --nproc_per_node 8 -m posttrain.cli train --method dpo ... --set strategy=fsdp2
+
+The config resolves once here (train/config.py: resolve_train_config): defaults <- the method's
+preset <- --config <- --set <- --model / --data / --problems. With --nproc N it is saved as
+OUT/launch.yaml and this process becomes `torchrun --standalone --nproc_per_node N -m
+posttrain.train.launch OUT/launch.yaml` (train/launch.py, also the multi-node entry point).
 
 Offline methods (a fixed file): sft, dft, chord-phi (demonstrations or scored samples) and
 dpo, ipo, robust-dpo, bdpo, rpo (pairs), in posttrain/train/offline/loop.py. Online methods
@@ -15,29 +20,17 @@ TrainConfig, LoraConfig) and posttrain/train/online/config.py (OnlineConfig).
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from pathlib import Path
 
 from posttrain.config import ConfigError
-from posttrain.train.config import OFFLINE_METHODS
-from posttrain.train.metrics import NonFiniteError
-
-# method -> "module:function" with `function(args) -> int`. A new loop is one line here, e.g.
-# RUNNERS.update(dict.fromkeys(("grpo", "dr-grpo", ...), "posttrain.commands.train:run_online"))
-RUNNERS: dict[str, str] = dict.fromkeys(OFFLINE_METHODS, "posttrain.commands.train:run")
-# "bnpo" stays routed so that its rename is explained (online_config raises).
-RUNNERS.update(
-    dict.fromkeys(
-        ("grpo", "dr-grpo", "dapo", "grpo-token-mean", "gspo", "cispo", "chord", "bnpo"),
-        "posttrain.commands.train:run_online",
-    )
-)
+from posttrain.train.config import OFFLINE_METHODS, all_methods
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", required=True, choices=list(RUNNERS))
+    # "bnpo" is accepted so that its rename is explained (config_class raises)
+    parser.add_argument("--method", required=True, choices=[*all_methods(), "bnpo"])
     parser.add_argument(
         "--model", default=None, help="model folder, .gguf file or hub id (default: smollm2-135m)"
     )
@@ -74,80 +67,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args) -> int:
-    """The offline methods."""
-    from posttrain.train.config import train_config
-    from posttrain.train.offline.loop import train
+def resolve(args):
+    """The checked config of this command line, offline or online by --method."""
+    from posttrain.train.config import resolve_train_config
 
-    if args.problems:
-        raise ConfigError(
-            f"--problems is not used by the offline method {args.method!r}: it "
-            "trains on the file given with --data"
-        )
-    cfg = train_config(args.method, args.config, args.set, model=args.model, data=args.data)
-    train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
-    return 0
-
-
-def run_online(args) -> int:
-    """The online methods: grpo, dr-grpo, dapo, grpo-token-mean, gspo, cispo, chord."""
-    from posttrain.train.online.loop import train_online
-    from posttrain.train.online.config import online_config
-
-    if getattr(args, "data", None):
-        raise ConfigError(
-            f"--data is not used by the online method {args.method!r}: it samples "
-            "its own completions of --problems (CHORD's demonstrations: "
-            "--set chord.demos=FILE)"
-        )
-    cfg = online_config(
-        args.method,
-        args.config,
-        args.set,
-        model=args.model,
-        problems=getattr(args, "problems", None),
+    if args.method in OFFLINE_METHODS:
+        if args.problems:
+            raise ConfigError(
+                f"--problems is not used by the offline method {args.method!r}: it "
+                "trains on the file given with --data"
+            )
+        flags = {"data": args.data}
+    else:
+        if args.data:
+            raise ConfigError(
+                f"--data is not used by the online method {args.method!r}: it samples "
+                "its own completions of --problems (CHORD's demonstrations: "
+                "--set chord.demos=FILE)"
+            )
+        flags = {"problems": args.problems}
+    return resolve_train_config(
+        args.method, path=args.config, overrides=args.set, model=args.model, **flags
     )
-    summary = train_online(cfg, args.out, resume=args.resume, progress=not args.no_progress)
-    last = summary["last"]
-    if last:
-        print(
-            f"{'finished' if summary['finished'] else 'stopped'} at step {summary['steps']} of "
-            f"{summary['total_steps']}; last reward {last['reward/mean']:.3f}; "
-            f"metrics in {Path(args.out) / 'metrics.jsonl'}",
-            flush=True,
-        )
-    return 0
-
-
-def torchrun_command(args) -> list[str]:
-    """`python -m torch.distributed.run --standalone --nproc_per_node N -m posttrain.cli train`
-    with the same arguments, less --nproc."""
-    argv = ["train", "--method", args.method, "--out", args.out]
-    for flag in ("model", "data", "problems", "config"):
-        if getattr(args, flag) is not None:
-            argv += [f"--{flag}", getattr(args, flag)]
-    for item in args.set:
-        argv += ["--set", item]
-    argv += ["--resume"] * args.resume + ["--no-progress"] * args.no_progress
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        str(args.nproc),
-        "-m",
-        "posttrain.cli",
-        *argv,
-    ]
 
 
 def main(args) -> int:
-    if args.nproc is not None:
-        from posttrain.config import ConfigError
+    from posttrain.train.launch import launch_command, train_resolved, write_launch
+    from posttrain.train.metrics import NonFiniteError
 
-        if args.nproc < 1:
-            raise ConfigError(f"--nproc: {args.nproc}; expected >= 1")
+    if args.nproc is not None and args.nproc < 1:
+        raise ConfigError(f"--nproc: {args.nproc}; expected >= 1")
+    cfg = resolve(args)
+    if args.nproc is not None:
         if "LOCAL_RANK" in os.environ:  # already one of torchrun's processes
             world = int(os.environ.get("WORLD_SIZE", "1"))
             if world != args.nproc:
@@ -156,12 +107,23 @@ def main(args) -> int:
                     "drop --nproc when launching with torchrun"
                 )
         else:
-            command = torchrun_command(args)
+            path = write_launch(cfg, args.out)
+            command = launch_command(
+                path, args.nproc, resume=args.resume, progress=not args.no_progress
+            )
             sys.stdout.flush()
             os.execv(command[0], command)  # this process becomes the torchrun launcher
-    module, _, function = RUNNERS[args.method].partition(":")
     try:
-        return int(getattr(importlib.import_module(module), function)(args) or 0)
+        summary = train_resolved(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     except NonFiniteError as e:
         print(f"posttrain train: stopped: {e}", file=sys.stderr, flush=True)
         return 1
+    if summary and summary["last"]:
+        last = summary["last"]
+        print(
+            f"{'finished' if summary['finished'] else 'stopped'} at step {summary['steps']} of "
+            f"{summary['total_steps']}; last reward {last['reward/mean']:.3f}; "
+            f"metrics in {Path(args.out) / 'metrics.jsonl'}",
+            flush=True,
+        )
+    return 0

@@ -7,7 +7,7 @@ paths for large models and plug in behind the same `generate` call.
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import replace
 
 from posttrain.config import ConfigError
 from posttrain.engines.base import (
@@ -18,7 +18,30 @@ from posttrain.engines.base import (
     Messages,
     SamplingParams,
 )
-from posttrain.engines.config import ENGINES, EngineConfig, batch_size as batch_size_of
+from posttrain.engines.config import ENGINES, EngineConfig
+
+
+def _hf():
+    from posttrain.engines.hf import HFEngine
+
+    return HFEngine
+
+
+def _vllm():
+    from posttrain.engines.vllm import VLLMEngine
+
+    return VLLMEngine
+
+
+def _openai():
+    from posttrain.engines.openai import OpenAIEngine
+
+    return OpenAIEngine
+
+
+# kind -> the engine class (imported on use: vllm is optional, transformers is slow to import).
+# Every class is built as `Class(model, config, *, dtype, adapter, trust_remote_code, progress)`.
+KINDS = {"hf": _hf, "vllm": _vllm, "openai": _openai}
 
 
 def make_engine(
@@ -40,60 +63,23 @@ def make_engine(
     the engine ready for adapters that `load_adapter` brings later (online RL); `sleep_mode`
     (vllm on CUDA) lets colocated online RL put it to sleep during the update.
     """
-    if sleep_mode and (config if isinstance(config, str) else config.kind) != "vllm":
-        raise ConfigError("sleep_mode: only the in-process vllm engine can sleep")
     if isinstance(config, str):
         config = EngineConfig(kind=config)
+    if sleep_mode and config.kind != "vllm":
+        raise ConfigError("sleep_mode: only the in-process vllm engine can sleep")
     if batch_size is not None:
-        config = EngineConfig(**{**config.__dict__, "batch_size": batch_size})
+        config = replace(config, batch_size=batch_size)
     config.check()
-    if config.kind == "hf":
-        from posttrain.engines.hf import HFEngine
-
-        engine = HFEngine.from_name(
-            model,
-            dtype=dtype,
-            batch_size=batch_size_of(config),
-            trust_remote_code=trust_remote_code,
-            adapter=adapter,
-            device=config.device,
-            chat_template_kwargs=config.chat_template_kwargs,
-        )
-        engine.progress = progress
-        return engine
-    if config.kind == "vllm":
-        from posttrain.engines.vllm import VLLMEngine
-
-        return VLLMEngine(
-            model,
-            config,
-            dtype=dtype,
-            adapter=adapter,
-            max_lora_rank=max_lora_rank,
-            trust_remote_code=trust_remote_code,
-            progress=progress,
-            sleep_mode=sleep_mode,
-        )
-    if config.kind == "openai":
-        from posttrain.engines.openai import OpenAIEngine
-
-        engine = OpenAIEngine(
-            config.base_urls,
-            model,
-            served_model=config.served_model,
-            api_key_env=config.api_key_env,
-            concurrency=config.concurrency,
-            timeout=config.timeout,
-            max_retries=config.max_retries,
-            chat_template_kwargs=config.chat_template_kwargs,
-            send_seed=config.send_seed,
-        )
-        engine.progress = progress
-        if adapter is not None:  # a PEFT folder the servers can read, served under its name
-            engine.load_adapter(str(adapter), name=Path(adapter).name)
-            engine.model_id = f"{model}+{adapter}"
-        return engine
-    raise NotImplementedError(f"engine {config.kind!r} is not built yet")
+    vllm_only = {"max_lora_rank": max_lora_rank, "sleep_mode": sleep_mode}
+    return KINDS[config.kind]()(
+        model,
+        config,
+        dtype=dtype,
+        adapter=adapter,
+        trust_remote_code=trust_remote_code,
+        progress=progress,
+        **(vllm_only if config.kind == "vllm" else {}),
+    )
 
 
 __all__ = [

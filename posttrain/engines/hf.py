@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from posttrain.engines.base import Completion, Messages, SamplingParams
+from posttrain.engines.config import EngineConfig, batch_size as batch_size_of
 from posttrain.engines.decode import decode
 
 
@@ -21,52 +22,65 @@ class HFEngine:
 
     def __init__(
         self,
+        model: str,
+        config: EngineConfig | None = None,
+        *,
+        dtype: str = "auto",
+        adapter=None,
+        trust_remote_code: bool = False,
+        progress: bool = False,
+    ):
+        """Load `model` (plus `adapter`, merged) as `config` says. `config.device` auto: CUDA
+        when present (several GPUs when the model outgrows one), else the CPU, said on stderr;
+        `dtype` auto is resolved for that device."""
+        from posttrain.models import load_tokenizer, load_with_adapter, resolve_device
+
+        config = config or EngineConfig(kind="hf")
+        device = resolve_device(config.device)
+        loaded = load_with_adapter(
+            model, adapter, dtype=dtype, trust_remote_code=trust_remote_code, device=device
+        )
+        loaded.eval()
+        self._attach(
+            loaded,
+            load_tokenizer(model, trust_remote_code=trust_remote_code),
+            model_id=model if adapter is None else f"{model}+{adapter}",
+            batch_size=batch_size_of(config),
+            chat_template_kwargs=config.chat_template_kwargs,
+        )
+        self.progress = progress
+
+    @classmethod
+    def on_model(
+        cls,
         model,
         tokenizer,
+        *,
         model_id: str = "model",
         batch_size: int = 8,
-        progress: bool = False,
         chat_template_kwargs: dict | None = None,
-    ):
+    ) -> "HFEngine":
+        """An engine sampling a model already in memory (the online trainer's live policy)."""
+        engine = cls.__new__(cls)
+        engine._attach(
+            model,
+            tokenizer,
+            model_id=model_id,
+            batch_size=batch_size,
+            chat_template_kwargs=chat_template_kwargs,
+        )
+        return engine
+
+    def _attach(self, model, tokenizer, *, model_id, batch_size, chat_template_kwargs) -> None:
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.batch_size = batch_size
-        self.progress = progress
+        self.progress = False
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         eos = model.generation_config.eos_token_id if model.generation_config else None
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
-
-    @classmethod
-    def from_name(
-        cls,
-        name: str,
-        *,
-        dtype="auto",
-        batch_size: int = 8,
-        trust_remote_code: bool = False,
-        adapter=None,
-        device: str = "auto",
-        chat_template_kwargs: dict | None = None,
-    ) -> "HFEngine":
-        """`device` auto: CUDA when present (several GPUs when the model outgrows one), else the
-        CPU, said on stderr; `dtype` auto is resolved for that device; an adapter is merged there."""
-        from posttrain.models import load_tokenizer, load_with_adapter, resolve_device
-
-        device = resolve_device(device)
-        model = load_with_adapter(
-            name, adapter, dtype=dtype, trust_remote_code=trust_remote_code, device=device
-        )
-        model.eval()
-        tok = load_tokenizer(name, trust_remote_code=trust_remote_code)
-        return cls(
-            model,
-            tok,
-            model_id=name if adapter is None else f"{name}+{adapter}",
-            batch_size=batch_size,
-            chat_template_kwargs=chat_template_kwargs,
-        )
 
     def close(self) -> None:
         self.model = None  # the weights go with the last reference

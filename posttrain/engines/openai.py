@@ -1,7 +1,8 @@
 """The openai engine: sampling from OpenAI-compatible chat-completions servers (vLLM, SGLang,
 hosted APIs); one server per node is how a cluster samples.
 
-    engine = OpenAIEngine(["http://node1:8000/v1", "http://node2:8000/v1"], "Qwen/Qwen3-8B")
+    config = EngineConfig(kind="openai", base_urls=["http://node1:8000/v1", "http://node2:8000/v1"])
+    engine = OpenAIEngine("Qwen/Qwen3-8B", config)
     completions = engine.generate(prompts, SamplingParams(n=8, temperature=0.7))
 
     posttrain sample --engine openai --base-url http://node1:8000/v1 ...   (CLI wiring: cli.py)
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 from posttrain.config import ConfigError
 from posttrain.engines.base import Completion, EngineUnavailable, Messages, SamplingParams
 from posttrain.engines.client import BadReply, ServerClient, ServerRejected
+from posttrain.engines.config import EngineConfig
 
 log = logging.getLogger("posttrain.engines.openai")
 
@@ -62,39 +64,41 @@ class OpenAIEngine:
 
     def __init__(
         self,
-        base_urls: list[str],
-        model_id: str,
+        model: str,
+        config: EngineConfig,
         *,
-        served_model: str | None = None,
-        api_key_env: str = "OPENAI_API_KEY",
-        concurrency: int = 16,
-        timeout: float = 600.0,
-        max_retries: int = 5,
-        chat_template_kwargs: dict | None = None,
-        send_seed: bool = True,
+        dtype: str = "auto",
+        adapter=None,
+        trust_remote_code: bool = False,
+        progress: bool = False,
         probe: bool = True,
     ):
-        if not base_urls:
+        """Requests to `config.base_urls` for `model` (recorded in every row; the servers know
+        it as config.served_model, else by that name). The servers own the weights:
+        `dtype` and `trust_remote_code` are theirs to set; an `adapter` (a PEFT folder they can
+        read) is loaded at runtime and served under its folder name."""
+        c = config
+        if not c.base_urls:
             raise ConfigError("openai engine: no base URL given")
         self.clients = [
-            ServerClient(u, api_key_env=api_key_env, timeout=timeout, max_retries=max_retries)
-            for u in base_urls
+            ServerClient(u, api_key_env=c.api_key_env, timeout=c.timeout, max_retries=c.max_retries)
+            for u in c.base_urls
         ]
-        self.model_id = model_id  # recorded in every row
-        self.served_model = served_model or model_id  # the name the servers know it by
+        self.model_id = model  # recorded in every row
+        self.served_model = c.served_model or model  # the name the servers know it by
         self.request_model = self.served_model  # an adapter's name after load_adapter
-        self.chat_template_kwargs = dict(chat_template_kwargs or {})
-        self.send_seed = send_seed
-        self.progress = False
+        self.chat_template_kwargs = dict(c.chat_template_kwargs or {})
+        self.send_seed = c.send_seed
+        self.progress = progress
         # prompts a generate call should carry so that `concurrency` requests are in flight
         # (sample_problems sizes its chunks by it)
-        self.prompts_per_call = concurrency
+        self.prompts_per_call = c.concurrency
         self._n_ok = True  # False once a server refuses n > 1 or returns fewer choices
         self._refused: set[str] = set()  # OPTIONAL fields a server refused
         self._render_ok = True
         self._adapters: set[str] = set()
         self._turn = itertools.count()  # round-robin over the clients
-        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="openai-engine")
+        self._pool = ThreadPoolExecutor(c.concurrency, thread_name_prefix="openai-engine")
         if probe:
             for client in self.clients:
                 names = client.probe()
@@ -103,6 +107,9 @@ class OpenAIEngine:
                         f"{client.base} serves {names}, not {self.served_model!r}:"
                         " set engine.served_model to the server's model name"
                     )
+        if adapter is not None:  # a PEFT folder the servers can read, served under its name
+            self.load_adapter(str(adapter), name=Path(adapter).name)
+            self.model_id = f"{model}+{adapter}"
 
     def __repr__(self) -> str:
         return f"OpenAIEngine({[c.base for c in self.clients]}, model={self.request_model!r})"

@@ -25,6 +25,9 @@ class SampleStage:
     batch_size: int | None = None  # the engine's batch_size for this stage (None: the engine's)
     system_prompt: str | None = None
     engine: dict = field(default_factory=dict)  # keys over the recipe's engine:, this stage only
+    # the EngineConfig this stage generates with, resolved once at load (stage_engine); a
+    # class attribute, not a field: derived, so neither a recipe key nor part of any digest
+    resolved_engine = None
 
 
 @dataclass
@@ -48,6 +51,10 @@ class TrainStage:
     data: str = "auto"
     nproc: int = 1  # > 1: launched as torchrun --nproc_per_node NPROC
     config: dict = field(default_factory=dict)  # TrainConfig keys, e.g. {lr: 5e-5, beta: 0.1}
+    # the typed TrainConfig / OnlineConfig resolved from `config` at load, with a placeholder for
+    # what earlier stages provide (the data file); train_config() fills it in. Not a field (so
+    # not a key, not in recipe.yaml or any digest).
+    resolved = None
 
 
 @dataclass
@@ -72,6 +79,7 @@ class EvalSet:
     engine: dict = field(default_factory=dict)  # keys over the recipe's engine:, this set only
     guard: bool = False  # a significant drop here is a regression (run --fail-on-regression)
     judge: JudgeSettings | None = None
+    resolved_engine = None  # as SampleStage's
 
 
 @dataclass
@@ -118,7 +126,124 @@ def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
         )
     if recipe.train.nproc < 1:
         raise ConfigError(f"{where}: train.nproc: {recipe.train.nproc}; expected >= 1")
+    return resolve(recipe, where)
+
+
+def check_generation(label: str, stage: SampleStage | EvalSet) -> None:
+    """Sampling settings a stage could not use: an error now, not an empty file later."""
+    checks = [("n", stage.n >= 1, ">= 1"), ("max_new_tokens", stage.max_new_tokens >= 1, ">= 1")]
+    checks.append(("temperature", stage.temperature >= 0, ">= 0"))
+    if isinstance(stage, SampleStage):
+        checks.append(("top_p", 0 < stage.top_p <= 1, "a value in (0, 1]"))
+    if stage.batch_size is not None:
+        checks.append(("batch_size", stage.batch_size >= 1, ">= 1"))
+    for name, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"{label}.{name}: {getattr(stage, name)!r}; expected {expected}")
+
+
+def resolve(recipe: Recipe, where: str = "recipe") -> Recipe:
+    """Check every stage's settings and resolve what is derived from them, once: each stage's
+    EngineConfig and the typed train config (with a placeholder for the data file the earlier
+    stages write). A bad setting anywhere fails here, before any stage runs."""
+    from posttrain.pairs import STRATEGIES
+
+    try:
+        check_generation("sample", recipe.sample)
+        for s in recipe.eval:
+            check_generation(f"eval.{s.name}", s)
+        if recipe.pairs.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"pairs.strategy: {recipe.pairs.strategy!r}; expected {' | '.join(STRATEGIES)}"
+            )
+        if recipe.pairs.max_pairs_per_problem < 1:
+            raise ConfigError(
+                f"pairs.max_pairs_per_problem: {recipe.pairs.max_pairs_per_problem}; expected >= 1"
+            )
+        for stage in (recipe.sample, *recipe.eval):
+            stage.resolved_engine = stage_engine(recipe, stage)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    recipe.train.resolved = resolve_train(recipe, where)
     return recipe
+
+
+# what the train config holds at load in place of the file an earlier stage writes
+PENDING = "<written by an earlier stage>"
+
+
+def train_data_kind(recipe: Recipe) -> str:
+    """What the train stage reads: pairs | scored | demonstrations (a file an earlier stage
+    writes) or problems (online methods: the sample problems)."""
+    from posttrain.train.config import OFFLINE_METHODS, PREFERENCE_METHODS
+
+    kind, method = recipe.train.data, recipe.train.method
+    if method not in OFFLINE_METHODS:
+        if kind == "demonstrations" and method == "chord":
+            if (recipe.train.config.get("chord") or {}).get("demos"):
+                raise ConfigError(
+                    "train.config.chord.demos and train.data: demonstrations "
+                    "both name chord's demonstrations: keep one"
+                )
+            return kind  # rollouts on the sample problems, the SFT term on these
+        if kind != "auto":
+            raise ConfigError(
+                f"train.data: {kind!r}; online method {method!r} "
+                "trains on the sample problems (auto), and chord also on "
+                "demonstrations (train.data: demonstrations)"
+            )
+        return "problems"
+    if kind == "auto":
+        return "pairs" if method in PREFERENCE_METHODS else "scored"
+    return kind
+
+
+def resolve_train(recipe: Recipe, where: str = "recipe"):
+    """The recipe's typed train config: defaults <- method preset <- train.config <- the recipe's
+    model, seed (unless train.config sets one), dtype (likewise; 'auto' stays until
+    train_config resolves it for the device) and problems; the data file a placeholder."""
+    from posttrain.train.config import config_class, resolve_train_config
+
+    t = recipe.train
+    try:
+        config_class(t.method)
+        kind = train_data_kind(recipe)
+    except ConfigError as e:
+        msg = str(e)
+        raise ConfigError(
+            f"{where}: {msg if msg.startswith('train.') else 'train.' + msg}"
+        ) from None
+    settings = {"seed": recipe.seed, "dtype": recipe.dtype, **t.config}
+    if kind == "problems" or t.method == "chord":
+        flags = {"problems": recipe.sample.problems}
+        if kind == "demonstrations":
+            settings = merge(settings, {"chord": {"demos": PENDING}})
+    else:
+        flags = {"data": PENDING}
+    return resolve_train_config(
+        t.method, settings, where=f"{where}: train.config", model=recipe.model, **flags
+    )
+
+
+def train_config(recipe: Recipe, data: str):
+    """The train config the train stage runs: the one resolved at load, with the file the
+    earlier stages wrote (`data`) and dtype 'auto' resolved for this machine's training device
+    (as stage_dtype, and for the same reason: a shared sweep store must not mix bf16 and fp32
+    adapters under one digest). Checked again with the real values; not parsed again."""
+    import copy
+
+    from posttrain.models import resolve_device, resolve_dtype
+    from posttrain.train.config import check_config
+
+    cfg = copy.deepcopy(recipe.train.resolved)
+    cfg.dtype = resolve_dtype(cfg.dtype, resolve_device("auto", say=False))
+    kind = train_data_kind(recipe)
+    if kind == "demonstrations" and recipe.train.method == "chord":
+        cfg.chord.demos = data
+    elif kind != "problems":
+        cfg.data = data
+    check_config(cfg, "train.config")
+    return cfg
 
 
 def merge_overrides(data: dict, overrides: dict) -> dict:
@@ -129,9 +254,14 @@ def merge_overrides(data: dict, overrides: dict) -> dict:
     if eval_over is None:
         return out
     sets = out.get("eval", [{}])
-    if isinstance(sets, dict) or not isinstance(eval_over, dict):
-        out["eval"] = merge(sets, eval_over) if isinstance(sets, dict) else eval_over
+    if not isinstance(eval_over, dict):  # a whole new list (or a value recipe_from_dict refuses)
+        out["eval"] = eval_over
         return out
+    if isinstance(sets, dict):
+        out["eval"] = merge(sets, eval_over)
+        return out
+    if not isinstance(sets, list) or not all(isinstance(s, dict) for s in sets):
+        return out  # recipe_from_dict names what is wrong with the recipe's own eval
     names = [s.get("name", "eval") for s in sets]
     per_set = {k: v for k, v in eval_over.items() if k in names and isinstance(v, dict)}
     common = {k: v for k, v in eval_over.items() if k not in per_set}
@@ -146,13 +276,18 @@ def load_recipe(
     are loaded once (first row) so that a typo fails before any stage runs."""
     base = load_yaml(path) if path else dict(data or {})
     recipe = recipe_from_dict(merge_overrides(base, parse_overrides(overrides)), path or "recipe")
+    check_sources([recipe])
+    return recipe
+
+
+def check_sources(recipes: list[Recipe]) -> None:
+    """Load each distinct problem source of `recipes` once (first row): a typo in a source
+    fails before any stage runs."""
     from posttrain.tasks import load_problems
 
-    for spec in (recipe.sample.problems, *(s.problems for s in recipe.eval)):
+    specs = [spec for r in recipes for spec in (r.sample.problems, *(s.problems for s in r.eval))]
+    for spec in dict.fromkeys(specs):
         load_problems(spec, limit=1)
-    for stage in (recipe.sample, *recipe.eval):
-        stage_engine(recipe, stage)  # a bad engine key fails here, not after a stage
-    return recipe
 
 
 # engine keys that say how to reach or drive an engine, not what it generates: a resumed run
@@ -165,6 +300,11 @@ TRANSPORT_KEYS = (
     "max_retries",
     "gpu_memory_utilization",
 )
+
+
+def engine_of(recipe: Recipe, stage: SampleStage | EvalSet):
+    """The EngineConfig resolved for `stage` at load (stage_engine on a recipe built by hand)."""
+    return stage.resolved_engine or stage_engine(recipe, stage)
 
 
 def stage_engine(recipe: Recipe, stage: SampleStage | EvalSet):

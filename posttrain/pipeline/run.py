@@ -1,6 +1,8 @@
-"""Stage `run`: one recipe, the whole loop, one output folder with a subfolder per stage.
+"""The whole loop for one recipe (`posttrain run`, commands/run.py), into one output folder
+with a subfolder per stage.
 
     posttrain run recipes/default.yaml --out runs/demo [--fail-on-regression]
+    python -c "from posttrain.pipeline.run import run_recipe; help(run_recipe)"
 
 sample -> verify -> pairs -> train -> for each eval set: eval base and trained on the same items
 -> compare. (`train.data: demonstrations` replaces the first three by `demos`; online methods
@@ -10,23 +12,26 @@ A stage that finished writes `done.json` (its settings and wall time) and is ski
 so a killed run resumes where it stopped; the stages themselves resume inside. Running the same
 folder with changed settings for a finished stage is an error rather than a silent mix of two
 recipes. Every stage is a function call (no argv); `posttrain sweep` composes the same calls.
-Exit code 3 with --fail-on-regression: a guard set dropped significantly (runtable.py).
+The recipe arrives resolved (load_recipe): every setting, the train config's included, was
+checked before the first stage.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from posttrain.config import ConfigError, merge, save_config
+from posttrain.config import ConfigError, save_config
 from posttrain.pipeline.recipe import (
     Recipe,
     TrainStage,
+    engine_of,
     engine_settings,
-    load_recipe,
-    stage_engine,
+    load_recipe,  # noqa: F401 (imported from here by users and tests)
+    resolve,
+    train_config,
+    train_data_kind,
 )
 from posttrain.records import write_json
 from posttrain.pipeline.steps import (
@@ -41,34 +46,11 @@ STAGES = ("sample", "verify", "pairs", "train")  # then eval/SET/{base,trained,c
 REGRESSION_EXIT = 3
 
 
-def train_data_kind(recipe: Recipe) -> str:
-    from posttrain.train.config import OFFLINE_METHODS, PREFERENCE_METHODS
-
-    kind = recipe.train.data
-    if recipe.train.method not in OFFLINE_METHODS:
-        if kind == "demonstrations" and recipe.train.method == "chord":
-            if (recipe.train.config.get("chord") or {}).get("demos"):
-                raise ConfigError(
-                    "train.config.chord.demos and train.data: demonstrations "
-                    "both name chord's demonstrations: keep one"
-                )
-            return kind  # rollouts on the sample problems, the SFT term on these
-        if kind != "auto":
-            raise ConfigError(
-                f"train.data: {kind!r}; online method {recipe.train.method!r} "
-                "trains on the sample problems (auto), and chord also on "
-                "demonstrations (train.data: demonstrations)"
-            )
-        return "problems"
-    if kind == "auto":
-        return "pairs" if recipe.train.method in PREFERENCE_METHODS else "scored"
-    return kind
-
-
 def train_block(recipe: Recipe) -> TrainStage:
-    """The recipe's `train:` block, its config taking the recipe's dtype unless it names one,
-    'auto' resolved for this machine's training device (as stage_dtype, and for the same reason:
-    a shared sweep store must not mix bf16 and fp32 adapters under one digest)."""
+    """The recipe's `train:` block as it keys the train stage: its config taking the recipe's
+    dtype unless it names one, 'auto' resolved for this machine's training device (as
+    stage_dtype, and for the same reason: a shared sweep store must not mix bf16 and fp32
+    adapters under one digest)."""
     from posttrain.models import resolve_device, resolve_dtype
 
     dtype = recipe.train.config.get("dtype", recipe.dtype)
@@ -79,20 +61,6 @@ def train_block(recipe: Recipe) -> TrainStage:
             "dtype": resolve_dtype(dtype, resolve_device("auto", say=False)),
         },
     )
-
-
-def train_inputs(recipe: Recipe, data: str):
-    """(train block, data file, problem source) for the trainer, given prepare_data's output."""
-    kind, train = train_data_kind(recipe), train_block(recipe)
-    if kind == "problems":
-        return train, None, data
-    if train.method == "chord":  # online: rollouts of the sample problems, SFT on the demos
-        return (
-            replace(train, config=merge(train.config, {"chord": {"demos": data}})),
-            None,
-            recipe.sample.problems,
-        )
-    return train, data, None
 
 
 def prepare_data(recipe: Recipe, stage: StageRunner, progress: bool = True):
@@ -128,7 +96,7 @@ def prepare_data(recipe: Recipe, stage: StageRunner, progress: bool = True):
             "dtype": stage_dtype(r, s),
             "seed": r.seed,
             **asdict(s),
-            "engine": engine_settings(stage_engine(r, s)),
+            "engine": engine_settings(engine_of(r, s)),
         },
         lambda f: sample_stage(r, f, progress),
     )
@@ -179,13 +147,14 @@ def run_recipe(
     from posttrain.pipeline.runtable import format_run_table, set_row
     from posttrain.train.stage import train_stage
 
+    if recipe.train.resolved is None:  # a Recipe built by hand, not by load_recipe
+        recipe = resolve(recipe)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(recipe, out / "recipe.yaml")
     stage = StageRunner(out, store, stale_after=stale_after, wait=wait)
     r = recipe
     data, data_digest = prepare_data(r, stage, progress)
-    train, data, problems = train_inputs(r, data)
     train_folder, train_digest = stage(
         "train",
         {
@@ -195,9 +164,7 @@ def run_recipe(
             "config": train_block(r).config,
             "data": data_digest,
         },
-        lambda f: train_stage(
-            train, f, model=r.model, seed=r.seed, progress=progress, data=data, problems=problems
-        ),
+        lambda f: train_stage(train_config(r, data), f, nproc=r.train.nproc, progress=progress),
     )
     adapter = train_folder / "adapter"
 
@@ -262,29 +229,3 @@ def format_times(times: dict[str, tuple[float, bool]]) -> str:
         )
     lines.append(f"  {'total':<{width}} {sum(t for t, _ in times.values()):7.1f} s")
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="recipe YAML, e.g. recipes/default.yaml")
-    parser.add_argument("--out", default=None, help="output folder (default: runs/RECIPE_NAME)")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe key, e.g. --set train.config.lr=1e-5",
-    )
-    parser.add_argument(
-        "--fail-on-regression",
-        action="store_true",
-        help=f"exit {REGRESSION_EXIT} when a guard set drops significantly",
-    )
-
-
-def main(args) -> int:
-    recipe = load_recipe(args.recipe, args.set)
-    out = args.out or str(Path("runs") / Path(args.recipe).stem)
-    report = run_recipe(recipe, out)
-    if args.fail_on_regression and report["regression"]:
-        return REGRESSION_EXIT
-    return 0

@@ -13,16 +13,17 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from posttrain.pipeline.recipe import EvalSet, Recipe, SampleStage, engine_settings, stage_engine
+from posttrain.pipeline.recipe import EvalSet, Recipe, SampleStage, engine_of, engine_settings
 
 
 def make_stage_engine(recipe: Recipe, stage: SampleStage | EvalSet, adapter=None):
     """Every engine `run` and `sweep` use is built here: the recipe's engine: block with the
-    stage's keys over it (recipe.stage_engine), in the dtype stage_dtype resolves."""
+    stage's keys over it (recipe.stage_engine, resolved once at load), in the dtype
+    stage_dtype resolves."""
     from posttrain.engines import make_engine
 
     return make_engine(
-        stage_engine(recipe, stage), recipe.model, dtype=stage_dtype(recipe, stage), adapter=adapter
+        engine_of(recipe, stage), recipe.model, dtype=stage_dtype(recipe, stage), adapter=adapter
     )
 
 
@@ -32,9 +33,7 @@ def stage_dtype(recipe: Recipe, stage: SampleStage | EvalSet) -> str:
     instead of mixing fp32 and bf16 stages."""
     from posttrain.models import resolve_device, resolve_dtype
 
-    return resolve_dtype(
-        recipe.dtype, resolve_device(stage_engine(recipe, stage).device, say=False)
-    )
+    return resolve_dtype(recipe.dtype, resolve_device(engine_of(recipe, stage).device, say=False))
 
 
 def sample_stage(recipe: Recipe, folder: Path, progress: bool = True) -> dict:
@@ -130,5 +129,5 @@ def eval_settings(recipe: Recipe, es: EvalSet) -> dict:
         "dtype": stage_dtype(recipe, es),
         **seed,
         **settings,
-        "engine": engine_settings(stage_engine(recipe, es)),
+        "engine": engine_settings(engine_of(recipe, es)),
     }

@@ -1,4 +1,4 @@
-"""`posttrain sweep GRID.yaml`: a grid of runs that share their common stages, and a table that
+"""A grid of runs (`posttrain sweep GRID.yaml`, commands/sweep.py) that share their common stages, and a table that
 says which differences are real.
 
     posttrain sweep recipes/sweep-dpo.yaml --out runs/sweep-dpo
@@ -29,7 +29,6 @@ runs/ID/failed.json and shown as failed; delete that file to try it again.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -41,7 +40,7 @@ from pathlib import Path
 from posttrain.config import ConfigError, load_yaml, save_config
 from posttrain.engines.base import EngineUnavailable
 from posttrain.locks import FileLock
-from posttrain.pipeline.recipe import Recipe, merge_overrides, recipe_from_dict
+from posttrain.pipeline.recipe import Recipe, check_sources, merge_overrides, recipe_from_dict
 from posttrain.records import DataError, write_json
 from posttrain.pipeline.store import StageBusy
 
@@ -69,7 +68,8 @@ def nested(dotted: dict) -> dict:
 
 
 def load_grid(path: str | Path) -> tuple[list[str], list[SweepRun]]:
-    """(swept keys, runs) from a grid file; every run's recipe is validated here."""
+    """(swept keys, runs) from a grid file; every run's recipe is resolved here (its train
+    config included) and its problem sources opened, before any run starts."""
     path = Path(path)
     grid = load_yaml(path)
     unknown = sorted(set(grid) - set(GRID_KEYS))
@@ -106,6 +106,7 @@ def load_grid(path: str | Path) -> tuple[list[str], list[SweepRun]]:
         recipe = recipe_from_dict(data, f"{path} run {rid}")
         values = {k: settings[k] if k in settings else lookup(recipe, k) for k in keys}
         runs.append(SweepRun(rid, settings, recipe, values))
+    check_sources([r.recipe for r in runs])
     return keys, runs
 
 
@@ -267,35 +268,3 @@ def parse_shard(text: str) -> tuple[int, int]:
     if not (n >= 1 and 0 <= i < n):
         raise ConfigError(f"--shard {text!r}: expected 0 <= I < N")
     return i, n
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("grid", help="grid YAML, e.g. recipes/sweep-dpo.yaml")
-    parser.add_argument("--out", default=None, help="sweep folder (default: runs/GRID_NAME)")
-    parser.add_argument("--shard", default="0/1", help="I/N: this worker does runs I, I+N, ...")
-    parser.add_argument(
-        "--stale-after",
-        type=float,
-        default=120.0,
-        help="seconds without a heartbeat after which a lock is taken over",
-    )
-    parser.add_argument(
-        "--poll",
-        type=float,
-        default=5.0,
-        help="seconds between looks at runs and stages other workers hold",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def main(args) -> int:
-    out = args.out or str(Path("runs") / Path(args.grid).stem)
-    run_sweep(
-        args.grid,
-        out,
-        shard=parse_shard(args.shard),
-        stale_after=args.stale_after,
-        poll=args.poll,
-        progress=not args.no_progress,
-    )
-    return 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from posttrain.config import ConfigError, load_config
+from posttrain.config import ConfigError, from_dict, load_yaml, merge, parse_overrides
 
 SFT_METHODS = ("sft", "dft", "chord-phi")
 PREFERENCE_METHODS = ("dpo", "ipo", "robust-dpo", "bdpo", "rpo")
@@ -28,6 +28,9 @@ METHOD_PRESETS: dict[str, dict] = {
 }
 
 LORA_INITS = ("default", "olora", "pissa")
+# how processes share the work (train/parallel/processes.py); named here, torch-free, so that
+# a config is checked without importing torch
+STRATEGIES = ("ddp", "fsdp2", "deepspeed")
 LENGTH_POLICIES = ("drop", "truncate_prompt", "truncate_completion")
 SCHEDULES = ("cosine", "linear", "constant")
 PADDINGS = ("auto", "none", "longest")
@@ -189,8 +192,6 @@ class BaseTrainConfig:
         for name in self.trackers:
             if name not in TRACKERS:
                 bad("trackers", name, " | ".join(TRACKERS))
-        from posttrain.train.parallel.processes import STRATEGIES
-
         if self.strategy not in STRATEGIES:
             bad("strategy", self.strategy, " | ".join(STRATEGIES))
         if self.strategy == "fsdp2" and self.lora.enabled and self.lora.init != "default":
@@ -271,28 +272,69 @@ class TrainConfig(BaseTrainConfig):
 def train_config(
     method: str, path: str | None = None, overrides: list[str] | None = None, **flags
 ) -> TrainConfig:
-    """Defaults <- method preset <- YAML file <- --set <- `flags` (not None); validated."""
-    presets = {m: METHOD_PRESETS.get(m, {}) for m in OFFLINE_METHODS}
-    return method_config(TrainConfig, method, presets, path, overrides, flags)
+    """An offline method's config (`resolve_train_config`, refusing an online method)."""
+    if method not in OFFLINE_METHODS:
+        raise ConfigError(f"method: {method!r}; expected one of {' | '.join(OFFLINE_METHODS)}")
+    return resolve_train_config(method, path=path, overrides=overrides, **flags)
 
 
-def method_config(
-    cls,
+def all_methods() -> tuple[str, ...]:
+    """Every method `posttrain train` and a recipe's train.method accept, offline first."""
+    from posttrain.train.online.config import METHODS
+
+    return OFFLINE_METHODS + tuple(METHODS)
+
+
+def config_class(method: str):
+    """TrainConfig for the offline methods, OnlineConfig for the online ones."""
+    if method in OFFLINE_METHODS:
+        return TrainConfig
+    from posttrain.train.online.config import METHODS, RENAMED, OnlineConfig
+
+    if method in RENAMED:
+        raise ConfigError(f"method {method!r} was renamed: use {RENAMED[method]}")
+    if method not in METHODS:
+        raise ConfigError(f"method: {method!r}; expected one of {' | '.join(all_methods())}")
+    return OnlineConfig
+
+
+def resolve_train_config(
     method: str,
-    presets: dict[str, dict],
-    path: str | None,
-    overrides: list[str] | None,
-    flags: dict,
+    settings: dict | None = None,
+    *,
+    path: str | None = None,
+    overrides: list[str] | None = None,
+    where: str = "config",
+    **flags,
 ):
-    """A `cls` config for `method` (one of `presets`): defaults <- the method's preset <- YAML
-    file <- --set overrides <- `flags` that are not None; then `check()`ed."""
-    if method not in presets:
-        raise ConfigError(f"method: {method!r}; expected one of {' | '.join(presets)}")
-    cfg = load_config(cls, path, overrides, base={**presets[method], "method": method})
+    """The one resolver of train configs, offline (TrainConfig) or online (OnlineConfig) by
+    method: defaults <- the method's preset <- `settings` (a recipe's train.config) <- YAML
+    file <- --set overrides <- `flags` that are not None; then `check()`ed once. Errors name
+    `where` (a recipe file and key, or "config" for `posttrain train`)."""
+    cls = config_class(method)
+    if cls is TrainConfig:
+        preset = METHOD_PRESETS.get(method, {})
+    else:
+        from posttrain.train.online.config import METHODS
+
+        preset = METHODS[method]
+    base = merge({**preset, "method": method}, settings or {})
+    data = merge(merge(base, load_yaml(path) if path else {}), parse_overrides(overrides))
+    cfg = from_dict(cls, data, where)
     if cfg.method != method:
         raise ConfigError(f"method: the config says {cfg.method!r} but --method is {method!r}")
     for name, value in flags.items():
         if value is not None:
             setattr(cfg, name, value)
-    cfg.check()
+    check_config(cfg, where)
     return cfg
+
+
+def check_config(cfg, where: str = "config") -> None:
+    """`cfg.check()`, its error naming `where` ("config": as `posttrain train` always said)."""
+    try:
+        cfg.check()
+    except ConfigError as e:
+        if where == "config":
+            raise
+        raise ConfigError(f"{where}.{e}") from None

@@ -14,8 +14,12 @@ from dataclasses import dataclass, field
 
 from posttrain.config import ConfigError
 from posttrain.engines.config import EngineConfig
-from posttrain.losses import AGGREGATIONS
-from posttrain.train.config import BaseTrainConfig, method_config
+from posttrain.train.config import OFFLINE_METHODS, BaseTrainConfig, resolve_train_config
+
+# The aggregations losses/policy_gradient.py implements, named here so that a config is checked
+# without importing torch (a recipe's typo fails in well under a second); a test keeps the two
+# equal.
+AGGREGATIONS = ("grpo", "token_mean", "dapo", "dr_grpo")
 
 # Method name -> the settings it implies (under the user's YAML and --set overrides).
 METHODS: dict[str, dict] = {
@@ -280,7 +284,8 @@ class OnlineConfig(BaseTrainConfig):
 def online_config(
     method: str, path: str | None = None, overrides: list[str] | None = None, **flags
 ) -> OnlineConfig:
-    """Defaults <- method preset <- YAML file <- --set <- `flags` (not None); validated."""
-    if method in RENAMED:
-        raise ConfigError(f"method 'bnpo' was renamed: use {RENAMED[method]}")
-    return method_config(OnlineConfig, method, METHODS, path, overrides, flags)
+    """An online method's config (`train.config.resolve_train_config`, refusing an offline
+    method)."""
+    if method in OFFLINE_METHODS:
+        raise ConfigError(f"method: {method!r} is offline; expected one of {' | '.join(METHODS)}")
+    return resolve_train_config(method, path=path, overrides=overrides, **flags)

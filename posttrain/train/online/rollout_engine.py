@@ -55,7 +55,13 @@ class DetachedHFEngine(HFEngine):
     adapter from disk at each sync (`AdapterEngine.load_adapter`), as vLLM and servers do."""
 
     def __init__(self, base_model, tokenizer, model_id: str = "model", batch_size: int = 8):
-        super().__init__(base_model, tokenizer, model_id=model_id, batch_size=batch_size)
+        self._attach(
+            base_model,
+            tokenizer,
+            model_id=model_id,
+            batch_size=batch_size,
+            chat_template_kwargs=None,
+        )
         self.adapter_name: str | None = None
         self.model.eval()
 
@@ -78,7 +84,9 @@ def make_rollout_engine(cfg, policy, tokenizer, *, base_model=None):
     the detached hf engine (tests pass one; else the model is loaded again from cfg.model)."""
     r = cfg.rollout
     if r.sync == "live":
-        return HFEngine(policy, tokenizer, model_id=cfg.model, batch_size=cfg.generation_batch_size)
+        return HFEngine.on_model(
+            policy, tokenizer, model_id=cfg.model, batch_size=cfg.generation_batch_size
+        )
     if r.engine.kind == "hf":
         if base_model is None:
             from posttrain.models import load_model, resolve_dtype

@@ -36,7 +36,7 @@ import torch
 
 from posttrain.config import ConfigError
 
-STRATEGIES = ("ddp", "fsdp2", "deepspeed")
+from posttrain.train.config import STRATEGIES  # noqa: F401 (named there, torch-free)
 
 
 def die_with_launcher() -> None:
