@@ -167,11 +167,9 @@ def via(path: Path) -> dict[str, set[str]]:
     return parents
 
 
-def missing(path: Path) -> list[str]:
-    """The pins of `path` that posttrain needs at run time (core and demo dependencies, and
-    their dependencies) and that no installed distribution provides yet."""
-    import importlib.metadata
-
+def runtime_pins(path: Path) -> dict[str, str]:
+    """The pins of `path` that posttrain needs at run time: its core and demo dependencies and
+    theirs (not the test extra's)."""
     project = tomllib.loads(PYPROJECT.read_text())["project"]
     roots = [_name(r) for r in project["dependencies"]]
     roots += [_name(r) for r in project.get("optional-dependencies", {}).get("demo", [])]
@@ -186,14 +184,19 @@ def missing(path: Path) -> list[str]:
             needed.add(name)
             todo += children.get(name, ())
     locked = pins(path)
+    return {name: locked[name] for name in sorted(needed) if name in locked}
+
+
+def missing(path: Path) -> list[str]:
+    """`runtime_pins` that no installed distribution provides yet, as `name==version`."""
+    import importlib.metadata
+
     out = []
-    for name in sorted(needed):
-        if name not in locked:
-            continue  # torch: installed before, from TORCH_SPEC
+    for name, version in runtime_pins(path).items():
         try:
             importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
-            out.append(f"{name}=={locked[name]}")
+            out.append(f"{name}=={version}")
     return out
 
 
@@ -210,7 +213,8 @@ def main(argv: list[str]) -> int:
             print(f"lock files match {PYPROJECT.name}: {', '.join(LOCKS)}")
         return 1 if problems else 0
     if argv[:1] == ["missing"] and len(argv) == 2:
-        print("\n".join(missing(Path(argv[1]))))
+        for line in missing(Path(argv[1])):
+            print(line)
         return 0
     print("\n".join(__doc__.strip().splitlines()[2:5]), file=sys.stderr)
     return 2
