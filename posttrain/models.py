@@ -86,7 +86,7 @@ def resolve_model(name: str) -> str:
                 f"model {name!r}: the folder has no config.json (expected a model folder "
                 "written by save_pretrained, `posttrain export` or `posttrain expand`)"
             )
-        return str(path)
+        return str(path) if name.startswith("~") else name  # the name as given: run digests
     if path.exists() or _looks_like_path(name):
         what = "not a folder" if path.exists() else "no such file or folder"
         raise ModelNotFound(f"model {name!r}: {what} (expected {_MODEL_KINDS})")
@@ -101,15 +101,18 @@ def _ensure_embedded_folder() -> Path:
 
 
 def _from_pretrained(cls, name: str, **kwargs):
-    """`cls.from_pretrained(resolve_model(name))`; a hub id that cannot be loaded (not on the
-    hub, no network and not cached) is ModelNotFound, one line with the hub's reason."""
+    """`cls.from_pretrained(resolve_model(name))`; what transformers cannot find (a hub id not
+    on the hub, or offline and not cached; a folder without its weights or tokenizer files) is
+    ModelNotFound, one line with transformers' reason."""
     resolved = resolve_model(name)
     try:
         return cls.from_pretrained(resolved, **kwargs)
     except OSError as e:
-        if resolved != name:
-            raise  # a local folder that resolve_model checked: a real I/O fault, not a typo
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        if Path(resolved).exists():
+            raise ModelNotFound(
+                f"model {name!r}: the folder cannot be loaded ({first.strip()})"
+            ) from e
         raise ModelNotFound(
             f"model {name!r}: not a local folder and not loadable from the hub ({first.strip()}); "
             f"expected {_MODEL_KINDS}"

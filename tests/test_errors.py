@@ -40,6 +40,9 @@ CASES = [
      "config.json", "hub id"]),
     ("model-empty-folder", ["sample", "--model", "{tmp}/empty", "--problems", "builtin:arith:2",
      "--out", "{tmp}/s.jsonl"], "", 1, ["{tmp}/empty", "no config.json"]),
+    ("model-without-weights", ["sample", "--model", "{tmp}/config-only", "--problems",
+     "builtin:arith:2", "--out", "{tmp}/s.jsonl"], "", 1, ["{tmp}/config-only",
+     "cannot be loaded", "model.safetensors"]),
     ("model-a-file", ["sample", "--model", "{tmp}/adapter/README", "--problems",
      "builtin:arith:2", "--out", "{tmp}/s.jsonl"], "", 1, ["README", "not a folder"]),
     ("model-gguf-missing", ["sample", "--model", "{tmp}/m.gguf", "--problems",
@@ -65,6 +68,8 @@ CASES = [
 @pytest.fixture
 def tmp(tmp_path):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "config-only").mkdir()
+    (tmp_path / "config-only" / "config.json").write_text('{"model_type": "llama"}')
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "README").write_text("not an adapter\n")
     return tmp_path
