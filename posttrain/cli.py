@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
+import traceback
 
-from posttrain.config import ConfigError
 from posttrain.engines.base import EngineUnavailable
-from posttrain.records import DataError
+from posttrain.errors import UserError
 
 # verb -> (module, one-line help). A module defines add_arguments(parser) and main(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -71,15 +72,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv[1:])
     try:
         return int(module.main(args) or 0)
-    except (DataError, ConfigError) as e:  # bad input: one clear line, no traceback
-        print(f"posttrain {verb}: error: {e}", file=sys.stderr)
-        return 1
     except EngineUnavailable as e:  # a generation server died: what finished is on disk
         print(f"posttrain {verb}: stopped: {e}", file=sys.stderr)
         return 3
+    except UserError as e:  # the user's mistake (errors.py): one clear line, no traceback
+        message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"posttrain {verb}: error: {message or type(e).__name__}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"posttrain {verb}: interrupted; finished work is kept on disk", file=sys.stderr)
         return 130
+    except Exception:  # anything else is posttrain's fault: the traceback is for the report
+        traceback.print_exc()
+        print(
+            f"posttrain {verb}: this is a bug in posttrain; please report it with the command "
+            f"above (posttrain {shlex.join(argv)}) and the traceback",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -14,11 +14,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from posttrain.errors import ConfigError  # a recipe, grid or --set mistake (a ValueError)
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def load_yaml(path: str | os.PathLike) -> dict:

