@@ -11,7 +11,7 @@ import importlib
 import sys
 
 from posttrain.config import ConfigError
-from posttrain.engines.base import EngineUnavailable
+from posttrain.engines.base import EngineUnavailable, ServerRejected
 from posttrain.records import DataError
 
 # verb -> (module, one-line help). A module defines add_arguments(parser) and main(args) -> int.
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv[1:])
     try:
         return int(module.main(args) or 0)
-    except (DataError, ConfigError) as e:  # bad input: one clear line, no traceback
+    except (DataError, ConfigError, ServerRejected) as e:  # bad input: one line, no traceback
         print(f"posttrain {verb}: error: {e}", file=sys.stderr)
         return 1
     except EngineUnavailable as e:  # a generation server died: what finished is on disk

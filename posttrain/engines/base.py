@@ -25,6 +25,16 @@ class EngineUnavailable(RuntimeError):
         self.partial = partial
 
 
+class ServerRejected(Exception):
+    """A 4xx other than 408/409/429: the server refuses this request (retrying cannot help;
+    a setting is wrong). Here, not in client.py, so the CLI can print it as one line without
+    importing the HTTP client."""
+
+    def __init__(self, url: str, status: int, message: str):
+        self.url, self.status, self.message = url, status, message
+        super().__init__(f"{url}: HTTP {status}: {message}")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     n: int = 1  # completions per prompt
