@@ -141,15 +141,23 @@ def fsdp_run(tiny_model_dir, tmp_path_factory):
 
 
 def globals_named(data: bytes) -> set[tuple[str, str]]:
-    """(module, name) of every global a pickle names, read with pickletools (nothing runs)."""
-    names, strings = set(), []
+    """(module, name) of every global a pickle names, read with pickletools (nothing runs):
+    the two strings before each STACK_GLOBAL, following the memo (BINGET) for repeated ones."""
+    names, pushed, memo = set(), [], {}
     for op, arg, _ in pickletools.genops(data):
         if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
-            strings.append(arg)
+            pushed.append(arg)
+        elif op.name == "MEMOIZE":
+            memo[len(memo)] = pushed[-1] if pushed else None
+        elif op.name in ("BINGET", "LONG_BINGET"):
+            pushed.append(memo.get(arg))
         elif op.name == "STACK_GLOBAL":
-            names.add((strings[-2], strings[-1]))
+            names.add((pushed[-2], pushed[-1]))
+            pushed.append(None)
         elif op.name == "GLOBAL":
             names.add(tuple(arg.split(" ", 1)))
+        else:
+            pushed.append(None)
     return names
 
 
