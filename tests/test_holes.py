@@ -489,13 +489,13 @@ def test_a_dead_judge_fails_in_seconds_naming_its_url(tmp_path):
 @pytest.mark.server
 def test_failed_judgements_print_no_accuracy_and_exit_non_zero(tmp_path):
     """The judge answers /v1/models but 500 to every judgement: exit 3, no accuracy line,
-    the message says 3 of 3 are missing; the rerun with a working judge judges them and
+    the message says 3 of 3 failed (missing); the rerun with a working judge judges them and
     prints the accuracy."""
     out = tmp_path / "e"
     with FakeOpenAIServer([good]) as server, FakeOpenAIServer([DEAD]) as judge:
         proc = run_cli(*eval_argv(server, out, judge.base_url), check=False, timeout=300)
     assert proc.returncode == 3, proc.stderr
-    assert "accuracy" not in proc.stdout and "3 of 3 judgements are missing" in proc.stderr
+    assert "accuracy" not in proc.stdout and "3 of 3 judgements failed" in proc.stderr
     assert not (out / "summary.json").exists()
     with FakeOpenAIServer([good]) as server, FakeOpenAIServer([YES]) as judge:
         proc = run_cli(*eval_argv(server, out, judge.base_url), check=False, timeout=300)

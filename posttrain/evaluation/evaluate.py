@@ -218,9 +218,10 @@ def evaluate(
     failed = [it for it in items if it["verdict"] == "judge_error" and it["grader"] == "judge"]
     if failed:
         raise JudgementsMissing(
-            f"{len(failed)} of {len(items)} judgements are missing (the judge failed after "
-            f"retries, e.g. {failed[0].get('reason')}); no accuracy is reported. Graded items "
-            f"are kept in {out / 'items.jsonl'}: run the same command again to judge the rest"
+            f"{len(failed)} of {len(items)} judgements failed after retries (e.g. "
+            f"{failed[0].get('reason')}): {len(failed)} missing, so no accuracy is reported. "
+            f"Graded items are kept in {out / 'items.jsonl'}: run the same command again to "
+            "judge the missing ones"
         )
     summary = summarise(items, protocol)
     summary.update(
