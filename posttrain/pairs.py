@@ -23,6 +23,8 @@ Output rows are TRL conversational preference rows: `prompt` (the sample's chat 
 indices, the rejected verdict and a `why`. The assistant content is the whole turn as produced:
 the row's raw `text` when it has one, else "<think>\\n{reasoning}\\n</think>\\n\\n{response}"
 when reasoning is not None, else the response. Stats go next to the output (pairs.stats.json).
+A pair whose chosen and rejected turns are the same text teaches nothing (DPO's loss is log 2
+and its gradient 0 on it): it is skipped and counted (`equal_skipped`).
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def build_pairs(
     groups: dict[str, list[dict]] = {}
     for row in scored_rows:
         groups.setdefault(str(row["problem"]["id"]), []).append(row)
-    pairs, pass_rates, pairable = [], [], 0
+    pairs, pass_rates, pairable, equal = [], [], 0, 0
     for pid, rows in groups.items():
         rows = sorted(rows, key=lambda r: r["sample_index"])
         if any(r["messages"] != rows[0]["messages"] for r in rows):
@@ -85,6 +87,9 @@ def build_pairs(
         pairable += bool(correct and wrong)
         rng = random.Random(f"{seed}:{pid}")  # str seeds hash with sha512: stable across runs
         for chosen, rejected, why in _select(strategy, correct, wrong, max_pairs_per_problem, rng):
+            if assistant_turn(chosen) == assistant_turn(rejected):
+                equal += 1
+                continue
             pairs.append(
                 {
                     "prompt": rows[0]["messages"],
@@ -113,6 +118,7 @@ def build_pairs(
         "pairable": pairable,
         "pass_rate_histogram": pass_rate_histogram(pass_rates),
         "pairs": len(pairs),
+        "equal_skipped": equal,
     }
     return pairs, stats
 
@@ -251,6 +257,11 @@ def format_stats(stats: dict) -> str:
         f"pass-rate histogram  {hist}\n"
         f"pairs written {stats['pairs']} ({stats['strategy']}, up to "
         f"{stats['max_pairs_per_problem']} per problem, seed {stats['seed']})"
+        + (
+            f"; {stats['equal_skipped']} skipped: chosen and rejected are the same text"
+            if stats.get("equal_skipped")
+            else ""
+        )
     )
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from posttrain.errors import UserError
+
 Messages = list[dict]  # [{"role": "user", "content": "..."}, ...]
 
 
@@ -23,6 +25,16 @@ class EngineUnavailable(RuntimeError):
     def __init__(self, message: str, partial: list | None = None):
         super().__init__(message)
         self.partial = partial
+
+
+class ServerRejected(UserError):
+    """A 4xx other than 408/409/429: the server refuses this request (retrying cannot help;
+    a setting is wrong). Here, not in client.py, so the CLI can print it as one line without
+    importing the HTTP client."""
+
+    def __init__(self, url: str, status: int, message: str):
+        self.url, self.status, self.message = url, status, message
+        super().__init__(f"{url}: HTTP {status}: {message}")
 
 
 @dataclass(frozen=True)

@@ -18,32 +18,33 @@ in an error message. No key set: no Authorization header at all (a local vLLM).
 
 Errors: `EngineUnavailable` (retries spent on connection errors, timeouts, 429 or 5xx: the
 server is down or overloaded), `ServerRejected` (another 4xx: the request itself is wrong),
-`BadReply` (200 with a body that is not a JSON object). Each names the URL.
+`BadReply` (200 with a body that is not a JSON object, or that fails the caller's `check`, on
+every one of the attempts: a reply that cannot be read is a transient failure, asked again with
+the same backoff, never kept as an empty answer). BadReply is an EngineUnavailable, so a stage
+stops unfinished (exit 3) with its finished rows kept and a rerun asks again. Each names the
+URL; an EngineUnavailable carries the last error body the server sent (a 500 naming
+EngineDeadError), also when the server is unreachable afterwards.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 
 import httpx2
 import openai
 
-from posttrain.engines.base import EngineUnavailable
+from posttrain.engines.base import EngineUnavailable, ServerRejected
+
+__all__ = ["BadReply", "ServerClient", "ServerRejected", "api_base", "chat_completions_url"]
 
 _UNUSED_KEY = "key-is-sent-per-request"  # the library insists on a key; this one is never sent
 
 
-class ServerRejected(Exception):
-    """A 4xx other than 408/409/429: the server refuses this request (retrying cannot help)."""
-
-    def __init__(self, url: str, status: int, message: str):
-        self.url, self.status, self.message = url, status, message
-        super().__init__(f"{url}: HTTP {status}: {message}")
-
-
-class BadReply(Exception):
-    """The server answered 200 with a body that is not a JSON object."""
+class BadReply(EngineUnavailable):
+    """The server answered 200, every time it was asked, with a body that is not a JSON object
+    (or not one the caller can use)."""
 
 
 def api_base(base_url: str) -> str:
@@ -76,8 +77,17 @@ class ServerClient:
         self.root = self.base[: -len("/v1")]  # vLLM's /tokenize and /detokenize live here
         self.api_key_env = api_key_env  # the variable's name only, never its value
         self.timeout, self.max_retries = timeout, max_retries
+        self.last_error: str | None = None  # the server's last 5xx/429 body, for messages
+        # The library retries 5xx itself and, when the server then stops answering, reports
+        # only the connection error: a hook keeps the body of each 5xx / 429 as it arrives.
         self._client = openai.OpenAI(
-            base_url=self.base, api_key=_UNUSED_KEY, timeout=timeout, max_retries=max_retries
+            base_url=self.base,
+            api_key=_UNUSED_KEY,
+            timeout=timeout,
+            max_retries=max_retries,
+            http_client=openai.DefaultHttpxClient(
+                timeout=timeout, event_hooks={"response": [self._keep_error]}
+            ),
         )
 
     def __repr__(self) -> str:
@@ -97,10 +107,13 @@ class ServerClient:
         timeout: float | None = None,
         max_retries: int | None = None,
         text: bool = False,
+        check=None,
     ) -> dict | str:
         """`method` ("get" | "post") `path` (relative to .../v1, or an absolute http URL);
-        returns the JSON object the server sent (its text when `text`). Raises
-        EngineUnavailable, ServerRejected, BadReply; never anything carrying the key."""
+        returns the JSON object the server sent (its text when `text`). `check(reply)` says
+        what is wrong with a JSON object (None: nothing); a wrong one is asked again like a
+        malformed body. Raises EngineUnavailable, ServerRejected, BadReply; never anything
+        carrying the key."""
         url = path if path.startswith("http") else self.base + path
         options = {"headers": self._headers()}
         if timeout is not None:
@@ -108,13 +121,24 @@ class ServerClient:
         if max_retries is not None:
             options["max_retries"] = max_retries
         attempts = 1 + (self.max_retries if max_retries is None else max_retries)
+        for attempt in range(attempts):
+            response = self._send(method, url, body, options, attempts, timeout)
+            if text:
+                return response.text
+            reply, problem = _read_json(response)
+            if problem is None and check is not None:
+                problem = check(reply)
+            if problem is None:
+                return reply
+            if attempt + 1 < attempts:  # the library's backoff: 0.5 s doubling, at most 8 s
+                time.sleep(min(0.5 * 2**attempt, 8.0))
+        raise BadReply(f"{url}: {problem} (the same after {attempts} attempt(s))")
+
+    def _send(self, method, url, body, options, attempts, timeout):
         try:
             if method == "get":
-                response = self._client.get(url, cast_to=httpx2.Response, options=options)
-            else:
-                response = self._client.post(
-                    url, body=body, cast_to=httpx2.Response, options=options
-                )
+                return self._client.get(url, cast_to=httpx2.Response, options=options)
+            return self._client.post(url, body=body, cast_to=httpx2.Response, options=options)
         except openai.APIStatusError as e:
             status, detail = e.status_code, _snippet(e.response.text)
             if status in (408, 409, 429) or status >= 500:
@@ -125,24 +149,23 @@ class ServerClient:
         except openai.APITimeoutError:
             raise EngineUnavailable(
                 f"{url}: timed out ({timeout or self.timeout:g} s) after {attempts} attempt(s)"
+                + self._last_words()
             ) from None
         except openai.APIConnectionError as e:
             cause = e.__cause__ or e
             raise EngineUnavailable(
                 f"{url}: cannot connect after {attempts} attempt(s): "
-                f"{type(cause).__name__}: {cause}"
+                f"{type(cause).__name__}: {cause}" + self._last_words()
             ) from None
-        if text:
-            return response.text
-        try:
-            reply = json.loads(response.content)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise BadReply(f"{url}: server sent non-JSON: {_snippet(response.text)}") from None
-        if not isinstance(reply, dict):
-            raise BadReply(
-                f"{url}: server sent JSON that is not an object: {_snippet(response.text)}"
-            )
-        return reply
+
+    def _keep_error(self, response) -> None:
+        if response.status_code == 429 or response.status_code >= 500:
+            response.read()
+            self.last_error = f"HTTP {response.status_code}: {_snippet(response.text)}"
+
+    def _last_words(self) -> str:
+        """The last error the server sent before it stopped answering, if any: why it died."""
+        return f"; before that the server answered {self.last_error}" if self.last_error else ""
 
     def post(self, path: str, body: dict, **kw) -> dict:
         return self.request("post", path, body, **kw)
@@ -166,6 +189,17 @@ class ServerClient:
 
     def close(self) -> None:
         self._client.close()
+
+
+def _read_json(response) -> tuple[dict | None, str | None]:
+    """(the JSON object of a reply, None) or (None, what is wrong with it)."""
+    try:
+        reply = json.loads(response.content)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None, f"server sent non-JSON: {_snippet(response.text)}"
+    if not isinstance(reply, dict):
+        return None, f"server sent JSON that is not an object: {_snippet(response.text)}"
+    return reply, None
 
 
 def _snippet(text: str, limit: int = 300) -> str:

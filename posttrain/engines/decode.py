@@ -11,7 +11,9 @@ cost and useful tokens (bench/sample_throughput.py).
 Per step, for the rows still alive: one forward pass of the last token with the cache, then
 log p(token) under the raw distribution (temperature 1, no top-p) for the chosen token, which is
 what pair selection and policy gradients need; the token itself is the argmax (temperature 0)
-or a draw from softmax(logits / T) restricted to the top-p nucleus.
+or a draw from softmax(logits / T) restricted to the top-p nucleus. With `max_positions` (the
+model's context) a row also ends, cut at length, when prompt + answer fill the context: nothing
+is generated past the positions the model was trained on.
 """
 
 from __future__ import annotations
@@ -54,8 +56,10 @@ def decode(
     temperature: float = 0.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    max_positions: int | None = None,
 ) -> list[Decoded]:
-    """Generate from a left-padded batch (B, T); returns one `Decoded` per row, in order."""
+    """Generate from a left-padded batch (B, T); returns one `Decoded` per row, in order.
+    With `max_positions`, every prompt must leave room for one new token (ValueError)."""
     from transformers import DynamicCache
 
     B = input_ids.shape[0]
@@ -64,6 +68,16 @@ def decode(
     finish = ["length"] * B
     if max_new_tokens <= 0:
         return [Decoded([], [], "length") for _ in range(B)]
+    # new tokens each row may take: max_new_tokens, or fewer where the context ends first
+    room = [max_new_tokens] * B
+    if max_positions is not None:
+        prompt_lengths = attention_mask.sum(-1).tolist()
+        room = [min(max_new_tokens, max_positions - p) for p in prompt_lengths]
+        if min(room) < 1:
+            raise ValueError(
+                f"a prompt of {max(prompt_lengths)} tokens leaves no room in the model's "
+                f"context of {max_positions}"
+            )
     eos = torch.tensor(sorted(eos_ids), device=input_ids.device)
     cache = DynamicCache()
     alive = torch.arange(B)  # original row of each cache row
@@ -82,6 +96,7 @@ def decode(
         chosen = choose_tokens(logits, temperature, top_p, generator)  # (A,)
         chosen_logp = torch.log_softmax(logits, -1).gather(-1, chosen[:, None]).squeeze(-1)
         ended = torch.isin(chosen, eos)  # (A,)
+        full = torch.tensor([len(tokens[r]) + 1 >= room[r] for r in alive.tolist()])  # (A,)
         for row, t, lp, done in zip(
             alive.tolist(), chosen.tolist(), chosen_logp.tolist(), ended.tolist()
         ):
@@ -91,7 +106,7 @@ def decode(
                 finish[row] = "stop"
         if step == max_new_tokens - 1:
             break
-        keep = (~ended).nonzero().squeeze(-1)  # (A',)
+        keep = (~(ended | full.to(ended.device))).nonzero().squeeze(-1)  # (A',)
         if keep.numel() == 0:
             break
         if keep.numel() < len(alive):

@@ -4,10 +4,15 @@ The default engine; it needs nothing beyond transformers and also serves online 
 samples from the live (LoRA-wrapped) policy. Each sequence stops at its end-of-sequence token and
 leaves the batch there (engines/decode.py). Log-probs are of the sampled tokens under the model's
 raw distribution (temperature 1, no top-p), which is what confident-wrong pair selection and
-policy-gradient methods need.
+policy-gradient methods need. Nothing is generated past the model's context
+(`max_position_embeddings`): an answer that reaches it ends cut at length, and a prompt that
+leaves no room for one new token is an empty completion cut at length (graded `truncated`),
+with a warning giving its token count, instead of text the model was never trained to produce.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from tqdm.auto import tqdm
@@ -15,6 +20,8 @@ from tqdm.auto import tqdm
 from posttrain.engines.base import Completion, Messages, SamplingParams
 from posttrain.engines.config import EngineConfig, batch_size as batch_size_of
 from posttrain.engines.decode import decode
+
+log = logging.getLogger("posttrain.engines.hf")
 
 
 class HFEngine:
@@ -81,6 +88,8 @@ class HFEngine:
         eos = model.generation_config.eos_token_id if model.generation_config else None
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        config = getattr(model, "config", None)
+        self.max_positions = getattr(config, "max_position_embeddings", None)  # None: no limit
 
     def close(self) -> None:
         self.model = None  # the weights go with the last reference
@@ -107,6 +116,23 @@ class HFEngine:
         tok = self.tokenizer
         tok.padding_side = "left"
         # The chat template already carries special tokens (e.g. <|im_start|>).
+        lengths = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+        limit = self.max_positions
+        fits = [limit is None or n < limit for n in lengths]  # room for one new token
+        for n in (n for n, ok in zip(lengths, fits) if not ok):
+            log.warning(
+                "a prompt of %d tokens does not fit the model's context of %d: "
+                "recorded as truncated",
+                n,
+                limit,
+            )
+        if not any(fits):
+            return [Completion(text="", finish_reason="length") for _ in texts]
+        if not all(fits):  # generate the others, then put the cut-off ones back in place
+            done = iter(self._generate_batch([t for t, ok in zip(texts, fits) if ok], params, seed))
+            return [
+                next(done) if ok else Completion(text="", finish_reason="length") for ok in fits
+            ]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(self.model.device) for k, v in enc.items()}
         generator = torch.Generator(device=self.model.device).manual_seed(seed)
@@ -119,6 +145,7 @@ class HFEngine:
             temperature=params.temperature,
             top_p=params.top_p,
             generator=generator,
+            max_positions=self.max_positions,
         )
         completions = []
         for row in rows:

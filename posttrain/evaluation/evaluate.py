@@ -15,8 +15,11 @@ confidence; `dna` grades refusal problems (LLM judge with `--judge`: harmless ra
 action categories; else an approximate rule-based detector, whose figure is a refusal rate);
 `plain` sends the question as it is. `auto` picks `dna` when every problem is a refusal problem
 and `plain` otherwise. An adapter is merged on the device (hf) or served as a LoRA request (vllm).
-A judge call that fails after retries is recorded as `judge_error`, counted as wrong, reported
-separately, and judged again when the same command runs again.
+The judge is checked at start (GET /v1/models: a judge that is down fails in seconds, naming
+its URL). A judge call that fails after retries is recorded as `judge_error` in items.jsonl;
+then no accuracy is reported (a score with missing judgements counted wrong reads as a real
+one): `evaluate` raises JudgementsMissing (exit 3) saying how many are missing, and running the
+same command again judges only those.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import os
 from pathlib import Path
 
 from posttrain.engines import SamplingParams, make_engine
+from posttrain.engines.base import EngineUnavailable
 from posttrain.evaluation.summary import format_summary, summarise
 from posttrain.reasoning import extract_confidence
 from posttrain.records import Problem, iter_jsonl, write_json, write_jsonl
@@ -39,6 +43,10 @@ HLE_SYSTEM_PROMPT = (
     "Confidence: <how sure you are that the answer is right, from 0 to 100>%"
 )
 PROTOCOLS = ("auto", "plain", "hle", "dna")
+
+
+class JudgementsMissing(EngineUnavailable):
+    """Some judge calls failed after their retries: the eval is unfinished, not scored."""
 
 
 def choose_protocol(protocol: str, problems: list[Problem]) -> str:
@@ -184,6 +192,8 @@ def evaluate(
     progress: bool = True,
 ) -> dict:
     out = Path(out)
+    if judge is not None and hasattr(judge, "probe"):
+        judge.probe()  # before sampling: a dead judge is found in seconds, not after it
     out.mkdir(parents=True, exist_ok=True)
     protocol = choose_protocol(protocol, problems)
     if system_prompt is None and protocol == "hle":
@@ -205,6 +215,14 @@ def evaluate(
         )
         if it["problem_id"] in wanted
     ]
+    failed = [it for it in items if it["verdict"] == "judge_error" and it["grader"] == "judge"]
+    if failed:
+        raise JudgementsMissing(
+            f"{len(failed)} of {len(items)} judgements failed after retries (e.g. "
+            f"{failed[0].get('reason')}): {len(failed)} missing, so no accuracy is reported. "
+            f"Graded items are kept in {out / 'items.jsonl'}: run the same command again to "
+            "judge the missing ones"
+        )
     summary = summarise(items, protocol)
     summary.update(
         protocol=protocol,

@@ -9,10 +9,12 @@ HTTP goes through the client the openai engine uses too (engines/client.py, on t
 (default POSTTRAIN_JUDGE_API_KEY) at each request and sent as a Bearer token; it is never
 stored on the object, logged or written. No key: no Authorization header (local vLLM).
 
-Failures never raise: connection errors, timeouts, 429 and 5xx are retried with the client's
-exponential backoff (Retry-After honoured); after the last retry, or on another 4xx or an
-unparsable reply, the result has verdict "judge_error" and a `reason`, so an eval run keeps
-every result it already has.
+Failures never raise: connection errors, timeouts, 429, 5xx and replies that are not a
+chat-completions object (malformed JSON, no choices[0].message) are retried with the client's
+exponential backoff (Retry-After honoured); after the last retry, or on another 4xx or a
+judgement that cannot be parsed, the result has verdict "judge_error" and a `reason`, so an
+eval run keeps every result it already has (and `eval` stops unfinished: a rerun judges the
+failed items again). `probe()` checks the server at start, in seconds, like the engines.
 After `trip_after` calls in a row end unreachable, later calls make a single attempt without
 backoff (a dead server costs one failed connection per item, not minutes); one success resets.
 
@@ -98,6 +100,12 @@ class Judge:
         self.trip_after = trip_after
         self._unreachable_in_a_row = 0
 
+    def probe(self) -> None:
+        """Fail in seconds, naming the URL, when the judge server is down or not
+        OpenAI-compatible (GET /v1/models, no retries); an eval then does not grade every item
+        as judge_error first."""
+        self.client.probe()
+
     def __repr__(self) -> str:
         return f"Judge(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
 
@@ -148,13 +156,20 @@ class Judge:
             }
         try:
             try:
-                reply = self.client.post("/chat/completions", request, max_retries=retries)
+                reply = self.client.post(
+                    "/chat/completions", request, max_retries=retries, check=_reply_problem
+                )
             except ServerRejected as e:
                 if not (self.structured and _rejects_response_format(e)):
                     raise
                 # The server cannot do structured output: ask in plain text from now on.
                 self.structured = False
-                reply = self.client.post("/chat/completions", body, max_retries=retries)
+                reply = self.client.post(
+                    "/chat/completions", body, max_retries=retries, check=_reply_problem
+                )
+        except BadReply as e:  # unreadable on every attempt (an EngineUnavailable too)
+            self._unreachable_in_a_row = 0
+            return "", _error(str(e))
         except EngineUnavailable as e:
             self._unreachable_in_a_row += 1
             note = " (judge unreachable on earlier calls: single attempt)" if tripped else ""
@@ -162,11 +177,19 @@ class Judge:
         except ServerRejected as e:
             self._unreachable_in_a_row = 0
             return "", _error(f"HTTP {e.status}: {e.message}")
-        except BadReply as e:
-            self._unreachable_in_a_row = 0
-            return "", _error(str(e))
         self._unreachable_in_a_row = 0
         return _reply_text(reply)
+
+
+def _reply_problem(reply: dict) -> str | None:
+    """Why a reply is not a chat completion with choices[0].message (None: it is one)."""
+    try:
+        message = reply["choices"][0]["message"]
+    except (KeyError, IndexError, TypeError):
+        message = None
+    if not isinstance(message, dict):
+        return f"server reply has no choices[0].message: {_snippet(json.dumps(reply))}"
+    return None
 
 
 def _rejects_response_format(e: ServerRejected) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from posttrain.config import ConfigError, from_dict, load_yaml, merge, parse_overrides
+from posttrain.names import check_name
 
 
 @dataclass
@@ -109,10 +110,10 @@ def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
         raise ConfigError(f"{where}: eval: expected a mapping or a non-empty list of sets")
     built = [from_dict(EvalSet, s, f"{where}.eval[{i}]") for i, s in enumerate(sets)]
     names = [s.name for s in built]
-    if len(set(names)) != len(names) or not all(n and "/" not in n for n in names):
-        raise ConfigError(
-            f"{where}: eval: set names must be unique, non-empty, without '/': {names}"
-        )
+    for i, name in enumerate(names):  # a set name is a folder: OUT/eval/NAME
+        check_name("eval set name", name, f"{where}.eval[{i}]")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: eval: set names must be unique: {names}")
     for s in built:
         if s.judge is not None and not (s.judge.url and s.judge.model):
             raise ConfigError(f"{where}: eval set {s.name!r}: judge needs url and model")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from posttrain.config import ConfigError
 from posttrain.locks import FileLock, wait_for
+from posttrain.names import check_path_name
 from posttrain.records import write_json
 
 
@@ -55,6 +56,7 @@ class StageRunner:
         return self.store / f"{name.replace('/', '-')}-{digest}"
 
     def __call__(self, name: str, settings: dict, fn) -> tuple[Path, str]:
+        check_path_name("stage name", name)  # OUT/NAME must stay inside OUT
         digest = digest_of(settings)
         folder = self.folder(name, digest)
         marker = folder / "done.json"

@@ -40,6 +40,7 @@ from pathlib import Path
 from posttrain.config import ConfigError, load_yaml, save_config
 from posttrain.engines.base import EngineUnavailable
 from posttrain.locks import FileLock
+from posttrain.names import check_name
 from posttrain.pipeline.recipe import Recipe, check_sources, merge_overrides, recipe_from_dict
 from posttrain.records import DataError, write_json
 from posttrain.pipeline.store import StageBusy
@@ -96,8 +97,10 @@ def load_grid(path: str | Path) -> tuple[list[str], list[SweepRun]]:
     if not specs:
         specs = [("base-recipe", {})]
     ids = [rid for rid, _ in specs]
-    if len(set(ids)) != len(ids) or any(not rid or "/" in rid for rid, _ in specs):
-        raise ConfigError(f"{path}: run ids must be unique and contain no '/': {ids}")
+    for rid in ids:  # a run id is a folder: SWEEP/runs/ID
+        check_name("run id", rid, str(path))
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"{path}: run ids must be unique: {ids}")
     keys = list(axes) + [k for _, s in specs for k in s if k not in axes]
     keys = list(dict.fromkeys(keys))
     runs = []

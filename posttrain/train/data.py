@@ -75,6 +75,7 @@ class DataReport:
     prompt_truncated: int = 0
     completion_truncated: int = 0
     retokenised: int = 0  # prompt + completion tokenised apart != together; joint ids used
+    equal_pairs: int = 0  # kept pairs whose chosen and rejected ids are the same: no signal
     max_length: int = 0
     lengths: dict = field(default_factory=dict)  # min / mean / max tokens of kept rows
 
@@ -92,6 +93,11 @@ class DataReport:
         if self.completion_truncated:
             parts.append(
                 f"{self.completion_truncated} with the completion's END CUT (answer may be missing)"
+            )
+        if self.equal_pairs:
+            parts.append(
+                f"{self.equal_pairs} with chosen == rejected (no preference signal; "
+                "`posttrain pairs` skips them)"
             )
         if self.lengths:
             parts.append("tokens min/mean/max {min}/{mean:.0f}/{max}".format(**self.lengths))
@@ -255,6 +261,16 @@ def load_examples(
             setattr(report, outcome, getattr(report, outcome) + 1)
         examples.append(Example(p, tuple(completions), line))
     report.kept = len(examples)
+    report.equal_pairs = sum(
+        len(e.completions) == 2 and np.array_equal(*e.completions) for e in examples
+    )
+    if examples and report.equal_pairs == len(examples):
+        raise DataError(
+            path,
+            None,
+            f"all {len(examples)} pairs have chosen == rejected: they teach nothing "
+            "(DPO loss log 2, gradient 0)",
+        )
     if not examples:
         why = (
             f"all {report.rows} rows are longer than max_length {max_length}"
