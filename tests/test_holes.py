@@ -24,6 +24,7 @@ from conftest import run_cli
 from fake_openai_server import FakeOpenAIServer, completion_reply
 from test_train_offline import write_data
 
+from test_openai_engine import openai_engine
 from posttrain.config import ConfigError
 from posttrain.engines import EngineUnavailable, SamplingParams
 from posttrain.records import DataError, read_jsonl
@@ -255,7 +256,6 @@ def test_dotdot_run_id_refused_before_anything_is_written(tmp_path):
 
 
 def test_stage_and_adapter_names_are_checked(tmp_path):
-    from posttrain.engines.openai import OpenAIEngine
     from posttrain.pipeline.store import StageRunner
 
     ran = []
@@ -263,7 +263,7 @@ def test_stage_and_adapter_names_are_checked(tmp_path):
         StageRunner(tmp_path / "out")("eval/../base", {}, ran.append)
     assert ran == [] and not (tmp_path / "out").exists()
     with FakeOpenAIServer([good]) as server:
-        engine = OpenAIEngine([server.base_url], "fake", max_retries=0)
+        engine = openai_engine([server.base_url], "fake", max_retries=0)
         with pytest.raises(ConfigError, match="adapter name"):
             engine.load_adapter(str(tmp_path), "../../x")
         engine.close()
@@ -287,7 +287,6 @@ def test_malformed_replies_stop_the_stage_and_the_rerun_asks_again(kind, tmp_pat
     Run 1 stops with exit 3 keeping the rows of prompts 1 and 3; the rerun asks for prompt 2
     only and every row has the answer."""
     from posttrain import cli
-    from posttrain.engines.openai import OpenAIEngine
 
     bad = MALFORMED[kind]
     script = [good, bad, bad, good]
@@ -296,7 +295,7 @@ def test_malformed_replies_stop_the_stage_and_the_rerun_asks_again(kind, tmp_pat
     with FakeOpenAIServer(script) as server:
         monkeypatch.setattr(
             "posttrain.sampling.make_engine",
-            lambda *a, **k: OpenAIEngine([server.base_url], "fake", max_retries=1, concurrency=1),
+            lambda *a, **k: openai_engine([server.base_url], "fake", max_retries=1, concurrency=1),
         )
         assert cli.main(argv) == 3
         rows = read_jsonl(out)
@@ -324,10 +323,9 @@ DEAD = (500, {"error": {"message": "EngineDeadError: EngineCore encountered an i
 
 @pytest.mark.server
 def test_a_server_that_dies_is_reported_with_its_last_error():
-    from posttrain.engines.openai import OpenAIEngine
 
     with FakeOpenAIServer([DEAD], die_after=1) as server:
-        engine = OpenAIEngine([server.base_url], "fake", max_retries=1, timeout=5)
+        engine = openai_engine([server.base_url], "fake", max_retries=1, timeout=5)
         with pytest.raises(EngineUnavailable) as e:
             engine.generate([[{"role": "user", "content": "q"}]], SamplingParams())
         engine.close()
@@ -339,13 +337,12 @@ def test_a_server_that_dies_is_reported_with_its_last_error():
 
 @pytest.mark.server
 def test_a_server_failing_on_seeds_only_says_to_set_send_seed_false():
-    from posttrain.engines.openai import OpenAIEngine
 
     def seeds_crash(body):
         return DEAD if "seed" in body else good(body)
 
     with FakeOpenAIServer([seeds_crash]) as server:
-        engine = OpenAIEngine([server.base_url], "fake", max_retries=1, timeout=5)
+        engine = openai_engine([server.base_url], "fake", max_retries=1, timeout=5)
         with pytest.raises(EngineUnavailable) as e:
             engine.generate([[{"role": "user", "content": "q"}]], SamplingParams())
         engine.close()
@@ -380,7 +377,7 @@ def test_hf_never_generates_past_the_context(embedded_dir):
         pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(0)
-    engine = HFEngine(LlamaForCausalLM(config).eval(), tok)
+    engine = HFEngine.on_model(LlamaForCausalLM(config).eval(), tok)
     engine.eos_ids = {-1}  # a random model might end early by chance; here only the context may
     short = [{"role": "user", "content": "2+2?"}]
     long = [{"role": "user", "content": "two plus two " * 20}]
@@ -526,13 +523,12 @@ def test_compare_n_boot_below_one_is_one_line(n_boot, tmp_path):
 @pytest.mark.server
 def test_a_server_rejecting_a_setting_is_one_line(tmp_path, monkeypatch, capsys):
     from posttrain import cli
-    from posttrain.engines.openai import OpenAIEngine
 
     rejected = (400, {"error": {"message": "top_p must be in (0, 1], got 7.0"}})
     with FakeOpenAIServer([rejected]) as server:
         monkeypatch.setattr(
             "posttrain.sampling.make_engine",
-            lambda *a, **k: OpenAIEngine([server.base_url], "fake", max_retries=0),
+            lambda *a, **k: openai_engine([server.base_url], "fake", max_retries=0),
         )
         argv = ["sample", "--problems", "builtin:arith:1", "--top-p", "7", "--out"]
         code = cli.main([*argv, str(tmp_path / "s.jsonl")])
