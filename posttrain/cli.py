@@ -15,30 +15,26 @@ import traceback
 from posttrain.engines.base import EngineUnavailable
 from posttrain.errors import UserError
 
-# verb -> (module, one-line help). A module defines add_arguments(parser) and main(args) -> int.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "problems": (
-        "posttrain.commands.problems",
-        "load a problem source and write native problem JSONL",
-    ),
-    "sample": ("posttrain.sampling", "sample K answers per problem from a model"),
-    "verify": ("posttrain.verify.files", "grade sampled answers (correct / incorrect / ...)"),
-    "pairs": ("posttrain.pairs", "build preference pairs from graded samples"),
-    "train": ("posttrain.commands.train", "train with SFT, DFT, CHORD, DPO family or GRPO family"),
-    "expand": ("posttrain.expand.depth", "depth up-scaling: insert identity-initialised layers"),
-    "export": ("posttrain.export", "merge a LoRA adapter into a full model folder"),
-    "eval": (
-        "posttrain.evaluation.evaluate",
-        "evaluate a model (or base + adapter) on a problem set",
-    ),
-    "compare": ("posttrain.evaluation.compare", "paired comparison of two eval folders"),
-    "run": ("posttrain.commands.run", "run a whole recipe: sample -> ... -> compare"),
-    "report": ("posttrain.report.html", "one self-contained HTML page for a run or sweep folder"),
-    "sweep": (
-        "posttrain.commands.sweep",
-        "run a grid of recipes sharing their stages; noise-aware table",
-    ),
+# verb -> one-line help. Each verb is the module posttrain/commands/VERB.py, which defines
+# add_arguments(parser) and main(args) -> int; it is imported only when its verb runs.
+COMMANDS: dict[str, str] = {
+    "problems": "load a problem source and write native problem JSONL",
+    "sample": "sample K answers per problem from a model",
+    "verify": "grade sampled answers (correct / incorrect / ...)",
+    "pairs": "build preference pairs from graded samples",
+    "train": "train with SFT, DFT, CHORD, DPO family or GRPO family",
+    "expand": "depth up-scaling: insert identity-initialised layers",
+    "export": "merge a LoRA adapter into a full model folder",
+    "eval": "evaluate a model (or base + adapter) on a problem set",
+    "compare": "paired comparison of two eval folders",
+    "run": "run a whole recipe: sample -> ... -> compare",
+    "report": "one self-contained HTML page for a run or sweep folder",
+    "sweep": "run a grid of recipes sharing their stages; noise-aware table",
 }
+
+
+def command_module(verb: str) -> str:
+    return f"posttrain.commands.{verb}"
 
 
 def _usage() -> str:
@@ -48,7 +44,7 @@ def _usage() -> str:
         "",
         "verbs:",
     ]
-    lines += [f"  {verb:<{width}}  {help_}" for verb, (_, help_) in COMMANDS.items()]
+    lines += [f"  {verb:<{width}}  {help_}" for verb, help_ in COMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -66,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     if verb not in COMMANDS:
         print(f"posttrain: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[verb][0])
-    parser = argparse.ArgumentParser(prog=f"posttrain {verb}", description=COMMANDS[verb][1])
+    module = importlib.import_module(command_module(verb))
+    parser = argparse.ArgumentParser(prog=f"posttrain {verb}", description=COMMANDS[verb])
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
     try:

@@ -2,7 +2,7 @@
 
     posttrain pairs --scored scored.jsonl --out pairs.jsonl [--strategy confident-wrong]
         [--max-pairs-per-problem 1] [--seed 0] [--allow-truncated-rejected]
-        [--allow-no-answer-rejected]
+        [--allow-no-answer-rejected]      # the verb: posttrain/commands/pairs.py
 
 Only samples of the same problem are paired. Chosen is always `correct`; rejected is
 `incorrect`, or also `truncated` / `no_answer` when the flags allow it; `judge_error` samples are
@@ -29,7 +29,6 @@ and its gradient 0 on it): it is skipped and counted (`equal_skipped`).
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import random
@@ -249,47 +248,6 @@ def stats_path(out: str | os.PathLike) -> Path:
     return Path(out).with_suffix(".stats.json")
 
 
-def format_stats(stats: dict) -> str:
-    hist = ", ".join(f"{k}: {v}" for k, v in stats["pass_rate_histogram"].items())
-    return (
-        f"problems {stats['problems']} (mixed {stats['mixed']}, all right "
-        f"{stats['all_right']}, all wrong {stats['all_wrong']}; pairable {stats['pairable']})\n"
-        f"pass-rate histogram  {hist}\n"
-        f"pairs written {stats['pairs']} ({stats['strategy']}, up to "
-        f"{stats['max_pairs_per_problem']} per problem, seed {stats['seed']})"
-        + (
-            f"; {stats['equal_skipped']} skipped: chosen and rejected are the same text"
-            if stats.get("equal_skipped")
-            else ""
-        )
-    )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--scored", required=True, help="scored JSONL from `posttrain verify`")
-    parser.add_argument("--out", required=True, help="pairs JSONL (stats: OUT.stats.json)")
-    parser.add_argument("--strategy", choices=STRATEGIES, default="random")
-    parser.add_argument("--max-pairs-per-problem", type=_positive_int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--allow-truncated-rejected",
-        action="store_true",
-        help="truncated samples may be rejected answers",
-    )
-    parser.add_argument(
-        "--allow-no-answer-rejected",
-        action="store_true",
-        help="samples with no extractable answer may be rejected answers",
-    )
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 @dataclass
 class PairsConfig:
     """The pairs stage's settings; `make_pairs` runs it (the CLI and `run` both call it)."""
@@ -317,21 +275,3 @@ def make_pairs(cfg: PairsConfig) -> dict:
     stats = {**stats, "scored": str(cfg.scored)}
     write_json(stats_path(cfg.out), stats)
     return stats
-
-
-def main(args) -> int:
-    stats = make_pairs(
-        PairsConfig(
-            scored=args.scored,
-            out=args.out,
-            strategy=args.strategy,
-            max_pairs_per_problem=args.max_pairs_per_problem,
-            seed=args.seed,
-            allow_truncated_rejected=args.allow_truncated_rejected,
-            allow_no_answer_rejected=args.allow_no_answer_rejected,
-        )
-    )
-    print(format_stats(stats))
-    if not stats["pairs"]:
-        print("warning: no pairs: no problem has both a correct and a rejectable sample")
-    return 0

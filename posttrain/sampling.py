@@ -1,25 +1,24 @@
-"""Stage `sample`: K answers per problem from a model, one JSONL row per sample, resumable.
+"""Sampling: K answers per problem from an engine, one JSONL row per sample, resumable.
 
     posttrain sample --model smollm2-135m --problems builtin:arith:8 --n 2 --out samples.jsonl
 
-Rerunning the same command after a crash (even `kill -9`) keeps every finished row, writes no
-duplicate (problem id, sample index) and completes the rest. A server engine whose server dies
-mid-run stops the stage with EngineUnavailable after the finished prompts' rows are written;
-the command then exits non-zero saying how many rows are done and that a rerun resumes.
+(the verb is posttrain/commands/sample.py). `prompt_messages` builds a problem's chat prompt and
+`sample_row` the row a completion becomes (the GRPO rollouts reuse both). Rerunning
+`sample_problems` after a crash (even `kill -9`) keeps every finished row, writes no duplicate
+(problem id, sample index) and completes the rest. A server engine whose server dies mid-run
+stops it with EngineUnavailable after the finished prompts' rows are written, saying how many
+rows are done and that a rerun resumes.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from posttrain.config import ConfigError, from_dict, load_yaml, merge, parse_overrides
-from posttrain.engines import ENGINES, Engine, EngineConfig, SamplingParams, make_engine
+from posttrain.engines import Engine, SamplingParams
 from posttrain.engines.base import EngineUnavailable
-from posttrain.models import EMBEDDED
 from posttrain.reasoning import Split, prompt_opens_think, split_reasoning
 from posttrain.records import DataError, JsonlAppender, Problem, iter_jsonl
 
@@ -197,134 +196,3 @@ def _stable_hash(text: str) -> int:
     import zlib
 
     return zlib.crc32(text.encode("utf-8")) % 1_000_003
-
-
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        default=EMBEDDED,
-        help=f"model folder, .gguf file or hub id (default: {EMBEDDED})",
-    )
-    parser.add_argument(
-        "--engine",
-        default=None,
-        choices=ENGINES,
-        help="hf (default; transformers), vllm (in-process vllm.LLM) or openai "
-        "(any OpenAI-compatible server, with --base-url)",
-    )
-    parser.add_argument(
-        "--base-url",
-        action="append",
-        default=[],
-        metavar="URL",
-        help="openai engine: a server's base URL, e.g. http://node1:8000/v1 "
-        "(repeat for several servers, served round-robin)",
-    )
-    parser.add_argument(
-        "--engine-config",
-        default=None,
-        metavar="FILE.yaml",
-        help="engine settings (EngineConfig keys, e.g. tensor_parallel_size)",
-    )
-    parser.add_argument(
-        "--engine-set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="one engine setting, e.g. --engine-set gpu_memory_utilization=0.9",
-    )
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "bf16", "fp32", "fp16"],
-        help="auto: bf16 where the hardware computes it natively, else fp32",
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help="sequences per generate call (default: hf 8, vllm 256)",
-    )
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="allow model code from the model folder (off by default)",
-    )
-
-
-def engine_config(args) -> EngineConfig:
-    """EngineConfig from --engine-config FILE, then --engine, --base-url, --engine-set (later
-    wins) and --batch-size; an unknown key is an error naming it and listing the known ones."""
-    data = load_yaml(args.engine_config) if args.engine_config else {}
-    if args.engine:
-        data["kind"] = args.engine
-    if args.base_url:
-        data["base_urls"] = list(args.base_url)
-    data = merge(data, parse_overrides(args.engine_set))
-    if args.batch_size is not None:
-        if data.get("batch_size", args.batch_size) != args.batch_size:
-            raise ConfigError(
-                f"--batch-size {args.batch_size} and the engine's batch_size "
-                f"{data['batch_size']} are both set; keep one"
-            )
-        data["batch_size"] = args.batch_size
-    nested = [
-        k
-        for k, v in parse_overrides(args.engine_set).items()
-        if isinstance(v, dict) and k != "chat_template_kwargs"
-    ]
-    if nested:
-        raise ConfigError(
-            f"--engine-set {nested[0]}.*: engine keys are not nested, except "
-            "chat_template_kwargs.NAME"
-        )
-    where = f"engine (from {args.engine_config})" if args.engine_config else "engine"
-    config = from_dict(EngineConfig, data, where)
-    config.check()
-    return config
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_engine_arguments(parser)
-    parser.add_argument("--problems", required=True, help="problem source, e.g. builtin:arith:8")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N problems")
-    parser.add_argument("--n", type=int, default=4, help="samples per problem")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--system-prompt", default=None)
-    parser.add_argument("--out", required=True)
-
-
-def main(args) -> int:
-    from posttrain.tasks import load_problems
-
-    problems = load_problems(args.problems, limit=args.limit)
-    engine = make_engine(
-        engine_config(args), args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code
-    )
-    params = SamplingParams(
-        n=args.n,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-    )
-    try:
-        stats = sample_problems(
-            engine,
-            problems,
-            args.out,
-            params,
-            system_prompt=args.system_prompt,
-            chunk_size=getattr(engine, "batch_size", 8),
-        )
-    finally:
-        engine.close()
-    print(
-        f"{stats['rows']} samples in {args.out} ({stats['new_samples']} new); "
-        f"{stats['new_tokens']} tokens in {stats['seconds']:.1f} s = "
-        f"{stats['tokens_per_second']:.1f} tokens/s"
-    )
-    return 0

@@ -17,7 +17,8 @@ import torch
 from posttrain.config import ConfigError
 from posttrain.engines import EngineConfig, SamplingParams, make_engine
 from posttrain.records import DataError, Problem, read_jsonl
-from posttrain.sampling import add_engine_arguments, engine_config, sample_problems
+from posttrain.commands.engine_args import add_engine_arguments, engine_config
+from posttrain.sampling import sample_problems
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

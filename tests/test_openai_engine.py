@@ -400,7 +400,8 @@ def test_server_killed_mid_run_then_rerun_resumes(monkeypatch, tmp_path, capsys)
     with FakeOpenAIServer([echo], die_after=3) as server:
         port = server.httpd.server_address[1]
         monkeypatch.setattr(
-            "posttrain.sampling.make_engine", lambda *a, **k: engine_for(server, max_retries=1)
+            "posttrain.commands.sample.make_engine",
+            lambda *a, **k: engine_for(server, max_retries=1),
         )
         code = cli.main(argv)
     err = capsys.readouterr().err
@@ -409,7 +410,9 @@ def test_server_killed_mid_run_then_rerun_resumes(monkeypatch, tmp_path, capsys)
     first = out.read_text().splitlines()
     assert len(first) == 6
     with FakeOpenAIServer([echo], port=port) as server:
-        monkeypatch.setattr("posttrain.sampling.make_engine", lambda *a, **k: engine_for(server))
+        monkeypatch.setattr(
+            "posttrain.commands.sample.make_engine", lambda *a, **k: engine_for(server)
+        )
         assert cli.main(argv) == 0
     rows = read_jsonl(out)
     keys = [(r["problem"]["id"], r["sample_index"]) for r in rows]

@@ -5,7 +5,7 @@
 
 import pytest
 
-from posttrain.refusal import detect_refusal
+from posttrain.verify.refusal import detect_refusal
 
 CASES = [
     # (reply, label, matched phrase)

@@ -11,7 +11,8 @@ import pytest
 
 from posttrain.cli import main as cli_main
 from posttrain.records import DataError, read_jsonl
-from posttrain.verify.files import format_counts, verify_file
+from posttrain.commands.verify import format_counts
+from posttrain.verify.files import verify_file
 
 
 def row(pid, index, response, answer="4", answer_type="exact", finish="stop", **extra):

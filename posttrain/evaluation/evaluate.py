@@ -1,4 +1,4 @@
-"""Stage `eval`: the same engine and graders as sampling, then honest statistics.
+"""Evaluation: the same engine and graders as sampling, then honest statistics.
 
     posttrain eval --problems builtin:arith:300?split=test --out runs/eval-base
     posttrain eval --adapter runs/train/adapter --problems hle:hle.jsonl --protocol hle --out ...
@@ -19,21 +19,21 @@ The judge is checked at start (GET /v1/models: a judge that is down fails in sec
 its URL). A judge call that fails after retries is recorded as `judge_error` in items.jsonl;
 then no accuracy is reported (a score with missing judgements counted wrong reads as a real
 one): `evaluate` raises JudgementsMissing (exit 3) saying how many are missing, and running the
-same command again judges only those.
+same command again judges only those. The verb is
+posttrain/commands/eval.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
-from posttrain.engines import SamplingParams, make_engine
+from posttrain.engines import SamplingParams
 from posttrain.engines.base import EngineUnavailable
-from posttrain.evaluation.summary import format_summary, summarise
+from posttrain.evaluation.summary import summarise
 from posttrain.reasoning import extract_confidence
 from posttrain.records import Problem, iter_jsonl, write_json, write_jsonl
-from posttrain.sampling import add_engine_arguments, engine_config, sample_problems
+from posttrain.sampling import sample_problems
 
 # Our own wording; `--system-prompt-file` replaces it (e.g. with a benchmark's official text).
 HLE_SYSTEM_PROMPT = (
@@ -115,7 +115,7 @@ def _grade_refusal(problem: Problem, row: dict, judge, truncated: bool) -> dict:
             "reason": r.reason,
             "grader": "judge",
         }
-    from posttrain.refusal import detect_refusal
+    from posttrain.verify.refusal import detect_refusal
 
     r = detect_refusal(row["response"])
     # A cut-off reply is judged on what it said: a refusal is in the opening words.
@@ -233,86 +233,3 @@ def evaluate(
     )
     write_json(out / "summary.json", summary)
     return summary
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_engine_arguments(parser)
-    parser.add_argument(
-        "--adapter",
-        default=None,
-        help="LoRA adapter folder (hf: merged on the device; vllm: a LoRA request)",
-    )
-    parser.add_argument("--problems", required=True)
-    parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--n", type=int, default=1, help="samples per item (avg@K when > 1)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--protocol", default="auto", choices=PROTOCOLS)
-    parser.add_argument("--system-prompt", default=None)
-    parser.add_argument("--system-prompt-file", default=None)
-    parser.add_argument("--judge", default=None, help="OpenAI-compatible base URL of a judge")
-    parser.add_argument("--judge-model", default=None)
-    parser.add_argument("--judge-template", default=None, help="file replacing the judge prompt")
-    parser.add_argument(
-        "--judge-key-env",
-        default="POSTTRAIN_JUDGE_API_KEY",
-        help="environment variable holding the judge's API key",
-    )
-    parser.add_argument(
-        "--judge-concurrency", type=int, default=8, help="judgements in flight at once (threads)"
-    )
-
-
-def main(args) -> int:
-    from posttrain.tasks import load_problems
-
-    if args.temperature <= 0 and args.n > 1:
-        raise SystemExit("posttrain eval: --n > 1 needs --temperature > 0 (greedy repeats itself)")
-    problems = load_problems(args.problems, limit=args.limit)
-    system_prompt = args.system_prompt
-    if args.system_prompt_file:
-        system_prompt = Path(args.system_prompt_file).read_text(encoding="utf-8")
-    judge = None
-    if args.judge:
-        from posttrain.evaluation.judge import Judge
-
-        if not args.judge_model:
-            raise SystemExit("posttrain eval: --judge needs --judge-model")
-        judge = Judge(
-            args.judge,
-            args.judge_model,
-            api_key_env=args.judge_key_env,
-            template_path=args.judge_template,
-        )
-    engine = make_engine(
-        engine_config(args),
-        args.model,
-        dtype=args.dtype,
-        trust_remote_code=args.trust_remote_code,
-        adapter=args.adapter,
-    )
-    params = SamplingParams(
-        n=args.n,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-    )
-    try:
-        summary = evaluate(
-            engine,
-            problems,
-            args.out,
-            params,
-            protocol=args.protocol,
-            system_prompt=system_prompt,
-            judge=judge,
-            judge_concurrency=args.judge_concurrency,
-        )
-    finally:
-        engine.close()
-    print(format_summary(summary, title=f"{engine.model_id} on {args.problems}: "))
-    return 0

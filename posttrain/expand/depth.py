@@ -1,4 +1,4 @@
-"""Stage `expand`: depth up-scaling. Insert new decoder layers that start as the identity.
+"""Depth up-scaling: insert new decoder layers that start as the identity.
 
     posttrain expand --model smollm2-135m --method opt-deus --new-layers 6 --out runs/expanded
     posttrain train --method dpo --model runs/expanded --data pairs.jsonl --out runs/dpo-new \
@@ -22,12 +22,12 @@ default: after every (L / N)-th layer, as in its paper).
 
 The output folder holds the weights, the tokenizer, config.json (num_hidden_layers, layer_types,
 mlp_only_layers updated) and posttrain_expand.json (which layer indices are new and how they
-were made), which the LoRA target and full-fine-tune selection `new-layers` read.
+were made), which the LoRA target and full-fine-tune selection `new-layers` read. The verb is
+posttrain/commands/expand.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -262,48 +262,3 @@ def select_new_layers_for_full_finetuning(model: nn.Module) -> list[str]:
     for name, p in model.named_parameters():
         p.requires_grad_(name in keep)
     return sorted(keep)
-
-
-# ------------------------------------------------------------------------------ CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        default="smollm2-135m",
-        help="model folder, .gguf file or hub id (default: smollm2-135m)",
-    )
-    parser.add_argument("--method", required=True, choices=METHODS)
-    parser.add_argument("--new-layers", type=int, required=True, help="how many layers to add")
-    parser.add_argument(
-        "--placement",
-        choices=PLACEMENTS,
-        default=None,
-        help="top | interleave (default: top for opt-deus, interleave for llama-pro)",
-    )
-    parser.add_argument("--out", required=True, help="folder for the expanded model")
-    parser.add_argument(
-        "--dtype",
-        default="fp32",
-        choices=["fp32", "bf16", "fp16"],
-        help="dtype of the saved weights (the expansion runs in fp32)",
-    )
-    parser.add_argument("--trust-remote-code", action="store_true")
-
-
-def main(args) -> int:
-    out = expand(
-        args.model,
-        args.method,
-        args.new_layers,
-        args.out,
-        placement=args.placement,
-        dtype=args.dtype,
-        trust_remote_code=args.trust_remote_code,
-    )
-    meta = read_metadata(out)
-    print(
-        f"{meta['base_layers']} -> {meta['layers']} layers ({args.method}, "
-        f"{meta['placement']}); new layers {meta['new_layers']}; model in {out}"
-    )
-    return 0

@@ -1,4 +1,4 @@
-"""Stage `report`: one self-contained HTML page for a run folder or a sweep folder.
+"""The report: one self-contained HTML page for a run folder or a sweep folder.
 
     posttrain report runs/demo                 # writes runs/demo/report.html
     posttrain report runs/sweep-dpo --out sweep.html
@@ -9,12 +9,12 @@ as regressions; a sweep's results table as `posttrain sweep` wrote it), the trai
 (overlaid across runs for a sweep), per-category accuracy, a reliability diagram for stated
 confidence, Do-Not-Answer results per risk area and per action category, and the exact recipe
 of every run. Images are inlined PNGs (no file beside it, no network), all text is escaped:
-nothing from a dataset or a model is ever interpreted as HTML or script.
+nothing from a dataset or a model is ever interpreted as HTML or script. The verb is
+posttrain/commands/report.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 from collections import Counter
@@ -327,14 +327,3 @@ def write_report(folder: str | Path, out: str | Path | None = None) -> Path:
     if curves:
         (path.parent / "curves.png").write_bytes(curves)
     return path
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("folder", help="a run folder (posttrain run) or a sweep folder")
-    parser.add_argument("--out", default=None, help="HTML file (default: FOLDER/report.html)")
-
-
-def main(args) -> int:
-    path = write_report(args.folder, args.out)
-    print(f"report: {path} ({path.stat().st_size / 1024:.0f} KiB)")
-    return 0

@@ -3,7 +3,7 @@
 `posttrain verify --samples samples.jsonl --out scored.jsonl` (posttrain/verify/files.py) runs
 them over a file. One grader per answer_type:
   choice  -> choice.grade_choice    exact -> exact.grade_exact
-  math    -> math.grade_math        refusal -> refusal.grade_refusal (left to evaluation)
+  math    -> math.grade_math        refusal -> refusal.leave_refusal_ungraded (for evaluation)
 Answers are read only from the text after the think block; a response whose think block never
 closes, or that stopped at the token limit, is `truncated` and never graded. Reward is 1.0 for
 `correct` and 0.0 otherwise, so RL rewards and DPO pair selection reuse the same verdict.
@@ -20,7 +20,7 @@ from posttrain.records import DataError, Problem, require
 from posttrain.verify.choice import grade_choice
 from posttrain.verify.exact import grade_exact
 from posttrain.verify.math import DEFAULT_TIMEOUT_S, grade_math
-from posttrain.verify.refusal import grade_refusal
+from posttrain.verify.refusal import leave_refusal_ungraded
 from posttrain.verify.result import Grade, ungraded
 
 __all__ = ["Grade", "GRADERS", "grade", "verify_row", "check_sample_row"]
@@ -29,7 +29,7 @@ GRADERS: dict[str, Callable[[str, Problem], Grade]] = {
     "choice": grade_choice,
     "exact": grade_exact,
     "math": grade_math,
-    "refusal": grade_refusal,
+    "refusal": leave_refusal_ungraded,
 }
 
 

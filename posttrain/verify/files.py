@@ -1,18 +1,19 @@
-"""Stage `verify`: grade every sampled answer, adding verdict, reward and extracted to each row.
+"""Grading a samples file: every sampled answer gets verdict, reward and extracted, resumably.
 
     posttrain verify --samples samples.jsonl --out scored.jsonl [--workers 2] [--math-timeout 5]
 
+(the verb is posttrain/commands/verify.py; the graders are posttrain/verify/__init__.py).
+
 Every input row is checked before any grading (a bad row stops the stage with FILE:LINE: field).
 The output is resumable: rows already in --out, keyed by (problem id, sample index), are kept and
-not graded again, so a killed run loses nothing. `--workers` grades that many rows at once
-(threads; math answers each use their own worker process). At the end a table of verdict counts
-and the accuracy are printed. Both files are streamed: memory holds the rows' keys and a few
-hundred rows in flight, never the files (bench/sample_memory.py measures it).
+not graded again, so a killed run loses nothing. `workers` grades that many rows at once
+(threads; math answers each use their own worker process). Both files are streamed: memory
+holds the rows' keys and a few hundred rows in flight, never the files
+(bench/sample_memory.py measures it).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -97,38 +98,3 @@ def verify_file(
             counted.add(k)
             counts[row.get("verdict")] += 1
     return {v: counts.get(v, 0) for v in VERDICTS}
-
-
-def format_counts(counts: dict[str, int]) -> str:
-    """Verdict table plus accuracy over all samples and over the graded ones."""
-    total = sum(counts.values())
-    lines = [f"{'verdict':<12} {'count':>7} {'share':>7}"]
-    for verdict, n in counts.items():
-        lines.append(f"{verdict:<12} {n:>7} {100 * n / max(total, 1):>6.1f}%")
-    lines.append(f"{'total':<12} {total:>7}")
-    right, graded = counts.get("correct", 0), counts.get("correct", 0) + counts.get("incorrect", 0)
-    lines.append(
-        f"accuracy {100 * right / max(total, 1):.1f}% of all samples ({right}/{total}); "
-        f"{100 * right / max(graded, 1):.1f}% of graded ({right}/{graded})"
-    )
-    return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--samples", required=True, help="samples JSONL from `posttrain sample`")
-    parser.add_argument("--out", required=True, help="scored JSONL (resumed if it exists)")
-    parser.add_argument("--workers", type=int, default=1, help="rows graded at once")
-    parser.add_argument(
-        "--math-timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT_S,
-        help="seconds per math answer before it counts as incorrect (timeout)",
-    )
-
-
-def main(args) -> int:
-    counts = verify_file(
-        args.samples, args.out, workers=args.workers, math_timeout_s=args.math_timeout
-    )
-    print(format_counts(counts))
-    return 0

@@ -1,0 +1,101 @@
+"""Verb `eval`: evaluate a model (or base + adapter) on a problem set and print its summary.
+
+    posttrain eval --problems builtin:arith:300?split=test --out runs/eval-base
+    posttrain eval --adapter runs/train/adapter --problems hle:hle.jsonl --protocol hle --out ...
+
+What is written and how it is graded (protocols, judge) is posttrain/evaluation/evaluate.py;
+the engine options are posttrain/commands/engine_args.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from posttrain.commands.engine_args import add_engine_arguments, engine_config
+from posttrain.engines import SamplingParams, make_engine
+from posttrain.evaluation.evaluate import PROTOCOLS, evaluate
+from posttrain.evaluation.summary import format_summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_engine_arguments(parser)
+    parser.add_argument(
+        "--adapter",
+        default=None,
+        help="LoRA adapter folder (hf: merged on the device; vllm: a LoRA request)",
+    )
+    parser.add_argument("--problems", required=True)
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--n", type=int, default=1, help="samples per item (avg@K when > 1)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--protocol", default="auto", choices=PROTOCOLS)
+    parser.add_argument("--system-prompt", default=None)
+    parser.add_argument("--system-prompt-file", default=None)
+    parser.add_argument("--judge", default=None, help="OpenAI-compatible base URL of a judge")
+    parser.add_argument("--judge-model", default=None)
+    parser.add_argument("--judge-template", default=None, help="file replacing the judge prompt")
+    parser.add_argument(
+        "--judge-key-env",
+        default="POSTTRAIN_JUDGE_API_KEY",
+        help="environment variable holding the judge's API key",
+    )
+    parser.add_argument(
+        "--judge-concurrency", type=int, default=8, help="judgements in flight at once (threads)"
+    )
+
+
+def main(args) -> int:
+    from posttrain.tasks import load_problems
+
+    if args.temperature <= 0 and args.n > 1:
+        raise SystemExit("posttrain eval: --n > 1 needs --temperature > 0 (greedy repeats itself)")
+    problems = load_problems(args.problems, limit=args.limit)
+    system_prompt = args.system_prompt
+    if args.system_prompt_file:
+        system_prompt = Path(args.system_prompt_file).read_text(encoding="utf-8")
+    judge = None
+    if args.judge:
+        from posttrain.evaluation.judge import Judge
+
+        if not args.judge_model:
+            raise SystemExit("posttrain eval: --judge needs --judge-model")
+        judge = Judge(
+            args.judge,
+            args.judge_model,
+            api_key_env=args.judge_key_env,
+            template_path=args.judge_template,
+        )
+    engine = make_engine(
+        engine_config(args),
+        args.model,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+        adapter=args.adapter,
+    )
+    params = SamplingParams(
+        n=args.n,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
+    try:
+        summary = evaluate(
+            engine,
+            problems,
+            args.out,
+            params,
+            protocol=args.protocol,
+            system_prompt=system_prompt,
+            judge=judge,
+            judge_concurrency=args.judge_concurrency,
+        )
+    finally:
+        engine.close()
+    print(format_summary(summary, title=f"{engine.model_id} on {args.problems}: "))
+    return 0

@@ -1,0 +1,63 @@
+"""Verb `sample`: K answers per problem from a model, one JSONL row per sample, resumable.
+
+    posttrain sample --model smollm2-135m --problems builtin:arith:8 --n 2 --out samples.jsonl
+
+The sampling itself (prompts, rows, resuming) is posttrain/sampling.py; the engine options are
+posttrain/commands/engine_args.py. A server engine whose server dies mid-run stops the command
+with EngineUnavailable after the finished prompts' rows are written; it then exits non-zero
+saying how many rows are done and that a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from posttrain.commands.engine_args import add_engine_arguments, engine_config
+from posttrain.engines import SamplingParams, make_engine
+from posttrain.sampling import sample_problems
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_engine_arguments(parser)
+    parser.add_argument("--problems", required=True, help="problem source, e.g. builtin:arith:8")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N problems")
+    parser.add_argument("--n", type=int, default=4, help="samples per problem")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--system-prompt", default=None)
+    parser.add_argument("--out", required=True)
+
+
+def main(args) -> int:
+    from posttrain.tasks import load_problems
+
+    problems = load_problems(args.problems, limit=args.limit)
+    engine = make_engine(
+        engine_config(args), args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code
+    )
+    params = SamplingParams(
+        n=args.n,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
+    try:
+        stats = sample_problems(
+            engine,
+            problems,
+            args.out,
+            params,
+            system_prompt=args.system_prompt,
+            chunk_size=getattr(engine, "batch_size", 8),
+        )
+    finally:
+        engine.close()
+    print(
+        f"{stats['rows']} samples in {args.out} ({stats['new_samples']} new); "
+        f"{stats['new_tokens']} tokens in {stats['seconds']:.1f} s = "
+        f"{stats['tokens_per_second']:.1f} tokens/s"
+    )
+    return 0
