@@ -83,7 +83,20 @@ def main() -> None:
     parser.add_argument("--prompts", default="builtin:arith:50?split=test")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "upcycle.json"))
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared 2-core CPU two OpenMP threads per process "
+        "collapse when other processes run)",
+    )
+    parser.add_argument(
+        "--skip-upcycle", action="store_true", help="reuse the folder --moe-dir already holds"
+    )
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     from posttrain.engines import SamplingParams
     from posttrain.expand.upcycle import read_metadata, upcycle
@@ -93,8 +106,9 @@ def main() -> None:
 
     before = machine()
     t0 = time.monotonic()
-    upcycle("smollm2-135m", args.moe_dir, experts=args.experts, top_k=args.top_k)
-    upcycle_s = time.monotonic() - t0
+    if not args.skip_upcycle:
+        upcycle("smollm2-135m", args.moe_dir, experts=args.experts, top_k=args.top_k)
+    upcycle_s = None if args.skip_upcycle else round(time.monotonic() - t0, 1)
     meta = read_metadata(args.moe_dir)
     prompts = [prompt_messages(p) for p in load_problems(args.prompts)]
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=args.max_new_tokens)
@@ -105,8 +119,8 @@ def main() -> None:
         "what": "sparse upcycle of SmolLM2-135M vs the dense model: size, greedy decode speed",
         "prompts": args.prompts,
         "max_new_tokens": args.max_new_tokens,
-        "engine": "hf, fp32, cpu, all prompts in one batch",
-        "upcycle_s": round(upcycle_s, 1),
+        "engine": f"hf, fp32, cpu, {args.threads} torch thread(s), all prompts in one batch",
+        "upcycle_s": upcycle_s,
         "upcycle": {k: meta[k] for k in ("experts", "top_k", "router_init", "symmetry_breaker")},
         "dense": dense,
         "upcycled": moe,

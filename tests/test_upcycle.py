@@ -28,11 +28,13 @@ from posttrain.expand.upcycle import SymmetryBreaker, read_metadata, upcycle
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# max |logit_moe - logit_dense|, fp32, random router (std 0.02), 4 experts top-2, no noise:
-# measured 3.0e-7 on the tiny Llama (2 layers, logits ~0.8) and EMBEDDED_MEASURED on SmolLM2-135M
-# (30 layers, logits up to ~34, i.e. a few ulp of the largest logit)
+# max |logit_moe - logit_dense|, fp32, random router (std 0.02), 4 experts top-2, no noise, measured
+# on this CPU: 3.0e-7 on the tiny Llama (2 layers, logits ~0.8); on SmolLM2-135M (30 layers,
+# logits up to ~39) 6.3e-5 to 8.2e-5 on chat text and 7.9e-5 on these random ids (one other
+# random batch of 4 x 48 ids: 7.8e-4, the worst seen; 2e-5 of its largest logit). The zero
+# router is bit-exact on both (0.0).
 TINY_TOL = 2e-6
-EMBEDDED_TOL = 1e-4
+EMBEDDED_TOL = 2e-4  # 2.5x the measured 7.9e-5 on the inputs below
 
 
 def load(folder):
