@@ -269,9 +269,9 @@ def test_vllm_engine_loads_the_upcycled_folder(tmp_path, embedded_moe):
         capture_output=True,
         text=True,
         cwd=Path(__file__).resolve().parents[1],
-        timeout=900,
+        timeout=1800,  # vLLM's start-up alone took over 15 min on the shared 2-core CPU
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     got = json.loads(out.read_text())
     assert got["architectures"] == ["MixtralForCausalLM"]
     engine = make_engine("hf", str(embedded_moe), dtype="fp32", batch_size=20)
