@@ -189,11 +189,13 @@ from posttrain.engines.vllm import VLLMEngine
 from posttrain.sampling import prompt_messages
 from posttrain.tasks import load_problems
 
-engine = VLLMEngine(sys.argv[1], EngineConfig(kind="vllm"), dtype="fp32")
-prompts = [prompt_messages(p) for p in load_problems(sys.argv[3])]
-outs = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=48))
-arch = engine.llm.llm_engine.model_config.architectures
-json.dump({"architectures": arch, "texts": [c[0].text for c in outs]}, open(sys.argv[2], "w"))
+if __name__ == "__main__":  # vLLM spawns its engine core, which imports this module again
+    engine = VLLMEngine(sys.argv[1], EngineConfig(kind="vllm"), dtype="fp32")
+    prompts = [prompt_messages(p) for p in load_problems(sys.argv[3])]
+    outs = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=48))
+    arch = engine.llm.llm_engine.model_config.architectures
+    result = {"architectures": arch, "texts": [c[0].text for c in outs]}
+    json.dump(result, open(sys.argv[2], "w"))
 """
 
 
