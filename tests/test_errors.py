@@ -128,7 +128,12 @@ def main(args):
         raise EngineUnavailable("server http://127.0.0.1:9/v1 stopped answering")
     return {}["a bug"]
 """
-WITH_TEST_VERB = "from posttrain import cli\ncli.COMMANDS['try'] = ('verb_for_test', 'raises')\n"
+WITH_TEST_VERB = (
+    "from posttrain import cli\n"
+    "cli.COMMANDS['try'] = 'raises'\n"
+    "real = cli.command_module\n"
+    "cli.command_module = lambda verb: 'verb_for_test' if verb == 'try' else real(verb)\n"
+)
 
 
 @pytest.mark.parametrize(

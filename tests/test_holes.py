@@ -294,7 +294,7 @@ def test_malformed_replies_stop_the_stage_and_the_rerun_asks_again(kind, tmp_pat
     argv = ["sample", "--problems", "builtin:arith:3", "--n", "1", "--out", str(out)]
     with FakeOpenAIServer(script) as server:
         monkeypatch.setattr(
-            "posttrain.sampling.make_engine",
+            "posttrain.commands.sample.make_engine",
             lambda *a, **k: openai_engine([server.base_url], "fake", max_retries=1, concurrency=1),
         )
         assert cli.main(argv) == 3
@@ -415,7 +415,8 @@ def test_pairs_skip_and_count_equal_sides():
     """Problem p: sample 0 correct "4", sample 1 graded incorrect with the same text (a grader
     disagreement), sample 2 incorrect "5". Random, 2 pairs per problem: of the 2 possible
     pairs, (0, 1) is skipped and counted, (0, 2) is written."""
-    from posttrain.pairs import build_pairs, format_stats
+    from posttrain.commands.pairs import format_stats
+    from posttrain.pairs import build_pairs
 
     rows = [scored(0, "correct", "4"), scored(1, "incorrect", "4"), scored(2, "incorrect", "5")]
     pairs, stats = build_pairs(rows, "random", max_pairs_per_problem=2)
@@ -527,7 +528,7 @@ def test_a_server_rejecting_a_setting_is_one_line(tmp_path, monkeypatch, capsys)
     rejected = (400, {"error": {"message": "top_p must be in (0, 1], got 7.0"}})
     with FakeOpenAIServer([rejected]) as server:
         monkeypatch.setattr(
-            "posttrain.sampling.make_engine",
+            "posttrain.commands.sample.make_engine",
             lambda *a, **k: openai_engine([server.base_url], "fake", max_retries=0),
         )
         argv = ["sample", "--problems", "builtin:arith:1", "--top-p", "7", "--out"]
