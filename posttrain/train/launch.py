@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from posttrain.config import ConfigError, from_dict, load_yaml, save_config
+from posttrain.errors import UserError
 
 LAUNCH_FILE = "launch.yaml"
 
@@ -99,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         train_resolved(
             cfg, Path(args.config).parent, resume=args.resume, progress=not args.no_progress
         )
-    except ConfigError as e:
+    except UserError as e:  # a bad config, a refused checkpoint file ...: one line, no traceback
         print(f"posttrain train: error: {e}", file=sys.stderr, flush=True)
-        return 1
+        return e.exit_code
     except NonFiniteError as e:
         print(f"posttrain train: stopped: {e}", file=sys.stderr, flush=True)
         return 1
