@@ -77,7 +77,8 @@ def engine_config(args) -> EngineConfig:
         data["kind"] = args.engine
     if args.base_url:
         data["base_urls"] = list(args.base_url)
-    data = merge(data, parse_overrides(args.engine_set))
+    overrides = parse_overrides(args.engine_set)
+    data = merge(data, overrides)
     if args.batch_size is not None:
         if data.get("batch_size", args.batch_size) != args.batch_size:
             raise ConfigError(
@@ -87,7 +88,7 @@ def engine_config(args) -> EngineConfig:
         data["batch_size"] = args.batch_size
     nested = [
         k
-        for k, v in parse_overrides(args.engine_set).items()
+        for k, v in overrides.items()
         if isinstance(v, dict) and k != "chat_template_kwargs"
     ]
     if nested:
@@ -97,5 +98,5 @@ def engine_config(args) -> EngineConfig:
         )
     where = f"engine (from {args.engine_config})" if args.engine_config else "engine"
     config = from_dict(EngineConfig, data, where)
-    config.check()
+    config.check()  # before any problem is read or model loaded
     return config
