@@ -87,9 +87,7 @@ def engine_config(args) -> EngineConfig:
             )
         data["batch_size"] = args.batch_size
     nested = [
-        k
-        for k, v in overrides.items()
-        if isinstance(v, dict) and k != "chat_template_kwargs"
+        k for k, v in overrides.items() if isinstance(v, dict) and k != "chat_template_kwargs"
     ]
     if nested:
         raise ConfigError(
