@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -164,6 +165,89 @@ def test_eval_killed_while_judging_resumes_judging_only_the_rest(tmp_path):
     assert summary["accuracy"] == 1.0
 
 
+# ---------------------------------------------------------------------- servers that fail
+
+
+def sample_argv(server, out: Path, *settings: str) -> list[str]:
+    """`posttrain sample` of builtin:arith:4, one answer each, all 4 prompts in one chunk."""
+    argv = ["sample", "--engine", "openai", "--base-url", server.base_url, "--model", "fake"]
+    argv += ["--problems", "builtin:arith:4", "--n", "1", "--batch-size", "4", "--out", str(out)]
+    for item in ("concurrency=4", *settings):
+        argv += ["--engine-set", item]
+    return argv
+
+
+def keys(path: Path) -> list[str]:
+    return [r["problem"]["id"] for r in complete_rows(path)]
+
+
+@pytest.mark.server
+def test_a_server_hanging_past_the_timeout_stops_the_stage_and_the_rerun_finishes(tmp_path, capsys):
+    """The server does not answer the question "What is 12 * 4?" for 3 s (the client's timeout
+    is 0.4 s, 1 retry) and answers the 3 others at once. `sample` asks that prompt twice,
+    stops unfinished with exit 3 saying it timed out, and keeps the 3 answered rows; the same
+    command against a server that answers asks for that one prompt only and ends with 4 rows,
+    one per problem, the first 3 as they were."""
+    out = tmp_path / "s.jsonl"
+    hangs = {"on": True}
+
+    def step(body):
+        if hangs["on"] and "12 * 4" in body["messages"][-1]["content"]:
+            time.sleep(3.0)
+        return good(body)
+
+    with FakeOpenAIServer([step]) as server:
+        argv = sample_argv(server, out, "timeout=0.4", "max_retries=1")
+        assert cli.main(argv) == 3
+        end = time.monotonic()
+        err = capsys.readouterr().err
+        hung = [r["t"] for r in server.requests if "12 * 4" in r["body"]["messages"][-1]["content"]]
+        assert len(hung) == 2 and len(server.requests) == 5
+        # each attempt is given up on its 0.4 s timeout, not after the server's 3 s
+        assert 0.4 <= hung[1] - hung[0] < 2.9 and 0.4 <= end - hung[1] < 2.9
+        assert "timed out (0.4 s) after 2 attempt(s)" in err and "rerun" in err, err
+        before = out.read_text().splitlines()
+        assert sorted(keys(out)) == ["arith-train-0", "arith-train-2", "arith-train-3"]
+        hangs["on"] = False
+        assert cli.main(argv) == 0
+        assert len(server.requests) == 6  # the rerun asked for the missing prompt only
+    assert sorted(keys(out)) == [f"arith-train-{i}" for i in range(4)]
+    assert out.read_text().splitlines()[:3] == before
+
+
+@pytest.mark.server
+def test_a_server_that_dies_and_returns_within_the_retries_loses_and_repeats_nothing(
+    tmp_path,
+):
+    """The server stops for good after answering its 2nd request and a new one listens on the
+    same port 0.3 s later. `sample` of 4 prompts, one at a time, 3 retries (0.5 s backoff
+    doubling, on the refused connection) rides it out: exit 0 in one run, the new server asked
+    for prompts 3 and 4 only, 4 rows, one per problem."""
+    out = tmp_path / "s.jsonl"
+    first = FakeOpenAIServer([good], die_after=2).start()
+    port = first.httpd.server_address[1]
+    again: list[FakeOpenAIServer] = []
+
+    def come_back():
+        while not first._stopped:
+            time.sleep(0.01)
+        time.sleep(0.3)
+        again.append(FakeOpenAIServer([good], port=port).start())
+
+    thread = threading.Thread(target=come_back, daemon=True)
+    thread.start()
+    try:
+        argv = sample_argv(first, out, "timeout=5", "max_retries=3", "concurrency=1")
+        assert cli.main(argv) == 0
+    finally:
+        thread.join(timeout=10)
+        first.stop()
+        for server in again:
+            server.stop()
+    assert again and len(first.requests) == 2 and len(again[0].requests) == 2
+    assert sorted(keys(out)) == [f"arith-train-{i}" for i in range(4)]
+
+
 # ---------------------------------------------------------------------- train, killed
 
 TRAIN_SETTINGS = ["dtype=fp32", "lora.r=4", "lora.alpha=8", "lr=1e-3", "num_threads=1"]
@@ -249,3 +333,58 @@ def test_online_train_killed_resumes_to_a_bitwise_equal_adapter(
     assert cli.main(train_argv(straight, *extra)) == 0
     kill_mid_training(train_argv(resumed, *extra), resumed, 8, tmp_path)
     assert_same_training(straight, resumed, 8)
+
+
+# ---------------------------------------------------------------------- run, killed
+
+
+@pytest.mark.slow
+def test_run_killed_in_a_later_stage_resumes_that_stage_only(
+    tiny_model_dir, tmp_path, capsys, one_thread
+):
+    """`posttrain run` of a tiny model (demonstrations -> 2 SFT steps -> eval of 24 items,
+    base and trained, 2 per batch) killed with -9 once the trained model's evaluation has
+    written 2 samples. The same command skips every finished stage (demos, train, the base
+    evaluation), keeps the adapter and the k samples on disk as they were, and finishes the
+    trained evaluation with each of the 6 items once."""
+    recipe = {
+        "model": tiny_model_dir,
+        "dtype": "fp32",
+        "seed": 0,
+        "sample": {"problems": "builtin:arith:4?split=train"},
+        "train": {
+            "method": "sft",
+            "data": "demonstrations",
+            "config": {"max_steps": 2, "batch_size": 2, "num_threads": 1, "lora": {"r": 2}},
+        },
+        "eval": [
+            {
+                "name": "arith",
+                "problems": "builtin:arith:6?split=test",
+                "max_new_tokens": 4,
+                "batch_size": 2,
+            }
+        ],
+    }
+    path, out = tmp_path / "recipe.yaml", tmp_path / "run"
+    path.write_text(json.dumps(recipe))  # JSON is YAML
+    trained = out / "eval" / "arith" / "trained"
+    log = tmp_path / "killed.log"
+    argv = ["run", str(path), "--out", str(out)]
+    kill_when(start(argv, log), lambda: count_lines(trained / "samples.jsonl") >= 2, log)
+    before = complete_rows(trained / "samples.jsonl")
+    adapter = (out / "train" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert 2 <= len(before) < 6 and not (trained / "done.json").exists()
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    for stage in ("demos", "train", "eval/arith/base"):
+        assert f"[{stage}] done earlier" in printed, stage
+    assert "[eval/arith/trained] running" in printed
+    assert (out / "train" / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    rows = complete_rows(trained / "samples.jsonl")
+    ids = [r["problem"]["id"] for r in rows]
+    assert len(ids) == len(set(ids)) == 6 and rows[: len(before)] == before
+    items = complete_rows(trained / "items.jsonl")
+    assert sorted(it["problem_id"] for it in items) == sorted(ids)
+    assert (trained / "done.json").exists() and (out / "report.json").exists()
