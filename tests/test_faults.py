@@ -169,10 +169,11 @@ def test_eval_killed_while_judging_resumes_judging_only_the_rest(tmp_path):
 
 
 def sample_argv(server, out: Path, *settings: str) -> list[str]:
-    """`posttrain sample` of builtin:arith:4, one answer each, all 4 prompts in one chunk."""
+    """`posttrain sample` of builtin:arith:4, one answer each, all 4 prompts in one chunk;
+    `settings` are engine keys (concurrency, timeout, max_retries)."""
     argv = ["sample", "--engine", "openai", "--base-url", server.base_url, "--model", "fake"]
     argv += ["--problems", "builtin:arith:4", "--n", "1", "--batch-size", "4", "--out", str(out)]
-    for item in ("concurrency=4", *settings):
+    for item in settings:
         argv += ["--engine-set", item]
     return argv
 
@@ -197,7 +198,7 @@ def test_a_server_hanging_past_the_timeout_stops_the_stage_and_the_rerun_finishe
         return good(body)
 
     with FakeOpenAIServer([step]) as server:
-        argv = sample_argv(server, out, "timeout=0.4", "max_retries=1")
+        argv = sample_argv(server, out, "concurrency=4", "timeout=0.4", "max_retries=1")
         assert cli.main(argv) == 3
         end = time.monotonic()
         err = capsys.readouterr().err
@@ -213,6 +214,31 @@ def test_a_server_hanging_past_the_timeout_stops_the_stage_and_the_rerun_finishe
         assert len(server.requests) == 6  # the rerun asked for the missing prompt only
     assert sorted(keys(out)) == [f"arith-train-{i}" for i in range(4)]
     assert out.read_text().splitlines()[:3] == before
+
+
+@pytest.mark.server
+def test_a_server_answering_500_then_recovering_writes_each_row_once(tmp_path):
+    """Every prompt's first request gets HTTP 500 (no Retry-After: the client's own backoff),
+    its second an answer. `sample` of 4 prompts, 4 at once, finishes in one run: 8 requests,
+    2 per question, 4 rows, one per problem."""
+    out = tmp_path / "s.jsonl"
+    seen: set[str] = set()
+    lock = threading.Lock()
+
+    def step(body):
+        question = body["messages"][-1]["content"]
+        with lock:
+            first = question not in seen
+            seen.add(question)
+        return (500, {"error": {"message": "internal error"}}) if first else good(body)
+
+    with FakeOpenAIServer([step]) as server:
+        assert (
+            cli.main(sample_argv(server, out, "concurrency=4", "timeout=5", "max_retries=2")) == 0
+        )
+    asked = [r["body"]["messages"][-1]["content"] for r in server.requests]
+    assert len(asked) == 8 and all(asked.count(q) == 2 for q in asked)
+    assert sorted(keys(out)) == [f"arith-train-{i}" for i in range(4)]
 
 
 @pytest.mark.server
@@ -237,7 +263,7 @@ def test_a_server_that_dies_and_returns_within_the_retries_loses_and_repeats_not
     thread = threading.Thread(target=come_back, daemon=True)
     thread.start()
     try:
-        argv = sample_argv(first, out, "timeout=5", "max_retries=3", "concurrency=1")
+        argv = sample_argv(first, out, "concurrency=1", "timeout=5", "max_retries=3")
         assert cli.main(argv) == 0
     finally:
         thread.join(timeout=10)
@@ -374,7 +400,7 @@ def test_run_killed_in_a_later_stage_resumes_that_stage_only(
     kill_when(start(argv, log), lambda: count_lines(trained / "samples.jsonl") >= 2, log)
     before = complete_rows(trained / "samples.jsonl")
     adapter = (out / "train" / "adapter" / "adapter_model.safetensors").read_bytes()
-    assert 2 <= len(before) < 6 and not (trained / "done.json").exists()
+    assert len(before) >= 2 and not (trained / "done.json").exists()
     capsys.readouterr()
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
