@@ -125,6 +125,7 @@ def check_eval_folder(out: Path, before: list[dict], before_items: list[dict]) -
     assert json.loads((out / "summary.json").read_text())["n"] == 30
 
 
+@pytest.mark.slow
 @pytest.mark.server
 def test_eval_killed_while_generating_resumes_without_asking_twice(tmp_path):
     """`eval` of 30 problems against a server answering in 50 ms (2 requests at once) gets
@@ -143,6 +144,7 @@ def test_eval_killed_while_generating_resumes_without_asking_twice(tmp_path):
     check_eval_folder(out, before, [])
 
 
+@pytest.mark.slow
 @pytest.mark.server
 def test_eval_killed_while_judging_resumes_judging_only_the_rest(tmp_path):
     """`eval` of 30 problems with a judge answering in 50 ms (2 at once) gets kill -9 once 4
