@@ -77,6 +77,7 @@ FILES = {
     + "\n",
     "sc.jsonl": "\n".join([_scored("p1", 0, "correct"), _scored("p1", 1, "incorrect")]) + "\n",
     "sc-verdict.jsonl": _scored("p1", 0, "right") + "\n",
+    "sc-wrong.jsonl": _scored("p1", 0, "incorrect") + "\n" + _scored("p1", 1, "no_answer") + "\n",
     "pairs.jsonl": _pair() + "\n",
     "pairs-same.jsonl": _pair("#### 5", "#### 5") + "\n" + _pair("#### 6", "#### 6") + "\n",
     "pairs-no-rejected.jsonl": json.dumps({"prompt": "q", "chosen": "#### 5"}) + "\n",
@@ -117,6 +118,11 @@ CASES = [
     ("problems-limit-negative", "problems builtin:arith:5 --limit -3 --out {t}/o.jsonl", None, 2, ["--limit", ">= 1"]),
     ("problems-limit-text", "problems builtin:arith:5 --limit ten --out {t}/o.jsonl", None, 2, ["--limit", "ten"]),
     ("problems-exclude-missing", "problems builtin:arith:5 --exclude {t}/none.jsonl --out {t}/o.jsonl", None, 1, ["{t}/none.jsonl", "not found"]),
+    ("problems-jsonl-field", "problems jsonl:{t}/p.jsonl?question=prompt --out {t}/o.jsonl", None, 1, ["p.jsonl:1", "'prompt'", "missing"]),
+    ("problems-jsonl-option", "problems jsonl:{t}/p.jsonl?anwser=x --out {t}/o.jsonl", None, 1, ["anwser"]),
+    ("problems-hle-wrong-file", "problems hle:{t}/s.jsonl --out {t}/o.jsonl", None, 1, ["s.jsonl:1"]),
+    ("problems-mix-weight", "problems mix:builtin:arith:4@-1,builtin:arith:4@1 --out {t}/o.jsonl", None, 1, ["-1"]),
+    ("problems-mix-missing", "problems mix:{t}/none.yaml --out {t}/o.jsonl", None, 1, ["{t}/none.yaml"]),
     ("problems-no-out", "problems builtin:arith:5", None, 2, ["--out"]),
     # ---- sample
     ("sample-out-is-dir", "sample --problems builtin:arith:2 --out {t}/outdir", None, 1, ["{t}/outdir", "folder"]),
@@ -169,6 +175,8 @@ CASES = [
     ("train-pairs-identical", "train --method dpo --data {t}/pairs-same.jsonl --out {t}/run", None, 1, ["pairs-same.jsonl", "chosen", "rejected", "same"]),
     ("train-pairs-no-rejected", "train --method dpo --data {t}/pairs-no-rejected.jsonl --out {t}/run", None, 1, ["pairs-no-rejected.jsonl:1", "'rejected'"]),
     ("train-pairs-not-text", "train --method dpo --data {t}/pairs-int.jsonl --out {t}/run", None, 1, ["pairs-int.jsonl:1", "'chosen'"]),
+    ("train-dpo-on-scored", "train --method dpo --data {t}/sc.jsonl --out {t}/run", None, 1, ["sc.jsonl:1", "pair rows"]),
+    ("train-sft-none-correct", "train --method sft --data {t}/sc-wrong.jsonl --out {t}/run", None, 1, ["sc-wrong.jsonl", "none correct"]),
     ("train-sft-on-pairs", "train --method sft --data {t}/pairs.jsonl --out {t}/run", None, 1, ["pairs.jsonl:1", "pair row"]),
     ("train-grpo-no-problems", "train --method grpo --out {t}/run", None, 2, ["--problems", "required", "grpo"]),
     ("train-grpo-with-data", "train --method grpo --data {t}/pairs.jsonl --problems builtin:arith:4 --out {t}/run", None, 1, ["--data", "grpo"]),
@@ -210,6 +218,8 @@ CASES = [
     ("eval-model-empty-folder", "eval --model {t}/empty --problems builtin:arith:2 --out {t}/ev", None, 1, ["{t}/empty", "no config.json"]),
     ("eval-out-is-file", "eval --problems builtin:arith:2 --out {t}/p.jsonl", None, 1, ["{t}/p.jsonl", "existing file"]),
     ("eval-protocol-unknown", "eval --problems builtin:arith:2 --protocol mmlu --out {t}/ev", None, 2, ["--protocol", "mmlu"]),
+    ("eval-openai-no-url", "eval --engine openai --problems builtin:arith:2 --out {t}/ev", None, 1, ["base_urls", "http"]),
+    ("eval-engine-set-kind", "eval --engine-set tensor_parallel_size=2 --problems builtin:arith:2 --out {t}/ev", None, 1, ["tensor_parallel_size", "vllm"]),
     ("eval-surrogate", "eval --problems {t}/p-surrogate.jsonl --out {t}/ev", None, 1, ["p-surrogate.jsonl:2", "surrogate"]),
     # ---- compare
     ("compare-n-boot-0", "compare {t}/A {t}/B --n-boot 0", None, 1, ["n_boot", ">= 1"]),
@@ -220,6 +230,7 @@ CASES = [
     # ---- report
     ("report-missing", "report {t}/none", None, 1, ["{t}/none"]),
     ("report-not-a-run", "report {t}/empty", None, 1, ["{t}/empty"]),
+    ("report-an-eval-folder", "report {t}/A", None, 1, ["{t}/A"]),
     ("report-a-file", "report {t}/p.jsonl", None, 1, ["{t}/p.jsonl", "folder"]),
     # ---- expand
     ("expand-new-layers-0", "expand --method llama-pro --new-layers 0 --out {t}/x", None, 2, ["--new-layers", ">= 1"]),
@@ -262,6 +273,11 @@ CASES = [
     ("run-set-arith-negative", "run {r}/default.yaml --set eval.problems=builtin:arith:-1 --out {t}/run", None, 1, ["builtin:arith:-1", ">= 1"]),
     ("run-set-model-missing", "run {r}/default.yaml --set model={t}/nope --out {t}/run", None, 1, ["{t}/nope", "no such file or folder"]),
     ("run-set-grpo-data", "run {r}/default.yaml --set train.method=grpo --set train.data=pairs --out {t}/run", None, 1, ["train.data", "grpo"]),
+    ("run-set-lora-r-0", "run {r}/default.yaml --set train.config.lora.r=0 --out {t}/run", None, 1, ["lora.r", "0"]),
+    ("run-set-sample-batch-0", "run {r}/default.yaml --set sample.batch_size=0 --out {t}/run", None, 1, ["sample.batch_size: 0", ">= 1"]),
+    ("run-set-epochs-negative", "run {r}/default.yaml --set train.config.epochs=-1 --out {t}/run", None, 1, ["epochs", "-1"]),
+    ("run-set-grpo-generations-1", "run {r}/grpo.yaml --set train.config.num_generations=1 --out {t}/run", None, 1, ["num_generations", "1"]),
+    ("run-set-method-keeps-keys", "run {r}/default.yaml --set train.method=grpo --out {t}/run", None, 1, ["unknown key", "beta"]),
     ("run-set-eval-name-slash", "run {r}/default.yaml --set eval.name=a/b --out {t}/run", None, 1, ["a/b"]),
     ("run-out-is-file", "run {r}/default.yaml --out {t}/p.jsonl", None, 1, ["{t}/p.jsonl", "existing file"]),
     # ---- run: recipes written out
