@@ -92,6 +92,7 @@ FILES = {
     "judge-bad.txt": "Judge {question} {response}\n",
     "train.yaml": "lr: 1.0e-4\nbogus_key: 3\n",
     "train-bad.yaml": "lr: [1\n",
+    "old-run/checkpoints/step-2/state.json": '{"step": 2}\n',  # an earlier run's checkpoint
 }
 FOLDERS = ["outdir", "empty", "runs-none"]
 
@@ -192,6 +193,7 @@ CASES = [
     ("train-config-unknown-key", "train --method dpo --data {t}/pairs.jsonl --config {t}/train.yaml --out {t}/run", None, 1, ["train.yaml", "bogus_key"]),
     ("train-config-bad-yaml", "train --method dpo --data {t}/pairs.jsonl --config {t}/train-bad.yaml --out {t}/run", None, 1, ["train-bad.yaml", "line"]),
     ("train-nproc-0", "train --method dpo --data {t}/pairs.jsonl --nproc 0 --out {t}/run", None, 1, ["--nproc", ">= 1"]),
+    ("train-over-a-run", "train --method dpo --data {t}/pairs.jsonl --out {t}/old-run", None, 1, ["old-run", "already holds checkpoints", "--resume"]),
     ("train-model-missing", "train --method dpo --model {t}/nope --data {t}/pairs.jsonl --out {t}/run", None, 1, ["{t}/nope", "no such file or folder"]),
     ("train-bnpo-renamed", "train --method bnpo --problems builtin:arith:4 --out {t}/run", None, 1, ["bnpo"]),
     ("train-grpo-bad-source", "train --method grpo --problems builtin:arth:4 --out {t}/run", None, 1, ["builtin:arth:4"]),
@@ -209,6 +211,8 @@ CASES = [
     ("eval-judge-template-dir", "eval --problems builtin:arith:2 --judge http://127.0.0.1:9/v1 --judge-model j --judge-template {t}/empty --out {t}/ev", None, 1, ["{t}/empty", "not a file"]),
     ("eval-judge-template-placeholder", "eval --problems builtin:arith:2 --judge http://127.0.0.1:9/v1 --judge-model j --judge-template {t}/judge-bad.txt --out {t}/ev", None, 1, ["judge-bad.txt", "{{correct_answer}}"]),
     ("eval-judge-template-alone", "eval --problems builtin:arith:2 --judge-template {t}/judge.txt --out {t}/ev", None, 2, ["--judge-template", "--judge"]),
+    ("eval-judge-model-alone", "eval --problems builtin:arith:2 --judge-model j --out {t}/ev", None, 2, ["--judge-model", "only with --judge"]),
+    ("eval-judge-concurrency-alone", "eval --problems builtin:arith:2 --judge-concurrency 4 --out {t}/ev", None, 2, ["--judge-concurrency", "only with --judge"]),
     ("eval-judge-concurrency-0", "eval --problems builtin:arith:2 --judge http://127.0.0.1:9/v1 --judge-model j --judge-concurrency 0 --out {t}/ev", None, 2, ["--judge-concurrency", ">= 1"]),
     ("eval-system-prompt-missing", "eval --problems builtin:arith:2 --system-prompt-file {t}/none.txt --out {t}/ev", None, 1, ["{t}/none.txt", "not found"]),
     ("eval-system-prompt-dir", "eval --problems builtin:arith:2 --system-prompt-file {t}/empty --out {t}/ev", None, 1, ["{t}/empty", "not a file"]),

@@ -19,6 +19,9 @@ from posttrain.evaluation.evaluate import PROTOCOLS, evaluate
 from posttrain.evaluation.summary import format_summary
 
 
+JUDGE_KEY_ENV, JUDGE_CONCURRENCY = "POSTTRAIN_JUDGE_API_KEY", 8  # the judge flags' defaults
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
     parser.add_argument(
@@ -42,13 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--judge-template", default=None, help="file replacing the judge prompt")
     parser.add_argument(
         "--judge-key-env",
-        default="POSTTRAIN_JUDGE_API_KEY",
+        default=JUDGE_KEY_ENV,
         help="environment variable holding the judge's API key",
     )
     parser.add_argument(
         "--judge-concurrency",
         type=int_at_least(1),
-        default=8,
+        default=JUDGE_CONCURRENCY,
         help="judgements in flight at once (threads)",
     )
 
@@ -74,9 +77,15 @@ def main(args) -> int:
     system_prompt = args.system_prompt
     if args.system_prompt_file:
         system_prompt = read_text_file(args.system_prompt_file, "--system-prompt-file")
-    if not args.judge and (args.judge_model or args.judge_template):
-        flag = "--judge-model" if args.judge_model else "--judge-template"
-        raise UsageError(f"{flag} is used only with --judge URL (the judge's server)")
+    judge_only = {
+        "--judge-model": args.judge_model is not None,
+        "--judge-template": args.judge_template is not None,
+        "--judge-key-env": args.judge_key_env != JUDGE_KEY_ENV,
+        "--judge-concurrency": args.judge_concurrency != JUDGE_CONCURRENCY,
+    }
+    given = [flag for flag, is_set in judge_only.items() if is_set]
+    if given and not args.judge:
+        raise UsageError(f"{given[0]} is used only with --judge URL (the judge's server)")
     judge = None
     if args.judge:
         from posttrain.evaluation.judge import Judge
