@@ -293,10 +293,10 @@ CASES = [
     ("recipe-pairs-best", "run {t}/case.yaml --out {t}/run", "pairs: {strategy: best}\n", 1, ["case.yaml", "pairs.strategy", "best"]),
     ("recipe-judge-no-model", "run {t}/case.yaml --out {t}/run", "eval: [{name: hle, judge: {url: 'http://127.0.0.1:9/v1'}}]\n", 1, ["judge", "model"]),
     ("recipe-judge-ftp", "run {t}/case.yaml --out {t}/run", "eval: [{name: hle, judge: {url: 'ftp://x/v1', model: j}}]\n", 1, ["ftp://x/v1", "http"]),
-    ("recipe-judge-template-missing", "run {t}/case.yaml --out {t}/run", "eval: [{name: hle, judge: {url: 'http://127.0.0.1:9/v1', model: j, template: /no/such.txt}}]\n", 1, ["/no/such.txt", "not found"]),
+    ("recipe-judge-template-missing", "run {t}/case.yaml --out {t}/run", "eval: [{name: hle, judge: {url: 'http://127.0.0.1:9/v1', model: j, template: /no/such.txt}}]\n", 1, ["case.yaml", "'hle'", "judge.template", "/no/such.txt", "not found"]),
     ("recipe-eval-names-twice", "run {t}/case.yaml --out {t}/run", "eval: [{name: a}, {name: a}]\n", 1, ["unique"]),
     ("recipe-eval-protocol", "run {t}/case.yaml --out {t}/run", "eval: [{name: a, protocol: mmlu}]\n", 1, ["protocol", "mmlu"]),
-    ("recipe-engine-ftp", "run {t}/case.yaml --out {t}/run", "engine: {kind: openai, base_urls: ['ftp://x/v1']}\n", 1, ["ftp://x/v1", "http"]),
+    ("recipe-engine-ftp", "run {t}/case.yaml --out {t}/run", "engine: {kind: openai, base_urls: ['ftp://x/v1']}\n", 1, ["engine.base_urls", "ftp://x/v1", "http"]),
     ("recipe-lora-r-text", "run {t}/case.yaml --out {t}/run", "train: {method: dpo, config: {lora: {r: eight}}}\n", 1, ["lora.r", "eight"]),
     ("recipe-adapter-in-sample", "run {t}/case.yaml --out {t}/run", "sample: {adapter: x}\n", 1, ["sample", "adapter"]),
     # ---- sweep

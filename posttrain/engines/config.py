@@ -61,7 +61,7 @@ class EngineConfig:
                 "server URL, e.g. http://127.0.0.1:8000/v1"
             )
         for url in self.base_urls:
-            check_url(url)  # a typo fails here, not at the first request
+            check_url(url, "engine.base_urls:")  # a typo fails here, not at the first request
         for name in ("batch_size", "concurrency"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from posttrain.config import ConfigError, from_dict, load_yaml, merge, parse_overrides
+from posttrain.errors import InputError
 from posttrain.names import check_name
 
 
@@ -144,7 +145,10 @@ def check_eval_set(s: EvalSet, label: str) -> None:
         raise ConfigError(f"{label}: judge needs url and model")
     check_url(s.judge.url, f"{label}: judge.url")
     if s.judge.template:
-        load_template(s.judge.template, ANSWER_FIELDS, ("response", "correct_answer"))
+        try:
+            load_template(s.judge.template, ANSWER_FIELDS, ("response", "correct_answer"))
+        except InputError as e:
+            raise ConfigError(f"{label}: judge.template: {e}") from None
     if s.judge.concurrency < 1:
         raise ConfigError(f"{label}: judge.concurrency {s.judge.concurrency}: expected >= 1")
 
