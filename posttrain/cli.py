@@ -33,6 +33,14 @@ COMMANDS: dict[str, str] = {
 }
 
 
+class VerbParser(argparse.ArgumentParser):
+    """argparse's own mistakes (an unknown flag, a value out of `choices` or not a number) are
+    one line too, like every other user error: no usage block above it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (options: {self.prog} --help)\n")
+
+
 def command_module(verb: str) -> str:
     return f"posttrain.commands.{verb}"
 
@@ -63,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"posttrain: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(command_module(verb))
-    parser = argparse.ArgumentParser(prog=f"posttrain {verb}", description=COMMANDS[verb])
+    parser = VerbParser(prog=f"posttrain {verb}", description=COMMANDS[verb])
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
     try:

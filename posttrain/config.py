@@ -23,6 +23,8 @@ def load_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: config file not found")
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a file (a folder?); expected a YAML file")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))  # safe_load: no code from YAML
     except yaml.YAMLError as e:

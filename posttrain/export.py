@@ -41,11 +41,19 @@ def export_merged(
     trust_remote_code: bool = False,
 ) -> Path:
     """Merge `adapter` into `model` (default: the adapter's base) and save to `out`."""
-    from posttrain.models import load_tokenizer, load_with_adapter
+    from posttrain.models import (
+        check_adapter,
+        check_model,
+        check_model_out,
+        load_tokenizer,
+        load_with_adapter,
+    )
     from posttrain.train.lora import peft_targets_as_named
 
-    out = Path(out)
+    out = check_model_out(out)
+    check_adapter(adapter)
     name = model or base_model_of(adapter)
+    check_model(name)  # before the load: a typo costs no minutes
     with peft_targets_as_named():  # MoE adapters load onto the modules they were trained on
         merged = load_with_adapter(
             name, adapter, dtype=dtype, merge=True, trust_remote_code=trust_remote_code

@@ -80,29 +80,58 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.endswith(os.sep) or name.count("/") > 1
 
 
-def resolve_model(name: str) -> str:
-    """Return a path or hub id that `from_pretrained` loads; converts the embedded model once.
-
-    A local path must exist and hold config.json (ModelNotFound otherwise, one line); a name
-    that may be a hub id is returned as is (`from_pretrained` looks it up)."""
+def check_model(name: str) -> None:
+    """Refuse a model that cannot be there (ModelNotFound, one line), converting and loading
+    nothing: what `resolve_model` would refuse, for a verb to say before any work starts. A
+    name that may be a hub id passes (only `from_pretrained` can tell)."""
     if name == EMBEDDED:
-        return str(_ensure_embedded_folder())
+        if not (posttrain_home() / "models" / EMBEDDED / "config.json").exists():
+            embedded_gguf_path()  # not converted yet: the package must be there to convert
+        return
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
         if not path.is_file():
             raise ModelNotFound(f"model {name!r}: GGUF file not found")
-        return str(_ensure_gguf_folder(path))
-    if path.is_dir():
+    elif path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFound(
                 f"model {name!r}: the folder has no config.json (expected a model folder "
                 "written by save_pretrained, `posttrain export` or `posttrain expand`)"
             )
-        return str(path) if name.startswith("~") else name  # the name as given: run digests
-    if path.exists() or _looks_like_path(name):
+    elif path.exists() or _looks_like_path(name):
         what = "not a folder" if path.exists() else "no such file or folder"
         raise ModelNotFound(f"model {name!r}: {what} (expected {_MODEL_KINDS})")
+
+
+def resolve_model(name: str) -> str:
+    """Return a path or hub id that `from_pretrained` loads; converts the embedded model once.
+
+    A local path must exist and hold config.json (ModelNotFound otherwise, one line); a name
+    that may be a hub id is returned as is (`from_pretrained` looks it up)."""
+    check_model(name)
+    if name == EMBEDDED:
+        return str(_ensure_embedded_folder())
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        return str(_ensure_gguf_folder(path))
+    if path.is_dir():
+        return str(path) if name.startswith("~") else name  # the name as given: run digests
     return name
+
+
+def check_model_out(out: str | os.PathLike, flag: str = "--out") -> Path:
+    """A folder a model will be written to, replacing what is there: nothing yet, an empty
+    folder or an earlier model folder (config.json). Anything else is refused before any work,
+    so that a wrong --out (a run folder, a file) is never deleted."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ModelNotFound(f"{flag} {str(out)!r}: an existing file; expected a model folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise ModelNotFound(
+            f"{flag} {str(out)!r}: a folder of other files (no config.json), which writing the "
+            "model would delete; expected a new folder or an earlier model folder"
+        )
+    return out
 
 
 def _ensure_embedded_folder() -> Path:

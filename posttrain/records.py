@@ -17,11 +17,15 @@ from typing import Any, Callable, Hashable, Iterable, Iterator
 from posttrain.errors import InputError
 
 ANSWER_TYPES = ("exact", "choice", "math", "refusal")
+# how a missing value reads once a spreadsheet or pandas exported it (as text or as a NaN float);
+# "none" and "null" can be real answers, NaN cannot
+MISSING_ANSWERS = ("nan",)
 VERDICTS = ("correct", "incorrect", "no_answer", "truncated", "judge_error")
 
 
 class DataError(InputError):  # a user mistake (posttrain/errors.py); a ValueError
-    """Bad input, located: `FILE:LINE: field 'name': message`."""
+    """Bad input, located: `FILE:LINE: field 'name': message` (no location when there is no
+    file, e.g. rows given in memory)."""
 
     def __init__(
         self,
@@ -31,9 +35,10 @@ class DataError(InputError):  # a user mistake (posttrain/errors.py); a ValueErr
         field: str | None = None,
     ):
         self.path, self.line, self.field = (str(path) if path else None), line, field
-        where = f"{self.path}:{line}" if (self.path and line) else (self.path or "<input>")
+        self.message = message
+        where = f"{self.path}:{line}" if (self.path and line) else self.path
         what = f"field '{field}': " if field else ""
-        super().__init__(f"{where}: {what}{message}")
+        super().__init__(f"{where}: {what}{message}" if where else f"{what}{message}")
 
 
 # ---------------------------------------------------------------------------- reading
@@ -44,6 +49,8 @@ def iter_jsonl(path: str | os.PathLike, *, allow_empty: bool = False) -> Iterato
     path = Path(path)
     if not path.exists():
         raise DataError(path, None, "file not found")
+    if path.is_dir():
+        raise DataError(path, None, "a folder; expected a JSONL file")
     seen_any = False
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -59,10 +66,29 @@ def iter_jsonl(path: str | os.PathLike, *, allow_empty: bool = False) -> Iterato
                 raise DataError(path, lineno, f"invalid JSON: {e.msg} (column {e.colno})") from None
             if not isinstance(obj, dict):
                 raise DataError(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
+            if "\\ud" in text or "\\uD" in text:  # a surrogate escape: maybe half a pair
+                _refuse_lone_surrogates(obj, path, lineno)
             seen_any = True
             yield lineno, obj
     if not seen_any and not allow_empty:
         raise DataError(path, None, "empty file: no JSON rows")
+
+
+def _refuse_lone_surrogates(obj: dict, path, line) -> None:
+    """A JSON escape of half a UTF-16 surrogate pair (`"\\ud800"` alone) decodes to a string
+    that cannot be written as UTF-8: refused here, naming file, line and field, rather than
+    replaced (a changed question or answer would be graded against something else)."""
+    for key, value in obj.items():
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(
+                path,
+                line,
+                f"a lone UTF-16 surrogate ({e.object[e.start]!r}): not text; expected "
+                "valid Unicode (a pair \\ud83d\\ude00 is fine, half of one is not)",
+                field=key,
+            ) from None
 
 
 def read_jsonl(path: str | os.PathLike, *, allow_empty: bool = False) -> list[dict]:
@@ -101,9 +127,38 @@ def _type_names(types) -> str:
 # ---------------------------------------------------------------------------- writing
 
 
+def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """A file the command will write: not an existing folder (checked before any work)."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{flag} {str(path)!r}: a folder; expected a file path to write")
+    return path
+
+
+def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """A folder the command will write into: not an existing file (checked before any work)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{flag} {str(path)!r}: an existing file; expected a folder")
+    return path
+
+
+def read_text_file(path: str | os.PathLike, flag: str) -> str:
+    """A text file the user named (a system prompt, a template): one line if it is not one."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{flag} {str(path)!r}: file not found")
+    if not path.is_file():
+        raise InputError(f"{flag} {str(path)!r}: not a file (a folder?)")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{flag} {str(path)!r}: not valid UTF-8 (byte {e.start})") from None
+
+
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
     """Write all rows atomically (temp file + rename). Returns the row count."""
-    path = Path(path)
+    path = check_output_file(path, "output")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     n = 0
@@ -137,7 +192,7 @@ class JsonlAppender:
     """
 
     def __init__(self, path: str | os.PathLike, key: Callable[[dict], Hashable]):
-        self.path = Path(path)
+        self.path = check_output_file(path, "output")
         self.key = key
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.keys: set = set()
@@ -221,6 +276,8 @@ class Problem:
     @classmethod
     def from_dict(cls, row: dict, path=None, line=None) -> "Problem":
         pid = require(row, "id", (str, int), path, line)
+        if not str(pid).strip():
+            raise DataError(path, line, "empty id; expected a non-empty string", field="id")
         question = require(row, "question", str, path, line)
         if not question.strip():
             raise DataError(path, line, "empty question", field="question")
@@ -235,6 +292,7 @@ class Problem:
         answer = row.get("answer")
         if answer_type != "refusal":
             answer = require(row, "answer", (str, int, float), path, line)
+            check_answer(answer, answer_type, path, line)
         choices = require(row, "choices", list, path, line, optional=True)
         if choices is not None and not all(isinstance(c, str) for c in choices):
             raise DataError(path, line, "expected a list of strings", field="choices")
@@ -250,6 +308,20 @@ class Problem:
             category=category,
             source=source,
             meta=meta,
+        )
+
+
+def check_answer(answer, answer_type: str, path=None, line=None, field: str = "answer") -> None:
+    """A reference answer a grader can compare with: not empty, not a missing value exported
+    as text or as a NaN float (DataError naming file, line and field)."""
+    text = str(answer).strip()
+    if not text or text.lower() in MISSING_ANSWERS:
+        raise DataError(
+            path,
+            line,
+            f"{answer!r} is no reference answer (a missing value?); expected the answer the "
+            f"{answer_type} grader compares with",
+            field=field,
         )
 
 

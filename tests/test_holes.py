@@ -525,16 +525,17 @@ def test_compare_n_boot_below_one_is_one_line(n_boot, tmp_path):
 def test_a_server_rejecting_a_setting_is_one_line(tmp_path, monkeypatch, capsys):
     from posttrain import cli
 
-    rejected = (400, {"error": {"message": "top_p must be in (0, 1], got 7.0"}})
+    # (a setting the CLI accepts and this server does not: --top-p 7 is refused before now)
+    rejected = (400, {"error": {"message": "max_tokens must be <= 16, got 256"}})
     with FakeOpenAIServer([rejected]) as server:
         monkeypatch.setattr(
             "posttrain.commands.sample.make_engine",
             lambda *a, **k: openai_engine([server.base_url], "fake", max_retries=0),
         )
-        argv = ["sample", "--problems", "builtin:arith:1", "--top-p", "7", "--out"]
+        argv = ["sample", "--problems", "builtin:arith:1", "--out"]
         code = cli.main([*argv, str(tmp_path / "s.jsonl")])
     err = capsys.readouterr().err
-    assert code == 1 and "top_p must be in (0, 1], got 7.0" in err
+    assert code == 1 and "max_tokens must be <= 16, got 256" in err
     # (the progress bar's carriage-return line comes first on stderr)
     assert "posttrain sample: error: http" in err and "Traceback" not in err
     assert err.count("\n") == 1

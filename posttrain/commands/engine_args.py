@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+from posttrain.commands.arg_types import int_at_least
 from posttrain.config import ConfigError, from_dict, load_yaml, merge, parse_overrides
 from posttrain.engines import ENGINES, EngineConfig
 from posttrain.models import EMBEDDED
@@ -58,7 +59,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--batch-size",
-        type=int,
+        type=int_at_least(1),
         default=None,
         help="sequences per generate call (default: hf 8, vllm 256)",
     )

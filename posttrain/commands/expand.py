@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from posttrain.commands.arg_types import int_at_least
 from posttrain.config import ConfigError
 from posttrain.expand.depth import METHODS, PLACEMENTS, expand, read_metadata
 
@@ -23,7 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--method", required=True, choices=(*METHODS, "upcycle"))
     parser.add_argument(
-        "--new-layers", type=int, default=None, help="llama-pro, opt-deus: how many layers to add"
+        "--new-layers",
+        type=int_at_least(1),
+        default=None,
+        help="llama-pro, opt-deus: how many layers to add",
     )
     parser.add_argument("--experts", type=int, default=4, help="upcycle: experts per layer")
     parser.add_argument("--top-k", type=int, default=2, help="upcycle: experts per token")
@@ -64,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
+    from posttrain.models import check_model
+
+    check_model(args.model)
     if args.method == "upcycle":
         return upcycle_main(args)
     upcycle_only = {"--experts": 4, "--top-k": 2, "--router-init": "normal"}

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 
+from posttrain.commands.arg_types import int_at_least
 from posttrain.pairs import STRATEGIES, PairsConfig, make_pairs
+from posttrain.records import check_output_file
 
 
 def format_stats(stats: dict) -> str:
@@ -35,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scored", required=True, help="scored JSONL from `posttrain verify`")
     parser.add_argument("--out", required=True, help="pairs JSONL (stats: OUT.stats.json)")
     parser.add_argument("--strategy", choices=STRATEGIES, default="random")
-    parser.add_argument("--max-pairs-per-problem", type=_positive_int, default=1)
+    parser.add_argument("--max-pairs-per-problem", type=int_at_least(1), default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--allow-truncated-rejected",
@@ -49,14 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main(args) -> int:
+    check_output_file(args.out)
     stats = make_pairs(
         PairsConfig(
             scored=args.scored,

@@ -12,13 +12,16 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from posttrain.records import write_jsonl
+from posttrain.commands.arg_types import int_at_least
+from posttrain.records import check_output_file, write_jsonl
 from posttrain.tasks import decontaminate, load_problems, load_with_report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="problem source, e.g. builtin:arith:300?split=test")
-    parser.add_argument("--limit", type=int, default=None, help="keep only the first N problems")
+    parser.add_argument(
+        "--limit", type=int_at_least(1), default=None, help="keep only the first N problems"
+    )
     parser.add_argument(
         "--exclude",
         action="append",
@@ -40,6 +43,7 @@ def summary_lines(problems, report, dropped: int) -> list[str]:
 
 
 def main(args) -> int:
+    check_output_file(args.out)
     # With --exclude the limit comes after decontamination, so --limit counts clean problems.
     problems, report = load_with_report(args.source, limit=None if args.exclude else args.limit)
     dropped = 0

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from posttrain.pipeline.recipe import load_recipe
 from posttrain.pipeline.run import REGRESSION_EXIT, run_recipe
+from posttrain.records import check_output_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args) -> int:
     recipe = load_recipe(args.recipe, args.set)
     out = args.out or str(Path("runs") / Path(args.recipe).stem)
+    check_output_folder(out)
     report = run_recipe(recipe, out)
     if args.fail_on_regression and report["regression"]:
         return REGRESSION_EXIT

@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import argparse
 
+from posttrain.commands.arg_types import int_at_least
 from posttrain.commands.engine_args import add_engine_arguments, engine_config
 from posttrain.engines import SamplingParams, make_engine
+from posttrain.records import check_output_file
 from posttrain.sampling import sample_problems
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
     parser.add_argument("--problems", required=True, help="problem source, e.g. builtin:arith:8")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N problems")
+    parser.add_argument(
+        "--limit", type=int_at_least(1), default=None, help="use only the first N problems"
+    )
     parser.add_argument("--n", type=int, default=4, help="samples per problem")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -31,18 +35,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
+    from posttrain.models import check_model
     from posttrain.tasks import load_problems
 
-    problems = load_problems(args.problems, limit=args.limit)
-    engine = make_engine(
-        engine_config(args), args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code
-    )
+    # everything a typo can break, checked before the model loads
     params = SamplingParams(
         n=args.n,
         temperature=args.temperature,
         top_p=args.top_p,
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
+    ).check()
+    check_output_file(args.out)
+    config = engine_config(args)
+    if config.kind != "openai":  # a server names its own models
+        check_model(args.model)
+    problems = load_problems(args.problems, limit=args.limit)
+    engine = make_engine(
+        config, args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code
     )
     try:
         stats = sample_problems(

@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from posttrain.commands.arg_types import positive_float
 from posttrain.pipeline.sweep import parse_shard, run_sweep
+from posttrain.records import check_output_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,13 +23,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard", default="0/1", help="I/N: this worker does runs I, I+N, ...")
     parser.add_argument(
         "--stale-after",
-        type=float,
+        type=positive_float,
         default=120.0,
         help="seconds without a heartbeat after which a lock is taken over",
     )
     parser.add_argument(
         "--poll",
-        type=float,
+        type=positive_float,
         default=5.0,
         help="seconds between looks at runs and stages other workers hold",
     )
@@ -36,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args) -> int:
     out = args.out or str(Path("runs") / Path(args.grid).stem)
+    check_output_folder(out)
     run_sweep(
         args.grid,
         out,

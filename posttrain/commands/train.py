@@ -24,7 +24,8 @@ import os
 import sys
 from pathlib import Path
 
-from posttrain.config import ConfigError
+from posttrain.config import ConfigError, load_yaml, parse_overrides
+from posttrain.errors import UsageError
 from posttrain.train.config import OFFLINE_METHODS, all_methods
 
 
@@ -86,17 +87,26 @@ def resolve(args):
                 "--set chord.demos=FILE)"
             )
         flags = {"problems": args.problems}
+        named = "problems" in parse_overrides(args.set)
+        if not (args.problems or named or (args.config and "problems" in load_yaml(args.config))):
+            # the default source would train on arithmetic without saying so
+            raise UsageError(
+                f"--problems: required by the online method {args.method!r} (the prompts it "
+                "samples and is rewarded on), e.g. --problems 'builtin:arith:512?split=train'"
+            )
     return resolve_train_config(
         args.method, path=args.config, overrides=args.set, model=args.model, **flags
     )
 
 
 def main(args) -> int:
-    from posttrain.train.launch import launch_command, train_resolved, write_launch
+    from posttrain.records import check_output_folder
+    from posttrain.train.launch import check_inputs, launch_command, train_resolved, write_launch
     from posttrain.train.metrics import NonFiniteError
 
     if args.nproc is not None and args.nproc < 1:
         raise ConfigError(f"--nproc: {args.nproc}; expected >= 1")
+    check_output_folder(args.out)
     cfg = resolve(args)
     if args.nproc is not None:
         if "LOCAL_RANK" in os.environ:  # already one of torchrun's processes
@@ -107,6 +117,7 @@ def main(args) -> int:
                     "drop --nproc when launching with torchrun"
                 )
         else:
+            check_inputs(cfg)  # before torchrun starts: one line here, not one per process
             path = write_launch(cfg, args.out)
             command = launch_command(
                 path, args.nproc, resume=args.resume, progress=not args.no_progress

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from posttrain.commands.arg_types import int_at_least, positive_float
+from posttrain.records import check_output_file
 from posttrain.verify.files import verify_file
 from posttrain.verify.math import DEFAULT_TIMEOUT_S
 
@@ -32,16 +34,17 @@ def format_counts(counts: dict[str, int]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", required=True, help="samples JSONL from `posttrain sample`")
     parser.add_argument("--out", required=True, help="scored JSONL (resumed if it exists)")
-    parser.add_argument("--workers", type=int, default=1, help="rows graded at once")
+    parser.add_argument("--workers", type=int_at_least(1), default=1, help="rows graded at once")
     parser.add_argument(
         "--math-timeout",
-        type=float,
+        type=positive_float,
         default=DEFAULT_TIMEOUT_S,
         help="seconds per math answer before it counts as incorrect (timeout)",
     )
 
 
 def main(args) -> int:
+    check_output_file(args.out)
     counts = verify_file(
         args.samples, args.out, workers=args.workers, math_timeout_s=args.math_timeout
     )

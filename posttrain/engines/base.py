@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from posttrain.errors import UserError
+from posttrain.errors import UsageError, UserError
 
 Messages = list[dict]  # [{"role": "user", "content": "..."}, ...]
 
@@ -44,6 +44,20 @@ class SamplingParams:
     top_p: float = 1.0
     max_new_tokens: int = 512
     seed: int = 0
+
+    def check(self, name=lambda field: "--" + field.replace("_", "-"), error=UsageError):
+        """Refuse settings no engine can use (an empty file or a silent clamp later): `error`
+        naming `name(field)` (a flag by default; a recipe passes its keys) and the range.
+        Written so that NaN fails every comparison."""
+        for field_, ok, expected in (
+            ("n", self.n >= 1, ">= 1"),
+            ("temperature", self.temperature >= 0, ">= 0 (0: greedy)"),
+            ("top_p", 0 < self.top_p <= 1, "a value in (0, 1]"),
+            ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
+        ):
+            if not ok:
+                raise error(f"{name(field_)}: {getattr(self, field_)!r}; expected {expected}")
+        return self
 
 
 @dataclass

@@ -36,6 +36,7 @@ import httpx2
 import openai
 
 from posttrain.engines.base import EngineUnavailable, ServerRejected
+from posttrain.engines.config import check_url
 
 __all__ = ["BadReply", "ServerClient", "ServerRejected", "api_base", "chat_completions_url"]
 
@@ -50,9 +51,7 @@ class BadReply(EngineUnavailable):
 def api_base(base_url: str) -> str:
     """http://host:port[/] -> http://host:port/v1; a base ending in /v1 (or
     /v1/chat/completions) keeps its /v1. The scheme must be http or https."""
-    base = base_url.strip().rstrip("/")
-    if not base.startswith(("http://", "https://")):
-        raise ValueError(f"server URL must start with http:// or https://: {base_url!r}")
+    base = check_url(base_url).strip().rstrip("/")
     if base.endswith("/chat/completions"):
         base = base[: -len("/chat/completions")]
     return base if base.endswith("/v1") else base + "/v1"

@@ -60,8 +60,19 @@ class EngineConfig:
                 "engine.base_urls: empty; the openai engine needs at least one "
                 "server URL, e.g. http://127.0.0.1:8000/v1"
             )
-        if (self.batch_size is not None and self.batch_size < 1) or self.concurrency < 1:
-            raise ConfigError("engine.batch_size and engine.concurrency: expected >= 1")
+        for url in self.base_urls:
+            check_url(url, "engine.base_urls:")  # a typo fails here, not at the first request
+        for name in ("batch_size", "concurrency"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"engine.{name}: {value!r}; expected >= 1")
+
+
+def check_url(url: str, what: str = "server URL") -> str:
+    """An OpenAI-compatible server's base URL must be http(s) (ConfigError: a setting)."""
+    if not isinstance(url, str) or not url.strip().startswith(("http://", "https://")):
+        raise ConfigError(f"{what} {url!r}: expected an http:// or https:// URL")
+    return url
 
 
 BATCH_SIZE = {"hf": 8, "vllm": 256, "openai": 64}

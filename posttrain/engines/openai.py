@@ -185,9 +185,8 @@ class OpenAIEngine:
                     if e.status in (404, 405)
                     else ""
                 )
-                raise ValueError(
-                    f"{client.base}: cannot load adapter {path} as {name!r}: "
-                    f"HTTP {e.status}: {e.message}{hint}"
+                raise ServerRejected(
+                    e.url, e.status, f"cannot load adapter {path} as {name!r}: {e.message}{hint}"
                 ) from None
         self._adapters.add(name)
         self.request_model = name

@@ -93,7 +93,7 @@ def compare_items(
             None,
             None,
             f"the runs cover different items: {len(only_a)} only in A, "
-            f"{len(only_b)} only in B (e.g. {(only_a or only_b)[:3]}); "
+            f"{len(only_b)} only in B (e.g. {only_a[:3]} and {only_b[:3]}); "
             "pass --intersect to compare the shared items",
         )
     ids = sorted(set(sa) & set(sb))

@@ -78,7 +78,7 @@ class Judge:
         structured: bool = True,
         trip_after: int = 5,
     ):
-        self.url = chat_completions_url(base_url)  # ValueError unless http(s)://
+        self.url = chat_completions_url(base_url)  # ServerUnreachable unless http(s)://
         self.client = ServerClient(
             base_url, api_key_env=api_key_env, timeout=timeout, max_retries=retries
         )

@@ -13,7 +13,9 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
+
+from posttrain.errors import InputError
+from posttrain.records import read_text_file
 
 # ---------------------------------------------------------------------------- prompts (ours)
 
@@ -137,10 +139,10 @@ def load_template(
 ) -> str:
     """Read a prompt template with {name} placeholders from `fields`; `required` ones must be
     there. Any other text, braces included, is sent as written."""
-    text = Path(path).read_text(encoding="utf-8")
+    text = read_text_file(path, "judge template")
     missing = [f for f in required if "{" + f + "}" not in text]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"{path}: judge template lacks {', '.join('{' + f + '}' for f in missing)}"
             f" (placeholders: {', '.join('{' + f + '}' for f in fields)})"
         )

@@ -205,8 +205,11 @@ def expand(
     trust_remote_code: bool = False,
 ) -> Path:
     """Load `model_name` in fp32, expand it, save weights + tokenizer + metadata to `out`."""
-    from posttrain.models import load_model, load_tokenizer, parse_dtype
+    from posttrain.models import check_model_out, load_model, load_tokenizer, parse_dtype
 
+    check_model_out(out)
+    if n_new < 1:  # before the load: a typo costs no minutes
+        raise ConfigError(f"new layers: {n_new}; expected 1 or more")
     model = load_model(model_name, dtype="fp32", trust_remote_code=trust_remote_code)
     meta = expand_model(model, method, n_new, placement)
     meta["base_model"] = model_name

@@ -128,15 +128,19 @@ def check_source(config) -> None:
         raise ConfigError(f"upcycle: config.hidden_act = {config.hidden_act!r}; expected 'silu'")
 
 
+def check_routing(experts: int, top_k: int) -> None:
+    if experts < 2:
+        raise ConfigError(f"experts: {experts}; expected 2 or more")
+    if not 1 <= top_k <= experts:
+        raise ConfigError(f"top_k: {top_k}; expected 1 ... {experts} (the number of experts)")
+
+
 def mixtral_config(dense, experts: int, top_k: int, dtype: torch.dtype):
     """A MixtralConfig with the dense model's shapes, `experts` experts and top-`top_k` routing."""
     from transformers import MixtralConfig
 
     check_source(dense)
-    if experts < 2:
-        raise ConfigError(f"experts: {experts}; expected 2 or more")
-    if not 1 <= top_k <= experts:
-        raise ConfigError(f"top_k: {top_k}; expected 1 ... {experts} (the number of experts)")
+    check_routing(experts, top_k)
     fields = {f: getattr(dense, f) for f in SHARED_FIELDS if getattr(dense, f, None) is not None}
     config = MixtralConfig(
         **fields,
@@ -275,13 +279,21 @@ def upcycle(
 ) -> Path:
     """Upcycle the dense model `model` (folder, hub id, .gguf or `smollm2-135m`) into a Mixtral
     folder `out` (written to a temporary folder, then renamed into place); returns `out`."""
-    from posttrain.models import load_model, load_tokenizer, parse_dtype, resolve_model
+    from posttrain.models import (
+        check_model_out,
+        load_model,
+        load_tokenizer,
+        parse_dtype,
+        resolve_model,
+    )
 
+    check_model_out(out)
     breaker = SymmetryBreaker.parse(noise)
     if router_init not in ROUTER_INITS:
         raise ConfigError(f"router_init: {router_init!r}; expected {' | '.join(ROUTER_INITS)}")
     if router_init == "zeros" and router_std is not None:
         raise ConfigError("router_std: set, but router_init 'zeros' draws nothing")
+    check_routing(experts, top_k)  # before the load: a typo costs no minutes
     dense = load_model(model, dtype="fp32", trust_remote_code=trust_remote_code)
     std = dense.config.initializer_range if router_std is None else router_std
     if router_init == "normal" and not std > 0:

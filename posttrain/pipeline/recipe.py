@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from posttrain.config import ConfigError, from_dict, load_yaml, merge, parse_overrides
+from posttrain.errors import InputError
 from posttrain.names import check_name
 
 
@@ -115,8 +116,7 @@ def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: eval: set names must be unique: {names}")
     for s in built:
-        if s.judge is not None and not (s.judge.url and s.judge.model):
-            raise ConfigError(f"{where}: eval set {s.name!r}: judge needs url and model")
+        check_eval_set(s, f"{where}: eval set {s.name!r}")
         if s.n > 1 and s.temperature <= 0:
             raise ConfigError(f"{where}: eval set {s.name!r}: n > 1 needs temperature > 0")
     recipe = from_dict(Recipe, {**data, "eval": [{}]}, where)
@@ -130,17 +130,39 @@ def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
     return resolve(recipe, where)
 
 
+def check_eval_set(s: EvalSet, label: str) -> None:
+    """An eval set's protocol and judge (URL scheme, template file and placeholders), checked
+    at load: the first judgement is after the whole generation, far too late for a typo."""
+    from posttrain.engines.config import check_url
+    from posttrain.evaluation.evaluate import PROTOCOLS
+    from posttrain.evaluation.judge_prompts import ANSWER_FIELDS, load_template
+
+    if s.protocol not in PROTOCOLS:
+        raise ConfigError(f"{label}: protocol: {s.protocol!r}; expected {' | '.join(PROTOCOLS)}")
+    if s.judge is None:
+        return
+    if not (s.judge.url and s.judge.model):
+        raise ConfigError(f"{label}: judge needs url and model")
+    check_url(s.judge.url, f"{label}: judge.url")
+    if s.judge.template:
+        try:
+            load_template(s.judge.template, ANSWER_FIELDS, ("response", "correct_answer"))
+        except InputError as e:
+            raise ConfigError(f"{label}: judge.template: {e}") from None
+    if s.judge.concurrency < 1:
+        raise ConfigError(f"{label}: judge.concurrency {s.judge.concurrency}: expected >= 1")
+
+
 def check_generation(label: str, stage: SampleStage | EvalSet) -> None:
-    """Sampling settings a stage could not use: an error now, not an empty file later."""
-    checks = [("n", stage.n >= 1, ">= 1"), ("max_new_tokens", stage.max_new_tokens >= 1, ">= 1")]
-    checks.append(("temperature", stage.temperature >= 0, ">= 0"))
-    if isinstance(stage, SampleStage):
-        checks.append(("top_p", 0 < stage.top_p <= 1, "a value in (0, 1]"))
-    if stage.batch_size is not None:
-        checks.append(("batch_size", stage.batch_size >= 1, ">= 1"))
-    for name, ok, expected in checks:
-        if not ok:
-            raise ConfigError(f"{label}.{name}: {getattr(stage, name)!r}; expected {expected}")
+    """Sampling settings a stage could not use: an error now, not an empty file later (the
+    ranges are SamplingParams.check's, which the verbs' flags use too)."""
+    from posttrain.engines import SamplingParams
+
+    top_p = getattr(stage, "top_p", 1.0)
+    params = SamplingParams(stage.n, stage.temperature, top_p, stage.max_new_tokens)
+    params.check(name=lambda field: f"{label}.{field}", error=ConfigError)
+    if stage.batch_size is not None and stage.batch_size < 1:
+        raise ConfigError(f"{label}.batch_size: {stage.batch_size!r}; expected >= 1")
 
 
 def resolve(recipe: Recipe, where: str = "recipe") -> Recipe:
@@ -276,9 +298,23 @@ def load_recipe(
     """Recipe from a YAML file (or the mapping `data`) plus `--set` overrides; problem sources
     are loaded once (first row) so that a typo fails before any stage runs."""
     base = load_yaml(path) if path else dict(data or {})
+    if path and not base:  # every default, the whole loop: more likely a mistake than meant
+        raise ConfigError(
+            f"{path}: empty recipe; expected a mapping of settings, as in recipes/default.yaml"
+        )
     recipe = recipe_from_dict(merge_overrides(base, parse_overrides(overrides)), path or "recipe")
     check_sources([recipe])
+    check_models([recipe])
     return recipe
+
+
+def check_models(recipes: list[Recipe]) -> None:
+    """Each recipe's model path (models.check_model; the train stage always loads it here): a
+    typo fails before any stage runs, not when sampling loads it."""
+    from posttrain.models import check_model
+
+    for model in dict.fromkeys(r.model for r in recipes):
+        check_model(model)
 
 
 def check_sources(recipes: list[Recipe]) -> None:

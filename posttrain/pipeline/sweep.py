@@ -41,7 +41,13 @@ from posttrain.config import ConfigError, load_yaml, save_config
 from posttrain.engines.base import EngineUnavailable
 from posttrain.locks import FileLock
 from posttrain.names import check_name
-from posttrain.pipeline.recipe import Recipe, check_sources, merge_overrides, recipe_from_dict
+from posttrain.pipeline.recipe import (
+    Recipe,
+    check_models,
+    check_sources,
+    merge_overrides,
+    recipe_from_dict,
+)
 from posttrain.records import DataError, write_json
 from posttrain.pipeline.store import StageBusy
 
@@ -85,8 +91,13 @@ def load_grid(path: str | Path) -> tuple[list[str], list[SweepRun]]:
         raise ConfigError(f"{path}: recipe: expected a recipe file name or a mapping")
     base = merge_overrides(base, nested(grid.get("set") or {}))
     axes = grid.get("axes") or {}
-    if not isinstance(axes, dict) or not all(isinstance(v, list) and v for v in axes.values()):
+    if not isinstance(axes, dict):
         raise ConfigError(f"{path}: axes: expected a mapping of key -> non-empty list of values")
+    for key, values in axes.items():
+        if not (isinstance(values, list) and values):
+            raise ConfigError(
+                f"{path}: axes.{key}: {values!r}; expected a non-empty list of values"
+            )
     specs = []
     for i, values in enumerate(itertools.product(*axes.values()) if axes else []):
         specs.append((f"g{i + 1:02d}", dict(zip(axes, values))))
@@ -110,6 +121,7 @@ def load_grid(path: str | Path) -> tuple[list[str], list[SweepRun]]:
         values = {k: settings[k] if k in settings else lookup(recipe, k) for k in keys}
         runs.append(SweepRun(rid, settings, recipe, values))
     check_sources([r.recipe for r in runs])
+    check_models([r.recipe for r in runs])
     return keys, runs
 
 

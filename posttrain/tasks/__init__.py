@@ -79,6 +79,9 @@ def _load(text: str, limit: int | None, depth: int) -> tuple[list[Problem], Load
     spec = parse_spec(text)
     report = LoadReport(spec.text)
     problems = _dispatch(spec, limit, report, depth)
+    if not problems and limit != 0:  # every later stage would make an empty file of it
+        skipped = "; ".join(f"{n} skipped: {why}" for why, n in report.skipped.items() if n)
+        raise SpecError(text, f"no problems{f' ({skipped})' if skipped else ''}")
     if limit is not None:
         problems = problems[:limit]
     if spec.kind == "mix":  # counted after `limit`, so they are the counts actually returned

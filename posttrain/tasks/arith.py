@@ -148,6 +148,8 @@ def load(spec: Spec, limit: int | None) -> list[Problem]:
         n = int(count) if count else 100
     except ValueError:
         raise SpecError(spec.text, f"N={count!r}: expected an integer") from None
+    if n < 1:
+        raise SpecError(spec.text, f"N={n}: expected an integer >= 1 (how many questions)")
     if limit is not None:
         n = min(n, limit)
     ops = tuple(spec.options.get("ops", "+".join(OPS)).split("+"))

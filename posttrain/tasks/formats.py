@@ -13,7 +13,7 @@ import csv
 import re
 from pathlib import Path
 
-from posttrain.records import ANSWER_TYPES, DataError, Problem, iter_jsonl, require
+from posttrain.records import ANSWER_TYPES, DataError, Problem, check_answer, iter_jsonl, require
 from posttrain.tasks.spec import Spec
 
 HLE_TYPES = {"exactMatch": "exact", "multipleChoice": "choice"}
@@ -250,10 +250,14 @@ def problem_from_row(
     answer = require(
         row, mapping["answer"], (str, int, float), where, line, optional=kind == "refusal"
     )
+    if kind != "refusal":
+        check_answer(answer, kind, where, line, field=mapping["answer"])
     choices = require(row, mapping["choices"], list, where, line, optional=True)
     if choices is not None and not all(isinstance(c, str) for c in choices):
         raise DataError(where, line, "expected a list of strings", field=mapping["choices"])
     pid = require(row, mapping["id"], (str, int), where, line, optional=True)
+    if pid is not None and not str(pid).strip():
+        raise DataError(where, line, "empty id; expected a non-empty string", field=mapping["id"])
     return Problem(
         id=default_id if pid is None else str(pid),
         question=question,

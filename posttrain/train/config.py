@@ -320,7 +320,7 @@ def resolve_train_config(
         preset = METHODS[method]
     base = merge({**preset, "method": method}, settings or {})
     data = merge(merge(base, load_yaml(path) if path else {}), parse_overrides(overrides))
-    cfg = from_dict(cls, data, where)
+    cfg = from_dict(cls, data, f"{where} (from {path} and --set)" if path else where)
     if cfg.method != method:
         raise ConfigError(f"method: the config says {cfg.method!r} but --method is {method!r}")
     for name, value in flags.items():

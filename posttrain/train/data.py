@@ -208,6 +208,27 @@ def read_rows(
             )
 
 
+def check_rows(path: str | os.PathLike, preference: bool) -> int:
+    """Read every row's fields without a tokenizer, so a bad file fails before any model loads:
+    the row count. Pairs whose chosen and rejected texts are all equal are refused here too
+    (load_examples compares them again as tokens, after the template)."""
+    report = DataReport(path=str(path))
+    rows = equal = 0
+    for _, _, replies in read_rows(path, preference, report):
+        rows += 1
+        equal += len(replies) == 2 and replies[0] == replies[1]
+    if rows and equal == rows:
+        raise DataError(
+            path,
+            None,
+            f"all {rows} pairs have the same text for chosen and rejected: they teach nothing "
+            "(DPO loss log 2, gradient 0)",
+        )
+    if not rows:
+        raise DataError(path, None, f"no usable row ({report.not_correct} scored, none correct)")
+    return rows
+
+
 def fit_length(
     prompt: list[int], completions: list[list[int]], max_length: int, policy: str
 ) -> tuple[list[int], list[list[int]], str] | None:

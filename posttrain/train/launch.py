@@ -70,11 +70,31 @@ def load_launch(path: str | Path):
     return cfg
 
 
+def check_inputs(cfg) -> None:
+    """What the run reads, checked before anything is written or loaded: the model's path, the
+    data file's rows (offline; CHORD's demonstrations) or the problem source (online, its first
+    row). A typo costs a second, not a model load."""
+    from posttrain.models import check_model
+    from posttrain.train.config import TrainConfig
+    from posttrain.train.data import check_rows
+
+    check_model(cfg.model)
+    if isinstance(cfg, TrainConfig):
+        check_rows(cfg.data, cfg.preference)
+        return
+    from posttrain.tasks import load_problems
+
+    load_problems(cfg.problems, limit=1)
+    if cfg.method == "chord" and cfg.chord.demos:
+        check_rows(cfg.chord.demos, preference=False)
+
+
 def train_resolved(cfg, out: str | Path, *, resume: bool, progress: bool):
-    """Train `cfg` into `out` in this process: the offline loop for a TrainConfig (returns
-    None), the online one for an OnlineConfig (returns its summary)."""
+    """Train `cfg` into `out` in this process (its inputs checked first): the offline loop for a
+    TrainConfig (returns None), the online one for an OnlineConfig (returns its summary)."""
     from posttrain.train.config import TrainConfig
 
+    check_inputs(cfg)
     if isinstance(cfg, TrainConfig):
         from posttrain.train.offline.loop import train
 

@@ -54,10 +54,8 @@ def check_sample_row(row: dict, path=None, line=None) -> Problem:
     try:
         parsed = Problem.from_dict(problem, path, line)
     except DataError as e:  # say that the field is inside `problem`
-        where = f"{e.path}:{e.line}" if (e.path and e.line) else (e.path or "<input>")
-        message = str(e)[len(where) + 2 :].removeprefix(f"field '{e.field}': ")
         field = f"problem.{e.field}" if e.field else "problem"
-        raise DataError(path, line, message, field=field) from None
+        raise DataError(path, line, e.message, field=field) from None
     require(row, "sample_index", int, path, line)
     require(row, "response", str, path, line)
     finish = require(row, "finish_reason", str, path, line)
