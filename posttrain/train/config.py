@@ -71,7 +71,7 @@ NOT_NEGATIVE = ("max_steps", "stop_after_steps", "checkpoint_every", "num_thread
 
 @dataclass
 class MoeConfig:
-    """Routing statistics of mixture-of-experts models (posttrain/train/moe.py); ignored on a
+    """Routing statistics of mixture-of-experts models (posttrain/train/moe/); ignored on a
     dense model. Shared with the online trainer."""
 
     stats_every: int = 10  # optimizer steps between `moe/...` metrics (and the last); 0: off
