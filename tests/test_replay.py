@@ -149,3 +149,145 @@ def test_record_storage_per_token():
     """Qwen3-235B-A22B: 94 MoE layers, k 8, 128 experts -> 94 * 8 one-byte indices."""
     assert replay.record_bytes_per_token(94, 8, 128) == 752
     assert replay.record_bytes_per_token(2, 2, 300) == 8  # > 256 experts: two bytes each
+
+
+def test_agreement_counts_sets_on_kept_cells():
+    """3 rows x 2 layers, k 2; row 2 is not kept. Row 0: same sets (in another order) in both
+    layers; row 1: layer 0 same, layer 1 {0, 3} vs {0, 1}. Kept cells 4, same 3."""
+    a = torch.tensor([[[0, 1], [2, 3]], [[1, 2], [0, 3]], [[0, 1], [0, 1]]])
+    b = torch.tensor([[[1, 0], [3, 2]], [[1, 2], [0, 1]], [[2, 3], [2, 3]]])
+    plan = Plan(torch.tensor([True, True, False]))
+    assert replay.agreement([a], [b], [plan]) == (3, 4)
+
+
+# ------------------------------------------------------------------ engine and trainer
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_dir(tmp_path_factory):
+    """The tiny Mixtral with the embedded model's tokenizer and chat template."""
+    from transformers import AutoTokenizer
+
+    from posttrain.models import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+    model = tiny_mixtral(vocab_size=len(tok))
+    model.config.update(
+        {
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+            "bos_token_id": tok.bos_token_id,
+        }
+    )
+    out = tmp_path_factory.mktemp("tiny-mixtral")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def sampled_rollouts(model, tok, n=3, max_new_tokens=6):
+    """Two prompts of different lengths x n completions from the hf engine with routing
+    recorded; a batch holds both prompts (left padding) and rows end at different steps (a
+    seventh of the vocabulary ends a row)."""
+    from posttrain.engines import SamplingParams
+    from posttrain.engines.hf import HFEngine
+    from posttrain.records import Problem
+    from posttrain.train.online.rollouts import Rollout
+
+    engine = HFEngine.on_model(model, tok, batch_size=4)
+    engine.record_routing = True
+    engine.eos_ids = set(range(0, len(tok), 7))
+    chats = [
+        [{"role": "user", "content": "What is 2 + 3?"}],
+        [{"role": "user", "content": "Name a prime above 10 and say why it is one."}],
+    ]
+    outs = engine.generate(
+        chats, SamplingParams(n=n, temperature=1.0, max_new_tokens=max_new_tokens, seed=1)
+    )
+    rollouts = []
+    for i, (chat, group) in enumerate(zip(chats, outs)):
+        ids = tok(engine.render_prompt(chat), add_special_tokens=False)["input_ids"]
+        problem = Problem(id=str(i), question=chat[0]["content"], answer="5", answer_type="exact")
+        for c in group:
+            rollouts.append(Rollout(problem, ids, c, "incorrect", 0.0, False, 0.0, 0.0, False))
+    return rollouts
+
+
+@pytest.mark.parametrize("layout", ["longest", "shared", "none"])
+def test_hf_engine_records_what_the_trainer_forward_routes(tiny_moe_dir, layout):
+    """fp32: the experts the hf engine chose while sampling (prefill + one token per decode
+    step, rows leaving the batch as they end) are the experts a trainer forward of the same
+    tokens chooses, in each batch layout: agreement 100 % of (token, layer) cells."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from posttrain.train.moe import router_modules
+    from posttrain.train.online.rollouts import rollout_batches
+    from posttrain.train.online.update import sampled_logps
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_moe_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_moe_dir)
+    rollouts = sampled_rollouts(model, tok)
+    lengths = {len(r.completion.token_ids) for r in rollouts}
+    assert len(lengths) > 1  # rows ended at different steps
+    L = len(router_modules(model))
+    batches = rollout_batches(
+        rollouts, 3, tok.pad_token_id, False, layout=layout, group_size=3, routing=(L, 2)
+    )
+    same = total = 0
+    for batch, _ in batches:
+        plans = batch["routes"]
+        with torch.no_grad(), RouterControl(model, plans) as ctl:
+            sampled_logps(model, batch, 1.0)
+        s, t = replay.agreement([p.record for p in plans], ctl.natural, plans)
+        same, total = same + s, total + t
+    # every token but a sequence's last, once: shared runs a group's prompt once (P - 1 + sum n)
+    runs = [len(r.prompt_ids) + len(r.completion.token_ids) - 1 for r in rollouts]
+    if layout == "shared":
+        runs = [len(r.completion.token_ids) for r in rollouts] + [
+            len(rollouts[0].prompt_ids) - 1,
+            len(rollouts[3].prompt_ids) - 1,
+        ]
+    expected = sum(runs) * L
+    assert total == expected and same == total
+
+
+def test_rollout_replay_without_records_is_an_error(tiny_moe_dir):
+    """moe.replay rollout on completions that came without routing (an engine that does not
+    record it) stops the step, naming the option; replay old needs no record."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from posttrain.train.online.rollouts import rollout_batches
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_moe_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_moe_dir)
+    rollouts = sampled_rollouts(model, tok, n=2, max_new_tokens=2)
+    for r in rollouts:
+        r.completion.routed_experts = None
+    batches = rollout_batches(rollouts, 2, tok.pad_token_id, False, group_size=2, routing=(2, 2))
+    with pytest.raises(ConfigError, match="moe.replay: 'rollout', but the openai engine"):
+        replay.StepRouting("rollout", batches, 2, "openai")
+    assert not replay.StepRouting("old", batches, 2, "openai").has_records
+    rollouts[0].completion.routed_experts = np.zeros((3, 2, 2), dtype=np.uint8)  # too short
+    with pytest.raises(RoutingRecordError, match="of problem '0'"):
+        rollout_batches(rollouts, 2, tok.pad_token_id, False, group_size=2, routing=(2, 2))
+
+
+def test_replay_settings_are_checked_at_load():
+    from posttrain.train.config import train_config
+    from posttrain.train.online.config import online_config
+
+    assert online_config("grpo", overrides=["moe.replay=rollout"]).moe.replay == "rollout"
+    with pytest.raises(ConfigError, match="moe.replay: 'sometimes'; expected none | old | rollout"):
+        online_config("grpo", overrides=["moe.replay=sometimes"])
+    with pytest.raises(ConfigError, match="moe.replay.*vllm.*enable_return_routed_experts"):
+        online_config(
+            "grpo",
+            overrides=["moe.replay=rollout", "rollout.engine.kind=vllm", "rollout.sync=adapter"],
+        )
+    online_config(  # old replays the trainer's own pass: any engine
+        "grpo", overrides=["moe.replay=old", "rollout.engine.kind=vllm", "rollout.sync=adapter"]
+    )
+    with pytest.raises(ConfigError, match="moe.replay.*gradient_checkpointing"):
+        online_config("grpo", overrides=["moe.replay=old", "gradient_checkpointing=true"])
+    with pytest.raises(ConfigError, match="moe.replay.*online methods"):
+        train_config("dpo", None, ["moe.replay=old"], data="x.jsonl")
