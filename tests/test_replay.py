@@ -291,3 +291,65 @@ def test_replay_settings_are_checked_at_load():
         online_config("grpo", overrides=["moe.replay=old", "gradient_checkpointing=true"])
     with pytest.raises(ConfigError, match="moe.replay.*online methods"):
         train_config("dpo", None, ["moe.replay=old"], data="x.jsonl")
+
+
+def grpo_row(model_dir, out, *overrides) -> dict:
+    """Step 1's logged row of GRPO on the tiny Mixtral: 2 problems x 2 completions of <= 4
+    tokens, 2 updates per batch, router and linear LoRA, the live hf engine, fp32."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from posttrain.records import Problem
+    from posttrain.train.online import loop as online
+    from stub_rewards import graded
+
+    def score(problem, index, messages, completion, **kwargs):
+        return graded(float(completion.token_ids[0] % 2 == 0), completion.finish_reason == "length")
+
+    problems = [
+        Problem(id=str(i), question=f"What is {i} + 1?", answer=str(i + 1), answer_type="exact")
+        for i in range(2)
+    ]
+    cfg = online.online_config(
+        "grpo",
+        overrides=[
+            "max_steps=1",
+            "num_generations=2",
+            "problems_per_step=2",
+            "max_new_tokens=4",
+            "updates_per_batch=2",
+            "lr=5e-2",
+            "lora.r=4",
+            "lora.targets=all-linear,all-router",
+            "moe.stats_every=0",
+            "dtype=fp32",
+            *overrides,
+        ],
+    )
+    online.train_online(
+        cfg,
+        out,
+        model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+        tokenizer=AutoTokenizer.from_pretrained(model_dir),
+        problems=problems,
+        score=score,
+    )
+    return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+
+
+def test_online_loop_replays_and_logs_routing_drift(tiny_moe_dir, tmp_path):
+    """Both drift metrics logged as shares. In fp32 the live engine's sets are the old-policy
+    pass's (agreement 1), so replaying the rollout (R3) and the old pass (R2) force the same
+    sets: the same loss, to the bit, and the same flips. No balance loss by default online
+    (loss/aux absent, loss = policy loss)."""
+    rows = {m: grpo_row(tiny_moe_dir, tmp_path / m, f"moe.replay={m}") for m in ("old", "rollout")}
+    for mode, row in rows.items():
+        print(
+            f"\n{mode}: agreement {row['moe/rollout_agreement']}, flips {row['moe/update_flips']}"
+        )
+        assert row["moe/rollout_agreement"] == 1.0
+        assert 0.0 <= row["moe/update_flips"] <= 1.0
+        assert "loss/aux" not in row and row["loss"] == pytest.approx(row["loss/policy"])
+    assert rows["old"]["loss"] == rows["rollout"]["loss"]
+    assert rows["old"]["moe/update_flips"] == rows["rollout"]["moe/update_flips"]
