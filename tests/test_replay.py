@@ -353,3 +353,53 @@ def test_online_loop_replays_and_logs_routing_drift(tiny_moe_dir, tmp_path):
         assert "loss/aux" not in row and row["loss"] == pytest.approx(row["loss/policy"])
     assert rows["old"]["loss"] == rows["rollout"]["loss"]
     assert rows["old"]["moe/update_flips"] == rows["rollout"]["moe/update_flips"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_balance_loss_is_the_same_in_two_processes_as_in_one(tiny_moe_dir, tmp_path):
+    """torchrun, 2 processes (gloo), each one of the 2 problems, vs 1 process holding both, on
+    the same completions (seeds count completions over processes): the same loss/aux (never
+    multiplied by the number of processes, unlike transformers issue 48690 for Qwen3-MoE under
+    DDP), the same loss = policy loss + 0.01 * loss/aux, the same gradients, and the same
+    moe/rollout_agreement (cells summed over processes)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from online_dist_worker import first_step
+
+    extra = ("router_aux_loss_coef=0.01", "lora.targets=all-linear,all-router")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    command += [
+        "2",
+        str(REPO / "tests" / "online_dist_worker.py"),
+        tiny_moe_dir,
+        str(tmp_path / "p2"),
+    ]
+    proc = subprocess.run(
+        command + [a for x in extra for a in ("--set", x)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    two = torch.load(tmp_path / "p2" / "grads.pt")
+    loss, grads = first_step(tiny_moe_dir, tmp_path / "p1", "ddp", extra)
+    import json
+
+    one = json.loads((tmp_path / "p1" / "metrics.jsonl").read_text().splitlines()[0])
+    print(f"\nloss/aux: 1 process {one['loss/aux']}, 2 processes {two['row']['loss/aux']}")
+    assert one["loss/aux"] > 0
+    assert two["row"]["loss/aux"] == pytest.approx(one["loss/aux"], rel=1e-6)
+    assert two["loss"] == pytest.approx(loss, rel=1e-5)
+    # the drift metric pools every process's (token, layer) cells
+    assert two["row"]["moe/rollout_agreement"] == one["moe/rollout_agreement"]
+    assert loss == pytest.approx(one["loss/policy"] + 0.01 * one["loss/aux"], rel=1e-6)
+    for name, g in grads.items():
+        torch.testing.assert_close(
+            two["grads"][name.replace("module.", "")], g, rtol=1e-5, atol=1e-6
+        )
