@@ -403,3 +403,19 @@ def test_balance_loss_is_the_same_in_two_processes_as_in_one(tiny_moe_dir, tmp_p
         torch.testing.assert_close(
             two["grads"][name.replace("module.", "")], g, rtol=1e-5, atol=1e-6
         )
+
+
+def test_report_shows_routing_drift_when_logged():
+    from posttrain.report.plots import curve_panels, training_curves
+
+    moe_rows = [
+        {"step": s, "loss": 0.1, "moe/rollout_agreement": 0.97, "moe/update_flips": 0.02}
+        for s in (1, 2)
+    ]
+    assert ("routing drift", ["moe/rollout_agreement", "moe/update_flips"]) in curve_panels(
+        {"r": moe_rows}
+    )
+    one = [{"step": 1, "moe/rollout_agreement": 0.9}]  # updates_per_batch 1: no flips logged
+    assert ("routing drift", ["moe/rollout_agreement"]) in curve_panels({"r": one})
+    assert "routing drift" not in [t for t, _ in curve_panels({"r": [{"step": 1, "loss": 0.1}]})]
+    assert training_curves({"r": moe_rows}).startswith(b"\x89PNG")
