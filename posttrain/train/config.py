@@ -148,7 +148,8 @@ class BaseTrainConfig:
     #                                                   metrics.jsonl (train/metrics.py)
     lora: LoraConfig = field(default_factory=LoraConfig)
     # MoE models: coef x load-balancing loss added to the method's loss (logged as loss/aux);
-    # unset: the model config's router_aux_loss_coef (Qwen3-MoE 0.001); 0: off.
+    # unset: offline, the model config's router_aux_loss_coef (Qwen3-MoE 0.001); online, 0
+    # (the 0.001 default was found to degrade RL); 0: off.
     router_aux_loss_coef: float | None = None
     moe: MoeConfig = field(default_factory=MoeConfig)
 
