@@ -284,11 +284,15 @@ def test_replay_settings_are_checked_at_load():
             "grpo",
             overrides=["moe.replay=rollout", "rollout.engine.kind=vllm", "rollout.sync=adapter"],
         )
+    two = "updates_per_batch=2"
     online_config(  # old replays the trainer's own pass: any engine
-        "grpo", overrides=["moe.replay=old", "rollout.engine.kind=vllm", "rollout.sync=adapter"]
+        "grpo",
+        overrides=["moe.replay=old", two, "rollout.engine.kind=vllm", "rollout.sync=adapter"],
     )
+    with pytest.raises(ConfigError, match="moe.replay: 'old'.*updates_per_batch 1"):
+        online_config("grpo", overrides=["moe.replay=old"])
     with pytest.raises(ConfigError, match="moe.replay.*gradient_checkpointing"):
-        online_config("grpo", overrides=["moe.replay=old", "gradient_checkpointing=true"])
+        online_config("grpo", overrides=["moe.replay=old", two, "gradient_checkpointing=true"])
     with pytest.raises(ConfigError, match="moe.replay.*online methods"):
         train_config("dpo", None, ["moe.replay=old"], data="x.jsonl")
 

