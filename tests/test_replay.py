@@ -213,20 +213,26 @@ def sampled_rollouts(model, tok, n=3, max_new_tokens=6):
     return rollouts
 
 
+@pytest.fixture(scope="module")
+def recorded(tiny_moe_dir):
+    """(model, tokenizer, rollouts with the hf engine's routing records), fp32, sampled once."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_moe_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_moe_dir)
+    return model, tok, sampled_rollouts(model, tok)
+
+
 @pytest.mark.parametrize("layout", ["longest", "shared", "none"])
-def test_hf_engine_records_what_the_trainer_forward_routes(tiny_moe_dir, layout):
+def test_hf_engine_records_what_the_trainer_forward_routes(recorded, layout):
     """fp32: the experts the hf engine chose while sampling (prefill + one token per decode
     step, rows leaving the batch as they end) are the experts a trainer forward of the same
     tokens chooses, in each batch layout: agreement 100 % of (token, layer) cells."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from posttrain.train.moe import router_modules
     from posttrain.train.online.rollouts import rollout_batches
     from posttrain.train.online.update import sampled_logps
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_moe_dir, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(tiny_moe_dir)
-    rollouts = sampled_rollouts(model, tok)
+    model, tok, rollouts = recorded
     lengths = {len(r.completion.token_ids) for r in rollouts}
     assert len(lengths) > 1  # rows ended at different steps
     L = len(router_modules(model))
@@ -251,25 +257,26 @@ def test_hf_engine_records_what_the_trainer_forward_routes(tiny_moe_dir, layout)
     assert total == expected and same == total
 
 
-def test_rollout_replay_without_records_is_an_error(tiny_moe_dir):
+def test_rollout_replay_without_records_is_an_error(recorded):
     """moe.replay rollout on completions that came without routing (an engine that does not
     record it) stops the step, naming the option; replay old needs no record."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import dataclasses
 
     from posttrain.train.online.rollouts import rollout_batches
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_moe_dir, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(tiny_moe_dir)
-    rollouts = sampled_rollouts(model, tok, n=2, max_new_tokens=2)
-    for r in rollouts:
-        r.completion.routed_experts = None
-    batches = rollout_batches(rollouts, 2, tok.pad_token_id, False, group_size=2, routing=(2, 2))
+    _, tok, sampled = recorded
+    rollouts = [  # copies without records
+        dataclasses.replace(r, completion=dataclasses.replace(r.completion, routed_experts=None))
+        for r in sampled
+    ]
+    batches = rollout_batches(rollouts, 3, tok.pad_token_id, False, group_size=3, routing=(2, 2))
     with pytest.raises(ConfigError, match="moe.replay: 'rollout', but the openai engine"):
         replay.StepRouting("rollout", batches, 2, "openai")
     assert not replay.StepRouting("old", batches, 2, "openai").has_records
     rollouts[0].completion.routed_experts = np.zeros((3, 2, 2), dtype=np.uint8)  # too short
+    rollouts[1:] = sampled[1:]
     with pytest.raises(RoutingRecordError, match="of problem '0'"):
-        rollout_batches(rollouts, 2, tok.pad_token_id, False, group_size=2, routing=(2, 2))
+        rollout_batches(rollouts, 3, tok.pad_token_id, False, group_size=3, routing=(2, 2))
 
 
 def test_replay_settings_are_checked_at_load():
