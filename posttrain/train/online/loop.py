@@ -33,6 +33,10 @@ Choices worth knowing:
   residual base is not the model trained from); computed only when kl_beta > 0.
 - Reported rewards are over every completion sampled in a step (all processes), before
   dynamic sampling drops groups.
+- Mixture-of-experts models: the hf engine records the experts it routed each token to;
+  `moe.replay` old / rollout forces the old-policy pass's / the engine's top-k sets in the
+  trainer's forwards (train/moe/replay.py), and every step logs moe/rollout_agreement and
+  (updates_per_batch > 1) moe/update_flips. No balance loss unless router_aux_loss_coef is set.
 """
 
 from __future__ import annotations
