@@ -1,13 +1,15 @@
 """The online trainer's first step under torchrun, for the 1-vs-2-process test.
 
     torchrun --standalone --nproc_per_node 2 tests/online_dist_worker.py TINY_MODEL_DIR OUT [STRATEGY]
+    torchrun ... tests/online_dist_worker.py TINY_MOE_DIR OUT ddp --set router_aux_loss_coef=0.01
     torchrun ... tests/online_dist_worker.py TINY_MODEL_DIR OUT fsdp2 --steps 12 [--resume]
 
 Each process trains one GRPO step of the tiny model on its share of the step's problems (a
 group never split), with seeded sampling whose seeds count completions over all processes,
 so 1 and 2 processes sample the same completions. The gradients the optimizer is about to
 use (after DDP's average, or FSDP2's reduce-scatter: gathered whole) are caught at
-Processes.clip; process 0 saves OUT/grads.pt with them and the logged loss. STRATEGY: ddp
+Processes.clip; process 0 saves OUT/grads.pt with them, the logged loss and the step's whole
+logged row (`--set KEY=VALUE`: more overrides; any causal LM folder, e.g. a tiny MoE). STRATEGY: ddp
 (default) or fsdp2 (then rollout.sync adapter: a sharded model cannot sample live). The
 single-process side calls `first_step` in the test.
 """
@@ -39,13 +41,13 @@ def first_step(
 ) -> tuple[float, dict[str, torch.Tensor]]:
     """(logged loss, {parameter: gradient}) of step 1: 2 problems x G 3, one problem per
     generate batch (generation_batch_size = G), micro-batches of 2 completions."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from posttrain.train.online import loop as O
     from posttrain.train.parallel.processes import Processes
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
     cfg = O.online_config(
         "grpo",
@@ -123,14 +125,16 @@ def several_steps(model_dir: str, out: Path, strategy: str, steps: int, resume: 
 def main() -> None:
     torch.set_num_threads(1)
     model_dir, out = sys.argv[1], Path(sys.argv[2])
-    strategy = sys.argv[3] if len(sys.argv) > 3 else "ddp"
+    strategy = sys.argv[3] if len(sys.argv) > 3 and not sys.argv[3].startswith("--") else "ddp"
     if "--steps" in sys.argv:
         steps = int(sys.argv[sys.argv.index("--steps") + 1])
         several_steps(model_dir, out, strategy, steps, resume="--resume" in sys.argv)
         return
-    loss, grads = first_step(model_dir, out / "run", strategy)
+    extra = tuple(sys.argv[i + 1] for i, a in enumerate(sys.argv) if a == "--set")
+    loss, grads = first_step(model_dir, out / "run", strategy, extra)
     if int(__import__("os").environ.get("RANK", "0")) == 0:
-        torch.save({"loss": loss, "grads": grads}, out / "grads.pt")
+        row = json.loads((out / "run" / "metrics.jsonl").read_text().splitlines()[0])
+        torch.save({"loss": loss, "grads": grads, "row": row}, out / "grads.pt")
 
 
 if __name__ == "__main__":

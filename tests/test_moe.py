@@ -573,7 +573,9 @@ def test_cli_trains_the_router_through_lora_with_the_aux_loss_logged(moe_dir, tm
 
 def test_grpo_loop_on_the_moe_logs_aux_and_routing(moe_dir, tmp_path):
     """The online loop end to end on the tiny MoE: router LoRA trains, loss/aux and moe/ logged
-    every step, loss = policy loss + 0.001 * loss/aux."""
+    every step with an explicit coefficient (online the default is 0), loss = policy loss +
+    0.001 * loss/aux; the live hf engine records its routing, which the first update's forward
+    (the old-policy pass here) matches in fp32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from posttrain.records import Problem
@@ -598,6 +600,7 @@ def test_grpo_loop_on_the_moe_logs_aux_and_routing(moe_dir, tmp_path):
             "lora.r=4",
             "lora.targets=all-linear,all-router",
             "moe.stats_every=1",
+            "router_aux_loss_coef=0.001",
             "dtype=fp32",
         ],
     )
@@ -614,3 +617,4 @@ def test_grpo_loop_on_the_moe_logs_aux_and_routing(moe_dir, tmp_path):
     for r in logged:
         assert r["loss"] == pytest.approx(r["loss/policy"] + 0.001 * r["loss/aux"], rel=1e-5)
         assert 0 <= r["moe/topk_changed"] <= 1 and r["moe/router_entropy"] > 0
+        assert r["moe/rollout_agreement"] >= 0.9 and "moe/update_flips" not in r  # 1 update

@@ -8,7 +8,7 @@ log-probability of the sampled tokens under the model's own distribution at temp
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from posttrain.errors import UsageError, UserError
 
@@ -75,6 +75,10 @@ class Completion:
     reasoning: str | None = None
     # how many tokens were generated, where a server reports the count but not the ids
     token_count: int | None = None
+    # mixture-of-experts routing while sampling, where the engine records it (hf with
+    # `record_routing`): (prompt + completion - 1 tokens, MoE layers, k) expert indices, the
+    # tokens the model ran (every completion token but the last); train/moe/replay.py
+    routed_experts: Any = None  # numpy array (uint8 up to 256 experts)
 
     @property
     def num_tokens(self) -> int:

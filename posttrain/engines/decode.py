@@ -57,9 +57,12 @@ def decode(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     max_positions: int | None = None,
+    trace: list | None = None,
 ) -> list[Decoded]:
     """Generate from a left-padded batch (B, T); returns one `Decoded` per row, in order.
-    With `max_positions`, every prompt must leave room for one new token (ValueError)."""
+    With `max_positions`, every prompt must leave room for one new token (ValueError).
+    `trace`: a list that gets, per model forward, the batch rows it ran (the first: all B,
+    every position; then one new token of each row still going)."""
     from transformers import DynamicCache
 
     B = input_ids.shape[0]
@@ -83,6 +86,8 @@ def decode(
     alive = torch.arange(B)  # original row of each cache row
     mask = attention_mask
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): left padding starts at 0
+    if trace is not None:
+        trace.append(alive.tolist())
     out = model(
         input_ids=input_ids,
         attention_mask=mask,
@@ -113,6 +118,8 @@ def decode(
             cache.batch_select_indices(keep)
             alive, mask, chosen = alive[keep.cpu()], mask[keep], chosen[keep]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)  # (A', T + step + 1)
+        if trace is not None:
+            trace.append(alive.tolist())
         out = model(
             input_ids=chosen[:, None],
             attention_mask=mask,

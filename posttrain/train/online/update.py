@@ -26,7 +26,8 @@ from posttrain.losses.offpolicy import cispo_loss, mismatch_metrics, rollout_wei
 from posttrain.train.forward import completion_logps, group_logits
 from posttrain.train.metrics import check_finite
 from posttrain.train.moe import MoeRun
-from posttrain.train.online.reduce import token_means
+from posttrain.train.moe.replay import StepRouting
+from posttrain.train.online.reduce import sum_over_processes, token_means
 from posttrain.train.online.rollout_engine import check_sync
 from posttrain.train.parallel.checkpoint import latest_checkpoint
 
@@ -84,18 +85,29 @@ def micro_batch_weight(
 
 @torch.no_grad()
 def frozen_logps(
-    model, batches: list[tuple[dict, slice]], temperature: float, *, reference: bool
+    model,
+    batches: list[tuple[dict, slice]],
+    temperature: float,
+    *,
+    reference: bool,
+    routing: StepRouting | None = None,
 ) -> list:
     """Tempered completion log-probs per micro-batch, without gradients: of the policy as it
-    is now (the old log-probs) or of the base model with the adapter disabled (KL reference)."""
+    is now (the old log-probs; on an MoE model `routing` forces and keeps its routing) or of
+    the base model with the adapter disabled (KL reference; routed by its own routers)."""
 
-    def one(b):
-        return sampled_logps(model, b, temperature)[0]
+    def one(i, b):
+        if routing is None:
+            return sampled_logps(model, b, temperature)[0]
+        with routing.control(model, i, "old") as ctl:
+            out = sampled_logps(model, b, temperature)[0]
+        routing.captured(i, "old", ctl)
+        return out
 
     if reference:
         with model.disable_adapter():
-            return [one(b) for b, _ in batches]
-    return [one(b) for b, _ in batches]
+            return [sampled_logps(model, b, temperature)[0] for b, _ in batches]
+    return [one(i, b) for i, (b, _) in enumerate(batches)]
 
 
 def step_loss(
@@ -152,6 +164,8 @@ def policy_backward(
     weights: list | None = None,
     no_sync=None,
     moe: MoeRun = MoeRun(),
+    routing: StepRouting | None = None,
+    update: int = 0,
 ) -> tuple[dict[str, float], list | None]:
     """Backward over this process's rollout micro-batches; gradients accumulate.
 
@@ -160,7 +174,8 @@ def policy_backward(
     it: they are computed here from the engine's log-probs, with the mismatch metrics, and
     returned for the later updates). `no_sync`: a context that skips DDP's all-reduce, used
     on every micro-batch but the last. For CHORD each loss is scaled by (1 - mu). On an MoE
-    model `moe` adds coef x the balance loss, token-weighted like the logged metrics.
+    model `moe` adds coef x the balance loss, token-weighted like the logged metrics, and
+    `routing` forces (moe.replay) and keeps the routing of update number `update`.
     Returns (token-weighted sums of the metrics, with "tokens"; the correction weights).
     """
     r = cfg.rollout
@@ -170,10 +185,13 @@ def policy_backward(
     for i, (batch, rows) in enumerate(batches):
         mask = batch["labels"] != -100  # (b, K)
         engine_logps = batch.get("rollout_logps")  # (b, K) raw, or None
-        with moe.record(model) as routing:
+        routes = contextlib.nullcontext() if routing is None else routing.control(model, i, update)
+        with moe.record(model) as recorded, routes as ctl:
             logps, raw, entropy = sampled_logps(
                 model, batch, cfg.temperature, raw=first and engine_logps is not None
             )
+        if routing is not None:
+            routing.captured(i, update, ctl)
         values: dict[str, float] = {}
         if first:
             w = None
@@ -206,7 +224,9 @@ def policy_backward(
             cfg.aggregation, rows.stop - rows.start, total_rows, len(batches), processes
         )
         n = float(mask.sum())
-        total = moe.add_aux(loss, metrics, routing, n / max(total_tokens, 1.0) * processes)
+        # DDP averages gradients over the P processes: the factor P here undoes that for the
+        # gradient; the logged loss/aux is the unscaled balance loss (token means over all)
+        total = moe.add_aux(loss, metrics, recorded, n / max(total_tokens, 1.0) * processes)
         last = i == len(batches) - 1
         with contextlib.nullcontext() if last or no_sync is None else no_sync():
             (total if mu is None else chord_loss(total, torch.zeros_like(loss), mu)).backward()
@@ -277,9 +297,14 @@ def update_policy(
     the number of updates taken."""
     procs, trained, policy = run.procs, run.policy, run.model
     sampled, U = advantages is not None, cfg.updates_per_batch
+    routing = (
+        StepRouting(moe.replay, batches, U, cfg.rollout.engine.kind)
+        if sampled and moe.shape is not None and batches and "routes" in batches[0][0]
+        else None
+    )
     # Old log-probs matter only once the policy has moved within the batch.
     old = (
-        frozen_logps(policy, batches, cfg.temperature, reference=False)
+        frozen_logps(policy, batches, cfg.temperature, reference=False, routing=routing)
         if sampled and U > 1
         else None
     )
@@ -307,6 +332,8 @@ def update_policy(
                 weights=weights,
                 no_sync=lambda: procs.no_sync(trained),
                 moe=moe,
+                routing=routing,
+                update=update,
             )
             metrics = token_means(procs, sums)
         if update == 0:
@@ -329,4 +356,8 @@ def update_policy(
         # ... clipping of the last: it only happens once the policy has moved.
         row.update({k: v for k, v in metrics.items() if k.startswith("clip_ratio/")})
     policy.eval()
+    if routing is not None:  # shares over every process's (token, layer) cells
+        for name, (count, total) in routing.counts().items():
+            total = sum_over_processes(procs, float(total))
+            row[name] = sum_over_processes(procs, float(count)) / total if total else None
     return updates
