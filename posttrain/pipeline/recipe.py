@@ -52,6 +52,9 @@ class TrainStage:
     data: str = "auto"
     nproc: int = 1  # > 1: launched as torchrun --nproc_per_node NPROC
     config: dict = field(default_factory=dict)  # TrainConfig keys, e.g. {lr: 5e-5, beta: 0.1}
+    # the DPO family's reference in round r > 1 (recipe `rounds`): previous (round r-1's policy:
+    # base + its adapter; the default) | base. Unset: previous.
+    reference: str | None = None
     # the typed TrainConfig / OnlineConfig resolved from `config` at load, with a placeholder for
     # what earlier stages provide (the data file); train_config() fills it in. Not a field (so
     # not a key, not in recipe.yaml or any digest).
@@ -95,6 +98,9 @@ class Recipe:
     demos: DemosStage = field(default_factory=DemosStage)
     train: TrainStage = field(default_factory=TrainStage)
     eval: list[EvalSet] = field(default_factory=lambda: [EvalSet()])
+    # iterative rounds: round r samples with round r-1's trained adapter, verifies, pairs and
+    # trains from that adapter (pipeline/run.py); 1: one round, as without the key
+    rounds: int = 1
 
 
 DATA_KINDS = ("auto", "pairs", "scored", "demonstrations")
@@ -165,8 +171,55 @@ def resolve(recipe: Recipe, where: str = "recipe") -> Recipe:
             stage.resolved_engine = stage_engine(recipe, stage)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+    for key in SET_BY_ROUNDS:  # before the train config checks them as paths or names
+        if key in recipe.train.config:
+            raise ConfigError(
+                f"{where}: train.config.{key}: set by the run for each round; use "
+                "rounds and train.reference (previous | base)"
+            )
     recipe.train.resolved = resolve_train(recipe, where)
+    check_rounds(recipe, where)
     return recipe
+
+
+REFERENCES = {"previous": "init", "base": "base"}  # train.reference -> TrainConfig.reference
+SET_BY_ROUNDS = ("init_adapter", "reference")  # TrainConfig keys the pipeline sets
+
+
+def check_rounds(recipe: Recipe, where: str = "recipe") -> None:
+    """`rounds` and `train.reference`: values, and a method and data that rounds can repeat
+    (an offline method on what the model samples, continuing a LoRA adapter)."""
+    t, k = recipe.train, recipe.rounds
+    if t.reference is not None:
+        if t.reference not in REFERENCES:
+            raise ConfigError(
+                f"{where}: train.reference: {t.reference!r}; expected {' | '.join(REFERENCES)}"
+            )
+        if not getattr(t.resolved, "preference", False):
+            raise ConfigError(
+                f"{where}: train.reference: {t.reference!r}; method {t.method!r} has no "
+                "reference model (only the DPO family)"
+            )
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"{where}: rounds: {k!r}; expected an integer >= 1")
+    if k == 1:
+        return
+    kind = train_data_kind(recipe)
+    if kind not in ("pairs", "scored"):
+        raise ConfigError(
+            f"{where}: rounds: {k}; rounds > 1 need training data the model samples "
+            f"(train.data pairs or scored, an offline method), not {kind} ({t.method})"
+        )
+    if not t.resolved.lora.enabled:
+        raise ConfigError(
+            f"{where}: rounds: {k}; rounds > 1 continue a LoRA adapter: "
+            "train.config.lora.enabled must be true"
+        )
+    if t.resolved.lora.init != "default":
+        raise ConfigError(
+            f"{where}: rounds: {k}; rounds > 1 continue the last round's adapter, so "
+            f"train.config.lora.init must be default, not {t.resolved.lora.init!r}"
+        )
 
 
 # what the train config holds at load in place of the file an earlier stage writes
@@ -226,11 +279,13 @@ def resolve_train(recipe: Recipe, where: str = "recipe"):
     )
 
 
-def train_config(recipe: Recipe, data: str):
+def train_config(recipe: Recipe, data: str, init_adapter: str | None = None):
     """The train config the train stage runs: the one resolved at load, with the file the
     earlier stages wrote (`data`) and dtype 'auto' resolved for this machine's training device
     (as stage_dtype, and for the same reason: a shared sweep store must not mix bf16 and fp32
-    adapters under one digest). Checked again with the real values; not parsed again."""
+    adapters under one digest). In a round r > 1, `init_adapter` is round r-1's adapter and
+    the reference follows train.reference. Checked again with the real values; not parsed
+    again."""
     import copy
 
     from posttrain.models import resolve_device, resolve_dtype
@@ -243,6 +298,10 @@ def train_config(recipe: Recipe, data: str):
         cfg.chord.demos = data
     elif kind != "problems":
         cfg.data = data
+    if init_adapter is not None:
+        cfg.init_adapter = str(init_adapter)
+        if cfg.preference:
+            cfg.reference = REFERENCES[recipe.train.reference or "previous"]
     check_config(cfg, "train.config")
     return cfg
 

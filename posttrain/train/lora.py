@@ -177,13 +177,23 @@ def peft_targets_as_named():
         conversion.convert_peft_config_for_transformers = original
 
 
-def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
+def apply_lora(model: nn.Module, cfg: LoraConfig, init_adapter: str | None = None) -> nn.Module:
     """The model with a LoRA adapter (a PeftModel), or the model itself for full fine-tuning.
+    `init_adapter`: a PEFT folder whose weights the adapter starts from (trainable), instead
+    of a fresh one; its settings must be `cfg`'s (check_init_adapter).
 
     LoRA weights are kept in fp32 even on a bf16 model (PEFT's autocast_adapter_dtype): AdamW
     steps of ~lr * 1 on bf16 weights would round away.
     """
     cfg.check()
+    if init_adapter:
+        from peft import PeftModel
+
+        check_init_adapter(model, cfg, init_adapter)
+        with peft_targets_as_named():
+            return PeftModel.from_pretrained(
+                model, str(init_adapter), is_trainable=True, autocast_adapter_dtype=True
+            )
     if not cfg.enabled and cfg.targets == NEW_LAYERS:  # full fine-tuning of the new layers
         from posttrain.expand.depth import select_new_layers_for_full_finetuning
 
@@ -216,6 +226,36 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     )
     with peft_targets_as_named():
         return get_peft_model(model, peft_cfg, autocast_adapter_dtype=True)
+
+
+def check_init_adapter(model: nn.Module, cfg: LoraConfig, path: str) -> None:
+    """The adapter at `path` must be the one `cfg` would create (r, alpha, rslora, dropout and
+    the same target modules and parameters): a loaded adapter whose settings differ would
+    silently override the config's. ConfigError naming the first difference."""
+    import json
+    from pathlib import Path
+
+    saved = json.loads((Path(path) / "adapter_config.json").read_text())
+    modules, parameters = lora_targets(model, cfg.targets)
+    expected = {
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "use_rslora": cfg.rslora,
+        "lora_dropout": cfg.dropout,
+        "target_modules": sorted(modules),
+        "target_parameters": sorted(parameters),
+    }
+    for key, want in expected.items():
+        got = saved.get(key)
+        if isinstance(got, (list, set)):
+            got = sorted(got)
+        if key.startswith("target_") and not want:
+            want, got = [], got or []
+        if got != want:
+            raise ConfigError(
+                f"init_adapter: {path}: its {key} is {got!r} but the lora settings give "
+                f"{want!r}; train with the adapter's lora settings"
+            )
 
 
 def adapter_input_as_is(model: nn.Module) -> int:
