@@ -321,66 +321,109 @@ def test_an_init_adapter_with_other_lora_settings_is_refused(tiny_model_dir, tmp
     cfg.lora.r = 8
     with pytest.raises(ConfigError, match="init_adapter: .* its r is 4 but the lora settings"):
         apply_lora(load_model(tiny_model_dir, dtype="fp32"), cfg.lora, str(tmp_path / "a"))
+    cfg.lora.r, cfg.lora.targets = 4, "attention"
+    with pytest.raises(ConfigError, match="adapts other modules than lora.targets 'attention'"):
+        apply_lora(load_model(tiny_model_dir, dtype="fp32"), cfg.lora, str(tmp_path / "a"))
+    cfg.lora.targets = "all-linear"
+    loaded = apply_lora(load_model(tiny_model_dir, dtype="fp32"), cfg.lora, str(tmp_path / "a"))
+    assert sum(p.requires_grad for p in loaded.parameters()) == 2 * 7 * 2  # A, B x 7 x 2 layers
 
 
 # ----------------------------------------------- two real rounds, killed and resumed (slow)
 
-TOY = """
-model: smollm2-135m
-dtype: fp32
-seed: 0
-rounds: 2
-sample:
-  problems: builtin:arith:8?split=train&difficulty=1
-  n: 4
-  max_new_tokens: 24
-  batch_size: 16
-pairs: {strategy: confident-wrong, max_pairs_per_problem: 1}
-train:
-  method: dpo
-  config: {dtype: fp32, lr: 1.0e-4, max_steps: 1, batch_size: 2, lora: {r: 4, alpha: 8}}
-eval:
-  name: arith
-  problems: builtin:arith:6?split=test&difficulty=1
-  max_new_tokens: 24
-  batch_size: 16
-"""
+
+@pytest.fixture(scope="module")
+def coin_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny Llama made to answer like a coin: every token embeds to one vector and the
+    layers' output projections are zero, so the last hidden state h is the same everywhere, and
+    the head gives "1" and "2" logit 16 and end-of-turn 16 + ln 2 (every other token 0, about
+    0.1 % together). An answer is "1" (correct for the problems below) with probability about
+    1/4 x 1/2, "2", "12", ... (wrong) or empty (no answer) otherwise: a random model that still
+    gives pairs. LoRA on the output projections (B A x, x != 0) can move it."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir)
+    one, two = tok.convert_tokens_to_ids(["1", "2"])
+    with torch.no_grad():
+        torch.manual_seed(0)
+        e = torch.randn(model.config.hidden_size)
+        model.model.embed_tokens.weight[:] = e
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        h = model.model.norm(e[None])[0]
+        head = torch.zeros_like(model.lm_head.weight)
+        for token, logit in ((one, 16.0), (two, 16.0), (tok.eos_token_id, 16.0 + math.log(2))):
+            head[token] = h * logit / h.dot(h)
+        model.lm_head.weight.copy_(head)
+    out = tmp_path_factory.mktemp("coin-llama")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+TOY = {
+    "dtype": "fp32",
+    "seed": 0,
+    "rounds": 2,
+    "sample": {"n": 8, "temperature": 1.0, "max_new_tokens": 4, "batch_size": 16},
+    "pairs": {"strategy": "confident-wrong", "max_pairs_per_problem": 1},
+    "train": {
+        "method": "dpo",
+        "config": {"lr": 1.0e-2, "max_steps": 1, "batch_size": 2, "lora": {"r": 4, "alpha": 8}},
+    },
+    "eval": {"name": "one", "n": 4, "temperature": 1.0, "max_new_tokens": 4, "batch_size": 16},
+}
 
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
-def test_two_rounds_on_the_embedded_model_resume_in_round_two(tmp_path, capsys):
+def test_two_real_rounds_resume_in_round_two(coin_model_dir, tmp_path, capsys):
+    """Every stage for real (hf engine, grader, pairs, trainer) on the coin model: round 2
+    samples with round 1's adapter and trains from it with its policy as the reference; killed
+    during round 2's training, a rerun skips round 1 and round 2's data and finishes round 2
+    with the same adapter and evaluation as the run that was not killed."""
     import shutil
 
     from posttrain.pipeline.run import run_recipe
 
-    path = tmp_path / "toy.yaml"
-    path.write_text(TOY)
+    problems = tmp_path / "problems.jsonl"
+    rows = [
+        {"id": f"p{i}", "question": f"Say one ({i}).", "answer": "1", "answer_type": "exact"}
+        for i in range(6)
+    ]
+    problems.write_text("".join(json.dumps({**r, "source": "test"}) + "\n" for r in rows))
+    data = json.loads(json.dumps(TOY))
+    data["model"] = str(coin_model_dir)
+    data["sample"]["problems"] = data["eval"]["problems"] = str(problems)
     out = tmp_path / "run"
-    first = run_recipe(load_recipe(str(path)), out, progress=False)
+    first = run_recipe(load_recipe(None, data=data), out, progress=False)
     adapter1 = out / "train" / "adapter"
-    # round 2 sampled with round 1's adapter and trained from it, the reference its policy
-    rows = read_jsonl(out / "round-2" / "sample" / "samples.jsonl")
-    assert rows and all(r["model"].endswith(f"+{adapter1}") for r in rows)
+    # round 2 sampled with round 1's adapter and trained from it, its reference that policy
+    samples = read_jsonl(out / "round-2" / "sample" / "samples.jsonl")
+    assert len(samples) == 6 * 8 and all(r["model"].endswith(f"+{adapter1}") for r in samples)
+    assert all(r["model"] == str(coin_model_dir) for r in read_jsonl(out / "sample/samples.jsonl"))
     saved = (out / "round-2" / "train" / "config.yaml").read_text()
     assert f"init_adapter: {adapter1}" in saved and "reference: init" in saved
-    items = read_jsonl(out / "round-2" / "eval" / "arith" / "trained" / "items.jsonl")
+    items = read_jsonl(out / "round-2" / "eval" / "one" / "trained" / "items.jsonl")
     weights = (out / "round-2" / "train" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert weights != (adapter1 / "adapter_model.safetensors").read_bytes()
 
-    # killed during round 2's training: its train folder holds no done.json, nothing after it
+    # killed during round 2's training: no done.json there, no adapter, nothing after it
     shutil.rmtree(out / "round-2" / "eval")
     (out / "round-2" / "train" / "done.json").unlink()
     shutil.rmtree(out / "round-2" / "train" / "adapter")
     capsys.readouterr()
-    again = run_recipe(load_recipe(str(path)), out, progress=False)
+    again = run_recipe(load_recipe(None, data=data), out, progress=False)
     said = capsys.readouterr().out
-    for name in ("sample", "train", "eval/arith/base", "round-2/sample", "round-2/pairs"):
+    for name in ("sample", "train", "eval/one/base", "round-2/sample", "round-2/pairs"):
         assert f"[{name}] done earlier" in said
-    for name in ("round-2/train", "round-2/eval/arith/trained", "round-2/eval/arith/compare"):
+    for name in ("round-2/train", "round-2/eval/one/trained", "round-2/eval/one/compare"):
         assert f"[{name}] running" in said
     assert (out / "round-2" / "train" / "adapter" / "adapter_model.safetensors").read_bytes() == (
         weights
     )
-    assert read_jsonl(out / "round-2" / "eval" / "arith" / "trained" / "items.jsonl") == items
+    assert read_jsonl(out / "round-2" / "eval" / "one" / "trained" / "items.jsonl") == items
     assert again["sets"][0]["round_rows"] == first["sets"][0]["round_rows"]
     assert "per round" in said

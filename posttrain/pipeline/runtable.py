@@ -94,7 +94,8 @@ def round_rows(name: str, base: dict, rounds: list[dict]) -> list[dict]:
     """The rounds table's rows of one set: the base, then one per round. `rounds`: per round
     {round, trained (summary), compare (vs base), compare_previous (vs the round before)}."""
     b, b_ci = score(base)
-    rows = [{"set": name, "round": 0, "n": base["n"], "score": b, "interval_95": b_ci}]
+    n = rounds[0]["compare"]["n"] if rounds else base["n"]  # items (each maybe sampled k times)
+    rows = [{"set": name, "round": 0, "n": n, "score": b, "interval_95": b_ci}]
     for r in rounds:
         t, t_ci = score(r["trained"])
         c, p = r["compare"], r["compare_previous"]
