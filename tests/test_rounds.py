@@ -214,6 +214,26 @@ def test_the_per_round_table_worked_out_by_hand(tmp_path, monkeypatch, capsys):
     assert "0.62" in line
 
 
+def test_rounds_as_a_sweep_axis_share_round_one_and_rank_the_last_round(tmp_path, monkeypatch):
+    """A grid over rounds [1, 3]: both runs ask for the same round-1 stages (one digest each,
+    so a store computes them once), and the results table scores each run by its last round
+    (CORRECT: 6 / 10 after one round, 9 / 10 after three)."""
+    from posttrain.pipeline.run import StageRunner
+    from posttrain.pipeline.sweep import run_sweep
+
+    calls = []
+    monkeypatch.setattr(StageRunner, "__call__", fake_stages(calls))
+    (tmp_path / "r.yaml").write_text(json.dumps(TINY))
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(json.dumps({"recipe": "r.yaml", "axes": {"rounds": [1, 3]}}))
+    table = run_sweep(grid, tmp_path / "sweep", progress=False)
+    runs = table["sets"][0]["runs"]
+    assert (runs["g01"]["score"], runs["g02"]["score"]) == (0.6, 0.9)
+    assert runs["g02"]["best"] and runs["g01"]["diff_best"] == pytest.approx(-0.3)
+    first = [(n, d) for n, _, d in calls if not n.startswith("round-")]
+    assert len(first) == 2 * 7 and len(set(first)) == 7  # round 1 once per distinct stage
+
+
 # -------------------------------------------- the trainer: init_adapter and its reference
 
 
