@@ -127,7 +127,9 @@ def prepare_data(
             "engine": engine_settings(engine_of(r, s)),
             **adapter,
         },
-        lambda f: sample_stage(r, f, progress, adapter=previous.adapter if previous else None),
+        lambda f: sample_stage(
+            r, f, progress, adapter=previous.adapter.absolute() if previous else None
+        ),
     )
     folder, d = stage(
         prefix + "verify",
@@ -195,7 +197,8 @@ def run_recipe(
             "config": train_block(r).config,
             "data": data_digest,
         }
-        init = previous.adapter if previous else None
+        # absolute: round r's train config records it, and a resume may run from another cwd
+        init = previous.adapter.absolute() if previous else None
         if previous:  # round 1: the settings of a run without rounds
             settings["init"] = previous.digest
             if r.train.resolved.preference:
