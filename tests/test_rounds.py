@@ -330,6 +330,29 @@ def test_round_two_trains_from_round_one_and_its_reference_is_chosen_by_value(
     assert_close(cached_reference(data2), base_logps, rtol=0, atol=1e-4)
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_bf16_round_two_starts_exactly_at_its_reference(tiny_model_dir, tmp_path):
+    """In bf16 (autocast, the adapter fed bf16 input) the reference pass runs the very forward
+    the policy runs at step 1, so the step-1 DPO loss is ln 2 to float precision: every
+    reward difference is exactly 0. Against the base instead, round 1's adapter shows."""
+    from posttrain.train.offline.loop import train
+
+    data = write_pairs(tmp_path / "d")
+    train(dpo_config(tiny_model_dir, data, "max_steps=1", "dtype=bf16"), tmp_path / "r1")
+    cfg = dpo_config(tiny_model_dir, data, "max_steps=1", "dtype=bf16")
+    cfg.init_adapter = str(tmp_path / "r1" / "adapter")
+    train(cfg, tmp_path / "r2", progress=False)
+    (step1,) = [json.loads(x) for x in (tmp_path / "r2" / "metrics.jsonl").read_text().splitlines()]
+    assert step1["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert step1["rewards/margins"] == 0.0
+    cfg.reference = "base"  # the policy starts at round 1's adapter, away from the base
+    train(cfg, tmp_path / "r2-base", progress=False)
+    (step1,) = [
+        json.loads(x) for x in (tmp_path / "r2-base" / "metrics.jsonl").read_text().split("\n") if x
+    ]
+    assert abs(step1["rewards/margins"]) > 1e-4
+
+
 def test_an_init_adapter_with_other_lora_settings_is_refused(tiny_model_dir, tmp_path):
     from posttrain.train.lora import apply_lora
     from posttrain.models import load_model
