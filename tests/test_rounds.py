@@ -50,7 +50,7 @@ def recipe(**over):
         ({"rounds": "3"}, "rounds"),
         ({"rounds": 2.5}, "rounds"),
         ({"rounds": True}, "rounds"),
-        ({"rounds": 2, "train.method": "grpo"}, "rounds > 1 need training data the model samples"),
+        ({"rounds": 2, "train.method": "grpo"}, "rounds > 1 need data the model samples"),
         ({"rounds": 2, "train.method": "sft", "train.data": "demonstrations"}, "demonstrations"),
         ({"rounds": 2, "train.config.lora.enabled": False}, "lora.enabled must be true"),
         ({"rounds": 2, "train.config.lora.init": "pissa"}, "lora.init must be default"),

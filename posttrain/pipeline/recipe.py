@@ -6,6 +6,9 @@
 `guard` flag); the older single mapping form is read as one set named "eval". A `--set`
 override under `eval.` applies to every set (`eval.max_new_tokens=32`), or to one set when its
 name comes first (`eval.dna.n=2`).
+
+`rounds: K` (iterative DPO, pipeline/run.py) and `train.reference` (previous | base) are
+checked here (check_rounds): K > 1 needs an offline method on sampled data and a plain LoRA.
 """
 
 from __future__ import annotations
@@ -204,22 +207,21 @@ def check_rounds(recipe: Recipe, where: str = "recipe") -> None:
         raise ConfigError(f"{where}: rounds: {k!r}; expected an integer >= 1")
     if k == 1:
         return
-    kind = train_data_kind(recipe)
-    if kind not in ("pairs", "scored"):
-        raise ConfigError(
-            f"{where}: rounds: {k}; rounds > 1 need training data the model samples "
-            f"(train.data pairs or scored, an offline method), not {kind} ({t.method})"
-        )
-    if not t.resolved.lora.enabled:
-        raise ConfigError(
-            f"{where}: rounds: {k}; rounds > 1 continue a LoRA adapter: "
-            "train.config.lora.enabled must be true"
-        )
-    if t.resolved.lora.init != "default":
-        raise ConfigError(
-            f"{where}: rounds: {k}; rounds > 1 continue the last round's adapter, so "
-            f"train.config.lora.init must be default, not {t.resolved.lora.init!r}"
-        )
+    kind, lora = train_data_kind(recipe), t.resolved.lora
+    for ok, problem in (
+        (
+            kind in ("pairs", "scored"),
+            f"need data the model samples (train.data pairs or scored, "
+            f"an offline method), not {kind} ({t.method})",
+        ),
+        (lora.enabled, "continue a LoRA adapter: train.config.lora.enabled must be true"),
+        (
+            lora.init == "default",
+            f"continue an adapter: lora.init must be default, not {lora.init!r}",
+        ),
+    ):
+        if not ok:
+            raise ConfigError(f"{where}: rounds: {k}; rounds > 1 {problem}")
 
 
 # what the train config holds at load in place of the file an earlier stage writes
