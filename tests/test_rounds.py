@@ -234,6 +234,25 @@ def test_rounds_as_a_sweep_axis_share_round_one_and_rank_the_last_round(tmp_path
     assert len(first) == 2 * 7 and len(set(first)) == 7  # round 1 once per distinct stage
 
 
+def test_each_round_adapter_gets_its_own_name_on_an_openai_server(tmp_path):
+    """A vLLM server refuses a second adapter under a name it holds: rounds 1 and 2 (both
+    .../adapter) and a folder trained again in place are loaded under different names; the
+    same folder unchanged keeps its name (a rerun)."""
+    import os
+
+    from posttrain.engines.openai import served_adapter_name
+
+    one, two = tmp_path / "train" / "adapter", tmp_path / "round-2" / "train" / "adapter"
+    for folder in (one, two):
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    names = [served_adapter_name(one), served_adapter_name(two), served_adapter_name(one)]
+    assert names[0] != names[1] and names[0] == names[2]
+    assert all(n.startswith("adapter-") and len(n) == len("adapter-") + 8 for n in names)
+    os.utime(one / "adapter_model.safetensors", ns=(1, 1))  # written again
+    assert served_adapter_name(one) != names[0]
+
+
 # -------------------------------------------- the trainer: init_adapter and its reference
 
 
