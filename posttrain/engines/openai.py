@@ -56,6 +56,19 @@ OPTIONAL = ("return_token_ids", "logprobs", "seed")
 _CONTEXT = re.compile(r"context length|context window|maximum.*tokens|too long", re.IGNORECASE)
 
 
+def served_adapter_name(adapter) -> str:
+    """The name an adapter folder is loaded under: its folder name and 8 hex digits of its
+    resolved path and weight file's (size, mtime). A server keeps every name it loaded and
+    refuses a second load under one name, so two folders both called `adapter` (rounds 1 and 2
+    of `run`, two runs of a sweep) or a folder trained again in place get names of their own."""
+    import hashlib
+
+    path = Path(adapter).resolve()
+    weights = sorted(path.glob("adapter_model.*"))
+    identity = [str(path)] + [[w.name, w.stat().st_size, w.stat().st_mtime_ns] for w in weights]
+    return f"{path.name}-{hashlib.sha256(repr(identity).encode()).hexdigest()[:8]}"
+
+
 class OpenAIEngine:
     name = "openai"
 
@@ -73,7 +86,7 @@ class OpenAIEngine:
         """Requests to `config.base_urls` for `model` (recorded in every row; the servers know
         it as config.served_model, else by that name). The servers own the weights:
         `dtype` and `trust_remote_code` are theirs to set; an `adapter` (a PEFT folder they can
-        read) is loaded at runtime and served under its folder name."""
+        read) is loaded at runtime and served under served_adapter_name."""
         c = config
         if not c.base_urls:
             raise ConfigError("openai engine: no base URL given")
@@ -105,7 +118,7 @@ class OpenAIEngine:
                         " set engine.served_model to the server's model name"
                     )
         if adapter is not None:  # a PEFT folder the servers can read, served under its name
-            self.load_adapter(str(adapter), name=Path(adapter).name)
+            self.load_adapter(str(adapter), name=served_adapter_name(adapter))
             self.model_id = f"{model}+{adapter}"
 
     def __repr__(self) -> str:

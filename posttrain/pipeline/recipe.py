@@ -6,6 +6,9 @@
 `guard` flag); the older single mapping form is read as one set named "eval". A `--set`
 override under `eval.` applies to every set (`eval.max_new_tokens=32`), or to one set when its
 name comes first (`eval.dna.n=2`).
+
+`rounds: K` (iterative DPO, pipeline/run.py) and `train.reference` (previous | base) are
+checked here (check_rounds): K > 1 needs an offline method on sampled data and a plain LoRA.
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ class TrainStage:
     data: str = "auto"
     nproc: int = 1  # > 1: launched as torchrun --nproc_per_node NPROC
     config: dict = field(default_factory=dict)  # TrainConfig keys, e.g. {lr: 5e-5, beta: 0.1}
+    # the DPO family's reference in round r > 1 (recipe `rounds`): previous (round r-1's policy:
+    # base + its adapter; the default) | base. Unset: previous.
+    reference: str | None = None
     # the typed TrainConfig / OnlineConfig resolved from `config` at load, with a placeholder for
     # what earlier stages provide (the data file); train_config() fills it in. Not a field (so
     # not a key, not in recipe.yaml or any digest).
@@ -96,6 +102,9 @@ class Recipe:
     demos: DemosStage = field(default_factory=DemosStage)
     train: TrainStage = field(default_factory=TrainStage)
     eval: list[EvalSet] = field(default_factory=lambda: [EvalSet()])
+    # iterative rounds: round r samples with round r-1's trained adapter, verifies, pairs and
+    # trains from that adapter (pipeline/run.py); 1: one round, as without the key
+    rounds: int = 1
 
 
 DATA_KINDS = ("auto", "pairs", "scored", "demonstrations")
@@ -187,8 +196,54 @@ def resolve(recipe: Recipe, where: str = "recipe") -> Recipe:
             stage.resolved_engine = stage_engine(recipe, stage)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+    for key in SET_BY_ROUNDS:  # before the train config checks them as paths or names
+        if key in recipe.train.config:
+            raise ConfigError(
+                f"{where}: train.config.{key}: set by the run for each round; use "
+                "rounds and train.reference (previous | base)"
+            )
     recipe.train.resolved = resolve_train(recipe, where)
+    check_rounds(recipe, where)
     return recipe
+
+
+REFERENCES = {"previous": "init", "base": "base"}  # train.reference -> TrainConfig.reference
+SET_BY_ROUNDS = ("init_adapter", "reference")  # TrainConfig keys the pipeline sets
+
+
+def check_rounds(recipe: Recipe, where: str = "recipe") -> None:
+    """`rounds` and `train.reference`: values, and a method and data that rounds can repeat
+    (an offline method on what the model samples, continuing a LoRA adapter)."""
+    t, k = recipe.train, recipe.rounds
+    if t.reference is not None:
+        if t.reference not in REFERENCES:
+            raise ConfigError(
+                f"{where}: train.reference: {t.reference!r}; expected {' | '.join(REFERENCES)}"
+            )
+        if not getattr(t.resolved, "preference", False):
+            raise ConfigError(
+                f"{where}: train.reference: {t.reference!r}; method {t.method!r} has no "
+                "reference model (only the DPO family)"
+            )
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"{where}: rounds: {k!r}; expected an integer >= 1")
+    if k == 1:
+        return
+    kind, lora = train_data_kind(recipe), t.resolved.lora
+    for ok, problem in (
+        (
+            kind in ("pairs", "scored"),
+            f"need data the model samples (train.data pairs or scored, "
+            f"an offline method), not {kind} ({t.method})",
+        ),
+        (lora.enabled, "continue a LoRA adapter: train.config.lora.enabled must be true"),
+        (
+            lora.init == "default",
+            f"continue an adapter: lora.init must be default, not {lora.init!r}",
+        ),
+    ):
+        if not ok:
+            raise ConfigError(f"{where}: rounds: {k}; rounds > 1 {problem}")
 
 
 # what the train config holds at load in place of the file an earlier stage writes
@@ -248,11 +303,13 @@ def resolve_train(recipe: Recipe, where: str = "recipe"):
     )
 
 
-def train_config(recipe: Recipe, data: str):
+def train_config(recipe: Recipe, data: str, init_adapter: str | None = None):
     """The train config the train stage runs: the one resolved at load, with the file the
     earlier stages wrote (`data`) and dtype 'auto' resolved for this machine's training device
     (as stage_dtype, and for the same reason: a shared sweep store must not mix bf16 and fp32
-    adapters under one digest). Checked again with the real values; not parsed again."""
+    adapters under one digest). In a round r > 1, `init_adapter` is round r-1's adapter and
+    the reference follows train.reference. Checked again with the real values; not parsed
+    again."""
     import copy
 
     from posttrain.models import resolve_device, resolve_dtype
@@ -265,6 +322,10 @@ def train_config(recipe: Recipe, data: str):
         cfg.chord.demos = data
     elif kind != "problems":
         cfg.data = data
+    if init_adapter is not None:
+        cfg.init_adapter = str(init_adapter)
+        if cfg.preference:
+            cfg.reference = REFERENCES[recipe.train.reference or "previous"]
     check_config(cfg, "train.config")
     return cfg
 

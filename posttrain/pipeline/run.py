@@ -8,6 +8,11 @@ sample -> verify -> pairs -> train -> for each eval set: eval base and trained o
 -> compare. (`train.data: demonstrations` replaces the first three by `demos`; online methods
 train on the sample problems.) Folders: OUT/sample, verify, pairs (or demos), train, and
 OUT/eval/SET/{base,trained,compare} per evaluation set; OUT/report.json holds the table.
+With `rounds: K > 1` (iterative DPO) round r > 1 samples with round r-1's adapter, verifies,
+pairs, trains from that adapter (the DPO family's reference: round r-1's policy, or the base
+with train.reference: base) and evaluates, under OUT/round-r/{sample,...,eval/SET/compare}; its
+compare stage also holds the paired comparison with round r-1. Round 1 keeps the folders and
+digests of a run without rounds, and a second table shows one row per round.
 A stage that finished writes `done.json` (its settings and wall time) and is skipped next time,
 so a killed run resumes where it stopped; the stages themselves resume inside. Running the same
 folder with changed settings for a finished stage is an error rather than a silent mix of two
@@ -19,7 +24,7 @@ checked before the first stage.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from posttrain.config import ConfigError, save_config
@@ -46,6 +51,21 @@ STAGES = ("sample", "verify", "pairs", "train")  # then eval/SET/{base,trained,c
 REGRESSION_EXIT = 3
 
 
+@dataclass
+class Round:
+    """A finished round's training: its number, adapter folder and train stage digest."""
+
+    number: int
+    adapter: Path
+    digest: str
+
+
+def round_prefix(number: int) -> str:
+    """Where round `number`'s stages live under OUT: round 1 where a run without rounds puts
+    them (its folders and digests unchanged), round r > 1 under round-r/."""
+    return "" if number == 1 else f"round-{number}/"
+
+
 def train_block(recipe: Recipe) -> TrainStage:
     """The recipe's `train:` block as it keys the train stage: its config taking the recipe's
     dtype unless it names one, 'auto' resolved for this machine's training device (as
@@ -63,8 +83,14 @@ def train_block(recipe: Recipe) -> TrainStage:
     )
 
 
-def prepare_data(recipe: Recipe, stage: StageRunner, progress: bool = True):
-    """Run the stages that make the training data; (path or problem source, its digest)."""
+def prepare_data(
+    recipe: Recipe,
+    stage: StageRunner,
+    progress: bool = True,
+    previous: Round | None = None,
+):
+    """Run the stages that make the training data; (path or problem source, its digest).
+    `previous`: in round r > 1, round r-1, whose adapter samples (stages under round-r/)."""
     from posttrain.pairs import PairsConfig, make_pairs
     from posttrain.records import write_jsonl
     from posttrain.tasks import load_problems
@@ -89,19 +115,24 @@ def prepare_data(recipe: Recipe, stage: StageRunner, progress: bool = True):
         )
         return str(folder / "demos.jsonl"), d
 
+    prefix = round_prefix(previous.number + 1) if previous else ""
+    adapter = {"adapter": previous.digest} if previous else {}  # round 1: as without rounds
     folder, d = stage(
-        "sample",
+        prefix + "sample",
         {
             "model": r.model,
             "dtype": stage_dtype(r, s),
             "seed": r.seed,
             **asdict(s),
             "engine": engine_settings(engine_of(r, s)),
+            **adapter,
         },
-        lambda f: sample_stage(r, f, progress),
+        lambda f: sample_stage(
+            r, f, progress, adapter=previous.adapter.absolute() if previous else None
+        ),
     )
     folder, d = stage(
-        "verify",
+        prefix + "verify",
         {"input": d},
         lambda f: verify_file(folder / "samples.jsonl", f / "scored.jsonl", progress=progress),
     )
@@ -109,7 +140,7 @@ def prepare_data(recipe: Recipe, stage: StageRunner, progress: bool = True):
     if kind == "scored":
         return str(scored), d
     folder, d = stage(
-        "pairs",
+        prefix + "pairs",
         {**asdict(r.pairs), "seed": r.seed, "input": d},
         lambda f: make_pairs(
             PairsConfig(
@@ -142,9 +173,7 @@ def run_recipe(
 ) -> dict:
     """Run every stage of `recipe` into `out` (shared stages under `store`); the report.
     With wait=False a stage another worker is computing raises stages.StageBusy."""
-    from posttrain.evaluation.compare import compare_items
-    from posttrain.records import read_jsonl
-    from posttrain.pipeline.runtable import format_run_table, set_row
+    from posttrain.pipeline.runtable import format_rounds_table, format_run_table
     from posttrain.train.stage import train_stage
 
     if recipe.train.resolved is None:  # a Recipe built by hand, not by load_recipe
@@ -154,57 +183,51 @@ def run_recipe(
     save_config(recipe, out / "recipe.yaml")
     stage = StageRunner(out, store, stale_after=stale_after, wait=wait)
     r = recipe
-    data, data_digest = prepare_data(r, stage, progress)
-    train_folder, train_digest = stage(
-        "train",
-        {
+    bases = {}  # eval set -> (folder, digest) of its base evaluation
+    trained = {es.name: [] for es in r.eval}  # eval set -> per round (folder, digest)
+    per_round = {es.name: [] for es in r.eval}  # eval set -> per round its results
+    previous: Round | None = None
+    for number in range(1, r.rounds + 1):
+        prefix = round_prefix(number)
+        data, data_digest = prepare_data(r, stage, progress, previous)
+        settings = {
             "model": r.model,
             "seed": r.seed,
             "method": r.train.method,
             "config": train_block(r).config,
             "data": data_digest,
-        },
-        lambda f: train_stage(train_config(r, data), f, nproc=r.train.nproc, progress=progress),
-    )
-    adapter = train_folder / "adapter"
-
-    sets = []
-    for es in r.eval:
-        settings = eval_settings(r, es)
-        base, d_base = stage(
-            f"eval/{es.name}/base",
+        }
+        # absolute: round r's train config records it, and a resume may run from another cwd
+        init = previous.adapter.absolute() if previous else None
+        if previous:  # round 1: the settings of a run without rounds
+            settings["init"] = previous.digest
+            if r.train.resolved.preference:
+                settings["reference"] = r.train.reference or "previous"
+        train_folder, train_digest = stage(
+            prefix + "train",
             settings,
-            lambda f, es=es: eval_set_stage(r, es, None, f, progress),
-        )
-        trained, d_trained = stage(
-            f"eval/{es.name}/trained",
-            {**settings, "adapter": train_digest},
-            lambda f, es=es: eval_set_stage(r, es, adapter, f, progress),
-        )
-        cmp_folder, _ = stage(
-            f"eval/{es.name}/compare",
-            {"base": d_base, "trained": d_trained},
-            lambda f, b=base, t=trained: write_json(
-                f / "compare.json",
-                compare_items(read_jsonl(b / "items.jsonl"), read_jsonl(t / "items.jsonl")),
+            lambda f, data=data, init=init: train_stage(
+                train_config(r, data, init), f, nproc=r.train.nproc, progress=progress
             ),
         )
-        b_sum = json.loads((base / "summary.json").read_text())
-        t_sum = json.loads((trained / "summary.json").read_text())
-        c = json.loads((cmp_folder / "compare.json").read_text())
-        sets.append(
-            {
-                "name": es.name,
-                "guard": es.guard,
-                "problems": es.problems,
-                "base": b_sum,
-                "trained": t_sum,
-                "compare": c,
-                "row": set_row(es.name, es.guard, b_sum, t_sum, c),
-            }
-        )
+        current = Round(number, train_folder / "adapter", train_digest)
+        for es in r.eval:
+            if es.name not in bases:
+                bases[es.name] = stage(
+                    f"eval/{es.name}/base",
+                    eval_settings(r, es),
+                    lambda f, es=es: eval_set_stage(r, es, None, f, progress),
+                )
+            entry = evaluate_round(
+                r, es, stage, current, bases[es.name], trained[es.name], progress
+            )
+            per_round[es.name].append(entry)
+        previous = current
+
+    sets = [finish_set(es, per_round[es.name]) for es in r.eval]
     rows = [s["row"] for s in sets]
     report = {
+        "rounds": r.rounds,
         "sets": sets,
         "table": rows,
         "regression": any(x["regression"] for x in rows),
@@ -216,8 +239,77 @@ def run_recipe(
     }
     write_json(out / "report.json", report)
     print("\n" + format_run_table(rows))
+    if r.rounds > 1:
+        print("\nper round (each against the base and against the round before):")
+        print(format_rounds_table([row for s in sets for row in s["round_rows"]]))
     print(format_times(stage.times))
     return report
+
+
+def evaluate_round(
+    r: Recipe, es, stage: StageRunner, current: Round, base, earlier: list, progress: bool
+) -> dict:
+    """Evaluate round `current`'s adapter on set `es` and compare it, on the same items, with
+    the base (`base`: its folder and digest) and with the round before (`earlier`: the
+    (folder, digest) of every earlier round on this set; current's is appended)."""
+    from posttrain.evaluation.compare import compare_items
+    from posttrain.records import read_jsonl
+
+    prefix = round_prefix(current.number)
+    b_folder, d_base = base
+    settings = eval_settings(r, es)
+    adapter = current.adapter
+    folder, digest = stage(
+        f"{prefix}eval/{es.name}/trained",
+        {**settings, "adapter": current.digest},
+        lambda f: eval_set_stage(r, es, adapter, f, progress),
+    )
+    prev_folder, d_prev = earlier[-1] if earlier else (b_folder, d_base)
+    earlier.append((folder, digest))
+
+    def compare(f):
+        items = read_jsonl(folder / "items.jsonl")
+        write_json(f / "compare.json", compare_items(read_jsonl(b_folder / "items.jsonl"), items))
+        if current.number > 1:
+            against = read_jsonl(prev_folder / "items.jsonl")
+            write_json(f / "compare-previous.json", compare_items(against, items))
+
+    # round 1: the compare stage of a run without rounds (its previous is the base)
+    extra = {"previous": d_prev} if current.number > 1 else {}
+    cmp_folder, _ = stage(
+        f"{prefix}eval/{es.name}/compare",
+        {"base": d_base, "trained": digest, **extra},
+        compare,
+    )
+    c = json.loads((cmp_folder / "compare.json").read_text())
+    name = "compare-previous.json" if current.number > 1 else "compare.json"
+    return {
+        "round": current.number,
+        "trained_stage": f"{prefix}eval/{es.name}/trained",
+        "trained": json.loads((folder / "summary.json").read_text()),
+        "compare": c,
+        "compare_previous": json.loads((cmp_folder / name).read_text()),
+        "base": json.loads((b_folder / "summary.json").read_text()),
+    }
+
+
+def finish_set(es, rounds: list[dict]) -> dict:
+    """A set's entry of report.json: the last round against the base (as a run without rounds
+    reports it), and one row per round."""
+    from posttrain.pipeline.runtable import round_rows, set_row
+
+    last = rounds[-1]
+    return {
+        "name": es.name,
+        "guard": es.guard,
+        "problems": es.problems,
+        "base": last["base"],
+        "trained": last["trained"],
+        "compare": last["compare"],
+        "trained_stage": last["trained_stage"],
+        "row": set_row(es.name, es.guard, last["base"], last["trained"], last["compare"]),
+        "round_rows": round_rows(es.name, last["base"], rounds),
+    }
 
 
 def format_times(times: dict[str, tuple[float, bool]]) -> str:

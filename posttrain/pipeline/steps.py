@@ -36,14 +36,15 @@ def stage_dtype(recipe: Recipe, stage: SampleStage | EvalSet) -> str:
     return resolve_dtype(recipe.dtype, resolve_device(engine_of(recipe, stage).device, say=False))
 
 
-def sample_stage(recipe: Recipe, folder: Path, progress: bool = True) -> dict:
-    """Sample `recipe.sample.n` answers per training problem into FOLDER/samples.jsonl."""
+def sample_stage(recipe: Recipe, folder: Path, progress: bool = True, adapter=None) -> dict:
+    """Sample `recipe.sample.n` answers per training problem into FOLDER/samples.jsonl, with
+    the model plus `adapter` (a round's trained LoRA) when given."""
     from posttrain.engines import SamplingParams
     from posttrain.sampling import sample_problems
     from posttrain.tasks import load_problems
 
     s = recipe.sample
-    engine = make_stage_engine(recipe, s)
+    engine = make_stage_engine(recipe, s, adapter=adapter)
     params = SamplingParams(
         n=s.n,
         temperature=s.temperature,

@@ -245,12 +245,14 @@ def build_table(out: Path, keys: list[str], runs: list[SweepRun]) -> dict:
             link = out / "runs" / rid / "eval" / name / "base"  # -> stages/eval-NAME-base-DIGEST
             key = Path(os.readlink(link)).name if link.is_symlink() else "base"
             bases.setdefault(key, entry["base"])
+            trained = entry.get("trained_stage", f"eval/{name}/trained")
             per_run[rid] = {
                 "summary": entry["trained"],
                 "compare": entry["compare"],
                 "base": key,
                 "guard": entry["guard"],
-                "items": read_jsonl(out / "runs" / rid / "eval" / name / "trained" / "items.jsonl"),
+                # the last round's evaluation (rounds > 1: under round-K/)
+                "items": read_jsonl(out / "runs" / rid / trained / "items.jsonl"),
             }
         if base is not None:
             sets.append(set_table(name, base, per_run, bases))

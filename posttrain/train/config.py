@@ -241,6 +241,13 @@ class TrainConfig(BaseTrainConfig):
     ref_batch_size: int = 8  # pairs per no-grad forward of the reference pass (padding
     #                          longest; with padding none each sequence runs alone)
     ref_cache: bool = True  # keep reference log-probs beside the data for the next run
+    # a LoRA adapter folder (PEFT) the policy starts from instead of a fresh adapter (an
+    # iterative DPO round continues the last round's adapter); its r, alpha, rslora and targets
+    # must be this config's lora settings
+    init_adapter: str = ""
+    # the DPO family's reference model: init (the policy as training starts: base +
+    # init_adapter, the base when there is none) | base (the base model, without init_adapter)
+    reference: str = "init"
 
     @property
     def preference(self) -> bool:
@@ -272,6 +279,7 @@ class TrainConfig(BaseTrainConfig):
             bad("sft_aggregation", self.sft_aggregation, "token_mean | sequence_mean | sum")
         if self.beta <= 0:
             bad("beta", self.beta, "> 0")
+        self.check_start()
         if self.preference and self.lora.dropout:
             # The reference log-probs come from a pass without dropout; a policy with dropout
             # would differ from it by noise alone (train/modes.py), so it runs without too.
@@ -281,6 +289,27 @@ class TrainConfig(BaseTrainConfig):
                 f"0 for {self.method}: the DPO family runs "
                 "the policy without dropout, as its reference pass",
             )
+
+    def check_start(self) -> None:
+        """init_adapter and reference: what the policy and the reference start from."""
+        bad = self.bad
+        if self.reference not in REFERENCES:
+            bad("reference", self.reference, " | ".join(REFERENCES))
+        if self.reference != "init" and not self.preference:
+            bad("reference", self.reference, f"init: {self.method} has no reference model")
+        if not self.init_adapter:
+            return
+        if not self.lora.enabled:
+            bad("init_adapter", self.init_adapter, "unset with lora.enabled=false")
+        if self.lora.init != "default":
+            bad("lora.init", self.lora.init, "default with init_adapter (the adapter is loaded)")
+        from pathlib import Path
+
+        if not (Path(self.init_adapter) / "adapter_config.json").is_file():
+            bad("init_adapter", self.init_adapter, "a LoRA adapter folder with adapter_config.json")
+
+
+REFERENCES = ("init", "base")
 
 
 def train_config(

@@ -177,13 +177,33 @@ def peft_targets_as_named():
         conversion.convert_peft_config_for_transformers = original
 
 
-def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
+def apply_lora(model: nn.Module, cfg: LoraConfig, init_adapter: str | None = None) -> nn.Module:
     """The model with a LoRA adapter (a PeftModel), or the model itself for full fine-tuning.
+    `init_adapter`: a PEFT folder whose weights the adapter starts from (trainable), instead
+    of a fresh one; its settings must be `cfg`'s (check_init_adapter).
 
     LoRA weights are kept in fp32 even on a bf16 model (PEFT's autocast_adapter_dtype): AdamW
     steps of ~lr * 1 on bf16 weights would round away.
     """
     cfg.check()
+    if init_adapter:
+        from peft import PeftModel
+
+        check_init_adapter(model, cfg, init_adapter)
+        modules, _ = lora_targets(model, cfg.targets)
+        with peft_targets_as_named():
+            loaded = PeftModel.from_pretrained(
+                model, str(init_adapter), is_trainable=True, autocast_adapter_dtype=True
+            )
+        found, _ = adapted_modules(loaded)
+        if found != set(modules):
+            odd = sorted(found ^ set(modules))
+            raise ConfigError(
+                f"init_adapter: {init_adapter}: it adapts other modules than lora.targets "
+                f"{cfg.targets!r} selects ({len(odd)} differ, e.g. {odd[0]!r}); train with the "
+                "adapter's lora settings"
+            )
+        return loaded
     if not cfg.enabled and cfg.targets == NEW_LAYERS:  # full fine-tuning of the new layers
         from posttrain.expand.depth import select_new_layers_for_full_finetuning
 
@@ -216,6 +236,43 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     )
     with peft_targets_as_named():
         return get_peft_model(model, peft_cfg, autocast_adapter_dtype=True)
+
+
+def check_init_adapter(model: nn.Module, cfg: LoraConfig, path: str) -> None:
+    """The adapter at `path` must be one `cfg` would create (r, alpha, rslora, dropout): a
+    loaded adapter whose settings differ would silently override the config's. ConfigError
+    naming the first difference. (Its targets are checked once loaded: adapted_modules.)"""
+    import json
+    from pathlib import Path
+
+    saved = json.loads((Path(path) / "adapter_config.json").read_text())
+    expected = {
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "use_rslora": cfg.rslora,
+        "lora_dropout": cfg.dropout,
+    }
+    for key, want in expected.items():
+        if saved.get(key) != want:
+            raise ConfigError(
+                f"init_adapter: {path}: its {key} is {saved.get(key)!r} but the lora settings "
+                f"give {want!r}; train with the adapter's lora settings"
+            )
+
+
+def adapted_modules(peft_model: nn.Module) -> tuple[set[str], set[str]]:
+    """(module names, parameter names) a loaded PeftModel adapts, named as in the base model."""
+    modules, parameters = set(), set()
+    for name, m in peft_model.named_modules():
+        if not hasattr(m, "lora_A") or not len(m.lora_A):
+            continue
+        name = name.removeprefix("base_model.model.")
+        names = getattr(m, "parameter_name", None)  # PEFT's ParamWrapper (target_parameters)
+        if names:
+            parameters.add(f"{name}.{names}")
+        else:
+            modules.add(name)
+    return modules, parameters
 
 
 def adapter_input_as_is(model: nn.Module) -> int:

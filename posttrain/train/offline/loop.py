@@ -6,7 +6,8 @@
 
 The loop, top to bottom: read and tokenise the data; load the model; for the DPO family compute
 the reference log-probs once (no grad, before any adapter exists; cached beside the data); add
-LoRA (or train everything); wrap it for the processes (parallel/processes.py: ddp | fsdp2 |
+LoRA (or train everything; or continue `init_adapter`, whose policy is then the reference
+unless `reference: base`); wrap it for the processes (parallel/processes.py: ddp | fsdp2 |
 deepspeed) and build the optimizer over the wrapped parameters (set-up and tear-down shared with
 the online loop: train/skeleton.py); then for each optimizer step take its global batch, run this
 process's micro-batches (padding longest: one left-padded forward per micro-batch, chosen and
@@ -222,7 +223,8 @@ def train(
 def _model_and_reference(cfg, procs, model, examples, pad: int, out: Path):
     """The model (loaded unless given; full fine-tuning in bf16: fp32 master weights, bf16
     compute, processes.precision), the DPO family's reference log-probs (no grad, before any
-    adapter exists; cached beside the data), MoE set-up, then LoRA (or all weights trainable):
+    adapter exists, or with init_adapter as the reference; cached beside the data), MoE set-up,
+    then LoRA (fresh, or from init_adapter; or all weights trainable):
     (model, reference table or None, moe, dtype, attention, seconds of the reference pass)."""
     device = procs.device
     dtype = resolve_dtype(cfg.dtype, device)
@@ -233,13 +235,21 @@ def _model_and_reference(cfg, procs, model, examples, pad: int, out: Path):
     longest = max((e.length for e in examples), default=0)
     attention = set_attention(model, cfg.attention, device.type, longest)
     model.to(device)
-    t_ref = time.perf_counter()
-    ref = (
-        reference_table(model, examples, cfg, procs, pad_id=pad, dtype=dtype, out=out)
-        if cfg.preference
-        else None
-    )
-    reference_seconds = time.perf_counter() - t_ref
+    # the reference: the base model, before any adapter exists; or, from init_adapter with
+    # reference init, the policy as training starts (base + that adapter, once it is loaded)
+    reference_first = not (cfg.init_adapter and cfg.reference == "init")
+    ref, reference_seconds = None, 0.0
+
+    def reference(m):
+        t_ref = time.perf_counter()
+        adapter = cfg.init_adapter if not reference_first else None
+        table = reference_table(
+            m, examples, cfg, procs, pad_id=pad, dtype=dtype, out=out, adapter=adapter
+        )
+        return table, time.perf_counter() - t_ref
+
+    if cfg.preference and reference_first:
+        ref, reference_seconds = reference(model)
     moe = MoeRun.setup(
         model,
         cfg.router_aux_loss_coef,
@@ -249,9 +259,11 @@ def _model_and_reference(cfg, procs, model, examples, pad: int, out: Path):
         seed=cfg.seed,
         pad_id=pad,
     )
-    model = apply_lora(model, cfg.lora)
+    model = apply_lora(model, cfg.lora, init_adapter=cfg.init_adapter or None)
     if autocast and cfg.lora.enabled:
         adapter_input_as_is(model)  # bf16 activations into the fp32 adapter, under autocast
+    if cfg.preference and not reference_first:
+        ref, reference_seconds = reference(model)  # exactly the policy's step-1 forward
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     say(procs, format_parameter_report(parameter_report(model)))

@@ -87,6 +87,15 @@ def model_fingerprint(model_path: str) -> dict | None:
     }
 
 
+def adapter_fingerprint(folder: str | os.PathLike) -> dict:
+    """SHA-256 of every file of an adapter folder, by name."""
+    return {
+        f.name: hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(Path(folder).iterdir())
+        if f.is_file()
+    }
+
+
 def cache_key(
     model_path: str,
     dtype: str,
@@ -95,13 +104,17 @@ def cache_key(
     *,
     layout: str = "longest",
     attention: str | None = None,
+    adapter: str | None = None,
 ) -> str | None:
     """SHA-256 over the model's fingerprint, dtype, device type, how sequences were batched
-    (offline.layout) and the attention kernel (bf16 values depend on both), and every token
-    id; None when the model cannot be fingerprinted (then nothing is cached)."""
+    (offline.layout) and the attention kernel (bf16 values depend on both), the content of
+    every file of `adapter` (a LoRA folder the reference includes; small, so read whole), and
+    every token id; None when the model cannot be fingerprinted (then nothing is cached)."""
     fingerprint = model_fingerprint(model_path)
     if fingerprint is None:
         return None
+    if adapter is not None:
+        fingerprint = {**fingerprint, "adapter": adapter_fingerprint(adapter)}
     h = hashlib.sha256()
     h.update(
         json.dumps(

@@ -30,12 +30,14 @@ def reference_table(
     pad_id: int,
     dtype: str,
     out: Path,
+    adapter: str | None = None,
 ) -> torch.Tensor:
     """(N, 2) reference log-probs, read from the cache beside the data or computed once.
 
     Called before the adapter exists, so the model is exactly the reference (for PiSSA / OLoRA
-    too, whose initialisation changes the base weights). Each process computes every P-th pair
-    and the parts are gathered.
+    too, whose initialisation changes the base weights); or, with `adapter` (the init_adapter
+    folder, loaded into `model`), on the policy as training starts, the adapter's files then
+    part of the cache key. Each process computes every P-th pair and the parts are gathered.
     """
     how = layout(cfg, accelerator.device)
     key = (
@@ -46,6 +48,7 @@ def reference_table(
             accelerator.device.type,
             layout=how,
             attention=getattr(model.config, "_attn_implementation", None),
+            adapter=adapter,
         )
         if cfg.ref_cache
         else None
