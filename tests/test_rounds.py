@@ -489,3 +489,23 @@ def test_two_real_rounds_resume_in_round_two(coin_model_dir, tmp_path, capsys):
     assert read_jsonl(out / "round-2" / "eval" / "one" / "trained" / "items.jsonl") == items
     assert again["sets"][0]["round_rows"] == first["sets"][0]["round_rows"]
     assert "per round" in said
+
+
+def test_a_run_saved_before_a_setting_existed_still_resumes(tmp_path):
+    """A config.yaml written before `init_adapter` (top level) and `moe.replay` (nested) existed
+    resumes when the run keeps their defaults, and refuses when a value differs from them."""
+    import yaml
+
+    from posttrain.config import to_dict
+    from posttrain.train.parallel.checkpoint import check_resumable
+
+    from posttrain.train.config import TrainConfig
+
+    cfg = TrainConfig(method="dpo")
+    saved = to_dict(cfg)
+    saved.pop("init_adapter")
+    saved["moe"].pop("replay")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    check_resumable(cfg, tmp_path)
+    with pytest.raises(ConfigError, match="init_adapter: None -> '/x'"):
+        check_resumable(TrainConfig(method="dpo", init_adapter="/x"), tmp_path)

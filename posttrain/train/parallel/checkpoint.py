@@ -186,6 +186,10 @@ def check_resumable(cfg, out: str | os.PathLike, may_change: set[str] = frozense
     if not saved_path.exists():
         return
     saved, now = load_yaml(saved_path), to_dict(cfg)
+    # a key the saved file lacks was added to posttrain after that run started: the run used
+    # what the key's default does, so only a value other than the default is a change
+    if _constructible(type(cfg)):
+        _fill_missing(saved, to_dict(type(cfg)()))
     changed = sorted(
         k for k in set(saved) | set(now) if k not in may_change and saved.get(k) != now.get(k)
     )
@@ -195,6 +199,25 @@ def check_resumable(cfg, out: str | os.PathLike, may_change: set[str] = frozense
             f"{out}: cannot resume with different settings ({details}); use the "
             "same config or another --out"
         )
+
+
+def _fill_missing(saved: dict, defaults: dict) -> None:
+    """Give `saved` the default of every key (nested ones too) it lacks."""
+    for k, default in defaults.items():
+        if k not in saved:
+            saved[k] = default
+        elif isinstance(saved[k], dict) and isinstance(default, dict):
+            _fill_missing(saved[k], default)
+
+
+def _constructible(cls) -> bool:
+    """Whether the config class can be built from its defaults alone."""
+    import dataclasses
+
+    return dataclasses.is_dataclass(cls) and all(
+        f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        for f in dataclasses.fields(cls)
+    )
 
 
 def start_run(
