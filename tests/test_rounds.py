@@ -507,5 +507,5 @@ def test_a_run_saved_before_a_setting_existed_still_resumes(tmp_path):
     saved["moe"].pop("replay")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
     check_resumable(cfg, tmp_path)
-    with pytest.raises(ConfigError, match="init_adapter: None -> '/x'"):
+    with pytest.raises(ConfigError, match="init_adapter: '' -> '/x'"):
         check_resumable(TrainConfig(method="dpo", init_adapter="/x"), tmp_path)
