@@ -1,0 +1,461 @@
+"""Will this training run fit? Memory per GPU from a model config alone (no weights, no torch).
+
+    posttrain plan --model tests/data/qwen3-235b-a22b --method dpo --max-length 8192 \
+        --strategy fsdp2 --gpus-per-node 8 --nodes 4
+    python -c "from posttrain.plan import plan; help(plan)"
+
+What one training process holds at its peak, in the trainer's own precision rules
+(train/parallel/processes.py `precision`):
+- weights: LoRA keeps the frozen base in the compute dtype (bf16: 2 bytes a parameter); full
+  fine-tuning keeps fp32 master weights (4 bytes). fsdp2 divides them by the number of
+  processes, and then holds the unsharded copy of the layers it is computing (the current and
+  the prefetched next decoder layer) plus the root module (embeddings, final norm, head), which
+  FSDP2 keeps gathered from forward to backward. ddp holds every weight in every process.
+- trainable gradients: 4 bytes a trainable parameter (LoRA adapters and full fine-tuning
+  master weights are fp32); sharded by fsdp2; ddp adds its gradient buckets (a second copy).
+- AdamW state: exp_avg and exp_avg_sq, 8 bytes a trainable parameter; sharded by fsdp2.
+- activations: what autograd keeps for backward, per token and decoder layer (below), for the
+  sequences of one micro-batch (a DPO-family micro-batch of m pairs is 2m sequences: chosen and
+  rejected are both alive until the loss). With gradient checkpointing, each layer keeps its
+  input (H values a token) and one layer's activations exist again while it is recomputed.
+- logits: the trainer's fused head (train/forward.py FUSED_HEAD_MODELS, losses/logprobs.py)
+  never makes the (tokens, vocab) logits: it keeps the final hidden states of labelled tokens,
+  at most KEEP_BYTES (64 MiB) of logits for backward, and works on float32 chunks of
+  CHUNK_ELEMENTS (32 MiB; two at a time in backward). Other model types hold the whole
+  (tokens, vocab) logits in the compute dtype plus one float32 chunk.
+- reference pass: the DPO family's reference log-probs are computed once before training with
+  no gradient (offline/reference.py): its peak is the weights plus one layer's forward
+  activations of one sequence, reported as its own phase, never added to the training peak.
+A colocated vLLM takes its share (gpu_memory_utilization) of each GPU; a CUDA process adds its
+context and allocator slack (CUDA_OVERHEAD_GIB + ALLOCATOR_SLACK of the rest).
+
+Activation bytes a token and layer (a = 2 for bf16 compute, 4 for fp32), for the frozen-base
+LoRA or full step alike, with flash / memory-efficient attention (no T x T term) unless
+`attention="eager"` (then heads x T x T x (4 + a) a layer and sequence: fp32 softmax + its copy):
+  two RMSNorms, each an fp32 copy of its input (4H) and its output (aH) -> 2(4 + a)H
+  attention: q, k, v after rope, the output and the o_proj input -> a(3q + 2kv); q/k norms
+  (Qwen3) add fp32 copies 4(q + kv)
+  dense SwiGLU MLP: gate, up, silu(gate), silu(gate) * up -> 4aI
+  MoE MLP (per routed token, k experts): the gathered input and weighted output (2aH), the same
+  four I-sized tensors -> k(2aH + 4aI), plus the router's fp32 logits and softmax (8E)
+Parameter counts are exact for the listed families (tests/test_plan.py checks them against
+transformers and PEFT on tiny configs, and the Qwen3-30B-A3B / 235B-A22B totals).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from posttrain.errors import ConfigError, InputError
+
+GIB = 1 << 30
+MIB = 1 << 20
+# losses/logprobs.py's chunking (duplicated here so the planner needs no torch; a test checks)
+CHUNK_ELEMENTS = 1 << 23
+KEEP_BYTES = 64 << 20
+# train/forward.py FUSED_HEAD_MODELS of the families counted here
+FUSED_HEAD = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral"})
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral")
+# GPU memory sizes people plan for, in GiB (as the device reports it)
+GPU_SIZES = {"24 GiB (L4, A10, 4090)": 24, "40 GiB (A100-40)": 40, "48 GiB (L40S, A6000)": 48,
+             "80 GiB (A100-80, H100)": 80, "141 GiB (H200)": 141}  # fmt: skip
+CUDA_OVERHEAD_GIB = 1.0  # CUDA context, cuBLAS / NCCL workspaces
+ALLOCATOR_SLACK = 0.05  # caching-allocator fragmentation, share of the tensors' bytes
+SFT_METHODS = ("sft", "dft", "chord-phi")
+PREFERENCE_METHODS = ("dpo", "ipo", "robust-dpo", "bdpo", "rpo")
+ONLINE_METHODS = ("grpo", "dr-grpo", "dapo", "gspo", "cispo", "chord")
+STRATEGIES = ("ddp", "fsdp2")
+LORA_TARGETS = ("all-linear", "attention", "mlp", "all-router", "experts", "shared-expert")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The numbers of a decoder-only config that memory depends on."""
+
+    model_type: str
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int  # dense MLP width (Mixtral: the expert width)
+    tie: bool
+    qkv_bias: bool
+    qk_norm: bool
+    experts: int = 0  # routed experts per MoE layer (0: dense)
+    top_k: int = 0
+    expert_intermediate: int = 0
+    shared_intermediate: int = 0  # Qwen2-MoE shared expert (with a 1-output gate)
+    moe_layers: tuple[int, ...] = ()
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+def read_config(source) -> dict:
+    """A config dict from a dict, a model folder (its config.json) or a config.json path."""
+    if isinstance(source, dict):
+        return source
+    path = Path(source)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise InputError(f"{source}: no config.json (expected a model folder or a config.json)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: line {e.lineno}: not JSON ({e.msg})") from None
+
+
+def shape_of(config: dict) -> Shape:
+    """Shape from a transformers config dict; ConfigError naming a missing field or a family
+    the planner does not count."""
+    config = config.get("text_config", config)
+    kind = config.get("model_type")
+    if kind not in MODEL_TYPES:
+        raise ConfigError(f"model_type: {kind!r}; the planner counts {', '.join(MODEL_TYPES)}")
+
+    def need(name):
+        if name not in config:
+            raise ConfigError(f"config.json: {name!r} missing (model_type {kind})")
+        return int(config[name])
+
+    hidden, heads, layers = (
+        need("hidden_size"),
+        need("num_attention_heads"),
+        need("num_hidden_layers"),
+    )
+    head_dim = config.get("head_dim") or hidden // heads
+    moe = {}
+    if kind == "mixtral":
+        moe = dict(experts=need("num_local_experts"), top_k=need("num_experts_per_tok"),
+                   expert_intermediate=need("intermediate_size"), moe_layers=tuple(range(layers)))  # fmt: skip
+    elif kind in ("qwen3_moe", "qwen2_moe"):
+        experts = int(config.get("num_experts") or config.get("num_local_experts") or 0)
+        step = int(config.get("decoder_sparse_step", 1) or 1)
+        dense = set(config.get("mlp_only_layers") or ())
+        sparse = tuple(
+            i for i in range(layers) if i not in dense and experts and (i + 1) % step == 0
+        )
+        moe = dict(experts=experts, top_k=need("num_experts_per_tok"),
+                   expert_intermediate=need("moe_intermediate_size"), moe_layers=sparse,
+                   shared_intermediate=int(config.get("shared_expert_intermediate_size") or 0))  # fmt: skip
+    return Shape(
+        model_type=kind,
+        vocab=need("vocab_size"),
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=int(config.get("num_key_value_heads") or heads),
+        head_dim=int(head_dim),
+        intermediate=int(config.get("intermediate_size") or 0),
+        tie=bool(config.get("tie_word_embeddings", kind not in ("llama", "mistral", "mixtral"))),
+        qkv_bias=kind in ("qwen2", "qwen2_moe") or bool(config.get("attention_bias", False)),
+        qk_norm=kind in ("qwen3", "qwen3_moe"),
+        **moe,
+    )
+
+
+def layer_parameters(s: Shape, i: int) -> dict[str, int]:
+    """Parameters of decoder layer i by group: attention, mlp (dense or shared expert), router,
+    experts (all routed experts), experts_active (the top_k a token uses), norms."""
+    H, q, kv = s.hidden, s.q_dim, s.kv_dim
+    attention = H * q + 2 * H * kv + q * H
+    if s.qkv_bias:
+        attention += q + 2 * kv
+    if s.qk_norm:
+        attention += 2 * s.head_dim
+    out = {"attention": attention, "norms": 2 * H, "mlp": 0, "router": 0}
+    out["experts"] = out["experts_active"] = 0
+    if i in s.moe_layers:
+        per_expert = 3 * H * s.expert_intermediate
+        out["router"] = s.experts * H
+        out["experts"] = s.experts * per_expert
+        out["experts_active"] = s.top_k * per_expert
+        if s.shared_intermediate:
+            out["mlp"] = 3 * H * s.shared_intermediate + H  # + the shared expert's gate
+    else:
+        out["mlp"] = 3 * H * s.intermediate
+    return out
+
+
+def parameters(s: Shape) -> dict[str, int]:
+    """{"total", "active" (a token's: top_k experts of each MoE layer), "embeddings", "head",
+    "largest_layer"} parameter counts."""
+    embed = s.vocab * s.hidden
+    head = 0 if s.tie else s.vocab * s.hidden
+    total = active = embed + head + s.hidden  # + the final norm
+    largest = 0
+    for i in range(s.layers):
+        p = layer_parameters(s, i)
+        shared = p["attention"] + p["norms"] + p["mlp"] + p["router"]
+        total += shared + p["experts"]
+        active += shared + p["experts_active"]
+        largest = max(largest, shared + p["experts"])
+    return {"total": total, "active": active, "embeddings": embed, "head": head,
+            "largest_layer": largest}  # fmt: skip
+
+
+def lora_parameters(s: Shape, targets: str, r: int) -> int:
+    """Trainable LoRA parameters of train/lora.py's target names (comma-separated): r (in + out)
+    per adapted linear; a routed-expert parameter (E, out, in) gets r E (in + out)."""
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    unknown = [t for t in names if t not in LORA_TARGETS]
+    if unknown or not names:
+        raise ConfigError(
+            f"lora targets: {targets!r}; the planner counts {', '.join(LORA_TARGETS)}"
+        )
+    H, q, kv = s.hidden, s.q_dim, s.kv_dim
+    n = 0
+    for i in range(s.layers):
+        moe = i in s.moe_layers
+        if "all-linear" in names or "attention" in names:
+            n += r * ((H + q) + 2 * (H + kv) + (q + H))
+        mlp_width = s.shared_intermediate if moe else s.intermediate
+        if ("all-linear" in names or "mlp" in names) and mlp_width:
+            n += 3 * r * (H + mlp_width)  # dense MLP or the shared expert (never routed experts)
+        elif "shared-expert" in names and moe and s.shared_intermediate:
+            n += 3 * r * (H + s.shared_intermediate)
+        if moe and "all-router" in names:
+            n += r * (H + s.experts)
+        if moe and "experts" in names:
+            n += r * s.experts * ((H + 2 * s.expert_intermediate) + (s.expert_intermediate + H))
+    if ("all-router" in names or "experts" in names) and not s.moe_layers:
+        raise ConfigError(f"lora targets: {targets!r}: a {s.model_type} model has no experts")
+    return n
+
+
+@dataclass
+class PlanConfig:
+    """One run's settings. micro_batch: examples (DPO family: pairs) in one forward pass."""
+
+    method: str = "dpo"
+    lora: bool = True
+    lora_r: int = 16
+    lora_targets: str = "all-linear"
+    max_length: int = 8192
+    micro_batch: int = 1
+    strategy: str = "fsdp2"
+    gradient_checkpointing: bool = True
+    gpus_per_node: int = 8
+    nodes: int = 1
+    vllm_share: float = 0.0  # colocated vLLM's gpu_memory_utilization (online methods)
+    dtype: str = "bf16"  # bf16 | fp32
+    attention: str = "flash"  # flash (sdpa / flash-attention: no T x T) | eager
+
+    def check(self) -> None:
+        known = SFT_METHODS + PREFERENCE_METHODS + ONLINE_METHODS
+        if self.method not in known:
+            raise ConfigError(f"method: {self.method!r}; expected one of {', '.join(known)}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy: {self.strategy!r}; the planner knows ddp | fsdp2")
+        for name in ("lora_r", "max_length", "micro_batch", "gpus_per_node", "nodes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: {getattr(self, name)}; expected >= 1")
+        if not 0.0 <= self.vllm_share < 1.0:
+            raise ConfigError(f"vllm_share: {self.vllm_share}; expected a value in [0, 1)")
+        if self.dtype not in ("bf16", "fp32"):
+            raise ConfigError(f"dtype: {self.dtype!r}; expected bf16 | fp32")
+        if self.attention not in ("flash", "eager"):
+            raise ConfigError(f"attention: {self.attention!r}; expected flash | eager")
+
+    @property
+    def processes(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+    @property
+    def sequences(self) -> int:
+        """Sequences alive in one forward + backward."""
+        return self.micro_batch * (2 if self.method in PREFERENCE_METHODS else 1)
+
+
+def activation_bytes_per_token(s: Shape, layer: int, a: int) -> int:
+    """What autograd keeps for backward in decoder layer `layer`, per token (module docstring)."""
+    H, q, kv = s.hidden, s.q_dim, s.kv_dim
+    n = 2 * (4 + a) * H + a * (3 * q + 2 * kv)
+    if s.qk_norm:
+        n += 4 * (q + kv)
+    if layer in s.moe_layers:
+        n += s.top_k * (2 * a * H + 4 * a * s.expert_intermediate) + 8 * s.experts
+        if s.shared_intermediate:
+            n += 4 * a * s.shared_intermediate
+    else:
+        n += 4 * a * s.intermediate
+    return n
+
+
+def estimate(s: Shape, cfg: PlanConfig) -> dict:
+    """Bytes per process of each part of the training peak, and of the reference pass."""
+    cfg.check()
+    a = 2 if cfg.dtype == "bf16" else 4
+    P = cfg.processes
+    params = parameters(s)
+    sharded = cfg.strategy == "fsdp2" and P > 1
+    weight_bytes = a if cfg.lora else 4  # full fine-tuning keeps fp32 master weights
+    weights = params["total"] * weight_bytes / (P if sharded else 1)
+    # fsdp2: the root (embeddings, head, final norm) stays gathered from forward to backward;
+    # the current and the prefetched decoder layer are gathered in the compute dtype
+    gathered = (
+        (params["embeddings"] + params["head"] + 2 * params["largest_layer"]) * a if sharded else 0
+    )
+    trainable = lora_parameters(s, cfg.lora_targets, cfg.lora_r) if cfg.lora else params["total"]
+    grads = trainable * 4 / (P if sharded else 1)
+    if cfg.strategy == "ddp" and P > 1:
+        grads *= 2  # DDP's gradient buckets
+    adam = trainable * 8 / (P if sharded else 1)
+
+    T = cfg.max_length
+    tokens = cfg.sequences * T
+    per_layer = [activation_bytes_per_token(s, i, a) for i in range(s.layers)]
+    eager = s.heads * T * T * (4 + a) * cfg.sequences if cfg.attention == "eager" else 0
+    if cfg.gradient_checkpointing:
+        # every layer's input, plus one layer recomputed (the largest) during backward
+        activations = s.layers * a * s.hidden * tokens + max(per_layer) * tokens + eager
+    else:
+        activations = sum(per_layer) * tokens + s.layers * eager
+    activations += a * s.hidden * tokens  # the embedding output / final hidden states
+
+    chunk_rows = max(1, CHUNK_ELEMENTS // s.vocab)
+    if s.model_type in FUSED_HEAD:
+        logits = min(KEEP_BYTES, tokens * s.vocab * a) + 2 * 4 * chunk_rows * s.vocab
+        logits += a * s.hidden * tokens  # the head's input kept for backward
+    else:
+        logits = tokens * s.vocab * a + 4 * chunk_rows * s.vocab + 4 * tokens
+    # reference pass: no grad, one sequence at a time (unpadded), one layer's tensors at once
+    reference = max(per_layer) * T + 4 * chunk_rows * s.vocab + a * s.hidden * T
+    if cfg.method not in PREFERENCE_METHODS:
+        reference = 0
+    parts = {
+        "weights": weights,
+        "gathered layers (fsdp2)": gathered,
+        "trainable gradients": grads,
+        "AdamW state": adam,
+        "activations": activations,
+        "logits": logits,
+    }
+    train_peak = sum(parts.values())
+    reference_peak = weights + gathered + reference
+    return {
+        "parts": parts,
+        "reference pass": reference,
+        "peak": max(train_peak, reference_peak),
+        "trainable": trainable,
+        "tokens per micro-batch": tokens,
+    }
+
+
+def gpu_need(peak: float) -> float:
+    """Bytes a CUDA process needs for a tensor peak: context + allocator slack."""
+    return peak * (1 + ALLOCATOR_SLACK) + CUDA_OVERHEAD_GIB * GIB
+
+
+def fits(s: Shape, cfg: PlanConfig, gib: float) -> bool:
+    return gpu_need(estimate(s, cfg)["peak"]) <= gib * GIB * (1 - cfg.vllm_share)
+
+
+def changes(s: Shape, cfg: PlanConfig, gib: float) -> list[str]:
+    """What to change so that the run fits a GPU of `gib` GiB: each setting alone that is
+    enough; else all of them together; then the fewest nodes, then the longest max_length
+    (with those settings)."""
+    tries = []
+    if cfg.strategy == "ddp":
+        tries.append(("strategy fsdp2", {"strategy": "fsdp2"}))
+    if not cfg.gradient_checkpointing:
+        tries.append(("gradient checkpointing on", {"gradient_checkpointing": True}))
+    if cfg.micro_batch > 1:
+        tries.append(("micro-batch 1", {"micro_batch": 1}))
+    if cfg.vllm_share:
+        tries.append(("no colocated vLLM", {"vllm_share": 0.0}))
+    out = [label for label, change in tries if fits(s, replace(cfg, **change), gib)]
+    if out:
+        return out
+    base, prefix = cfg, ""
+    if tries:
+        base = replace(cfg, **{k: v for _, change in tries for k, v in change.items()})
+        prefix = " + ".join(label for label, _ in tries)
+        if fits(s, base, gib):
+            return [prefix]
+        prefix += " + "
+    for nodes in (2, 4, 8, 16, 32, 64, 128):
+        if nodes > cfg.nodes and fits(s, replace(base, nodes=nodes), gib):
+            out.append(f"{prefix}{nodes} nodes of {cfg.gpus_per_node} GPUs")
+            break
+    length = cfg.max_length // 2
+    while length >= 256 and not fits(s, replace(base, max_length=length), gib):
+        length //= 2
+    if length >= 256:
+        out.append(f"{prefix}max_length {length}")
+    return out or ["nothing here is enough: a larger GPU (or expert parallelism, not built)"]
+
+
+def plan(model, cfg: PlanConfig) -> dict:
+    """The memory plan of a run: parameter counts, per-process bytes by part, and for each
+    of GPU_SIZES whether it fits and, if not, what to change. `model`: a config dict, a model
+    folder or a config.json."""
+    cfg.check()
+    s = shape_of(read_config(model))
+    params = parameters(s)
+    est = estimate(s, cfg)
+    gpus = {}
+    for name, gib in GPU_SIZES.items():
+        need = gpu_need(est["peak"]) + gib * GIB * cfg.vllm_share
+        ok = need <= gib * GIB
+        gpus[name] = {"gib": gib, "need_gib": round(need / GIB, 2), "fits": ok,
+                      "changes": [] if ok else changes(s, cfg, gib)}  # fmt: skip
+    return {
+        "model_type": s.model_type,
+        "parameters": params["total"],
+        "active_parameters": params["active"],
+        "trainable_parameters": est["trainable"],
+        "settings": asdict(cfg),
+        "processes": cfg.processes,
+        "tokens_per_micro_batch": est["tokens per micro-batch"],
+        "per_process_gib": {k: round(v / GIB, 3) for k, v in est["parts"].items()},
+        "reference_pass_gib": round(est["reference pass"] / GIB, 3),
+        "peak_gib": round(est["peak"] / GIB, 3),
+        "gpus": gpus,
+    }
+
+
+def format_plan(p: dict) -> str:
+    """A readable table of plan()'s result."""
+    cfg = p["settings"]
+
+    def b(n):
+        return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
+
+    how = "LoRA r{} ({})".format(cfg["lora_r"], cfg["lora_targets"]) if cfg["lora"] else "full"
+    lines = [
+        f"model: {p['model_type']}, {b(p['parameters'])} parameters, "
+        f"{b(p['active_parameters'])} active a token; trainable {b(p['trainable_parameters'])}",
+        f"run: {cfg['method']} {how}, {cfg['dtype']}, max_length {cfg['max_length']}, "
+        f"micro-batch {cfg['micro_batch']} ({p['tokens_per_micro_batch']} tokens), "
+        f"{cfg['strategy']}, checkpointing {'on' if cfg['gradient_checkpointing'] else 'off'}, "
+        f"{cfg['nodes']} x {cfg['gpus_per_node']} GPUs, attention {cfg['attention']}",
+        "",
+        f"{'per GPU':<28}{'GiB':>10}",
+    ]
+    for k, v in p["per_process_gib"].items():
+        lines.append(f"  {k:<26}{v:>10.2f}")
+    lines.append(f"  {'reference pass (before)':<26}{p['reference_pass_gib']:>10.2f}")
+    lines.append(f"  {'peak (tensors)':<26}{p['peak_gib']:>10.2f}")
+    if cfg["vllm_share"]:
+        lines.append(f"  + colocated vLLM: {cfg['vllm_share']:.0%} of each GPU")
+    lines += ["", f"{'GPU':<26}{'needs GiB':>10}  fits   what to change"]
+    for name, g in p["gpus"].items():
+        change = "; or ".join(g["changes"])
+        lines.append(
+            f"{name:<26}{g['need_gib']:>10.1f}  {'yes' if g['fits'] else 'no ':<5}  {change}"
+        )
+    return "\n".join(lines)
+
+
+__all__ = ["PlanConfig", "plan", "format_plan", "parameters", "shape_of", "read_config"]
