@@ -14,16 +14,8 @@ import pytest
 
 from posttrain import cli
 from posttrain.errors import ConfigError
-from posttrain.plan import (
-    GIB,
-    PlanConfig,
-    estimate,
-    lora_parameters,
-    parameters,
-    plan,
-    read_config,
-    shape_of,
-)
+from posttrain.plan import GIB, PlanConfig, estimate, plan
+from posttrain.shapes import lora_parameters, parameters, read_config, shape_of
 
 DATA = Path(__file__).parent / "data"
 
