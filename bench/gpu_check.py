@@ -297,6 +297,9 @@ def main() -> int:
         tmp = Path(tempfile.mkdtemp(prefix="gpu-check-"))
         try:
             run_parts(args, device, result, start, tmp)
+        except Exception as e:  # set-up failed (imports, tokenizer, models): still one JSON
+            traceback.print_exc()
+            result["error"] = f"{type(e).__name__}: {e}"
         finally:
             if not args.keep:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -307,7 +310,8 @@ def main() -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text + "\n")
-    return 0 if all("error" not in p for p in result["parts"].values()) else 1
+    failed = "error" in result or any("error" in p for p in result["parts"].values())
+    return 1 if failed else 0
 
 
 def run_parts(args, device, result: dict, start: float, tmp: Path) -> None:

@@ -10,7 +10,8 @@ What one training process holds at its peak, in the trainer's own precision rule
   fine-tuning keeps fp32 master weights (4 bytes). fsdp2 divides them by the number of
   processes, and then holds the unsharded copy of the layers it is computing (the current and
   the prefetched next decoder layer) plus the root module (embeddings, final norm, head), which
-  FSDP2 keeps gathered from forward to backward. ddp holds every weight in every process.
+  FSDP2 keeps gathered from forward to backward. ddp holds every weight in every process (and
+  full fine-tuning in bf16 there adds autocast's bf16 copy of the fp32 weights).
 - trainable gradients: 4 bytes a trainable parameter (LoRA adapters and full fine-tuning
   master weights are fp32); sharded by fsdp2; ddp adds its gradient buckets (a second copy).
 - AdamW state: exp_avg and exp_avg_sq, 8 bytes a trainable parameter; sharded by fsdp2.
@@ -141,10 +142,15 @@ def estimate(s: Shape, cfg: PlanConfig) -> dict:
     weight_bytes = a if cfg.lora else 4  # full fine-tuning keeps fp32 master weights
     weights = params["total"] * weight_bytes / (P if sharded else 1)
     # fsdp2: the root (embeddings, head, final norm) stays gathered from forward to backward;
-    # the current and the prefetched decoder layer are gathered in the compute dtype
-    gathered = (
-        (params["embeddings"] + params["head"] + 2 * params["largest_layer"]) * a if sharded else 0
-    )
+    # the current and the prefetched decoder layer are gathered in the compute dtype. Full
+    # fine-tuning in bf16 without fsdp2 computes under torch.autocast, which keeps a bf16 copy
+    # of every fp32 weight it casts until the forward ends.
+    if sharded:
+        copies = (params["embeddings"] + params["head"] + 2 * params["largest_layer"]) * a
+    elif not cfg.lora and cfg.dtype == "bf16":
+        copies = params["total"] * 2
+    else:
+        copies = 0
     trainable = lora_parameters(s, cfg.lora_targets, cfg.lora_r) if cfg.lora else params["total"]
     grads = trainable * 4 / (P if sharded else 1)
     if cfg.strategy == "ddp" and P > 1:
@@ -174,14 +180,14 @@ def estimate(s: Shape, cfg: PlanConfig) -> dict:
         reference = 0
     parts = {
         "weights": weights,
-        "gathered layers (fsdp2)": gathered,
+        "unsharded bf16 copies": copies,
         "trainable gradients": grads,
         "AdamW state": adam,
         "activations": activations,
         "logits": logits,
     }
     train_peak = sum(parts.values())
-    reference_peak = weights + gathered + reference
+    reference_peak = weights + copies + reference
     return {
         "parts": parts,
         "reference pass": reference,

@@ -132,7 +132,7 @@ def test_estimate_by_hand():
     assert parts["weights"] == 90432 * 2
     assert parts["trainable gradients"] == 8192 * 4
     assert parts["AdamW state"] == 8192 * 8
-    assert parts["gathered layers (fsdp2)"] == 0
+    assert parts["unsharded bf16 copies"] == 0
     assert parts["activations"] == 47360
     assert parts["logits"] == 10 * 128 * 2 + 2 * 4 * (2**23 // 128) * 128 + 2 * 64 * 10
     # checkpointing: every layer's input (2 * 2*64*10) + one layer's activations (2304 * 10)
@@ -141,6 +141,15 @@ def test_estimate_by_hand():
     # DPO: a pair is two sequences
     dpo = estimate(shape_of(TINY_LLAMA), replace(cfg, method="dpo"))
     assert dpo["parts"]["activations"] == 2 * 47360
+    # full fine-tuning in bf16: fp32 master weights, grads, AdamW (4 + 4 + 8 bytes a
+    # parameter) and autocast's bf16 copy of the weights (2 bytes)
+    full = estimate(shape_of(TINY_LLAMA), replace(cfg, lora=False))["parts"]
+    assert (full["weights"], full["trainable gradients"], full["AdamW state"]) == (
+        90432 * 4,
+        90432 * 4,
+        90432 * 8,
+    )
+    assert full["unsharded bf16 copies"] == 90432 * 2
 
 
 def test_sharding_divides_what_fsdp2_shards():
@@ -149,7 +158,7 @@ def test_sharding_divides_what_fsdp2_shards():
     four = estimate(s, PlanConfig(nodes=4))["parts"]
     for part in ("weights", "trainable gradients", "AdamW state"):
         assert four[part] == pytest.approx(one[part] / 4)
-    for part in ("gathered layers (fsdp2)", "activations", "logits"):
+    for part in ("unsharded bf16 copies", "activations", "logits"):
         assert four[part] == one[part]
     # 470 GB of bf16 weights over 8 GPUs
     assert one["weights"] == pytest.approx(235.09e9 * 2 / 8, rel=1e-3)
