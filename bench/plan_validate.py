@@ -159,13 +159,38 @@ def planned(config: dict, nproc: int, length: int) -> float:
     return sum(est["parts"].values())
 
 
+def plan_delta(name: str, nproc: int, length: int) -> float:
+    """The plan of a run less the plan of the minuscule run it is measured against."""
+    model = {"dense": DENSE, "moe": MOE}[name]
+    return planned(model, nproc, length) - planned(MINUSCULE, nproc, length)
+
+
+def replan(path: Path) -> None:
+    """The measured figures of `path` against the plan as posttrain/plan.py computes it now."""
+    result = json.loads(path.read_text())
+    for row in result["runs"]:
+        plan = plan_delta(row["model"], row["processes"], row["tokens_per_sequence"])
+        row["planned_mib"] = round(plan / 2**20, 1)
+        row["plan_over_measured"] = round(plan / (row["measured_mib"] * 2**20), 3)
+        row["within_25pct"] = abs(row["plan_over_measured"] - 1) <= 0.25
+        print(json.dumps({k: row[k] for k in list(row)[:8]}))
+    path.write_text(json.dumps(result, indent=1) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/plan-validate")
     ap.add_argument("--json", default="bench/results/plan_validate.json")
     ap.add_argument("--lengths", default="512,2048")
     ap.add_argument("--quick", action="store_true", help="dense only, 1 process, first length")
+    ap.add_argument(
+        "--replan",
+        action="store_true",
+        help="recompute only the plan column of --json's runs with the current posttrain/plan.py",
+    )
     args = ap.parse_args()
+    if args.replan:
+        return replan(Path(args.json))
     load_before = os.getloadavg()
     from transformers import AutoTokenizer
 
@@ -193,9 +218,7 @@ def main() -> None:
         peaks = run(models[name], pairs, out / tag, nproc, longest)
         base = baselines[(nproc, length)]
         measured = peaks["steps 2-3"] - base["steps 2-3"]
-        plan = planned({"dense": DENSE, "moe": MOE}[name], nproc, longest) - planned(
-            MINUSCULE, nproc, longest
-        )
+        plan = plan_delta(name, nproc, longest)
         row = {
             "model": name,
             "processes": nproc,

@@ -10,7 +10,8 @@ What one training process holds at its peak, in the trainer's own precision rule
   fine-tuning keeps fp32 master weights (4 bytes). fsdp2 divides them by the number of
   processes, and then holds the unsharded copy of the layers it is computing (the current and
   the prefetched next decoder layer) plus the root module (embeddings, final norm, head), which
-  FSDP2 keeps gathered from forward to backward. ddp holds every weight in every process (and
+  FSDP2 keeps gathered from forward to backward, plus the output buffer of one all-gather
+  (the largest of those groups) until it is copied into the unsharded parameters. ddp holds every weight in every process (and
   full fine-tuning in bf16 there adds autocast's bf16 copy of the fp32 weights).
 - trainable gradients: 4 bytes a trainable parameter (LoRA adapters and full fine-tuning
   master weights are fp32); sharded by fsdp2; ddp adds its gradient buckets (a second copy).
@@ -146,7 +147,10 @@ def estimate(s: Shape, cfg: PlanConfig) -> dict:
     # fine-tuning in bf16 without fsdp2 computes under torch.autocast, which keeps a bf16 copy
     # of every fp32 weight it casts until the forward ends.
     if sharded:
-        copies = (params["embeddings"] + params["head"] + 2 * params["largest_layer"]) * a
+        # + the all-gather's output buffer of the largest group, alive until it is copied out
+        # into the unsharded parameters
+        root = params["embeddings"] + params["head"]
+        copies = (root + 2 * params["largest_layer"] + max(root, params["largest_layer"])) * a
     elif not cfg.lora and cfg.dtype == "bf16":
         copies = params["total"] * 2
     else:

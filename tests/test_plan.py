@@ -150,6 +150,11 @@ def test_estimate_by_hand():
         90432 * 8,
     )
     assert full["unsharded bf16 copies"] == 90432 * 2
+    # fsdp2 over 2 processes: half the weights; gathered: the root (embed + head, 16384), the
+    # current and next layer (2 x 36992) and one all-gather buffer (the largest, 36992), bf16
+    two = estimate(shape_of(TINY_LLAMA), replace(cfg, strategy="fsdp2", gpus_per_node=2))
+    assert two["parts"]["weights"] == 90432 * 2 / 2
+    assert two["parts"]["unsharded bf16 copies"] == (16384 + 2 * 36992 + 36992) * 2
 
 
 def test_sharding_divides_what_fsdp2_shards():
