@@ -65,7 +65,7 @@ KEEP_BYTES = 64 << 20
 FUSED_HEAD = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral"})
 # GPU memory sizes people plan for, in GiB (as the device reports it)
 GPU_SIZES = {"24 GiB (L4, A10, 4090)": 24, "40 GiB (A100-40)": 40, "48 GiB (L40S, A6000)": 48,
-             "80 GiB (A100-80, H100)": 80, "141 GiB (H200)": 141}  # fmt: skip
+             "80 GiB (A100-80, H100)": 80, "140 GiB (H200)": 140}  # fmt: skip
 CUDA_OVERHEAD_GIB = 1.0  # CUDA context, cuBLAS / NCCL workspaces
 ALLOCATOR_SLACK = 0.05  # caching-allocator fragmentation, share of the tensors' bytes
 SFT_METHODS = ("sft", "dft", "chord-phi")

@@ -208,7 +208,7 @@ def test_cli_json_and_table(capsys, tmp_path):
     assert printed == json.loads(json.dumps(plan(model, PlanConfig(nodes=2))))
     assert cli.main(["plan", "--model", model]) == 0
     table = capsys.readouterr().out
-    assert "30.53 B parameters, 3.35 B active" in table and "141 GiB (H200)" in table
+    assert "30.53 B parameters, 3.35 B active" in table and "140 GiB (H200)" in table
     assert cli.main(["plan", "--model", str(tmp_path)]) == 1
     assert "no config.json" in capsys.readouterr().err
     assert estimate(shape_of(read_config(model)), PlanConfig())["peak"] < 24 * GIB
