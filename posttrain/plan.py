@@ -48,6 +48,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 from posttrain.errors import ConfigError
+from posttrain.train.config import OFFLINE_METHODS, PREFERENCE_METHODS
+from posttrain.train.online.config import METHODS as ONLINE_METHODS
 from posttrain.shapes import (
     Shape,
     lora_parameters,
@@ -68,9 +70,6 @@ GPU_SIZES = {"24 GiB (L4, A10, 4090)": 24, "40 GiB (A100-40)": 40, "48 GiB (L40S
              "80 GiB (A100-80, H100)": 80, "140 GiB (H200)": 140}  # fmt: skip
 CUDA_OVERHEAD_GIB = 1.0  # CUDA context, cuBLAS / NCCL workspaces
 ALLOCATOR_SLACK = 0.05  # caching-allocator fragmentation, share of the tensors' bytes
-SFT_METHODS = ("sft", "dft", "chord-phi")
-PREFERENCE_METHODS = ("dpo", "ipo", "robust-dpo", "bdpo", "rpo")
-ONLINE_METHODS = ("grpo", "dr-grpo", "dapo", "gspo", "cispo", "chord")
 STRATEGIES = ("ddp", "fsdp2")
 
 
@@ -93,7 +92,7 @@ class PlanConfig:
     attention: str = "flash"  # flash (sdpa / flash-attention: no T x T) | eager
 
     def check(self) -> None:
-        known = SFT_METHODS + PREFERENCE_METHODS + ONLINE_METHODS
+        known = (*OFFLINE_METHODS, *ONLINE_METHODS)
         if self.method not in known:
             raise ConfigError(f"method: {self.method!r}; expected one of {', '.join(known)}")
         if self.strategy not in STRATEGIES:
