@@ -11,7 +11,7 @@ LOCK      ?= requirements/cpu.txt
 RUFF_SPEC ?= ruff==0.17.6
 BIN       := $(VENV)/bin
 
-.PHONY: venv vllm-venv browser demo test lint format lock lock-check clean
+.PHONY: venv vllm-venv browser demo test lint format lock lock-check clean gpu-wheels gpu-check
 
 $(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PY) -m venv $(VENV)
@@ -94,6 +94,28 @@ lock: venv
 # CI: the lock files were made from this pyproject.toml and pin every requirement (offline).
 lock-check: venv
 	$(BIN)/python scripts/lock.py check
+
+# The GPU check (bench/gpu_check.py) on a machine with only Python 3.12, torch, transformers,
+# peft and accelerate installed and no network. `make gpu-wheels` (here, with the network): the
+# pure-Python wheels posttrain imports that such a machine lacks (math grading: math-verify and
+# its LaTeX parser; versions = the lock's) and the embedded model's tokenizer (2 MB; the models
+# are built from configs, so no weights travel). `make gpu-check` (there): the wheels into
+# gpu-wheels/site (--no-deps, --no-index: nothing else changes), then the check; its JSON in
+# bench/results/gpu_check.json. GPU_PY: the machine's own python.
+GPU_WHEELS := math-verify==0.9.0 latex2sympy2-extended==1.11.0 antlr4-python3-runtime==4.13.2
+GPU_PY     ?= python3
+
+gpu-wheels: venv
+	rm -rf gpu-wheels && mkdir -p gpu-wheels
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation py --abi none --platform any -d gpu-wheels $(GPU_WHEELS)
+	$(BIN)/python -c "from transformers import AutoTokenizer; from posttrain.models import \
+	  resolve_model; AutoTokenizer.from_pretrained(resolve_model('smollm2-135m')).save_pretrained('gpu-wheels/tokenizer')"
+	@ls -l gpu-wheels/*.whl; du -sh gpu-wheels
+
+gpu-check:
+	$(GPU_PY) -m pip install -q --no-deps --no-index --target gpu-wheels/site gpu-wheels/*.whl
+	PYTHONPATH=.:gpu-wheels/site $(GPU_PY) bench/gpu_check.py --json bench/results/gpu_check.json
 
 clean:
 	rm -rf $(VENV) runs

@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "run": "run a whole recipe: sample -> ... -> compare",
     "report": "one self-contained HTML page for a run or sweep folder",
     "sweep": "run a grid of recipes sharing their stages; noise-aware table",
+    "plan": "will a training run fit? memory per GPU from a model config",
 }
 
 
