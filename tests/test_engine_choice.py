@@ -69,7 +69,8 @@ def test_unknown_or_misplaced_engine_options_are_errors_that_name_them():
 
 
 def test_recipe_engine_block_is_shared_and_overridden_per_stage(tmp_path):
-    from posttrain.pipeline.recipe import engine_settings, load_recipe, stage_engine
+    from posttrain.pipeline.recipe import load_recipe
+    from posttrain.pipeline.stage_engines import engine_settings, stage_engine
 
     path = tmp_path / "r.yaml"
     path.write_text(

@@ -31,13 +31,12 @@ from posttrain.config import ConfigError, save_config
 from posttrain.pipeline.recipe import (
     Recipe,
     TrainStage,
-    engine_of,
-    engine_settings,
     load_recipe,  # noqa: F401 (imported from here by users and tests)
     resolve,
     train_config,
     train_data_kind,
 )
+from posttrain.pipeline.stage_engines import engine_of, engine_settings
 from posttrain.records import write_json
 from posttrain.pipeline.steps import (
     eval_set_stage,
