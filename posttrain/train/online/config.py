@@ -253,13 +253,9 @@ class OnlineConfig(BaseTrainConfig):
                 )
 
     def _check_distill(self) -> None:
-        """The teacher must be a local model (a server teacher is not implemented); the
-        options the per-token advantage cannot honour are refused."""
+        """The teacher must be named, and not as a server (not implemented); the options the
+        per-token advantage cannot honour are refused. Its files: check_teacher_files."""
         bad, d = self.bad, self.distill
-        from pathlib import Path
-
-        from posttrain.models import EMBEDDED
-
         if not d.teacher:
             bad(
                 "distill.teacher",
@@ -273,6 +269,25 @@ class OnlineConfig(BaseTrainConfig):
                 "a local model folder: a teacher server (OpenAI-compatible prompt_logprobs) "
                 "is not implemented; the teacher runs in the trainer's process",
             )
+        if d.reward_weight < 0:
+            bad("distill.reward_weight", d.reward_weight, ">= 0")
+        if self.loss != "ppo":
+            bad("loss", self.loss, "ppo with method distill (per-token advantages)")
+        if self.dynamic_sampling:
+            # a group all right or all wrong still carries the teacher's per-token signal
+            bad("dynamic_sampling", True, "false with method distill (every token has a signal)")
+
+    def check_teacher_files(self) -> None:
+        """method distill: the teacher is a local model folder (or the embedded model) and its
+        adapter a LoRA folder. Checked when training starts (train/launch.check_inputs), not at
+        load: a recipe may name the adapter of a run that has not happened yet."""
+        from pathlib import Path
+
+        from posttrain.models import EMBEDDED
+
+        bad, d = self.bad, self.distill
+        if self.method != "distill":
+            return
         if d.teacher != EMBEDDED and not (Path(d.teacher).expanduser() / "config.json").is_file():
             bad(
                 "distill.teacher", d.teacher, f"a local model folder with config.json or {EMBEDDED}"
@@ -283,13 +298,6 @@ class OnlineConfig(BaseTrainConfig):
                 d.teacher_adapter,
                 "a LoRA adapter folder with adapter_config.json (e.g. RUN/train/adapter)",
             )
-        if d.reward_weight < 0:
-            bad("distill.reward_weight", d.reward_weight, ">= 0")
-        if self.loss != "ppo":
-            bad("loss", self.loss, "ppo with method distill (per-token advantages)")
-        if self.dynamic_sampling:
-            # a group all right or all wrong still carries the teacher's per-token signal
-            bad("dynamic_sampling", True, "false with method distill (every token has a signal)")
 
     def _check_strategy(self) -> None:
         """Strategies the online loop cannot honour are refused, naming both (no fallback)."""

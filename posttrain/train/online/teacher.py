@@ -61,6 +61,7 @@ def load_teacher(cfg, student_tokenizer, device, dtype: torch.dtype):
     from posttrain.models import load_tokenizer, load_with_adapter
 
     d = cfg.distill
+    cfg.check_teacher_files()
     check_same_tokenizer(student_tokenizer, load_tokenizer(d.teacher))
     teacher = load_with_adapter(d.teacher, d.teacher_adapter or None, dtype=dtype)
     if teacher.config.vocab_size < len(student_tokenizer):
