@@ -606,8 +606,8 @@ def test_policy_loss_ignores_extra_padding(aggregation, ratio_level):
 
 def test_policy_loss_bad_arguments():
     logps = rl_logps()
-    with pytest.raises(ValueError, match="advantages must be"):
-        L.policy_loss(logps, None, torch.zeros(4, 4), RL_MASK)
+    with pytest.raises(ValueError, match="advantages must be"):  # neither (B,) nor (B, T)
+        L.policy_loss(logps, None, torch.zeros(4, 3), RL_MASK)
     with pytest.raises(ValueError, match="aggregation must be one of"):
         L.policy_loss(logps, None, ADV, RL_MASK, aggregation="mean")
     with pytest.raises(ValueError, match="ratio_level"):

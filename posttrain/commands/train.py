@@ -12,8 +12,8 @@ posttrain.train.launch OUT/launch.yaml` (train/launch.py, also the multi-node en
 
 Offline methods (a fixed file): sft, dft, chord-phi (demonstrations or scored samples) and
 dpo, ipo, robust-dpo, bdpo, rpo (pairs), in posttrain/train/offline/loop.py. Online methods
-(rollouts of --problems each step): grpo, dr-grpo, dapo, grpo-token-mean, gspo, cispo, chord, in
-posttrain/train/online/loop.py. Config keys: posttrain/train/config.py (BaseTrainConfig,
+(rollouts of --problems each step): grpo, dr-grpo, dapo, grpo-token-mean, gspo, cispo, chord,
+distill (--set distill.teacher=FOLDER: on-policy distillation), in posttrain/train/online/loop.py. Config keys: posttrain/train/config.py (BaseTrainConfig,
 TrainConfig, LoraConfig) and posttrain/train/online/config.py (OnlineConfig).
 """
 

@@ -20,7 +20,8 @@ Where each loss lives (every name is importable from `posttrain.losses` too):
 - losses/common.py: Metrics, metrics_to_floats, token_logps and the mask helpers;
 - losses/sft.py: sft, dft, sft_phi (demonstrations) and CHORD's mu_schedule and chord_loss;
 - losses/preference.py: dpo and its variants (DPO_LOSS_TYPES);
-- losses/policy_gradient.py: policy_loss, aggregate_tokens, group_advantages (online RL).
+- losses/policy_gradient.py: policy_loss, aggregate_tokens, group_advantages (online RL);
+- losses/distill.py: distill_advantages (on-policy distillation's per-token advantages).
 
 Tests: `.venv/bin/python -m pytest tests/test_losses.py -q`
 """
@@ -32,6 +33,7 @@ from posttrain.losses.common import (
     metrics_to_floats,
     token_logps,
 )
+from posttrain.losses.distill import distill_advantages
 from posttrain.losses.policy_gradient import (
     AGGREGATIONS,
     MAX_LOG_RATIO,
@@ -52,6 +54,7 @@ __all__ = [
     "aggregate_tokens",
     "chord_loss",
     "dft",
+    "distill_advantages",
     "dpo",
     "group_advantages",
     "metrics_to_floats",

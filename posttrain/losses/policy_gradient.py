@@ -65,14 +65,17 @@ def check_policy_inputs(
     aggregation: str,
     kl_beta: float,
     ref_logps: torch.Tensor | None,
+    *,
+    per_token: bool = False,
 ) -> torch.Tensor:
-    """The checks every policy loss makes of its inputs; returns the mask as bool (B, T)."""
+    """The checks every policy loss makes of its inputs; returns the mask as bool (B, T).
+    `per_token`: the loss also takes advantages (B, T), one per token (distillation)."""
     m = check_tokens(name, logps, mask)
-    if advantages.shape != logps.shape[:1]:
-        raise ValueError(
-            f"{name}: advantages must be (B,) = {tuple(logps.shape[:1])}, "
-            f"got {tuple(advantages.shape)}"
+    if advantages.shape != logps.shape[:1] and not (per_token and advantages.shape == logps.shape):
+        shapes = f"(B,) = {tuple(logps.shape[:1])}" + (
+            f" or (B, T) = {tuple(logps.shape)}" if per_token else ""
         )
+        raise ValueError(f"{name}: advantages must be {shapes}, got {tuple(advantages.shape)}")
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"{name}: aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
     if kl_beta and ref_logps is None:
@@ -127,7 +130,8 @@ def policy_loss(
     """PPO-clipped policy-gradient loss with GRPO / DAPO / Dr. GRPO / GSPO options.
 
     Per token: -w min(r A, clip(r, 1 - clip_low, 1 + clip_high) A) + kl_beta * k3, where
-    r = exp(logps - old_logps), clip_high defaults to clip_low (DAPO's clip-higher sets it
+    r = exp(logps - old_logps), A one advantage per sequence (B,) or per token (B, T) (on-policy
+    distillation, losses/distill.py), clip_high defaults to clip_low (DAPO's clip-higher sets it
     larger) and w is an optional detached rollout-correction weight (offpolicy.py; 1 without).
     `old_logps=None` means on-policy (old = logps.detach(), so r = 1 with gradient).
     Log-ratios are clamped to +-MAX_LOG_RATIO so one drifting token cannot give inf.
@@ -142,7 +146,9 @@ def policy_loss(
     clip is active), clip_ratio/high (r > 1 + clip_high and A > 0), clip_ratio/region (either),
     ratio/mean, and kl when ref_logps is given.
     """
-    m = check_policy_inputs("policy_loss", logps, advantages, mask, aggregation, kl_beta, ref_logps)
+    m = check_policy_inputs(
+        "policy_loss", logps, advantages, mask, aggregation, kl_beta, ref_logps, per_token=True
+    )
     if ratio_level not in ("token", "sequence"):
         raise ValueError(f"policy_loss: ratio_level must be token or sequence, got {ratio_level!r}")
     clip_high = clip_low if clip_high is None else clip_high
@@ -153,7 +159,8 @@ def policy_loss(
         seq_log_ratio = log_ratio.sum(-1) / m.sum(-1).clamp(min=1)  # (B,)
         log_ratio = logps - logps.detach() + seq_log_ratio.detach().unsqueeze(-1)  # (B, T)
     ratio = torch.exp(log_ratio)  # (B, T)
-    adv = advantages.detach().to(ratio.dtype).unsqueeze(-1)  # (B, 1)
+    adv = advantages.detach().to(ratio.dtype)
+    adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv.masked_fill(~m, 0.0)  # (B, 1) or (B, T)
     clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
     per_token = -torch.minimum(ratio * adv, clipped * adv)  # (B, T)
     if is_weights is not None:

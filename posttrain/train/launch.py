@@ -87,6 +87,7 @@ def check_inputs(cfg) -> None:
     load_problems(cfg.problems, limit=1)
     if cfg.method == "chord" and cfg.chord.demos:
         check_rows(cfg.chord.demos, preference=False)
+    cfg.check_teacher_files()  # method distill
 
 
 def train_resolved(cfg, out: str | Path, *, resume: bool, progress: bool):

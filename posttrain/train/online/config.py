@@ -1,4 +1,5 @@
-"""Typed settings of `posttrain train` for the online methods (GRPO family, CISPO, CHORD).
+"""Typed settings of `posttrain train` for the online methods (GRPO family, CISPO, CHORD,
+on-policy distillation).
 
     posttrain train --method grpo --problems "builtin:arith:512?split=train" --out runs/grpo \
         --set rollout.engine.kind=hf --set rollout.sync=adapter --set max_steps=40
@@ -54,6 +55,9 @@ METHODS: dict[str, dict] = {
         "aggregation": "dapo",
     },
     "chord": {"aggregation": "grpo", "advantage_scale": "group"},
+    # On-policy distillation (losses/distill.py): per-token advantage log p_teacher -
+    # log p_student of the student's samples, PPO-clipped ratio, the token mean over the step.
+    "distill": {"aggregation": "dapo", "advantage_scale": "group"},
 }
 RENAMED = {
     "bnpo": "grpo-token-mean (aggregation token_mean): it averages the loss over the "
@@ -72,6 +76,19 @@ class ChordConfig:
     mu_valley: float = 0.05
     mu_warmup_steps: int = 0
     mu_decay_steps: int = 100
+
+
+@dataclass
+class DistillConfig:
+    """method distill: the teacher that scores the student's samples (train/online/teacher.py)."""
+
+    # A local model folder (config.json) or the embedded smollm2-135m, loaded in the trainer's
+    # process (no gradient, eval mode, the policy's dtype); its tokenizer must be the student's.
+    # A teacher server (OpenAI-compatible prompt_logprobs) is not implemented: refused.
+    teacher: str = ""
+    teacher_adapter: str = ""  # a LoRA adapter folder merged into the teacher
+    # advantage += reward_weight x the group advantage of the verifiable reward
+    reward_weight: float = 0.0
 
 
 @dataclass
@@ -141,6 +158,7 @@ class OnlineConfig(BaseTrainConfig):
     checkpoint_every: int = 10  # rollout steps
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     chord: ChordConfig = field(default_factory=ChordConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def check(self) -> None:
         bad = self.bad
@@ -194,6 +212,8 @@ class OnlineConfig(BaseTrainConfig):
                 "disabled that model is the residual base, not the model trained from",
             )
         self._check_rollout()
+        if self.method == "distill":
+            self._check_distill()
         self._check_unused()
         self._check_strategy()
         if self.method == "chord":
@@ -212,6 +232,7 @@ class OnlineConfig(BaseTrainConfig):
         default, r, d = OnlineConfig(), self.rollout, RolloutConfig()
         unused = {
             "chord": self.method != "chord" and self.chord != ChordConfig(),
+            "distill": self.method != "distill" and self.distill != DistillConfig(),
             "max_sampling_rounds": not self.dynamic_sampling
             and self.max_sampling_rounds != default.max_sampling_rounds,
             "overlong_penalty": self.overlong_buffer == 0
@@ -226,10 +247,57 @@ class OnlineConfig(BaseTrainConfig):
             if is_unused:
                 raise ConfigError(
                     f"{name}: set, but not used with method {self.method!r} and "
-                    f"these settings (chord needs method chord; "
+                    f"these settings (chord needs method chord; distill method distill; "
                     f"max_sampling_rounds dynamic_sampling; overlong_penalty "
                     f"overlong_buffer > 0; the rollout.* knobs their correction)"
                 )
+
+    def _check_distill(self) -> None:
+        """The teacher must be named, and not as a server (not implemented); the options the
+        per-token advantage cannot honour are refused. Its files: check_teacher_files."""
+        bad, d = self.bad, self.distill
+        if not d.teacher:
+            bad(
+                "distill.teacher",
+                d.teacher,
+                "a local model folder (config.json) for method distill",
+            )
+        if "://" in d.teacher:
+            bad(
+                "distill.teacher",
+                d.teacher,
+                "a local model folder: a teacher server (OpenAI-compatible prompt_logprobs) "
+                "is not implemented; the teacher runs in the trainer's process",
+            )
+        if d.reward_weight < 0:
+            bad("distill.reward_weight", d.reward_weight, ">= 0")
+        if self.loss != "ppo":
+            bad("loss", self.loss, "ppo with method distill (per-token advantages)")
+        if self.dynamic_sampling:
+            # a group all right or all wrong still carries the teacher's per-token signal
+            bad("dynamic_sampling", True, "false with method distill (every token has a signal)")
+
+    def check_teacher_files(self) -> None:
+        """method distill: the teacher is a local model folder (or the embedded model) and its
+        adapter a LoRA folder. Checked when training starts (train/launch.check_inputs), not at
+        load: a recipe may name the adapter of a run that has not happened yet."""
+        from pathlib import Path
+
+        from posttrain.models import EMBEDDED
+
+        bad, d = self.bad, self.distill
+        if self.method != "distill":
+            return
+        if d.teacher != EMBEDDED and not (Path(d.teacher).expanduser() / "config.json").is_file():
+            bad(
+                "distill.teacher", d.teacher, f"a local model folder with config.json or {EMBEDDED}"
+            )
+        if d.teacher_adapter and not (Path(d.teacher_adapter) / "adapter_config.json").is_file():
+            bad(
+                "distill.teacher_adapter",
+                d.teacher_adapter,
+                "a LoRA adapter folder with adapter_config.json (e.g. RUN/train/adapter)",
+            )
 
     def _check_strategy(self) -> None:
         """Strategies the online loop cannot honour are refused, naming both (no fallback)."""

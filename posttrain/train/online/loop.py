@@ -1,4 +1,5 @@
-"""Online RL with verifiable rewards: GRPO, Dr. GRPO, DAPO, GSPO, CISPO and CHORD, in one loop.
+"""Online RL with verifiable rewards: GRPO, Dr. GRPO, DAPO, GSPO, CISPO, CHORD and on-policy
+distillation, in one loop.
 
     posttrain train --method grpo --problems "builtin:arith:512?split=train" --out runs/grpo \
         --set max_steps=40 --set num_generations=4 [--set chord.demos=demos.jsonl] [--resume]
@@ -19,6 +20,9 @@ current policy (mismatch/* metrics; RolloutSyncError past rollout.max_mismatch_k
 the rollout-correction weights. After the update a detached engine gets the new adapter
 (colocated vLLM sleeps during the update with rollout.sleep, CUDA only).
 CHORD adds demonstrations to every step: (1 - mu) * policy loss + mu * SFT.
+distill scores the rollouts with a teacher (train/online/teacher.py) before the updates: each
+token's advantage is log p_teacher - log p_student (losses/distill.py), plus
+distill.reward_weight x the group advantage of the reward.
 On a CPU (padding auto -> none) each group is one micro-batch whose prompt runs once
 (logps.group_logits); elsewhere left-padded micro-batches of micro_batch_size completions.
 
@@ -64,6 +68,7 @@ from posttrain.train.online.rollout_engine import (
     make_rollout_engine,
     mismatch_threshold,
 )
+from posttrain.train.online.teacher import load_teacher
 from posttrain.train.online.update import update_policy
 from posttrain.train.online.rollouts import (
     collect_rollouts,
@@ -133,10 +138,16 @@ def train_online(
     pad = pad_id(tokenizer)
     chord = cfg.method == "chord"
     problems, demos = _problems_and_demos(cfg, procs, tokenizer, problems)
+    teacher = None
+    if cfg.method == "distill":  # tokenizers checked before either model loads
+        dtype = model.dtype if model is not None else resolve_dtype(cfg.dtype, device)
+        teacher = load_teacher(cfg, tokenizer, device, dtype)
     policy, moe, base_copy, max_kl = _policy_model(
         cfg, procs, model, tokenizer, problems, engine, progress
     )
     how = layout(cfg, device)  # shared: each group a micro-batch, its prompt run once
+    if teacher is not None:  # the policy's attention kernel: equal models give equal log-probs
+        set_attention(teacher, policy.config._attn_implementation, device.type, 0)
     init_adapter = save_initial_adapter(policy, cfg, out, procs)
 
     # wrap, AdamW over the wrapped (FSDP2: sharded) parameters, schedule, resume
@@ -201,6 +212,7 @@ def train_online(
             max_kl=max_kl,
             step=step,
             row=row,
+            teacher=teacher,
         )
         t2 = time.perf_counter()
         # the engine follows the policy; log; checkpoint

@@ -21,7 +21,15 @@ import contextlib
 
 import torch
 
-from posttrain.losses import chord_loss, metrics_to_floats, policy_loss, sft, sft_phi, token_logps
+from posttrain.losses import (
+    chord_loss,
+    distill_advantages,
+    metrics_to_floats,
+    policy_loss,
+    sft,
+    sft_phi,
+    token_logps,
+)
 from posttrain.losses.offpolicy import cispo_loss, mismatch_metrics, rollout_weights
 from posttrain.train.forward import completion_logps, group_logits
 from posttrain.train.metrics import check_finite
@@ -29,23 +37,29 @@ from posttrain.train.moe import MoeRun
 from posttrain.train.moe.replay import StepRouting
 from posttrain.train.online.reduce import sum_over_processes, token_means
 from posttrain.train.online.rollout_engine import check_sync
+from posttrain.train.online.teacher import teacher_logps
 from posttrain.train.parallel.checkpoint import latest_checkpoint
+
+
+def batch_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The raw logits (b, K, V) that predict a micro-batch's K completion positions, in either
+    layout of rollouts.rollout_batches."""
+    K = batch["labels"].shape[1]
+    if "completion_ids" in batch:  # one group, unpadded (rollouts.rollout_batches layouts)
+        return group_logits(model, batch)  # (b, K, V)
+    return model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=K + 1,
+        use_cache=False,
+    ).logits[:, :-1]  # (b, K, V): position t predicts token t
 
 
 def sampled_logps(model, batch: dict[str, torch.Tensor], temperature: float, *, raw: bool = False):
     """One forward: (tempered log-probs with gradient, raw log-probs or None, entropy of the
     tempered distribution), each (b, K) on the completion tokens, 0 elsewhere."""
-    K = batch["labels"].shape[1]
-    if "completion_ids" in batch:  # one group, unpadded (rollouts.rollout_batches layouts)
-        logits = group_logits(model, batch)  # (b, K, V)
-    else:
-        logits = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
-            logits_to_keep=K + 1,
-            use_cache=False,
-        ).logits[:, :-1]  # (b, K, V): position t predicts token t
+    logits = batch_logits(model, batch)  # (b, K, V)
     scaled = logits / temperature if temperature != 1.0 else logits  # (b, K, V)
     logps = token_logps(scaled, batch["labels"])  # (b, K)
     with torch.no_grad():
@@ -166,6 +180,7 @@ def policy_backward(
     moe: MoeRun = MoeRun(),
     routing: StepRouting | None = None,
     update: int = 0,
+    teacher: list | None = None,
 ) -> tuple[dict[str, float], list | None]:
     """Backward over this process's rollout micro-batches; gradients accumulate.
 
@@ -176,6 +191,9 @@ def policy_backward(
     on every micro-batch but the last. For CHORD each loss is scaled by (1 - mu). On an MoE
     model `moe` adds coef x the balance loss, token-weighted like the logged metrics, and
     `routing` forces (moe.replay) and keeps the routing of update number `update`.
+    `teacher` (method distill): the teacher's log-probs per micro-batch; each token's advantage
+    is then log p_teacher - log p_student of the sampling policy (the old log-probs, or this
+    forward's on the one update of updates_per_batch 1) + distill.reward_weight x `advantages`.
     Returns (token-weighted sums of the metrics, with "tokens"; the correction weights).
     """
     r = cfg.rollout
@@ -210,11 +228,22 @@ def policy_backward(
                     )
                     values.update(metrics_to_floats(m))
             weights.append(w)
+        adv = advantages[rows].to(logps.device)  # (b,)
+        if teacher is not None:
+            student = logps.detach() if old is None else old[i]  # the sampling policy's
+            adv, distilled = distill_advantages(
+                teacher[i],
+                student,
+                mask,
+                sequence_advantages=adv,
+                reward_weight=cfg.distill.reward_weight,
+            )  # (b, K)
+            values.update(metrics_to_floats(distilled))
         loss, metrics = step_loss(
             cfg,
             logps,
             None if old is None else old[i],
-            advantages[rows].to(logps.device),
+            adv,
             mask,
             ref=None if ref is None else ref[i],
             is_weights=weights[i],
@@ -291,10 +320,11 @@ def update_policy(
     max_kl: float,
     step: int,
     row: dict,
+    teacher=None,
 ) -> int:
     """`updates_per_batch` optimizer steps (`run`: skeleton.Run) on one step's rollouts (`advantages` None: no group
     kept) and CHORD's demonstrations (`mu` not None); adds their metrics to `row`; returns
-    the number of updates taken."""
+    the number of updates taken. `teacher`: the teacher model of method distill."""
     procs, trained, policy = run.procs, run.policy, run.model
     sampled, U = advantages is not None, cfg.updates_per_batch
     routing = (
@@ -311,6 +341,11 @@ def update_policy(
     ref = (
         frozen_logps(policy, batches, cfg.temperature, reference=True)
         if sampled and cfg.kl_beta > 0
+        else None
+    )
+    scored = (
+        teacher_logps(teacher, batches, cfg.temperature)
+        if sampled and teacher is not None
         else None
     )
     updates, weights = 0, None
@@ -334,6 +369,7 @@ def update_policy(
                 moe=moe,
                 routing=routing,
                 update=update,
+                teacher=scored,
             )
             metrics = token_means(procs, sums)
         if update == 0:
