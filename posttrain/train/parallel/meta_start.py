@@ -73,6 +73,15 @@ def meta_start_refusal(cfg, procs, model_given: bool) -> str | None:
     return None
 
 
+def adapter_disabled(model: nn.Module):
+    """Context in which a PEFT model runs as its base model (a plain model: as is)."""
+    import contextlib
+
+    return (
+        model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    )
+
+
 def build_on_meta(folder: str | Path, dtype: torch.dtype) -> nn.Module:
     """The causal LM of `folder`'s config.json on the meta device, in `dtype` (no storage)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -148,19 +157,20 @@ def local(param: torch.Tensor) -> torch.Tensor:
 def read_rows(ckpt: Checkpoint, key: str, start: int, stop: int) -> torch.Tensor:
     """Rows [start, stop) of the model tensor `key`: stored as is, or a fused expert tensor
     assembled from the checkpoint's per-expert weights of experts start..stop-1."""
-    if key in ckpt:
-        return ckpt.rows(key, start, stop)
-    prefix, _, last = key.rpartition(".")
-    if prefix.endswith(".experts") and last in EXPERT_SOURCES:
-        mixtral = prefix.replace(".mlp.experts", ".block_sparse_moe.experts")
-        for stored in (prefix, mixtral):
-            for names in EXPERT_SOURCES[last]:
-                if all(f"{stored}.0.{n}.weight" in ckpt for n in names):
-                    experts = [
-                        torch.cat([ckpt.whole(f"{stored}.{e}.{n}.weight") for n in names])
-                        for e in range(start, stop)
-                    ]
-                    return torch.stack(experts)  # (experts, rows, columns)
+    # Mixtral's checkpoints name the MoE block `block_sparse_moe` (transformers 5: `mlp`)
+    for stored in dict.fromkeys([key, key.replace(".mlp.", ".block_sparse_moe.")]):
+        if stored in ckpt:
+            return ckpt.rows(stored, start, stop)
+        prefix, _, last = stored.rpartition(".")
+        if not (prefix.endswith(".experts") and last in EXPERT_SOURCES):
+            continue
+        for names in EXPERT_SOURCES[last]:
+            if all(f"{prefix}.0.{n}.weight" in ckpt for n in names):
+                experts = [
+                    torch.cat([ckpt.whole(f"{prefix}.{e}.{n}.weight") for n in names])
+                    for e in range(start, stop)
+                ]
+                return torch.stack(experts)  # (experts, rows, columns)
     raise ConfigError(
         f"model checkpoint {ckpt.folder}: no tensor {key!r} (nor its per-expert weights) "
         "in its safetensors files"
@@ -168,31 +178,22 @@ def read_rows(ckpt: Checkpoint, key: str, start: int, stop: int) -> torch.Tensor
 
 
 @torch.no_grad()
-def fill_from_checkpoint(model: nn.Module, folder: str | Path, *, seed: int) -> dict:
-    """Give the sharded meta model storage and fill this process's shards (see the module
-    docstring). Returns {"bytes_read": n, "tensors": n}."""
+def fill_from_checkpoint(
+    model: nn.Module, folder: str | Path, *, seed: int, device: str | torch.device = "cpu"
+) -> dict:
+    """Give the sharded meta model storage on `device` and fill this process's shards (see the
+    module docstring). Returns {"bytes_read": n, "tensors": n} (this process's base weights)."""
     ckpt = Checkpoint(folder)
-    model.to_empty(device="cpu")
+    model.to_empty(device=device)
     tied = _tied_pairs(model)
     bytes_read = count = 0
-    generator = torch.Generator().manual_seed(seed)
     seen: set[int] = set()
     for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
+        if id(param) in seen or ".lora_" in name:
             continue
         seen.add(id(param))
         start, stop = owned_rows(param)
         mine = local(param)
-        if ".lora_A." in name:  # drawn whole on every process, then cut: identical adapters
-            whole = torch.empty(param.shape, dtype=torch.float32)
-            nn.init.kaiming_uniform_(whole, a=math.sqrt(5), generator=generator)
-            mine.copy_(whole[start:stop])
-            continue
-        if ".lora_B." in name:
-            mine.zero_()
-            continue
-        if ".lora_" in name:
-            raise ConfigError(f"meta start-up: no initialisation known for {name}")
         key = checkpoint_name(name)
         if key not in ckpt and key in tied:
             key = tied[key]
@@ -207,7 +208,34 @@ def fill_from_checkpoint(model: nn.Module, folder: str | Path, *, seed: int) -> 
             bytes_read += rows.numel() * rows.element_size()
         count += 1
     _init_buffers(model, ckpt)
+    init_lora(model, seed)
     return {"bytes_read": bytes_read, "tensors": count}
+
+
+@torch.no_grad()
+def init_lora(model: nn.Module, seed: int) -> int:
+    """Initialise every LoRA weight as PEFT's default does (A kaiming-uniform with a = sqrt 5,
+    B zeros), A drawn whole, in parameter order, from a generator seeded with `seed`, then cut
+    to this process's rows: the same adapter whatever the number of processes or the global
+    RNG state. Sharded or not. Returns the number of adapter weights; any other `lora_`
+    weight (DoRA's magnitude, ...) is an error."""
+    generator = torch.Generator().manual_seed(seed)
+    n = 0
+    for name, param in model.named_parameters():
+        if ".lora_" not in name:
+            continue
+        start, stop = owned_rows(param)
+        mine = local(param)
+        if ".lora_A." in name:
+            whole = torch.empty(param.shape, dtype=torch.float32)
+            nn.init.kaiming_uniform_(whole, a=math.sqrt(5), generator=generator)
+            mine.copy_(whole[start:stop])
+        elif ".lora_B." in name:
+            mine.zero_()
+        else:
+            raise ConfigError(f"LoRA start-up: no initialisation known for {name}")
+        n += 1
+    return n
 
 
 def _tied_pairs(model: nn.Module) -> dict[str, str]:

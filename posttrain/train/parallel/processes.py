@@ -174,6 +174,12 @@ def shard(model: torch.nn.Module, *, mixed_precision: bool = False) -> torch.nn.
     return model
 
 
+def parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the whole model's parameters (an FSDP2 DTensor counts whole), each once."""
+    unique = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() * p.element_size() for p in unique)
+
+
 def local_storage(model: torch.nn.Module) -> dict[str, int]:
     """What this process itself stores of the model's parameters: {"numel", "bytes"} over the
     local shards (a DTensor's `to_local()`), each parameter once."""
@@ -260,6 +266,10 @@ class Processes:
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model as the loop should call it (DDP wrapper, or the same module sharded)."""
         if self.sharded:
+            from torch.distributed.fsdp import FSDPModule
+
+            if isinstance(model, FSDPModule):  # sharded already (meta_start.py)
+                return model
             return shard(model, mixed_precision=self.mixed_precision)
         if self.strategy == "deepspeed":
             raise RuntimeError("deepspeed wraps model and optimizer together: use prepare()")
