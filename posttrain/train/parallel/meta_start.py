@@ -20,6 +20,8 @@ processes), gives the shards storage (`to_empty`), then fills only its own shard
 - LoRA: B = 0 and A kaiming-uniform(a = sqrt 5), as PEFT initialises them, drawn from a
   generator seeded with the run's seed over each whole A (in parameter order) and then cut to
   the process's rows: the same adapter on every process, whatever the number of processes.
+  The whole-model path initialises its adapter with the same `init_lora`, so both start-ups
+  train the same adapter from the same seed (tests/test_meta_start.py compares them).
 - Tied embeddings (lm_head = embed_tokens) stay one parameter: checked, read once.
 
 Why every process reads its own slices rather than one process reading a layer at a time and
