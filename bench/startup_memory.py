@@ -111,7 +111,7 @@ def write_model(kind: str, folder: Path) -> dict:
     return info
 
 
-def write_pairs(path: Path, n: int = 8) -> Path:
+def write_pairs(path: Path, n: int) -> Path:
     rows = []
     for i in range(n):
         a, b = 12 + 7 * i, 30 + 3 * i
@@ -171,8 +171,24 @@ def worker(model: str, pairs: str, out: str, whole: bool) -> None:
         mark("reference pass")
         return table
 
+    steps = loop.step_gradients
+
+    def marked_steps(*args, **kwargs):
+        found = steps(*args, **kwargs)
+        mark(f"step {sum(k.startswith('step ') for k in points) + 1} gradients")
+        return found
+
+    finish = loop.Run.finish
+
+    def marked_finish(self, *args, **kwargs):
+        mark("2 DPO steps")
+        finish(self, *args, **kwargs)
+        mark("final adapter")
+
     loop.fill_from_checkpoint = marked_fill
     loop.reference_table = marked_reference
+    loop.step_gradients = marked_steps
+    loop.Run.finish = marked_finish
     cfg = train_config(
         "dpo",
         None,
@@ -196,7 +212,6 @@ def worker(model: str, pairs: str, out: str, whole: bool) -> None:
 
         given = load_model(model, dtype="bf16")
     loop.train(cfg, Path(out) / "run", model=given, progress=False)
-    mark("2 DPO steps")
     Path(out, f"rank-{rank}.json").write_text(json.dumps(points))
 
 
@@ -230,6 +245,7 @@ def run(model: Path, pairs: Path, out: Path, procs: int, whole: bool, env: dict)
     return {
         "ranks": ranks,
         "peak_gb_max": max(r["2 DPO steps"]["peak_gb"] for r in ranks),
+        "peak_gb_with_final_adapter": max(r["final adapter"]["peak_gb"] for r in ranks),
         "startup_s": max(r["start-up"]["s"] for r in ranks),
         "losses": [m["loss"] for m in metrics],
         "wall_s": round(wall, 1),
@@ -244,13 +260,15 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/posttrain-startup-bench/runs")
     ap.add_argument("--whole", action="store_true", help="also the whole-model start-up")
     ap.add_argument("--malloc-arena-max", default="", help="MALLOC_ARENA_MAX for the workers")
+    ap.add_argument("--pairs", type=int, default=8, help="pairs in the reference pass")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     if args.malloc_arena_max:
         env["MALLOC_ARENA_MAX"] = args.malloc_arena_max
     root = Path(args.models)
-    pairs = write_pairs(root / "pairs.jsonl") if root.mkdir(exist_ok=True) or True else None
+    root.mkdir(exist_ok=True)
+    pairs = write_pairs(root / f"pairs{args.pairs}.jsonl", args.pairs)
     result = {
         "machine": {
             "cpu": platform.processor() or platform.machine(),

@@ -60,6 +60,30 @@ def die_with_launcher() -> None:
         os._exit(1)
 
 
+def return_freed_memory() -> bool:
+    """Ask glibc to give every allocation of 1 MiB or more its own mapping, returned to the
+    system when freed; True where that was set (Linux with glibc).
+
+    FSDP2 on CPU all-gathers each layer's parameters into fresh buffers and frees them after
+    the layer; glibc's default (a heap for anything under its adaptive threshold, which rises
+    to 32 MiB) leaves those freed blocks fragmented by the small activations kept for backward
+    between them, and the process grew by most of a layer per layer: measured on a 1.52 B
+    dense model, 1 process, bf16 under autocast, one 94-token forward + backward: peak
+    6.5 GB with the default, 4.6 GB with this (3.05 GB of weights). MALLOC_ARENA_MAX=2 did
+    not help (5.8 GB). The cost is a system call and fresh zeroed pages per large allocation.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    M_MMAP_THRESHOLD = -3  # malloc.h
+    try:
+        return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 1 << 20))
+    except AttributeError:  # not glibc
+        return False
+
+
 def check_strategy(strategy: str) -> None:
     """ConfigError for an unknown strategy, or deepspeed where there is no CUDA."""
     if strategy not in STRATEGIES:
@@ -173,6 +197,14 @@ def shard(model: torch.nn.Module, *, mixed_precision: bool = False) -> torch.nn.
     )
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
+    # Untied input embeddings and head are units of their own, as the decoder layers: each is
+    # whole only while it runs, not through the root's whole forward (1.52 B dense model:
+    # 2 x 0.2 GB in bf16). Tied ones are one parameter and stay with the root.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    embed, head = base.get_input_embeddings(), base.get_output_embeddings()
+    if embed is not None and head is not None and embed.weight is not head.weight:
+        fully_shard(embed, mesh=mesh, mp_policy=policy)
+        fully_shard(head, mesh=mesh, mp_policy=policy)
     # The root (embeddings, head) is freed after its forward too: FSDP2 otherwise keeps the
     # root's whole parameters from the first forward to the end of backward, and after a
     # no-grad forward (the reference pass) until the next backward (a whole 1.5 B model's
@@ -231,6 +263,8 @@ class Processes:
         # FSDP2 shards whenever there is a process group (under torchrun, even of 1 process);
         # a plain `posttrain train` process holds the whole model.
         self.sharded = strategy == "fsdp2" and dist.is_available() and dist.is_initialized()
+        if self.sharded and not torch.cuda.is_available():
+            return_freed_memory()
         self._sync = True
 
     def precision(self, dtype: str, *, full_finetune: bool) -> tuple[str, str | None]:
