@@ -33,6 +33,9 @@ def check_state(folder: str, targets: str, procs) -> dict:
         init_lora,
     )
 
+    from posttrain.train.parallel import meta_start
+
+    meta_start.READ_BYTES = 1000  # every larger tensor read in several pieces
     lora = LoraConfig(r=4, alpha=8, targets=targets)
     model = apply_lora(build_on_meta(folder, torch.float32), lora)
     model = procs.wrap(model)

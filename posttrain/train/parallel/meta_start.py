@@ -12,8 +12,9 @@ processes), gives the shards storage (`to_empty`), then fills only its own shard
   routed-expert tensor of transformers 5 (fused 3-D `experts.gate_up_proj`, `down_proj`) is
   sharded over experts, so a process reads only its experts' `experts.E.gate_proj / up_proj /
   down_proj` (Mixtral: `w1 / w3 / w2`) as the checkpoint stores them. A file is opened for the
-  tensors of one parameter and closed again, and only the rows asked for are copied out, so
-  the process never maps a whole file into its resident memory.
+  tensors of one parameter and closed again, and only the rows asked for are copied out, in
+  pieces of at most READ_BYTES, so the process never maps a whole file into its resident
+  memory and holds at most one piece besides its shards.
 - Buffers the checkpoint does not hold (rotary `inv_freq`, `original_inv_freq`) are computed
   again as the module's constructor computes them (its `rope_init_fn` from the config); a
   buffer of any other kind is an error naming it, never left as uninitialised memory.
@@ -56,6 +57,9 @@ EXPERT_SOURCES = {
     "gate_up_proj": (["gate_proj", "up_proj"], ["w1", "w3"]),
     "down_proj": (["down_proj"], ["w2"]),
 }
+
+
+READ_BYTES = 64 * 2**20  # the largest piece of a tensor read at once
 
 
 def meta_start_refusal(cfg, procs, model_given: bool) -> str | None:
@@ -199,14 +203,17 @@ def fill_from_checkpoint(
         key = checkpoint_name(name)
         if key not in ckpt and key in tied:
             key = tied[key]
-        if stop > start:
-            rows = read_rows(ckpt, key, start, stop)
-            if tuple(rows.shape) != tuple(mine.shape):
+        # in pieces of at most READ_BYTES: one piece at a time is in memory besides the shard
+        step = max(1, READ_BYTES // max(1, mine[:1].numel() * mine.element_size()))
+        for a in range(start, stop, step):
+            b = min(stop, a + step)
+            rows = read_rows(ckpt, key, a, b)
+            if tuple(rows.shape) != (b - a, *mine.shape[1:]):
                 raise ConfigError(
-                    f"model checkpoint {ckpt.folder}: {key} rows {start}:{stop} have shape "
-                    f"{tuple(rows.shape)}; the model's shard is {tuple(mine.shape)}"
+                    f"model checkpoint {ckpt.folder}: {key} rows {a}:{b} have shape "
+                    f"{tuple(rows.shape)}; the model's shard has rows of {tuple(mine.shape[1:])}"
                 )
-            mine.copy_(rows)
+            mine[a - start : b - start].copy_(rows)
             bytes_read += rows.numel() * rows.element_size()
         count += 1
     _init_buffers(model, ckpt)
