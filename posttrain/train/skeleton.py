@@ -27,7 +27,7 @@ from posttrain.train.parallel.checkpoint import (
     save_checkpoint,
     save_final,
 )
-from posttrain.train.parallel.processes import Processes, local_storage
+from posttrain.train.parallel.processes import Processes, parameter_bytes
 
 # Settings that may change between a run and its resume (they do not change the result);
 # keys a trainer's config does not have are simply never compared.
@@ -101,7 +101,7 @@ class Run:
         """Wrap `model` for the processes, then AdamW over the wrapped (for FSDP2: sharded)
         parameters and the schedule over `total_steps` optimizer steps. Says, and writes to
         OUT/processes.json, what each process stores of the parameters."""
-        whole = local_storage(model)["bytes"]
+        whole = parameter_bytes(model)  # the model may come sharded already (meta start-up)
         policy, optimizer = procs.prepare(
             model,
             lambda m: make_optimizer(

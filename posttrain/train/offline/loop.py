@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from posttrain.config import ConfigError, save_config
-from posttrain.models import load_model, load_tokenizer, resolve_dtype
+from posttrain.models import load_model, load_tokenizer, parse_dtype, resolve_dtype, resolve_model
 from posttrain.records import write_json
 from posttrain.train.batches import epoch_batches
 from posttrain.train.config import TrainConfig
@@ -53,6 +53,13 @@ from posttrain.train.offline.step import micro_batch_loss as micro_batch_loss  #
 from posttrain.train.offline.step import step_gradients
 from posttrain.train.optim import lr_at
 from posttrain.train.parallel.checkpoint import latest_checkpoint, start_run
+from posttrain.train.parallel.meta_start import (
+    adapter_disabled,
+    build_on_meta,
+    fill_from_checkpoint,
+    init_lora,
+    meta_start_refusal,
+)
 from posttrain.train.parallel.processes import Processes, master_weights, zero3_config
 from posttrain.train.skeleton import (
     RESUME_MAY_CHANGE,
@@ -229,6 +236,13 @@ def _model_and_reference(cfg, procs, model, examples, pad: int, out: Path):
     device = procs.device
     dtype = resolve_dtype(cfg.dtype, device)
     load_dtype, autocast = procs.precision(dtype, full_finetune=not cfg.lora.enabled)
+    refusal = meta_start_refusal(cfg, procs, model_given=model is not None)
+    if refusal is None:
+        return _meta_model_and_reference(
+            cfg, procs, examples, pad, out, dtype, load_dtype, autocast
+        )
+    if procs.sharded:
+        say(procs, f"start-up: every process loads the whole model ({refusal})")
     if model is None:
         model = load_model(cfg.model, dtype=load_dtype)
     model = master_weights(model, autocast, device.type, upcast=not cfg.lora.enabled)
@@ -260,12 +274,59 @@ def _model_and_reference(cfg, procs, model, examples, pad: int, out: Path):
         pad_id=pad,
     )
     model = apply_lora(model, cfg.lora, init_adapter=cfg.init_adapter or None)
+    if cfg.lora.enabled and cfg.lora.init == "default" and not cfg.init_adapter:
+        init_lora(model, cfg.seed)  # as the meta start-up does: the same A from the seed
     if autocast and cfg.lora.enabled:
         adapter_input_as_is(model)  # bf16 activations into the fp32 adapter, under autocast
     if cfg.preference and not reference_first:
         ref, reference_seconds = reference(model)  # exactly the policy's step-1 forward
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    say(procs, format_parameter_report(parameter_report(model)))
+    return model, ref, moe, dtype, attention, reference_seconds
+
+
+def _meta_model_and_reference(
+    cfg, procs, examples, pad: int, out: Path, dtype: str, load_dtype: str, autocast
+):
+    """_model_and_reference for a sharded run that starts on the meta device
+    (parallel/meta_start.py): build, adapter, shard, then each process reads its own shards;
+    the reference pass and the MoE probe run on the sharded model with the adapter disabled."""
+    t0 = time.perf_counter()
+    folder = resolve_model(cfg.model)
+    model = build_on_meta(folder, parse_dtype(load_dtype))
+    model = master_weights(model, autocast, procs.device.type, upcast=not cfg.lora.enabled)
+    longest = max((e.length for e in examples), default=0)
+    attention = set_attention(model, cfg.attention, procs.device.type, longest)
+    model = apply_lora(model, cfg.lora)
+    if autocast and cfg.lora.enabled:
+        adapter_input_as_is(model)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model = procs.wrap(model)  # fully_shard, still on meta
+    read = fill_from_checkpoint(model, folder, seed=cfg.seed, device=procs.device)
+    say(
+        procs,
+        f"start-up on the meta device: each process read only its own shards "
+        f"({read['bytes_read'] / 2**20:.1f} MiB on process 0) in {time.perf_counter() - t0:.1f} s",
+    )
+    with adapter_disabled(model):
+        t_ref = time.perf_counter()
+        ref = (
+            reference_table(model, examples, cfg, procs, pad_id=pad, dtype=dtype, out=out)
+            if cfg.preference
+            else None
+        )
+        reference_seconds = time.perf_counter() - t_ref
+        moe = MoeRun.setup(
+            model,
+            cfg.router_aux_loss_coef,
+            cfg.moe,
+            examples,
+            lambda e: e.prompt,
+            seed=cfg.seed,
+            pad_id=pad,
+        )
     say(procs, format_parameter_report(parameter_report(model)))
     return model, ref, moe, dtype, attention, reference_seconds
 

@@ -67,14 +67,20 @@ def reference_table(
     start = time.perf_counter()
     P, rank = accelerator.num_processes, accelerator.process_index
     mine = list(range(rank, len(examples), P))
+    # A sharded model's forward is collective: every process runs as many as the busiest one,
+    # repeating its first pair, and drops the repeats' results.
+    runs = mine
+    if getattr(accelerator, "sharded", False) and mine:
+        runs = mine + mine[:1] * (-(-len(examples) // P) - len(mine))
     part = reference_logps(
         model,
-        [examples[i] for i in mine],
+        [examples[i] for i in runs],
         batch_size=cfg.ref_batch_size,
         pad_id=pad_id,
         device=accelerator.device,
         layout=how,
     )
+    part = part[: len(mine)]
     table = torch.zeros(len(examples), 2)
     if P > 1:
         from accelerate.utils import gather_object
