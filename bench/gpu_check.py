@@ -24,7 +24,7 @@ others:
 - moe: DPO LoRA on router + experts + attention with the balance (aux) loss, small Qwen3-MoE;
 - fsdp2: one DPO LoRA step with strategy=fsdp2 in a 1-process process group (last: it
   initialises torch.distributed in this process);
-- meta_startup: issue 18 part 2's start-up, recorded as absent where this branch lacks it.
+- meta_startup: whether the fsdp2 part started on the meta device (issue 18 part 2).
 """
 
 from __future__ import annotations
@@ -247,13 +247,19 @@ def part_fsdp2(ctx) -> dict:
 
 
 def part_meta_startup(ctx) -> dict:
-    import importlib.util
+    """Whether the fsdp2 part above started on the meta device (issue 18 part 2)."""
+    from types import SimpleNamespace
 
-    for name in ("posttrain.train.parallel.startup", "posttrain.train.parallel.meta"):
-        if importlib.util.find_spec(name):
-            return {"available": name, "checked": False, "note": "not yet wired into this check"}
-    return {"available": False, "note": "issue 18 part 2 (meta-device start-up) is not on "
-            "this branch; the dpo and fsdp2 parts load the whole model in the process"}  # fmt: skip
+    from posttrain.train.config import resolve_train_config
+    from posttrain.train.parallel.meta_start import meta_start_refusal
+
+    sets = dpo_sets(ctx, strategy="fsdp2", max_steps=2)
+    cfg = resolve_train_config(
+        "dpo", overrides=[f"{k}={v}" for k, v in sets.items()], model=ctx["dense"],
+        data=ctx["pairs"],
+    )  # fmt: skip
+    refusal = meta_start_refusal(cfg, SimpleNamespace(sharded=True), model_given=False)
+    return {"fsdp2_part_started_on_meta": refusal is None, "why_not": refusal}
 
 
 def versions() -> dict:
