@@ -63,7 +63,7 @@ def train(args: list[str], out: Path, *, kill_after: int = 0) -> float:
                 time.sleep(0.05)
             os.kill(proc.pid, signal.SIGKILL)  # `--nproc` exec'd torchrun: the launcher
             proc.wait()
-            time.sleep(2)  # the workers' SIGKILL (distributed.die_with_launcher)
+            time.sleep(2)  # the workers' SIGKILL (host.die_with_launcher)
         elif proc.wait() != 0:
             raise SystemExit(f"{out}: posttrain train failed; see {log.name}")
     return time.perf_counter() - start

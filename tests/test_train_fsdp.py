@@ -138,7 +138,7 @@ def killed_and_straight(tiny_model_dir, tmp_path_factory):
     """Two `posttrain train --nproc 2 ... strategy=fsdp2` SFT runs of 12 steps with LoRA
     dropout (the RNG state matters; the DPO family runs without dropout): one straight through; one whose torchrun launcher gets SIGKILL
     after step 3 (the newest checkpoint is step 2), then rerun with --resume. The workers must
-    die with the launcher (distributed.die_with_launcher), not train on as orphans."""
+    die with the launcher (host.die_with_launcher), not train on as orphans."""
     folder = tmp_path_factory.mktemp("fsdp-resume")
     _, demos = write_data(folder / "data", n=8)
     args = [

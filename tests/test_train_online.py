@@ -1128,7 +1128,7 @@ def test_rollout_sleep_is_refused_where_vllm_cannot_sleep(tiny_model_dir):
 def test_fsdp2_grpo_killed_with_sigkill_then_resumed_ends_bitwise_equal(tiny_model_dir, tmp_path):
     """12 GRPO steps on 2 processes under fsdp2 (sharded checkpoints every 2 steps): one run
     straight through; one whose torchrun launcher gets SIGKILL after step 3 (its workers die
-    with it: processes.die_with_launcher), then resumed from the newest checkpoint. The final
+    with it: host.die_with_launcher), then resumed from the newest checkpoint. The final
     adapters are bitwise equal, and so is every logged loss (sampling seeds, problem stream
     and RNG restored with the shards)."""
     import os
