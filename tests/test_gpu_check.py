@@ -46,4 +46,4 @@ def test_gpu_check_tiny_cpu_mode():
     assert parts["fsdp2"]["processes"]["sharded"] is True
     assert parts["fsdp2"]["first_loss"] == pytest.approx(math.log(2), abs=1e-6)
     # the fsdp2 part's model is a local safetensors folder: it started on the meta device
-    assert parts["meta_startup"] == {"fsdp2_part_started_on_meta": True, "why_not": None}
+    assert parts["meta_startup"]["fsdp2_part_started_on_meta"] is True
