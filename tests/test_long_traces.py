@@ -1,0 +1,148 @@
+"""Long reasoning traces: the length policy for pairs, the shared prompt under gradient
+checkpointing, the chunked entropy of the online loss.
+
+    .venv/bin/python -m pytest tests/test_long_traces.py -q
+
+Tiny random Llamas built from a config here (float32): the shared-prompt forwards with
+checkpointing are compared with the plain left-padded batch, values and gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+from posttrain.train.batches import collate
+from posttrain.train.config import TrainConfig
+from posttrain.train.data import Example
+from posttrain.train.forward import completion_logps, group_logits, unpadded_logps
+from posttrain.train.modes import enable_gradient_checkpointing, layout, train_mode
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+V = 97
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).float()
+
+
+def ids(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(1, V, n).astype(np.int32)
+
+
+def pairs() -> list[Example]:
+    return [
+        Example(ids(6, 0), (ids(9, 1), ids(4, 2)), 1),
+        Example(ids(3, 3), (ids(5, 4), ids(11, 5)), 2),
+    ]
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def weighted(logps: torch.Tensor) -> torch.Tensor:
+    """A loss that weighs every token differently, so a wrong position cannot cancel out."""
+    w = torch.linspace(0.5, 1.5, logps.numel()).reshape(logps.shape)
+    return (logps * w).sum()
+
+
+# ------------------------------------------------------------------------ shared prompt
+
+
+def test_shared_prompt_with_checkpointing_equals_the_padded_batch():
+    """padding none (prompt run once, the rejected answer on the chosen one's prompt keys and
+    values) with gradient checkpointing: the log-probs and every gradient equal those of one
+    left-padded batch without checkpointing. Before the fix the checkpointed layers dropped the
+    cache, so the rejected answer saw only the prompt's last token."""
+    examples = pairs()
+    padded = tiny_llama()
+    train_mode(padded, dropout=False)
+    batch = collate(examples, pad_id=0)
+    want = completion_logps(padded, batch)  # (4, K)
+    weighted(want).backward()
+
+    shared = copy.deepcopy(padded)
+    shared.zero_grad(set_to_none=True)
+    enable_gradient_checkpointing(shared)
+    train_mode(shared, dropout=False)
+    runs, lengths = [], []
+    # a pre-hook counts: the recompute stops early once it has what backward needs
+    shared.model.layers[0].register_forward_pre_hook(lambda *a: runs.append(1))
+    shared.model.embed_tokens.register_forward_hook(lambda m, i, o: lengths.append(i[0].shape[1]))
+    got = unpadded_logps(shared, examples, "cpu", share_prompt=True)
+    n_forwards = len(runs)
+    weighted(got).backward()
+
+    assert lengths == [6 + 9, 1 + 4, 3 + 5, 1 + 11]  # the prompt ran once per pair
+    assert len(runs) == 2 * n_forwards == 8  # every layer recomputed in backward
+    assert_close(got, want, rtol=1e-5, atol=1e-5)
+    expected = grads(padded)
+    actual = grads(shared)
+    assert expected.keys() == actual.keys() and expected
+    for name in expected:
+        assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_shared_group_with_checkpointing_equals_whole_sequences():
+    """The online group layout (first completion whole, the other G - 1 as one right-padded batch
+    on its prompt cache) with checkpointing: logits and gradients equal every sequence run
+    whole without checkpointing."""
+    prompt = torch.from_numpy(ids(5, 7).astype(np.int64))[None]
+    completions = [torch.from_numpy(ids(m, 10 + m).astype(np.int64))[None] for m in (4, 7, 2)]
+    K = 7
+    labels = torch.full((3, K), -100)
+    for i, c in enumerate(completions):
+        labels[i, K - c.shape[1] :] = c[0]
+
+    def run(model, share):
+        batch = {
+            "labels": labels,
+            "prompt_ids": prompt,
+            "completion_ids": completions,
+            "share_prompt": share,
+        }
+        logits = group_logits(model, batch)  # (3, K, V)
+        mask = labels != -100
+        loss = (logits.log_softmax(-1) * torch.linspace(0.1, 1.0, V)).sum(-1)[mask].sum()
+        loss.backward()
+        return logits.detach()
+
+    whole = tiny_llama(1)
+    train_mode(whole, dropout=False)
+    want = run(whole, share=False)
+    shared = copy.deepcopy(whole)
+    shared.zero_grad(set_to_none=True)
+    enable_gradient_checkpointing(shared)
+    train_mode(shared, dropout=False)
+    got = run(shared, share=True)
+    assert_close(got, want, rtol=1e-5, atol=1e-5)
+    expected, actual = grads(whole), grads(shared)
+    for name in expected:
+        assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_padding_none_keeps_the_prompt_shared_with_checkpointing():
+    cfg = TrainConfig(method="dpo", data="x.jsonl", model="m", padding="auto")
+    cfg.gradient_checkpointing = True
+    assert layout(cfg, "cpu") == "shared"
+    cfg.padding = "longest"
+    assert layout(cfg, "cpu") == "longest"
