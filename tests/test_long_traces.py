@@ -146,3 +146,23 @@ def test_padding_none_keeps_the_prompt_shared_with_checkpointing():
     assert layout(cfg, "cpu") == "shared"
     cfg.padding = "longest"
     assert layout(cfg, "cpu") == "longest"
+
+
+# ------------------------------------------------------------------------ GRPO entropy
+
+
+@pytest.mark.parametrize("chunk_elements", [None, 3 * 50, 1])
+def test_token_entropy_in_chunks_equals_the_whole_softmax(chunk_elements):
+    """B 2, T 7, V 50 bf16 logits, temperature 0.7: chunks of 3 positions (and of 1, and the
+    default: one chunk) give the entropy of the whole float32 softmax."""
+    from posttrain.losses.logprobs import token_entropy
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 7, 50, generator=g) * 3).bfloat16()
+    logp = torch.log_softmax(logits.float() / 0.7, dim=-1)
+    want = -(logp.exp() * logp).sum(-1)
+    got = token_entropy(logits, 0.7, chunk_elements=chunk_elements)
+    assert got.dtype == torch.float32 and got.shape == (2, 7)
+    assert_close(got, want, rtol=1e-5, atol=1e-5)
+    uniform = token_entropy(torch.zeros(1, 3, 50))
+    assert_close(uniform, torch.full((1, 3), float(np.log(50))))
