@@ -10,15 +10,17 @@ checkpointing are compared with the plain left-padded batch, values and gradient
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
 
+from posttrain.records import DataError
 from posttrain.train.batches import collate
 from posttrain.train.config import TrainConfig
-from posttrain.train.data import Example
+from posttrain.train.data import Example, load_examples
 from posttrain.train.forward import completion_logps, group_logits, unpadded_logps
 from posttrain.train.modes import enable_gradient_checkpointing, layout, train_mode
 
@@ -63,6 +65,67 @@ def weighted(logps: torch.Tensor) -> torch.Tensor:
     """A loss that weighs every token differently, so a wrong position cannot cancel out."""
     w = torch.linspace(0.5, 1.5, logps.numel()).reshape(logps.shape)
     return (logps * w).sum()
+
+
+# ------------------------------------------------------------------------ length policy
+
+
+@pytest.fixture(scope="module")
+def tok(embedded_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(embedded_dir)
+
+
+def write_pairs(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_long_pairs_keep_their_prompt_and_cut_both_answers_to_one_budget(tmp_path, tok):
+    """max_length 60, truncate_completion: a pair whose answers are long keeps its whole prompt
+    and both answers are cut to 60 - prompt tokens; a pair whose prompt alone is longer than 60
+    is dropped and counted as such; with the default (drop) both long pairs are dropped."""
+    short = {"prompt": "2+2?", "chosen": "4", "rejected": "5"}
+    long_answers = {
+        "prompt": "Count.",
+        "chosen": " ".join(["one"] * 200),
+        "rejected": " ".join(["two"] * 150),
+    }
+    long_prompt = {"prompt": " ".join(["why"] * 100), "chosen": "a", "rejected": "b"}
+    path = write_pairs(tmp_path / "pairs.jsonl", [short, long_answers, long_prompt])
+    whole, _ = load_examples(path, tok, preference=True, max_length=10_000)
+    assert len(whole) == 3 and len(whole[2].prompt) > 60
+
+    examples, report = load_examples(
+        path, tok, preference=True, max_length=60, length_policy="truncate_completion"
+    )
+    assert [e.line for e in examples] == [1, 2]
+    cut = examples[1]
+    np.testing.assert_array_equal(cut.prompt, whole[1].prompt)  # the prompt is never cut
+    budget = 60 - len(cut.prompt)
+    assert [len(c) for c in cut.completions] == [budget, budget]
+    for got, full in zip(cut.completions, whole[1].completions):
+        np.testing.assert_array_equal(got, full[:budget])  # each answer's tail cut
+    np.testing.assert_array_equal(examples[0].completions[0], whole[0].completions[0])
+    assert (report.kept, report.completion_truncated, report.prompt_truncated) == (2, 1, 0)
+    assert (report.dropped_too_long, report.dropped_prompt_too_long) == (1, 1)
+    assert "1 dropped (longer than max_length 60; 1 of them by the prompt alone)" in (
+        report.summary()
+    )
+    assert report.to_dict()["dropped_prompt_too_long"] == 1
+
+    kept, report = load_examples(path, tok, preference=True, max_length=60)
+    assert [e.line for e in kept] == [1]
+    assert (report.dropped_too_long, report.dropped_prompt_too_long) == (2, 1)
+
+
+def test_a_file_whose_every_pair_is_dropped_is_an_error(tmp_path, tok):
+    rows = [{"prompt": " ".join(["why"] * 100), "chosen": "a", "rejected": "b"}] * 2
+    path = write_pairs(tmp_path / "pairs.jsonl", rows)
+    for policy in ("drop", "truncate_completion"):
+        with pytest.raises(DataError, match="all 2 rows are longer than max_length 60.*2 by the"):
+            load_examples(path, tok, preference=True, max_length=60, length_policy=policy)
 
 
 # ------------------------------------------------------------------------ shared prompt
