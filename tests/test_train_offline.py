@@ -484,8 +484,8 @@ def test_bf16_step_one_dpo_loss_is_exactly_ln2(tiny_model_dir, tmp_path, checkpo
     bf16 sequence's log-prob depends on the shape of the batch it runs in (SmolLM2-135M, 4 pairs
     of ~186 tokens, reference in batches of 8 pairs, training batch 4: 0.7195; the tiny model's
     GEMMs happen not to show it, so the forward shapes are checked too): with padding none,
-    the default on CPU, every pair runs alone, unpadded, in both passes (its prompt once; with
-    gradient checkpointing, which drops the keys and values that takes, each sequence whole)."""
+    the default on CPU, every pair runs alone, unpadded, in both passes (its prompt once, with
+    gradient checkpointing too: forward.prefix_cache)."""
     from posttrain.models import load_model
 
     pairs, _ = write_data(tmp_path / "data", n=4)

@@ -21,6 +21,9 @@ backward: with bf16 logits that is a second copy of every logit at twice the siz
   same (the same matmul gives the same logits). Positions without a label (prompt, padding)
   are never projected at all.
 
+`token_entropy(logits)` (no gradient; the online loss's entropy metric) runs over the same
+chunks.
+
 Chunks hold at most CHUNK_ELEMENTS float32 logits (32 MiB): 170 positions at a 49k vocabulary,
 55 at 152k.
 """
@@ -176,6 +179,30 @@ def chunked_token_logps(
     safe = labels.masked_fill(ignored, 0)  # gather needs a valid index everywhere
     out = _ChunkedLogSoftmax.apply(logits, safe, _rows_per_chunk(logits.shape[-1], chunk_elements))
     return out.masked_fill(ignored, 0.0)  # (B, T)
+
+
+@torch.no_grad()
+def token_entropy(
+    logits: torch.Tensor, temperature: float = 1.0, chunk_elements: int | None = None
+) -> torch.Tensor:
+    """Entropy of softmax(logits / temperature) at every position, float32 (B, T); no gradient.
+
+    Chunk by chunk like chunked_token_logps: at most CHUNK_ELEMENTS positions x vocabulary
+    are upcast to float32 at once, never a (T, V) float32 copy of a long sequence's logits.
+    H = logsumexp(z) - sum softmax(z) * z, z the tempered logits of one position.
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"token_entropy: expected logits (B, T, V), got {tuple(logits.shape)}")
+    B, T, V = logits.shape
+    out = torch.empty(B, T, dtype=torch.float32, device=logits.device)
+    for b, sl in _chunks(B, T, _rows_per_chunk(V, chunk_elements)):
+        z = logits[b, sl].float()  # (n, V), the chunk's own float32 copy
+        if temperature != 1.0:
+            z.div_(temperature)
+        lse = torch.logsumexp(z, dim=-1)  # (n,)
+        p = torch.exp(z - lse.unsqueeze(-1))  # (n, V)
+        out[b, sl] = lse - (p * z).sum(-1)
+    return out
 
 
 def linear_token_logps(

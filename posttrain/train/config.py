@@ -127,7 +127,7 @@ class BaseTrainConfig:
     gradient_checkpointing: bool = False  # slows small models on CPU; saves memory on GPUs
     # none: each row (a pair or a demonstration offline, a group of G completions online) is
     # its own micro-batch, its graph freed by its backward before the next, and its prompt runs
-    # once for all its completions unless gradient checkpointing is on. Offline every sequence
+    # once for all its completions (with gradient checkpointing too). Offline every sequence
     # runs unpadded (batch-independent bf16 log-probs: the reference pass matches the policy
     # exactly); online the prompt + first completion run, then the other G - 1 completions
     # together on its keys and values (logps.group_logits). longest: a micro-batch of

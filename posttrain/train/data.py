@@ -21,8 +21,12 @@ silently, every outcome is counted in `DataReport`:
 - drop (default): rows that do not fit are left out;
 - truncate_prompt: the prompt loses tokens from its start (system prompt first), the
   completions stay whole; rows whose completion alone does not fit are dropped;
-- truncate_completion: completions are cut at their end. This can cut the final answer and the
+- truncate_completion: completions are cut at their end, every completion of a row (a pair's
+  chosen and rejected) to the same budget, max_length - the prompt's tokens (a shorter one
+  stays whole); the prompt is never cut, and rows whose prompt alone has max_length tokens or
+  more are dropped (`dropped_prompt_too_long`). This can cut the final answer and the
   end-of-turn token out, so it is only done when asked for.
+A file where every row is dropped is an error saying why.
 
 Rendering and batched tokenising (optionally in worker processes): train/tokenizing.py.
 """
@@ -72,6 +76,7 @@ class DataReport:
     not_correct: int = 0  # scored rows left out because their verdict is not "correct"
     kept: int = 0
     dropped_too_long: int = 0
+    dropped_prompt_too_long: int = 0  # of those, rows whose prompt alone has max_length tokens
     prompt_truncated: int = 0
     completion_truncated: int = 0
     retokenised: int = 0  # prompt + completion tokenised apart != together; joint ids used
@@ -85,8 +90,13 @@ class DataReport:
             parts.append(f"{self.not_correct} not correct (left out)")
         parts.append(f"{self.kept} used")
         if self.dropped_too_long:
+            why = (
+                f"; {self.dropped_prompt_too_long} of them by the prompt alone"
+                if self.dropped_prompt_too_long
+                else ""
+            )
             parts.append(
-                f"{self.dropped_too_long} dropped (longer than max_length {self.max_length})"
+                f"{self.dropped_too_long} dropped (longer than max_length {self.max_length}{why})"
             )
         if self.prompt_truncated:
             parts.append(f"{self.prompt_truncated} with the prompt's start cut")
@@ -276,6 +286,7 @@ def load_examples(
         fitted = fit_length(p, completions, max_length, length_policy)
         if fitted is None:
             report.dropped_too_long += 1
+            report.dropped_prompt_too_long += len(p) >= max_length
             continue
         p, completions, outcome = fitted
         if outcome != "fits":
@@ -293,11 +304,14 @@ def load_examples(
             "(DPO loss log 2, gradient 0)",
         )
     if not examples:
-        why = (
-            f"all {report.rows} rows are longer than max_length {max_length}"
-            if report.dropped_too_long
-            else "no usable row"
-        )
+        why = "no usable row"
+        if report.dropped_too_long:
+            why = (
+                f"all {report.rows} rows are longer than max_length {max_length} (length_policy "
+                f"{length_policy}; {report.dropped_prompt_too_long} by the prompt alone, which is "
+                "never cut for pairs unless length_policy is truncate_prompt): raise max_length"
+                + (" or set length_policy=truncate_completion" if length_policy == "drop" else "")
+            )
         raise DataError(path, None, why)
     lengths = np.array([e.length for e in examples])
     report.lengths = {

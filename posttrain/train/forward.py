@@ -23,6 +23,7 @@ policy then compute every sequence identically, and the step-1 DPO loss is ln 2 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import numpy as np
 import torch
@@ -97,6 +98,106 @@ def completion_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return token_logps(logits, labels)  # (R, K)
 
 
+@functools.cache
+def _prefix_layer_class() -> type:
+    from transformers.cache_utils import DynamicLayer  # imported on first use
+
+    class PrefixLayer(DynamicLayer):
+        """prefix_layer's class: a DynamicLayer whose update never stores."""
+
+        def __init__(self, keys=None, values=None):
+            super().__init__()
+            self.first = None  # the (keys, values) of the first update
+            if keys is not None:
+                self.dtype, self.device = keys.dtype, keys.device
+                self.keys, self.values = keys, values
+                self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if self.first is None:
+                self.first = (key_states, value_states)
+            if not self.is_initialized or self.keys.numel() == 0:
+                return key_states, value_states
+            return (
+                torch.cat([self.keys, key_states], dim=-2),
+                torch.cat([self.values, value_states], dim=-2),
+            )
+
+    return PrefixLayer
+
+
+def prefix_layer(keys: torch.Tensor | None = None, values: torch.Tensor | None = None):
+    """A cache layer holding a fixed prefix of keys and values (none: empty) that it never
+    changes: `update` returns prefix + the new states without storing them, so a layer run
+    again (gradient checkpointing's recompute in backward) sees exactly the states of its first
+    run, and the first states it is given (the original forward's, with their autograd graph)
+    are kept in `.first`. transformers' own DynamicLayer appends on every update, which is why
+    its decoder layers drop any cache under checkpointing unless told the cache is only read
+    (`_can_checkpoint_with_cache`, set by keep_cache_under_checkpointing)."""
+    return _prefix_layer_class()(keys, values)
+
+
+def _decoder_layers(model) -> list[nn.Module]:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def cache_survives_checkpointing() -> bool:
+    """Whether this transformers lets a decoder layer keep a read-only cache under gradient
+    checkpointing (GradientCheckpointingLayer._can_checkpoint_with_cache); without it a shared
+    prompt cannot run with checkpointing (modes.layout runs every sequence whole then)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")
+
+
+@contextlib.contextmanager
+def keep_cache_under_checkpointing(model):
+    """While inside, checkpointed decoder layers keep the prefix cache they are given (it is
+    only read: prefix_layer) instead of dropping it, which would let every later completion
+    attend to nothing of the prompt but its last token, silently."""
+    layers = _decoder_layers(model) if cache_survives_checkpointing() else []
+    for layer in layers:
+        layer._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("_can_checkpoint_with_cache", None)
+
+
+def prefix_cache(prefix: list | None, n_layers: int):
+    """A DynamicCache of prefix_layer()s: `prefix` is every layer's (keys, values), or None for
+    an empty cache that records the first forward's states (`cache.layers[i].first`)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    if prefix is None:
+        cache.layers = [prefix_layer() for _ in range(n_layers)]
+    else:
+        cache.layers = [prefix_layer(k, v) for k, v in prefix]
+    return cache
+
+
+def _prompt_prefix(cache, P: int, n: int = 1) -> list:
+    """Every layer's (keys, values) of prompt tokens 0 .. P-2 from a recording cache, copied
+    (so the whole first sequence's states are not kept alive by a view), expanded to n rows."""
+    return [
+        (
+            layer.first[0][:, :, : P - 1].clone().expand(n, -1, -1, -1),
+            layer.first[1][:, :, : P - 1].clone().expand(n, -1, -1, -1),
+        )
+        for layer in cache.layers
+    ]
+
+
+def _n_layers(model) -> int:
+    config = getattr(_inner(model), "config", None)
+    config = getattr(config, "get_text_config", lambda: config)()
+    return int(config.num_hidden_layers)
+
+
 def prompt_shared_forwards(model, prompt: torch.Tensor, completions, share: bool, run) -> list:
     """`run(inputs, labels, cache)` for every completion of one prompt, unpadded, one sequence
     per forward pass; returns the outputs in order.
@@ -107,29 +208,28 @@ def prompt_shared_forwards(model, prompt: torch.Tensor, completions, share: bool
     the first forward's keys and values of the other prompt tokens. Gradients reach the prompt's
     activations from every completion. (A forward of the prompt alone would be cheaper on paper,
     but its short matmuls run far below the long ones' speed in bf16 on a CPU: measured slower
-    than not sharing at all.) Without `share` every sequence runs whole (gradient checkpointing
-    drops the cache). `prompt` (1, P), `completions` (1, m) each, on the model's device.
+    than not sharing at all.) The caches never change once written (prefix_cache), so gradient
+    checkpointing can recompute a layer in backward. Without `share` every sequence runs
+    whole. `prompt` (1, P), `completions` (1, m) each, on the model's device.
     """
-    from transformers import DynamicCache
-
     P = prompt.shape[1]
     share = share and len(completions) > 1 and P > 1
     prefix = None  # every layer's (keys, values) of prompt tokens 0 .. P-2
     outputs = []
-    for labels in completions:
-        if prefix is None:
-            # plain full-length layers, even for sliding-window models (whose cache layers
-            # would keep only the window): the mask still applies the window by position
-            cache = DynamicCache() if share else None
-            inputs = torch.cat([prompt, labels], dim=1)  # (1, P + m)
-        else:
-            cache = DynamicCache(ddp_cache_data=prefix)
-            inputs = torch.cat([prompt[:, -1:], labels], dim=1)  # (1, 1 + m)
-        outputs.append(run(inputs, labels, cache))
-        if share and prefix is None:
-            prefix = [
-                (layer.keys[:, :, : P - 1], layer.values[:, :, : P - 1]) for layer in cache.layers
-            ]
+    n_layers = _n_layers(model) if share else 0
+    with keep_cache_under_checkpointing(model) if share else contextlib.nullcontext():
+        for labels in completions:
+            if prefix is None:
+                # plain full-length layers, even for sliding-window models (whose cache layers
+                # would keep only the window): the mask still applies the window by position
+                cache = prefix_cache(None, n_layers) if share else None
+                inputs = torch.cat([prompt, labels], dim=1)  # (1, P + m)
+            else:
+                cache = prefix_cache(prefix, n_layers)
+                inputs = torch.cat([prompt[:, -1:], labels], dim=1)  # (1, 1 + m)
+            outputs.append(run(inputs, labels, cache))
+            if share and prefix is None:
+                prefix = _prompt_prefix(cache, P)
     return outputs
 
 
@@ -177,8 +277,6 @@ def group_logits(model, batch: dict) -> torch.Tensor:
     matmuls of (G - 1) x the completion length rows (one completion's rows alone run far below
     the GEMM's speed on a CPU). Without share_prompt every sequence runs whole, one at a time.
     """
-    from transformers import DynamicCache
-
     K = batch["labels"].shape[1]
     prompt, completions = batch["prompt_ids"], batch["completion_ids"]  # (1, P), [(1, m_i)]
     P = prompt.shape[1]
@@ -198,8 +296,10 @@ def group_logits(model, batch: dict) -> torch.Tensor:
 
     if not batch["share_prompt"] or len(completions) == 1 or P == 1:
         return torch.stack(prompt_shared_forwards(model, prompt, completions, False, whole))
-    cache = DynamicCache()
-    first = whole(torch.cat([prompt, completions[0]], dim=1), completions[0], cache)  # (K, V)
+    n_layers = _n_layers(model)
+    cache = prefix_cache(None, n_layers)
+    with keep_cache_under_checkpointing(model):
+        first = whole(torch.cat([prompt, completions[0]], dim=1), completions[0], cache)  # (K, V)
     rest = completions[1:]
     n, M = len(rest), max(c.shape[1] for c in rest)
     ids = prompt.new_zeros((n, 1 + M))  # the prompt's last token, the completion, pads
@@ -209,20 +309,15 @@ def group_logits(model, batch: dict) -> torch.Tensor:
     for i, c in enumerate(rest):
         ids[i, 1 : 1 + c.shape[1]] = c[0]
         mask[i, P : P + c.shape[1]] = 1
-    prefix = [
-        (
-            layer.keys[:, :, : P - 1].expand(n, -1, -1, -1),
-            layer.values[:, :, : P - 1].expand(n, -1, -1, -1),
-        )
-        for layer in cache.layers
-    ]
-    logits = model(
-        input_ids=ids,
-        attention_mask=mask,
-        past_key_values=DynamicCache(ddp_cache_data=prefix),
-        use_cache=True,
-        logits_to_keep=M + 1,
-    ).logits[:, :-1]  # (n, M, V): column t predicts token t of each completion
+    prefix = _prompt_prefix(cache, P, n)
+    with keep_cache_under_checkpointing(model):
+        logits = model(
+            input_ids=ids,
+            attention_mask=mask,
+            past_key_values=prefix_cache(prefix, n_layers),
+            use_cache=True,
+            logits_to_keep=M + 1,
+        ).logits[:, :-1]  # (n, M, V): column t predicts token t of each completion
     rows = [first] + [right_aligned(logits[i, : c.shape[1]]) for i, c in enumerate(rest)]
     return torch.stack(rows)  # (G, K, V)
 

@@ -116,9 +116,14 @@ def set_attention(model: nn.Module, setting: str, device_type: str, longest: int
 
 def layout(cfg, device) -> str:
     """How sequences run (cfg.padding; auto: none on CPU): longest (left-padded micro-batches),
-    shared (each pair or group alone, its prompt once) or none (each sequence alone: with gradient
-    checkpointing, which drops the keys and values the shared prompt needs)."""
+    shared (each pair or group alone, its prompt once; with gradient checkpointing too, its
+    prompt cache read-only: forward.prefix_cache) or none (each sequence alone: with gradient
+    checkpointing on a transformers that drops every cache under it)."""
+    from posttrain.train.forward import cache_survives_checkpointing
+
     kind = torch.device(device).type  # a torch.device or a string such as "cpu"
     if cfg.padding == "longest" or (cfg.padding == "auto" and kind != "cpu"):
         return "longest"
-    return "none" if cfg.gradient_checkpointing else "shared"
+    if cfg.gradient_checkpointing and not cache_survives_checkpointing():
+        return "none"
+    return "shared"

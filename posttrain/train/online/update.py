@@ -30,6 +30,7 @@ from posttrain.losses import (
     sft_phi,
     token_logps,
 )
+from posttrain.losses.logprobs import token_entropy
 from posttrain.losses.offpolicy import cispo_loss, mismatch_metrics, rollout_weights
 from posttrain.train.forward import completion_logps, group_logits
 from posttrain.train.metrics import check_finite
@@ -63,7 +64,7 @@ def sampled_logps(model, batch: dict[str, torch.Tensor], temperature: float, *, 
     scaled = logits / temperature if temperature != 1.0 else logits  # (b, K, V)
     logps = token_logps(scaled, batch["labels"])  # (b, K)
     with torch.no_grad():
-        entropy = torch.stack([_entropy(row) for row in scaled])  # (b, K), one row at a time
+        entropy = token_entropy(scaled.detach())  # (b, K), float32 a chunk of positions at a time
         raw_logps = None
         if raw:
             raw_logps = (
@@ -72,12 +73,6 @@ def sampled_logps(model, batch: dict[str, torch.Tensor], temperature: float, *, 
                 else token_logps(logits.detach(), batch["labels"])
             )
     return logps, raw_logps, entropy
-
-
-def _entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) over the last axis in float32: (K, V) -> (K,)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
 
 
 def micro_batch_weight(
