@@ -99,3 +99,17 @@ def engine_config(args) -> EngineConfig:
     config = from_dict(EngineConfig, data, where)
     config.check()  # before any problem is read or model loaded
     return config
+
+
+def sampling_params(args):
+    """The checked SamplingParams of `sample`'s and `eval`'s flags (--n, --temperature, --top-p,
+    --max-new-tokens, --seed): a value out of range is a UsageError naming the flag."""
+    from posttrain.engines import SamplingParams
+
+    return SamplingParams(
+        n=args.n,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    ).check()

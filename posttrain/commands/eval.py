@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 
 from posttrain.commands.arg_types import int_at_least
-from posttrain.commands.engine_args import add_engine_arguments, engine_config
+from posttrain.commands.engine_args import add_engine_arguments, engine_config, sampling_params
 from posttrain.errors import UsageError
-from posttrain.engines import SamplingParams, make_engine
+from posttrain.engines import make_engine
 from posttrain.evaluation.evaluate import PROTOCOLS, evaluate
 from posttrain.evaluation.summary import format_summary
 
@@ -62,13 +62,7 @@ def main(args) -> int:
     from posttrain.tasks import load_problems
 
     # everything a typo can break, checked before the model loads
-    params = SamplingParams(
-        n=args.n,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-    ).check()
+    params = sampling_params(args)
     if args.temperature <= 0 and args.n > 1:
         raise UsageError(f"--n {args.n} needs --temperature > 0 (greedy repeats itself)")
     check_output_folder(args.out)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 
 from posttrain.commands.arg_types import int_at_least
-from posttrain.commands.engine_args import add_engine_arguments, engine_config
-from posttrain.engines import SamplingParams, make_engine
+from posttrain.commands.engine_args import add_engine_arguments, engine_config, sampling_params
+from posttrain.engines import make_engine
 from posttrain.records import check_output_file
 from posttrain.sampling import sample_problems
 
@@ -39,13 +39,7 @@ def main(args) -> int:
     from posttrain.tasks import load_problems
 
     # everything a typo can break, checked before the model loads
-    params = SamplingParams(
-        n=args.n,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-    ).check()
+    params = sampling_params(args)
     check_output_file(args.out)
     config = engine_config(args)
     if config.kind != "openai":  # a server names its own models

@@ -264,15 +264,7 @@ def _model_and_reference(cfg, procs, model, examples, pad: int, out: Path):
 
     if cfg.preference and reference_first:
         ref, reference_seconds = reference(model)
-    moe = MoeRun.setup(
-        model,
-        cfg.router_aux_loss_coef,
-        cfg.moe,
-        examples,
-        lambda e: e.prompt,
-        seed=cfg.seed,
-        pad_id=pad,
-    )
+    moe = moe_run(model, cfg, examples, pad)
     model = apply_lora(model, cfg.lora, init_adapter=cfg.init_adapter or None)
     if cfg.lora.enabled and cfg.lora.init == "default" and not cfg.init_adapter:
         init_lora(model, cfg.seed)  # as the meta start-up does: the same A from the seed
@@ -284,6 +276,19 @@ def _model_and_reference(cfg, procs, model, examples, pad: int, out: Path):
         enable_gradient_checkpointing(model)
     say(procs, format_parameter_report(parameter_report(model)))
     return model, ref, moe, dtype, attention, reference_seconds
+
+
+def moe_run(model, cfg, examples, pad: int) -> MoeRun:
+    """The balance loss and routing probe of an MoE model (inactive on a dense one)."""
+    return MoeRun.setup(
+        model,
+        cfg.router_aux_loss_coef,
+        cfg.moe,
+        examples,
+        lambda e: e.prompt,
+        seed=cfg.seed,
+        pad_id=pad,
+    )
 
 
 def _meta_model_and_reference(
@@ -318,15 +323,7 @@ def _meta_model_and_reference(
             else None
         )
         reference_seconds = time.perf_counter() - t_ref
-        moe = MoeRun.setup(
-            model,
-            cfg.router_aux_loss_coef,
-            cfg.moe,
-            examples,
-            lambda e: e.prompt,
-            seed=cfg.seed,
-            pad_id=pad,
-        )
+        moe = moe_run(model, cfg, examples, pad)
     say(procs, format_parameter_report(parameter_report(model)))
     return model, ref, moe, dtype, attention, reference_seconds
 
