@@ -210,3 +210,43 @@ def test_the_online_check_names_the_aggregations_the_losses_implement():
     from posttrain.train.online import config as online
 
     assert online.AGGREGATIONS == AGGREGATIONS
+
+
+def test_the_moe_sweep_compares_lora_targets_and_replay_at_one_budget(tmp_path, monkeypatch):
+    """recipes/sweep-moe.yaml (issue 19 part 5): three RPO runs that differ only in the LoRA
+    targets, three GRPO runs that differ only in moe.replay, all on the upcycled model and
+    evaluated on the same 300 held-out items."""
+    from dataclasses import asdict
+
+    from posttrain.pipeline.sweep import load_grid
+
+    monkeypatch.chdir(tmp_path)
+    _stand_in_model(tmp_path / MADE_FIRST["sweep-moe.yaml"])
+    _, runs = load_grid(RECIPES[[p.name for p in RECIPES].index("sweep-moe.yaml")])
+    cfg = {r.id: r.recipe.train.resolved for r in runs}
+    assert {i: (c.method, c.lora.targets) for i, c in cfg.items() if i.startswith("rpo")} == {
+        "rpo-linear": ("rpo", "all-linear"),
+        "rpo-router": ("rpo", "all-linear,all-router"),
+        "rpo-experts": ("rpo", "all-linear,experts"),
+    }
+    grpo = {i: c for i, c in cfg.items() if i.startswith("grpo")}
+    assert {i: c.moe.replay for i, c in grpo.items()} == {
+        "grpo-none": "none",
+        "grpo-old": "old",
+        "grpo-rollout": "rollout",
+    }
+
+    def without(c, *keys):
+        d = asdict(c)
+        for k in keys:
+            d.pop(k)
+        return d
+
+    rpo = [without(c, "lora") for i, c in cfg.items() if i.startswith("rpo")]
+    assert all(d == rpo[0] for d in rpo)  # the targets are all the RPO runs change
+    same = [without(c, "moe") for c in grpo.values()]
+    assert all(d == same[0] for d in same) and same[0]["updates_per_batch"] > 1  # old needs > 1
+    assert {r.recipe.model for r in runs} == {"./" + MADE_FIRST["sweep-moe.yaml"]}
+    assert {tuple((s.problems, s.temperature) for s in r.recipe.eval) for r in runs} == {
+        (("builtin:arith:300?split=test&difficulty=1", 0.0),)
+    }
