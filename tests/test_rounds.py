@@ -58,6 +58,10 @@ def recipe(**over):
         ({"train.config.reference": "base"}, "train.config.reference: set by the run"),
         ({"train.reference": "last"}, "train.reference: 'last'; expected previous | base"),
         ({"train.reference": "base", "train.method": "sft"}, "'sft' has no reference model"),
+        ({"sample.problems": ["a", "b"]}, "a list of 2 sources with rounds: 1"),
+        ({"rounds": 3, "sample.problems": ["a", "b"]}, "so it needs rounds: 2 (>= 2)"),
+        ({"rounds": 2, "sample.problems": ["a", 5]}, "expected a source, or a list of sources"),
+        ({"rounds": 2, "sample.problems": []}, "expected a source, or a list of sources"),
     ],
 )
 def test_bad_rounds_settings_fail_at_load(over, message):
@@ -179,6 +183,21 @@ def test_rounds_keep_round_one_folders_and_chain_each_round_to_the_last(tmp_path
     assert "eval/arith/base" in by_name and "round-2/eval/arith/base" not in by_name
     assert report["rounds"] == 3
     assert report["sets"][0]["trained_stage"] == "round-3/eval/arith/trained"
+
+
+def test_a_list_of_sources_gives_each_round_its_own_problems(tmp_path, monkeypatch):
+    from posttrain.pipeline.run import StageRunner, run_recipe
+
+    one, fresh = [], []
+    sources = [f"builtin:arith:4?split=train&start={4 * i}" for i in range(3)]
+    monkeypatch.setattr(StageRunner, "__call__", fake_stages(one))
+    run_recipe(recipe(**{"sample.problems": sources[0]}), tmp_path / "one", progress=False)
+    monkeypatch.setattr(StageRunner, "__call__", fake_stages(fresh))
+    run_recipe(recipe(rounds=3, **{"sample.problems": sources}), tmp_path / "f", progress=False)
+    # round 1: the very stages of a run on the first source alone; round r: the r-th source
+    assert fresh[: len(one)] == one
+    by_name = {n: s for n, s, _ in fresh}
+    assert [by_name[p + "sample"]["problems"] for p in ("", "round-2/", "round-3/")] == sources
 
 
 def test_the_per_round_table_worked_out_by_hand(tmp_path, monkeypatch, capsys):

@@ -84,6 +84,17 @@ def test_arith_is_deterministic_and_n_is_a_prefix():
     assert len(load_problems("builtin:arith")) == 100  # default N
 
 
+def test_arith_start_takes_the_block_after_the_first_questions():
+    first = load_problems("builtin:arith:120?seed=3")
+    block = load_problems("builtin:arith:80?seed=3&start=40")
+    assert block == first[40:]  # questions 40..119, ids arith-train-40.. as in the longer draw
+    assert block[0].id == "arith-train-40"
+    assert load_problems("builtin:arith:80?seed=3&start=40", limit=5) == first[40:45]
+    assert not {p.question for p in block} & {p.question for p in first[:40]}
+    with pytest.raises(DataError, match="start=-1: expected an integer >= 0"):
+        load_problems("builtin:arith:5?start=-1")
+
+
 def test_arith_difficulty_ranges_and_ops():
     assert operand_ranges("add", 0) == (range(0, 10), range(0, 10))
     assert operand_ranges("mul", 4) == (range(10, 100), range(100, 1000))

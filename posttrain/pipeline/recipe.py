@@ -22,7 +22,9 @@ from posttrain.names import check_name
 
 @dataclass
 class SampleStage:
-    problems: str = "builtin:arith:200?split=train"
+    # one source, or with `rounds: K` a list of K sources: round r samples the r-th (fresh
+    # problems each round; round_source)
+    problems: str | list = "builtin:arith:200?split=train"
     n: int = 4
     temperature: float = 1.0
     top_p: float = 1.0
@@ -183,6 +185,7 @@ def resolve(recipe: Recipe, where: str = "recipe") -> Recipe:
     from posttrain.pairs import STRATEGIES
 
     try:
+        check_round_sources(recipe)
         check_generation("sample", recipe.sample)
         for s in recipe.eval:
             check_generation(f"eval.{s.name}", s)
@@ -207,6 +210,34 @@ def resolve(recipe: Recipe, where: str = "recipe") -> Recipe:
     recipe.train.resolved = resolve_train(recipe, where)
     check_rounds(recipe, where)
     return recipe
+
+
+def sources_of(problems: str | list) -> list[str]:
+    """`sample.problems` as a list of sources (one, or one per round)."""
+    return [problems] if isinstance(problems, str) else list(problems)
+
+
+def round_source(recipe: Recipe, number: int) -> str:
+    """The problem source round `number` (1-based) samples: the one source, or the list's
+    number-th (check_round_sources made the list one source per round)."""
+    p = recipe.sample.problems
+    return p if isinstance(p, str) else p[number - 1]
+
+
+def check_round_sources(recipe: Recipe) -> None:
+    """`sample.problems` as a list: strings, exactly one per round, and more than one round."""
+    p, k = recipe.sample.problems, recipe.rounds
+    if isinstance(p, str):
+        return
+    if not p or not all(isinstance(x, str) and x for x in p):
+        raise ConfigError(
+            f"sample.problems: {p!r}; expected a source, or a list of sources one per round"
+        )
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2 or len(p) != k:
+        raise ConfigError(
+            f"sample.problems: a list of {len(p)} sources with rounds: {k!r}; a list gives "
+            f"round r the r-th source, so it needs rounds: {len(p)} (>= 2)"
+        )
 
 
 REFERENCES = {"previous": "init", "base": "base"}  # train.reference -> TrainConfig.reference
@@ -295,7 +326,7 @@ def resolve_train(recipe: Recipe, where: str = "recipe"):
         ) from None
     settings = {"seed": recipe.seed, "dtype": recipe.dtype, **t.config}
     if kind == "problems" or t.method == "chord":
-        flags = {"problems": recipe.sample.problems}
+        flags = {"problems": round_source(recipe, 1)}
         if kind == "demonstrations":
             settings = merge(settings, {"chord": {"demos": PENDING}})
     else:
@@ -385,6 +416,10 @@ def check_sources(recipes: list[Recipe]) -> None:
     fails before any stage runs."""
     from posttrain.tasks import load_problems
 
-    specs = [spec for r in recipes for spec in (r.sample.problems, *(s.problems for s in r.eval))]
+    specs = [
+        spec
+        for r in recipes
+        for spec in (*sources_of(r.sample.problems), *(s.problems for s in r.eval))
+    ]
     for spec in dict.fromkeys(specs):
         load_problems(spec, limit=1)

@@ -33,6 +33,7 @@ from posttrain.pipeline.recipe import (
     TrainStage,
     load_recipe,  # noqa: F401 (imported from here by users and tests)
     resolve,
+    round_source,
     train_config,
     train_data_kind,
 )
@@ -96,20 +97,21 @@ def prepare_data(
     from posttrain.verify.files import verify_file
 
     r, s, kind = recipe, recipe.sample, train_data_kind(recipe)
+    source = round_source(r, previous.number + 1 if previous else 1)
     if kind == "problems":
-        return s.problems, "problems:" + s.problems
+        return source, "problems:" + source
     if kind == "demonstrations":
         from posttrain.demos import demonstration_rows
 
         def do_demos(folder):
             write_jsonl(
                 folder / "demos.jsonl",
-                demonstration_rows(load_problems(s.problems), r.demos.style, s.system_prompt),
+                demonstration_rows(load_problems(source), r.demos.style, s.system_prompt),
             )
 
         folder, d = stage(
             "demos",
-            {"problems": s.problems, "system_prompt": s.system_prompt, **asdict(r.demos)},
+            {"problems": source, "system_prompt": s.system_prompt, **asdict(r.demos)},
             do_demos,
         )
         return str(folder / "demos.jsonl"), d
@@ -123,11 +125,16 @@ def prepare_data(
             "dtype": stage_dtype(r, s),
             "seed": r.seed,
             **asdict(s),
+            "problems": source,  # this round's (a run without rounds: its one source)
             "engine": engine_settings(engine_of(r, s)),
             **adapter,
         },
         lambda f: sample_stage(
-            r, f, progress, adapter=previous.adapter.absolute() if previous else None
+            r,
+            f,
+            progress,
+            adapter=previous.adapter.absolute() if previous else None,
+            problems=source,
         ),
     )
     folder, d = stage(

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from posttrain.pipeline.recipe import EvalSet, Recipe, SampleStage
+from posttrain.pipeline.recipe import EvalSet, Recipe, SampleStage, round_source
 from posttrain.pipeline.stage_engines import engine_of, engine_settings
 
 
@@ -37,9 +37,12 @@ def stage_dtype(recipe: Recipe, stage: SampleStage | EvalSet) -> str:
     return resolve_dtype(recipe.dtype, resolve_device(engine_of(recipe, stage).device, say=False))
 
 
-def sample_stage(recipe: Recipe, folder: Path, progress: bool = True, adapter=None) -> dict:
+def sample_stage(
+    recipe: Recipe, folder: Path, progress: bool = True, adapter=None, problems: str | None = None
+) -> dict:
     """Sample `recipe.sample.n` answers per training problem into FOLDER/samples.jsonl, with
-    the model plus `adapter` (a round's trained LoRA) when given."""
+    the model plus `adapter` (a round's trained LoRA) when given; `problems`: the source (a
+    round's, when sample.problems lists one per round; default: the one source)."""
     from posttrain.engines import SamplingParams
     from posttrain.sampling import sample_problems
     from posttrain.tasks import load_problems
@@ -56,7 +59,7 @@ def sample_stage(recipe: Recipe, folder: Path, progress: bool = True, adapter=No
     try:
         stats = sample_problems(
             engine,
-            load_problems(s.problems),
+            load_problems(problems if problems is not None else round_source(recipe, 1)),
             folder / "samples.jsonl",
             params,
             system_prompt=s.system_prompt,

@@ -6,8 +6,9 @@
 A source string is `KIND:BODY?key=value&key=value` (options optional, `&`-separated, no URL
 escaping; `?` always starts the options, so paths must not contain it):
 
-    builtin:arith[:N]?split=train|test&difficulty=1&seed=0&ops=add+sub+mul
-                              N seeded questions (default 100), train/test disjoint by fact
+    builtin:arith[:N]?split=train|test&difficulty=1&seed=0&ops=add+sub+mul&start=0
+                              N seeded questions (default 100) from the start-th on,
+                              train/test disjoint by fact
                               (see tasks/arith.py for the operand ranges per difficulty)
     hle:PATH.jsonl            Humanity's Last Exam rows; rows with an image are skipped, counted
     gsm8k:PATH.jsonl          GSM8K rows; the answer is the number after `####` (type math)

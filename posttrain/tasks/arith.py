@@ -139,8 +139,10 @@ def fact_of(problem: Problem) -> tuple[str, int, int] | None:
 
 
 def load(spec: Spec, limit: int | None) -> list[Problem]:
-    """`builtin:arith[:N]?split=train|test&difficulty=1&seed=0&ops=add+sub+mul` (N default 100)."""
-    spec.check_options({"split", "difficulty", "seed", "ops"})
+    """`builtin:arith[:N]?split=train|test&difficulty=1&seed=0&ops=add+sub+mul&start=0` (N default
+    100): questions start .. start+N-1 of the seeded sequence, so `arith:200?start=200` holds the
+    200 questions that follow `arith:200` (for a fresh block of problems per round)."""
+    spec.check_options({"split", "difficulty", "seed", "ops", "start"})
     name, _, count = spec.body.partition(":")
     if name != "arith":
         raise SpecError(spec.text, f"unknown builtin task {name!r}; builtin tasks: arith")
@@ -150,16 +152,19 @@ def load(spec: Spec, limit: int | None) -> list[Problem]:
         raise SpecError(spec.text, f"N={count!r}: expected an integer") from None
     if n < 1:
         raise SpecError(spec.text, f"N={n}: expected an integer >= 1 (how many questions)")
+    start = spec.int_option("start", 0)
+    if start < 0:
+        raise SpecError(spec.text, f"start={start}: expected an integer >= 0")
     if limit is not None:
         n = min(n, limit)
     ops = tuple(spec.options.get("ops", "+".join(OPS)).split("+"))
     try:
         return generate(
-            n,
+            start + n,
             split=spec.options.get("split", "train"),
             difficulty=spec.int_option("difficulty", 1),
             seed=spec.int_option("seed", 0),
             ops=ops,
-        )
+        )[start:]
     except ValueError as e:
         raise SpecError(spec.text, str(e)) from None
