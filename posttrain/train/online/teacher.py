@@ -171,11 +171,7 @@ class ServerTeacher:
 
         where = f"distill.teacher_url ({self.client.base}, model {self.model!r})"
         root = self.client.root
-        every = list(range(len(student)))
         try:
-            text = self.client.post(
-                root + "/detokenize", {"model": self.model, "tokens": every}
-            ).get("prompt")
             ids = self.client.post(
                 root + "/tokenize",
                 {"model": self.model, "messages": PROBE, "add_generation_prompt": True},
@@ -185,17 +181,26 @@ class ServerTeacher:
                 f"{where}: cannot check the teacher's tokenizer ({e}); expected a vLLM server "
                 "with /tokenize and /detokenize serving a model with the student's tokenizer"
             ) from None
-        if text != student.decode(every):
-            raise ConfigError(
-                f"{where}: the teacher's tokenizer differs from the student's (its /detokenize "
-                f"of the student's {len(every)} token ids differs); expected the same tokenizer: "
-                "the teacher scores the student's token ids"
-            )
         if student.chat_template and ids != probe_ids(student):
             raise ConfigError(
                 f"{where}: the teacher's chat template renders a conversation to other token ids "
                 "than the student's; expected the same template (the teacher scores the "
                 "student's prompt ids)"
+            )
+        every = list(range(len(student)))
+        differs = (
+            f"{where}: the teacher's tokenizer differs from the student's ({{}}); expected the "
+            "same tokenizer: the teacher scores the student's token ids"
+        )
+        try:
+            text = self.client.post(root + "/detokenize", {"model": self.model, "tokens": every})
+        except ServerRejected as e:  # e.g. an id past the teacher's vocabulary
+            raise ConfigError(
+                differs.format(f"/detokenize refuses the student's ids: {e}")
+            ) from None
+        if text.get("prompt") != student.decode(every):
+            raise ConfigError(
+                differs.format(f"its /detokenize of the student's {len(every)} token ids differs")
             )
 
     def sequence_logps(
