@@ -122,7 +122,8 @@ def gain_share(base: dict, teacher: dict, student: dict, n_boot=10000, seed=0) -
     den = t[idx].mean(1) - b[idx].mean(1)
     num = s[idx].mean(1) - b[idx].mean(1)
     ok = den > 0
-    point = (s.mean() - b.mean()) / (t.mean() - b.mean()) if t.mean() > b.mean() else None
+    gain = t.mean() - b.mean()
+    point = float((s.mean() - b.mean()) / gain) if gain > 0 else None
     shares = num[ok] / den[ok]
     return {
         "share": point,
