@@ -24,6 +24,7 @@ from posttrain.train.online import config as OC
 from posttrain.train.online import loop as O
 from posttrain.train.online.teacher import check_same_tokenizer
 
+URL = "http://127.0.0.1:8000/v1"
 PROBLEMS = [
     Problem(id=str(i), question=f"What is {i} + 1?", answer=str(i + 1), answer_type="exact")
     for i in range(6)
@@ -241,8 +242,24 @@ def test_config_checks(tiny_model_dir, tmp_path):
     cfg = config(tiny_model_dir)
     assert cfg.aggregation == "dapo" and cfg.loss == "ppo" and cfg.distill.reward_weight == 0.0
     cases = [
-        ([], "distill.teacher: ''; expected a local model folder"),
-        (["distill.teacher=http://127.0.0.1:8000/v1"], "teacher server .* not implemented"),
+        ([], r"distill.teacher \(''\) and distill.teacher_url \(''\): expected exactly one"),
+        (["distill.teacher=http://127.0.0.1:8000/v1"], "local model folder; a server: teacher_url"),
+        (
+            [f"distill.teacher={tiny_model_dir}", f"distill.teacher_url={URL}"],
+            "distill.teacher .* and distill.teacher_url .*: expected exactly one teacher",
+        ),
+        ([f"distill.teacher_url={URL}"], "distill.teacher_model: ''; expected the name"),
+        (
+            [f"distill.teacher_url={URL}", "distill.teacher_model=t", "temperature=0.7"],
+            "temperature: 0.7 with distill.teacher_url: .* untempered .* expected temperature 1",
+        ),
+        (
+            [f"distill.teacher_url={URL}", "distill.teacher_model=t"]
+            + [f"distill.teacher_adapter={tmp_path}"],
+            "distill.teacher_adapter: .*; expected empty with teacher_url",
+        ),
+        (["distill.teacher_url=127.0.0.1:8000"], "expected an http"),
+        ([f"distill.teacher={tiny_model_dir}", "distill.teacher_model=t"], "teacher_model"),
         ([f"distill.teacher={tiny_model_dir}", "distill.reward_weight=-1"], "reward_weight"),
         ([f"distill.teacher={tiny_model_dir}", "loss=cispo"], "loss: 'cispo'; expected ppo"),
         ([f"distill.teacher={tiny_model_dir}", "dynamic_sampling=true"], "dynamic_sampling"),
@@ -260,5 +277,10 @@ def test_config_checks(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="distill.teacher_adapter: .*adapter_config.json"):
         check_inputs(no_adapter)
     check_inputs(config(tiny_model_dir, "model=" + tiny_model_dir))
+    served = OC.online_config(
+        "distill",
+        overrides=[f"distill.teacher_url={URL}", "distill.teacher_model=t"],
+    )
+    check_inputs(served)  # a server's teacher is checked when training starts, asking it
     with pytest.raises(ConfigError, match="distill: set, but not used with method 'grpo'"):
         OC.online_config("grpo", overrides=[f"distill.teacher={tiny_model_dir}"])

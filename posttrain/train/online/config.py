@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from posttrain.config import ConfigError
-from posttrain.engines.config import EngineConfig
+from posttrain.engines.config import EngineConfig, check_url
 from posttrain.train.config import OFFLINE_METHODS, BaseTrainConfig, resolve_train_config
 
 # The aggregations losses/policy_gradient.py implements, named here so that a config is checked
@@ -82,11 +82,17 @@ class ChordConfig:
 class DistillConfig:
     """method distill: the teacher that scores the student's samples (train/online/teacher.py)."""
 
-    # A local model folder (config.json) or the embedded smollm2-135m, loaded in the trainer's
-    # process (no gradient, eval mode, the policy's dtype); its tokenizer must be the student's.
-    # A teacher server (OpenAI-compatible prompt_logprobs) is not implemented: refused.
+    # Exactly one of teacher / teacher_url. teacher: a local model folder (config.json) or the
+    # embedded smollm2-135m, loaded in the trainer's process (no gradient, eval mode, the
+    # policy's dtype). Either way its tokenizer must be the student's (checked at start).
     teacher: str = ""
-    teacher_adapter: str = ""  # a LoRA adapter folder merged into the teacher
+    teacher_adapter: str = ""  # a LoRA adapter folder merged into the in-process teacher
+    # teacher_url: a vLLM OpenAI-compatible server (http://host:port/v1) scoring the student's
+    # tokens with /v1/completions `prompt_logprobs` (train/online/teacher.py ServerTeacher);
+    # teacher_model: the name it serves the teacher under (a LoRA adapter's name, too).
+    # Prompt log-probs are of the raw distribution: temperature must be 1 with a server.
+    teacher_url: str = ""
+    teacher_model: str = ""
     # advantage += reward_weight x the group advantage of the verifiable reward
     reward_weight: float = 0.0
 
@@ -253,22 +259,34 @@ class OnlineConfig(BaseTrainConfig):
                 )
 
     def _check_distill(self) -> None:
-        """The teacher must be named, and not as a server (not implemented); the options the
-        per-token advantage cannot honour are refused. Its files: check_teacher_files."""
+        """Exactly one teacher: a local folder or a server (with the name it serves it under);
+        the options the per-token advantage cannot honour are refused. Its files (a folder) are
+        checked by check_teacher_files, its server and tokenizer when training starts."""
         bad, d = self.bad, self.distill
-        if not d.teacher:
-            bad(
-                "distill.teacher",
-                d.teacher,
-                "a local model folder (config.json) for method distill",
+        if bool(d.teacher) == bool(d.teacher_url):
+            raise ConfigError(
+                f"distill.teacher ({d.teacher!r}) and distill.teacher_url ({d.teacher_url!r}): "
+                "expected exactly one teacher: a local model folder (config.json) or a server"
             )
         if "://" in d.teacher:
-            bad(
-                "distill.teacher",
-                d.teacher,
-                "a local model folder: a teacher server (OpenAI-compatible prompt_logprobs) "
-                "is not implemented; the teacher runs in the trainer's process",
-            )
+            bad("distill.teacher", d.teacher, "a local model folder; a server: teacher_url")
+        if not d.teacher_url and d.teacher_model:
+            bad("distill.teacher_model", d.teacher_model, "empty without distill.teacher_url")
+        if d.teacher_url:
+            check_url(d.teacher_url, "distill.teacher_url:")
+            if not d.teacher_model:
+                bad("distill.teacher_model", "", "the name the server serves the teacher under")
+            if d.teacher_adapter:  # vllm serve --enable-lora --lora-modules NAME=PATH
+                bad("distill.teacher_adapter", d.teacher_adapter, "empty with teacher_url")
+            if self.temperature != 1.0:
+                # vLLM's prompt_logprobs are of softmax(logits) whatever the logprobs mode;
+                # softmax(logits / T) of one token needs every logit of the position
+                raise ConfigError(
+                    f"temperature: {self.temperature:g} with distill.teacher_url: a server "
+                    "teacher's prompt log-probs are of the untempered distribution, and the "
+                    "student is scored at the sampling temperature; expected temperature 1.0 "
+                    "(or an in-process teacher, distill.teacher)"
+                )
         if d.reward_weight < 0:
             bad("distill.reward_weight", d.reward_weight, ">= 0")
         if self.loss != "ppo":
@@ -286,7 +304,7 @@ class OnlineConfig(BaseTrainConfig):
         from posttrain.models import EMBEDDED
 
         bad, d = self.bad, self.distill
-        if self.method != "distill":
+        if self.method != "distill" or d.teacher_url:  # a server: checked when it is asked
             return
         if d.teacher != EMBEDDED and not (Path(d.teacher).expanduser() / "config.json").is_file():
             bad(

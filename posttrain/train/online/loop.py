@@ -68,7 +68,7 @@ from posttrain.train.online.rollout_engine import (
     make_rollout_engine,
     mismatch_threshold,
 )
-from posttrain.train.online.teacher import load_teacher
+from posttrain.train.online.teacher import ServerTeacher, load_teacher
 from posttrain.train.online.update import update_policy
 from posttrain.train.online.rollouts import (
     collect_rollouts,
@@ -146,7 +146,8 @@ def train_online(
         cfg, procs, model, tokenizer, problems, engine, progress
     )
     how = layout(cfg, device)  # shared: each group a micro-batch, its prompt run once
-    if teacher is not None:  # the policy's attention kernel: equal models give equal log-probs
+    if isinstance(teacher, torch.nn.Module):
+        # the policy's attention kernel: equal models give equal log-probs
         set_attention(teacher, policy.config._attn_implementation, device.type, 0)
     init_adapter = save_initial_adapter(policy, cfg, out, procs)
 
@@ -251,6 +252,8 @@ def train_online(
     log.close()
     if owned and cfg.rollout.sync == "adapter":
         engine.close()
+    if isinstance(teacher, ServerTeacher):
+        teacher.close()
     finished = stop == cfg.max_steps
     run.finish(tokenizer, init_adapter, finished)
     return {
