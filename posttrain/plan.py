@@ -22,7 +22,9 @@ What one training process holds at its peak, in the trainer's own precision rule
   input (H values a token) and one layer's activations exist again while it is recomputed.
 - logits: the trainer's fused head (train/forward.py FUSED_HEAD_MODELS, losses/logprobs.py)
   never makes the (tokens, vocab) logits: it keeps the final hidden states of labelled tokens,
-  at most KEEP_BYTES (64 MiB) of logits for backward, and works on float32 chunks of
+  at most KEEP_BYTES (64 MiB) of logits for backward per forward call (one call per
+  micro-batch with padding longest; one per sequence with padding none, a CPU's default, so a
+  DPO pair keeps up to twice that), and works on float32 chunks of
   CHUNK_ELEMENTS (32 MiB; two at a time in backward). Other model types hold the whole
   (tokens, vocab) logits in the compute dtype plus one float32 chunk.
 - reference pass: the DPO family's reference log-probs are computed once before training with
@@ -95,6 +97,9 @@ class PlanConfig:
     vllm_share: float = 0.0  # colocated vLLM's gpu_memory_utilization (online methods)
     dtype: str = "bf16"  # bf16 | fp32
     attention: str = "flash"  # flash (sdpa / flash-attention: no T x T) | eager
+    # longest: one forward per micro-batch (padded; the trainer's choice on a GPU) | none: one
+    # forward per sequence, unpadded (its choice on a CPU: `padding: auto`)
+    padding: str = "longest"
 
     def check(self) -> None:
         known = (*OFFLINE_METHODS, *ONLINE_METHODS)
@@ -111,6 +116,8 @@ class PlanConfig:
             raise ConfigError(f"dtype: {self.dtype!r}; expected bf16 | fp32")
         if self.attention not in ("flash", "eager"):
             raise ConfigError(f"attention: {self.attention!r}; expected flash | eager")
+        if self.padding not in ("longest", "none"):
+            raise ConfigError(f"padding: {self.padding!r}; expected longest | none")
 
     @property
     def processes(self) -> int:
@@ -177,8 +184,12 @@ def estimate(s: Shape, cfg: PlanConfig) -> dict:
     activations += a * s.hidden * tokens  # the embedding output / final hidden states
 
     chunk_rows = max(1, CHUNK_ELEMENTS // s.vocab)
+    # the fused head keeps up to KEEP_BYTES of logits per forward call: per micro-batch when
+    # padded, per sequence when every sequence runs alone (padding none)
+    calls = cfg.sequences if cfg.padding == "none" else 1
     if s.model_type in FUSED_HEAD:
-        logits = min(KEEP_BYTES, tokens * s.vocab * a) + 2 * 4 * chunk_rows * s.vocab
+        kept = calls * min(KEEP_BYTES, tokens // calls * s.vocab * a)
+        logits = kept + 2 * 4 * chunk_rows * s.vocab
         logits += a * s.hidden * tokens  # the head's input kept for backward
     else:
         logits = tokens * s.vocab * a + 4 * chunk_rows * s.vocab + 4 * tokens
