@@ -46,8 +46,16 @@ Parameter counts: posttrain/shapes.py.
 
 Measured (bench/plan_validate.py, CPU, per-process RSS of real DPO LoRA runs against a minuscule
 model's): dense Llama within -19 % .. -3 % of the plan in 4 runs (1 and 2 fsdp2 processes, 512
-and 2048 tokens). A small Qwen3-MoE measured 4-5x its plan in all 4 runs, not explained yet
-(bench/results/plan_validate.json notes): an MoE plan is a lower bound, and says so.
+and 2048 tokens). A small Qwen3-MoE measured 4-5x its plan in all 4 runs. What is known
+(bench/moe_memory.py, bench/results/plan_validate.json notes): the plan's tensors are right
+for it (profiler peak of live tensors in one step 109.6 / 209.2 MiB at 256 / 640 tokens a
+sequence, plan 129.4 / 226.6; checkpointing keeps nothing of the grouped-mm experts past their
+layer), but the process holds more than its tensors: 120-140 MiB of RSS beyond the live
+tensors during the step, and at load the experts twice (transformers 5 fuses the per-expert
+checkpoint tensors into new ones while the mapped file's pages stay resident: 399 MiB RSS for
+239 MiB of parameters). Those and about 480 MiB more of the trainer's run are not tensors the
+plan forgot; it is not known yet which of them a GPU process has. So an MoE plan is a lower
+bound, and says so.
 """
 
 from __future__ import annotations
@@ -315,8 +323,8 @@ def format_plan(p: dict) -> str:
         lines.append(f"  + colocated vLLM: {cfg['vllm_share']:.0%} of each GPU")
     if p["active_parameters"] != p["parameters"]:
         lines.append(
-            "  note: an MoE plan is a lower bound (a small Qwen3-MoE measured 4-5x its plan on "
-            "CPU; bench/results/plan_validate.json)"
+            "  note: an MoE plan is a lower bound (its tensors match a CPU step's, but a small "
+            "Qwen3-MoE's CPU process held 4-5x the plan; bench/results/plan_validate.json)"
         )
     lines += ["", f"{'GPU':<26}{'needs GiB':>10}  fits   what to change"]
     for name, g in p["gpus"].items():
