@@ -159,7 +159,7 @@ def planned(config: dict, nproc: int, length: int) -> float:
 
     cfg = PlanConfig(method="dpo", lora_r=16, max_length=length, micro_batch=1,
                      strategy="fsdp2" if nproc > 1 else "ddp", gradient_checkpointing=True,
-                     gpus_per_node=nproc, nodes=1)  # fmt: skip
+                     gpus_per_node=nproc, nodes=1, padding="none")  # fmt: skip
     est = estimate(shape_of({**config, "vocab_size": 49152}), cfg)
     return sum(est["parts"].values())
 

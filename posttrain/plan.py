@@ -22,7 +22,9 @@ What one training process holds at its peak, in the trainer's own precision rule
   input (H values a token) and one layer's activations exist again while it is recomputed.
 - logits: the trainer's fused head (train/forward.py FUSED_HEAD_MODELS, losses/logprobs.py)
   never makes the (tokens, vocab) logits: it keeps the final hidden states of labelled tokens,
-  at most KEEP_BYTES (64 MiB) of logits for backward, and works on float32 chunks of
+  at most KEEP_BYTES (64 MiB) of logits for backward per forward call (one call per
+  micro-batch with padding longest; one per sequence with padding none, a CPU's default, so a
+  DPO pair keeps up to twice that), and works on float32 chunks of
   CHUNK_ELEMENTS (32 MiB; two at a time in backward). Other model types hold the whole
   (tokens, vocab) logits in the compute dtype plus one float32 chunk.
 - reference pass: the DPO family's reference log-probs are computed once before training with
@@ -44,8 +46,16 @@ Parameter counts: posttrain/shapes.py.
 
 Measured (bench/plan_validate.py, CPU, per-process RSS of real DPO LoRA runs against a minuscule
 model's): dense Llama within -19 % .. -3 % of the plan in 4 runs (1 and 2 fsdp2 processes, 512
-and 2048 tokens). A small Qwen3-MoE measured 4-5x its plan in all 4 runs, not explained yet
-(bench/results/plan_validate.json notes): an MoE plan is a lower bound, and says so.
+and 2048 tokens). A small Qwen3-MoE measured 4-5x its plan in all 4 runs. What is known
+(bench/moe_memory.py, bench/results/plan_validate.json notes): the plan's tensors are right
+for it (profiler peak of live tensors in one step 109.6 / 209.2 MiB at 256 / 640 tokens a
+sequence, plan 129.4 / 226.6; checkpointing keeps nothing of the grouped-mm experts past their
+layer), but the process holds more than its tensors: 120-140 MiB of RSS beyond the live
+tensors during the step, and at load the experts twice (transformers 5 fuses the per-expert
+checkpoint tensors into new ones while the mapped file's pages stay resident: 399 MiB RSS for
+239 MiB of parameters). Those and about 480 MiB more of the trainer's run are not tensors the
+plan forgot; it is not known yet which of them a GPU process has. So an MoE plan is a lower
+bound, and says so.
 """
 
 from __future__ import annotations
@@ -95,6 +105,9 @@ class PlanConfig:
     vllm_share: float = 0.0  # colocated vLLM's gpu_memory_utilization (online methods)
     dtype: str = "bf16"  # bf16 | fp32
     attention: str = "flash"  # flash (sdpa / flash-attention: no T x T) | eager
+    # longest: one forward per micro-batch (padded; the trainer's choice on a GPU) | none: one
+    # forward per sequence, unpadded (its choice on a CPU: `padding: auto`)
+    padding: str = "longest"
 
     def check(self) -> None:
         known = (*OFFLINE_METHODS, *ONLINE_METHODS)
@@ -111,6 +124,8 @@ class PlanConfig:
             raise ConfigError(f"dtype: {self.dtype!r}; expected bf16 | fp32")
         if self.attention not in ("flash", "eager"):
             raise ConfigError(f"attention: {self.attention!r}; expected flash | eager")
+        if self.padding not in ("longest", "none"):
+            raise ConfigError(f"padding: {self.padding!r}; expected longest | none")
 
     @property
     def processes(self) -> int:
@@ -177,8 +192,12 @@ def estimate(s: Shape, cfg: PlanConfig) -> dict:
     activations += a * s.hidden * tokens  # the embedding output / final hidden states
 
     chunk_rows = max(1, CHUNK_ELEMENTS // s.vocab)
+    # the fused head keeps up to KEEP_BYTES of logits per forward call: per micro-batch when
+    # padded, per sequence when every sequence runs alone (padding none)
+    calls = cfg.sequences if cfg.padding == "none" else 1
     if s.model_type in FUSED_HEAD:
-        logits = min(KEEP_BYTES, tokens * s.vocab * a) + 2 * 4 * chunk_rows * s.vocab
+        kept = calls * min(KEEP_BYTES, tokens // calls * s.vocab * a)
+        logits = kept + 2 * 4 * chunk_rows * s.vocab
         logits += a * s.hidden * tokens  # the head's input kept for backward
     else:
         logits = tokens * s.vocab * a + 4 * chunk_rows * s.vocab + 4 * tokens
@@ -304,8 +323,8 @@ def format_plan(p: dict) -> str:
         lines.append(f"  + colocated vLLM: {cfg['vllm_share']:.0%} of each GPU")
     if p["active_parameters"] != p["parameters"]:
         lines.append(
-            "  note: an MoE plan is a lower bound (a small Qwen3-MoE measured 4-5x its plan on "
-            "CPU; bench/results/plan_validate.json)"
+            "  note: an MoE plan is a lower bound (its tensors match a CPU step's, but a small "
+            "Qwen3-MoE's CPU process held 4-5x the plan; bench/results/plan_validate.json)"
         )
     lines += ["", f"{'GPU':<26}{'needs GiB':>10}  fits   what to change"]
     for name, g in p["gpus"].items():

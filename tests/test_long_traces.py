@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from posttrain.errors import ConfigError
 from posttrain.records import DataError
 from posttrain.train.batches import collate
 from posttrain.train.config import TrainConfig
@@ -229,3 +230,28 @@ def test_token_entropy_in_chunks_equals_the_whole_softmax(chunk_elements):
     assert_close(got, want, rtol=1e-5, atol=1e-5)
     uniform = token_entropy(torch.zeros(1, 3, 50))
     assert_close(uniform, torch.full((1, 3), float(np.log(50))))
+
+
+def test_pairs_never_get_a_cut_prompt_and_the_cut_tokens_are_counted(tmp_path, tok):
+    """Chosen 'one' x 200 and rejected 'two' x 150: each word is one token, plus <|im_end|>, so
+    201 and 151 completion tokens; the prompt 'Count.' renders to P tokens. max_length 60 with
+    truncate_completion: both answers cut to b = 60 - P tokens, (201 - b) + (151 - b) tokens
+    cut, the prompt whole. truncate_prompt on pairs is an error naming the option, never a cut."""
+    row = {
+        "prompt": "Count.",
+        "chosen": " ".join(["one"] * 200),
+        "rejected": " ".join(["two"] * 150),
+    }
+    path = write_pairs(tmp_path / "pairs.jsonl", [row])
+    (whole,), _ = load_examples(path, tok, preference=True, max_length=10_000)
+    P = len(whole.prompt)
+    assert [len(c) for c in whole.completions] == [201, 151]
+    (cut,), report = load_examples(
+        path, tok, preference=True, max_length=60, length_policy="truncate_completion"
+    )
+    b = 60 - P
+    assert [len(c) for c in cut.completions] == [b, b] and len(cut.prompt) == P
+    assert (report.completion_truncated, report.completion_tokens_cut) == (1, 352 - 2 * b)
+    assert f"1 with the completion's END CUT ({352 - 2 * b} tokens" in report.summary()
+    with pytest.raises(ConfigError, match="length_policy: 'truncate_prompt'; expected drop"):
+        load_examples(path, tok, preference=True, max_length=60, length_policy="truncate_prompt")

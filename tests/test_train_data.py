@@ -69,17 +69,20 @@ def test_fit_length_policies_by_hand():
     prompt, comps = list(range(6)), [[10, 11, 12, 13, 14], [20, 21, 22]]
     assert fit_length(prompt, comps, 10, "drop") is None
     assert fit_length(prompt, comps, 11, "drop") == (prompt, comps, "fits")
-    # keep the prompt's last 10 - 5 = 5 tokens
-    assert fit_length(prompt, comps, 10, "truncate_prompt") == (
-        [1, 2, 3, 4, 5],
-        comps,
-        "prompt_truncated",
-    )
-    # completions cut to 10 - 6 = 4 tokens
+    # completions cut to 10 - 6 = 4 tokens (the 3-token one stays whole)
     assert fit_length(prompt, comps, 10, "truncate_completion") == (
         prompt,
         [[10, 11, 12, 13], [20, 21, 22]],
         "completion_truncated",
+    )
+    # a pair's prompt is never cut: truncate_prompt is refused for two completions
+    with pytest.raises(ConfigError, match="length_policy: 'truncate_prompt'.*pairs"):
+        fit_length(prompt, comps, 10, "truncate_prompt")
+    # one completion (SFT): keep the prompt's last 10 - 5 = 5 tokens
+    assert fit_length(prompt, comps[:1], 10, "truncate_prompt") == (
+        [1, 2, 3, 4, 5],
+        comps[:1],
+        "prompt_truncated",
     )
     # a completion longer than max_length on its own cannot be saved by cutting the prompt
     assert fit_length(prompt, [list(range(12))], 10, "truncate_prompt") is None
@@ -211,12 +214,12 @@ def test_tokenize_workers_give_the_same_examples_and_errors(tmp_path, tok):
     """2 worker processes: identical examples and report; a bad row still names its line."""
     path = write(tmp_path / "pairs.jsonl", many_pairs(150))
     one, report_one = load_examples(
-        path, tok, preference=True, max_length=40, length_policy="truncate_prompt"
+        path, tok, preference=True, max_length=40, length_policy="truncate_completion"
     )
     two, report_two = load_examples(
-        path, tok, preference=True, max_length=40, length_policy="truncate_prompt", workers=2
+        path, tok, preference=True, max_length=40, length_policy="truncate_completion", workers=2
     )
-    assert report_one.to_dict() == report_two.to_dict() and report_one.prompt_truncated > 0
+    assert report_one.to_dict() == report_two.to_dict() and report_one.completion_truncated > 0
     assert [(e.line, e.prompt.tolist(), [c.tolist() for c in e.completions]) for e in one] == [
         (e.line, e.prompt.tolist(), [c.tolist() for c in e.completions]) for e in two
     ]
@@ -310,6 +313,8 @@ def test_config_presets_overrides_and_flags(tmp_path):
     [
         (["nope=1"], "unknown key"),
         (["length_policy=cut"], "length_policy"),
+        # a pair's prompt is never cut (train/data.py)
+        (["length_policy=truncate_prompt"], "length_policy: 'truncate_prompt'; expected drop"),
         (["lora.init=magic"], "lora.init"),
         (["batch_size=0"], "batch_size"),
         (["method=sft"], "--method is 'dpo'"),

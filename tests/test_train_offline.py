@@ -188,7 +188,7 @@ def test_reference_logps_are_cached_beside_the_data_and_never_stale(
     assert "reference log-probs: computed for 8 pairs" in capsys.readouterr().out
     train(cfg, tmp_path / "b", progress=False)
     assert "reference log-probs: read from cache" in capsys.readouterr().out
-    # Another max_length that cuts prompts changes the token ids, hence the key and the file.
+    # Another max_length that cuts answers changes the token ids, hence the key and the file.
     train(
         cfg_for(
             "dpo",
@@ -196,12 +196,16 @@ def test_reference_logps_are_cached_beside_the_data_and_never_stale(
             pairs,
             "max_steps=1",
             "max_length=30",
-            "length_policy=truncate_prompt",
+            "length_policy=truncate_completion",
         ),
         tmp_path / "c",
         progress=False,
     )
     assert "computed for" in capsys.readouterr().out
+    # the data report training writes counts the pairs whose two answers were cut
+    cut = json.loads((tmp_path / "c" / "data_report.json").read_text())
+    assert cut["completion_truncated"] > 0 and cut["prompt_truncated"] == 0
+    assert cut["completion_tokens_cut"] >= cut["completion_truncated"]
     assert len(list(pairs.parent.glob("pairs.jsonl.ref-*.pt"))) == 2
     # A cache file holding another key (e.g. copied over) is not trusted.
     saved = torch.load(caches[0])

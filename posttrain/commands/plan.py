@@ -43,6 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dtype", default=d.dtype, choices=["bf16", "fp32"])
     parser.add_argument("--attention", default=d.attention, choices=["flash", "eager"])
+    parser.add_argument(
+        "--padding",
+        default=d.padding,
+        choices=["longest", "none"],
+        help="longest: one forward a micro-batch (GPU); none: one a sequence (CPU default)",
+    )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -61,6 +67,7 @@ def main(args) -> int:
         vllm_share=args.vllm_share,
         dtype=args.dtype,
         attention=args.attention,
+        padding=args.padding,
     )
     result = plan(args.model, cfg)
     print(json.dumps(result, indent=1) if args.json else format_plan(result))

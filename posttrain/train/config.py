@@ -230,7 +230,8 @@ class TrainConfig(BaseTrainConfig):
     grad_accum: int = 1
     group_by_length: bool = True  # batches of similar length: less padding
     max_length: int = 1024  # prompt + completion tokens
-    length_policy: str = "drop"  # drop | truncate_prompt | truncate_completion (see data.py)
+    # drop | truncate_completion | truncate_prompt (SFT family only; see data.py)
+    length_policy: str = "drop"
     tokenize_workers: int = 1  # processes tokenising the data file (chunks of rows, in order)
     # losses (posttrain.losses)
     beta: float = 0.1
@@ -275,6 +276,11 @@ class TrainConfig(BaseTrainConfig):
             bad("epochs", 0, ">= 1 (or max_steps > 0)")
         if self.length_policy not in LENGTH_POLICIES:
             bad("length_policy", self.length_policy, " | ".join(LENGTH_POLICIES))
+        if self.preference and self.length_policy == "truncate_prompt":
+            # a pair's prompt is never cut (train/data.py says why)
+            bad(
+                "length_policy", self.length_policy, f"drop | truncate_completion for {self.method}"
+            )
         if self.sft_aggregation not in ("token_mean", "sequence_mean", "sum"):
             bad("sft_aggregation", self.sft_aggregation, "token_mean | sequence_mean | sum")
         if self.beta <= 0:

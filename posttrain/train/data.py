@@ -17,15 +17,23 @@ to stop. Trailing whitespace after the end-of-turn token is not trained (generat
 the token). Prompt tokens get no loss.
 
 Length policy (`max_length` counts prompt + the longest completion of a row); nothing is cut
-silently, every outcome is counted in `DataReport`:
-- drop (default): rows that do not fit are left out;
-- truncate_prompt: the prompt loses tokens from its start (system prompt first), the
-  completions stay whole; rows whose completion alone does not fit are dropped;
+silently, every outcome is counted in `DataReport` (written by training as data_report.json):
+- drop (default): rows that do not fit are left out (`dropped_too_long`);
 - truncate_completion: completions are cut at their end, every completion of a row (a pair's
   chosen and rejected) to the same budget, max_length - the prompt's tokens (a shorter one
   stays whole); the prompt is never cut, and rows whose prompt alone has max_length tokens or
-  more are dropped (`dropped_prompt_too_long`). This can cut the final answer and the
-  end-of-turn token out, so it is only done when asked for.
+  more are dropped (`dropped_prompt_too_long`). Counted as `completion_truncated` rows and
+  `completion_tokens_cut` tokens. This can cut the final answer and the end-of-turn token out,
+  so it is only done when asked for;
+- truncate_prompt (SFT family only): the prompt loses tokens from its start (system prompt
+  first), the completion stays whole; rows whose completion alone does not fit are dropped.
+Pairs (the DPO family) are never given a cut prompt: both answers are judged as replies to the
+same whole question, and a prompt cut at its start loses the system prompt and the question's
+opening, so the preference would be learned for a question nobody asked. truncate_prompt with
+pairs is an error naming `length_policy` (config check and here). A long pair is dropped by
+default rather than cut because the cut can remove what makes chosen better than rejected (the
+final answer sits at the end of a reasoning trace); truncate_completion cuts both tails to one
+budget so neither answer gains length the other lacks.
 A file where every row is dropped is an error saying why.
 
 Rendering and batched tokenising (optionally in worker processes): train/tokenizing.py.
@@ -40,6 +48,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from posttrain.config import ConfigError
 from posttrain.pairs import assistant_turn
 from posttrain.records import DataError, iter_jsonl
 from posttrain.train.tokenizing import TemplateMismatch as TemplateMismatch  # re-exported
@@ -79,6 +88,7 @@ class DataReport:
     dropped_prompt_too_long: int = 0  # of those, rows whose prompt alone has max_length tokens
     prompt_truncated: int = 0
     completion_truncated: int = 0
+    completion_tokens_cut: int = 0  # completion tokens removed by truncate_completion, all rows
     retokenised: int = 0  # prompt + completion tokenised apart != together; joint ids used
     equal_pairs: int = 0  # kept pairs whose chosen and rejected ids are the same: no signal
     max_length: int = 0
@@ -102,7 +112,8 @@ class DataReport:
             parts.append(f"{self.prompt_truncated} with the prompt's start cut")
         if self.completion_truncated:
             parts.append(
-                f"{self.completion_truncated} with the completion's END CUT (answer may be missing)"
+                f"{self.completion_truncated} with the completion's END CUT "
+                f"({self.completion_tokens_cut} tokens; answer may be missing)"
             )
         if self.equal_pairs:
             parts.append(
@@ -239,6 +250,12 @@ def check_rows(path: str | os.PathLike, preference: bool) -> int:
     return rows
 
 
+PAIR_PROMPT_CUT = (
+    "length_policy: 'truncate_prompt'; expected drop | truncate_completion for pairs "
+    "(a pair's prompt is never cut)"
+)
+
+
 def fit_length(
     prompt: list[int], completions: list[list[int]], max_length: int, policy: str
 ) -> tuple[list[int], list[list[int]], str] | None:
@@ -247,7 +264,10 @@ def fit_length(
     outcome: "fits" | "prompt_truncated" | "completion_truncated".
     max_length 10, prompt 6, completions 5 and 3 (length 11): drop -> None;
     truncate_prompt -> prompt's last 5 tokens; truncate_completion -> completions cut to 4 and 3.
+    A pair (two completions) never has its prompt cut: truncate_prompt is refused for it.
     """
+    if policy == "truncate_prompt" and len(completions) > 1:
+        raise ConfigError(PAIR_PROMPT_CUT)
     longest = max(len(c) for c in completions)
     if len(prompt) + longest <= max_length:
         return prompt, completions, "fits"
@@ -274,6 +294,8 @@ def load_examples(
     examples' int32 ids and one chunk of text; `workers` > 1 tokenises chunks in that many
     forked processes.
     """
+    if preference and length_policy == "truncate_prompt":
+        raise ConfigError(PAIR_PROMPT_CUT)
     report = DataReport(path=str(path), max_length=max_length)
     examples = []
     rows = read_rows(path, preference, report)
@@ -288,9 +310,12 @@ def load_examples(
             report.dropped_too_long += 1
             report.dropped_prompt_too_long += len(p) >= max_length
             continue
+        full = completions
         p, completions, outcome = fitted
         if outcome != "fits":
             setattr(report, outcome, getattr(report, outcome) + 1)
+        if outcome == "completion_truncated":
+            report.completion_tokens_cut += sum(map(len, full)) - sum(map(len, completions))
         examples.append(Example(p, tuple(completions), line))
     report.kept = len(examples)
     report.equal_pairs = sum(
@@ -309,7 +334,8 @@ def load_examples(
             why = (
                 f"all {report.rows} rows are longer than max_length {max_length} (length_policy "
                 f"{length_policy}; {report.dropped_prompt_too_long} by the prompt alone, which is "
-                "never cut for pairs unless length_policy is truncate_prompt): raise max_length"
+                f"{'never cut for pairs' if preference else 'cut only by truncate_prompt'}): "
+                "raise max_length"
                 + (" or set length_policy=truncate_completion" if length_policy == "drop" else "")
             )
         raise DataError(path, None, why)
