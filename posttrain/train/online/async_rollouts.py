@@ -29,12 +29,12 @@ from the trainer by the updates since (loop.py).
 Kill -9 and resume: before a checkpoint at step t the trainer waits until every batch sampled
 by a version < t (batches t .. t + S - 1) is on disk (`settle`); the resumed run (weights of
 version t) takes those from disk and samples the rest as the uninterrupted run did: a batch is
-either read whole from disk or sampled again, never half used. Files of steps before the last
-checkpoint are removed.
+either read whole from disk or sampled again, never half used. Files of steps before the
+last checkpoint written are removed.
 
 The hf engine in a thread shares the trainer's process: the two run their torch ops in parallel
-(torch releases the GIL in them) but take turns in the Python between, and share the cores; it
-shows the design working and is what the tests use. For speed, a server in its own process
+(torch releases the GIL in them) but take turns in the Python between; the thread runs torch on
+one OpenMP thread (`_produce`). It shows the design working and is what the tests use. For speed, a server in its own process
 (rollout.engine.kind openai, e.g. vLLM on other cores or other GPUs).
 """
 
@@ -148,9 +148,10 @@ class AsyncRollouts:
         self.error: BaseException | None = None
         self.closing = False
         self.waited = 0.0  # trainer time in `settle`, reported with the next batch
+        self.settled = start  # the version of the last checkpoint known to be written
         self.thread = threading.Thread(
             target=self._produce,
-            args=(start, self.stop, torch.get_num_threads()),
+            args=(start, self.stop),
             name="async-rollouts",
             daemon=True,
         )
@@ -190,15 +191,17 @@ class AsyncRollouts:
     def settle(self, version: int) -> None:
         """Before the checkpoint of `version`: wait until the batches sampled by older
         versions (steps < version + S) are on disk (a resumed run could not sample them
-        again), then remove the files of the steps already trained."""
+        again), then remove the files of the steps trained before the previous checkpoint
+        (written by now; the one of `version`, about to be written, may yet be cut by a kill)."""
         t0 = time.perf_counter()
         with self.cond:
             need = min(version + self.S, self.stop)
             self.cond.wait_for(lambda: self.error is not None or self.produced >= need)
         self.waited += time.perf_counter() - t0
         for path in self.root.glob("step-*.json"):
-            if int(path.stem.split("-")[1]) < version:
+            if int(path.stem.split("-")[1]) < self.settled:
                 path.unlink(missing_ok=True)
+        self.settled = version
 
     def close(self) -> None:
         """Stop the thread (after the batch it is sampling, if any)."""
@@ -209,8 +212,11 @@ class AsyncRollouts:
 
     # ------------------------------------------------------------------ the engine's side
 
-    def _produce(self, start: int, stop: int, threads: int) -> None:
-        torch.set_num_threads(threads)  # a new thread has the default count, not the run's
+    def _produce(self, start: int, stop: int) -> None:
+        # One OpenMP thread here: a second team of threads created from this thread left the
+        # trainer's next parallel op hanging once this thread had ended (libgomp, measured:
+        # hf engine, 2 threads each). The hf engine thus samples on one core beside the trainer.
+        torch.set_num_threads(1)
         try:
             for step in range(start, stop):
                 batch = self._from_disk(step) or self._sample(step)
