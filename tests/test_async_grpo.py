@@ -24,6 +24,15 @@ from posttrain.train.online import loop as O
 ASYNC = ["rollout.sync=adapter", "rollout.mode=async"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread, as test_train_online.py (tiny matmuls on a shared CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def train(tiny_model_dir, out, *overrides, resume=False):
     """One run (or resumption); returns its LoRA weights and metrics rows."""
     model, tok = tiny(tiny_model_dir)

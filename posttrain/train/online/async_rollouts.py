@@ -172,7 +172,7 @@ class AsyncRollouts:
         t0 = time.perf_counter()
         with self.cond:
             self.cond.wait_for(lambda: step in self.ready or self.error is not None)
-            if self.error is not None:
+            if step not in self.ready:
                 raise self.error
             batch = self.ready.pop(step)
         waited, self.waited = time.perf_counter() - t0 + self.waited, 0.0
