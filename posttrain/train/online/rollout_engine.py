@@ -172,8 +172,14 @@ class AdapterSync:
         self.syncs = 0
 
     def __call__(self, policy, step: int, state_dict: dict | None = None) -> None:
-        """`state_dict`: the whole adapter gathered from a sharded policy (Processes.
-        full_state_dict), saved instead of the module's own shards; None: the module's."""
+        """Save the adapter after `step` updates and have the engine load it (`save` then
+        `load`; async rollouts call the two from different threads)."""
+        self.load(self.save(policy, step, state_dict), step)
+
+    def save(self, policy, step: int, state_dict: dict | None = None) -> Path:
+        """OUT/rollout-adapter/step-N (N = `step`); `state_dict`: the whole adapter gathered
+        from a sharded policy (Processes.full_state_dict), saved instead of the module's own
+        shards; None: the module's."""
         path = self.root / f"step-{step:08d}"
         if self.is_main:
             kwargs = (
@@ -185,6 +191,11 @@ class AdapterSync:
                 kwargs["state_dict"] = state_dict
             save_atomic(lambda d: policy.save_pretrained(d, **kwargs), path)
         self.barrier()
+        return path
+
+    def load(self, path: Path, step: int) -> None:
+        """The engine loads the adapter folder `path` (saved after `step` updates); folders
+        older than the one it served before are removed (saved ones it never loaded too)."""
         name = f"policy-{self.tag}-step-{step}"
         self.engine.load_adapter(str(path), name)
         self.barrier()
@@ -195,6 +206,10 @@ class AdapterSync:
                 self.engine.unload_adapter(old_name)  # a server forgets it (openai engine)
             if self.is_main:
                 shutil.rmtree(old, ignore_errors=True)
+        if self.is_main:  # skipped by an async engine that loads only the newest
+            for old in self.root.glob("step-*"):
+                if old.name < self.kept[0][0].name:
+                    shutil.rmtree(old, ignore_errors=True)
         self.syncs += 1
 
 
