@@ -33,10 +33,10 @@ from posttrain.pipeline.recipe import (
     TrainStage,
     load_recipe,  # noqa: F401 (imported from here by users and tests)
     resolve,
-    round_source,
     train_config,
     train_data_kind,
 )
+from posttrain.pipeline.rounds import round_source
 from posttrain.pipeline.stage_engines import engine_of, engine_settings
 from posttrain.records import write_json
 from posttrain.pipeline.steps import (

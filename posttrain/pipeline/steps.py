@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from posttrain.pipeline.recipe import EvalSet, Recipe, SampleStage, round_source
+from posttrain.pipeline.recipe import EvalSet, Recipe, SampleStage
+from posttrain.pipeline.rounds import round_source
 from posttrain.pipeline.stage_engines import engine_of, engine_settings
 
 
