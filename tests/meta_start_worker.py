@@ -8,7 +8,9 @@ CASES.json: [{"name", "folder", "targets", "train": bool}]. Writes OUT/NAME.json
 {"missing", "extra", "unequal": names of base weights not bitwise equal to a normal load,
 "lora_unequal": adapter weights not equal to init_lora on the whole model, "lora_b_max",
 "tied", "inv_freq_equal", "bytes_read": [per rank], "whole_bytes",
-"meta_rows" / "whole_rows": metrics.jsonl of the two runs (when "train")}.
+"meta_rows" / "whole_rows": metrics.jsonl of the two runs (when "data"), "meta_refusal" /
+"whole_refusal": why a run could not start on the meta device (None: it did)}.
+A case with "full": true trains its targets without an adapter (no state check).
 """
 
 from __future__ import annotations
@@ -76,11 +78,13 @@ def check_state(folder: str, targets: str, procs) -> dict:
     }
 
 
-def two_runs(folder: str, targets: str, data: str, out: Path) -> dict:
-    """metrics.jsonl of 2 DPO steps started on the meta device and from a whole model."""
+def two_runs(folder: str, targets: str, data: str, out: Path, procs, full: bool = False) -> dict:
+    """metrics.jsonl of 2 DPO steps started on the meta device and from a whole model, and
+    how the meta run started (its log). `full`: no adapter, full fine-tuning of `targets`."""
     from posttrain.models import load_model
     from posttrain.train.config import train_config
     from posttrain.train.offline.loop import train
+    from posttrain.train.parallel.meta_start import meta_start_refusal
 
     rows = {}
     for name in ("meta", "whole"):
@@ -98,11 +102,13 @@ def two_runs(folder: str, targets: str, data: str, out: Path) -> dict:
                 "max_steps=2",
                 "ref_cache=false",
                 "seed=7",
+                *(["lora.enabled=false"] if full else []),
             ],
             model=folder,
             data=data,
         )
         model = load_model(folder, dtype="fp32") if name == "whole" else None
+        rows[f"{name}_refusal"] = meta_start_refusal(cfg, procs, model_given=model is not None)
         train(cfg, out / name, model=model, progress=False)
         path = out / name / "metrics.jsonl"
         rows[f"{name}_rows"] = [json.loads(x) for x in path.read_text().splitlines()]
@@ -116,10 +122,13 @@ def main() -> None:
     out = Path(sys.argv[2])
     procs = Processes("fsdp2")
     for case in cases:
-        found = check_state(case["folder"], case["targets"], procs)
+        full = case.get("full", False)
+        found = {} if full else check_state(case["folder"], case["targets"], procs)
         if case.get("data"):
             found.update(
-                two_runs(case["folder"], case["targets"], case["data"], out / case["name"])
+                two_runs(
+                    case["folder"], case["targets"], case["data"], out / case["name"], procs, full
+                )
             )
         if procs.is_main_process:
             (out / f"{case['name']}.json").write_text(json.dumps(found))

@@ -1,15 +1,16 @@
 """The sharded start-up on the meta device (posttrain/train/parallel/meta_start.py) under real
 torchrun (gloo, 2 processes, fp32), on tiny random models written as several safetensors files:
-a dense Llama with tied embeddings, a Qwen3-MoE (fused 3-D experts, stored per expert) and a
-Mixtral (w1 / w3 / w2 per expert).
+a dense Llama with tied embeddings, a Qwen3-MoE (fused 3-D experts, stored per expert), a
+Mixtral (w1 / w3 / w2 per expert), and the dense model after `posttrain expand` (llama-pro, one
+new layer) trained fully in its new layer only (lora.enabled false, targets new-layers).
 
     .venv/bin/python -m pytest tests/test_meta_start.py -q
 
 What must hold: the whole state gathered from the shards equals a normal load bitwise (every
 base weight, the rotary buffers, tied embeddings still one parameter), each process read about
 half of the weights, the adapter equals the one the whole-model path initialises from the same
-seed, and the offline loop started on the meta device gives the same two DPO steps as the loop
-started from a whole model. Tolerance on the metrics: 1e-5 relative; the two runs differ only
+seed, and the offline loop started on the meta device (checked: it did) gives the same two DPO
+steps as the loop started from a whole model, with an adapter and, after expand, without. Tolerance on the metrics: 1e-5 relative; the two runs differ only
 in where the reference pass ran (sharded with the adapter disabled, or whole before it).
 """
 
@@ -25,6 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 from test_train_offline import write_data
+
+from posttrain.expand.depth import expand
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,10 +87,14 @@ def results(tmp_path_factory, embedded_dir):
         )
     )
     pairs, _ = write_data(root / "data", n=8)
+    dense_folder = save_tiny(root / "dense", dense, tok)
+    # `posttrain expand` of the dense model: 1 new layer (llama-pro: a copy whose output
+    # projections are zero), trained fully (no adapter) while the old layers stay frozen
+    expanded = expand(dense_folder, "llama-pro", 1, root / "expanded")
     cases = [
         {
             "name": "dense",
-            "folder": save_tiny(root / "dense", dense, tok),
+            "folder": dense_folder,
             "targets": "all-linear",
             "data": str(pairs),
         },
@@ -96,6 +103,13 @@ def results(tmp_path_factory, embedded_dir):
             "folder": save_tiny(root / "qwen3moe", qwen, tok),
             "targets": "all-linear,all-router,experts",
             "data": str(pairs),
+        },
+        {
+            "name": "expanded-full",
+            "folder": str(expanded),
+            "targets": "new-layers",
+            "data": str(pairs),
+            "full": True,
         },
         {
             "name": "mixtral",
@@ -144,9 +158,11 @@ def test_tied_embeddings_stay_tied(results):
     assert results["dense"]["config_tied"] and results["dense"]["tied"]
 
 
-@pytest.mark.parametrize("case", ["dense", "qwen3moe"])
+@pytest.mark.parametrize("case", ["dense", "qwen3moe", "expanded-full"])
 def test_two_dpo_steps_equal_those_started_from_a_whole_model(results, case):
     meta, whole = results[case]["meta_rows"], results[case]["whole_rows"]
+    assert results[case]["meta_refusal"] is None  # it did start on the meta device
+    assert results[case]["whole_refusal"] == "the model was given as an object"
     assert len(meta) == len(whole) == 2
     for a, b in zip(meta, whole):
         for key in ("loss", "grad_norm", "logps/chosen", "logps/rejected", "rewards/margins"):
