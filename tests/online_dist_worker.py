@@ -11,7 +11,9 @@ use (after DDP's average, or FSDP2's reduce-scatter: gathered whole) are caught 
 Processes.clip; process 0 saves OUT/grads.pt with them, the logged loss and the step's whole
 logged row (`--set KEY=VALUE`: more overrides; any causal LM folder, e.g. a tiny MoE). STRATEGY: ddp
 (default) or fsdp2 (then rollout.sync adapter: a sharded model cannot sample live). The
-single-process side calls `first_step` in the test.
+single-process side calls `first_step` in the test. Under fsdp2 step 1 runs a second time,
+started on the meta device (OUT/meta-run: no model object, the rollout engine given, as a vLLM
+server would be), saved as OUT/meta.pt.
 """
 
 from __future__ import annotations
@@ -37,18 +39,28 @@ def parity_score(problem, index, messages, completion, *, think_open, engine, cf
 
 
 def first_step(
-    model_dir: str, out: Path, strategy: str = "ddp", extra: tuple[str, ...] = ()
+    model_dir: str,
+    out: Path,
+    strategy: str = "ddp",
+    extra: tuple[str, ...] = (),
+    meta: bool = False,
 ) -> tuple[float, dict[str, torch.Tensor]]:
     """(logged loss, {parameter: gradient}) of step 1: 2 problems x G 3, one problem per
-    generate batch (generation_batch_size = G), micro-batches of 2 completions."""
+    generate batch (generation_batch_size = G), micro-batches of 2 completions. `meta`: no model
+    object (fsdp2 then starts on the meta device) and a detached hf engine built here."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from posttrain.train.online import loop as O
+    from posttrain.train.online.rollout_engine import DetachedHFEngine
     from posttrain.train.parallel.processes import Processes
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
+    engine = None
+    if meta:
+        engine = DetachedHFEngine(model, tok, model_id=model_dir, batch_size=3)
+        model = None
     cfg = O.online_config(
         "grpo",
         overrides=[
@@ -65,6 +77,7 @@ def first_step(
             "temperature=1.0",
             f"strategy={strategy}",
             *(["rollout.sync=adapter"] if strategy == "fsdp2" else []),
+            f"model={model_dir}",
             *extra,
         ],
     )
@@ -80,7 +93,15 @@ def first_step(
 
     Processes.clip = catch
     try:
-        O.train_online(cfg, out, model=model, tokenizer=tok, problems=PROBLEMS, score=parity_score)
+        O.train_online(
+            cfg,
+            out,
+            model=model,
+            tokenizer=tok,
+            problems=PROBLEMS,
+            score=parity_score,
+            engine=engine,
+        )
     finally:
         Processes.clip = real
     rows = (
@@ -135,6 +156,10 @@ def main() -> None:
     if int(__import__("os").environ.get("RANK", "0")) == 0:
         row = json.loads((out / "run" / "metrics.jsonl").read_text().splitlines()[0])
         torch.save({"loss": loss, "grads": grads, "row": row}, out / "grads.pt")
+    if strategy == "fsdp2":
+        loss, grads = first_step(model_dir, out / "meta-run", strategy, extra, meta=True)
+        if int(__import__("os").environ.get("RANK", "0")) == 0:
+            torch.save({"loss": loss, "grads": grads}, out / "meta.pt")
 
 
 if __name__ == "__main__":

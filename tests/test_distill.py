@@ -199,7 +199,11 @@ def test_a_teacher_that_prefers_a_token_raises_its_student_log_prob(tiny_model_d
     start = _mean_logp(student, tok, favourite)
     assert -1.6 < start < -1.2  # ~ log 1/4: the student has no preference among the four
     assert _mean_logp(teacher, tok, favourite) > -0.5
-    cfg = config(str(teacher_dir), "dtype=fp32", "max_steps=3", "lora.targets=attention,mlp")
+    # lr 3e-3 for 6 steps: -1.38 -> -0.89 to -0.91 over seeds 0-2 (lr 1e-2 for 3 steps overshot
+    # on two of those three draws of LoRA's A: -3.2 and -2.5, after a first step up)
+    cfg = config(
+        str(teacher_dir), "dtype=fp32", "max_steps=6", "lr=3e-3", "lora.targets=attention,mlp"
+    )
     O.train_online(
         cfg, tmp_path / "run", model=student, tokenizer=tok, problems=PROBLEMS, score=stub_score
     )

@@ -993,7 +993,11 @@ def test_two_processes_match_one_at_step_one(tiny_model_dir, tmp_path, strategy)
     completions (seeds count completions over processes), the same logged loss, the same
     gradients after DDP's average or FSDP2's reduce-scatter (gathered whole). Under fsdp2 each
     process stores half of the parameters (processes.json: local shards, measured), where
-    under ddp each holds the whole model. Tolerance: fp32 summation order only."""
+    under ddp each holds the whole model. Tolerance: fp32 summation order only.
+    fsdp2 also runs step 1 started on the meta device (no model object: built without storage,
+    LoRA added, sharded, each process reading only its own rows of the safetensors; the rollout
+    engine given, as a vLLM server would be): the same loss and gradients, and each run said
+    how it started."""
     import os
     import subprocess
     import sys
@@ -1037,6 +1041,14 @@ def test_two_processes_match_one_at_step_one(tiny_model_dir, tmp_path, strategy)
         assert sum(each) == whole and all(b <= 0.55 * whole for b in each), stored
     else:
         assert each == [whole, whole]
+    if strategy == "fsdp2":
+        assert "start-up: every process loads the whole model (the model was given" in proc.stdout
+        assert "start-up on the meta device: each process read only its own shards" in proc.stdout
+        meta = torch.load(tmp_path / "p2" / "meta.pt")
+        assert meta["loss"] == pytest.approx(two["loss"], rel=1e-5, abs=1e-7)
+        assert set(meta["grads"]) == set(two["grads"])
+        for name, g in two["grads"].items():
+            assert_close(meta["grads"][name], g, rtol=1e-5, atol=1e-6)
 
 
 def test_strategies_the_online_loop_cannot_honour_are_refused_by_name():

@@ -9,7 +9,8 @@ distillation, in one loop.
 The processes and the model's spread over them are the offline loop's (parallel/processes.py:
 ddp | fsdp2; deepspeed is refused, and fsdp2 with rollout.sync live, since generate on a
 sharded model would run a different number of all-gathers on each process); set-up and
-tear-down are train/skeleton.py's.
+tear-down are train/skeleton.py's; the policy's start (whole, or under fsdp2 built on the meta
+device with each process reading its own shards) train/online/policy_start.py.
 The loop, top to bottom, per step: draw `problems_per_step` problems (each process its share;
 a group is never split), sample G completions of each through the rollout engine
 (train/online/rollout_engine.py) and grade them (train/online/rollouts.py), gather the
@@ -55,21 +56,18 @@ import torch
 
 from posttrain.config import ConfigError, save_config
 from posttrain.losses import group_advantages, mu_schedule
-from posttrain.models import load_model, load_tokenizer, resolve_dtype
+from posttrain.models import load_tokenizer, resolve_dtype
 from posttrain.records import Problem
 from posttrain.train.data import load_examples
-from posttrain.train.lora import apply_lora, format_parameter_report, parameter_report
 from posttrain.train.metrics import NonFiniteError
-from posttrain.train.modes import checkpoint_without_dropout, layout, set_attention
-from posttrain.train.moe import MoeRun, probe_prompt
+from posttrain.train.modes import layout, set_attention
 from posttrain.train.online.config import METHODS, OnlineConfig, online_config
+from posttrain.train.online.policy_start import policy_model
 from posttrain.train.online.problem_stream import ShuffledStream
 from posttrain.train.online.reduce import gather_rollouts, sum_over_processes
 from posttrain.train.online.rollout_engine import (
     AdapterSync,
-    detached_base,
     make_rollout_engine,
-    mismatch_threshold,
 )
 from posttrain.train.online.teacher import ServerTeacher, load_teacher
 from posttrain.train.online.update import update_policy
@@ -92,8 +90,6 @@ from posttrain.train.skeleton import (
     save_initial_adapter,
     say,
 )
-
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 __all__ = [
     "ConfigError",
@@ -145,7 +141,7 @@ def train_online(
     if cfg.method == "distill":  # tokenizers checked before either model loads
         dtype = model.dtype if model is not None else resolve_dtype(cfg.dtype, device)
         teacher = load_teacher(cfg, tokenizer, device, dtype)
-    policy, moe, base_copy, max_kl = _policy_model(
+    policy, moe, base_copy, max_kl = policy_model(
         cfg, procs, model, tokenizer, problems, engine, progress
     )
     how = layout(cfg, device)  # shared: each group a micro-batch, its prompt run once
@@ -303,45 +299,6 @@ def _adapter_sync(cfg, procs, engine, out: Path, init_adapter: Path | None):
     if cfg.rollout.sync != "adapter":
         return None
     return AdapterSync(engine, out, init_adapter, procs.is_main_process, procs.wait_for_everyone)
-
-
-def _policy_model(cfg, procs, model, tokenizer, problems, engine, progress: bool):
-    """The model (loaded unless given), attention and MoE set up, a copy of the base weights
-    for a detached hf engine, then LoRA: (policy, moe, base copy or None, mismatch threshold)."""
-    device = procs.device
-    dtype = resolve_dtype(cfg.dtype, device)
-    # FSDP2's bf16 policy where it applies (sharded, CUDA); the online loop runs no autocast
-    procs.precision(dtype, full_finetune=False)
-    if model is None:
-        model = load_model(cfg.model, dtype=dtype)
-    model.to(device)
-    prompts = (probe_prompt(tokenizer, p, cfg.system_prompt) for p in problems[:256])  # a sample
-    longest = max(map(len, prompts), default=0)
-    attention = set_attention(model, cfg.attention, device.type, longest + cfg.max_new_tokens)
-    moe = MoeRun.setup(
-        model,
-        # online: no balance loss unless asked for (users found the models' own 0.001
-        # degrades RL); an explicit value applies
-        0.0 if cfg.router_aux_loss_coef is None else cfg.router_aux_loss_coef,
-        cfg.moe,
-        problems,
-        lambda p: probe_prompt(tokenizer, p, cfg.system_prompt),
-        seed=cfg.seed,
-        pad_id=pad_id(tokenizer),
-    )
-    detached = cfg.rollout.sync == "adapter" and engine is None and cfg.rollout.engine.kind == "hf"
-    base_copy = detached_base(model) if detached else None  # the engine's own weights
-    # the dtype the model really has (a model passed in may differ from cfg.dtype)
-    max_kl = mismatch_threshold(cfg.rollout.max_mismatch_kl, DTYPE_NAMES.get(model.dtype, "bf16"))
-    policy = apply_lora(model, cfg.lora)
-    if cfg.gradient_checkpointing:
-        checkpoint_without_dropout(policy)  # updates in train mode, dropout zeroed
-    policy.eval()  # dropout off for the whole run (module docstring); gradients still flow
-    if progress:
-        say(procs, format_parameter_report(parameter_report(policy)))
-        how = layout(cfg, device)
-        say(procs, f"{cfg.method}: {cfg.model} in {dtype}, {attention} attention, {how} layout")
-    return policy, moe, base_copy, max_kl
 
 
 def _rollouts(cfg, procs, batch: RolloutBatch, how: str, pad: int, moe):
