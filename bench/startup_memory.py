@@ -12,7 +12,7 @@ is `posttrain train --method dpo` under torchrun (strategy=fsdp2, bf16, LoRA r16
 batch 1 per process, 2 steps, 8 short pairs); every worker records its own /proc/self/status
 VmHWM (peak resident set) and VmRSS at four points: after imports, after the start-up (the
 shards filled), after the reference pass, after the 2 steps. The points are marked by wrapping
-the loop's own functions in the worker (fill_from_checkpoint, reference_table); VmHWM is the
+the loop's own functions in the worker (shard_and_fill, reference_table); VmHWM is the
 kernel's exact peak, so "peak through the reference pass" includes the start-up. --whole runs
 the old path too (every process loads the whole model, then shards) for comparison.
 Goal (issue 18): per-process peak <= weights / N + 1.0 GB.
@@ -155,7 +155,7 @@ def worker(model: str, pairs: str, out: str, whole: bool) -> None:
     def mark(name):
         points[name] = {**status(), "s": round(time.perf_counter() - t0, 2)}
 
-    fill = loop.fill_from_checkpoint
+    fill = loop.shard_and_fill
 
     def marked_fill(*args, **kwargs):
         found = fill(*args, **kwargs)
@@ -185,7 +185,7 @@ def worker(model: str, pairs: str, out: str, whole: bool) -> None:
         finish(self, *args, **kwargs)
         mark("final adapter")
 
-    loop.fill_from_checkpoint = marked_fill
+    loop.shard_and_fill = marked_fill
     loop.reference_table = marked_reference
     loop.step_gradients = marked_steps
     loop.Run.finish = marked_finish

@@ -56,9 +56,9 @@ from posttrain.train.parallel.checkpoint import latest_checkpoint, start_run
 from posttrain.train.parallel.meta_start import (
     adapter_disabled,
     build_on_meta,
-    fill_from_checkpoint,
     init_lora,
     meta_start_refusal,
+    shard_and_fill,
 )
 from posttrain.train.parallel.processes import Processes, master_weights, zero3_config
 from posttrain.train.skeleton import (
@@ -308,13 +308,7 @@ def _meta_model_and_reference(
         adapter_input_as_is(model)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    model = procs.wrap(model)  # fully_shard, still on meta
-    read = fill_from_checkpoint(model, folder, seed=cfg.seed, device=procs.device)
-    say(
-        procs,
-        f"start-up on the meta device: each process read only its own shards "
-        f"({read['bytes_read'] / 2**20:.1f} MiB on process 0) in {time.perf_counter() - t0:.1f} s",
-    )
+    model = shard_and_fill(model, folder, procs, seed=cfg.seed, t0=t0)
     with adapter_disabled(model):
         t_ref = time.perf_counter()
         ref = (

@@ -29,9 +29,9 @@ from posttrain.train.online.rollout_engine import detached_base, mismatch_thresh
 from posttrain.train.parallel.meta_start import (
     adapter_disabled,
     build_on_meta,
-    fill_from_checkpoint,
     init_lora,
     meta_start_refusal,
+    shard_and_fill,
 )
 from posttrain.train.skeleton import pad_id, say
 
@@ -124,13 +124,7 @@ def _meta_start(cfg, procs, tokenizer, problems, dtype, longest):
     policy = apply_lora(model, cfg.lora)
     if cfg.gradient_checkpointing:
         checkpoint_without_dropout(policy)
-    policy = procs.wrap(policy)  # fully_shard, still on meta
-    read = fill_from_checkpoint(policy, folder, seed=cfg.seed, device=procs.device)
-    say(
-        procs,
-        f"start-up on the meta device: each process read only its own shards "
-        f"({read['bytes_read'] / 2**20:.1f} MiB on process 0) in {time.perf_counter() - t0:.1f} s",
-    )
+    policy = shard_and_fill(policy, folder, procs, seed=cfg.seed, t0=t0)
     with adapter_disabled(policy):
         moe = _moe(policy, cfg, tokenizer, problems)
     return policy, moe, attention, model_dtype

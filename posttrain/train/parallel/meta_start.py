@@ -185,6 +185,24 @@ def read_rows(ckpt: Checkpoint, key: str, start: int, stop: int) -> torch.Tensor
     )
 
 
+def shard_and_fill(model: nn.Module, folder: str | Path, procs, *, seed: int, t0: float):
+    """Shard the meta-device `model` for `procs` (fully_shard, still on meta), then fill this
+    process's shards from `folder` and say what was read (process 0) since `t0`
+    (time.perf_counter() when the start-up began). Returns the sharded model."""
+    import time
+
+    model = procs.wrap(model)
+    read = fill_from_checkpoint(model, folder, seed=seed, device=procs.device)
+    if procs.is_main_process:
+        print(
+            f"start-up on the meta device: each process read only its own shards "
+            f"({read['bytes_read'] / 2**20:.1f} MiB on process 0) in "
+            f"{time.perf_counter() - t0:.1f} s",
+            flush=True,
+        )
+    return model
+
+
 @torch.no_grad()
 def fill_from_checkpoint(
     model: nn.Module, folder: str | Path, *, seed: int, device: str | torch.device = "cpu"
