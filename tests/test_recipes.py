@@ -71,7 +71,9 @@ def test_recipe_loads_and_validates(path, tmp_path, monkeypatch):
 
 def _check(recipe):
     assert isinstance(recipe, Recipe)
-    assert load_problems(recipe.sample.problems, limit=2)
+    sources = recipe.sample.problems  # one source, or one per round (`rounds: K`)
+    for source in sources if isinstance(sources, list) else [sources]:
+        assert load_problems(source, limit=2)
     for eval_set in recipe.eval:
         assert load_problems(eval_set.problems, limit=2)
     # The train section resolved at load into a valid config for its method, and takes the
