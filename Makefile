@@ -70,7 +70,7 @@ demo: venv
 
 # pytest exits 5 when it selects no test (e.g. a -k typo); that is reported, not a CI failure.
 test: venv vllm-venv browser
-	@$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	@$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "WARNING: pytest selected no tests"; exit 0; fi; exit $$rc
 
 # pyflakes and syntax errors (ruff check), then the formatting (ruff format --check); `make
