@@ -19,6 +19,8 @@ same policy, whatever the number of processes.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from posttrain.models import load_model, parse_dtype, resolve_dtype, resolve_model
@@ -114,8 +116,6 @@ def _whole_start(cfg, procs, model, tokenizer, problems, engine, dtype, longest)
 def _meta_start(cfg, procs, tokenizer, problems, dtype, longest):
     """Built on meta, LoRA, sharded, then each process reads its own rows; the MoE probe on the
     sharded model with the adapter disabled: (policy, moe, attention, the base model's dtype)."""
-    import time
-
     t0 = time.perf_counter()
     folder = resolve_model(cfg.model)
     model = build_on_meta(folder, parse_dtype(dtype))

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -189,8 +190,6 @@ def shard_and_fill(model: nn.Module, folder: str | Path, procs, *, seed: int, t0
     """Shard the meta-device `model` for `procs` (fully_shard, still on meta), then fill this
     process's shards from `folder` and say what was read (process 0) since `t0`
     (time.perf_counter() when the start-up began). Returns the sharded model."""
-    import time
-
     model = procs.wrap(model)
     read = fill_from_checkpoint(model, folder, seed=seed, device=procs.device)
     if procs.is_main_process:
