@@ -142,7 +142,21 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def shard(model: torch.nn.Module, *, mixed_precision: bool = False) -> torch.nn.Module:
     """FSDP2: `fully_shard` each decoder layer, then the root (embeddings, final norm, head);
-    one 1-D mesh over all processes. Module and parameter names do not change."""
+    one 1-D mesh over all processes. Module and parameter names do not change.
+
+    Memory per process through a DPO LoRA step, measured on the 1.52 B dense model of
+    bench/startup_memory.py (2 gloo processes; bf16 units: input embeddings and head 192 MiB
+    each whole, a decoder layer 86 MiB): every unshard costs the unit whole twice for a moment
+    (the all-gather's buffer, then the parameters it is copied into), so the step's peak is
+    the head's unshard on top of the activations. What is done about it:
+    - a frozen input embedding is never unsharded in backward (`set_unshard_in_backward`): its
+      backward reads no weight, yet FSDP2's implicit backward prefetch gathered it after
+      layer 0's backward of the first sequence and kept it whole through the second one's
+      (DPO runs chosen and rejected as two forwards, so two backward sweeps): 192 MiB at
+      the step's peak;
+    - on CPU, gloo_all_gather (see there): no staging copy, and no all-gather buffer kept
+      alive into the next unit's unshard.
+    """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -164,12 +178,76 @@ def shard(model: torch.nn.Module, *, mixed_precision: bool = False) -> torch.nn.
     if embed is not None and head is not None and embed.weight is not head.weight:
         fully_shard(embed, mesh=mesh, mp_policy=policy)
         fully_shard(head, mesh=mesh, mp_policy=policy)
+        if not embed.weight.requires_grad:
+            # its backward needs no weight (no gradient to accumulate): never gathered then
+            embed.set_unshard_in_backward(False)
     # The root's own parameters (final norm, tied embeddings) are freed after its forward
     # too: by default FSDP2 keeps the root whole from its forward to the end of backward. One
     # more all-gather of the root per backward. (Not measured on its own: it went in with the
     # two changes measured in return_freed_memory's docstring and the bench.)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    if device_type == "cpu" and dist.get_backend() == "gloo":
+        gloo_all_gather(model)
     return model
+
+
+def gloo_all_gather(model: torch.nn.Module) -> bool:
+    """Every FSDP2 unit of `model` all-gathers over gloo with `InPlaceAllGather` and frees
+    the gathered buffer as soon as its parameters are copied out; True where applied.
+
+    CPU only, for two gloo-specific costs (1.52 B dense model, 2 processes; measured on
+    the reference pass, per decoder layer of 86 MiB, peak over the resident set before it):
+    torch's all-gather (`all_gather_into_tensor`) on gloo gathers into a staging buffer of
+    the whole unit and copies it into FSDP2's buffer (a third whole copy for a moment), and
+    FSDP2's forward keeps each unit's gathered buffer until the next unit's copy-out, an
+    overlap that pays off only with CUDA streams: +258 MiB (3 x the layer) at each
+    layer's unshard in forward, +86 MiB above the head's 2 x 192 MiB. With both: 2 x the
+    unit. On CUDA (NCCL gathers in place, streams overlap) nothing changes. Bitwise the same
+    parameters: the gather is a copy either way.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not units or not all(
+        hasattr(m, n) for m in units for n in ("set_custom_all_gather", "_set_unshard_async_op")
+    ):
+        return False
+    comm = InPlaceAllGather()
+    for unit in units:
+        unit.set_custom_all_gather(comm)
+    # "async" all-gathers are waited for at once and freed right after their copy-out (the
+    # synchronous ones are kept for the next unit's overlap); the root sets every unit
+    units[0]._set_unshard_async_op(True)
+    return True
+
+
+try:  # the interface FSDP2's custom all-gathers implement (torch >= 2.7)
+    from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather as _AllGather
+except ImportError:  # pragma: no cover
+    _AllGather = object
+
+
+class InPlaceAllGather(_AllGather):
+    """FSDP2's all-gather as one broadcast per process straight into its slice of FSDP2's
+    buffer (each process's shard is copied there before the call): no staging buffer, which
+    gloo's all-gather allocates for the whole output. For gloo_all_gather."""
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor, input_tensor, group, async_op: bool = False):
+        import torch.distributed as dist
+
+        n, rank = group.size(), group.rank()
+        chunks = output_tensor.chunk(n)
+        if input_tensor.data_ptr() != chunks[rank].data_ptr():
+            chunks[rank].copy_(input_tensor)
+        work = None
+        for r in range(n):
+            src = dist.get_global_rank(group, r)
+            last = r == n - 1
+            work = dist.broadcast(chunks[r], src=src, group=group, async_op=async_op and last)
+        return work if async_op else None
 
 
 def parameter_bytes(model: torch.nn.Module) -> int:
