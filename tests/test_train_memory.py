@@ -209,12 +209,13 @@ def test_completion_logps_fused_head_equals_the_logits_path_with_lora(lora_model
 def test_fsdp2_on_gloo_keeps_the_fused_head_and_its_memory_settings(lora_model, tok):
     """processes.shard in a 1-process gloo group (in this process): the untied head, a unit of
     its own (FSDPLinear), still takes the fused path; the frozen input embedding is never
-    gathered in backward, the head is; every unit all-gathers with InPlaceAllGather and frees
+    gathered in backward, the head is; every unit all-gathers in place (processes.
+    in_place_all_gather) and frees
     the buffer after copy-out; log-probs and LoRA gradients equal the unsharded model's."""
     import torch.distributed as dist
     from torch.distributed.fsdp import FSDPModule
 
-    from posttrain.train.parallel.processes import InPlaceAllGather, shard
+    from posttrain.train.parallel.processes import in_place_all_gather, shard
 
     batch = batch_of(tok)
     weights = torch.randn(batch["labels"].shape)
@@ -237,7 +238,7 @@ def test_fsdp2_on_gloo_keeps_the_fused_head_and_its_memory_settings(lora_model, 
         units = [m for m in sharded.modules() if isinstance(m, FSDPModule)]
         assert len(units) == 2 + 2 + 1  # layers, embeddings and head, root
         for g in (g for m in units for g in groups(m)):
-            assert type(g._all_gather_comm) is InPlaceAllGather and g.unshard_async_op
+            assert type(g._all_gather_comm) is in_place_all_gather() and g.unshard_async_op
         got = completion_logps(sharded, batch).detach()
         grads = lora_grads(sharded, batch, weights)
     finally:

@@ -192,7 +192,7 @@ def shard(model: torch.nn.Module, *, mixed_precision: bool = False) -> torch.nn.
 
 
 def gloo_all_gather(model: torch.nn.Module) -> bool:
-    """Every FSDP2 unit of `model` all-gathers over gloo with `InPlaceAllGather` and frees
+    """Every FSDP2 unit of `model` all-gathers over gloo with in_place_all_gather() and frees
     the gathered buffer as soon as its parameters are copied out; True where applied.
 
     CPU only, for two gloo-specific costs (1.52 B dense model, 2 processes; measured on
@@ -212,7 +212,7 @@ def gloo_all_gather(model: torch.nn.Module) -> bool:
         hasattr(m, n) for m in units for n in ("set_custom_all_gather", "_set_unshard_async_op")
     ):
         return False
-    comm = InPlaceAllGather()
+    comm = in_place_all_gather()()
     for unit in units:
         unit.set_custom_all_gather(comm)
     # "async" all-gathers are waited for at once and freed right after their copy-out (the
@@ -221,33 +221,32 @@ def gloo_all_gather(model: torch.nn.Module) -> bool:
     return True
 
 
-try:  # the interface FSDP2's custom all-gathers implement (torch >= 2.7)
-    from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather as _AllGather
-except ImportError:  # pragma: no cover
-    _AllGather = object
+@functools.cache
+def in_place_all_gather() -> type:
+    """InPlaceAllGather, FSDP2's all-gather as one broadcast per process straight into its
+    slice of FSDP2's buffer (each process's shard is copied there before the call): no staging
+    buffer, which gloo's all-gather allocates for the whole output. For gloo_all_gather.
+    (A class made on first use: torch.distributed.fsdp costs 45 MB to import.)"""
+    import torch.distributed as dist
+    from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather
 
+    class InPlaceAllGather(AllGather):
+        def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+            return torch.empty(*size, dtype=dtype, device=device)
 
-class InPlaceAllGather(_AllGather):
-    """FSDP2's all-gather as one broadcast per process straight into its slice of FSDP2's
-    buffer (each process's shard is copied there before the call): no staging buffer, which
-    gloo's all-gather allocates for the whole output. For gloo_all_gather."""
+        def __call__(self, output_tensor, input_tensor, group, async_op: bool = False):
+            n, rank = group.size(), group.rank()
+            chunks = output_tensor.chunk(n)
+            if input_tensor.data_ptr() != chunks[rank].data_ptr():
+                chunks[rank].copy_(input_tensor)
+            work = None
+            for r in range(n):  # the last one asynchronous when asked: FSDP2 waits for it
+                src = dist.get_global_rank(group, r)
+                last = r == n - 1
+                work = dist.broadcast(chunks[r], src=src, group=group, async_op=async_op and last)
+            return work if async_op else None
 
-    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        return torch.empty(*size, dtype=dtype, device=device)
-
-    def __call__(self, output_tensor, input_tensor, group, async_op: bool = False):
-        import torch.distributed as dist
-
-        n, rank = group.size(), group.rank()
-        chunks = output_tensor.chunk(n)
-        if input_tensor.data_ptr() != chunks[rank].data_ptr():
-            chunks[rank].copy_(input_tensor)
-        work = None
-        for r in range(n):
-            src = dist.get_global_rank(group, r)
-            last = r == n - 1
-            work = dist.broadcast(chunks[r], src=src, group=group, async_op=async_op and last)
-        return work if async_op else None
+    return InPlaceAllGather
 
 
 def parameter_bytes(model: torch.nn.Module) -> int:
