@@ -144,18 +144,16 @@ def shard(model: torch.nn.Module, *, mixed_precision: bool = False) -> torch.nn.
     """FSDP2: `fully_shard` each decoder layer, then the root (embeddings, final norm, head);
     one 1-D mesh over all processes. Module and parameter names do not change.
 
-    Memory per process through a DPO LoRA step, measured on the 1.52 B dense model of
-    bench/startup_memory.py (2 gloo processes; bf16 units: input embeddings and head 192 MiB
-    each whole, a decoder layer 86 MiB): every unshard costs the unit whole twice for a moment
-    (the all-gather's buffer, then the parameters it is copied into), so the step's peak is
-    the head's unshard on top of the activations. What is done about it:
-    - a frozen input embedding is never unsharded in backward (`set_unshard_in_backward`): its
-      backward reads no weight, yet FSDP2's implicit backward prefetch gathered it after
-      layer 0's backward of the first sequence and kept it whole through the second one's
-      (DPO runs chosen and rejected as two forwards, so two backward sweeps): 192 MiB at
-      the step's peak;
-    - on CPU, gloo_all_gather (see there): no staging copy, and no all-gather buffer kept
-      alive into the next unit's unshard.
+    Memory, measured on the 1.52 B dense model of bench/startup_memory.py (2 gloo processes,
+    DPO LoRA; bf16 units whole: input embeddings and head 192 MiB each, a decoder layer
+    86 MiB): every unshard holds its unit whole twice for a moment (the gathered buffer, then
+    the parameters copied out of it), and a DPO step runs chosen and rejected as two forwards,
+    hence two backward sweeps. A frozen input embedding is never gathered in backward
+    (`set_unshard_in_backward(False)`; its backward reads no weight): FSDP2's implicit backward
+    prefetch gathered it after layer 0 of the first sweep and kept it whole through the second,
+    192 MiB at the step's peak (3093 -> 2909 MiB at step 1). On CPU see gloo_all_gather.
+    Measured and not done: keeping the frozen head whole after its first gather, with no
+    backward prefetch (2904 MiB: the peak moved to the embeddings' gather in forward).
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -195,15 +193,15 @@ def gloo_all_gather(model: torch.nn.Module) -> bool:
     """Every FSDP2 unit of `model` all-gathers over gloo with in_place_all_gather() and frees
     the gathered buffer as soon as its parameters are copied out; True where applied.
 
-    CPU only, for two gloo-specific costs (1.52 B dense model, 2 processes; measured on
-    the reference pass, per decoder layer of 86 MiB, peak over the resident set before it):
-    torch's all-gather (`all_gather_into_tensor`) on gloo gathers into a staging buffer of
-    the whole unit and copies it into FSDP2's buffer (a third whole copy for a moment), and
-    FSDP2's forward keeps each unit's gathered buffer until the next unit's copy-out, an
-    overlap that pays off only with CUDA streams: +258 MiB (3 x the layer) at each
-    layer's unshard in forward, +86 MiB above the head's 2 x 192 MiB. With both: 2 x the
-    unit. On CUDA (NCCL gathers in place, streams overlap) nothing changes. Bitwise the same
-    parameters: the gather is a copy either way.
+    CPU only, for two costs that are gloo's or that pay off only with CUDA streams (1.52 B
+    dense model, 2 processes, see shard): torch's all-gather on gloo gathers into a staging
+    buffer of the whole unit, then copies it into FSDP2's buffer; and FSDP2's forward keeps
+    each unit's gathered buffer until the next unit's copy-out, so that the next all-gather
+    overlaps on another stream. A decoder layer's unshard in forward peaked at 3 x the layer
+    (258 MiB above the resident set: the previous buffer, the staging copy, the buffer), now
+    2 x; each unit's forward ran with its buffer still held (the head: 2 x 192 MiB), now 1 x.
+    Reference pass peak 2497 -> 2315 MiB. On CUDA (NCCL gathers in place) nothing changes.
+    The parameters are bitwise the same: the gather is a copy either way.
     """
     from torch.distributed.fsdp import FSDPModule
 
