@@ -4,7 +4,8 @@
 
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python bench/startup_memory.py \
         [--kinds dense,moe] [--procs 1,2] [--models /tmp/posttrain-startup-bench] \
-        [--whole] [--malloc-arena-max 2] [--json bench/results/startup_memory.json]
+        [--whole] [--malloc-arena-max 2] [--set KEY=VALUE ...] \
+        [--json bench/results/startup_memory.json]
 
 The models are written once under --models from a config with random bf16 weights (several
 safetensors files, the SmolLM2 tokenizer so the pairs tokenise) and reused afterwards. Each run
@@ -140,7 +141,7 @@ def status() -> dict:
     return {"peak_gb": round(found["VmHWM"], 3), "rss_gb": round(found["VmRSS"], 3)}
 
 
-def worker(model: str, pairs: str, out: str, whole: bool) -> None:
+def worker(model: str, pairs: str, out: str, whole: bool, extra: list[str]) -> None:
     """One torchrun process: the offline loop with the four memory points."""
     import torch
 
@@ -202,6 +203,7 @@ def worker(model: str, pairs: str, out: str, whole: bool) -> None:
             "max_steps=2",
             "ref_cache=false",
             "checkpoint_every=0",
+            *extra,
         ],
         model=model,
         data=pairs,
@@ -218,7 +220,9 @@ def worker(model: str, pairs: str, out: str, whole: bool) -> None:
 # ------------------------------------------------------------------------------ driver
 
 
-def run(model: Path, pairs: Path, out: Path, procs: int, whole: bool, env: dict) -> dict:
+def run(
+    model: Path, pairs: Path, out: Path, procs: int, whole: bool, env: dict, extra: list[str]
+) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable,
@@ -233,6 +237,7 @@ def run(model: Path, pairs: Path, out: Path, procs: int, whole: bool, env: dict)
         str(pairs),
         str(out),
         "--whole" if whole else "--meta",
+        *extra,
     ]
     start = time.perf_counter()
     with open(out / "log.txt", "w") as log:
@@ -261,6 +266,13 @@ def main() -> None:
     ap.add_argument("--whole", action="store_true", help="also the whole-model start-up")
     ap.add_argument("--malloc-arena-max", default="", help="MALLOC_ARENA_MAX for the workers")
     ap.add_argument("--pairs", type=int, default=8, help="pairs in the reference pass")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one more training setting (e.g. gradient_checkpointing=true); repeatable",
+    )
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -279,6 +291,7 @@ def main() -> None:
             "load_before": os.getloadavg(),
         },
         "malloc_arena_max": args.malloc_arena_max or None,
+        "settings": args.set,
         "models": {},
         "runs": [],
     }
@@ -294,7 +307,15 @@ def main() -> None:
         for n in [int(x) for x in args.procs.split(",")]:
             for whole in [False, True] if args.whole else [False]:
                 how = "whole" if whole else "meta"
-                found = run(root / kind, pairs, Path(args.out) / f"{kind}-{how}-{n}", n, whole, env)
+                found = run(
+                    root / kind,
+                    pairs,
+                    Path(args.out) / f"{kind}-{how}-{n}",
+                    n,
+                    whole,
+                    env,
+                    args.set,
+                )
                 found.update(
                     kind=kind,
                     start=how,
@@ -320,6 +341,6 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         sys.path.insert(0, str(REPO))
-        worker(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "--whole")
+        worker(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "--whole", sys.argv[6:])
     else:
         main()

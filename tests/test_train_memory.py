@@ -206,6 +206,49 @@ def test_completion_logps_fused_head_equals_the_logits_path_with_lora(lora_model
         assert_close(g, dict(lora_model.named_parameters())[name].grad, msg=name)
 
 
+def test_fsdp2_on_gloo_keeps_the_fused_head_and_its_memory_settings(lora_model, tok):
+    """processes.shard in a 1-process gloo group (in this process): the untied head, a unit of
+    its own (FSDPLinear), still takes the fused path; the frozen input embedding is never
+    gathered in backward, the head is; every unit all-gathers in place (processes.
+    in_place_all_gather) and frees
+    the buffer after copy-out; log-probs and LoRA gradients equal the unsharded model's."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    from posttrain.train.parallel.processes import in_place_all_gather, shard
+
+    batch = batch_of(tok)
+    weights = torch.randn(batch["labels"].shape)
+    train_mode(lora_model, dropout=False)
+    want = completion_logps(lora_model, batch).detach()
+    want_grads = lora_grads(lora_model, batch, weights)
+    lora_model.zero_grad(set_to_none=True)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        sharded = shard(copy.deepcopy(lora_model))
+        base = sharded.get_base_model()
+        head, embed = base.get_output_embeddings(), base.get_input_embeddings()
+        assert isinstance(head, FSDPModule) and fused_head(sharded) is head
+
+        def groups(module):
+            return module._get_fsdp_state()._fsdp_param_groups
+
+        assert [g.unshard_in_backward for g in groups(embed)] == [False]
+        assert [g.unshard_in_backward for g in groups(head)] == [True]
+        units = [m for m in sharded.modules() if isinstance(m, FSDPModule)]
+        assert len(units) == 2 + 2 + 1  # layers, embeddings and head, root
+        for g in (g for m in units for g in groups(m)):
+            assert type(g._all_gather_comm) is in_place_all_gather() and g.unshard_async_op
+        got = completion_logps(sharded, batch).detach()
+        grads = lora_grads(sharded, batch, weights)
+    finally:
+        dist.destroy_process_group()
+    assert_close(got, want)
+    assert grads.keys() == want_grads.keys()
+    for name, g in grads.items():
+        assert_close(g.full_tensor(), want_grads[name], msg=name)
+
+
 def test_gradient_checkpointing_gives_the_same_lora_gradients(lora_model, tok):
     """Checkpointing on: each decoder layer starts twice (forward + recompute in backward; a
     forward pre-hook counts, since the recompute stops early once it has what it needs),

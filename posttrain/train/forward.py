@@ -60,9 +60,29 @@ def fused_head(model) -> nn.Linear | None:
     inner = _inner(model)
     config = getattr(inner, "config", None)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if type(head) is not nn.Linear or getattr(config, "model_type", None) not in FUSED_HEAD_MODELS:
+    if not _plain_linear(head) or getattr(config, "model_type", None) not in FUSED_HEAD_MODELS:
         return None
     return head
+
+
+def _plain_linear(module) -> bool:
+    """An nn.Linear computing nothing but its weight and bias: the class itself, or the one
+    FSDP2 makes when it shards the head as a unit of its own (FSDPLinear, whose forward is
+    nn.Linear's; processes.shard). Other subclasses (a LoRA layer, a quantized one) may
+    compute something else."""
+    if type(module) is nn.Linear:
+        return True
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover (torch without distributed)
+        return False
+    cls = type(module)
+    return (
+        isinstance(module, FSDPModule)
+        and isinstance(module, nn.Linear)
+        and cls.forward is nn.Linear.forward
+        and all(b in (FSDPModule, nn.Linear) for b in cls.__bases__)
+    )
 
 
 @contextlib.contextmanager
