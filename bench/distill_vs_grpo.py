@@ -14,6 +14,10 @@ and compares them paired on the same items (evaluation.compare: exact McNemar an
 bootstrap 95 % interval of the difference). The share of the teacher's gain a student reaches
 is (student - base) / (teacher - base), with a paired bootstrap interval over items.
 
+`--compare-to OTHER_OUT` (another run of this bench, e.g. at another lr) also pairs every model
+with the same-named one of that run on the same items (this run minus that one), and lists every
+setting in which the two runs' trainings differ (their config.yaml files).
+
 Writes bench/results/distill_vs_grpo.json (`--results` to write elsewhere) and prints a table.
 Everything lands under --out; a rerun skips the trainings and evaluations already done (a killed
 training resumes from its last checkpoint).
@@ -140,6 +144,19 @@ def correct_by_item(folder: Path) -> dict[str, float]:
     return {k: v[0] for k, v in per_item_scores(load_items(folder)).items()}
 
 
+def run_differences(this: Path, other: Path) -> dict:
+    """{method: {setting: [this run's, the other run's]}} from the trainings' config.yaml."""
+    import yaml
+
+    out = {}
+    for method in METHODS:
+        a, b = (yaml.safe_load((d / method / "config.yaml").read_text()) for d in (this, other))
+        out[method] = {
+            k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+        }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--teacher-adapter", required=True, help="the teacher's LoRA adapter folder")
@@ -149,12 +166,28 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=0, help="held-out items (0: the recipes' 200)")
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--set", action="append", default=[], help="a recipe override for both")
+    ap.add_argument(
+        "--compare-to", default="", help="another run's --out: pair each model with its namesake"
+    )
     args = ap.parse_args()
     args.at = sorted({int(x) for x in args.at.split(",")})
     if args.at[-1] != args.steps or args.at[0] < 1:
         ap.error(f"--at {args.at}: steps between 1 and --steps {args.steps}, ending at it")
     if not (Path(args.teacher_adapter) / "adapter_config.json").is_file():
         ap.error(f"--teacher-adapter {args.teacher_adapter}: no adapter_config.json there")
+    if args.compare_to:
+        missing = [
+            m for m in METHODS if not (Path(args.compare_to) / m / "config.yaml").is_file()
+        ] + [
+            f"eval/{name}"
+            for name in ["base", "teacher"] + [f"{m}@{s}" for m in METHODS for s in args.at]
+            if not (Path(args.compare_to) / "eval" / name / "items.jsonl").is_file()
+        ]
+        if missing:
+            ap.error(
+                f"--compare-to {args.compare_to}: not a finished run of this bench, lacks "
+                + ", ".join(missing)
+            )
 
     from posttrain.evaluation.compare import compare_items, load_items
     from posttrain.train.parallel.checkpoint import PREFIX
@@ -208,6 +241,28 @@ def main() -> None:
             row["vs_grpo_same_step"] = paired("grpo@" + name.split("@")[1], name)
         table.append(row)
     result["table"] = table
+    if args.compare_to:
+        other = Path(args.compare_to)
+        result["compare_to"] = {
+            "out": str(other.resolve()),
+            "training_differences (this, other)": run_differences(out, other),
+            "this_minus_other": {
+                name: {
+                    k: c[k]
+                    for k in (
+                        "n",
+                        "accuracy_a",
+                        "accuracy_b",
+                        "difference",
+                        "interval_95",
+                        "p_value",
+                        "discordant",
+                    )
+                }
+                for name in models
+                for c in [compare_items(load_items(other / "eval" / name), items[name])]
+            },
+        }
     result["wall_s_this_invocation"] = time.time() - start
     result["load_average_1min_at_end"] = os.getloadavg()[0]
     result["machine"] = machine()
@@ -252,6 +307,13 @@ def print_table(result: dict) -> None:
             f"{diff(row['vs_grpo_same_step']) if 'vs_grpo_same_step' in row else '':34} "
             f"{share_s}"
         )
+    if "compare_to" in result:
+        cmp = result["compare_to"]
+        print(f"\nthis run minus {cmp['out']} (same items, paired):")
+        for method, d in cmp["training_differences (this, other)"].items():
+            print(f"  {method} trainings differ in: {d or 'nothing'}")
+        for name, c in cmp["this_minus_other"].items():
+            print(f"  {name:12} {pct(c['accuracy_a'])} -> {pct(c['accuracy_b'])}  {diff(c)}")
     for method, t in result["train"].items():
         print(
             f"train {method}: {t['steps']} steps, {t['seconds_per_step']:.1f} s a step "
