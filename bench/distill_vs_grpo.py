@@ -6,8 +6,9 @@
 
 Teacher: the base model plus `--teacher-adapter` (the default recipe's trained adapter); student:
 the base. Trains recipes/distill.yaml (that teacher, in the trainer's process) and
-recipes/grpo.yaml for `--steps` steps each with the recipes' own settings (the two differ only
-in what their methods imply; the JSON lists every difference), keeping a checkpoint at each
+recipes/grpo.yaml for `--steps` steps each at one `--lr`, otherwise with the recipes' own
+settings (the two differ only in what their methods imply; the JSON lists every difference),
+keeping a checkpoint at each
 step of `--at`. Then evaluates, on the recipes' held-out items (the same for all), the base,
 the teacher and both students at each step of `--at`, greedily, with the recipes' eval settings,
 and compares them paired on the same items (evaluation.compare: exact McNemar and a paired
@@ -16,7 +17,9 @@ is (student - base) / (teacher - base), with a paired bootstrap interval over it
 
 `--compare-to OTHER_OUT` (another run of this bench, e.g. at another lr) also pairs every model
 with the same-named one of that run on the same items (this run minus that one), and lists every
-setting in which the two runs' trainings differ (their config.yaml files).
+setting in which the two runs' trainings differ (their config.yaml files). `--eval-dir NAME`
+with `--set eval.problems=SPEC` evaluates the same trained models on other items, into
+--out/NAME (measured: the lr 1e-4 run's models on test items 200-399, which chose nothing).
 
 Writes bench/results/distill_vs_grpo.json (`--results` to write elsewhere) and prints a table.
 Everything lands under --out; a rerun skips the trainings and evaluations already done (a killed
@@ -41,13 +44,14 @@ METHODS = {"distill": ROOT / "recipes" / "distill.yaml", "grpo": ROOT / "recipes
 
 
 def recipes(args):
-    """The two recipes with the bench's step count, checkpoints at every step of --at (kept),
-    the teacher's adapter, and --items / --set applied to both."""
+    """The two recipes with the bench's step count and lr, checkpoints at every step of --at
+    (kept), the teacher's adapter, and --items / --set applied to both."""
     from posttrain.pipeline.recipe import load_recipe
 
     every = math.gcd(*args.at)
     common = [
         f"train.config.max_steps={args.steps}",
+        f"train.config.lr={args.lr}",
         f"train.config.checkpoint_every={every}",
         f"train.config.keep_checkpoints={args.steps // every + 1}",
         *args.set,
@@ -162,9 +166,21 @@ def main() -> None:
     ap.add_argument("--teacher-adapter", required=True, help="the teacher's LoRA adapter folder")
     ap.add_argument("--out", default="runs/distill-vs-grpo")
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument(
+        "--lr",
+        type=float,
+        default=1e-4,
+        help="both methods' lr (recipes/distill.yaml's; the first figures used 5e-5)",
+    )
     ap.add_argument("--at", default="10,20,40", help="steps at which the students are evaluated")
     ap.add_argument("--items", type=int, default=0, help="held-out items (0: the recipes' 200)")
     ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument(
+        "--eval-dir",
+        default="eval",
+        help="folder under --out for the evaluations (another one to evaluate the same trained "
+        "models on other items, given with --set eval.problems=...)",
+    )
     ap.add_argument("--set", action="append", default=[], help="a recipe override for both")
     ap.add_argument(
         "--compare-to", default="", help="another run's --out: pair each model with its namesake"
@@ -218,10 +234,10 @@ def main() -> None:
             models[f"{method}@{s}"] = out / method / "checkpoints" / f"{PREFIX}{s:08d}" / "adapter"
     for name, adapter in models.items():
         print(f"== eval {name}", flush=True)
-        result["eval_runs"][name] = evaluate(rec["grpo"], adapter, out / "eval" / name)
+        result["eval_runs"][name] = evaluate(rec["grpo"], adapter, out / args.eval_dir / name)
 
-    items = {name: load_items(out / "eval" / name) for name in models}
-    correct = {name: correct_by_item(out / "eval" / name) for name in models}
+    items = {name: load_items(out / args.eval_dir / name) for name in models}
+    correct = {name: correct_by_item(out / args.eval_dir / name) for name in models}
 
     def paired(a, b):
         c = compare_items(items[a], items[b])
