@@ -215,7 +215,8 @@ def test_fsdp2_on_gloo_keeps_the_fused_head_and_its_memory_settings(lora_model, 
     import torch.distributed as dist
     from torch.distributed.fsdp import FSDPModule
 
-    from posttrain.train.parallel.processes import in_place_all_gather, shard
+    from posttrain.train.parallel.gloo_gather import in_place_all_gather
+    from posttrain.train.parallel.processes import shard
 
     batch = batch_of(tok)
     weights = torch.randn(batch["labels"].shape)
