@@ -44,26 +44,26 @@ METHODS = {"distill": ROOT / "recipes" / "distill.yaml", "grpo": ROOT / "recipes
 
 
 def recipes(args):
-    """The two recipes with the bench's step count and lr, checkpoints at every step of --at
-    (kept), the teacher's adapter, and --items / --set applied to both."""
+    """The two recipes with the bench's step count, one lr (--lr, else recipes/distill.yaml's),
+    checkpoints at every step of --at (kept), the teacher's adapter, and --items / --set
+    applied to both."""
     from posttrain.pipeline.recipe import load_recipe
 
     every = math.gcd(*args.at)
     common = [
         f"train.config.max_steps={args.steps}",
-        f"train.config.lr={args.lr}",
         f"train.config.checkpoint_every={every}",
         f"train.config.keep_checkpoints={args.steps // every + 1}",
         *args.set,
     ]
+    if args.lr is not None:
+        common.append(f"train.config.lr={args.lr}")
     if args.items:
         common.append(f"eval.problems=builtin:arith:{args.items}?split=test")
     teacher = f"train.config.distill.teacher_adapter={Path(args.teacher_adapter).resolve()}"
-    out = {}
-    for method, path in METHODS.items():
-        extra = [teacher] if method == "distill" else []
-        out[method] = load_recipe(str(path), common + extra)
-    return out
+    distill = load_recipe(str(METHODS["distill"]), [*common, teacher])
+    lr = f"train.config.lr={distill.train.resolved.lr}"
+    return {"distill": distill, "grpo": load_recipe(str(METHODS["grpo"]), [*common, lr])}
 
 
 def differences(a, b, prefix="") -> dict:
@@ -169,8 +169,8 @@ def main() -> None:
     ap.add_argument(
         "--lr",
         type=float,
-        default=1e-4,
-        help="both methods' lr (recipes/distill.yaml's; the first figures used 5e-5)",
+        default=None,
+        help="both methods' lr (default recipes/distill.yaml's; the first figures used 5e-5)",
     )
     ap.add_argument("--at", default="10,20,40", help="steps at which the students are evaluated")
     ap.add_argument("--items", type=int, default=0, help="held-out items (0: the recipes' 200)")
@@ -195,9 +195,9 @@ def main() -> None:
         missing = [
             m for m in METHODS if not (Path(args.compare_to) / m / "config.yaml").is_file()
         ] + [
-            f"eval/{name}"
+            f"{args.eval_dir}/{name}"
             for name in ["base", "teacher"] + [f"{m}@{s}" for m in METHODS for s in args.at]
-            if not (Path(args.compare_to) / "eval" / name / "items.jsonl").is_file()
+            if not (Path(args.compare_to) / args.eval_dir / name / "items.jsonl").is_file()
         ]
         if missing:
             ap.error(
@@ -276,7 +276,7 @@ def main() -> None:
                     )
                 }
                 for name in models
-                for c in [compare_items(load_items(other / "eval" / name), items[name])]
+                for c in [compare_items(load_items(other / args.eval_dir / name), items[name])]
             },
         }
     result["wall_s_this_invocation"] = time.time() - start

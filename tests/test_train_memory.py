@@ -209,9 +209,9 @@ def test_completion_logps_fused_head_equals_the_logits_path_with_lora(lora_model
 def test_fsdp2_on_gloo_keeps_the_fused_head_and_its_memory_settings(lora_model, tok):
     """processes.shard in a 1-process gloo group (in this process): the untied head, a unit of
     its own (FSDPLinear), still takes the fused path; the frozen input embedding is never
-    gathered in backward, the head is; every unit all-gathers in place (processes.
-    in_place_all_gather) and frees
-    the buffer after copy-out; log-probs and LoRA gradients equal the unsharded model's."""
+    gathered in backward, the head is; every unit all-gathers in place
+    (gloo_gather.in_place_all_gather) and frees the buffer after copy-out; log-probs and LoRA
+    gradients equal the unsharded model's."""
     import torch.distributed as dist
     from torch.distributed.fsdp import FSDPModule
 

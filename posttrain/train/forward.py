@@ -67,22 +67,16 @@ def fused_head(model) -> nn.Linear | None:
 
 def _plain_linear(module) -> bool:
     """An nn.Linear computing nothing but its weight and bias: the class itself, or the one
-    FSDP2 makes when it shards the head as a unit of its own (FSDPLinear, whose forward is
-    nn.Linear's; processes.shard). Other subclasses (a LoRA layer, a quantized one) may
-    compute something else."""
+    FSDP2 makes when it shards the head as a unit of its own (FSDPLinear(FSDPModule, Linear),
+    processes.shard). Other subclasses (a LoRA layer, a quantized one) may compute something
+    else."""
     if type(module) is nn.Linear:
         return True
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover (torch without distributed)
         return False
-    cls = type(module)
-    return (
-        isinstance(module, FSDPModule)
-        and isinstance(module, nn.Linear)
-        and cls.forward is nn.Linear.forward
-        and all(b in (FSDPModule, nn.Linear) for b in cls.__bases__)
-    )
+    return type(module).__bases__ == (FSDPModule, nn.Linear)
 
 
 @contextlib.contextmanager

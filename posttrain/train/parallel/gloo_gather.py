@@ -1,7 +1,7 @@
 """FSDP2's all-gather on a CPU over gloo, without gloo's staging copy and with each gathered
 buffer freed right after its copy-out (processes.shard applies it; CUDA/NCCL is left as is).
 
-    python -c "from posttrain.train.parallel.gloo_gather import gloo_all_gather; help(gloo_all_gather)"
+    python -c "import posttrain.train.parallel.gloo_gather as m; help(m.gloo_all_gather)"
 """
 
 from __future__ import annotations
@@ -16,14 +16,15 @@ def gloo_all_gather(model: torch.nn.Module) -> bool:
     the gathered buffer as soon as its parameters are copied out; True where applied.
 
     CPU only, for two costs that are gloo's or that pay off only with CUDA streams (1.52 B
-    dense model, 2 processes, see processes.shard): torch's all-gather on gloo gathers into a staging
-    buffer of the whole unit, then copies it into FSDP2's buffer; and FSDP2's forward keeps
-    each unit's gathered buffer until the next unit's copy-out, so that the next all-gather
-    overlaps on another stream. A decoder layer's unshard in forward peaked at 3 x the layer
-    (258 MiB above the resident set: the previous buffer, the staging copy, the buffer), now
-    2 x; each unit's forward ran with its buffer still held (the head: 2 x 192 MiB), now 1 x.
-    Reference pass peak 2497 -> 2315 MiB. On CUDA (NCCL gathers in place) nothing changes.
-    The parameters are bitwise the same: the gather is a copy either way.
+    dense model, 2 processes, see processes.shard): torch's all-gather on gloo gathers into a
+    staging buffer of the whole unit, then copies it into FSDP2's buffer; and FSDP2's forward
+    keeps each unit's gathered buffer until the next unit's copy-out, so that the next
+    all-gather overlaps on another stream. A decoder layer's unshard in forward peaked at 3 x
+    the layer (258 MiB above the resident set: the previous buffer, the staging copy, the
+    buffer), now 2 x; each unit's forward ran with its buffer still held (the head:
+    2 x 192 MiB), now 1 x. Reference pass peak 2497 -> 2315 MiB. On CUDA (NCCL gathers in
+    place) nothing changes. The parameters are bitwise the same: the gather is a copy either
+    way.
     """
     from torch.distributed.fsdp import FSDPModule
 

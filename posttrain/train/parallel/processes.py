@@ -151,7 +151,8 @@ def shard(model: torch.nn.Module, *, mixed_precision: bool = False) -> torch.nn.
     hence two backward sweeps. A frozen input embedding is never gathered in backward
     (`set_unshard_in_backward(False)`; its backward reads no weight): FSDP2's implicit backward
     prefetch gathered it after layer 0 of the first sweep and kept it whole through the second,
-    192 MiB at the step's peak (3093 -> 2909 MiB at step 1). On CPU see gloo_gather.gloo_all_gather.
+    192 MiB at the step's peak (3093 -> 2909 MiB at step 1). On a CPU see
+    gloo_gather.gloo_all_gather.
     Measured and not done: keeping the frozen head whole after its first gather, with no
     backward prefetch (2904 MiB: the peak moved to the embeddings' gather in forward).
     """
